@@ -1,0 +1,324 @@
+//! HTTP API under `/v1`: submit, inspect, list and cancel merges; health and readiness.
+//!
+//! Thin: parse and validate the request (recipe module), check every URL against the allowed
+//! roots (storage module), and hand the job to the queue. No math, no object I/O.
+
+pub mod error;
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::engine::ProgressSnapshot;
+use crate::error::ErrorCode;
+use crate::queue::{CancelOutcome, Job, JobQueue, JobState, ListFilter, NewJob};
+use crate::recipe::{Recipe, Submission};
+use crate::storage::Storage;
+pub use error::ApiError;
+
+/// Largest accepted request body.
+pub const DEFAULT_BODY_LIMIT: usize = 1 << 20;
+const DEFAULT_PAGE: u32 = 50;
+const MAX_PAGE: u32 = 500;
+
+#[derive(Clone)]
+pub struct AppState {
+    pub queue: Arc<dyn JobQueue>,
+    pub storage: Arc<Storage>,
+    /// Attempts per job unless the request says otherwise.
+    pub default_max_attempts: i32,
+}
+
+pub fn router(state: AppState, body_limit: usize) -> Router {
+    Router::new()
+        .route("/v1/merges", post(submit).get(list))
+        .route("/v1/merges/{id}", get(get_job))
+        .route("/v1/merges/{id}/cancel", post(cancel))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .fallback(not_found)
+        .layer(DefaultBodyLimit::max(body_limit))
+        .layer(tower_http::trace::TraceLayer::new_for_http())
+        .with_state(state)
+}
+
+/// What `GET /v1/merges/{id}` returns.
+#[derive(Debug, Serialize)]
+pub struct JobView {
+    pub id: Uuid,
+    pub state: JobState,
+    pub attempts: i32,
+    pub max_attempts: i32,
+    pub cancel_requested: bool,
+    pub created_at: chrono::DateTime<chrono::Utc>,
+    pub started_at: Option<chrono::DateTime<chrono::Utc>>,
+    pub finished_at: Option<chrono::DateTime<chrono::Utc>>,
+    pub progress: ProgressSnapshot,
+    pub result: Option<serde_json::Value>,
+    pub error: Option<ErrorView>,
+    pub idempotency_key: Option<String>,
+    pub recipe: serde_json::Value,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ErrorView {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+impl From<Job> for JobView {
+    fn from(j: Job) -> Self {
+        JobView {
+            id: j.id,
+            state: j.state,
+            attempts: j.attempts,
+            max_attempts: j.max_attempts,
+            cancel_requested: j.cancel_requested_at.is_some(),
+            created_at: j.created_at,
+            started_at: j.started_at,
+            finished_at: j.finished_at,
+            progress: j
+                .progress
+                .and_then(|p| serde_json::from_value(p).ok())
+                .unwrap_or_default(),
+            // A result is only shown once the job succeeded.
+            result: if j.state == JobState::Succeeded {
+                j.result
+            } else {
+                None
+            },
+            error: if j.state == JobState::Succeeded {
+                None
+            } else {
+                j.error.map(|e| ErrorView {
+                    code: e.code,
+                    message: e.message,
+                })
+            },
+            idempotency_key: j.idempotency_key,
+            recipe: j.recipe,
+        }
+    }
+}
+
+fn json_response(status: StatusCode, body: &impl Serialize) -> Response {
+    (status, axum::Json(body)).into_response()
+}
+
+async fn submit(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let body = body.map_err(|e| {
+        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::new(ErrorCode::PayloadTooLarge, "request body is too large")
+        } else {
+            ApiError::new(ErrorCode::InvalidRecipe, e.body_text())
+        }
+    })?;
+    if let Some(ct) = headers.get(header::CONTENT_TYPE) {
+        let ct = ct.to_str().unwrap_or_default();
+        if !ct.starts_with("application/json") {
+            return Err(ApiError::new(
+                ErrorCode::InvalidRecipe,
+                format!("unsupported content type {ct:?}: send application/json"),
+            ));
+        }
+    }
+    let mut sub: Submission = Recipe::parse_json(&body)?;
+    // Every URL must resolve under an allowed root; store the normalized form.
+    for (i, m) in sub.recipe.models.iter_mut().enumerate() {
+        let loc = state
+            .storage
+            .resolve(&m.uri)
+            .map_err(|e| ApiError::new(e.code(), format!("models[{i}].uri: {e}")))?;
+        m.uri = loc.url;
+    }
+    let out = state
+        .storage
+        .resolve(&sub.recipe.output.uri)
+        .map_err(|e| ApiError::new(e.code(), format!("output.uri: {e}")))?;
+    sub.recipe.output.uri = out.url.clone();
+    for (i, m) in sub.recipe.models.iter().enumerate() {
+        if crate::recipe::same_or_nested(&m.uri, &out.url) {
+            return Err(ApiError::new(
+                ErrorCode::InvalidRecipe,
+                format!("output.uri: the output must not be, contain or lie inside models[{i}]"),
+            ));
+        }
+    }
+    let recipe_json = serde_json::to_value(&sub.recipe)
+        .map_err(|e| ApiError::new(ErrorCode::Internal, e.to_string()))?;
+    let enqueued = state
+        .queue
+        .enqueue(NewJob {
+            id: Uuid::now_v7(),
+            idempotency_key: sub.idempotency_key.clone(),
+            request_hash: sub.recipe.hash(),
+            output_url: out.url,
+            recipe: recipe_json,
+            priority: sub.priority,
+            max_attempts: sub.max_attempts.unwrap_or(state.default_max_attempts),
+        })
+        .await?;
+    let id = enqueued.job.id;
+    let view = JobView::from(enqueued.job);
+    let mut resp = if enqueued.created {
+        json_response(StatusCode::ACCEPTED, &view)
+    } else {
+        json_response(StatusCode::OK, &view)
+    };
+    if let Ok(v) = HeaderValue::from_str(&format!("/v1/merges/{id}")) {
+        resp.headers_mut().insert(header::LOCATION, v);
+    }
+    if !enqueued.created {
+        resp.headers_mut()
+            .insert("idempotent-replayed", HeaderValue::from_static("true"));
+    }
+    Ok(resp)
+}
+
+fn parse_id(raw: &str) -> Result<Uuid, ApiError> {
+    Uuid::parse_str(raw)
+        .map_err(|_| ApiError::new(ErrorCode::NotFound, format!("no merge job with id {raw:?}")))
+}
+
+async fn get_job(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let id = parse_id(&id)?;
+    let job =
+        state.queue.get(id).await?.ok_or_else(|| {
+            ApiError::new(ErrorCode::NotFound, format!("no merge job with id {id}"))
+        })?;
+    Ok(json_response(StatusCode::OK, &JobView::from(job)))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListQuery {
+    state: Option<String>,
+    limit: Option<u32>,
+    cursor: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+struct ListView {
+    jobs: Vec<JobView>,
+    /// Pass as `cursor` to get the next (older) page; null on the last page.
+    next_cursor: Option<String>,
+}
+
+async fn list(
+    State(state): State<AppState>,
+    query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
+    let Query(q) = query.map_err(|e| ApiError::new(ErrorCode::InvalidRecipe, e.body_text()))?;
+    let filter_state = match q.state.as_deref() {
+        None | Some("") => None,
+        Some(s) => Some(JobState::parse(s).ok_or_else(|| {
+            ApiError::new(
+                ErrorCode::InvalidRecipe,
+                format!(
+                    "state: unknown state {s:?} (queued, running, succeeded, failed, cancelled)"
+                ),
+            )
+        })?),
+    };
+    let limit = q.limit.unwrap_or(DEFAULT_PAGE);
+    if limit == 0 || limit > MAX_PAGE {
+        return Err(ApiError::new(
+            ErrorCode::InvalidRecipe,
+            format!("limit: must be between 1 and {MAX_PAGE}"),
+        ));
+    }
+    let before = match q.cursor.as_deref() {
+        None | Some("") => None,
+        Some(c) => Some(Uuid::parse_str(c).map_err(|_| {
+            ApiError::new(
+                ErrorCode::InvalidRecipe,
+                format!("cursor: invalid cursor {c:?}"),
+            )
+        })?),
+    };
+    let jobs = state
+        .queue
+        .list(&ListFilter {
+            state: filter_state,
+            limit,
+            before,
+        })
+        .await?;
+    let next_cursor = if jobs.len() as u32 == limit {
+        jobs.last().map(|j| j.id.to_string())
+    } else {
+        None
+    };
+    let body = ListView {
+        jobs: jobs.into_iter().map(JobView::from).collect(),
+        next_cursor,
+    };
+    Ok(json_response(StatusCode::OK, &body))
+}
+
+async fn cancel(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let id = parse_id(&id)?;
+    let outcome = state.queue.request_cancel(id).await?;
+    let status = match outcome {
+        CancelOutcome::NotFound => {
+            return Err(ApiError::new(
+                ErrorCode::NotFound,
+                format!("no merge job with id {id}"),
+            ));
+        }
+        CancelOutcome::AlreadyFinished(JobState::Cancelled) | CancelOutcome::Cancelled => {
+            StatusCode::OK
+        }
+        CancelOutcome::AlreadyFinished(s) => {
+            return Err(ApiError::new(
+                ErrorCode::NotCancellable,
+                format!("job {id} already finished as {}", s.as_str()),
+            ));
+        }
+        CancelOutcome::Requested => StatusCode::ACCEPTED,
+    };
+    let job =
+        state.queue.get(id).await?.ok_or_else(|| {
+            ApiError::new(ErrorCode::NotFound, format!("no merge job with id {id}"))
+        })?;
+    Ok(json_response(status, &JobView::from(job)))
+}
+
+async fn healthz() -> Response {
+    json_response(StatusCode::OK, &serde_json::json!({"status": "ok"}))
+}
+
+async fn readyz(State(state): State<AppState>) -> Response {
+    match state.queue.ping().await {
+        Ok(()) => json_response(
+            StatusCode::OK,
+            &serde_json::json!({"status": "ready", "database": state.queue.backend()}),
+        ),
+        Err(e) => json_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &serde_json::json!({"status": "unavailable", "code": ErrorCode::DatabaseError, "message": e.to_string()}),
+        ),
+    }
+}
+
+async fn not_found() -> ApiError {
+    ApiError::new(ErrorCode::NotFound, "no such route")
+}

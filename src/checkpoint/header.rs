@@ -1,0 +1,909 @@
+//! Strict parsing of safetensors headers.
+//!
+//! A safetensors file is an 8-byte little-endian `u64` `N`, then `N` bytes of UTF-8 JSON, then
+//! the data section. The JSON object maps each tensor name to
+//! `{"dtype": "F32", "shape": [..], "data_offsets": [begin, end]}` (offsets relative to the data
+//! section, which starts at `8 + N`), plus an optional `"__metadata__": {str: str}`.
+//!
+//! The parser trusts nothing: duplicate names (which `serde_json` maps would silently collapse),
+//! unknown dtypes, unknown keys, sizes that disagree with the shape, offsets out of the file and
+//! overlapping tensors are all errors that name the tensor. It never panics and never allocates
+//! much more than the header itself (shape rank is bounded).
+
+use std::cell::RefCell;
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
+
+use crate::error::ErrorCode;
+use crate::merge::DType;
+
+/// The largest header length accepted (100 MiB; the safetensors crate allows 100 MB).
+pub const MAX_HEADER_LEN: u64 = 100 * 1024 * 1024;
+
+/// The most dimensions a tensor shape may have (bounds memory on hostile headers).
+pub const MAX_RANK: usize = 64;
+
+/// The reserved key holding string metadata.
+pub const METADATA_KEY: &str = "__metadata__";
+
+/// Why a header (or a shard index, or a shard plan) is malformed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum HeaderError {
+    /// Fewer than 8 bytes where the header length should be.
+    #[error("file is {len} bytes, too short to hold the 8-byte header length")]
+    TooShort {
+        /// Bytes available.
+        len: u64,
+    },
+    /// The header length is over [`MAX_HEADER_LEN`].
+    #[error("header length {len} exceeds the limit of {MAX_HEADER_LEN} bytes")]
+    HeaderTooLarge {
+        /// The declared header length.
+        len: u64,
+    },
+    /// `8 + N` is past the end of the file.
+    #[error("header of {header_len} bytes runs past the end of the {file_size}-byte file")]
+    HeaderPastEof {
+        /// The declared header length.
+        header_len: u64,
+        /// The file size.
+        file_size: u64,
+    },
+    /// The JSON bytes given are not as many as the declared header length.
+    #[error("header is {actual} bytes, but its declared length is {expected}")]
+    HeaderLength {
+        /// The declared header length.
+        expected: u64,
+        /// Bytes given.
+        actual: u64,
+    },
+    /// The header is not UTF-8.
+    #[error("header is not valid UTF-8 (invalid byte at {valid_up_to})")]
+    NotUtf8 {
+        /// Offset of the first invalid byte within the header.
+        valid_up_to: u64,
+    },
+    /// Invalid JSON, or JSON of the wrong shape (unknown key, wrong type, ...).
+    #[error("invalid {}: {message}", .context.as_deref().unwrap_or("header"))]
+    Json {
+        /// What was being read: `tensor "name"`, `__metadata__`, `index`, or none for the header.
+        context: Option<String>,
+        /// The JSON parser's message (with line and column).
+        message: String,
+    },
+    /// A tensor name appears twice.
+    #[error("tensor {name:?} appears more than once")]
+    DuplicateTensor {
+        /// The name.
+        name: String,
+    },
+    /// A dtype name ladle does not know.
+    #[error("tensor {name:?} has unknown dtype {dtype:?}")]
+    UnknownDtype {
+        /// The tensor.
+        name: String,
+        /// The dtype as written.
+        dtype: String,
+    },
+    /// `data_offsets` end before they begin.
+    #[error("tensor {name:?} has data_offsets [{begin}, {end}] that end before they begin")]
+    OffsetsReversed {
+        /// The tensor.
+        name: String,
+        /// First offset.
+        begin: u64,
+        /// Second offset.
+        end: u64,
+    },
+    /// The byte size of the shape does not fit in 64 bits.
+    #[error("tensor {name:?} has shape {shape:?} whose size in bytes overflows")]
+    SizeOverflow {
+        /// The tensor.
+        name: String,
+        /// Its shape.
+        shape: Vec<u64>,
+    },
+    /// `shape × dtype size` differs from `end − begin`.
+    #[error(
+        "tensor {name:?}: shape {shape:?} of {dtype} needs {expected} bytes, but data_offsets span {actual}"
+    )]
+    SizeMismatch {
+        /// The tensor.
+        name: String,
+        /// Its shape.
+        shape: Vec<u64>,
+        /// Its dtype.
+        dtype: DType,
+        /// Bytes the shape needs.
+        expected: u64,
+        /// Bytes the offsets span.
+        actual: u64,
+    },
+    /// A tensor's data ends past the end of the data section.
+    #[error("tensor {name:?} ends at data offset {end}, past the {data_len}-byte data section")]
+    OutOfBounds {
+        /// The tensor.
+        name: String,
+        /// Its end offset.
+        end: u64,
+        /// Size of the data section.
+        data_len: u64,
+    },
+    /// Two tensors share bytes.
+    #[error("tensors {first:?} and {second:?} overlap")]
+    Overlap {
+        /// The tensor starting first.
+        first: String,
+        /// The tensor starting inside it.
+        second: String,
+    },
+    /// A shard index is larger than [`crate::checkpoint::index::MAX_INDEX_LEN`].
+    #[error("index is {len} bytes, over the limit of {max} bytes")]
+    IndexTooLarge {
+        /// Its size.
+        len: u64,
+        /// The limit.
+        max: u64,
+    },
+    /// A shard index names a file that is not a plain `*.safetensors` file name.
+    #[error(
+        "index places tensor {tensor:?} in {file:?}, which is not a plain *.safetensors file name"
+    )]
+    InvalidShardName {
+        /// The tensor.
+        tensor: String,
+        /// The file name as written.
+        file: String,
+    },
+    /// A tensor to write has a reserved or empty name.
+    #[error("tensor name {name:?} is reserved")]
+    ReservedName {
+        /// The name.
+        name: String,
+    },
+}
+
+impl HeaderError {
+    /// Always [`ErrorCode::CheckpointMalformed`].
+    pub fn code(&self) -> ErrorCode {
+        ErrorCode::CheckpointMalformed
+    }
+}
+
+/// One tensor of a header. Offsets are relative to the data section.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TensorInfo {
+    /// The tensor name.
+    pub name: String,
+    /// Element type.
+    pub dtype: DType,
+    /// Shape (empty for a scalar).
+    pub shape: Vec<u64>,
+    /// `[begin, end)` within the data section.
+    pub data_offsets: (u64, u64),
+}
+
+impl TensorInfo {
+    /// Number of elements (1 for a scalar). Exact for every tensor [`parse_header`] returns;
+    /// saturates at `u64::MAX` otherwise.
+    pub fn numel(&self) -> u64 {
+        self.shape.iter().fold(1u64, |a, &d| a.saturating_mul(d))
+    }
+
+    /// Bytes of data: `end − begin` (0 if reversed, which [`parse_header`] never returns).
+    pub fn byte_len(&self) -> u64 {
+        self.data_offsets.1.saturating_sub(self.data_offsets.0)
+    }
+}
+
+/// A parsed, validated header.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Header {
+    /// `N`, the JSON length (including padding).
+    pub header_len: u64,
+    /// Tensors, sorted by name.
+    pub tensors: Vec<TensorInfo>,
+    /// `__metadata__` (empty when absent).
+    pub metadata: BTreeMap<String, String>,
+}
+
+impl Header {
+    /// Absolute file offset of the data section: `8 + header_len`.
+    pub fn data_start(&self) -> u64 {
+        // Saturating only matters for a hand-built `Header`; parsed ones have N ≤ MAX_HEADER_LEN.
+        self.header_len.saturating_add(8)
+    }
+
+    /// The tensor with this name.
+    pub fn get(&self, name: &str) -> Option<&TensorInfo> {
+        self.tensors
+            .binary_search_by(|t| t.name.as_str().cmp(name))
+            .ok()
+            .and_then(|i| self.tensors.get(i))
+    }
+}
+
+/// Reads the header length `N` from the first 8 bytes of a file of `file_size` bytes and checks
+/// it: `N ≤` [`MAX_HEADER_LEN`] and `8 + N ≤ file_size`.
+pub fn parse_header_len(first8: &[u8], file_size: u64) -> Result<u64, HeaderError> {
+    let Some(bytes) = first8.get(..8) else {
+        return Err(HeaderError::TooShort {
+            len: first8.len() as u64,
+        });
+    };
+    let mut arr = [0u8; 8];
+    arr.copy_from_slice(bytes);
+    let n = u64::from_le_bytes(arr);
+    if n > MAX_HEADER_LEN {
+        return Err(HeaderError::HeaderTooLarge { len: n });
+    }
+    // Cannot overflow: n ≤ MAX_HEADER_LEN.
+    if 8 + n > file_size {
+        return Err(HeaderError::HeaderPastEof {
+            header_len: n,
+            file_size,
+        });
+    }
+    Ok(n)
+}
+
+/// Parses and validates the header JSON (`json`, exactly `header_len` bytes) of a file of
+/// `file_size` bytes. See the module documentation for every rule checked.
+pub fn parse_header(json: &[u8], header_len: u64, file_size: u64) -> Result<Header, HeaderError> {
+    if json.len() as u64 != header_len {
+        return Err(HeaderError::HeaderLength {
+            expected: header_len,
+            actual: json.len() as u64,
+        });
+    }
+    if header_len > MAX_HEADER_LEN {
+        return Err(HeaderError::HeaderTooLarge { len: header_len });
+    }
+    let data_len = file_size
+        .checked_sub(8 + header_len)
+        .ok_or(HeaderError::HeaderPastEof {
+            header_len,
+            file_size,
+        })?;
+    let text = std::str::from_utf8(json).map_err(|e| HeaderError::NotUtf8 {
+        valid_up_to: e.valid_up_to() as u64,
+    })?;
+
+    let raw = parse_raw(text)?;
+
+    let mut metadata = None;
+    let mut tensors = Vec::with_capacity(raw.len());
+    for (name, entry) in raw {
+        match entry {
+            RawEntry::Metadata(m) => {
+                if metadata.replace(m).is_some() {
+                    return Err(HeaderError::Json {
+                        context: Some(METADATA_KEY.to_string()),
+                        message: "appears more than once".to_string(),
+                    });
+                }
+            }
+            RawEntry::Tensor(t) => tensors.push((name, t)),
+        }
+    }
+    tensors.sort_by(|a, b| a.0.cmp(&b.0));
+    for pair in tensors.windows(2) {
+        if pair[0].0 == pair[1].0 {
+            return Err(HeaderError::DuplicateTensor {
+                name: pair[0].0.clone(),
+            });
+        }
+    }
+
+    let mut out = Vec::with_capacity(tensors.len());
+    for (name, raw) in tensors {
+        out.push(validate_tensor(name, raw, data_len)?);
+    }
+    check_overlaps(&out)?;
+
+    Ok(Header {
+        header_len,
+        tensors: out,
+        metadata: metadata.unwrap_or_default(),
+    })
+}
+
+fn validate_tensor(name: String, raw: RawTensor, data_len: u64) -> Result<TensorInfo, HeaderError> {
+    let Some(dtype) = DType::parse(&raw.dtype) else {
+        return Err(HeaderError::UnknownDtype {
+            name,
+            dtype: raw.dtype,
+        });
+    };
+    let (begin, end) = raw.data_offsets;
+    if begin > end {
+        return Err(HeaderError::OffsetsReversed { name, begin, end });
+    }
+    // Exact: a zero dimension makes the tensor empty whatever the other dimensions are.
+    let numel = if raw.shape.contains(&0) {
+        Some(0)
+    } else {
+        raw.shape.iter().try_fold(1u64, |a, &d| a.checked_mul(d))
+    };
+    let expected = numel.and_then(|n| n.checked_mul(dtype.size_bytes() as u64));
+    let Some(expected) = expected else {
+        return Err(HeaderError::SizeOverflow {
+            name,
+            shape: raw.shape,
+        });
+    };
+    if expected != end - begin {
+        return Err(HeaderError::SizeMismatch {
+            name,
+            shape: raw.shape,
+            dtype,
+            expected,
+            actual: end - begin,
+        });
+    }
+    if end > data_len {
+        return Err(HeaderError::OutOfBounds {
+            name,
+            end,
+            data_len,
+        });
+    }
+    Ok(TensorInfo {
+        name,
+        dtype,
+        shape: raw.shape,
+        data_offsets: (begin, end),
+    })
+}
+
+/// Rejects any two tensors whose non-empty byte ranges intersect. Empty tensors own no bytes.
+fn check_overlaps(tensors: &[TensorInfo]) -> Result<(), HeaderError> {
+    let mut order: Vec<&TensorInfo> = tensors.iter().filter(|t| t.byte_len() > 0).collect();
+    order.sort_by_key(|t| t.data_offsets);
+    // The tensor reaching furthest so far; sorted by begin, any later tensor starting before
+    // its end overlaps it.
+    let mut furthest: Option<&TensorInfo> = None;
+    for t in order {
+        if let Some(f) = furthest
+            && t.data_offsets.0 < f.data_offsets.1
+        {
+            return Err(HeaderError::Overlap {
+                first: f.name.clone(),
+                second: t.name.clone(),
+            });
+        }
+        if furthest.is_none_or(|f| t.data_offsets.1 > f.data_offsets.1) {
+            furthest = Some(t);
+        }
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Raw JSON layer: keeps every key (duplicates included) so that validation can see them.
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTensor {
+    dtype: String,
+    #[serde(deserialize_with = "bounded_shape")]
+    shape: Vec<u64>,
+    data_offsets: (u64, u64),
+}
+
+enum RawEntry {
+    Metadata(BTreeMap<String, String>),
+    Tensor(RawTensor),
+}
+
+/// Parses the top-level object, reporting which entry a JSON error happened in.
+fn parse_raw(text: &str) -> Result<Vec<(String, RawEntry)>, HeaderError> {
+    let context = RefCell::new(None);
+    let mut de = serde_json::Deserializer::from_str(text);
+    let result = HeaderSeed { context: &context }
+        .deserialize(&mut de)
+        .and_then(|v| de.end().map(|()| v));
+    result.map_err(|e| HeaderError::Json {
+        context: context.into_inner(),
+        message: e.to_string(),
+    })
+}
+
+struct HeaderSeed<'a> {
+    context: &'a RefCell<Option<String>>,
+}
+
+impl<'de> DeserializeSeed<'de> for HeaderSeed<'_> {
+    type Value = Vec<(String, RawEntry)>;
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_map(self)
+    }
+}
+
+impl<'de> Visitor<'de> for HeaderSeed<'_> {
+    type Value = Vec<(String, RawEntry)>;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a safetensors header object")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut entries = Vec::new();
+        while let Some(key) = map.next_key::<String>()? {
+            if key == METADATA_KEY {
+                self.context.replace(Some(METADATA_KEY.to_string()));
+                let m = map.next_value::<StrictStringMap>()?;
+                entries.push((key, RawEntry::Metadata(m.0)));
+            } else {
+                self.context.replace(Some(format!("tensor {key:?}")));
+                let t = map.next_value::<RawTensor>()?;
+                entries.push((key, RawEntry::Tensor(t)));
+            }
+            self.context.replace(None);
+        }
+        Ok(entries)
+    }
+}
+
+/// A JSON object of strings to strings that rejects duplicate keys.
+pub(crate) struct StrictStringMap(pub(crate) BTreeMap<String, String>);
+
+impl<'de> serde::Deserialize<'de> for StrictStringMap {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = StrictStringMap;
+
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("an object of strings")
+            }
+
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<StrictStringMap, A::Error> {
+                let mut out = BTreeMap::new();
+                while let Some((k, v)) = map.next_entry::<String, String>()? {
+                    if out.contains_key(&k) {
+                        return Err(de::Error::custom(format_args!("duplicate key {k:?}")));
+                    }
+                    out.insert(k, v);
+                }
+                Ok(StrictStringMap(out))
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
+/// A shape: an array of at most [`MAX_RANK`] non-negative integers.
+fn bounded_shape<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u64>, D::Error> {
+    struct V;
+    impl<'de> Visitor<'de> for V {
+        type Value = Vec<u64>;
+
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            write!(f, "an array of at most {MAX_RANK} dimensions")
+        }
+
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<u64>, A::Error> {
+            let mut out = Vec::new();
+            while let Some(d) = seq.next_element::<u64>()? {
+                if out.len() == MAX_RANK {
+                    return Err(de::Error::custom(format_args!(
+                        "shape has more than {MAX_RANK} dimensions"
+                    )));
+                }
+                out.push(d);
+            }
+            Ok(out)
+        }
+    }
+    d.deserialize_seq(V)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use safetensors::tensor::{Dtype as StDtype, TensorView};
+    use std::collections::HashMap;
+
+    /// A file with these `(name, dtype, shape)` tensors written by the safetensors crate.
+    fn st_file(
+        tensors: &[(&str, StDtype, &[usize])],
+        metadata: Option<HashMap<String, String>>,
+    ) -> Vec<u8> {
+        let datas: Vec<Vec<u8>> = tensors
+            .iter()
+            .map(|(_, d, s)| {
+                let n: usize = s.iter().product::<usize>() * d.bitsize() / 8;
+                (0..n).map(|i| i as u8).collect()
+            })
+            .collect();
+        let views: Vec<(String, TensorView)> = tensors
+            .iter()
+            .zip(&datas)
+            .map(|((name, d, s), data)| {
+                (
+                    name.to_string(),
+                    TensorView::new(*d, s.to_vec(), data).unwrap(),
+                )
+            })
+            .collect();
+        safetensors::serialize(views, metadata).unwrap()
+    }
+
+    fn parse_file(file: &[u8]) -> Result<Header, HeaderError> {
+        let n = parse_header_len(file, file.len() as u64)?;
+        parse_header(&file[8..8 + n as usize], n, file.len() as u64)
+    }
+
+    /// A file from a literal JSON header and `data_len` bytes of data.
+    fn raw_file(json: &str, data_len: usize) -> Vec<u8> {
+        let mut f = (json.len() as u64).to_le_bytes().to_vec();
+        f.extend_from_slice(json.as_bytes());
+        f.resize(f.len() + data_len, 0);
+        f
+    }
+
+    fn parse_json(json: &str, data_len: usize) -> Result<Header, HeaderError> {
+        parse_file(&raw_file(json, data_len))
+    }
+
+    #[test]
+    fn parses_files_written_by_safetensors() {
+        let meta = HashMap::from([
+            ("format".to_string(), "pt".to_string()),
+            ("note".to_string(), "héllo \"quoted\"".to_string()),
+        ]);
+        let file = st_file(
+            &[
+                ("model.layers.0.weight", StDtype::BF16, &[4, 3]),
+                ("b.bias", StDtype::F32, &[3]),
+                ("a.scalar", StDtype::F64, &[]),
+                ("empty", StDtype::F16, &[0, 5]),
+                ("steps", StDtype::I64, &[1]),
+                ("mask", StDtype::BOOL, &[7]),
+                ("q", StDtype::F8_E4M3, &[2, 2]),
+            ],
+            Some(meta),
+        );
+        let h = parse_file(&file).unwrap();
+        let names: Vec<&str> = h.tensors.iter().map(|t| t.name.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "a.scalar",
+                "b.bias",
+                "empty",
+                "mask",
+                "model.layers.0.weight",
+                "q",
+                "steps"
+            ]
+        );
+        assert_eq!(h.metadata["format"], "pt");
+        assert_eq!(h.metadata["note"], "héllo \"quoted\"");
+        assert_eq!(h.data_start(), 8 + h.header_len);
+        assert_eq!(h.header_len % 8, 0);
+
+        let w = h.get("model.layers.0.weight").unwrap();
+        assert_eq!(w.dtype, DType::BF16);
+        assert_eq!(w.shape, vec![4, 3]);
+        assert_eq!(w.numel(), 12);
+        assert_eq!(w.byte_len(), 24);
+        let s = h.get("a.scalar").unwrap();
+        assert_eq!((s.numel(), s.byte_len()), (1, 8));
+        let e = h.get("empty").unwrap();
+        assert_eq!((e.numel(), e.byte_len()), (0, 0));
+        assert_eq!(h.get("mask").unwrap().dtype, DType::Bool);
+        assert_eq!(h.get("q").unwrap().dtype, DType::F8_E4M3);
+        assert!(h.get("nope").is_none());
+
+        // The data lies where the header says: compare with the safetensors reader.
+        let st = safetensors::SafeTensors::deserialize(&file).unwrap();
+        for t in &h.tensors {
+            let view = st.tensor(&t.name).unwrap();
+            let start = (h.data_start() + t.data_offsets.0) as usize;
+            let end = (h.data_start() + t.data_offsets.1) as usize;
+            assert_eq!(&file[start..end], view.data(), "{}", t.name);
+        }
+    }
+
+    #[test]
+    fn no_metadata_and_no_tensors() {
+        let h = parse_file(&st_file(&[("x", StDtype::F32, &[2])], None)).unwrap();
+        assert!(h.metadata.is_empty());
+        let h = parse_json("{}", 0).unwrap();
+        assert!(h.tensors.is_empty());
+        // Trailing spaces (padding) and leftover data after the last tensor are fine.
+        let h = parse_json(
+            r#"{"x":{"dtype":"U8","shape":[2],"data_offsets":[0,2]}}   "#,
+            5,
+        )
+        .unwrap();
+        assert_eq!(h.tensors.len(), 1);
+    }
+
+    #[test]
+    fn header_len_errors() {
+        assert_eq!(
+            parse_header_len(&[1, 2, 3], 100),
+            Err(HeaderError::TooShort { len: 3 })
+        );
+        let four_gb = (4u64 << 30).to_le_bytes();
+        assert_eq!(
+            parse_header_len(&four_gb, 8 << 30),
+            Err(HeaderError::HeaderTooLarge { len: 4 << 30 })
+        );
+        assert!(matches!(
+            parse_header_len(&u64::MAX.to_le_bytes(), u64::MAX),
+            Err(HeaderError::HeaderTooLarge { .. })
+        ));
+        assert_eq!(
+            parse_header_len(&100u64.to_le_bytes(), 107),
+            Err(HeaderError::HeaderPastEof {
+                header_len: 100,
+                file_size: 107
+            })
+        );
+        assert_eq!(parse_header_len(&100u64.to_le_bytes(), 108), Ok(100));
+        assert_eq!(
+            parse_header_len(&MAX_HEADER_LEN.to_le_bytes(), u64::MAX),
+            Ok(MAX_HEADER_LEN)
+        );
+        // parse_header re-checks what it is given.
+        assert!(matches!(
+            parse_header(b"{}", 3, 100),
+            Err(HeaderError::HeaderLength {
+                expected: 3,
+                actual: 2
+            })
+        ));
+        assert!(matches!(
+            parse_header(b"{}", 2, 9),
+            Err(HeaderError::HeaderPastEof { .. })
+        ));
+    }
+
+    #[test]
+    fn rejects_bad_encoding_and_structure() {
+        let bad_utf8 = b"{\"\xff\":1}";
+        assert!(matches!(
+            parse_header(bad_utf8, bad_utf8.len() as u64, 100),
+            Err(HeaderError::NotUtf8 { valid_up_to: 2 })
+        ));
+        for json in [
+            "",
+            "[]",
+            "null",
+            "\"x\"",
+            "{",
+            "{} {}",
+            "{}\0\0",
+            r#"{"x": 1}"#,
+            r#"{"x": {"dtype": "F32", "shape": [1]}}"#,
+            r#"{"x": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 0]}}"#,
+            r#"{"x": {"dtype": "F32", "shape": [1.5], "data_offsets": [0, 0]}}"#,
+            r#"{"x": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4, 8]}}"#,
+            r#"{"x": {"dtype": "F32", "shape": [1], "data_offsets": [0]}}"#,
+            r#"{"x": {"dtype": "F32", "shape": [1], "data_offsets": [0, 18446744073709551616]}}"#,
+        ] {
+            let r = parse_json(json, 16);
+            assert!(
+                matches!(r, Err(HeaderError::Json { .. })),
+                "{json:?}: {r:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn rejects_unknown_keys_naming_the_tensor() {
+        let json = r#"{"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4], "extra": 1}}"#;
+        let err = parse_json(json, 4).unwrap_err();
+        assert!(
+            matches!(&err, HeaderError::Json { context: Some(c), message } if c == "tensor \"w\"" && message.contains("extra")),
+            "{err:?}"
+        );
+        assert!(err.to_string().contains("tensor \"w\""), "{err}");
+        // A key repeated inside an entry.
+        let json =
+            r#"{"w": {"dtype": "F32", "dtype": "F16", "shape": [1], "data_offsets": [0, 4]}}"#;
+        assert!(matches!(parse_json(json, 4), Err(HeaderError::Json { .. })));
+    }
+
+    #[test]
+    fn rejects_duplicate_tensor_names() {
+        let json = r#"{"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]},
+                       "w": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}}"#;
+        assert_eq!(
+            parse_json(json, 8),
+            Err(HeaderError::DuplicateTensor {
+                name: "w".to_string()
+            })
+        );
+        // Same name spelled with an escape.
+        let json = r#"{"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]},
+                       "\u0077": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}}"#;
+        assert!(matches!(
+            parse_json(json, 8),
+            Err(HeaderError::DuplicateTensor { .. })
+        ));
+    }
+
+    #[test]
+    fn rejects_unknown_dtype() {
+        for d in ["F4", "C64", "f32", "FLOAT", ""] {
+            let json =
+                format!(r#"{{"w": {{"dtype": "{d}", "shape": [1], "data_offsets": [0, 1]}}}}"#);
+            assert_eq!(
+                parse_json(&json, 8),
+                Err(HeaderError::UnknownDtype {
+                    name: "w".to_string(),
+                    dtype: d.to_string()
+                })
+            );
+        }
+    }
+
+    #[test]
+    fn rejects_bad_sizes_and_offsets() {
+        let t = |d: &str, shape: &str, b: u64, e: u64| {
+            format!(r#"{{"w": {{"dtype": "{d}", "shape": {shape}, "data_offsets": [{b}, {e}]}}}}"#)
+        };
+        assert!(matches!(
+            parse_json(&t("F32", "[2]", 0, 4), 8),
+            Err(HeaderError::SizeMismatch {
+                expected: 8,
+                actual: 4,
+                ..
+            })
+        ));
+        assert!(matches!(
+            parse_json(&t("BF16", "[]", 0, 4), 8),
+            Err(HeaderError::SizeMismatch {
+                expected: 2,
+                actual: 4,
+                ..
+            })
+        ));
+        assert!(matches!(
+            parse_json(&t("F32", "[1]", 8, 4), 8),
+            Err(HeaderError::OffsetsReversed {
+                begin: 8,
+                end: 4,
+                ..
+            })
+        ));
+        assert!(matches!(
+            parse_json(&t("F32", "[2]", 4, 12), 8),
+            Err(HeaderError::OutOfBounds {
+                end: 12,
+                data_len: 8,
+                ..
+            })
+        ));
+        // Shape product overflows u64, or overflows once multiplied by the element size.
+        assert!(matches!(
+            parse_json(&t("F32", "[4294967296, 4294967296]", 0, 0), 8),
+            Err(HeaderError::SizeOverflow { .. })
+        ));
+        assert!(matches!(
+            parse_json(&t("F64", "[4611686018427387904]", 0, 0), 8),
+            Err(HeaderError::SizeOverflow { .. })
+        ));
+        // A zero dimension makes the product 0 however large the others are; a product that
+        // would wrap to a small number is an overflow, never accepted.
+        assert!(parse_json(&t("U8", "[4294967296, 4294967296, 0]", 0, 0), 8).is_ok());
+        assert!(matches!(
+            parse_json(&t("U8", "[18446744073709551615, 2]", 0, 2), 8),
+            Err(HeaderError::SizeOverflow { .. })
+        ));
+        // Offsets at u64::MAX do not overflow anything.
+        let max = u64::MAX;
+        assert!(matches!(
+            parse_json(&t("U8", "[0]", max, max), 8),
+            Err(HeaderError::OutOfBounds { .. })
+        ));
+        // Rank bound.
+        let shape = format!("[{}]", vec!["1"; MAX_RANK + 1].join(","));
+        assert!(matches!(
+            parse_json(&t("U8", &shape, 0, 1), 8),
+            Err(HeaderError::Json { .. })
+        ));
+        let shape = format!("[{}]", vec!["1"; MAX_RANK].join(","));
+        assert!(parse_json(&t("U8", &shape, 0, 1), 8).is_ok());
+    }
+
+    #[test]
+    fn rejects_overlaps() {
+        let json = r#"{"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+                       "b": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}}"#;
+        assert_eq!(
+            parse_json(json, 8),
+            Err(HeaderError::Overlap {
+                first: "a".to_string(),
+                second: "b".to_string()
+            })
+        );
+        // Contained in a long tensor that is not the immediately preceding one.
+        let json = r#"{"a": {"dtype": "U8", "shape": [10], "data_offsets": [0, 10]},
+                       "b": {"dtype": "U8", "shape": [1], "data_offsets": [1, 2]},
+                       "c": {"dtype": "U8", "shape": [1], "data_offsets": [5, 6]}}"#;
+        assert!(matches!(
+            parse_json(json, 10),
+            Err(HeaderError::Overlap { .. })
+        ));
+        // Identical ranges.
+        let json = r#"{"a": {"dtype": "U8", "shape": [2], "data_offsets": [2, 4]},
+                       "b": {"dtype": "I16", "shape": [1], "data_offsets": [2, 4]}}"#;
+        assert!(matches!(
+            parse_json(json, 4),
+            Err(HeaderError::Overlap { .. })
+        ));
+        // Touching, gaps, and empty tensors anywhere are fine.
+        let json = r#"{"a": {"dtype": "U8", "shape": [2], "data_offsets": [0, 2]},
+                       "b": {"dtype": "U8", "shape": [2], "data_offsets": [2, 4]},
+                       "c": {"dtype": "U8", "shape": [0], "data_offsets": [1, 1]},
+                       "d": {"dtype": "U8", "shape": [1], "data_offsets": [6, 7]}}"#;
+        assert!(parse_json(json, 8).is_ok());
+    }
+
+    #[test]
+    fn metadata_must_be_strings() {
+        let ok = r#"{"__metadata__": {"format": "pt", "x": ""}}"#;
+        assert_eq!(parse_json(ok, 0).unwrap().metadata.len(), 2);
+        for json in [
+            r#"{"__metadata__": {"format": 1}}"#,
+            r#"{"__metadata__": {"a": {"b": "c"}}}"#,
+            r#"{"__metadata__": null}"#,
+            r#"{"__metadata__": ["a"]}"#,
+            r#"{"__metadata__": {"a": "1", "a": "2"}}"#,
+            r#"{"__metadata__": {}, "__metadata__": {}}"#,
+        ] {
+            let r = parse_json(json, 0);
+            assert!(
+                matches!(&r, Err(HeaderError::Json { context: Some(c), .. }) if c == METADATA_KEY),
+                "{json}: {r:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn error_code() {
+        assert_eq!(
+            HeaderError::TooShort { len: 0 }.code(),
+            ErrorCode::CheckpointMalformed
+        );
+        let e = HeaderError::Json {
+            context: None,
+            message: "m".into(),
+        };
+        assert_eq!(e.to_string(), "invalid header: m");
+    }
+
+    #[test]
+    fn never_panics_on_mangled_headers() {
+        // Cheap stand-in for the fuzzer: flip, truncate and splice a valid header.
+        let file = st_file(
+            &[("a", StDtype::F32, &[2, 2]), ("b", StDtype::BF16, &[3])],
+            Some(HashMap::from([("k".to_string(), "v".to_string())])),
+        );
+        let n = u64::from_le_bytes(file[..8].try_into().unwrap()) as usize;
+        let json = &file[8..8 + n];
+        let mut s = 12345u64;
+        for _ in 0..20_000 {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            let mut j = json.to_vec();
+            let pos = (s as usize) % j.len();
+            match (s >> 32) % 3 {
+                0 => j[pos] = (s >> 40) as u8,
+                1 => j.truncate(pos),
+                _ => j.insert(pos, b"0123456789,[]{}\":-"[(s >> 48) as usize % 18]),
+            }
+            let _ = parse_header(&j, j.len() as u64, (s >> 16) % 4096);
+        }
+    }
+}

@@ -1,0 +1,17 @@
+//! Checkpoint formats: safetensors headers, sharded indexes, shard planning.
+//!
+//! - [`header`]: strict parsing of one safetensors header ([`parse_header`]).
+//! - [`index`]: Hugging Face `model.safetensors.index.json` files.
+//! - [`writer`]: planning output shards (headers and offsets) so they stream in one pass.
+//! - [`reader`]: opening a checkpoint (file, folder, or sharded folder) in object storage by
+//!   reading headers only.
+
+pub mod header;
+pub mod index;
+pub mod reader;
+pub mod writer;
+
+pub use header::{Header, HeaderError, MAX_HEADER_LEN, TensorInfo, parse_header, parse_header_len};
+pub use index::{MAX_INDEX_LEN, ShardIndex, index_json, parse_index};
+pub use reader::{Checkpoint, CheckpointError, CheckpointFile, TensorLoc, open_checkpoint};
+pub use writer::{OutTensor, PlannedTensor, ShardPlan, plan_shards};

@@ -1,0 +1,418 @@
+//! Settings: each from a flag, a `LADLE_…` environment variable or a TOML config file, in that
+//! precedence, then the built-in default. Unknown `LADLE_` variables and unknown config keys
+//! are errors at start-up, never silently ignored.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum};
+use serde::Deserialize;
+
+use crate::engine::EngineConfig;
+use crate::queue::QueueConfig;
+use crate::storage::S3Settings;
+use crate::worker::WorkerConfig;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "ladle",
+    version,
+    about = "Merge fine-tuned checkpoints into model soups"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+    /// TOML config file (keys as the long flags, with underscores).
+    #[arg(long, env = "LADLE_CONFIG", global = true)]
+    pub config: Option<PathBuf>,
+    /// Log format.
+    #[arg(long, env = "LADLE_LOG_FORMAT", global = true, value_enum)]
+    pub log_format: Option<LogFormat>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// API and workers in one process (the single-machine default).
+    Serve(ServiceArgs),
+    /// The HTTP API only.
+    Api(ServiceArgs),
+    /// Workers only (run many of these over one Postgres and one object store).
+    Worker(ServiceArgs),
+    /// Apply database migrations and exit.
+    Migrate(ServiceArgs),
+    /// Run one merge locally, without a database or server, with a progress bar.
+    Merge(MergeArgs),
+}
+
+/// Settings shared by the service modes. Every field is optional here so that the config
+/// file and the defaults can fill what flags and env leave unset.
+#[derive(Debug, Clone, Default, Args, Deserialize)]
+pub struct ServiceArgs {
+    /// Address the HTTP API listens on [default: 127.0.0.1:8080].
+    #[arg(long, env = "LADLE_BIND")]
+    pub bind: Option<SocketAddr>,
+    /// Folder for the default SQLite database and local outputs [default: ./ladle-data].
+    #[arg(long, env = "LADLE_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// `postgres://…` selects Postgres; `sqlite:…` SQLite [default: SQLite in the data dir].
+    #[arg(long, env = "LADLE_DATABASE_URL")]
+    pub database_url: Option<String>,
+    /// A URL (`file:///…`, `s3://bucket/prefix`) or path jobs may read and write; repeatable
+    /// (env: comma-separated) [default: the data dir only].
+    #[arg(
+        long = "allowed-root",
+        env = "LADLE_ALLOWED_ROOTS",
+        value_delimiter = ','
+    )]
+    #[serde(default)]
+    pub allowed_roots: Vec<String>,
+    /// Merge jobs run at once by this process [default: 1].
+    #[arg(long, env = "LADLE_WORKERS")]
+    pub workers: Option<usize>,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub s3: S3Args,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub tuning: TuningArgs,
+}
+
+#[derive(Debug, Clone, Default, Args, Deserialize)]
+pub struct S3Args {
+    /// S3 endpoint (e.g. http://127.0.0.1:9000); else `AWS_ENDPOINT`, else AWS.
+    #[arg(long, env = "LADLE_S3_ENDPOINT")]
+    pub s3_endpoint: Option<String>,
+    #[arg(long, env = "LADLE_S3_REGION")]
+    pub s3_region: Option<String>,
+    #[arg(long, env = "LADLE_S3_ACCESS_KEY_ID")]
+    pub s3_access_key_id: Option<String>,
+    #[arg(long, env = "LADLE_S3_SECRET_ACCESS_KEY", hide_env_values = true)]
+    pub s3_secret_access_key: Option<String>,
+    /// Allow plain-http endpoints.
+    #[arg(long, env = "LADLE_S3_ALLOW_HTTP")]
+    pub s3_allow_http: Option<bool>,
+    /// Virtual-hosted-style requests instead of path style.
+    #[arg(long, env = "LADLE_S3_VIRTUAL_HOSTED_STYLE")]
+    pub s3_virtual_hosted_style: Option<bool>,
+}
+
+#[derive(Debug, Clone, Default, Args, Deserialize)]
+pub struct TuningArgs {
+    /// Lease length in seconds [default: 60].
+    #[arg(long, env = "LADLE_LEASE_TTL_SECS")]
+    pub lease_ttl_secs: Option<f64>,
+    /// Heartbeat interval in seconds [default: lease/4].
+    #[arg(long, env = "LADLE_HEARTBEAT_SECS")]
+    pub heartbeat_secs: Option<f64>,
+    /// Poll interval in seconds when idle [default: 5].
+    #[arg(long, env = "LADLE_POLL_SECS")]
+    pub poll_secs: Option<f64>,
+    /// Backoff base for retries in seconds [default: 30].
+    #[arg(long, env = "LADLE_BACKOFF_SECS")]
+    pub backoff_secs: Option<f64>,
+    /// Seconds an in-flight job may run after SIGTERM before it is released [default: 30].
+    #[arg(long, env = "LADLE_SHUTDOWN_GRACE_SECS")]
+    pub shutdown_grace_secs: Option<f64>,
+    /// Attempts per job unless the request says otherwise [default: 3].
+    #[arg(long, env = "LADLE_MAX_ATTEMPTS")]
+    pub max_attempts: Option<i32>,
+    /// Largest request body in bytes [default: 1 MiB].
+    #[arg(long, env = "LADLE_BODY_LIMIT")]
+    pub body_limit: Option<usize>,
+    /// Bytes of tensor chunks in flight per job [default: 128 MiB].
+    #[arg(long, env = "LADLE_INFLIGHT_BYTES")]
+    pub inflight_bytes: Option<u64>,
+    /// Elements per tensor chunk [default: 4 Mi].
+    #[arg(long, env = "LADLE_CHUNK_ELEMS")]
+    pub chunk_elems: Option<usize>,
+}
+
+#[derive(Debug, Args)]
+pub struct MergeArgs {
+    /// The recipe (JSON, as POST /v1/merges takes it).
+    pub recipe: PathBuf,
+    /// Output folder URL or path (overrides the recipe's `output.uri`).
+    #[arg(long)]
+    pub out: Option<String>,
+    /// Restrict reads and writes to these roots (by default a local run may touch anything
+    /// the invoking user can).
+    #[arg(long = "allowed-root")]
+    pub allowed_roots: Vec<String>,
+    /// No progress bar.
+    #[arg(long)]
+    pub quiet: bool,
+    #[command(flatten)]
+    pub s3: S3Args,
+    #[command(flatten)]
+    pub tuning: TuningArgs,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("unknown environment variable {0} (known LADLE_ variables: {1})")]
+    UnknownEnv(String, String),
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("invalid config file {path}: {message}")]
+    Parse { path: String, message: String },
+    #[error("invalid setting {0}")]
+    Invalid(String),
+}
+
+/// Every `LADLE_` variable some flag reads, collected from the CLI definition itself.
+pub fn known_env_vars() -> Vec<String> {
+    fn collect(cmd: &clap::Command, out: &mut Vec<String>) {
+        for arg in cmd.get_arguments() {
+            if let Some(env) = arg.get_env() {
+                out.push(env.to_string_lossy().into_owned());
+            }
+        }
+        for sub in cmd.get_subcommands() {
+            collect(sub, out);
+        }
+    }
+    let mut out = Vec::new();
+    collect(&Cli::command(), &mut out);
+    out.sort();
+    out.dedup();
+    out
+}
+
+/// Keys a config file may set: the service flags' names (with underscores).
+fn config_file_keys() -> Vec<String> {
+    let cli = Cli::command();
+    cli.find_subcommand("serve")
+        .map(|serve| {
+            serve
+                .get_arguments()
+                .filter(|a| !a.is_global_set())
+                .map(|a| a.get_id().to_string())
+                .filter(|id| id != "help" && id != "version")
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Fail on any `LADLE_…` variable no setting reads (a typo would otherwise be ignored).
+pub fn check_env(vars: impl Iterator<Item = (String, String)>) -> Result<(), ConfigError> {
+    let known = known_env_vars();
+    for (key, _) in vars {
+        if key.starts_with("LADLE_") && !known.contains(&key) && !key.starts_with("LADLE_TEST_") {
+            return Err(ConfigError::UnknownEnv(key, known.join(", ")));
+        }
+    }
+    Ok(())
+}
+
+/// Resolved settings of a service process.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub bind: SocketAddr,
+    pub data_dir: PathBuf,
+    pub database_url: String,
+    pub allowed_roots: Vec<String>,
+    pub s3: S3Settings,
+    pub queue: QueueConfig,
+    pub worker: WorkerConfig,
+    pub engine: EngineConfig,
+    pub max_attempts: i32,
+    pub body_limit: usize,
+}
+
+fn secs(name: &str, v: Option<f64>, default: f64) -> Result<Duration, ConfigError> {
+    let v = v.unwrap_or(default);
+    if !(v.is_finite() && v > 0.0 && v < 1e7) {
+        return Err(ConfigError::Invalid(format!(
+            "{name}: must be a positive number of seconds"
+        )));
+    }
+    Ok(Duration::from_secs_f64(v))
+}
+
+impl Settings {
+    /// Flags/env (already in `args`) over the config file over defaults.
+    pub fn resolve(args: ServiceArgs, config_file: Option<&Path>) -> Result<Settings, ConfigError> {
+        let file: ServiceArgs = match config_file {
+            None => ServiceArgs::default(),
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.display().to_string(),
+                    source,
+                })?;
+                let parse_err = |message: String| ConfigError::Parse {
+                    path: path.display().to_string(),
+                    message,
+                };
+                let table: toml::Table =
+                    toml::from_str(&text).map_err(|e| parse_err(e.to_string()))?;
+                let known = config_file_keys();
+                if let Some(key) = table.keys().find(|k| !known.contains(k)) {
+                    return Err(parse_err(format!(
+                        "unknown key {key:?} (known: {})",
+                        known.join(", ")
+                    )));
+                }
+                table.try_into().map_err(|e| parse_err(e.to_string()))?
+            }
+        };
+        let data_dir = args
+            .data_dir
+            .or(file.data_dir)
+            .unwrap_or_else(|| PathBuf::from("ladle-data"));
+        let data_dir = std::path::absolute(&data_dir)
+            .map_err(|e| ConfigError::Invalid(format!("data_dir: {e}")))?;
+        let database_url = args
+            .database_url
+            .or(file.database_url)
+            .unwrap_or_else(|| format!("sqlite://{}", data_dir.join("ladle.db").display()));
+        let allowed_roots = if !args.allowed_roots.is_empty() {
+            args.allowed_roots
+        } else if !file.allowed_roots.is_empty() {
+            file.allowed_roots
+        } else {
+            vec![data_dir.display().to_string()]
+        };
+        let s3 = merge_s3(args.s3, file.s3);
+        let t = merge_tuning(args.tuning, file.tuning);
+        let lease_ttl = secs("lease_ttl_secs", t.lease_ttl_secs, 60.0)?;
+        let heartbeat = secs(
+            "heartbeat_secs",
+            t.heartbeat_secs,
+            lease_ttl.as_secs_f64() / 4.0,
+        )?;
+        if heartbeat * 2 > lease_ttl {
+            return Err(ConfigError::Invalid(
+                "heartbeat_secs: must be at most half of lease_ttl_secs".into(),
+            ));
+        }
+        let workers = args.workers.or(file.workers).unwrap_or(1);
+        if workers == 0 || workers > 64 {
+            return Err(ConfigError::Invalid("workers: must be 1 to 64".into()));
+        }
+        let max_attempts = t.max_attempts.unwrap_or(3);
+        if !(1..=crate::recipe::MAX_ATTEMPTS_LIMIT).contains(&max_attempts) {
+            return Err(ConfigError::Invalid("max_attempts: must be 1 to 20".into()));
+        }
+        let backoff_base = secs("backoff_secs", t.backoff_secs, 30.0)?;
+        Ok(Settings {
+            bind: args
+                .bind
+                .or(file.bind)
+                .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 8080))),
+            data_dir,
+            database_url,
+            allowed_roots,
+            s3,
+            queue: QueueConfig {
+                lease_ttl,
+                backoff_base,
+                backoff_cap: Duration::from_secs(30 * 60).max(backoff_base),
+            },
+            worker: WorkerConfig {
+                slots: workers,
+                lease_ttl,
+                heartbeat_interval: heartbeat,
+                poll_interval: secs("poll_secs", t.poll_secs, 5.0)?,
+                shutdown_grace: secs("shutdown_grace_secs", t.shutdown_grace_secs, 30.0)?,
+            },
+            engine: engine_config(&t),
+            max_attempts,
+            body_limit: t.body_limit.unwrap_or(crate::api::DEFAULT_BODY_LIMIT),
+        })
+    }
+}
+
+/// Engine settings from tuning flags.
+pub fn engine_config(t: &TuningArgs) -> EngineConfig {
+    let d = EngineConfig::default();
+    EngineConfig {
+        chunk_elems: t.chunk_elems.unwrap_or(d.chunk_elems).max(1024),
+        inflight_bytes: t.inflight_bytes.unwrap_or(d.inflight_bytes),
+        ..d
+    }
+}
+
+pub fn merge_s3(a: S3Args, b: S3Args) -> S3Settings {
+    S3Settings {
+        endpoint: a.s3_endpoint.or(b.s3_endpoint),
+        region: a.s3_region.or(b.s3_region),
+        access_key_id: a.s3_access_key_id.or(b.s3_access_key_id),
+        secret_access_key: a.s3_secret_access_key.or(b.s3_secret_access_key),
+        allow_http: a.s3_allow_http.or(b.s3_allow_http),
+        virtual_hosted_style: a.s3_virtual_hosted_style.or(b.s3_virtual_hosted_style),
+    }
+}
+
+fn merge_tuning(a: TuningArgs, b: TuningArgs) -> TuningArgs {
+    TuningArgs {
+        lease_ttl_secs: a.lease_ttl_secs.or(b.lease_ttl_secs),
+        heartbeat_secs: a.heartbeat_secs.or(b.heartbeat_secs),
+        poll_secs: a.poll_secs.or(b.poll_secs),
+        backoff_secs: a.backoff_secs.or(b.backoff_secs),
+        shutdown_grace_secs: a.shutdown_grace_secs.or(b.shutdown_grace_secs),
+        max_attempts: a.max_attempts.or(b.max_attempts),
+        body_limit: a.body_limit.or(b.body_limit),
+        inflight_bytes: a.inflight_bytes.or(b.inflight_bytes),
+        chunk_elems: a.chunk_elems.or(b.chunk_elems),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_ladle_env_is_an_error() {
+        let ok = vec![
+            ("LADLE_BIND".to_string(), "x".to_string()),
+            ("PATH".into(), "/".into()),
+        ];
+        assert!(check_env(ok.into_iter()).is_ok());
+        let bad = vec![("LADLE_BINDD".to_string(), "x".to_string())];
+        let e = check_env(bad.into_iter()).unwrap_err();
+        assert!(e.to_string().contains("LADLE_BINDD"));
+        assert!(known_env_vars().contains(&"LADLE_ALLOWED_ROOTS".to_string()));
+    }
+
+    #[test]
+    fn flag_beats_file_beats_default() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = dir.path().join("ladle.toml");
+        std::fs::write(
+            &cfg,
+            "bind = \"127.0.0.1:9999\"\nworkers = 3\nallowed_roots = [\"/tmp\"]\ns3_region = \"eu-west-1\"\n",
+        )
+        .unwrap();
+        let args = ServiceArgs {
+            workers: Some(2),
+            ..Default::default()
+        };
+        let s = Settings::resolve(args, Some(&cfg)).unwrap();
+        assert_eq!(s.worker.slots, 2);
+        assert_eq!(s.bind.port(), 9999);
+        assert_eq!(s.allowed_roots, vec!["/tmp".to_string()]);
+        assert_eq!(s.s3.region.as_deref(), Some("eu-west-1"));
+        let s = Settings::resolve(ServiceArgs::default(), None).unwrap();
+        assert_eq!(s.bind.port(), 8080);
+        assert!(s.database_url.starts_with("sqlite://"));
+    }
+
+    #[test]
+    fn unknown_config_keys_are_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = dir.path().join("ladle.toml");
+        std::fs::write(&cfg, "bindd = \"127.0.0.1:9999\"\n").unwrap();
+        assert!(Settings::resolve(ServiceArgs::default(), Some(&cfg)).is_err());
+    }
+}

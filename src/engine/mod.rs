@@ -1,0 +1,694 @@
+//! Runs one recipe against storage: plan → merge (streaming) → publish.
+//!
+//! The engine is the I/O shell around the pure kernels in [`crate::merge`]: it reads the
+//! ingredients' headers, checks them against each other before anything is written, then
+//! streams every output tensor through the kernel in bounded chunks and writes shards whose
+//! headers were computed up front. The manifest is written last, create-if-absent, and only
+//! after the caller's [`PublishGate`] confirms the job is still ours. Used by the worker (one
+//! job from the queue) and by the one-shot `ladle merge` command alike.
+
+mod manifest;
+mod output;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures::{StreamExt, TryStreamExt};
+use object_store::ObjectStoreExt;
+use serde::Serialize;
+use tokio_util::sync::CancellationToken;
+
+use crate::checkpoint::{
+    Checkpoint, CheckpointError, OutTensor, ShardPlan, index_json, open_checkpoint, plan_shards,
+};
+use crate::error::ErrorCode;
+use crate::merge::{DType, MergeError, linear_raw};
+use crate::recipe::Recipe;
+use crate::storage::{Location, Storage, StorageError};
+
+pub use manifest::{MANIFEST_NAME, Manifest, OutputFile};
+
+/// Tuning knobs. Memory in flight is about `inflight_bytes` plus one multipart part per
+/// concurrent upload, whatever the model size.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// Elements per chunk of a tensor (each chunk is fetched, merged and written as a unit).
+    pub chunk_elems: usize,
+    /// Upper bound on the bytes of chunks being fetched or merged at once.
+    pub inflight_bytes: u64,
+    /// Multipart part size for output shards.
+    pub part_size: usize,
+    /// Parts uploaded concurrently per shard.
+    pub upload_concurrency: usize,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            chunk_elems: 4 << 20,
+            inflight_bytes: 128 << 20,
+            part_size: 16 << 20,
+            upload_concurrency: 4,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    #[error(transparent)]
+    Checkpoint(#[from] CheckpointError),
+    #[error("{0}")]
+    ShapeMismatch(String),
+    #[error("{0}")]
+    UnsupportedDtype(String),
+    #[error("{0}")]
+    OutputConflict(String),
+    #[error("merge kernel failed on tensor {tensor}: {source}")]
+    Merge { tensor: String, source: MergeError },
+    #[error("object storage error while {context}: {source}")]
+    ObjectStore {
+        context: String,
+        source: object_store::Error,
+    },
+    #[error("the job was cancelled")]
+    Cancelled,
+    #[error("the worker lost its lease on the job")]
+    LeaseLost,
+    #[error("the worker is shutting down")]
+    ShuttingDown,
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl EngineError {
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            EngineError::Storage(e) => e.code(),
+            EngineError::Checkpoint(e) => e.code(),
+            EngineError::ShapeMismatch(_) => ErrorCode::ShapeMismatch,
+            EngineError::UnsupportedDtype(_) => ErrorCode::UnsupportedDtype,
+            EngineError::OutputConflict(_) => ErrorCode::OutputConflict,
+            EngineError::Merge { .. } => ErrorCode::CheckpointMalformed,
+            EngineError::ObjectStore { .. } => ErrorCode::StorageError,
+            EngineError::Cancelled => ErrorCode::Cancelled,
+            EngineError::LeaseLost => ErrorCode::LeaseExpired,
+            EngineError::ShuttingDown => ErrorCode::Cancelled,
+            EngineError::Internal(_) => ErrorCode::Internal,
+        }
+    }
+
+    fn store(context: impl Into<String>) -> impl FnOnce(object_store::Error) -> EngineError {
+        let context = context.into();
+        move |source| EngineError::ObjectStore { context, source }
+    }
+}
+
+/// Live progress counters, shared with the heartbeat that reports them.
+#[derive(Debug, Default)]
+pub struct Progress {
+    pub tensors_done: AtomicU64,
+    pub tensors_total: AtomicU64,
+    pub bytes_read: AtomicU64,
+    pub bytes_written: AtomicU64,
+}
+
+/// The public shape of progress (`GET /v1/merges/{id}` → `progress`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct ProgressSnapshot {
+    pub tensors_done: u64,
+    pub tensors_total: u64,
+    pub bytes_read: u64,
+    pub bytes_written: u64,
+}
+
+impl Progress {
+    pub fn snapshot(&self) -> ProgressSnapshot {
+        ProgressSnapshot {
+            tensors_done: self.tensors_done.load(Ordering::Relaxed),
+            tensors_total: self.tensors_total.load(Ordering::Relaxed),
+            bytes_read: self.bytes_read.load(Ordering::Relaxed),
+            bytes_written: self.bytes_written.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// Asked right before the manifest is written: may this run still publish?
+#[async_trait]
+pub trait PublishGate: Send + Sync {
+    async fn may_publish(&self) -> Result<(), EngineError>;
+}
+
+/// Always open: the one-shot CLI has no lease to lose.
+pub struct AlwaysPublish;
+
+#[async_trait]
+impl PublishGate for AlwaysPublish {
+    async fn may_publish(&self) -> Result<(), EngineError> {
+        Ok(())
+    }
+}
+
+/// Why a run was asked to stop; set before the token is cancelled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopReason {
+    Cancelled,
+    LeaseLost,
+    ShuttingDown,
+}
+
+/// What a run is controlled and observed by.
+pub struct RunControl {
+    pub cancel: CancellationToken,
+    /// Read when `cancel` fires, to tell the caller why.
+    pub stop_reason: Arc<std::sync::Mutex<Option<StopReason>>>,
+    pub progress: Arc<Progress>,
+    pub gate: Arc<dyn PublishGate>,
+    /// Free-form identity written into the manifest (job id, attempt).
+    pub run_info: serde_json::Value,
+}
+
+impl RunControl {
+    /// A control for a run nobody else stops (the CLI).
+    pub fn standalone() -> Self {
+        RunControl {
+            cancel: CancellationToken::new(),
+            stop_reason: Arc::new(std::sync::Mutex::new(None)),
+            progress: Arc::new(Progress::default()),
+            gate: Arc::new(AlwaysPublish),
+            run_info: serde_json::Value::Null,
+        }
+    }
+
+    /// Stop the run for `reason` (the first reason wins).
+    pub fn stop(&self, reason: StopReason) {
+        let mut r = self
+            .stop_reason
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        r.get_or_insert(reason);
+        self.cancel.cancel();
+    }
+
+    fn stopped_error(&self) -> EngineError {
+        let reason = *self
+            .stop_reason
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        match reason {
+            Some(StopReason::LeaseLost) => EngineError::LeaseLost,
+            Some(StopReason::ShuttingDown) => EngineError::ShuttingDown,
+            Some(StopReason::Cancelled) | None => EngineError::Cancelled,
+        }
+    }
+
+    fn check(&self) -> Result<(), EngineError> {
+        if self.cancel.is_cancelled() {
+            Err(self.stopped_error())
+        } else {
+            Ok(())
+        }
+    }
+}
+
+/// What a finished run produced.
+#[derive(Debug, Clone, Serialize)]
+pub struct MergeOutcome {
+    pub uri: String,
+    pub files: Vec<OutputFile>,
+    /// True when the output was already complete (a previous attempt published it).
+    pub recovered: bool,
+}
+
+/// How each output tensor is produced.
+#[derive(Debug, Clone)]
+enum TensorOp {
+    /// Merge the float inputs with the recipe's kernel.
+    Merge,
+    /// Copy the first model's bytes (integer and bool tensors).
+    CopyFirst,
+}
+
+/// Everything decided before the first output byte is written.
+struct Plan {
+    inputs: Vec<(Location, Checkpoint)>,
+    output: Location,
+    ops: BTreeMap<String, TensorOp>,
+    shards: Vec<ShardPlan>,
+    recipe_sha256: String,
+}
+
+pub struct Engine {
+    storage: Arc<Storage>,
+    config: EngineConfig,
+}
+
+impl Engine {
+    pub fn new(storage: Arc<Storage>, config: EngineConfig) -> Self {
+        Engine { storage, config }
+    }
+
+    pub fn storage(&self) -> &Arc<Storage> {
+        &self.storage
+    }
+
+    /// Run a recipe to completion: the output is either fully published (manifest present)
+    /// or, on error, cleaned up (except after a lost lease, when another worker may own it).
+    pub async fn run(
+        &self,
+        recipe: &Recipe,
+        ctl: &RunControl,
+    ) -> Result<MergeOutcome, EngineError> {
+        let started = Instant::now();
+        let plan = self.plan(recipe).await?;
+        ctl.progress
+            .tensors_total
+            .store(plan.ops.len() as u64, Ordering::Relaxed);
+        if let Some(outcome) = self.existing_output(&plan).await? {
+            return Ok(outcome);
+        }
+        let mut written: Vec<OutputFile> = Vec::new();
+        let result = self
+            .write_all(recipe, &plan, ctl, &mut written, started)
+            .await;
+        match result {
+            Ok(outcome) => Ok(outcome),
+            Err(e) => {
+                // A lost lease means another worker may be writing the same (deterministic)
+                // files right now: leave them alone. Otherwise we still own the output.
+                if !matches!(e, EngineError::LeaseLost) {
+                    output::delete_files(&plan.output, &written).await;
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Resolve, open and cross-check every input; size the output. Writes nothing.
+    async fn plan(&self, recipe: &Recipe) -> Result<Plan, EngineError> {
+        let output = self.storage.resolve(&recipe.output.uri)?;
+        let mut locations = Vec::with_capacity(recipe.models.len());
+        for m in &recipe.models {
+            locations.push(self.storage.resolve(&m.uri)?);
+        }
+        let inputs: Vec<(Location, Checkpoint)> = futures::stream::iter(locations)
+            .map(|loc| async move {
+                let ckpt = open_checkpoint(loc.store.as_ref(), &loc.path, &loc.url).await?;
+                Ok::<_, EngineError>((loc, ckpt))
+            })
+            .buffered(8)
+            .try_collect()
+            .await?;
+        let ops = check_compatible(&inputs)?;
+        let first = &inputs[0].1;
+        let mut out_tensors = Vec::with_capacity(ops.len());
+        for (name, op) in &ops {
+            let t = first
+                .tensors
+                .get(name)
+                .ok_or_else(|| EngineError::Internal(format!("tensor {name} vanished")))?;
+            let dtype = match op {
+                TensorOp::Merge => recipe.output.dtype.unwrap_or(t.dtype),
+                TensorOp::CopyFirst => t.dtype,
+            };
+            out_tensors.push(OutTensor {
+                name: name.clone(),
+                dtype,
+                shape: t.shape.clone(),
+            });
+        }
+        let shards = plan_shards(
+            &out_tensors,
+            Some(recipe.output.max_shard_size),
+            &BTreeMap::new(),
+        )
+        .map_err(|e| EngineError::Internal(format!("planning output shards: {e}")))?;
+        Ok(Plan {
+            inputs,
+            output,
+            ops,
+            shards,
+            recipe_sha256: hex::encode(recipe.hash()),
+        })
+    }
+
+    /// A manifest already at the output: ours (a previous attempt finished publishing) → done;
+    /// anything else → conflict.
+    async fn existing_output(&self, plan: &Plan) -> Result<Option<MergeOutcome>, EngineError> {
+        let Some(existing) = manifest::read(&plan.output).await? else {
+            return Ok(None);
+        };
+        if existing.recipe_sha256 != plan.recipe_sha256 {
+            return Err(EngineError::OutputConflict(format!(
+                "{} already holds a soup made from a different recipe ({})",
+                plan.output.url, MANIFEST_NAME
+            )));
+        }
+        manifest::verify_files(&plan.output, &existing).await?;
+        Ok(Some(MergeOutcome {
+            uri: plan.output.url.clone(),
+            files: existing.files,
+            recovered: true,
+        }))
+    }
+
+    async fn write_all(
+        &self,
+        recipe: &Recipe,
+        plan: &Plan,
+        ctl: &RunControl,
+        written: &mut Vec<OutputFile>,
+        started: Instant,
+    ) -> Result<MergeOutcome, EngineError> {
+        let (weights, divisor) = recipe.linear_weights();
+        let kernel = Arc::new(LinearKernel { weights, divisor });
+        for shard in &plan.shards {
+            ctl.check()?;
+            let file = self.write_shard(plan, shard, kernel.clone(), ctl).await?;
+            written.push(file);
+        }
+        if plan.shards.len() > 1 {
+            let mut weight_map = BTreeMap::new();
+            let mut total = 0u64;
+            for shard in &plan.shards {
+                for t in &shard.tensors {
+                    weight_map.insert(t.name.clone(), shard.file_name.clone());
+                    total += t.len;
+                }
+            }
+            let bytes = Bytes::from(index_json(total, &weight_map));
+            let f = output::put_small(&plan.output, INDEX_NAME, bytes).await?;
+            ctl.progress
+                .bytes_written
+                .fetch_add(f.size, Ordering::Relaxed);
+            written.push(f);
+        }
+        if let Some(folder) = &plan.inputs[0].1.folder {
+            let source = Location {
+                url: plan.inputs[0].0.url.clone(),
+                store: plan.inputs[0].0.store.clone(),
+                path: folder.clone(),
+            };
+            for f in output::copy_side_files(&source, &plan.output).await? {
+                written.push(f);
+            }
+        }
+        ctl.check()?;
+        // Last chance to find out we may not publish: a fenced heartbeat in the worker.
+        ctl.gate.may_publish().await?;
+        let m = Manifest::new(recipe, plan, written.clone(), started, &ctl.run_info);
+        manifest::publish(&plan.output, &m).await?;
+        Ok(MergeOutcome {
+            uri: plan.output.url.clone(),
+            files: m.files,
+            recovered: false,
+        })
+    }
+
+    /// Stream one shard: header, then every tensor chunk by chunk, through a multipart upload.
+    async fn write_shard(
+        &self,
+        plan: &Plan,
+        shard: &ShardPlan,
+        kernel: Arc<LinearKernel>,
+        ctl: &RunControl,
+    ) -> Result<OutputFile, EngineError> {
+        let mut sink = output::ShardSink::create(
+            &plan.output,
+            &shard.file_name,
+            self.config.part_size,
+            self.config.upload_concurrency,
+        )
+        .await?;
+        let result = async {
+            sink.write(Bytes::from(shard.header.clone())).await?;
+            let chunks = self.chunks_of(plan, shard)?;
+            let per_chunk_max = chunks.iter().map(|c| c.bytes_in_flight).max().unwrap_or(1);
+            let depth = (self.config.inflight_bytes / per_chunk_max.max(1)).clamp(1, 8) as usize;
+            let mut stream = futures::stream::iter(chunks)
+                .map(|chunk| {
+                    let kernel = kernel.clone();
+                    async move { produce_chunk(plan, chunk, kernel, ctl).await }
+                })
+                .buffered(depth);
+            while let Some(done) = stream.next().await {
+                let (chunk, bytes) = done?;
+                ctl.check()?;
+                ctl.progress
+                    .bytes_written
+                    .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+                sink.write(bytes).await?;
+                if chunk.last_of_tensor {
+                    ctl.progress.tensors_done.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            Ok::<_, EngineError>(())
+        }
+        .await;
+        match result {
+            Ok(()) => sink.finish().await,
+            Err(e) => {
+                sink.abort().await;
+                Err(e)
+            }
+        }
+    }
+
+    /// Split a shard's tensors into chunks of at most `chunk_elems` elements.
+    fn chunks_of(&self, plan: &Plan, shard: &ShardPlan) -> Result<Vec<Chunk>, EngineError> {
+        let mut chunks = Vec::new();
+        for t in &shard.tensors {
+            let op = plan
+                .ops
+                .get(&t.name)
+                .cloned()
+                .ok_or_else(|| EngineError::Internal(format!("no op for {}", t.name)))?;
+            let numel: u64 = t.shape.iter().product();
+            let step = self.config.chunk_elems.max(1) as u64;
+            let in_size: u64 = match op {
+                TensorOp::Merge => plan
+                    .inputs
+                    .iter()
+                    .filter_map(|(_, c)| c.tensors.get(&t.name))
+                    .map(|l| l.dtype.size_bytes() as u64)
+                    .sum(),
+                TensorOp::CopyFirst => t.dtype.size_bytes() as u64,
+            };
+            let out_size = t.dtype.size_bytes() as u64;
+            let mut begin = 0u64;
+            loop {
+                let end = (begin + step).min(numel);
+                chunks.push(Chunk {
+                    tensor: t.name.clone(),
+                    op: op.clone(),
+                    out_dtype: t.dtype,
+                    elems: begin..end,
+                    last_of_tensor: end == numel,
+                    bytes_in_flight: (end - begin) * (in_size + out_size),
+                });
+                if end == numel {
+                    break;
+                }
+                begin = end;
+            }
+        }
+        Ok(chunks)
+    }
+}
+
+pub const INDEX_NAME: &str = "model.safetensors.index.json";
+
+/// One unit of streaming work: a range of elements of one output tensor.
+struct Chunk {
+    tensor: String,
+    op: TensorOp,
+    out_dtype: DType,
+    elems: std::ops::Range<u64>,
+    last_of_tensor: bool,
+    bytes_in_flight: u64,
+}
+
+struct LinearKernel {
+    weights: Vec<f32>,
+    divisor: Option<f32>,
+}
+
+/// Fetch a chunk's input ranges concurrently, then merge them off the async runtime.
+async fn produce_chunk(
+    plan: &Plan,
+    chunk: Chunk,
+    kernel: Arc<LinearKernel>,
+    ctl: &RunControl,
+) -> Result<(Chunk, Bytes), EngineError> {
+    ctl.check()?;
+    let sources: &[(Location, Checkpoint)] = match chunk.op {
+        TensorOp::Merge => &plan.inputs,
+        TensorOp::CopyFirst => &plan.inputs[..1],
+    };
+    let reads = sources.iter().map(|(loc, ckpt)| {
+        let name = &chunk.tensor;
+        let elems = chunk.elems.clone();
+        async move {
+            let t = ckpt.tensors.get(name).ok_or_else(|| {
+                EngineError::Internal(format!("tensor {name} missing from {}", loc.url))
+            })?;
+            let size = t.dtype.size_bytes() as u64;
+            let range = t.start + elems.start * size..t.start + elems.end * size;
+            let file = &ckpt.files[t.file];
+            let bytes = loc
+                .store
+                .get_range(&file.path, range.clone())
+                .await
+                .map_err(|e| read_error(e, &file.path, name, &range))?;
+            if bytes.len() as u64 != range.end - range.start {
+                return Err(EngineError::from(CheckpointError::Malformed {
+                    file: file.path.to_string(),
+                    reason: format!(
+                        "tensor {name}: expected {} bytes, the object returned {} (truncated?)",
+                        range.end - range.start,
+                        bytes.len()
+                    ),
+                }));
+            }
+            ctl.progress
+                .bytes_read
+                .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+            Ok::<_, EngineError>((t.dtype, bytes))
+        }
+    });
+    let raw: Vec<(DType, Bytes)> = futures::future::try_join_all(reads).await?;
+    if let TensorOp::CopyFirst = chunk.op {
+        let bytes = raw.into_iter().next().map(|(_, b)| b).unwrap_or_default();
+        return Ok((chunk, bytes));
+    }
+    let out_dtype = chunk.out_dtype;
+    let n = (chunk.elems.end - chunk.elems.start) as usize;
+    let name = chunk.tensor.clone();
+    let merged = tokio::task::spawn_blocking(move || {
+        let inputs: Vec<(DType, &[u8])> = raw.iter().map(|(d, b)| (*d, b.as_ref())).collect();
+        let mut out = vec![0u8; n * out_dtype.size_bytes()];
+        linear_raw(
+            &inputs,
+            &kernel.weights,
+            kernel.divisor,
+            out_dtype,
+            &mut out,
+        )?;
+        Ok::<_, MergeError>(Bytes::from(out))
+    })
+    .await
+    .map_err(|e| EngineError::Internal(format!("merge task panicked: {e}")))?
+    .map_err(|source| EngineError::Merge {
+        tensor: name,
+        source,
+    })?;
+    Ok((chunk, merged))
+}
+
+/// A failed ranged read: a vanished or short object is a malformed checkpoint (not worth a
+/// retry); anything else is a storage failure (retryable).
+fn read_error(
+    e: object_store::Error,
+    file: &object_store::path::Path,
+    tensor: &str,
+    range: &std::ops::Range<u64>,
+) -> EngineError {
+    let text = e.to_string();
+    let lies = matches!(e, object_store::Error::NotFound { .. })
+        || text.to_ascii_lowercase().contains("range");
+    if lies {
+        EngineError::from(CheckpointError::Malformed {
+            file: file.to_string(),
+            reason: format!(
+                "reading tensor {tensor} bytes {}..{}: {text} (truncated or replaced?)",
+                range.start, range.end
+            ),
+        })
+    } else {
+        EngineError::ObjectStore {
+            context: format!("reading tensor {tensor} from {file}"),
+            source: e,
+        }
+    }
+}
+
+/// Same names and shapes in every input; decides how each tensor is produced.
+fn check_compatible(
+    inputs: &[(Location, Checkpoint)],
+) -> Result<BTreeMap<String, TensorOp>, EngineError> {
+    let (first_loc, first) = inputs
+        .first()
+        .ok_or_else(|| EngineError::Internal("no inputs".into()))?;
+    let mut ops = BTreeMap::new();
+    for (i, (loc, ckpt)) in inputs.iter().enumerate().skip(1) {
+        let missing: Vec<&String> = first
+            .tensors
+            .keys()
+            .filter(|k| !ckpt.tensors.contains_key(*k))
+            .collect();
+        let extra: Vec<&String> = ckpt
+            .tensors
+            .keys()
+            .filter(|k| !first.tensors.contains_key(*k))
+            .collect();
+        if !missing.is_empty() || !extra.is_empty() {
+            return Err(EngineError::ShapeMismatch(format!(
+                "models[{i}] ({}) and models[0] ({}) hold different tensors: missing {}; extra {}",
+                loc.url,
+                first_loc.url,
+                list_names(&missing),
+                list_names(&extra)
+            )));
+        }
+    }
+    for (name, t0) in &first.tensors {
+        let mut all_float = t0.dtype.is_mergeable_float();
+        for (i, (loc, ckpt)) in inputs.iter().enumerate().skip(1) {
+            let t = &ckpt.tensors[name];
+            if t.shape != t0.shape {
+                return Err(EngineError::ShapeMismatch(format!(
+                    "tensor {name}: shape {:?} in models[{i}] ({}) but {:?} in models[0] ({})",
+                    t.shape, loc.url, t0.shape, first_loc.url
+                )));
+            }
+            if t.dtype.is_mergeable_float() != t0.dtype.is_mergeable_float()
+                || (!t0.dtype.is_mergeable_float() && t.dtype != t0.dtype)
+            {
+                return Err(EngineError::UnsupportedDtype(format!(
+                    "tensor {name}: dtype {} in models[{i}] ({}) cannot be combined with {} in models[0] ({})",
+                    t.dtype.as_str(),
+                    loc.url,
+                    t0.dtype.as_str(),
+                    first_loc.url
+                )));
+            }
+            all_float &= t.dtype.is_mergeable_float();
+        }
+        ops.insert(
+            name.clone(),
+            if all_float {
+                TensorOp::Merge
+            } else {
+                TensorOp::CopyFirst
+            },
+        );
+    }
+    Ok(ops)
+}
+
+fn list_names(names: &[&String]) -> String {
+    if names.is_empty() {
+        return "none".into();
+    }
+    let shown: Vec<&str> = names.iter().take(5).map(|s| s.as_str()).collect();
+    if names.len() > 5 {
+        format!("{} (and {} more)", shown.join(", "), names.len() - 5)
+    } else {
+        shown.join(", ")
+    }
+}

@@ -1,0 +1,219 @@
+//! Writing the output folder: streamed shards (multipart, hashed on the way out), small
+//! files, side files copied from the first model, and clean-up of a failed run.
+
+use bytes::Bytes;
+use futures::StreamExt;
+use object_store::{ObjectStoreExt, PutPayload, WriteMultipart};
+use sha2::{Digest, Sha256};
+
+use super::manifest::MANIFEST_NAME;
+use super::{EngineError, INDEX_NAME, OutputFile};
+use crate::storage::Location;
+
+/// Files up to this size are copied with one GET and one PUT; larger ones stream.
+const SMALL_FILE: u64 = 16 << 20;
+
+/// One output file being streamed out: a multipart upload plus a running SHA-256.
+pub(super) struct ShardSink {
+    name: String,
+    upload: WriteMultipart,
+    hasher: Sha256,
+    size: u64,
+    concurrency: usize,
+}
+
+impl ShardSink {
+    pub(super) async fn create(
+        folder: &Location,
+        name: &str,
+        part_size: usize,
+        concurrency: usize,
+    ) -> Result<Self, EngineError> {
+        let loc = folder.child(name);
+        let upload = loc
+            .store
+            .put_multipart(&loc.path)
+            .await
+            .map_err(EngineError::store(format!(
+                "starting upload of {}",
+                loc.url
+            )))?;
+        Ok(ShardSink {
+            name: name.to_string(),
+            upload: WriteMultipart::new_with_chunk_size(upload, part_size),
+            hasher: Sha256::new(),
+            size: 0,
+            concurrency: concurrency.max(1),
+        })
+    }
+
+    /// Append bytes: hashed off the async runtime, uploaded with bounded parts in flight.
+    pub(super) async fn write(&mut self, bytes: Bytes) -> Result<(), EngineError> {
+        let mut hasher = std::mem::take(&mut self.hasher);
+        let data = bytes.clone();
+        self.hasher = tokio::task::spawn_blocking(move || {
+            hasher.update(&data);
+            hasher
+        })
+        .await
+        .map_err(|e| EngineError::Internal(format!("hash task failed: {e}")))?;
+        self.upload
+            .wait_for_capacity(self.concurrency)
+            .await
+            .map_err(EngineError::store(format!("uploading {}", self.name)))?;
+        self.size += bytes.len() as u64;
+        self.upload.put(bytes);
+        Ok(())
+    }
+
+    /// Complete the upload: only now does the object appear, whole.
+    pub(super) async fn finish(self) -> Result<OutputFile, EngineError> {
+        let name = self.name;
+        self.upload
+            .finish()
+            .await
+            .map_err(EngineError::store(format!("completing upload of {name}")))?;
+        Ok(OutputFile {
+            path: name,
+            size: self.size,
+            sha256: hex::encode(self.hasher.finalize()),
+        })
+    }
+
+    /// Abort the upload; nothing becomes visible.
+    pub(super) async fn abort(self) {
+        if let Err(e) = self.upload.abort().await {
+            tracing::warn!(file = %self.name, error = %e, "aborting a multipart upload failed");
+        }
+    }
+}
+
+/// Write a small file in one PUT.
+pub(super) async fn put_small(
+    folder: &Location,
+    name: &str,
+    bytes: Bytes,
+) -> Result<OutputFile, EngineError> {
+    let loc = folder.child(name);
+    let file = OutputFile {
+        path: name.to_string(),
+        size: bytes.len() as u64,
+        sha256: hex::encode(Sha256::digest(&bytes)),
+    };
+    loc.store
+        .put(&loc.path, PutPayload::from_bytes(bytes))
+        .await
+        .map_err(EngineError::store(format!("writing {}", loc.url)))?;
+    Ok(file)
+}
+
+/// Whether a file of a model folder is a side file to copy (config, tokenizer, ...), not
+/// weights, not ladle's own, not hidden or a partial upload.
+pub(super) fn is_side_file(name: &str) -> bool {
+    const WEIGHT_SUFFIXES: [&str; 8] = [
+        ".safetensors",
+        ".bin",
+        ".pt",
+        ".pth",
+        ".ckpt",
+        ".msgpack",
+        ".h5",
+        ".gguf",
+    ];
+    !(name.is_empty()
+        || name.starts_with('.')
+        || name.contains('#')
+        || name == MANIFEST_NAME
+        || name == INDEX_NAME
+        || name.ends_with(".index.json")
+        || WEIGHT_SUFFIXES.iter().any(|s| name.ends_with(s)))
+}
+
+/// Copy the side files at the top level of `source` into `dest`.
+pub(super) async fn copy_side_files(
+    source: &Location,
+    dest: &Location,
+) -> Result<Vec<OutputFile>, EngineError> {
+    let listing = source
+        .store
+        .list_with_delimiter(Some(&source.path))
+        .await
+        .map_err(EngineError::store(format!("listing {}", source.url)))?;
+    let mut copied = Vec::new();
+    for meta in listing.objects {
+        let Some(name) = meta.location.filename().map(str::to_string) else {
+            continue;
+        };
+        if !is_side_file(&name) {
+            continue;
+        }
+        let context = format!("copying {}/{name}", source.url);
+        let got = source
+            .store
+            .get(&meta.location)
+            .await
+            .map_err(EngineError::store(context.clone()))?;
+        if meta.size <= SMALL_FILE {
+            let bytes = got.bytes().await.map_err(EngineError::store(context))?;
+            copied.push(put_small(dest, &name, bytes).await?);
+        } else {
+            let mut sink = ShardSink::create(dest, &name, 16 << 20, 2).await?;
+            let mut stream = got.into_stream();
+            let streamed = async {
+                while let Some(piece) = stream.next().await {
+                    sink.write(piece.map_err(EngineError::store(context.clone()))?)
+                        .await?;
+                }
+                Ok::<_, EngineError>(())
+            }
+            .await;
+            match streamed {
+                Ok(()) => copied.push(sink.finish().await?),
+                Err(e) => {
+                    sink.abort().await;
+                    return Err(e);
+                }
+            }
+        }
+    }
+    Ok(copied)
+}
+
+/// Best-effort removal of files a failed run wrote.
+pub(super) async fn delete_files(folder: &Location, files: &[OutputFile]) {
+    for f in files {
+        let loc = folder.child(&f.path);
+        if let Err(e) = loc.store.delete(&loc.path).await {
+            tracing::warn!(file = %loc.url, error = %e, "could not remove a partial output file");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_side_file;
+
+    #[test]
+    fn side_files() {
+        for keep in [
+            "config.json",
+            "tokenizer.json",
+            "tokenizer.model",
+            "README.md",
+        ] {
+            assert!(is_side_file(keep), "{keep}");
+        }
+        for skip in [
+            "model.safetensors",
+            "model-00001-of-00002.safetensors",
+            "model.safetensors.index.json",
+            "pytorch_model.bin",
+            "pytorch_model.bin.index.json",
+            "ladle-manifest.json",
+            ".hidden",
+            "model.safetensors#3",
+        ] {
+            assert!(!is_side_file(skip), "{skip}");
+        }
+    }
+}

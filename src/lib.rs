@@ -1,0 +1,25 @@
+//! ladle: merges fine-tuned checkpoints into model soups, tensor by tensor.
+//!
+//! Module map (one concern each; see README.md):
+//! - [`api`]: axum router, request/response types, error → HTTP mapping.
+//! - [`recipe`]: parse and validate merge requests into a [`recipe::Recipe`].
+//! - [`queue`]: job rows, leases, retries, cancellation (SQLite and Postgres).
+//! - [`worker`]: claim → run → complete, heartbeats, cancellation.
+//! - [`engine`]: plans and streams one merge through storage (plan, merge, publish).
+//! - [`checkpoint`]: safetensors headers, sharded indexes, shard planning, reading.
+//! - [`storage`]: URL → object store, allowed roots.
+//! - [`merge`]: pure kernels over slices and dtype conversion.
+//! - [`error`]: the table of stable error codes.
+//! - [`config`], [`service`]: settings and process wiring.
+
+pub mod api;
+pub mod checkpoint;
+pub mod config;
+pub mod engine;
+pub mod error;
+pub mod merge;
+pub mod queue;
+pub mod recipe;
+pub mod service;
+pub mod storage;
+pub mod worker;

@@ -1,0 +1,207 @@
+//! The `ladle` binary: subcommands only; the logic lives in the library.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use clap::Parser;
+use indicatif::{ProgressBar, ProgressStyle};
+use ladle::config::{
+    Cli, Command, LogFormat, MergeArgs, Settings, check_env, engine_config, merge_s3,
+};
+use ladle::engine::{Engine, RunControl};
+use ladle::recipe::Recipe;
+use ladle::service::{Mode, Service};
+use ladle::storage::Storage;
+use tokio_util::sync::CancellationToken;
+use tracing_subscriber::EnvFilter;
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_format.unwrap_or(LogFormat::Text));
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+async fn run(cli: Cli) -> Result<()> {
+    check_env(std::env::vars())?;
+    let config = cli.config.clone();
+    let (args, mode) = match cli.command {
+        Command::Merge(args) => return merge_once(args).await,
+        Command::Serve(a) => (a, Some(Mode::Serve)),
+        Command::Api(a) => (a, Some(Mode::Api)),
+        Command::Worker(a) => (a, Some(Mode::Worker)),
+        Command::Migrate(a) => (a, None),
+    };
+    let settings = Settings::resolve(args, config.as_deref())?;
+    let Some(mode) = mode else {
+        std::fs::create_dir_all(&settings.data_dir)
+            .with_context(|| format!("creating {}", settings.data_dir.display()))?;
+        ladle::queue::connect(&settings.database_url, settings.queue.clone(), true).await?;
+        tracing::info!(database = %redact(&settings.database_url), "migrations applied");
+        return Ok(());
+    };
+    let service = Service::start(&settings, mode).await?;
+    tracing::info!(
+        mode = ?mode,
+        database = %redact(&settings.database_url),
+        data_dir = %settings.data_dir.display(),
+        "ladle started"
+    );
+    let stop = service.shutdown_token();
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        tracing::info!("shutting down: no new claims; in-flight jobs finish or are released");
+        stop.cancel();
+    });
+    service.wait().await;
+    Ok(())
+}
+
+/// SIGTERM or Ctrl-C.
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+/// Hide a password in a database URL for logs.
+fn redact(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut u) if u.password().is_some() => {
+            let _ = u.set_password(Some("***"));
+            u.to_string()
+        }
+        _ => url.to_string(),
+    }
+}
+
+/// A local path or URL → URL.
+fn to_url(s: &str) -> Result<String> {
+    if s.contains("://") {
+        return Ok(s.to_string());
+    }
+    let abs = std::path::absolute(s).with_context(|| format!("resolving {s}"))?;
+    url::Url::from_file_path(&abs)
+        .map(|u| u.to_string())
+        .map_err(|()| anyhow::anyhow!("{} is not a valid local path", abs.display()))
+}
+
+/// `ladle merge RECIPE --out URL`: one merge, no database, with a progress bar.
+async fn merge_once(args: MergeArgs) -> Result<()> {
+    let body = std::fs::read(&args.recipe)
+        .with_context(|| format!("reading {}", args.recipe.display()))?;
+    let mut value: serde_json::Value = serde_json::from_slice(&body)
+        .with_context(|| format!("{} is not valid JSON", args.recipe.display()))?;
+    if let Some(out) = &args.out {
+        value["output"]["uri"] = serde_json::Value::String(to_url(out)?);
+    }
+    // Relative model paths are relative to the recipe's folder.
+    let base = args
+        .recipe
+        .parent()
+        .map(|p| p.to_path_buf())
+        .unwrap_or_default();
+    if let Some(models) = value["models"].as_array_mut() {
+        for m in models {
+            if let Some(uri) = m["uri"].as_str().filter(|u| !u.contains("://")) {
+                let path = if std::path::Path::new(uri).is_absolute() {
+                    std::path::PathBuf::from(uri)
+                } else {
+                    base.join(uri)
+                };
+                m["uri"] = serde_json::Value::String(to_url(&path.to_string_lossy())?);
+            }
+        }
+    }
+    let body = serde_json::to_vec(&value)?;
+    let sub = Recipe::parse_json(&body).map_err(|e| anyhow::anyhow!("invalid recipe: {e}"))?;
+    let roots = (!args.allowed_roots.is_empty()).then_some(args.allowed_roots.as_slice());
+    let storage = Arc::new(Storage::new(roots, merge_s3(args.s3, Default::default()))?);
+    let engine = Engine::new(storage, engine_config(&args.tuning));
+    let ctl = RunControl::standalone();
+    let progress = ctl.progress.clone();
+    let bar_done = CancellationToken::new();
+    let bar_task = (!args.quiet).then(|| {
+        let done = bar_done.clone();
+        tokio::spawn(async move {
+            let bar = ProgressBar::new(0);
+            bar.set_style(
+                ProgressStyle::with_template(
+                    "{elapsed_precise} [{bar:40}] {pos}/{len} tensors, {msg}",
+                )
+                .unwrap_or_else(|_| ProgressStyle::default_bar()),
+            );
+            loop {
+                let p = progress.snapshot();
+                bar.set_length(p.tensors_total);
+                bar.set_position(p.tensors_done);
+                bar.set_message(format!(
+                    "{:.0} MB read, {:.0} MB written",
+                    p.bytes_read as f64 / 1e6,
+                    p.bytes_written as f64 / 1e6
+                ));
+                tokio::select! {
+                    _ = done.cancelled() => break,
+                    _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+                }
+            }
+            bar.finish();
+        })
+    });
+    let result = engine.run(&sub.recipe, &ctl).await;
+    bar_done.cancel();
+    if let Some(t) = bar_task {
+        let _ = t.await;
+    }
+    match result {
+        Ok(outcome) => {
+            println!("{}", serde_json::to_string_pretty(&outcome)?);
+            Ok(())
+        }
+        Err(e) => bail!("merge failed [{}]: {e}", e.code()),
+    }
+}

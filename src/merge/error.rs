@@ -1,0 +1,57 @@
+//! Errors of the merge kernels.
+
+use crate::error::ErrorCode;
+use crate::merge::dtype::{DType, DTypeError};
+
+/// Why a kernel refused its buffers. Headers and shapes are validated before any kernel runs, so
+/// apart from a non-float dtype these indicate a bug in the caller.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MergeError {
+    /// A dtype cannot be merged, or a conversion buffer had the wrong length.
+    #[error(transparent)]
+    DType(#[from] DTypeError),
+    /// An input does not hold as many elements as the output.
+    #[error(
+        "input {index} ({dtype}) has {actual} bytes, expected {expected} ({elements} elements)"
+    )]
+    InputLength {
+        /// Position of the input in the list.
+        index: usize,
+        /// Its dtype.
+        dtype: DType,
+        /// Bytes expected: `elements × dtype.size_bytes()`.
+        expected: usize,
+        /// Bytes given.
+        actual: usize,
+        /// Elements of the output.
+        elements: usize,
+    },
+    /// The output buffer is not a whole number of elements of its dtype.
+    #[error("output buffer of {bytes} bytes is not a whole number of {dtype} elements")]
+    OutputLength {
+        /// The output dtype.
+        dtype: DType,
+        /// Length of the output buffer.
+        bytes: usize,
+    },
+    /// The number of weights differs from the number of inputs.
+    #[error("{weights} weights for {inputs} inputs")]
+    WeightCount {
+        /// Number of inputs.
+        inputs: usize,
+        /// Number of weights.
+        weights: usize,
+    },
+}
+
+impl MergeError {
+    /// The stable error code: `unsupported_dtype` for a non-float dtype, `shape_mismatch` when
+    /// inputs disagree in element count, `internal` for the rest (caller bugs).
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            MergeError::DType(e) => e.code(),
+            MergeError::InputLength { .. } => ErrorCode::ShapeMismatch,
+            MergeError::OutputLength { .. } | MergeError::WeightCount { .. } => ErrorCode::Internal,
+        }
+    }
+}

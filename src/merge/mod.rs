@@ -1,0 +1,17 @@
+//! Pure merge kernels and dtype conversion: no I/O, no async.
+//!
+//! - [`dtype`]: the [`DType`] vocabulary and byte ⇄ `f32` conversion (round-to-nearest-even).
+//! - [`blocks`]: the blocked, parallel driver [`map_blocks`] that turns raw tensor bytes into
+//!   `f32` blocks, runs an elementwise kernel on them and encodes the result.
+//! - [`linear`](mod@linear): the weighted linear soup kernel ([`linear()`], [`linear_raw`]).
+//! - [`error`](mod@error): the error type [`MergeError`].
+
+pub mod blocks;
+pub mod dtype;
+pub mod error;
+pub mod linear;
+
+pub use blocks::{BLOCK_ELEMS, TASK_ELEMS, map_blocks};
+pub use dtype::{DType, DTypeError, decode_to_f32, encode_from_f32};
+pub use error::MergeError;
+pub use linear::{linear, linear_raw};

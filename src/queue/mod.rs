@@ -1,0 +1,302 @@
+//! The job queue: job rows, the state machine, claim with a lease, heartbeats, retry, cancel.
+//!
+//! One object-safe trait, [`JobQueue`], with a SQLite backend (the single-machine default) and a
+//! Postgres backend (production). Every write a worker makes after its claim is fenced on the
+//! [`Lease`] `(job_id, owner, attempt)`: a worker that lost its lease changes nothing.
+//! See `../shared/reference/QUEUE.md` §4 for the design this follows.
+
+pub mod postgres;
+pub mod sqlite;
+pub mod state;
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::error::ErrorCode;
+
+/// Lifecycle state of a job. Stored as text with a CHECK constraint in both backends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobState {
+    Queued,
+    Running,
+    Succeeded,
+    Failed,
+    Cancelled,
+}
+
+impl JobState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobState::Queued => "queued",
+            JobState::Running => "running",
+            JobState::Succeeded => "succeeded",
+            JobState::Failed => "failed",
+            JobState::Cancelled => "cancelled",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<JobState> {
+        Some(match s {
+            "queued" => JobState::Queued,
+            "running" => JobState::Running,
+            "succeeded" => JobState::Succeeded,
+            "failed" => JobState::Failed,
+            "cancelled" => JobState::Cancelled,
+            _ => return None,
+        })
+    }
+
+    pub fn is_terminal(self) -> bool {
+        matches!(
+            self,
+            JobState::Succeeded | JobState::Failed | JobState::Cancelled
+        )
+    }
+}
+
+/// What an error stored on a job looks like (`error` column, and each entry of `errors`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobError {
+    pub code: ErrorCode,
+    pub message: String,
+    #[serde(default)]
+    pub retryable: bool,
+}
+
+/// A job to insert.
+#[derive(Debug, Clone)]
+pub struct NewJob {
+    /// UUIDv7, made by the caller (time-ordered: newest-first listing orders by id).
+    pub id: Uuid,
+    pub idempotency_key: Option<String>,
+    /// SHA-256 of the normalized recipe; detects an idempotency key reused with another body.
+    pub request_hash: Vec<u8>,
+    /// Normalized output URL; at most one queued/running job per output URL.
+    pub output_url: String,
+    /// The normalized recipe, as JSON.
+    pub recipe: serde_json::Value,
+    /// Higher runs first.
+    pub priority: i32,
+    pub max_attempts: i32,
+}
+
+/// A job row as the API and workers see it.
+#[derive(Debug, Clone, Serialize)]
+pub struct Job {
+    pub id: Uuid,
+    pub idempotency_key: Option<String>,
+    pub state: JobState,
+    pub priority: i32,
+    pub attempts: i32,
+    pub max_attempts: i32,
+    pub output_url: String,
+    pub recipe: serde_json::Value,
+    pub run_after: DateTime<Utc>,
+    pub lease_owner: Option<String>,
+    pub lease_expires_at: Option<DateTime<Utc>>,
+    pub heartbeat_at: Option<DateTime<Utc>>,
+    pub cancel_requested_at: Option<DateTime<Utc>>,
+    pub progress: Option<serde_json::Value>,
+    pub result: Option<serde_json::Value>,
+    pub error: Option<JobError>,
+    /// Per-attempt error history (oldest first).
+    pub errors: Vec<serde_json::Value>,
+    pub created_at: DateTime<Utc>,
+    pub started_at: Option<DateTime<Utc>>,
+    pub finished_at: Option<DateTime<Utc>>,
+    pub updated_at: DateTime<Utc>,
+}
+
+/// Result of [`JobQueue::enqueue`].
+#[derive(Debug, Clone)]
+pub struct Enqueued {
+    pub job: Job,
+    /// `false` when an existing job with the same idempotency key and body was returned.
+    pub created: bool,
+}
+
+/// The fencing token every write after a claim carries.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Lease {
+    pub job_id: Uuid,
+    pub owner: String,
+    /// The job's `attempts` value right after this claim.
+    pub attempt: i32,
+}
+
+/// A job a worker now holds.
+#[derive(Debug, Clone)]
+pub struct ClaimedJob {
+    pub lease: Lease,
+    pub job: Job,
+}
+
+/// Answer to a heartbeat.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HeartbeatOutcome {
+    /// The lease was extended. `cancel_requested`: stop, clean up, then `acknowledge_cancel`.
+    Held { cancel_requested: bool },
+    /// Another worker (or the reaper) owns the job now: stop and publish nothing.
+    Lost,
+}
+
+/// Answer to a cancel request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CancelOutcome {
+    /// The job was queued and is now `cancelled`.
+    Cancelled,
+    /// The job is running; its worker will stop within a heartbeat.
+    Requested,
+    /// The job was already finished in this state (nothing changed).
+    AlreadyFinished(JobState),
+    /// No such job.
+    NotFound,
+}
+
+/// Listing filter; newest first, keyset-paginated by id (UUIDv7 is time-ordered).
+#[derive(Debug, Clone, Default)]
+pub struct ListFilter {
+    pub state: Option<JobState>,
+    /// Maximum rows (the caller clamps it).
+    pub limit: u32,
+    /// Return only jobs with `id < before` (the last id of the previous page).
+    pub before: Option<Uuid>,
+}
+
+/// Timing parameters of the queue (QUEUE.md §4.5).
+#[derive(Debug, Clone)]
+pub struct QueueConfig {
+    pub lease_ttl: Duration,
+    /// Backoff base: `base · 2^(attempt−1)`, capped, ±20 % jitter.
+    pub backoff_base: Duration,
+    pub backoff_cap: Duration,
+}
+
+impl Default for QueueConfig {
+    fn default() -> Self {
+        QueueConfig {
+            lease_ttl: Duration::from_secs(60),
+            backoff_base: Duration::from_secs(30),
+            backoff_cap: Duration::from_secs(30 * 60),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum QueueError {
+    #[error("the lease on job {0} is no longer held by this worker")]
+    LeaseLost(Uuid),
+    #[error("idempotency key {0:?} was already used with a different request body")]
+    IdempotencyKeyReused(String),
+    #[error("another queued or running job already writes to {0}")]
+    OutputInUse(String),
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("database migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("corrupt job row: {0}")]
+    Corrupt(String),
+}
+
+impl QueueError {
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            QueueError::LeaseLost(_) => ErrorCode::LeaseExpired,
+            QueueError::IdempotencyKeyReused(_) => ErrorCode::IdempotencyKeyReused,
+            QueueError::OutputInUse(_) => ErrorCode::OutputInUse,
+            QueueError::Database(_) | QueueError::Migrate(_) => ErrorCode::DatabaseError,
+            QueueError::Corrupt(_) => ErrorCode::Internal,
+        }
+    }
+}
+
+pub type QueueResult<T> = Result<T, QueueError>;
+
+/// The queue. Object-safe; the app holds an `Arc<dyn JobQueue>`.
+#[async_trait]
+pub trait JobQueue: Send + Sync + 'static {
+    /// Which backend ("sqlite" or "postgres"), for logs and `/readyz`.
+    fn backend(&self) -> &'static str;
+
+    /// Insert a job, idempotently on `idempotency_key` (same key + same hash → the existing job,
+    /// `created = false`; same key + other hash → `IdempotencyKeyReused`). A live job already
+    /// writing `output_url` → `OutputInUse`. Wakes waiting workers.
+    async fn enqueue(&self, job: NewJob) -> QueueResult<Enqueued>;
+
+    /// Claim the next runnable job (highest priority, then oldest `run_after`, then id) in one
+    /// statement; `attempts` grows by one and the lease runs for `lease_ttl`.
+    async fn claim(&self, owner: &str) -> QueueResult<Option<ClaimedJob>>;
+
+    /// Extend the lease (fenced) and store progress if given; reports a pending cancel.
+    async fn heartbeat(
+        &self,
+        lease: &Lease,
+        progress: Option<&serde_json::Value>,
+    ) -> QueueResult<HeartbeatOutcome>;
+
+    /// Fenced: `running → succeeded` with `result`. `LeaseLost` if the fence does not match.
+    async fn complete(&self, lease: &Lease, result: &serde_json::Value) -> QueueResult<()>;
+
+    /// Fenced: record `error`; `queued` again with backoff if retryable and attempts remain,
+    /// `cancelled` if a cancel was requested, else `failed`. Returns the new state.
+    async fn fail(&self, lease: &Lease, error: &JobError) -> QueueResult<JobState>;
+
+    /// Fenced: the owner stopped after a cancel request → `cancelled`.
+    async fn acknowledge_cancel(&self, lease: &Lease) -> QueueResult<()>;
+
+    /// Fenced: graceful shutdown; back to `queued` at once without charging the attempt
+    /// (`max_attempts` grows by one, `attempts` never decreases).
+    async fn release(&self, lease: &Lease) -> QueueResult<()>;
+
+    /// Cancel: a queued job becomes `cancelled` at once; a running one is marked.
+    async fn request_cancel(&self, id: Uuid) -> QueueResult<CancelOutcome>;
+
+    /// Expired leases → `queued` (with backoff), `failed` (attempts exhausted) or `cancelled`
+    /// (cancel requested), in one conditional statement. Returns how many rows changed.
+    async fn reap_expired(&self) -> QueueResult<u64>;
+
+    async fn get(&self, id: Uuid) -> QueueResult<Option<Job>>;
+
+    async fn list(&self, filter: &ListFilter) -> QueueResult<Vec<Job>>;
+
+    /// Delete terminal jobs finished before `older_than`, in batches. Returns rows deleted.
+    async fn prune(&self, older_than: DateTime<Utc>, batch: u32) -> QueueResult<u64>;
+
+    /// Cheap round trip to the database, for `/readyz`.
+    async fn ping(&self) -> QueueResult<()>;
+
+    /// Wait until new work may be available (an enqueue in this process, or a NOTIFY on
+    /// Postgres) or `max` elapses, whichever is first. Polling is still the guarantee.
+    async fn wait_for_work(&self, max: Duration);
+}
+
+/// Open the queue named by `database_url` and, when `migrate` is true, apply its migrations.
+///
+/// - `postgres://…` or `postgresql://…` → [`postgres::PostgresQueue`] (it also starts the
+///   `LISTEN` task that turns notifications into wake-ups).
+/// - anything else (`sqlite:///abs/path/ladle.db`, `sqlite:ladle.db`, `sqlite::memory:`) →
+///   [`sqlite::SqliteQueue`], creating the database file if it is missing.
+pub async fn connect(
+    database_url: &str,
+    config: QueueConfig,
+    migrate: bool,
+) -> QueueResult<std::sync::Arc<dyn JobQueue>> {
+    if database_url.starts_with("postgres://") || database_url.starts_with("postgresql://") {
+        let queue = postgres::PostgresQueue::connect(database_url, config).await?;
+        if migrate {
+            queue.migrate().await?;
+        }
+        Ok(std::sync::Arc::new(queue))
+    } else {
+        let queue = sqlite::SqliteQueue::connect(database_url, config).await?;
+        if migrate {
+            queue.migrate().await?;
+        }
+        Ok(std::sync::Arc::new(queue))
+    }
+}

@@ -1,0 +1,135 @@
+//! Wiring of a service process: database, storage, engine, API and workers, and a graceful
+//! shutdown. `main.rs` calls this; integration tests call it too, on a random port.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::api::{AppState, router};
+use crate::config::Settings;
+use crate::engine::Engine;
+use crate::queue::{self, JobQueue};
+use crate::storage::Storage;
+
+/// Which parts a process runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// API and workers.
+    Serve,
+    Api,
+    Worker,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    #[error("cannot create the data folder {path}: {source}")]
+    DataDir {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Queue(#[from] queue::QueueError),
+    #[error(transparent)]
+    Storage(#[from] crate::storage::StorageError),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// A started service.
+pub struct Service {
+    /// Where the API listens (None for a worker-only process).
+    pub addr: Option<SocketAddr>,
+    pub queue: Arc<dyn JobQueue>,
+    shutdown: CancellationToken,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Service {
+    /// Open the database (running migrations), bind the API, start the workers.
+    pub async fn start(settings: &Settings, mode: Mode) -> Result<Service, ServiceError> {
+        std::fs::create_dir_all(&settings.data_dir).map_err(|source| ServiceError::DataDir {
+            path: settings.data_dir.display().to_string(),
+            source,
+        })?;
+        let queue = queue::connect(&settings.database_url, settings.queue.clone(), true).await?;
+        let storage = Arc::new(Storage::new(
+            Some(&settings.allowed_roots),
+            settings.s3.clone(),
+        )?);
+        let shutdown = CancellationToken::new();
+        let mut tasks = Vec::new();
+        let mut addr = None;
+        if matches!(mode, Mode::Serve | Mode::Api) {
+            let listener =
+                tokio::net::TcpListener::bind(settings.bind)
+                    .await
+                    .map_err(|source| ServiceError::Bind {
+                        addr: settings.bind,
+                        source,
+                    })?;
+            let local = listener.local_addr().map_err(|source| ServiceError::Bind {
+                addr: settings.bind,
+                source,
+            })?;
+            addr = Some(local);
+            let app = router(
+                AppState {
+                    queue: queue.clone(),
+                    storage: storage.clone(),
+                    default_max_attempts: settings.max_attempts,
+                },
+                settings.body_limit,
+            );
+            let stop = shutdown.clone();
+            tasks.push(tokio::spawn(async move {
+                let served = axum::serve(listener, app)
+                    .with_graceful_shutdown(async move { stop.cancelled().await })
+                    .await;
+                if let Err(e) = served {
+                    tracing::error!(error = %e, "HTTP server failed");
+                }
+            }));
+            tracing::info!(%local, roots = ?storage.allowed_roots(), "API listening");
+        }
+        if matches!(mode, Mode::Serve | Mode::Worker) {
+            let engine = Arc::new(Engine::new(storage.clone(), settings.engine.clone()));
+            let q = queue.clone();
+            let config = settings.worker.clone();
+            let stop = shutdown.clone();
+            tasks.push(tokio::spawn(async move {
+                crate::worker::run(q, engine, config, stop).await
+            }));
+        }
+        Ok(Service {
+            addr,
+            queue,
+            shutdown,
+            tasks,
+        })
+    }
+
+    /// Stop claiming, let in-flight work finish or be released, stop serving.
+    pub async fn shutdown(self) {
+        self.shutdown.cancel();
+        for t in self.tasks {
+            let _ = t.await;
+        }
+    }
+
+    /// A token that stops the service when cancelled (e.g. from a signal handler).
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+
+    /// Wait until every task ended (after the shutdown token fired).
+    pub async fn wait(self) {
+        for t in self.tasks {
+            let _ = t.await;
+        }
+    }
+}

@@ -1,0 +1,499 @@
+//! Storage URLs → `object_store` locations, under the configured allowed roots.
+//!
+//! Every URL a job names goes through [`Storage::resolve`], which is the one place that decides
+//! whether ladle may touch it: the scheme must be `file` or `s3`, the path must not contain
+//! traversal segments (`..`, `.`, or their percent-encoded forms), and the location, after
+//! symlinks are resolved for local files, must fall under an allowed root.
+
+use std::collections::HashMap;
+use std::path::{Component, Path as FsPath, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use object_store::ObjectStore;
+use object_store::aws::AmazonS3Builder;
+use object_store::local::LocalFileSystem;
+use object_store::path::Path;
+use url::Url;
+
+use crate::error::ErrorCode;
+
+/// S3 connection settings. Unset fields fall back to the standard `AWS_*` environment
+/// variables (`AWS_ENDPOINT`, `AWS_REGION`, `AWS_ACCESS_KEY_ID`, ...), so any S3-compatible
+/// server works.
+#[derive(Debug, Clone, Default)]
+pub struct S3Settings {
+    pub endpoint: Option<String>,
+    pub region: Option<String>,
+    pub access_key_id: Option<String>,
+    pub secret_access_key: Option<String>,
+    /// Allow plain `http://` endpoints (local servers).
+    pub allow_http: Option<bool>,
+    /// Virtual-hosted-style addressing (`bucket.endpoint`); default path style.
+    pub virtual_hosted_style: Option<bool>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    #[error("invalid URL {uri:?}: {reason}")]
+    InvalidUri { uri: String, reason: String },
+    #[error("URL {uri:?} is not allowed: {reason}")]
+    NotAllowed { uri: String, reason: String },
+    #[error("object storage error: {0}")]
+    ObjectStore(#[from] object_store::Error),
+    #[error("local file system error at {path}: {source}")]
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
+}
+
+impl StorageError {
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            StorageError::InvalidUri { .. } => ErrorCode::InvalidUri,
+            StorageError::NotAllowed { .. } => ErrorCode::StorageNotAllowed,
+            StorageError::ObjectStore(object_store::Error::NotFound { .. }) => {
+                ErrorCode::CheckpointNotFound
+            }
+            StorageError::ObjectStore(_) | StorageError::Io { .. } => ErrorCode::StorageError,
+        }
+    }
+}
+
+/// A resolved, allowed location.
+#[derive(Clone)]
+pub struct Location {
+    /// The normalized URL (no trailing slash), for messages, manifests and uniqueness.
+    pub url: String,
+    pub store: Arc<dyn ObjectStore>,
+    /// The object path inside `store` (a file, or a folder prefix).
+    pub path: Path,
+}
+
+impl std::fmt::Debug for Location {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Location")
+            .field("url", &self.url)
+            .field("path", &self.path)
+            .finish()
+    }
+}
+
+impl Location {
+    /// A child of this folder location (one plain file name).
+    pub fn child(&self, name: &str) -> Location {
+        Location {
+            url: format!("{}/{}", self.url, name),
+            store: self.store.clone(),
+            path: self.path.clone().join(name),
+        }
+    }
+}
+
+/// One allowed root, in canonical form.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Root {
+    /// A canonical absolute directory.
+    File(PathBuf),
+    /// A bucket and a key prefix (segments, may be empty for the whole bucket).
+    S3 { bucket: String, prefix: Vec<String> },
+}
+
+/// Resolves URLs to object stores, enforcing the allowed roots.
+pub struct Storage {
+    /// `None`: no restriction (the one-shot CLI run as the invoking user).
+    roots: Option<Vec<Root>>,
+    s3: S3Settings,
+    s3_stores: Mutex<HashMap<String, Arc<dyn ObjectStore>>>,
+    local: Arc<dyn ObjectStore>,
+}
+
+impl std::fmt::Debug for Storage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Storage")
+            .field("roots", &self.roots)
+            .finish()
+    }
+}
+
+impl Storage {
+    /// `allowed_roots`: URLs (`file:///…`, `s3://bucket/prefix`) or absolute/relative local
+    /// paths. `None` disables the check entirely (only for the one-shot CLI).
+    pub fn new(allowed_roots: Option<&[String]>, s3: S3Settings) -> Result<Self, StorageError> {
+        let roots = match allowed_roots {
+            None => None,
+            Some(list) => Some(
+                list.iter()
+                    .map(|r| parse_root(r))
+                    .collect::<Result<Vec<_>, _>>()?,
+            ),
+        };
+        Ok(Storage {
+            roots,
+            s3,
+            s3_stores: Mutex::new(HashMap::new()),
+            local: Arc::new(LocalFileSystem::new()),
+        })
+    }
+
+    /// The allowed roots as URLs (for `/readyz` and error messages).
+    pub fn allowed_roots(&self) -> Vec<String> {
+        match &self.roots {
+            None => vec!["*".to_string()],
+            Some(roots) => roots.iter().map(root_url).collect(),
+        }
+    }
+
+    /// Resolve a URL a job names. Checks syntax, scheme, traversal and allowed roots.
+    pub fn resolve(&self, uri: &str) -> Result<Location, StorageError> {
+        let invalid = |reason: &str| StorageError::InvalidUri {
+            uri: uri.to_string(),
+            reason: reason.to_string(),
+        };
+        reject_traversal(uri)?;
+        let url = Url::parse(uri).map_err(|e| invalid(&e.to_string()))?;
+        if url.query().is_some() || url.fragment().is_some() {
+            return Err(invalid("query strings and fragments are not allowed"));
+        }
+        match url.scheme() {
+            "file" => self.resolve_file(uri, &url),
+            "s3" | "s3a" => self.resolve_s3(uri, &url),
+            other => Err(StorageError::NotAllowed {
+                uri: uri.to_string(),
+                reason: format!("scheme {other:?} is not supported (use file:// or s3://)"),
+            }),
+        }
+    }
+
+    fn resolve_file(&self, uri: &str, url: &Url) -> Result<Location, StorageError> {
+        if url
+            .host_str()
+            .is_some_and(|h| !h.is_empty() && h != "localhost")
+        {
+            return Err(StorageError::InvalidUri {
+                uri: uri.to_string(),
+                reason: "file URLs must not name a host".into(),
+            });
+        }
+        let path = url.to_file_path().map_err(|()| StorageError::InvalidUri {
+            uri: uri.to_string(),
+            reason: "not an absolute local path".into(),
+        })?;
+        let canonical = canonicalize_lenient(&path).map_err(|source| StorageError::Io {
+            path: path.display().to_string(),
+            source,
+        })?;
+        if let Some(roots) = &self.roots {
+            let inside = roots.iter().any(|r| match r {
+                Root::File(root) => canonical.starts_with(root),
+                Root::S3 { .. } => false,
+            });
+            if !inside {
+                return Err(StorageError::NotAllowed {
+                    uri: uri.to_string(),
+                    reason: format!(
+                        "{} is outside the allowed roots ({})",
+                        canonical.display(),
+                        self.allowed_roots().join(", ")
+                    ),
+                });
+            }
+        }
+        let object_path =
+            Path::from_absolute_path(&canonical).map_err(|e| StorageError::InvalidUri {
+                uri: uri.to_string(),
+                reason: e.to_string(),
+            })?;
+        let url = Url::from_file_path(&canonical)
+            .map(|u| u.to_string())
+            .unwrap_or_else(|()| uri.to_string());
+        Ok(Location {
+            url: url.trim_end_matches('/').to_string(),
+            store: self.local.clone(),
+            path: object_path,
+        })
+    }
+
+    fn resolve_s3(&self, uri: &str, url: &Url) -> Result<Location, StorageError> {
+        let bucket = url.host_str().unwrap_or_default().to_string();
+        if bucket.is_empty() {
+            return Err(StorageError::InvalidUri {
+                uri: uri.to_string(),
+                reason: "an s3:// URL must name a bucket".into(),
+            });
+        }
+        let segments = key_segments(url);
+        if let Some(roots) = &self.roots {
+            let inside = roots.iter().any(|r| match r {
+                Root::S3 {
+                    bucket: b,
+                    prefix: p,
+                } => *b == bucket && segments.starts_with(p),
+                Root::File(_) => false,
+            });
+            if !inside {
+                return Err(StorageError::NotAllowed {
+                    uri: uri.to_string(),
+                    reason: format!(
+                        "outside the allowed roots ({})",
+                        self.allowed_roots().join(", ")
+                    ),
+                });
+            }
+        }
+        let store = self.s3_store(&bucket)?;
+        let path = Path::from_iter(segments.iter().map(String::as_str));
+        Ok(Location {
+            url: format!("s3://{bucket}/{}", segments.join("/"))
+                .trim_end_matches('/')
+                .to_string(),
+            store,
+            path,
+        })
+    }
+
+    fn s3_store(&self, bucket: &str) -> Result<Arc<dyn ObjectStore>, StorageError> {
+        let mut stores = self
+            .s3_stores
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some(s) = stores.get(bucket) {
+            return Ok(s.clone());
+        }
+        let mut b = AmazonS3Builder::from_env().with_bucket_name(bucket);
+        let s = &self.s3;
+        if let Some(v) = &s.endpoint {
+            b = b.with_endpoint(v);
+        }
+        if let Some(v) = &s.region {
+            b = b.with_region(v);
+        }
+        if let Some(v) = &s.access_key_id {
+            b = b.with_access_key_id(v);
+        }
+        if let Some(v) = &s.secret_access_key {
+            b = b.with_secret_access_key(v);
+        }
+        if let Some(v) = s.allow_http {
+            b = b.with_allow_http(v);
+        }
+        if let Some(v) = s.virtual_hosted_style {
+            b = b.with_virtual_hosted_style_request(v);
+        }
+        let store: Arc<dyn ObjectStore> = Arc::new(b.build()?);
+        stores.insert(bucket.to_string(), store.clone());
+        Ok(store)
+    }
+}
+
+/// The key of an s3 URL as decoded, non-empty segments.
+fn key_segments(url: &Url) -> Vec<String> {
+    url.path()
+        .split('/')
+        .filter(|s| !s.is_empty())
+        .map(|s| {
+            percent_decode(s)
+                .map(|b| String::from_utf8_lossy(&b).into_owned())
+                .unwrap_or_else(|| s.to_string())
+        })
+        .collect()
+}
+
+fn root_url(root: &Root) -> String {
+    match root {
+        Root::File(p) => format!("file://{}", p.display()),
+        Root::S3 { bucket, prefix } => format!("s3://{bucket}/{}", prefix.join("/")),
+    }
+}
+
+fn parse_root(raw: &str) -> Result<Root, StorageError> {
+    let invalid = |reason: String| StorageError::InvalidUri {
+        uri: raw.to_string(),
+        reason,
+    };
+    reject_traversal(raw)?;
+    let path = if raw.contains("://") {
+        let url = Url::parse(raw).map_err(|e| invalid(e.to_string()))?;
+        match url.scheme() {
+            "file" => url
+                .to_file_path()
+                .map_err(|()| invalid("not an absolute local path".into()))?,
+            "s3" | "s3a" => {
+                let bucket = url.host_str().unwrap_or_default().to_string();
+                if bucket.is_empty() {
+                    return Err(invalid("an s3:// root must name a bucket".into()));
+                }
+                return Ok(Root::S3 {
+                    prefix: key_segments(&url),
+                    bucket,
+                });
+            }
+            other => return Err(invalid(format!("unsupported scheme {other:?}"))),
+        }
+    } else {
+        std::path::absolute(raw).map_err(|e| invalid(e.to_string()))?
+    };
+    let canonical = canonicalize_lenient(&path).map_err(|source| StorageError::Io {
+        path: path.display().to_string(),
+        source,
+    })?;
+    Ok(Root::File(canonical))
+}
+
+/// Reject `..`/`.` segments (also percent-encoded), encoded slashes, backslashes and NULs
+/// before any URL parser gets a chance to normalize them away.
+fn reject_traversal(uri: &str) -> Result<(), StorageError> {
+    let bad = |reason: &str| StorageError::NotAllowed {
+        uri: uri.to_string(),
+        reason: reason.to_string(),
+    };
+    if uri.contains('\\') || uri.contains('\0') {
+        return Err(bad("backslashes and NUL characters are not allowed"));
+    }
+    let rest = uri.split_once("://").map(|(_, r)| r).unwrap_or(uri);
+    for segment in rest.split('/') {
+        let decoded = percent_decode(segment).ok_or_else(|| bad("invalid percent-encoding"))?;
+        if decoded.contains(&b'/') || decoded.contains(&b'\\') || decoded.contains(&0) {
+            return Err(bad("encoded slashes or NULs are not allowed"));
+        }
+        if decoded == b".." || decoded == b"." {
+            return Err(bad("path traversal segments (`..`, `.`) are not allowed"));
+        }
+    }
+    Ok(())
+}
+
+/// Decode `%XX` escapes; `None` on a malformed escape.
+fn percent_decode(s: &str) -> Option<Vec<u8>> {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = bytes.get(i + 1..i + 3)?;
+            let text = std::str::from_utf8(hex).ok()?;
+            out.push(u8::from_str_radix(text, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    Some(out)
+}
+
+/// Canonicalize the longest existing ancestor (resolving symlinks) and append the rest, so a
+/// location that does not exist yet (an output folder) is still checked against its real
+/// parent. Non-normal components in the remainder are refused.
+fn canonicalize_lenient(path: &FsPath) -> std::io::Result<PathBuf> {
+    let mut existing = path.to_path_buf();
+    let mut rest: Vec<std::ffi::OsString> = Vec::new();
+    loop {
+        match std::fs::canonicalize(&existing) {
+            Ok(mut canonical) => {
+                for part in rest.iter().rev() {
+                    canonical.push(part);
+                }
+                return Ok(canonical);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let name = existing.file_name().map(|n| n.to_os_string());
+                let parent = existing.parent().map(|p| p.to_path_buf());
+                match (name, parent) {
+                    (Some(name), Some(parent)) => {
+                        if FsPath::new(&name)
+                            .components()
+                            .any(|c| !matches!(c, Component::Normal(_)))
+                        {
+                            return Err(std::io::Error::other("non-normal path component"));
+                        }
+                        rest.push(name);
+                        existing = parent;
+                    }
+                    _ => return Err(e),
+                }
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn storage(roots: &[String]) -> Storage {
+        Storage::new(Some(roots), S3Settings::default()).unwrap()
+    }
+
+    #[test]
+    fn file_inside_root_is_allowed() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = format!("file://{}", dir.path().display());
+        let s = storage(&[root]);
+        let loc = s
+            .resolve(&format!("file://{}/a/b/", dir.path().display()))
+            .unwrap();
+        assert!(loc.url.ends_with("/a/b"), "{}", loc.url);
+    }
+
+    #[test]
+    fn traversal_is_rejected_in_every_spelling() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().display();
+        let s = storage(&[d.to_string()]);
+        for uri in [
+            format!("file://{d}/../etc/passwd"),
+            format!("file://{d}/%2e%2e/etc/passwd"),
+            format!("file://{d}/%2E%2e/x"),
+            format!("file://{d}/./x"),
+            format!("file://{d}/a%2fb"),
+            "s3://bucket/a/../b".to_string(),
+        ] {
+            let err = s.resolve(&uri).unwrap_err();
+            assert_eq!(err.code(), ErrorCode::StorageNotAllowed, "{uri}: {err}");
+        }
+    }
+
+    #[test]
+    fn outside_root_and_bad_scheme_are_rejected() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = storage(&[format!("{}", dir.path().display())]);
+        let e = s.resolve("file:///etc/passwd").unwrap_err();
+        assert_eq!(e.code(), ErrorCode::StorageNotAllowed);
+        let e = s.resolve("http://example.com/x").unwrap_err();
+        assert_eq!(e.code(), ErrorCode::StorageNotAllowed);
+        let e = s.resolve("s3://bucket/x").unwrap_err();
+        assert_eq!(e.code(), ErrorCode::StorageNotAllowed);
+        let e = s.resolve("not a url").unwrap_err();
+        assert_eq!(e.code(), ErrorCode::InvalidUri);
+    }
+
+    #[test]
+    fn symlink_escape_is_rejected() {
+        let dir = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        let link = dir.path().join("escape");
+        std::os::unix::fs::symlink(outside.path(), &link).unwrap();
+        let s = storage(&[format!("{}", dir.path().display())]);
+        let e = s
+            .resolve(&format!("file://{}/model.safetensors", link.display()))
+            .unwrap_err();
+        assert_eq!(e.code(), ErrorCode::StorageNotAllowed, "{e}");
+        // a root that is a prefix string but not a parent directory does not count
+        let sibling = format!("{}-evil", dir.path().display());
+        let e = s.resolve(&format!("file://{sibling}/x")).unwrap_err();
+        assert_eq!(e.code(), ErrorCode::StorageNotAllowed);
+    }
+
+    #[test]
+    fn s3_prefix_roots_match_whole_segments() {
+        let s = storage(&["s3://ckpts/team-a".to_string()]);
+        assert!(s.resolve("s3://ckpts/team-a/run/1").is_ok());
+        assert!(s.resolve("s3://ckpts/team-a").is_ok());
+        let e = s.resolve("s3://ckpts/team-ab/x").unwrap_err();
+        assert_eq!(e.code(), ErrorCode::StorageNotAllowed);
+        let e = s.resolve("s3://other/team-a/x").unwrap_err();
+        assert_eq!(e.code(), ErrorCode::StorageNotAllowed);
+    }
+}
