@@ -503,7 +503,23 @@ async fn scenario(database_url: &str, backend: &str) {
         assert!(done["result"].is_null());
     }
 
-    // --- 5. Listing, newest first, paginated; the cancelled job never ran ---
+    // --- 5. 50 concurrent submits with one key: one job, one 202, 49 replays ---
+    let body = serde_json::json!({
+        "method": "linear", "models": models_json,
+        "output": {"uri": file_url(&root.join("soups/concurrent"))},
+        "idempotency_key": "concurrent-50"
+    });
+    let answers = futures::future::join_all((0..50).map(|_| submit(&client, &base, &body))).await;
+    let created = answers.iter().filter(|(s, _)| *s == 202).count();
+    let replayed = answers.iter().filter(|(s, _)| *s == 200).count();
+    assert_eq!((created, replayed), (1, 49), "{answers:?}");
+    let ids: std::collections::HashSet<_> = answers.iter().map(|(_, v)| v["id"].clone()).collect();
+    assert_eq!(ids.len(), 1, "every answer names the same job");
+    let id = answers[0].1["id"].as_str().unwrap().to_string();
+    let done = wait_terminal(&client, &base, &id, Duration::from_secs(60)).await;
+    assert_eq!(done["state"], "succeeded", "{done}");
+
+    // --- 6. Listing, newest first, paginated; the cancelled job never ran ---
     let page: serde_json::Value = client
         .get(format!("{base}/v1/merges?state=failed&limit=2"))
         .send()
@@ -527,6 +543,7 @@ async fn scenario(database_url: &str, backend: &str) {
         .await
         .unwrap();
     assert_eq!(page2["jobs"].as_array().unwrap().len(), 1);
+    assert!(page2["jobs"][0]["created_at"].as_str() <= jobs[1]["created_at"].as_str());
     assert!(page2["next_cursor"].is_null());
     let r = client
         .get(format!("{base}/v1/merges?state=bogus"))
