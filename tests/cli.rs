@@ -116,12 +116,12 @@ fn serve_answers_health_and_stops_on_sigterm() {
         std::thread::sleep(Duration::from_millis(100));
     };
     assert!(body.contains("\"ready\""), "{body}");
-    assert!(dir.path().join("ladle.db").is_file(), "SQLite lives in the data dir");
+    assert!(
+        dir.path().join("ladle.db").is_file(),
+        "SQLite lives in the data dir"
+    );
     let pid = child.id().to_string();
-    Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .unwrap();
+    Command::new("kill").args(["-TERM", &pid]).status().unwrap();
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         if let Some(status) = child.try_wait().unwrap() {

@@ -23,7 +23,8 @@ use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
 use crate::checkpoint::{
-    Checkpoint, CheckpointError, OutTensor, ShardPlan, index_json, open_checkpoint, plan_shards,
+    Checkpoint, CheckpointError, INDEX_FILE_NAME, OutTensor, ShardPlan, index_json,
+    open_checkpoint, plan_shards,
 };
 use crate::error::ErrorCode;
 use crate::merge::{DType, MergeError, linear_raw};
@@ -382,7 +383,7 @@ impl Engine {
                 }
             }
             let bytes = Bytes::from(index_json(total, &weight_map));
-            let f = output::put_small(&plan.output, INDEX_NAME, bytes).await?;
+            let f = output::put_small(&plan.output, INDEX_FILE_NAME, bytes).await?;
             ctl.progress
                 .bytes_written
                 .fetch_add(f.size, Ordering::Relaxed);
@@ -500,8 +501,6 @@ impl Engine {
         Ok(chunks)
     }
 }
-
-pub const INDEX_NAME: &str = "model.safetensors.index.json";
 
 /// One unit of streaming work: a range of elements of one output tensor.
 struct Chunk {

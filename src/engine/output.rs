@@ -7,7 +7,8 @@ use object_store::{ObjectStoreExt, PutPayload, WriteMultipart};
 use sha2::{Digest, Sha256};
 
 use super::manifest::MANIFEST_NAME;
-use super::{EngineError, INDEX_NAME, OutputFile};
+use super::{EngineError, OutputFile};
+use crate::checkpoint::INDEX_FILE_NAME;
 use crate::storage::Location;
 
 /// Files up to this size are copied with one GET and one PUT; larger ones stream.
@@ -124,7 +125,7 @@ pub(super) fn is_side_file(name: &str) -> bool {
         || name.starts_with('.')
         || name.contains('#')
         || name == MANIFEST_NAME
-        || name == INDEX_NAME
+        || name == INDEX_FILE_NAME
         || name.ends_with(".index.json")
         || WEIGHT_SUFFIXES.iter().any(|s| name.ends_with(s)))
 }
