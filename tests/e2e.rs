@@ -22,6 +22,7 @@ fn model_tensors(seed: u64) -> Vec<RawTensor> {
         f32_tensor("model.layers.0.bias", &[96], seed + 2),
         f32_tensor("model.norm.weight", &[64], seed + 3),
         i64_tensor("model.position_ids", 32, seed),
+        bf16_tensor("model.empty", &[0, 64], seed),
     ]
 }
 
@@ -301,8 +302,8 @@ async fn scenario(database_url: &str, backend: &str) {
     let done = wait_terminal(&client, &base, &id1, Duration::from_secs(60)).await;
     assert_eq!(done["state"], "succeeded", "{done}");
     assert_eq!(done["attempts"], 1);
-    assert_eq!(done["progress"]["tensors_done"], 5, "{done}");
-    assert_eq!(done["progress"]["tensors_total"], 5);
+    assert_eq!(done["progress"]["tensors_done"], 6, "{done}");
+    assert_eq!(done["progress"]["tensors_total"], 6);
     assert!(done["progress"]["bytes_read"].as_u64().unwrap() > 0);
     assert!(done["error"].is_null());
     let files = local_files(&out1);
@@ -364,7 +365,7 @@ async fn scenario(database_url: &str, backend: &str) {
     );
     let index: serde_json::Value =
         serde_json::from_slice(&files["model.safetensors.index.json"]).unwrap();
-    assert_eq!(index["weight_map"].as_object().unwrap().len(), 5);
+    assert_eq!(index["weight_map"].as_object().unwrap().len(), 6);
     check_manifest(&files, &done["result"]);
     assert_soup_equal(
         &read_output(&files),

@@ -525,6 +525,10 @@ async fn produce_chunk(
     ctl: &RunControl,
 ) -> Result<(Chunk, Bytes), EngineError> {
     ctl.check()?;
+    if chunk.elems.is_empty() {
+        // An empty tensor: nothing to read (an empty ranged GET is invalid on S3).
+        return Ok((chunk, Bytes::new()));
+    }
     let sources: &[(Location, Checkpoint)] = match chunk.op {
         TensorOp::Merge => &plan.inputs,
         TensorOp::CopyFirst => &plan.inputs[..1],
