@@ -9,6 +9,8 @@ use std::time::Duration;
 use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum};
 use serde::Deserialize;
 
+use crate::api::ApiAuth;
+use crate::api::auth::{TokenDigest, parse_digest};
 use crate::engine::EngineConfig;
 use crate::queue::QueueConfig;
 use crate::storage::S3Settings;
@@ -50,6 +52,8 @@ pub enum Command {
     Migrate(ServiceArgs),
     /// Run one merge locally, without a database or server, with a progress bar.
     Merge(MergeArgs),
+    /// Read an API token on stdin and print its SHA-256 digest (for `--api-token-sha256`).
+    HashToken,
 }
 
 /// Settings shared by the service modes. Every field is optional here so that the config
@@ -77,6 +81,23 @@ pub struct ServiceArgs {
     /// Merge jobs run at once by this process [default: 1].
     #[arg(long, env = "LADLE_WORKERS")]
     pub workers: Option<usize>,
+    /// SHA-256 hex digest of an accepted API bearer token (`ladle hash-token` prints one);
+    /// repeatable (env: comma-separated). Never the token itself.
+    #[arg(
+        long = "api-token-sha256",
+        env = "LADLE_API_TOKEN_SHA256",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
+    #[serde(default)]
+    pub api_token_sha256: Vec<String>,
+    /// File with one accepted token digest per line (blank lines and `#` comments ignored).
+    #[arg(long, env = "LADLE_API_TOKENS_FILE")]
+    pub api_tokens_file: Option<PathBuf>,
+    /// Serve the API without tokens on a non-loopback address (otherwise a start-up error).
+    #[arg(long, env = "LADLE_INSECURE_NO_AUTH")]
+    #[serde(default)]
+    pub insecure_no_auth: bool,
     #[command(flatten)]
     #[serde(flatten)]
     pub s3: S3Args,
@@ -228,6 +249,10 @@ pub struct Settings {
     pub engine: EngineConfig,
     pub max_attempts: i32,
     pub body_limit: usize,
+    /// Accepted API token digests (empty: no authentication).
+    pub auth: ApiAuth,
+    /// `--insecure-no-auth`: allow a non-loopback bind without tokens.
+    pub insecure_no_auth: bool,
 }
 
 fn secs(name: &str, v: Option<f64>, default: f64) -> Result<Duration, ConfigError> {
@@ -305,6 +330,30 @@ impl Settings {
             return Err(ConfigError::Invalid("max_attempts: must be 1 to 20".into()));
         }
         let backoff_base = secs("backoff_secs", t.backoff_secs, 30.0)?;
+        let digest_list = if !args.api_token_sha256.is_empty() {
+            args.api_token_sha256
+        } else {
+            file.api_token_sha256
+        };
+        let mut digests = parse_digests("api_token_sha256", &digest_list)?;
+        if let Some(path) = args.api_tokens_file.or(file.api_tokens_file) {
+            let text = std::fs::read_to_string(&path).map_err(|source| ConfigError::Read {
+                path: path.display().to_string(),
+                source,
+            })?;
+            let lines: Vec<String> = text
+                .lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty() && !l.starts_with('#'))
+                .map(String::from)
+                .collect();
+            digests.extend(parse_digests(
+                &format!("api_tokens_file {}", path.display()),
+                &lines,
+            )?);
+        }
+        digests.sort_unstable();
+        digests.dedup();
         Ok(Settings {
             bind: args
                 .bind
@@ -329,8 +378,28 @@ impl Settings {
             engine: engine_config(&t),
             max_attempts,
             body_limit: t.body_limit.unwrap_or(crate::api::DEFAULT_BODY_LIMIT),
+            auth: ApiAuth::new(digests),
+            insecure_no_auth: args.insecure_no_auth || file.insecure_no_auth,
         })
     }
+}
+
+/// Token digests as 64 hex characters each. The message never echoes a rejected entry: it
+/// may be a token pasted where its digest belongs.
+fn parse_digests(what: &str, list: &[String]) -> Result<Vec<TokenDigest>, ConfigError> {
+    list.iter()
+        .filter(|s| !s.trim().is_empty())
+        .enumerate()
+        .map(|(i, s)| {
+            parse_digest(s).ok_or_else(|| {
+                ConfigError::Invalid(format!(
+                    "{what}: entry {} is not a 64-character hex SHA-256 digest (store digests, \
+                     never tokens: `ladle hash-token` prints one)",
+                    i + 1
+                ))
+            })
+        })
+        .collect()
 }
 
 /// Engine settings from tuning flags.

@@ -55,6 +55,7 @@ async fn run(cli: Cli) -> Result<()> {
     let config = cli.config.clone();
     let (args, mode) = match cli.command {
         Command::Merge(args) => return merge_once(args).await,
+        Command::HashToken => return hash_token(),
         Command::Serve(a) => (a, Some(Mode::Serve)),
         Command::Api(a) => (a, Some(Mode::Api)),
         Command::Worker(a) => (a, Some(Mode::Worker)),
@@ -82,6 +83,26 @@ async fn run(cli: Cli) -> Result<()> {
         stop.cancel();
     });
     service.wait().await;
+    Ok(())
+}
+
+/// `ladle hash-token`: a token on stdin (one line; the line break is not part of it) → its
+/// SHA-256 digest in hex on stdout. The token itself is never printed.
+fn hash_token() -> Result<()> {
+    use std::io::Read;
+    let mut input = String::new();
+    std::io::stdin()
+        .take(64 * 1024)
+        .read_to_string(&mut input)
+        .context("reading the token from stdin (it must be UTF-8)")?;
+    let token = input.trim();
+    if token.is_empty() {
+        bail!("no token on stdin: run e.g. `printf %s \"$TOKEN\" | ladle hash-token`");
+    }
+    if token.contains(char::is_whitespace) {
+        bail!("the token must be one line without spaces");
+    }
+    println!("{}", hex::encode(ladle::api::auth::token_digest(token)));
     Ok(())
 }
 
@@ -162,7 +183,7 @@ async fn merge_once(args: MergeArgs) -> Result<()> {
     let roots = (!args.allowed_roots.is_empty()).then_some(args.allowed_roots.as_slice());
     let storage = Arc::new(Storage::new(roots, merge_s3(args.s3, Default::default()))?);
     let engine = Engine::new(storage, engine_config(&args.tuning));
-    let ctl = RunControl::standalone();
+    let ctl = Arc::new(RunControl::standalone());
     let progress = ctl.progress.clone();
     let bar_done = CancellationToken::new();
     let bar_task = (!args.quiet).then(|| {

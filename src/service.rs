@@ -33,11 +33,25 @@ pub enum ServiceError {
     Queue(#[from] queue::QueueError),
     #[error(transparent)]
     Storage(#[from] crate::storage::StorageError),
+    #[error(
+        "refusing to serve the API on {addr} without authentication: it is not a loopback \
+         address. Give token digests (--api-token-sha256, LADLE_API_TOKEN_SHA256 or \
+         --api-tokens-file; `ladle hash-token` computes one), bind to 127.0.0.1, or pass \
+         --insecure-no-auth explicitly"
+    )]
+    NoAuth { addr: SocketAddr },
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: SocketAddr,
         source: std::io::Error,
     },
+}
+
+/// Whether the API would listen on a non-loopback address with no tokens and without an
+/// explicit `--insecure-no-auth` (a start-up error).
+pub fn requires_auth(settings: &Settings) -> bool {
+    let loopback = settings.bind.ip().to_canonical().is_loopback();
+    !loopback && !settings.auth.enabled() && !settings.insecure_no_auth
 }
 
 /// A started service.
@@ -52,6 +66,18 @@ pub struct Service {
 impl Service {
     /// Open the database (running migrations), bind the API, start the workers.
     pub async fn start(settings: &Settings, mode: Mode) -> Result<Service, ServiceError> {
+        let serves_api = matches!(mode, Mode::Serve | Mode::Api);
+        if serves_api && requires_auth(settings) {
+            return Err(ServiceError::NoAuth {
+                addr: settings.bind,
+            });
+        }
+        if serves_api
+            && !settings.auth.enabled()
+            && !settings.bind.ip().to_canonical().is_loopback()
+        {
+            tracing::warn!(bind = %settings.bind, "--insecure-no-auth: the API accepts requests without a token");
+        }
         std::fs::create_dir_all(&settings.data_dir).map_err(|source| ServiceError::DataDir {
             path: settings.data_dir.display().to_string(),
             source,
@@ -64,7 +90,7 @@ impl Service {
         let shutdown = CancellationToken::new();
         let mut tasks = Vec::new();
         let mut addr = None;
-        if matches!(mode, Mode::Serve | Mode::Api) {
+        if serves_api {
             let listener =
                 tokio::net::TcpListener::bind(settings.bind)
                     .await
@@ -84,6 +110,7 @@ impl Service {
                     default_max_attempts: settings.max_attempts,
                 },
                 settings.body_limit,
+                settings.auth.clone(),
             );
             let stop = shutdown.clone();
             tasks.push(tokio::spawn(async move {
@@ -94,7 +121,12 @@ impl Service {
                     tracing::error!(error = %e, "HTTP server failed");
                 }
             }));
-            tracing::info!(%local, roots = ?storage.allowed_roots(), "API listening");
+            tracing::info!(
+                %local,
+                roots = ?storage.allowed_roots(),
+                auth = if settings.auth.enabled() { "bearer" } else { "none" },
+                "API listening"
+            );
         }
         if matches!(mode, Mode::Serve | Mode::Worker) {
             let engine = Arc::new(Engine::new(storage.clone(), settings.engine.clone()));

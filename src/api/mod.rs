@@ -3,6 +3,7 @@
 //! Thin: parse and validate the request (recipe module), check every URL against the allowed
 //! roots (storage module), and hand the job to the queue. No math, no object I/O.
 
+pub mod auth;
 pub mod error;
 
 use std::sync::Arc;
@@ -22,6 +23,7 @@ use crate::error::ErrorCode;
 use crate::queue::{CancelOutcome, Job, JobQueue, JobState, ListFilter, NewJob};
 use crate::recipe::{Recipe, Submission};
 use crate::storage::Storage;
+pub use auth::ApiAuth;
 pub use error::ApiError;
 
 /// Largest accepted request body.
@@ -37,7 +39,12 @@ pub struct AppState {
     pub default_max_attempts: i32,
 }
 
-pub fn router(state: AppState, body_limit: usize) -> Router {
+/// The API. `auth` guards `/v1/*` (an empty [`ApiAuth`] lets everything through); health and
+/// readiness stay open. The `Authorization` header is marked sensitive before the trace layer
+/// sees the request, and the trace layer records no headers, so tokens never reach the logs.
+pub fn router(state: AppState, body_limit: usize, auth: ApiAuth) -> Router {
+    let trace = tower_http::trace::TraceLayer::new_for_http()
+        .make_span_with(tower_http::trace::DefaultMakeSpan::new().include_headers(false));
     Router::new()
         .route("/v1/merges", post(submit).get(list))
         .route("/v1/merges/{id}", get(get_job))
@@ -46,7 +53,16 @@ pub fn router(state: AppState, body_limit: usize) -> Router {
         .route("/readyz", get(readyz))
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(body_limit))
-        .layer(tower_http::trace::TraceLayer::new_for_http())
+        .layer(axum::middleware::from_fn_with_state(
+            auth,
+            auth::require_token,
+        ))
+        .layer(trace)
+        .layer(
+            tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer::new([
+                header::AUTHORIZATION,
+            ]),
+        )
         .with_state(state)
 }
 

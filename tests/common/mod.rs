@@ -276,6 +276,7 @@ pub fn test_settings(
             chunk_elems: Some(1024),
             ..Default::default()
         },
+        ..Default::default()
     };
     Settings::resolve(args, None).expect("settings")
 }
