@@ -50,9 +50,9 @@ pub struct EngineConfig {
 impl Default for EngineConfig {
     fn default() -> Self {
         EngineConfig {
-            chunk_elems: 4 << 20,
-            inflight_bytes: 128 << 20,
-            part_size: 16 << 20,
+            chunk_elems: 2 << 20,
+            inflight_bytes: 64 << 20,
+            part_size: 8 << 20,
             upload_concurrency: 4,
         }
     }
@@ -263,10 +263,10 @@ impl Engine {
     pub async fn run(
         &self,
         recipe: &Recipe,
-        ctl: &RunControl,
+        ctl: &Arc<RunControl>,
     ) -> Result<MergeOutcome, EngineError> {
         let started = Instant::now();
-        let plan = self.plan(recipe).await?;
+        let plan = Arc::new(self.plan(recipe).await?);
         ctl.progress
             .tensors_total
             .store(plan.ops.len() as u64, Ordering::Relaxed);
@@ -361,8 +361,8 @@ impl Engine {
     async fn write_all(
         &self,
         recipe: &Recipe,
-        plan: &Plan,
-        ctl: &RunControl,
+        plan: &Arc<Plan>,
+        ctl: &Arc<RunControl>,
         written: &mut Vec<OutputFile>,
         started: Instant,
     ) -> Result<MergeOutcome, EngineError> {
@@ -414,10 +414,10 @@ impl Engine {
     /// Stream one shard: header, then every tensor chunk by chunk, through a multipart upload.
     async fn write_shard(
         &self,
-        plan: &Plan,
+        plan: &Arc<Plan>,
         shard: &ShardPlan,
         kernel: Arc<LinearKernel>,
-        ctl: &RunControl,
+        ctl: &Arc<RunControl>,
     ) -> Result<OutputFile, EngineError> {
         let mut sink = output::ShardSink::create(
             &plan.output,
@@ -431,14 +431,21 @@ impl Engine {
             let chunks = self.chunks_of(plan, shard)?;
             let per_chunk_max = chunks.iter().map(|c| c.bytes_in_flight).max().unwrap_or(1);
             let depth = (self.config.inflight_bytes / per_chunk_max.max(1)).clamp(1, 8) as usize;
+            // Each chunk is its own task, so reads and merges of the next chunks proceed
+            // while this loop hashes and uploads; `buffered` bounds how many are in flight.
             let mut stream = futures::stream::iter(chunks)
                 .map(|chunk| {
-                    let kernel = kernel.clone();
-                    async move { produce_chunk(plan, chunk, kernel, ctl).await }
+                    tokio::spawn(produce_chunk(
+                        plan.clone(),
+                        chunk,
+                        kernel.clone(),
+                        ctl.clone(),
+                    ))
                 })
                 .buffered(depth);
             while let Some(done) = stream.next().await {
-                let (chunk, bytes) = done?;
+                let (chunk, bytes) =
+                    done.map_err(|e| EngineError::Internal(format!("chunk task failed: {e}")))??;
                 ctl.check()?;
                 ctl.progress
                     .bytes_written
@@ -519,10 +526,10 @@ struct LinearKernel {
 
 /// Fetch a chunk's input ranges concurrently, then merge them off the async runtime.
 async fn produce_chunk(
-    plan: &Plan,
+    plan: Arc<Plan>,
     chunk: Chunk,
     kernel: Arc<LinearKernel>,
-    ctl: &RunControl,
+    ctl: Arc<RunControl>,
 ) -> Result<(Chunk, Bytes), EngineError> {
     ctl.check()?;
     if chunk.elems.is_empty() {
@@ -533,6 +540,7 @@ async fn produce_chunk(
         TensorOp::Merge => &plan.inputs,
         TensorOp::CopyFirst => &plan.inputs[..1],
     };
+    let progress = &ctl.progress;
     let reads = sources.iter().map(|(loc, ckpt)| {
         let name = &chunk.tensor;
         let elems = chunk.elems.clone();
@@ -558,7 +566,7 @@ async fn produce_chunk(
                     ),
                 }));
             }
-            ctl.progress
+            progress
                 .bytes_read
                 .fetch_add(bytes.len() as u64, Ordering::Relaxed);
             Ok::<_, EngineError>((t.dtype, bytes))

@@ -18,7 +18,10 @@ const SMALL_FILE: u64 = 16 << 20;
 pub(super) struct ShardSink {
     name: String,
     upload: WriteMultipart,
-    hasher: Sha256,
+    /// Bytes go to a hashing task on the blocking pool, so hashing overlaps the upload and
+    /// the next chunks' merges instead of stalling the writer.
+    to_hasher: tokio::sync::mpsc::Sender<Bytes>,
+    hasher: tokio::task::JoinHandle<Sha256>,
     size: u64,
     concurrency: usize,
 }
@@ -39,37 +42,47 @@ impl ShardSink {
                 "starting upload of {}",
                 loc.url
             )))?;
+        let (to_hasher, mut from_writer) = tokio::sync::mpsc::channel::<Bytes>(4);
+        let hasher = tokio::task::spawn_blocking(move || {
+            let mut h = Sha256::new();
+            while let Some(piece) = from_writer.blocking_recv() {
+                h.update(&piece);
+            }
+            h
+        });
         Ok(ShardSink {
             name: name.to_string(),
             upload: WriteMultipart::new_with_chunk_size(upload, part_size),
-            hasher: Sha256::new(),
+            to_hasher,
+            hasher,
             size: 0,
             concurrency: concurrency.max(1),
         })
     }
 
-    /// Append bytes: hashed off the async runtime, uploaded with bounded parts in flight.
+    /// Append bytes: uploaded with bounded parts in flight, hashed on the side.
     pub(super) async fn write(&mut self, bytes: Bytes) -> Result<(), EngineError> {
-        let mut hasher = std::mem::take(&mut self.hasher);
-        let data = bytes.clone();
-        self.hasher = tokio::task::spawn_blocking(move || {
-            hasher.update(&data);
-            hasher
-        })
-        .await
-        .map_err(|e| EngineError::Internal(format!("hash task failed: {e}")))?;
         self.upload
             .wait_for_capacity(self.concurrency)
             .await
             .map_err(EngineError::store(format!("uploading {}", self.name)))?;
         self.size += bytes.len() as u64;
-        self.upload.put(bytes);
-        Ok(())
+        self.upload.put(bytes.clone());
+        self.to_hasher
+            .send(bytes)
+            .await
+            .map_err(|_| EngineError::Internal("the hashing task stopped".into()))
     }
 
     /// Complete the upload: only now does the object appear, whole.
     pub(super) async fn finish(self) -> Result<OutputFile, EngineError> {
         let name = self.name;
+        drop(self.to_hasher);
+        let digest = self
+            .hasher
+            .await
+            .map_err(|e| EngineError::Internal(format!("hash task failed: {e}")))?
+            .finalize();
         self.upload
             .finish()
             .await
@@ -77,12 +90,14 @@ impl ShardSink {
         Ok(OutputFile {
             path: name,
             size: self.size,
-            sha256: hex::encode(self.hasher.finalize()),
+            sha256: hex::encode(digest),
         })
     }
 
     /// Abort the upload; nothing becomes visible.
     pub(super) async fn abort(self) {
+        drop(self.to_hasher);
+        self.hasher.abort();
         if let Err(e) = self.upload.abort().await {
             tracing::warn!(file = %self.name, error = %e, "aborting a multipart upload failed");
         }
