@@ -388,7 +388,6 @@ async fn scenario(database_url: &str, backend: &str) {
             format!("{}/%2e%2e/x", file_url(&a_dir)),
             "storage_not_allowed",
         ),
-        ("ftp://host/x".to_string(), "storage_not_allowed"),
         (
             "s3://not-allowed-bucket/x".to_string(),
             "storage_not_allowed",

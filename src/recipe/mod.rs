@@ -170,10 +170,11 @@ impl Recipe {
                 ));
             }
             let weight = match m.weight {
-                Some(w) if !w.is_finite() => {
+                // The kernels compute in f32: a weight beyond its range would become infinite.
+                Some(w) if !w.is_finite() || w.abs() > f64::from(f32::MAX) => {
                     return Err(RecipeError::invalid(
                         format!("models[{i}].weight"),
-                        "must be a finite number",
+                        "must be a finite number within the range of f32 (|w| ≤ 3.4e38)",
                     ));
                 }
                 Some(w) => w,

@@ -158,10 +158,9 @@ impl Storage {
         match url.scheme() {
             "file" => self.resolve_file(uri, &url),
             "s3" | "s3a" => self.resolve_s3(uri, &url),
-            other => Err(StorageError::NotAllowed {
-                uri: uri.to_string(),
-                reason: format!("scheme {other:?} is not supported (use file:// or s3://)"),
-            }),
+            other => Err(invalid(&format!(
+                "scheme {other:?} is not supported (use file:// or s3://)"
+            ))),
         }
     }
 
@@ -179,9 +178,11 @@ impl Storage {
             uri: uri.to_string(),
             reason: "not an absolute local path".into(),
         })?;
-        let canonical = canonicalize_lenient(&path).map_err(|source| StorageError::Io {
-            path: path.display().to_string(),
-            source,
+        // A path that cannot be resolved (a file used as a folder, a symlink loop, a name too
+        // long, no permission) is the request's fault: 400, never a 5xx at submit time.
+        let canonical = canonicalize_lenient(&path).map_err(|e| StorageError::InvalidUri {
+            uri: uri.to_string(),
+            reason: format!("cannot resolve the path: {e}"),
         })?;
         if let Some(roots) = &self.roots {
             let inside = roots.iter().any(|r| match r {
@@ -462,7 +463,7 @@ mod tests {
         let e = s.resolve("file:///etc/passwd").unwrap_err();
         assert_eq!(e.code(), ErrorCode::StorageNotAllowed);
         let e = s.resolve("http://example.com/x").unwrap_err();
-        assert_eq!(e.code(), ErrorCode::StorageNotAllowed);
+        assert_eq!(e.code(), ErrorCode::InvalidUri);
         let e = s.resolve("s3://bucket/x").unwrap_err();
         assert_eq!(e.code(), ErrorCode::StorageNotAllowed);
         let e = s.resolve("not a url").unwrap_err();
