@@ -7,6 +7,7 @@
 //! after the caller's [`PublishGate`] confirms the job is still ours. Used by the worker (one
 //! job from the queue) and by the one-shot `ladle merge` command alike.
 
+mod kernel;
 mod manifest;
 mod output;
 
@@ -27,10 +28,11 @@ use crate::checkpoint::{
     open_checkpoint, plan_shards,
 };
 use crate::error::ErrorCode;
-use crate::merge::{DType, MergeError, linear_raw};
-use crate::recipe::Recipe;
+use crate::merge::{DType, MergeError};
+use crate::recipe::{Recipe, layer_index};
 use crate::storage::{Location, Storage, StorageError};
 
+pub use kernel::Kernel;
 pub use manifest::{MANIFEST_NAME, Manifest, OutputFile};
 
 /// Tuning knobs. Memory in flight is about `inflight_bytes` plus one multipart part per
@@ -242,6 +244,7 @@ struct Plan {
     ops: BTreeMap<String, TensorOp>,
     shards: Vec<ShardPlan>,
     recipe_sha256: String,
+    kernel: Arc<Kernel>,
 }
 
 pub struct Engine {
@@ -293,7 +296,11 @@ impl Engine {
     /// Resolve, open and cross-check every input; size the output. Writes nothing.
     async fn plan(&self, recipe: &Recipe) -> Result<Plan, EngineError> {
         let output = self.storage.resolve(&recipe.output.uri)?;
-        let mut locations = Vec::with_capacity(recipe.models.len());
+        let mut locations = Vec::with_capacity(recipe.models.len() + 1);
+        // Inputs in kernel order: the base model first (when the method has one).
+        if let Some(base) = &recipe.base_model {
+            locations.push(self.storage.resolve(base)?);
+        }
         for m in &recipe.models {
             locations.push(self.storage.resolve(&m.uri)?);
         }
@@ -307,6 +314,14 @@ impl Engine {
             .await?;
         let ops = check_compatible(&inputs)?;
         let first = &inputs[0].1;
+        // mergekit interpolates gradients over the layer stack: layer i of L is at i/(L−1).
+        let num_layers = first
+            .tensors
+            .keys()
+            .filter_map(|n| layer_index(n))
+            .max()
+            .map_or(0, |m| m + 1);
+        let kernel = Arc::new(Kernel::new(recipe, num_layers).map_err(EngineError::Internal)?);
         let mut out_tensors = Vec::with_capacity(ops.len());
         for (name, op) in &ops {
             let t = first
@@ -335,6 +350,7 @@ impl Engine {
             ops,
             shards,
             recipe_sha256: hex::encode(recipe.hash()),
+            kernel,
         })
     }
 
@@ -366,11 +382,11 @@ impl Engine {
         written: &mut Vec<OutputFile>,
         started: Instant,
     ) -> Result<MergeOutcome, EngineError> {
-        let (weights, divisor) = recipe.linear_weights();
-        let kernel = Arc::new(LinearKernel { weights, divisor });
         for shard in &plan.shards {
             ctl.check()?;
-            let file = self.write_shard(plan, shard, kernel.clone(), ctl).await?;
+            let file = self
+                .write_shard(plan, shard, plan.kernel.clone(), ctl)
+                .await?;
             written.push(file);
         }
         if plan.shards.len() > 1 {
@@ -416,7 +432,7 @@ impl Engine {
         &self,
         plan: &Arc<Plan>,
         shard: &ShardPlan,
-        kernel: Arc<LinearKernel>,
+        kernel: Arc<Kernel>,
         ctl: &Arc<RunControl>,
     ) -> Result<OutputFile, EngineError> {
         let mut sink = output::ShardSink::create(
@@ -477,7 +493,12 @@ impl Engine {
                 .cloned()
                 .ok_or_else(|| EngineError::Internal(format!("no op for {}", t.name)))?;
             let numel: u64 = t.shape.iter().product();
-            let step = self.config.chunk_elems.max(1) as u64;
+            let whole = matches!(op, TensorOp::Merge) && plan.kernel.whole_tensor(&t.name);
+            let step = if whole {
+                numel.max(1)
+            } else {
+                self.config.chunk_elems.max(1) as u64
+            };
             let in_size: u64 = match op {
                 TensorOp::Merge => plan
                     .inputs
@@ -487,7 +508,14 @@ impl Engine {
                     .sum(),
                 TensorOp::CopyFirst => t.dtype.size_bytes() as u64,
             };
-            let out_size = t.dtype.size_bytes() as u64;
+            // The whole-tensor path also holds an f32 copy of every input, one task vector
+            // per model and an f32 result (see `kernel`).
+            let out_size = t.dtype.size_bytes() as u64
+                + if whole {
+                    8 * (plan.inputs.len() as u64 + 1)
+                } else {
+                    0
+                };
             let mut begin = 0u64;
             loop {
                 let end = (begin + step).min(numel);
@@ -495,6 +523,7 @@ impl Engine {
                     tensor: t.name.clone(),
                     op: op.clone(),
                     out_dtype: t.dtype,
+                    shape: t.shape.clone(),
                     elems: begin..end,
                     last_of_tensor: end == numel,
                     bytes_in_flight: (end - begin) * (in_size + out_size),
@@ -514,21 +543,17 @@ struct Chunk {
     tensor: String,
     op: TensorOp,
     out_dtype: DType,
+    shape: Vec<u64>,
     elems: std::ops::Range<u64>,
     last_of_tensor: bool,
     bytes_in_flight: u64,
-}
-
-struct LinearKernel {
-    weights: Vec<f32>,
-    divisor: Option<f32>,
 }
 
 /// Fetch a chunk's input ranges concurrently, then merge them off the async runtime.
 async fn produce_chunk(
     plan: Arc<Plan>,
     chunk: Chunk,
-    kernel: Arc<LinearKernel>,
+    kernel: Arc<Kernel>,
     ctl: Arc<RunControl>,
 ) -> Result<(Chunk, Bytes), EngineError> {
     ctl.check()?;
@@ -580,16 +605,12 @@ async fn produce_chunk(
     let out_dtype = chunk.out_dtype;
     let n = (chunk.elems.end - chunk.elems.start) as usize;
     let name = chunk.tensor.clone();
+    let shape = chunk.shape.clone();
+    let task_name = name.clone();
     let merged = tokio::task::spawn_blocking(move || {
         let inputs: Vec<(DType, &[u8])> = raw.iter().map(|(d, b)| (*d, b.as_ref())).collect();
         let mut out = vec![0u8; n * out_dtype.size_bytes()];
-        linear_raw(
-            &inputs,
-            &kernel.weights,
-            kernel.divisor,
-            out_dtype,
-            &mut out,
-        )?;
+        kernel.run(&task_name, &shape, &inputs, out_dtype, &mut out)?;
         Ok::<_, MergeError>(Bytes::from(out))
     })
     .await

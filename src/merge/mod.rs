@@ -4,12 +4,19 @@
 //! - [`blocks`]: the blocked, parallel driver [`map_blocks`] that turns raw tensor bytes into
 //!   `f32` blocks, runs an elementwise kernel on them and encodes the result.
 //! - [`linear`](mod@linear): the weighted linear soup kernel ([`linear()`], [`linear_raw`]).
+//! - [`precision`]: rounding to the compute dtype (mergekit's bf16 arithmetic).
+//! - [`gta`]: task arithmetic, TIES, breadcrumbs, DARE, DELLA (mergekit's generalized task
+//!   arithmetic), [`slerp`](mod@slerp), and the keyed generator [`rng`].
 //! - [`error`](mod@error): the error type [`MergeError`].
 
 pub mod blocks;
 pub mod dtype;
 pub mod error;
+pub mod gta;
 pub mod linear;
+pub mod precision;
+pub mod rng;
+pub mod slerp;
 
 pub use blocks::{BLOCK_ELEMS, TASK_ELEMS, map_blocks};
 pub use dtype::{DType, DTypeError, decode_to_f32, encode_from_f32};

@@ -3,8 +3,14 @@
 //! Knows nothing of HTTP or the database. Unknown fields are rejected everywhere (never
 //! silently ignored), and every error names the field it is about.
 
+pub mod setting;
+
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
+
+pub use setting::{FilterRule, Setting, Value, depth, layer_index};
 
 use crate::error::ErrorCode;
 use crate::merge::DType;
@@ -23,6 +29,9 @@ pub const MAX_ATTEMPTS_LIMIT: i32 = 20;
 pub struct MergeRequest {
     pub method: String,
     pub models: Vec<ModelSpec>,
+    /// The pre-trained model the task vectors are taken against (`t = 0` end for slerp).
+    #[serde(default)]
+    pub base_model: Option<String>,
     #[serde(default)]
     pub parameters: serde_json::Map<String, serde_json::Value>,
     pub output: OutputSpec,
@@ -40,6 +49,9 @@ pub struct ModelSpec {
     pub uri: String,
     #[serde(default)]
     pub weight: Option<f64>,
+    /// Per-model parameters (`density`, `gamma`, `epsilon`, `weight` as a gradient or filters).
+    #[serde(default)]
+    pub parameters: serde_json::Map<String, serde_json::Value>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -59,6 +71,109 @@ pub struct OutputSpec {
 pub enum Method {
     /// Weighted (or uniform) average: the model soup.
     Linear,
+    /// `base + λ Σ w_i (x_i − base)` (ALGORITHMS.md §5).
+    TaskArithmetic,
+    /// Trim (top-k magnitude per tensor), elect sign, disjoint mean (§6).
+    Ties,
+    /// Drop the smallest and the largest-magnitude deltas per tensor (§8).
+    Breadcrumbs,
+    /// Breadcrumbs with TIES sign consensus.
+    BreadcrumbsTies,
+    /// Random drop with L1 rescale, then task arithmetic (§7).
+    DareLinear,
+    /// Random drop with L1 rescale, then TIES sign consensus.
+    DareTies,
+    /// Magnitude-ranked random drop per row, sign consensus (§9).
+    Della,
+    /// DELLA without sign consensus.
+    DellaLinear,
+    /// Spherical interpolation between the base (t = 0) and one model (§11.1).
+    Slerp,
+}
+
+impl Method {
+    pub const ALL: [Method; 10] = [
+        Method::Linear,
+        Method::TaskArithmetic,
+        Method::Ties,
+        Method::Breadcrumbs,
+        Method::BreadcrumbsTies,
+        Method::DareLinear,
+        Method::DareTies,
+        Method::Della,
+        Method::DellaLinear,
+        Method::Slerp,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Method::Linear => "linear",
+            Method::TaskArithmetic => "task_arithmetic",
+            Method::Ties => "ties",
+            Method::Breadcrumbs => "breadcrumbs",
+            Method::BreadcrumbsTies => "breadcrumbs_ties",
+            Method::DareLinear => "dare_linear",
+            Method::DareTies => "dare_ties",
+            Method::Della => "della",
+            Method::DellaLinear => "della_linear",
+            Method::Slerp => "slerp",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Method> {
+        Method::ALL.into_iter().find(|m| m.name() == s)
+    }
+
+    /// The generalized-task-arithmetic family (mergekit's `GeneralizedTaskArithmeticMerge`):
+    /// its sparsification, whether it elects signs, and its `normalize`/`rescale` defaults.
+    pub fn gta(self) -> Option<GtaMethod> {
+        use Sparsification as S;
+        let (sparsification, consensus, normalize, rescale) = match self {
+            Method::TaskArithmetic => (S::None, false, false, false),
+            Method::Ties => (S::Magnitude, true, true, false),
+            Method::Breadcrumbs => (S::MagnitudeOutliers, false, false, false),
+            Method::BreadcrumbsTies => (S::MagnitudeOutliers, true, false, false),
+            Method::DareLinear => (S::Random, false, false, true),
+            Method::DareTies => (S::Random, true, false, true),
+            Method::Della => (S::DellaMagprune, true, true, true),
+            Method::DellaLinear => (S::DellaMagprune, false, false, true),
+            Method::Linear | Method::Slerp => return None,
+        };
+        Some(GtaMethod {
+            sparsification,
+            consensus,
+            default_normalize: normalize,
+            default_rescale: rescale,
+        })
+    }
+
+    /// Whether the method needs `base_model`.
+    pub fn needs_base(self) -> bool {
+        !matches!(self, Method::Linear)
+    }
+}
+
+/// How a GTA method sparsifies each task vector.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Sparsification {
+    None,
+    /// Keep the `density` share of largest `|δ|` (TIES).
+    Magnitude,
+    /// Drop the `gamma` share of largest `|δ|` and the smallest down to `density` (breadcrumbs).
+    MagnitudeOutliers,
+    /// Keep each element with probability `density` (DARE).
+    Random,
+    /// Keep with a probability ranked by magnitude per row (DELLA).
+    DellaMagprune,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GtaMethod {
+    pub sparsification: Sparsification,
+    pub consensus: bool,
+    pub default_normalize: bool,
+    pub default_rescale: bool,
 }
 
 /// Method parameters, validated.
@@ -69,6 +184,25 @@ pub enum Parameters {
         /// Divide by the sum of the weights.
         normalize: bool,
     },
+    /// Every generalized-task-arithmetic method (which one is [`Recipe::method`]).
+    Gta {
+        normalize: bool,
+        /// L1-norm rescale of each sparsified task vector (mergekit ≥ 2025-02).
+        rescale: bool,
+        lambda: f64,
+        /// Seed of the keyed generator (DARE, DELLA).
+        seed: u64,
+        /// Precision the arithmetic is rounded to after every step (as torch does on tensors
+        /// of that dtype); `None`: the base model's storage dtype, as mergekit without `dtype`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        compute_dtype: Option<DType>,
+        /// Per-model parameters given once for all models (`density`, `weight`, ...).
+        #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+        model_defaults: BTreeMap<String, Setting>,
+    },
+    Slerp {
+        t: Setting,
+    },
 }
 
 /// One ingredient after validation.
@@ -77,6 +211,9 @@ pub struct Ingredient {
     /// The URL as the client gave it (resolution and the allowed-root check happen in storage).
     pub uri: String,
     pub weight: f64,
+    /// Per-model parameters other than a scalar weight (validated per method).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub parameters: BTreeMap<String, Setting>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -91,7 +228,11 @@ pub struct Output {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Recipe {
     pub method: Method,
+    /// The ingredients, without the base model (an entry naming the base is dropped).
     pub models: Vec<Ingredient>,
+    /// The base model's URL, for the methods that need one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_model: Option<String>,
     pub parameters: Parameters,
     pub output: Output,
 }
@@ -136,15 +277,17 @@ impl Recipe {
 
     /// Validate and normalize a parsed request.
     pub fn from_request(req: MergeRequest) -> Result<Submission, RecipeError> {
-        let method = match req.method.as_str() {
-            "linear" => Method::Linear,
-            other => {
-                return Err(RecipeError::invalid(
-                    "method",
-                    format!("unknown merge method {other:?} (supported: linear)"),
-                ));
-            }
-        };
+        let method = Method::parse(&req.method).ok_or_else(|| {
+            let known: Vec<&str> = Method::ALL.iter().map(|m| m.name()).collect();
+            RecipeError::invalid(
+                "method",
+                format!(
+                    "unknown merge method {:?} (supported: {})",
+                    req.method,
+                    known.join(", ")
+                ),
+            )
+        })?;
         if req.models.is_empty() {
             return Err(RecipeError::invalid(
                 "models",
@@ -160,16 +303,82 @@ impl Recipe {
                 ),
             ));
         }
-        let any_weight = req.models.iter().any(|m| m.weight.is_some());
-        let mut models = Vec::with_capacity(req.models.len());
-        for (i, m) in req.models.iter().enumerate() {
+        let base_model = match (&req.base_model, method.needs_base()) {
+            (None, true) => {
+                return Err(RecipeError::invalid(
+                    "base_model",
+                    format!("method {} needs a base model", method.name()),
+                ));
+            }
+            (Some(_), false) => {
+                return Err(RecipeError::invalid(
+                    "base_model",
+                    format!(
+                        "method {} takes no base model (list it in models instead)",
+                        method.name()
+                    ),
+                ));
+            }
+            (Some(b), true) if b.trim().is_empty() => {
+                return Err(RecipeError::invalid("base_model", "must not be empty"));
+            }
+            (b, _) => b.clone(),
+        };
+        let is_base = |uri: &str| {
+            base_model
+                .as_deref()
+                .is_some_and(|b| b.trim_end_matches('/') == uri.trim_end_matches('/'))
+        };
+        // A model naming the base is the base (mergekit lists it in both places for slerp).
+        let specs: Vec<(usize, &ModelSpec)> = req
+            .models
+            .iter()
+            .enumerate()
+            .filter(|(_, m)| !is_base(&m.uri))
+            .collect();
+        if specs.is_empty() {
+            return Err(RecipeError::invalid(
+                "models",
+                "at least one model besides base_model is required",
+            ));
+        }
+        let scalar_weight = |m: &ModelSpec| {
+            m.weight.or_else(|| {
+                m.parameters
+                    .get("weight")
+                    .and_then(|w| w.as_f64().filter(|_| w.is_number()))
+            })
+        };
+        let any_weight = specs
+            .iter()
+            .any(|(_, m)| m.weight.is_some() || m.parameters.contains_key("weight"));
+        let default_weight = req.parameters.contains_key("weight");
+        let mut models = Vec::with_capacity(specs.len());
+        for &(i, m) in &specs {
             if m.uri.trim().is_empty() {
                 return Err(RecipeError::invalid(
                     format!("models[{i}].uri"),
                     "must not be empty",
                 ));
             }
-            let weight = match m.weight {
+            if m.weight.is_some() && m.parameters.contains_key("weight") {
+                return Err(RecipeError::invalid(
+                    format!("models[{i}].parameters.weight"),
+                    "give the weight once (models[].weight or models[].parameters.weight)",
+                ));
+            }
+            let mut parameters = BTreeMap::new();
+            for (key, value) in &m.parameters {
+                let setting = Setting::from_json(value).map_err(|e| {
+                    RecipeError::invalid(format!("models[{i}].parameters.{key}"), e)
+                })?;
+                if key == "weight" && setting.as_scalar().is_some() {
+                    continue; // carried in `weight`
+                }
+                parameters.insert(key.clone(), setting);
+            }
+            let has_weight = m.weight.is_some() || m.parameters.contains_key("weight");
+            let weight = match scalar_weight(m) {
                 // The kernels compute in f32: a weight beyond its range would become infinite.
                 Some(w) if !w.is_finite() || w.abs() > f64::from(f32::MAX) => {
                     return Err(RecipeError::invalid(
@@ -178,23 +387,61 @@ impl Recipe {
                     ));
                 }
                 Some(w) => w,
-                None if any_weight => {
+                None if has_weight => 1.0, // a gradient or filter list in `parameters`
+                None if any_weight && !default_weight => {
                     return Err(RecipeError::invalid(
                         format!("models[{i}].weight"),
                         "give a weight for every model, or for none (a uniform soup)",
                     ));
                 }
+                None if method.gta().is_some() && !default_weight => {
+                    return Err(RecipeError::invalid(
+                        format!("models[{i}].weight"),
+                        format!("method {} needs a weight for every model", method.name()),
+                    ));
+                }
                 None => 1.0,
             };
-            models.push(Ingredient {
-                uri: m.uri.clone(),
-                weight,
-            });
+            models.push((
+                i,
+                Ingredient {
+                    uri: m.uri.clone(),
+                    weight,
+                    parameters,
+                },
+            ));
         }
         let parameters = match method {
             Method::Linear => parse_linear(&req.parameters, &models)?,
+            Method::Slerp => parse_slerp(&req.parameters, &models)?,
+            _ => parse_gta(method, &req.parameters, &models)?,
         };
+        // A global `weight` applies to the models that give none.
+        if let Parameters::Gta { model_defaults, .. } = &parameters
+            && let Some(w) = model_defaults.get("weight")
+        {
+            for (i, m) in models.iter_mut() {
+                let spec = &req.models[*i];
+                if spec.weight.is_none() && !spec.parameters.contains_key("weight") {
+                    match w.as_scalar() {
+                        Some(x) => m.weight = x,
+                        None => {
+                            m.parameters.insert("weight".into(), w.clone());
+                        }
+                    }
+                }
+            }
+        }
+        let models: Vec<Ingredient> = models.into_iter().map(|(_, m)| m).collect();
         let output = parse_output(&req.output)?;
+        if let Some(b) = &base_model
+            && same_or_nested(b, &output.uri)
+        {
+            return Err(RecipeError::invalid(
+                "output.uri",
+                "the output must not be, contain or lie inside an input (base_model)",
+            ));
+        }
         for (i, m) in models.iter().enumerate() {
             if same_or_nested(&m.uri, &output.uri) {
                 return Err(RecipeError::invalid(
@@ -232,6 +479,7 @@ impl Recipe {
             recipe: Recipe {
                 method,
                 models,
+                base_model,
                 parameters,
                 output,
             },
@@ -253,7 +501,7 @@ impl Recipe {
         let weights: Vec<f32> = self.models.iter().map(|m| m.weight as f32).collect();
         let divisor = match self.parameters {
             Parameters::Linear { normalize: true } => Some(weights.iter().sum::<f32>()),
-            Parameters::Linear { normalize: false } => None,
+            _ => None,
         };
         (weights, divisor)
     }
@@ -261,7 +509,7 @@ impl Recipe {
 
 fn parse_linear(
     params: &serde_json::Map<String, serde_json::Value>,
-    models: &[Ingredient],
+    models: &[(usize, Ingredient)],
 ) -> Result<Parameters, RecipeError> {
     let mut normalize = true;
     for (key, value) in params {
@@ -279,8 +527,16 @@ fn parse_linear(
             }
         }
     }
+    for (i, m) in models {
+        if let Some(key) = m.parameters.keys().next() {
+            return Err(RecipeError::invalid(
+                format!("models[{i}].parameters.{key}"),
+                "method linear takes only a numeric weight per model",
+            ));
+        }
+    }
     if normalize {
-        let sum: f32 = models.iter().map(|m| m.weight as f32).sum();
+        let sum: f32 = models.iter().map(|(_, m)| m.weight as f32).sum();
         if sum == 0.0 || !sum.is_finite() {
             return Err(RecipeError::invalid(
                 "models[].weight",
@@ -289,6 +545,235 @@ fn parse_linear(
         }
     }
     Ok(Parameters::Linear { normalize })
+}
+
+fn bool_param(key: &str, v: &serde_json::Value) -> Result<bool, RecipeError> {
+    v.as_bool()
+        .ok_or_else(|| RecipeError::invalid(format!("parameters.{key}"), "must be true or false"))
+}
+
+/// Per-model parameter names of a GTA method.
+fn gta_model_params(method: Method) -> &'static [&'static str] {
+    match method.gta().map(|g| g.sparsification) {
+        Some(Sparsification::None) => &["weight"],
+        Some(Sparsification::MagnitudeOutliers) => &["weight", "density", "gamma"],
+        Some(Sparsification::DellaMagprune) => &["weight", "density", "epsilon"],
+        Some(_) => &["weight", "density"],
+        None => &[],
+    }
+}
+
+fn check_range(
+    field: &str,
+    s: &Setting,
+    ok: impl Fn(f64) -> bool,
+    what: &str,
+) -> Result<(), RecipeError> {
+    match s.anchors().into_iter().find(|x| !ok(*x)) {
+        Some(bad) => Err(RecipeError::invalid(
+            field,
+            format!("{bad} is out of range: {what}"),
+        )),
+        None => Ok(()),
+    }
+}
+
+fn check_model_param(
+    method: Method,
+    field: &str,
+    key: &str,
+    s: &Setting,
+) -> Result<(), RecipeError> {
+    match key {
+        "density" => check_range(
+            field,
+            s,
+            |d| d > 0.0 && d <= 1.0,
+            "density must be in (0, 1]",
+        ),
+        "gamma" => check_range(
+            field,
+            s,
+            |g| (0.0..1.0).contains(&g),
+            "gamma must be in [0, 1)",
+        ),
+        "epsilon" => check_range(
+            field,
+            s,
+            |e| (0.0..0.5).contains(&e),
+            "epsilon must be in [0, 0.5)",
+        ),
+        "weight" => Ok(()),
+        other => Err(RecipeError::invalid(
+            field,
+            format!(
+                "unknown parameter {other:?} for method {} (known: {})",
+                method.name(),
+                gta_model_params(method).join(", ")
+            ),
+        )),
+    }
+}
+
+fn parse_gta(
+    method: Method,
+    params: &serde_json::Map<String, serde_json::Value>,
+    models: &[(usize, Ingredient)],
+) -> Result<Parameters, RecipeError> {
+    let gta = method
+        .gta()
+        .ok_or_else(|| RecipeError::invalid("method", "not a task-arithmetic method"))?;
+    let mut normalize = gta.default_normalize;
+    let mut rescale = gta.default_rescale;
+    let mut lambda = 1.0;
+    let mut seed = 0u64;
+    let mut compute_dtype = None;
+    let mut model_defaults = BTreeMap::new();
+    let allowed = gta_model_params(method);
+    for (key, value) in params {
+        let field = format!("parameters.{key}");
+        match key.as_str() {
+            "normalize" => normalize = bool_param(key, value)?,
+            "rescale" if gta.sparsification != Sparsification::None => {
+                rescale = bool_param(key, value)?
+            }
+            "lambda" => {
+                lambda = value
+                    .as_f64()
+                    .filter(|x| x.is_finite())
+                    .ok_or_else(|| RecipeError::invalid(&field, "must be a finite number"))?;
+            }
+            "seed"
+                if matches!(
+                    gta.sparsification,
+                    Sparsification::Random | Sparsification::DellaMagprune
+                ) =>
+            {
+                seed = value.as_u64().ok_or_else(|| {
+                    RecipeError::invalid(&field, "must be an integer from 0 to 2^64 − 1")
+                })?;
+            }
+            "compute_dtype" => {
+                let d = value
+                    .as_str()
+                    .and_then(DType::parse_user)
+                    .filter(|d| matches!(d, DType::F32 | DType::BF16 | DType::F16));
+                compute_dtype = Some(d.ok_or_else(|| {
+                    RecipeError::invalid(&field, "use float32, float16 or bfloat16")
+                })?);
+            }
+            k if allowed.contains(&k) => {
+                let s = Setting::from_json(value).map_err(|e| RecipeError::invalid(&field, e))?;
+                check_model_param(method, &field, k, &s)?;
+                model_defaults.insert(k.to_string(), s);
+            }
+            other => {
+                let mut known = vec!["normalize", "lambda", "compute_dtype"];
+                if gta.sparsification != Sparsification::None {
+                    known.push("rescale");
+                }
+                if matches!(
+                    gta.sparsification,
+                    Sparsification::Random | Sparsification::DellaMagprune
+                ) {
+                    known.push("seed");
+                }
+                known.extend_from_slice(allowed);
+                return Err(RecipeError::invalid(
+                    field,
+                    format!(
+                        "unknown parameter {other:?} for method {} (known: {})",
+                        method.name(),
+                        known.join(", ")
+                    ),
+                ));
+            }
+        }
+    }
+    for (i, m) in models {
+        for (key, s) in &m.parameters {
+            check_model_param(method, &format!("models[{i}].parameters.{key}"), key, s)?;
+        }
+        if gta.sparsification == Sparsification::DellaMagprune {
+            let get = |k: &str| {
+                m.parameters
+                    .get(k)
+                    .or_else(|| model_defaults.get(k))
+                    .map(|s| s.anchors())
+            };
+            let densities = get("density").unwrap_or_else(|| vec![1.0]);
+            let epsilons = get("epsilon").unwrap_or_else(|| vec![0.15]);
+            for d in densities.iter().filter(|d| **d < 1.0) {
+                for e in &epsilons {
+                    if d - e <= 0.0 || d + e >= 1.0 {
+                        return Err(RecipeError::invalid(
+                            format!("models[{i}].parameters.epsilon"),
+                            format!("density {d} ± epsilon {e} must lie in (0, 1)"),
+                        ));
+                    }
+                }
+            }
+        }
+    }
+    Ok(Parameters::Gta {
+        normalize,
+        rescale,
+        lambda,
+        seed,
+        compute_dtype,
+        model_defaults,
+    })
+}
+
+fn parse_slerp(
+    params: &serde_json::Map<String, serde_json::Value>,
+    models: &[(usize, Ingredient)],
+) -> Result<Parameters, RecipeError> {
+    if models.len() != 1 {
+        return Err(RecipeError::invalid(
+            "models",
+            format!(
+                "slerp interpolates base_model and exactly one other model ({} given)",
+                models.len()
+            ),
+        ));
+    }
+    if let Some((i, m)) = models.iter().find(|(_, m)| !m.parameters.is_empty()) {
+        let key = m.parameters.keys().next().cloned().unwrap_or_default();
+        return Err(RecipeError::invalid(
+            format!("models[{i}].parameters.{key}"),
+            "slerp takes no per-model parameters",
+        ));
+    }
+    let mut t = None;
+    for (key, value) in params {
+        match key.as_str() {
+            "t" => {
+                t = Some(
+                    Setting::from_json(value)
+                        .map_err(|e| RecipeError::invalid("parameters.t", e))?,
+                )
+            }
+            other => {
+                return Err(RecipeError::invalid(
+                    format!("parameters.{other}"),
+                    "unknown parameter for method slerp (known: t)",
+                ));
+            }
+        }
+    }
+    let t = t.ok_or_else(|| RecipeError::invalid("parameters.t", "slerp needs t"))?;
+    if let Setting::Filters(rules) = &t
+        && !rules
+            .iter()
+            .any(|r| matches!(r.filter.as_deref(), None | Some("*")))
+    {
+        return Err(RecipeError::invalid(
+            "parameters.t",
+            "end the filter list with a rule without filter (the value for other tensors)",
+        ));
+    }
+    Ok(Parameters::Slerp { t })
 }
 
 fn parse_output(spec: &OutputSpec) -> Result<Output, RecipeError> {
@@ -463,6 +948,126 @@ mod tests {
         .unwrap();
         assert_eq!(a.recipe.hash(), b.recipe.hash());
         assert_ne!(a.recipe.hash(), c.recipe.hash());
+    }
+
+    #[test]
+    fn base_model_methods_validate_every_parameter() {
+        use serde_json::json;
+        let req = |method: &str, models: serde_json::Value, params: serde_json::Value| {
+            json!({"method": method, "base_model": "file:///d/base", "models": models,
+                   "parameters": params, "output": {"uri": "file:///d/out"}})
+        };
+        let two = json!([{"uri": "file:///d/a", "weight": 0.5, "parameters": {"density": 0.5}},
+                         {"uri": "file:///d/b", "parameters": {"weight": 0.3, "density": 0.5}}]);
+        let s = parse(req("ties", two.clone(), json!({}))).unwrap();
+        assert_eq!(s.recipe.base_model.as_deref(), Some("file:///d/base"));
+        assert_eq!(s.recipe.models[1].weight, 0.3);
+        assert!(!s.recipe.models[1].parameters.contains_key("weight"));
+        assert!(matches!(
+            s.recipe.parameters,
+            Parameters::Gta {
+                normalize: true,
+                rescale: false,
+                ..
+            }
+        ));
+        // Missing base model.
+        let mut r = req("ties", two.clone(), json!({}));
+        r.as_object_mut().unwrap().remove("base_model");
+        assert_eq!(field(parse(r).unwrap_err()), "base_model");
+        // Linear takes none.
+        let r = req("linear", json!([{"uri": "file:///d/a"}]), json!({}));
+        assert_eq!(field(parse(r).unwrap_err()), "base_model");
+        // Out-of-range density, per model and global.
+        let bad = json!([{"uri": "file:///d/a", "weight": 1, "parameters": {"density": 1.5}}]);
+        assert_eq!(
+            field(parse(req("ties", bad, json!({}))).unwrap_err()),
+            "models[0].parameters.density"
+        );
+        assert_eq!(
+            field(
+                parse(req(
+                    "dare_linear",
+                    two.clone(),
+                    json!({"density": [0.5, 0.0]})
+                ))
+                .unwrap_err()
+            ),
+            "parameters.density"
+        );
+        // Unknown names, also ones another method knows.
+        assert_eq!(
+            field(parse(req("ties", two.clone(), json!({"gamma": 0.1}))).unwrap_err()),
+            "parameters.gamma"
+        );
+        assert_eq!(
+            field(parse(req("task_arithmetic", two.clone(), json!({"seed": 1}))).unwrap_err()),
+            "parameters.seed"
+        );
+        let unk = json!([{"uri": "file:///d/a", "weight": 1, "parameters": {"densty": 0.5}}]);
+        assert_eq!(
+            field(parse(req("ties", unk, json!({}))).unwrap_err()),
+            "models[0].parameters.densty"
+        );
+        // Weight required for GTA methods, unless given globally.
+        let now = json!([{"uri": "file:///d/a"}]);
+        assert_eq!(
+            field(parse(req("task_arithmetic", now.clone(), json!({}))).unwrap_err()),
+            "models[0].weight"
+        );
+        let s = parse(req("task_arithmetic", now, json!({"weight": 0.25}))).unwrap();
+        assert_eq!(s.recipe.models[0].weight, 0.25);
+        // DELLA: density ± epsilon inside (0, 1).
+        let d = json!([{"uri": "file:///d/a", "weight": 1, "parameters": {"density": 0.9, "epsilon": 0.2}}]);
+        assert_eq!(
+            field(parse(req("della", d, json!({}))).unwrap_err()),
+            "models[0].parameters.epsilon"
+        );
+        // Slerp: the base listed among the models is the base; exactly one other model.
+        let s = parse(req(
+            "slerp",
+            json!([{"uri": "file:///d/base"}, {"uri": "file:///d/a"}]),
+            json!({"t": [{"filter": "mlp", "value": [0, 1]}, {"value": 0.5}]}),
+        ))
+        .unwrap();
+        assert_eq!(s.recipe.models.len(), 1);
+        assert_eq!(
+            field(parse(req("slerp", two.clone(), json!({"t": 0.5}))).unwrap_err()),
+            "models"
+        );
+        assert_eq!(
+            field(parse(req("slerp", json!([{"uri": "file:///d/a"}]), json!({}))).unwrap_err()),
+            "parameters.t"
+        );
+        assert_eq!(
+            field(
+                parse(req(
+                    "slerp",
+                    json!([{"uri": "file:///d/a"}]),
+                    json!({"t": [{"filter": "mlp", "value": 1}]})
+                ))
+                .unwrap_err()
+            ),
+            "parameters.t"
+        );
+    }
+
+    #[test]
+    fn linear_recipe_serializes_as_before() {
+        let s = parse(serde_json::json!({
+            "method": "linear",
+            "models": [{"uri": "file:///d/a", "weight": 2.0}],
+            "output": {"uri": "file:///d/out/"}
+        }))
+        .unwrap();
+        let v = serde_json::to_value(&s.recipe).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({"method": "linear",
+                "models": [{"uri": "file:///d/a", "weight": 2.0}],
+                "parameters": {"method": "linear", "normalize": true},
+                "output": {"uri": "file:///d/out/", "dtype": null, "max_shard_size": 5_000_000_000u64}})
+        );
     }
 
     #[test]

@@ -1,0 +1,251 @@
+//! From a recipe to the kernel call for one output tensor: resolves per-tensor parameters
+//! (filters, gradients across depth), picks the compute precision, and says whether a tensor
+//! can stream chunk by chunk (elementwise) or needs the whole tensor at once (a statistic over
+//! the tensor: top-k, norms, ranks, an L1 rescale).
+//!
+//! Memory of the whole-tensor path, per tensor in flight: the raw input bytes, one f32 copy of
+//! every input, one f32 task vector per model (GTA), an f32 output and the encoded output:
+//! about `(2k + 2) · 4 + raw` bytes per element for `k` models plus a base, i.e. a small
+//! multiple of the largest tensor. Selection scratch (magnitudes, DELLA's per-row order) adds
+//! at most 4–8 bytes per element, transiently.
+
+use crate::merge::gta::{self, ModelParams};
+use crate::merge::precision::Precision;
+use crate::merge::{DType, MergeError, decode_to_f32, encode_from_f32, linear_raw, map_blocks};
+use crate::recipe::{GtaMethod, Parameters, Recipe, Setting, depth};
+
+/// The method, ready to run on tensors. Inputs arrive base first (when the recipe has one),
+/// then the models in recipe order.
+#[derive(Debug, Clone)]
+pub enum Kernel {
+    Linear {
+        weights: Vec<f32>,
+        divisor: Option<f32>,
+    },
+    Gta {
+        method: GtaMethod,
+        normalize: bool,
+        rescale: bool,
+        lambda: f64,
+        seed: u64,
+        compute_dtype: Option<DType>,
+        /// Per model: its parameters, its scalar weight.
+        models: Vec<(std::collections::BTreeMap<String, Setting>, f64)>,
+        defaults: std::collections::BTreeMap<String, Setting>,
+        num_layers: usize,
+    },
+    Slerp {
+        t: Setting,
+        num_layers: usize,
+    },
+}
+
+impl Kernel {
+    pub fn new(recipe: &Recipe, num_layers: usize) -> Result<Kernel, String> {
+        match &recipe.parameters {
+            Parameters::Linear { .. } => {
+                let (weights, divisor) = recipe.linear_weights();
+                Ok(Kernel::Linear { weights, divisor })
+            }
+            Parameters::Gta {
+                normalize,
+                rescale,
+                lambda,
+                seed,
+                compute_dtype,
+                model_defaults,
+            } => {
+                let method = recipe
+                    .method
+                    .gta()
+                    .ok_or_else(|| format!("{} is not a GTA method", recipe.method.name()))?;
+                Ok(Kernel::Gta {
+                    method,
+                    normalize: *normalize,
+                    rescale: *rescale,
+                    lambda: *lambda,
+                    seed: *seed,
+                    compute_dtype: *compute_dtype,
+                    models: recipe
+                        .models
+                        .iter()
+                        .map(|m| (m.parameters.clone(), m.weight))
+                        .collect(),
+                    defaults: model_defaults.clone(),
+                    num_layers,
+                })
+            }
+            Parameters::Slerp { t } => Ok(Kernel::Slerp {
+                t: t.clone(),
+                num_layers,
+            }),
+        }
+    }
+
+    fn gta_params(&self, name: &str) -> Option<(gta::Config, Vec<ModelParams>)> {
+        let Kernel::Gta {
+            method,
+            normalize,
+            rescale,
+            lambda,
+            seed,
+            models,
+            defaults,
+            num_layers,
+            ..
+        } = self
+        else {
+            return None;
+        };
+        let t = depth(name, *num_layers);
+        let models = models
+            .iter()
+            .map(|(params, weight)| {
+                let get = |k: &str| {
+                    params
+                        .get(k)
+                        .and_then(|s| s.eval(name, t))
+                        .or_else(|| defaults.get(k).and_then(|s| s.eval(name, t)))
+                };
+                let d = ModelParams::default();
+                ModelParams {
+                    weight: params
+                        .get("weight")
+                        .and_then(|s| s.eval(name, t))
+                        .unwrap_or(*weight),
+                    density: get("density").unwrap_or(d.density),
+                    gamma: get("gamma").unwrap_or(d.gamma),
+                    epsilon: get("epsilon").unwrap_or(d.epsilon),
+                }
+            })
+            .collect();
+        let cfg = gta::Config {
+            sparsification: method.sparsification,
+            consensus: method.consensus,
+            normalize: *normalize,
+            rescale: *rescale,
+            lambda: *lambda,
+            precision: Precision::F32, // set per tensor from the base's dtype
+            seed: *seed,
+        };
+        Some((cfg, models))
+    }
+
+    /// Whether tensor `name` needs all of its elements at once.
+    pub fn whole_tensor(&self, name: &str) -> bool {
+        match self {
+            Kernel::Linear { .. } => false,
+            Kernel::Slerp { .. } => true,
+            Kernel::Gta { .. } => match self.gta_params(name) {
+                Some((cfg, models)) => !models.iter().all(|m| cfg.sparsify_is_noop(m)),
+                None => true,
+            },
+        }
+    }
+
+    /// Merge one tensor (or, for elementwise tensors, one chunk of it) into `out`.
+    /// `inputs` are raw little-endian bytes, base first; `shape` is the whole tensor's shape.
+    pub fn run(
+        &self,
+        name: &str,
+        shape: &[u64],
+        inputs: &[(DType, &[u8])],
+        out_dtype: DType,
+        out: &mut [u8],
+    ) -> Result<(), MergeError> {
+        match self {
+            Kernel::Linear { weights, divisor } => {
+                linear_raw(inputs, weights, *divisor, out_dtype, out)
+            }
+            Kernel::Gta { compute_dtype, .. } => {
+                let Some((mut cfg, models)) = self.gta_params(name) else {
+                    return Ok(());
+                };
+                let base_dtype = inputs.first().map_or(DType::F32, |(d, _)| *d);
+                cfg.precision = Precision::of(compute_dtype.unwrap_or(base_dtype));
+                if models.len() + 1 != inputs.len() {
+                    return Err(MergeError::WeightCount {
+                        inputs: inputs.len(),
+                        weights: models.len() + 1,
+                    });
+                }
+                if models.iter().all(|m| cfg.sparsify_is_noop(m)) {
+                    let p = cfg.precision;
+                    let weights: Vec<f32> = models.iter().map(|m| p.scalar(m.weight)).collect();
+                    return map_blocks(inputs, out_dtype, out, |blocks, o| {
+                        gta::elementwise(blocks, &weights, &cfg, o)
+                    });
+                }
+                let (decoded, mut res) = decode_all(inputs, out_dtype, out)?;
+                let row_len = row_len(shape);
+                let xs: Vec<&[f32]> = decoded[1..].iter().map(|v| v.as_slice()).collect();
+                gta::merge_tensor(&decoded[0], &xs, &models, &cfg, row_len, name, &mut res);
+                encode_from_f32(out_dtype, &res, out).map_err(MergeError::from)
+            }
+            Kernel::Slerp { t, num_layers } => {
+                let tv = t.eval(name, depth(name, *num_layers)).unwrap_or(0.5);
+                let (decoded, mut res) = decode_all(inputs, out_dtype, out)?;
+                if decoded.len() != 2 {
+                    return Err(MergeError::WeightCount {
+                        inputs: decoded.len(),
+                        weights: 2,
+                    });
+                }
+                crate::merge::slerp::slerp(tv, &decoded[0], &decoded[1], &mut res);
+                // mergekit casts the result to the base tensor's dtype before saving.
+                let p = Precision::of(inputs[0].0);
+                for x in res.iter_mut() {
+                    *x = p.round(*x);
+                }
+                encode_from_f32(out_dtype, &res, out).map_err(MergeError::from)
+            }
+        }
+    }
+}
+
+/// DELLA's row: the last dimension (a 0-/1-D tensor is one row).
+fn row_len(shape: &[u64]) -> usize {
+    match shape {
+        [] | [_] => shape.iter().product::<u64>().max(1) as usize,
+        _ => shape.last().copied().unwrap_or(1).max(1) as usize,
+    }
+}
+
+/// Decode every input to f32 (checking lengths) and allocate the f32 result.
+#[allow(clippy::type_complexity)]
+fn decode_all(
+    inputs: &[(DType, &[u8])],
+    out_dtype: DType,
+    out: &[u8],
+) -> Result<(Vec<Vec<f32>>, Vec<f32>), MergeError> {
+    if !out_dtype.is_mergeable_float() {
+        return Err(crate::merge::DTypeError::NotFloat(out_dtype).into());
+    }
+    let osz = out_dtype.size_bytes();
+    if !out.len().is_multiple_of(osz) {
+        return Err(MergeError::OutputLength {
+            dtype: out_dtype,
+            bytes: out.len(),
+        });
+    }
+    let n = out.len() / osz;
+    let mut decoded = Vec::with_capacity(inputs.len());
+    for (index, (dtype, bytes)) in inputs.iter().enumerate() {
+        if !dtype.is_mergeable_float() {
+            return Err(crate::merge::DTypeError::NotFloat(*dtype).into());
+        }
+        if n.checked_mul(dtype.size_bytes()) != Some(bytes.len()) {
+            return Err(MergeError::InputLength {
+                index,
+                dtype: *dtype,
+                expected: n.saturating_mul(dtype.size_bytes()),
+                actual: bytes.len(),
+                elements: n,
+            });
+        }
+        let mut v = vec![0.0f32; n];
+        decode_to_f32(*dtype, bytes, &mut v)?;
+        decoded.push(v);
+    }
+    Ok((decoded, vec![0.0f32; n]))
+}

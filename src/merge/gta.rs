@@ -1,0 +1,490 @@
+//! Generalized task arithmetic (mergekit's `GeneralizedTaskArithmeticMerge`): task arithmetic,
+//! TIES, breadcrumbs (± TIES), DARE (linear/TIES) and DELLA (linear/TIES). ALGORITHMS.md §5–§9.
+//!
+//! For one tensor, with `r(·)` the rounding to the compute [`Precision`]:
+//! ```text
+//! δ_i   = r(x_i − b)                               task vector
+//! δ_i   ← sparsify(δ_i)                            (TIES / breadcrumbs / DARE / DELLA)
+//! w_i   = r(weight_i);  wd_i = r(δ_i · w_i)
+//! sign consensus: s = Σ wd_i (f32, in order); keep i iff sign(wd_i) = (s ≥ 0 ? +1 : −1)
+//! mixed = r(Σ_kept wd_i);  div = r(Σ_kept w_i) (0 → 1)        with consensus
+//! mixed = r(Σ wd_i);       div = r(Σ w_i)      (|·|<1e-8 → 1)  without
+//! normalize: mixed = r(mixed / div);  λ ≠ 1: mixed = r(mixed · λ)
+//! out   = r(b + mixed)
+//! ```
+//! Reductions accumulate in f32 in model order and round once, as torch does on CPU; with
+//! bf16 inputs and the default (storage) precision this reproduces mergekit 0.1.5 bit for bit
+//! wherever the selection is not a tie (conformance README).
+//!
+//! Selection is exact (no histograms): magnitudes are ranked by `(|δ|, index)` ascending, so
+//! equal magnitudes keep the **higher** index first for top-k (TIES) and the band
+//! `[n_bot, n − n_top)` for breadcrumbs. torch's sort is not stable, so mergekit may choose
+//! other elements among equal magnitudes; the conformance tie rule accepts either.
+
+use crate::merge::precision::Precision;
+use crate::merge::rng::KeyedRng;
+use crate::recipe::Sparsification;
+
+/// Per-model parameters for one tensor.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ModelParams {
+    pub weight: f64,
+    pub density: f64,
+    pub gamma: f64,
+    pub epsilon: f64,
+}
+
+impl Default for ModelParams {
+    fn default() -> Self {
+        ModelParams {
+            weight: 1.0,
+            density: 1.0,
+            gamma: 0.01,
+            epsilon: 0.15,
+        }
+    }
+}
+
+/// Method-wide settings for one tensor.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Config {
+    pub sparsification: Sparsification,
+    pub consensus: bool,
+    pub normalize: bool,
+    pub rescale: bool,
+    pub lambda: f64,
+    pub precision: Precision,
+    pub seed: u64,
+}
+
+impl Config {
+    /// Whether sparsifying a model with these parameters changes nothing (then the whole merge
+    /// is elementwise and may run chunk by chunk).
+    pub fn sparsify_is_noop(&self, m: &ModelParams) -> bool {
+        self.sparsification == Sparsification::None || m.density >= 1.0
+    }
+}
+
+/// `δ = r(x − b)` into `out`.
+pub fn task_vector(base: &[f32], x: &[f32], p: Precision, out: &mut [f32]) {
+    for ((o, &b), &x) in out.iter_mut().zip(base).zip(x) {
+        *o = p.round(x - b);
+    }
+}
+
+/// Elementwise combination of (already sparsified) task vectors with the base.
+/// `weights` are the rounded weights `r(w_i)`, one per delta.
+pub fn combine(base: &[f32], deltas: &[&[f32]], weights: &[f32], cfg: &Config, out: &mut [f32]) {
+    let p = cfg.precision;
+    let lambda = cfg.lambda as f32;
+    let plain_div = {
+        let d = p.round(weights.iter().sum::<f32>());
+        if d.abs() < 1e-8 { 1.0 } else { d }
+    };
+    let mut wd = vec![0.0f32; deltas.len()];
+    for (e, o) in out.iter_mut().enumerate() {
+        for (i, d) in deltas.iter().enumerate() {
+            wd[i] = p.round(d[e] * weights[i]);
+        }
+        let (mixed, div) = if cfg.consensus {
+            let s: f32 = wd.iter().sum();
+            let majority = if s >= 0.0 { 1.0f32 } else { -1.0 };
+            let mut acc = 0.0f32;
+            let mut div = 0.0f32;
+            for (x, w) in wd.iter().zip(weights) {
+                if *x != 0.0 && x.signum() == majority {
+                    acc += x;
+                    div += w;
+                }
+            }
+            let div = p.round(div);
+            (p.round(acc), if div == 0.0 { 1.0 } else { div })
+        } else {
+            (p.round(wd.iter().sum::<f32>()), plain_div)
+        };
+        let mut mixed = mixed;
+        if cfg.normalize {
+            mixed = p.round(mixed / div);
+        }
+        if cfg.lambda != 1.0 {
+            mixed = p.round(mixed * lambda);
+        }
+        *o = p.round(base[e] + mixed);
+    }
+}
+
+/// The whole elementwise path for one block: `blocks[0]` is the base, `blocks[1..]` the models.
+/// Valid only when every model's sparsification is a no-op ([`Config::sparsify_is_noop`]).
+pub fn elementwise(blocks: &[&[f32]], weights: &[f32], cfg: &Config, out: &mut [f32]) {
+    let Some((base, xs)) = blocks.split_first() else {
+        return;
+    };
+    let deltas: Vec<Vec<f32>> = xs
+        .iter()
+        .map(|x| {
+            let mut d = vec![0.0; out.len()];
+            task_vector(base, x, cfg.precision, &mut d);
+            d
+        })
+        .collect();
+    let refs: Vec<&[f32]> = deltas.iter().map(|d| d.as_slice()).collect();
+    combine(base, &refs, weights, cfg, out);
+}
+
+/// Keep the elements whose ascending rank by `(|δ|, index)` lies in `lo..hi`; zero the rest.
+/// Exact: two selections on a copy of the magnitudes, then one pass in index order.
+pub fn keep_rank_band(delta: &mut [f32], lo: usize, hi: usize) {
+    let n = delta.len();
+    let hi = hi.min(n);
+    if lo >= hi {
+        delta.fill(0.0);
+        return;
+    }
+    if lo == 0 && hi == n {
+        return;
+    }
+    let mut mags: Vec<f32> = delta.iter().map(|x| x.abs()).collect();
+    let cmp = |a: &f32, b: &f32| a.total_cmp(b);
+    let low = *mags.select_nth_unstable_by(lo, cmp).1;
+    let high = *mags.select_nth_unstable_by(hi - 1, cmp).1;
+    let mut less_low = 0usize;
+    let mut less_high = 0usize;
+    for &m in &mags {
+        if m.total_cmp(&low).is_lt() {
+            less_low += 1;
+        }
+        if m.total_cmp(&high).is_lt() {
+            less_high += 1;
+        }
+    }
+    drop(mags);
+    let (mut seen_low, mut seen_high) = (0usize, 0usize);
+    for x in delta.iter_mut() {
+        let m = x.abs();
+        let keep = if m.total_cmp(&low).is_lt() || m.total_cmp(&high).is_gt() {
+            false
+        } else if m.total_cmp(&low).is_gt() && m.total_cmp(&high).is_lt() {
+            true
+        } else {
+            let rank = if m.total_cmp(&low).is_eq() {
+                seen_low += 1;
+                less_low + seen_low - 1
+            } else {
+                seen_high += 1;
+                less_high + seen_high - 1
+            };
+            (lo..hi).contains(&rank)
+        };
+        if !keep {
+            *x = 0.0;
+        }
+    }
+}
+
+/// mergekit's `magnitude` (TIES trim): keep `max(1, ⌊density·n⌋)` largest magnitudes.
+pub fn magnitude(delta: &mut [f32], density: f64) {
+    if density >= 1.0 {
+        return;
+    }
+    let n = delta.len();
+    let k = ((density * n as f64) as usize).max(1).min(n);
+    keep_rank_band(delta, n - k, n);
+}
+
+/// mergekit's `magnitude_outliers` (breadcrumbs): drop the `⌊gamma·n⌋` largest and the
+/// smallest down to `⌊density·n⌋` kept. When `⌊gamma·n⌋ = 0` nothing large is dropped and the
+/// `⌊density·n⌋` largest are kept: that is what mergekit 0.1.5 does (the conformance pack keeps
+/// 57 of 64 at density 0.9, gamma 0.01), unlike the older slice `[n_bot:-0]` that kept nothing
+/// (ALGORITHMS.md §20.5).
+pub fn magnitude_outliers(delta: &mut [f32], density: f64, gamma: f64) {
+    if density >= 1.0 {
+        return;
+    }
+    let n = delta.len() as i64;
+    let target = (density * n as f64) as i64;
+    let mut n_top = (gamma * n as f64) as i64;
+    let mut n_bot = n - target - n_top;
+    if n_bot < 0 {
+        n_top += n_bot;
+        n_bot = 0;
+    }
+    keep_rank_band(delta, n_bot as usize, (n - n_top) as usize);
+}
+
+/// DARE: keep each element with probability `r(density)`.
+pub fn random(delta: &mut [f32], density: f64, p: Precision, rng: &KeyedRng) {
+    if density >= 1.0 {
+        return;
+    }
+    let keep_p = p.scalar(density) as f64;
+    for (e, x) in delta.iter_mut().enumerate() {
+        if !rng.keep(e as u64, keep_p) {
+            *x = 0.0;
+        }
+    }
+}
+
+/// DELLA's magnitude-ranked drop, per row of `row_len` elements: keep probability
+/// `(density − ε) + 2ε·rank_norm`, ranks held in the compute precision (bf16 rounds ranks
+/// above 256, as mergekit).
+pub fn della(
+    delta: &mut [f32],
+    row_len: usize,
+    density: f64,
+    epsilon: f64,
+    p: Precision,
+    rng: &KeyedRng,
+) {
+    if density >= 1.0 {
+        return;
+    }
+    if density <= 0.0 {
+        delta.fill(0.0);
+        return;
+    }
+    let row_len = row_len.max(1);
+    let low = p.scalar(density - epsilon);
+    let eps = epsilon as f32;
+    let mut order: Vec<u32> = Vec::with_capacity(row_len);
+    let mut rank: Vec<u32> = vec![0; row_len];
+    for (r, row) in delta.chunks_mut(row_len).enumerate() {
+        let d = row.len();
+        order.clear();
+        order.extend(0..d as u32);
+        order.sort_by(|&a, &b| row[a as usize].abs().total_cmp(&row[b as usize].abs()));
+        for (pos, &i) in order.iter().enumerate() {
+            rank[i as usize] = pos as u32 + 1;
+        }
+        let max_rank = p.round(d as f32);
+        let span = p.round(max_rank - 1.0);
+        for (j, x) in row.iter_mut().enumerate() {
+            let rr = p.round(rank[j] as f32);
+            let norm = if span > 0.0 {
+                p.round(p.round(rr - 1.0) / span).clamp(0.0, 1.0)
+            } else {
+                0.0
+            };
+            let prob = p.round(low + p.round(p.round(norm * 2.0) * eps));
+            let e = (r * row_len + j) as u64;
+            if !rng.keep(e, prob as f64) {
+                *x = 0.0;
+            }
+        }
+    }
+}
+
+/// mergekit's L1 rescale: `masked · r(‖δ‖₁ / ‖masked‖₁)` with norms rounded to the precision,
+/// skipped when either norm is below 1e-7.
+pub fn rescale_l1(original_l1: f32, masked: &mut [f32], p: Precision) {
+    let after = p.round(masked.iter().map(|x| x.abs() as f64).sum::<f64>() as f32);
+    if original_l1 < 1e-7 || after < 1e-7 {
+        return;
+    }
+    let scale = p.round(original_l1 / after);
+    for x in masked.iter_mut() {
+        *x = p.round(*x * scale);
+    }
+}
+
+/// Sparsify one task vector in place (with rescale when configured).
+pub fn sparsify(delta: &mut [f32], m: &ModelParams, cfg: &Config, row_len: usize, rng: &KeyedRng) {
+    if cfg.sparsify_is_noop(m) {
+        return;
+    }
+    let p = cfg.precision;
+    let l1 = p.round(delta.iter().map(|x| x.abs() as f64).sum::<f64>() as f32);
+    match cfg.sparsification {
+        Sparsification::None => return,
+        Sparsification::Magnitude => magnitude(delta, m.density),
+        Sparsification::MagnitudeOutliers => magnitude_outliers(delta, m.density, m.gamma),
+        Sparsification::Random => random(delta, m.density, p, rng),
+        Sparsification::DellaMagprune => della(delta, row_len, m.density, m.epsilon, p, rng),
+    }
+    if cfg.rescale {
+        rescale_l1(l1, delta, p);
+    }
+}
+
+/// The whole-tensor path: `xs` are the models (base excluded), `models` their parameters for
+/// this tensor, `row_len` the last-dimension length (DELLA's rows), `tensor` the name keying
+/// the generator. Memory: one f32 task vector per model plus the output.
+pub fn merge_tensor(
+    base: &[f32],
+    xs: &[&[f32]],
+    models: &[ModelParams],
+    cfg: &Config,
+    row_len: usize,
+    tensor: &str,
+    out: &mut [f32],
+) {
+    let p = cfg.precision;
+    let mut deltas = Vec::with_capacity(xs.len());
+    for (i, (x, m)) in xs.iter().zip(models).enumerate() {
+        let mut d = vec![0.0f32; base.len()];
+        task_vector(base, x, p, &mut d);
+        let rng = KeyedRng::new(cfg.seed, i, tensor);
+        sparsify(&mut d, m, cfg, row_len, &rng);
+        deltas.push(d);
+    }
+    let weights: Vec<f32> = models.iter().map(|m| p.scalar(m.weight)).collect();
+    let refs: Vec<&[f32]> = deltas.iter().map(|d| d.as_slice()).collect();
+    combine(base, &refs, &weights, cfg, out);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(s: Sparsification, consensus: bool, normalize: bool) -> Config {
+        Config {
+            sparsification: s,
+            consensus,
+            normalize,
+            rescale: false,
+            lambda: 1.0,
+            precision: Precision::F32,
+            seed: 1,
+        }
+    }
+
+    fn mp(weight: f64, density: f64) -> ModelParams {
+        ModelParams {
+            weight,
+            density,
+            ..Default::default()
+        }
+    }
+
+    fn run(base: &[f32], xs: &[&[f32]], ms: &[ModelParams], c: &Config) -> Vec<f32> {
+        let mut out = vec![0.0; base.len()];
+        merge_tensor(base, xs, ms, c, base.len(), "t", &mut out);
+        out
+    }
+
+    #[test]
+    fn task_arithmetic_by_hand() {
+        let b = [1.0f32, 2.0, 3.0, 4.0];
+        let x1 = [2.0f32, 2.0, 1.0, 4.5];
+        let x2 = [1.0f32, 4.0, 3.0, 3.5];
+        let c = cfg(Sparsification::None, false, false);
+        let out = run(&b, &[&x1, &x2], &[mp(0.5, 1.0), mp(0.25, 1.0)], &c);
+        assert_eq!(out, vec![1.5, 2.5, 2.0, 4.125]);
+        // λ = 0 gives the base exactly.
+        let c0 = Config { lambda: 0.0, ..c };
+        assert_eq!(run(&b, &[&x1, &x2], &[mp(0.5, 1.0), mp(0.25, 1.0)], &c0), b);
+        // One model with itself as base gives the base.
+        assert_eq!(run(&b, &[&b], &[mp(0.7, 1.0)], &c), b);
+    }
+
+    #[test]
+    fn ties_by_hand() {
+        // Deltas: m1 = [3, -1, 2, -4], m2 = [-2, -2, 1, 1]; density 0.5 keeps 2 each:
+        // m1 → [3, 0, 0, -4], m2 → [-2, -2, 0, 0] (|−2| ties: the higher index ranks higher,
+        // both kept here as the two largest).
+        let b = [0.0f32; 4];
+        let x1 = [3.0f32, -1.0, 2.0, -4.0];
+        let x2 = [-2.0f32, -2.0, 1.0, 1.0];
+        let c = cfg(Sparsification::Magnitude, true, true);
+        let out = run(&b, &[&x1, &x2], &[mp(1.0, 0.5), mp(1.0, 0.5)], &c);
+        // e0: 3 − 2 = 1 ≥ 0 → + : only m1 → 3/1; e1: −2 → only m2 → −2; e2: 0 → 0; e3: −4.
+        assert_eq!(out, vec![3.0, -2.0, 0.0, -4.0]);
+        // TIES with density 1 and one model equals task arithmetic (normalize off).
+        let c1 = Config {
+            normalize: false,
+            ..c
+        };
+        let ta = cfg(Sparsification::None, false, false);
+        assert_eq!(
+            run(&b, &[&x1], &[mp(0.5, 1.0)], &c1),
+            run(&b, &[&x1], &[mp(0.5, 1.0)], &ta)
+        );
+    }
+
+    #[test]
+    fn band_selection_is_exact_with_ties() {
+        let mut d = vec![1.0f32, -1.0, 1.0, 2.0, -3.0, 1.0];
+        keep_rank_band(&mut d, 2, 5); // ranks by (|δ|, idx): 0,1,2,5 are the 1s → keep idx 2,5,3
+        assert_eq!(d, vec![0.0, 0.0, 1.0, 2.0, 0.0, 1.0]);
+        let mut t = vec![5.0f32, 1.0, 5.0, 5.0];
+        magnitude(&mut t, 0.5);
+        assert_eq!(t, vec![0.0, 0.0, 5.0, 5.0]);
+        let mut z = vec![1.0f32; 10];
+        magnitude(&mut z, 0.01); // max(1, 0) = 1 kept
+        assert_eq!(z.iter().filter(|x| **x != 0.0).count(), 1);
+    }
+
+    #[test]
+    fn breadcrumbs_as_mergekit() {
+        // 100 elements 1..=100: density 0.9, gamma 0.01 → n_top 1, n_bot 9: keep 10..=99.
+        let mut d: Vec<f32> = (1..=100).map(|x| x as f32).collect();
+        magnitude_outliers(&mut d, 0.9, 0.01);
+        let kept: Vec<f32> = d.iter().copied().filter(|x| *x != 0.0).collect();
+        assert_eq!(kept, (10..=99).map(|x| x as f32).collect::<Vec<_>>());
+        // Fewer than 1/gamma elements: no outlier dropped, the 45 largest kept (mergekit 0.1.5).
+        let mut s: Vec<f32> = (1..=50).map(|x| x as f32).collect();
+        magnitude_outliers(&mut s, 0.9, 0.01);
+        let kept: Vec<f32> = s.iter().copied().filter(|x| *x != 0.0).collect();
+        assert_eq!(kept, (6..=50).map(|x| x as f32).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn dare_keeps_density_and_rescales_l1() {
+        let n = 100_000;
+        let b = vec![0.0f32; n];
+        let x: Vec<f32> = (0..n).map(|i| ((i % 7) as f32 - 3.0) * 0.25).collect();
+        for density in [0.3, 0.7] {
+            let mut c = cfg(Sparsification::Random, false, false);
+            c.rescale = true;
+            let out = run(&b, &[&x], &[mp(1.0, density)], &c);
+            let nz_in = x.iter().filter(|v| **v != 0.0).count() as f64;
+            let kept = out.iter().filter(|v| **v != 0.0).count() as f64;
+            let frac = kept / nz_in;
+            let sd = (density * (1.0 - density) / nz_in).sqrt();
+            assert!(
+                (frac - density).abs() < 4.0 * sd,
+                "density {density}: {frac}"
+            );
+            let l1 = |v: &[f32]| v.iter().map(|a| a.abs() as f64).sum::<f64>();
+            assert!((l1(&out) / l1(&x) - 1.0).abs() < 1e-5);
+            // Same seed, same bytes; another seed, another mask.
+            assert_eq!(out, run(&b, &[&x], &[mp(1.0, density)], &c));
+            let c2 = Config { seed: 2, ..c };
+            assert_ne!(out, run(&b, &[&x], &[mp(1.0, density)], &c2));
+        }
+    }
+
+    #[test]
+    fn della_keep_probability_follows_rank() {
+        let n = 4096;
+        let b = vec![0.0f32; n];
+        let x: Vec<f32> = (1..=n).map(|i| i as f32).collect();
+        let c = cfg(Sparsification::DellaMagprune, false, false);
+        let m = ModelParams {
+            weight: 1.0,
+            density: 0.5,
+            gamma: 0.0,
+            epsilon: 0.4,
+        };
+        let out = run(&b, &[&x], &[m], &c);
+        let low = out[..n / 4].iter().filter(|v| **v != 0.0).count() as f64 / (n / 4) as f64;
+        let high = out[3 * n / 4..].iter().filter(|v| **v != 0.0).count() as f64 / (n / 4) as f64;
+        // Expected keep rates: ≈ 0.1 + 0.8·0.125 = 0.2 and ≈ 0.8.
+        assert!((low - 0.2).abs() < 0.05, "{low}");
+        assert!((high - 0.8).abs() < 0.05, "{high}");
+    }
+
+    #[test]
+    fn bf16_rounds_every_step() {
+        let p = Precision::BF16;
+        let c = Config {
+            precision: p,
+            ..cfg(Sparsification::None, false, false)
+        };
+        let b = [1.0f32];
+        let x = [1.0f32 + 2f32.powi(-7)];
+        // δ = 2^-7; w = r(0.3) = 0.30078125; wd = r(2^-7·0.30078125) = 0.00234985…; out r(1+wd).
+        let out = run(&b, &[&x], &[mp(0.3, 1.0)], &c);
+        let wd = p.round(2f32.powi(-7) * 0.30078125);
+        assert_eq!(out[0], p.round(1.0 + wd));
+    }
+}

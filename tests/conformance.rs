@@ -1,0 +1,502 @@
+//! Conformance against mergekit 0.1.5: runs each recipe of `../shared/conformance/` (the pack's
+//! README gives the rules) through the real engine and compares every output tensor with
+//! mergekit's, printing per recipe the number of differing elements and the largest difference
+//! in ulps of the inputs (`ulp(m_e)`, `m_e` = the largest input magnitude at that element).
+//!
+//! The recipes are translated from `recipe.yml` to ladle's JSON here (YAML parsing is not in
+//! ladle yet). The pack is found at `$LADLE_CONFORMANCE_DIR` or `/work/shared/conformance`;
+//! without it the test prints a loud SKIPPED line.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use half::bf16;
+use ladle::engine::{Engine, EngineConfig, RunControl};
+use ladle::recipe::Recipe;
+use ladle::storage::{S3Settings, Storage};
+use serde_json::{Value, json};
+
+fn pack_dir() -> Option<PathBuf> {
+    let p = std::env::var_os("LADLE_CONFORMANCE_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/work/shared/conformance"));
+    p.join("expected.json").exists().then_some(p)
+}
+
+fn url(p: &Path) -> String {
+    url::Url::from_directory_path(p).unwrap().to_string()
+}
+
+/// Tensors of a safetensors file, decoded to f32 (bf16/f16/f32 inputs).
+fn read_tensors(path: &Path) -> BTreeMap<String, (Vec<u64>, Vec<f32>, String)> {
+    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut out = BTreeMap::new();
+    for (name, view) in st.tensors() {
+        let data = view.data();
+        let values: Vec<f32> = match view.dtype() {
+            safetensors::Dtype::BF16 => data
+                .chunks_exact(2)
+                .map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect(),
+            safetensors::Dtype::F16 => data
+                .chunks_exact(2)
+                .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect(),
+            safetensors::Dtype::F32 => data
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect(),
+            d => panic!("{name}: unexpected dtype {d:?}"),
+        };
+        let shape = view.shape().iter().map(|x| *x as u64).collect();
+        out.insert(name, (shape, values, format!("{:?}", view.dtype())));
+    }
+    out
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Rule {
+    /// Bit-identical.
+    Exact,
+    /// Bit-identical outside the ambiguous set of a top-k (`Ties`) selection.
+    TiesTopK { density: f64, f32_delta: bool },
+    /// Same for breadcrumbs' band.
+    BreadcrumbsBand { density: f64, gamma: f64 },
+    /// Within this many ulps everywhere.
+    Ulps(f64),
+    /// Random masks: statistics against mergekit's spread (checks.json → random).
+    Statistical,
+}
+
+struct Case {
+    name: &'static str,
+    /// Input models (base first when there is one) for `m_e`.
+    inputs: Vec<&'static str>,
+    recipe: Value,
+    rule: Rule,
+}
+
+fn cases(pack: &Path, out_root: &Path) -> Vec<Case> {
+    let m = |n: &str| url(&pack.join("inputs").join(n));
+    let out = |n: &str| json!({"uri": url(&out_root.join(n)), "dtype": "bfloat16"});
+    let gta = |method: &str, name: &str, extra: Value, global: Value| {
+        let weights = [0.5, 0.3, 0.2];
+        let models: Vec<Value> = (1..=3)
+            .map(|i| {
+                let mut p = extra.clone();
+                p["weight"] = json!(weights[i - 1]);
+                json!({"uri": m(&format!("ft{i}")), "parameters": p})
+            })
+            .collect();
+        json!({"method": method, "base_model": m("base"), "models": models,
+               "parameters": global, "output": out(name)})
+    };
+    let all = vec!["base", "ft1", "ft2", "ft3"];
+    let uniform: Vec<Value> = all
+        .iter()
+        .map(|n| json!({"uri": m(n), "weight": 1.0}))
+        .collect();
+    vec![
+        Case {
+            name: "linear",
+            inputs: all.clone(),
+            recipe: json!({"method": "linear",
+                "models": uniform,
+                "output": out("linear")}),
+            rule: Rule::Exact,
+        },
+        Case {
+            name: "linear_weighted",
+            inputs: all.clone(),
+            recipe: json!({"method": "linear",
+                "models": [{"uri": m("base"), "weight": 0.1}, {"uri": m("ft1"), "weight": 0.6},
+                           {"uri": m("ft2"), "weight": 0.3}, {"uri": m("ft3"), "weight": 0.2}],
+                "parameters": {"normalize": true}, "output": out("linear_weighted")}),
+            rule: Rule::Exact,
+        },
+        Case {
+            name: "task_arithmetic",
+            inputs: all.clone(),
+            recipe: gta("task_arithmetic", "task_arithmetic", json!({}), json!({})),
+            rule: Rule::Exact,
+        },
+        Case {
+            name: "ties",
+            inputs: all.clone(),
+            recipe: gta("ties", "ties", json!({"density": 0.5}), json!({})),
+            rule: Rule::TiesTopK {
+                density: 0.5,
+                f32_delta: false,
+            },
+        },
+        Case {
+            name: "ties_f32",
+            inputs: all.clone(),
+            recipe: gta(
+                "ties",
+                "ties_f32",
+                json!({"density": 0.5}),
+                json!({"compute_dtype": "float32"}),
+            ),
+            rule: Rule::TiesTopK {
+                density: 0.5,
+                f32_delta: true,
+            },
+        },
+        Case {
+            name: "breadcrumbs",
+            inputs: all.clone(),
+            recipe: gta(
+                "breadcrumbs",
+                "breadcrumbs",
+                json!({"density": 0.9, "gamma": 0.01}),
+                json!({}),
+            ),
+            rule: Rule::BreadcrumbsBand {
+                density: 0.9,
+                gamma: 0.01,
+            },
+        },
+        Case {
+            name: "breadcrumbs_ties",
+            inputs: all.clone(),
+            recipe: gta(
+                "breadcrumbs_ties",
+                "breadcrumbs_ties",
+                json!({"density": 0.9, "gamma": 0.01}),
+                json!({}),
+            ),
+            rule: Rule::BreadcrumbsBand {
+                density: 0.9,
+                gamma: 0.01,
+            },
+        },
+        Case {
+            name: "dare_linear",
+            inputs: all.clone(),
+            recipe: gta(
+                "dare_linear",
+                "dare_linear",
+                json!({"density": 0.5}),
+                json!({"seed": 42}),
+            ),
+            rule: Rule::Statistical,
+        },
+        Case {
+            name: "dare_ties",
+            inputs: all.clone(),
+            recipe: gta(
+                "dare_ties",
+                "dare_ties",
+                json!({"density": 0.5}),
+                json!({"seed": 42}),
+            ),
+            rule: Rule::Statistical,
+        },
+        Case {
+            name: "della",
+            inputs: all.clone(),
+            recipe: gta(
+                "della",
+                "della",
+                json!({"density": 0.5, "epsilon": 0.1}),
+                json!({"seed": 42}),
+            ),
+            rule: Rule::Statistical,
+        },
+        Case {
+            name: "della_linear",
+            inputs: all.clone(),
+            recipe: gta(
+                "della_linear",
+                "della_linear",
+                json!({"density": 0.5, "epsilon": 0.1}),
+                json!({"seed": 42}),
+            ),
+            rule: Rule::Statistical,
+        },
+        Case {
+            name: "slerp",
+            inputs: vec!["base", "ft1"],
+            recipe: json!({"method": "slerp", "base_model": m("base"),
+                "models": [{"uri": m("base")}, {"uri": m("ft1")}],
+                "parameters": {"t": 0.3}, "output": out("slerp")}),
+            rule: Rule::Ulps(1.0),
+        },
+        Case {
+            name: "slerp_gradient",
+            inputs: vec!["base", "ft1"],
+            recipe: json!({"method": "slerp", "base_model": m("base"),
+                "models": [{"uri": m("base")}, {"uri": m("ft1")}],
+                "parameters": {"t": [
+                    {"filter": "self_attn", "value": [0.0, 0.5, 0.3, 0.7, 1.0]},
+                    {"filter": "mlp", "value": [1.0, 0.5, 0.7, 0.3, 0.0]},
+                    {"value": 0.5}]},
+                "output": out("slerp_gradient")}),
+            rule: Rule::Ulps(1.0),
+        },
+    ]
+}
+
+fn ulp(m: f32) -> f64 {
+    if m == 0.0 || !m.is_finite() {
+        return f64::MIN_POSITIVE;
+    }
+    2f64.powi((m.abs() as f64).log2().floor() as i32 - 7)
+}
+
+/// Elements whose `|δ|` sits in a tie group cut by a selection boundary (ascending ranks).
+fn mark_boundary(mags: &[f32], boundaries: &[usize], amb: &mut [bool]) {
+    let mut sorted = mags.to_vec();
+    sorted.sort_by(|a, b| a.total_cmp(b));
+    for &p in boundaries {
+        if p == 0 || p >= sorted.len() || sorted[p - 1] != sorted[p] {
+            continue;
+        }
+        let v = sorted[p];
+        for (a, m) in amb.iter_mut().zip(mags) {
+            if *m == v {
+                *a = true;
+            }
+        }
+    }
+}
+
+fn ambiguous(rule: Rule, base: &[f32], models: &[&[f32]]) -> Option<Vec<bool>> {
+    let n = base.len();
+    let mut amb = vec![false; n];
+    for x in models {
+        let delta = |f32_delta: bool| -> Vec<f32> {
+            x.iter()
+                .zip(base)
+                .map(|(a, b)| {
+                    let d = a - b;
+                    if f32_delta {
+                        d
+                    } else {
+                        bf16::from_f32(d).to_f32()
+                    }
+                    .abs()
+                })
+                .collect()
+        };
+        match rule {
+            Rule::TiesTopK { density, f32_delta } => {
+                let k = ((density * n as f64) as usize).max(1);
+                mark_boundary(&delta(f32_delta), &[n - k], &mut amb);
+            }
+            Rule::BreadcrumbsBand { density, gamma } => {
+                let target = (density * n as f64) as i64;
+                let mut n_top = (gamma * n as f64) as i64;
+                let mut n_bot = n as i64 - target - n_top;
+                if n_bot < 0 {
+                    n_top += n_bot;
+                    n_bot = 0;
+                }
+                mark_boundary(
+                    &delta(false),
+                    &[n_bot as usize, n - n_top as usize],
+                    &mut amb,
+                );
+            }
+            _ => return None,
+        }
+    }
+    Some(amb)
+}
+
+async fn run_recipe(recipe: &Value, chunk_elems: usize) {
+    let storage = Arc::new(Storage::new(None, S3Settings::default()).unwrap());
+    let engine = Engine::new(
+        storage,
+        EngineConfig {
+            chunk_elems,
+            ..Default::default()
+        },
+    );
+    let sub = Recipe::parse_json(&serde_json::to_vec(recipe).unwrap())
+        .unwrap_or_else(|e| panic!("recipe rejected: {e}"));
+    engine
+        .run(&sub.recipe, &Arc::new(RunControl::standalone()))
+        .await
+        .unwrap_or_else(|e| panic!("merge failed [{}]: {e}", e.code()));
+}
+
+fn stat(checks: &Value, recipe: &str, tensor: &str, key: &str) -> (f64, f64) {
+    let v = &checks["random"][recipe]["tensors"][tensor][key];
+    (v[0].as_f64().unwrap(), v[1].as_f64().unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conformance_with_mergekit() {
+    let Some(pack) = pack_dir() else {
+        eprintln!(
+            "\n==================== SKIPPED: conformance (no pack at $LADLE_CONFORMANCE_DIR or /work/shared/conformance) ====================\n"
+        );
+        return;
+    };
+    let checks: Value =
+        serde_json::from_slice(&std::fs::read(pack.join("checks.json")).unwrap()).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let inputs: BTreeMap<&str, _> = ["base", "ft1", "ft2", "ft3"]
+        .into_iter()
+        .map(|n| {
+            (
+                n,
+                read_tensors(&pack.join("inputs").join(n).join("model.safetensors")),
+            )
+        })
+        .collect();
+    let mut failures = Vec::new();
+    eprintln!("recipe              | rule            | differing elements      | max ulps | notes");
+    for case in cases(&pack, tmp.path()) {
+        // Small chunks: the elementwise path streams in many pieces.
+        run_recipe(&case.recipe, 1000).await;
+        let got = read_tensors(&tmp.path().join(case.name).join("model.safetensors"));
+        let want = read_tensors(&pack.join(case.name).join("expected/model.safetensors"));
+        let names_got: BTreeSet<&String> = got.keys().collect();
+        let names_want: BTreeSet<&String> = want.keys().collect();
+        if names_got != names_want {
+            failures.push(format!("{}: tensor names differ", case.name));
+            continue;
+        }
+        let (mut total, mut differ, mut amb_total, mut differ_outside) =
+            (0usize, 0usize, 0usize, 0usize);
+        let mut max_ulps = 0f64;
+        let mut max_ulps_outside = 0f64;
+        let mut stat_notes = Vec::new();
+        for (name, (shape, w, wdt)) in &want {
+            let (gshape, g, gdt) = &got[name];
+            if shape != gshape || wdt != gdt {
+                failures.push(format!(
+                    "{}: {name}: shape/dtype {gshape:?} {gdt} vs expected {shape:?} {wdt}",
+                    case.name
+                ));
+                continue;
+            }
+            let ins: Vec<&[f32]> = case
+                .inputs
+                .iter()
+                .map(|i| inputs[i][name].1.as_slice())
+                .collect();
+            let amb = ambiguous(case.rule, ins[0], &ins[1..]);
+            total += w.len();
+            for e in 0..w.len() {
+                let m_e = ins.iter().map(|x| x[e].abs()).fold(0.0f32, f32::max);
+                let a = amb.as_ref().is_some_and(|v| v[e]);
+                amb_total += a as usize;
+                if g[e].to_bits() == w[e].to_bits() {
+                    continue;
+                }
+                differ += 1;
+                let ulps = (g[e] as f64 - w[e] as f64).abs() / ulp(m_e);
+                max_ulps = max_ulps.max(ulps);
+                if !a {
+                    differ_outside += 1;
+                    max_ulps_outside = max_ulps_outside.max(ulps);
+                }
+            }
+            if let Rule::Statistical = case.rule {
+                let base = ins[0];
+                let d: Vec<f64> = g
+                    .iter()
+                    .zip(base)
+                    .map(|(o, b)| *o as f64 - *b as f64)
+                    .collect();
+                let n = d.len() as f64;
+                let frac = d.iter().filter(|x| **x == 0.0).count() as f64 / n;
+                let l1: f64 = d.iter().map(|x| x.abs()).sum();
+                let l2: f64 = d.iter().map(|x| x * x).sum::<f64>().sqrt();
+                for (key, v, rel) in [
+                    ("frac_equal_base", frac, 0.0),
+                    ("l1_delta", l1, 2f64.powi(-7)),
+                    ("l2_delta", l2, 2f64.powi(-7)),
+                ] {
+                    let (mean, sd) = stat(&checks, case.name, name, key);
+                    let allow = 5.0 * sd + rel * mean.abs() + 1e-12;
+                    let z = (v - mean).abs() / allow;
+                    stat_notes.push(z);
+                    if z > 1.0 {
+                        failures.push(format!(
+                            "{}: {name}: {key} = {v} vs mergekit {mean} ± {sd} (uses {:.0}% of the allowance)",
+                            case.name,
+                            z * 100.0
+                        ));
+                    }
+                }
+            }
+        }
+        let note = match case.rule {
+            Rule::Exact => {
+                if differ > 0 {
+                    failures.push(format!(
+                        "{}: {differ} elements differ (bit-identical expected)",
+                        case.name
+                    ));
+                }
+                String::new()
+            }
+            Rule::TiesTopK { .. } | Rule::BreadcrumbsBand { .. } => {
+                if differ_outside > 0 {
+                    failures.push(format!(
+                        "{}: {differ_outside} elements differ outside the ambiguous set (max {max_ulps_outside} ulps)",
+                        case.name
+                    ));
+                }
+                format!(
+                    "ambiguous {:.1}%, differing outside it: {differ_outside}",
+                    100.0 * amb_total as f64 / total as f64
+                )
+            }
+            Rule::Ulps(k) => {
+                if max_ulps > k {
+                    failures.push(format!("{}: max {max_ulps} ulps > {k}", case.name));
+                }
+                String::new()
+            }
+            Rule::Statistical => {
+                // Determinism: another chunking gives the same bytes.
+                let first =
+                    std::fs::read(tmp.path().join(case.name).join("model.safetensors")).unwrap();
+                let mut again = case.recipe.clone();
+                let other = tmp.path().join(format!("{}-again", case.name));
+                again["output"]["uri"] = json!(url(&other));
+                run_recipe(&again, 7).await;
+                let second = std::fs::read(other.join("model.safetensors")).unwrap();
+                if first != second {
+                    failures.push(format!(
+                        "{}: not deterministic across runs/chunking",
+                        case.name
+                    ));
+                }
+                format!(
+                    "stats use at most {:.0}% of the allowance; rerun identical: {}",
+                    100.0 * stat_notes.iter().copied().fold(0.0, f64::max),
+                    first == second
+                )
+            }
+        };
+        eprintln!(
+            "{:<19} | {:<15} | {:>7} of {:>7} ({:>5.2}%) | {:>8.2} | {}",
+            case.name,
+            match case.rule {
+                Rule::Exact => "bit-identical",
+                Rule::TiesTopK { .. } | Rule::BreadcrumbsBand { .. } => "tie rule",
+                Rule::Ulps(_) => "ulps",
+                Rule::Statistical => "statistical",
+            },
+            differ,
+            total,
+            100.0 * differ as f64 / total.max(1) as f64,
+            max_ulps,
+            note
+        );
+    }
+    assert!(
+        failures.is_empty(),
+        "conformance failures:\n{}",
+        failures.join("\n")
+    );
+}
