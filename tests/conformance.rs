@@ -66,6 +66,8 @@ enum Rule {
     BreadcrumbsBand { density: f64, gamma: f64 },
     /// Within this many ulps everywhere.
     Ulps(f64),
+    /// sce: tie rule on the variance top-k, within 4 ulps outside the ambiguous set.
+    SceVariance { select_topk: f32 },
     /// Random masks: statistics against mergekit's spread (checks.json → random).
     Statistical,
 }
@@ -237,6 +239,38 @@ fn cases(pack: &Path, out_root: &Path) -> Vec<Case> {
                 "output": out("slerp_gradient")}),
             rule: Rule::Ulps(1.0),
         },
+        Case {
+            name: "model_stock",
+            inputs: all.clone(),
+            recipe: json!({"method": "model_stock", "base_model": m("base"),
+                "models": [{"uri": m("ft1")}, {"uri": m("ft2")}, {"uri": m("ft3")}],
+                "output": out("model_stock")}),
+            rule: Rule::Ulps(4.0),
+        },
+        Case {
+            name: "nuslerp",
+            inputs: vec!["base", "ft1", "ft2"],
+            recipe: json!({"method": "nuslerp", "base_model": m("base"),
+                "models": [{"uri": m("ft1"), "weight": 0.7}, {"uri": m("ft2"), "weight": 0.3}],
+                "output": out("nuslerp")}),
+            rule: Rule::Ulps(1.0),
+        },
+        Case {
+            name: "karcher",
+            inputs: vec!["ft1", "ft2", "ft3"],
+            recipe: json!({"method": "karcher",
+                "models": [{"uri": m("ft1")}, {"uri": m("ft2")}, {"uri": m("ft3")}],
+                "output": out("karcher")}),
+            rule: Rule::Ulps(2.0),
+        },
+        Case {
+            name: "sce",
+            inputs: all.clone(),
+            recipe: json!({"method": "sce", "base_model": m("base"),
+                "models": [{"uri": m("ft1")}, {"uri": m("ft2")}, {"uri": m("ft3")}],
+                "parameters": {"select_topk": 0.5}, "output": out("sce")}),
+            rule: Rule::SceVariance { select_topk: 0.5 },
+        },
     ]
 }
 
@@ -301,8 +335,35 @@ fn ambiguous(rule: Rule, base: &[f32], models: &[&[f32]]) -> Option<Vec<bool>> {
                     &mut amb,
                 );
             }
+            Rule::SceVariance { .. } => {}
             _ => return None,
         }
+    }
+    if let Rule::SceVariance { select_topk } = rule {
+        let tvs: Vec<Vec<f32>> = models
+            .iter()
+            .map(|x| {
+                x.iter()
+                    .zip(base)
+                    .map(|(a, b)| bf16::from_f32(a - b).to_f32())
+                    .collect()
+            })
+            .collect();
+        let m = tvs.len() as f64;
+        let var: Vec<f32> = (0..n)
+            .map(|e| {
+                let mean = tvs.iter().map(|t| t[e] as f64).sum::<f64>() / m;
+                let v = tvs
+                    .iter()
+                    .map(|t| (t[e] as f64 - mean).powi(2))
+                    .sum::<f64>()
+                    / m;
+                bf16::from_f32(v as f32).to_f32()
+            })
+            .collect();
+        let nonzero = var.iter().filter(|v| **v != 0.0).count();
+        let k = ((nonzero as f32) * select_topk) as usize;
+        mark_boundary(&var, &[n - k], &mut amb);
     }
     Some(amb)
 }
@@ -438,6 +499,18 @@ async fn conformance_with_mergekit() {
                 }
                 String::new()
             }
+            Rule::SceVariance { .. } => {
+                if max_ulps_outside > 4.0 {
+                    failures.push(format!(
+                        "{}: max {max_ulps_outside} ulps outside the ambiguous set (4 allowed)",
+                        case.name
+                    ));
+                }
+                format!(
+                    "ambiguous {:.1}%, outside it {differ_outside} differ, max {max_ulps_outside:.2} ulps",
+                    100.0 * amb_total as f64 / total as f64
+                )
+            }
             Rule::TiesTopK { .. } | Rule::BreadcrumbsBand { .. } => {
                 if differ_outside > 0 {
                     failures.push(format!(
@@ -484,6 +557,7 @@ async fn conformance_with_mergekit() {
             match case.rule {
                 Rule::Exact => "bit-identical",
                 Rule::TiesTopK { .. } | Rule::BreadcrumbsBand { .. } => "tie rule",
+                Rule::SceVariance { .. } => "tie rule + 4 ulps",
                 Rule::Ulps(_) => "ulps",
                 Rule::Statistical => "statistical",
             },

@@ -38,6 +38,15 @@ pub enum Kernel {
         t: Setting,
         num_layers: usize,
     },
+    /// model_stock, nuslerp, karcher, sce: whole-tensor methods without per-tensor settings
+    /// beyond the models' weights.
+    Other {
+        parameters: Parameters,
+        /// Per model: its parameters, its scalar weight.
+        models: Vec<(std::collections::BTreeMap<String, Setting>, f64)>,
+        has_base: bool,
+        num_layers: usize,
+    },
 }
 
 impl Kernel {
@@ -77,6 +86,16 @@ impl Kernel {
             }
             Parameters::Slerp { t } => Ok(Kernel::Slerp {
                 t: t.clone(),
+                num_layers,
+            }),
+            other => Ok(Kernel::Other {
+                parameters: other.clone(),
+                models: recipe
+                    .models
+                    .iter()
+                    .map(|m| (m.parameters.clone(), m.weight))
+                    .collect(),
+                has_base: recipe.base_model.is_some(),
                 num_layers,
             }),
         }
@@ -135,7 +154,7 @@ impl Kernel {
     pub fn whole_tensor(&self, name: &str) -> bool {
         match self {
             Kernel::Linear { .. } => false,
-            Kernel::Slerp { .. } => true,
+            Kernel::Slerp { .. } | Kernel::Other { .. } => true,
             Kernel::Gta { .. } => match self.gta_params(name) {
                 Some((cfg, models)) => !models.iter().all(|m| cfg.sparsify_is_noop(m)),
                 None => true,
@@ -199,8 +218,106 @@ impl Kernel {
                 }
                 encode_from_f32(out_dtype, &res, out).map_err(MergeError::from)
             }
+            Kernel::Other {
+                parameters,
+                models,
+                has_base,
+                num_layers,
+            } => run_other(
+                parameters,
+                models,
+                *has_base,
+                *num_layers,
+                name,
+                shape,
+                inputs,
+                out_dtype,
+                out,
+            ),
         }
     }
+}
+
+/// The two dimensions a 2-D view of the tensor has: (rows, last dimension).
+fn cols_of(shape: &[u64]) -> usize {
+    match shape {
+        [] | [_] => shape.iter().product::<u64>().max(1) as usize,
+        _ => shape.last().copied().unwrap_or(1).max(1) as usize,
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run_other(
+    parameters: &Parameters,
+    models: &[(std::collections::BTreeMap<String, Setting>, f64)],
+    has_base: bool,
+    num_layers: usize,
+    name: &str,
+    shape: &[u64],
+    inputs: &[(DType, &[u8])],
+    out_dtype: DType,
+    out: &mut [u8],
+) -> Result<(), MergeError> {
+    use crate::merge::{model_stock, sce, spherical};
+    let first_dtype = inputs.first().map_or(DType::F32, |(d, _)| *d);
+    let p = Precision::of(first_dtype);
+    let (decoded, mut res) = decode_all(inputs, out_dtype, out)?;
+    let want = models.len() + usize::from(has_base);
+    if decoded.len() != want {
+        return Err(MergeError::WeightCount {
+            inputs: decoded.len(),
+            weights: want,
+        });
+    }
+    let (base, xs): (Option<&[f32]>, Vec<&[f32]>) = if has_base {
+        (
+            Some(decoded[0].as_slice()),
+            decoded[1..].iter().map(|v| v.as_slice()).collect(),
+        )
+    } else {
+        (None, decoded.iter().map(|v| v.as_slice()).collect())
+    };
+    let cols = cols_of(shape);
+    match parameters {
+        Parameters::ModelStock { filter_wise } => {
+            let base = base.unwrap_or(xs[0]);
+            let row = if *filter_wise { cols } else { res.len() };
+            model_stock::model_stock(p, base, &xs, row, &mut res);
+        }
+        Parameters::Nuslerp { flatten, row_wise } => {
+            let t_depth = depth(name, num_layers);
+            let w: Vec<f64> = models
+                .iter()
+                .map(|(params, w)| {
+                    params
+                        .get("weight")
+                        .and_then(|s| s.eval(name, t_depth))
+                        .unwrap_or(*w)
+                })
+                .collect();
+            let total = w.iter().sum::<f64>();
+            let t = if total.abs() < 1e-6 {
+                0.5
+            } else {
+                w[1] / total
+            };
+            let how = match (*flatten, *row_wise) {
+                (true, _) => spherical::NuslerpShape::Flatten,
+                (false, false) => spherical::NuslerpShape::Rows,
+                (false, true) => spherical::NuslerpShape::Columns,
+            };
+            spherical::nuslerp(p, t, base, xs[0], xs[1], how, cols, &mut res);
+        }
+        Parameters::Karcher { max_iter, tol } => {
+            spherical::karcher(p, &xs, *max_iter as usize, *tol, &mut res);
+        }
+        Parameters::Sce { select_topk } => {
+            let base = base.unwrap_or(xs[0]);
+            sce::sce(p, base, &xs, *select_topk, &mut res);
+        }
+        _ => {}
+    }
+    encode_from_f32(out_dtype, &res, out).map_err(MergeError::from)
 }
 
 /// DELLA's row: the last dimension (a 0-/1-D tensor is one row).

@@ -6,7 +6,8 @@
 //! - [`linear`](mod@linear): the weighted linear soup kernel ([`linear()`], [`linear_raw`]).
 //! - [`precision`]: rounding to the compute dtype (mergekit's bf16 arithmetic).
 //! - [`gta`]: task arithmetic, TIES, breadcrumbs, DARE, DELLA (mergekit's generalized task
-//!   arithmetic), [`slerp`](mod@slerp), and the keyed generator [`rng`].
+//!   arithmetic), [`slerp`](mod@slerp), [`spherical`] (NuSLERP, Karcher), [`model_stock`],
+//!   [`sce`], and the keyed generator [`rng`].
 //! - [`error`](mod@error): the error type [`MergeError`].
 
 pub mod blocks;
@@ -14,9 +15,12 @@ pub mod dtype;
 pub mod error;
 pub mod gta;
 pub mod linear;
+pub mod model_stock;
 pub mod precision;
 pub mod rng;
+pub mod sce;
 pub mod slerp;
+pub mod spherical;
 
 pub use blocks::{BLOCK_ELEMS, TASK_ELEMS, map_blocks};
 pub use dtype::{DType, DTypeError, decode_to_f32, encode_from_f32};

@@ -89,10 +89,26 @@ pub enum Method {
     DellaLinear,
     /// Spherical interpolation between the base (t = 0) and one model (§11.1).
     Slerp,
+    /// Model Stock: interpolate the average toward the base by the task vectors' cosine (§10).
+    ModelStock,
+    /// Slerp of two weighted models (or of their task vectors, with a base) (§11.3).
+    Nuslerp,
+    /// Riemannian (Karcher) mean of the models on the sphere (§11.4).
+    Karcher,
+    /// Select (variance top-k), calculate (weights from energy), erase (sign consensus).
+    Sce,
+}
+
+/// Whether a method takes a base model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BaseRule {
+    Required,
+    Optional,
+    Forbidden,
 }
 
 impl Method {
-    pub const ALL: [Method; 10] = [
+    pub const ALL: [Method; 14] = [
         Method::Linear,
         Method::TaskArithmetic,
         Method::Ties,
@@ -103,6 +119,10 @@ impl Method {
         Method::Della,
         Method::DellaLinear,
         Method::Slerp,
+        Method::ModelStock,
+        Method::Nuslerp,
+        Method::Karcher,
+        Method::Sce,
     ];
 
     pub fn name(self) -> &'static str {
@@ -117,6 +137,10 @@ impl Method {
             Method::Della => "della",
             Method::DellaLinear => "della_linear",
             Method::Slerp => "slerp",
+            Method::ModelStock => "model_stock",
+            Method::Nuslerp => "nuslerp",
+            Method::Karcher => "karcher",
+            Method::Sce => "sce",
         }
     }
 
@@ -137,7 +161,12 @@ impl Method {
             Method::DareTies => (S::Random, true, false, true),
             Method::Della => (S::DellaMagprune, true, true, true),
             Method::DellaLinear => (S::DellaMagprune, false, false, true),
-            Method::Linear | Method::Slerp => return None,
+            Method::Linear
+            | Method::Slerp
+            | Method::ModelStock
+            | Method::Nuslerp
+            | Method::Karcher
+            | Method::Sce => return None,
         };
         Some(GtaMethod {
             sparsification,
@@ -147,9 +176,13 @@ impl Method {
         })
     }
 
-    /// Whether the method needs `base_model`.
-    pub fn needs_base(self) -> bool {
-        !matches!(self, Method::Linear)
+    /// Whether the method needs, accepts or refuses `base_model`.
+    pub fn base_rule(self) -> BaseRule {
+        match self {
+            Method::Linear | Method::Karcher => BaseRule::Forbidden,
+            Method::Nuslerp => BaseRule::Optional,
+            _ => BaseRule::Required,
+        }
     }
 }
 
@@ -202,6 +235,23 @@ pub enum Parameters {
     },
     Slerp {
         t: Setting,
+    },
+    ModelStock {
+        /// Cosines per row (last dimension) instead of per tensor.
+        filter_wise: bool,
+    },
+    Nuslerp {
+        /// The whole tensor is one vector (mergekit `nuslerp_flatten`, default true).
+        flatten: bool,
+        /// Without flatten: columns (`true`) or rows (`false`) are the vectors.
+        row_wise: bool,
+    },
+    Karcher {
+        max_iter: u32,
+        tol: f64,
+    },
+    Sce {
+        select_topk: f64,
     },
 }
 
@@ -303,14 +353,14 @@ impl Recipe {
                 ),
             ));
         }
-        let base_model = match (&req.base_model, method.needs_base()) {
-            (None, true) => {
+        let base_model = match (&req.base_model, method.base_rule()) {
+            (None, BaseRule::Required) => {
                 return Err(RecipeError::invalid(
                     "base_model",
                     format!("method {} needs a base model", method.name()),
                 ));
             }
-            (Some(_), false) => {
+            (Some(_), BaseRule::Forbidden) => {
                 return Err(RecipeError::invalid(
                     "base_model",
                     format!(
@@ -319,7 +369,7 @@ impl Recipe {
                     ),
                 ));
             }
-            (Some(b), true) if b.trim().is_empty() => {
+            (Some(b), _) if b.trim().is_empty() => {
                 return Err(RecipeError::invalid("base_model", "must not be empty"));
             }
             (b, _) => b.clone(),
@@ -394,7 +444,9 @@ impl Recipe {
                         "give a weight for every model, or for none (a uniform soup)",
                     ));
                 }
-                None if method.gta().is_some() && !default_weight => {
+                None if (method.gta().is_some() || method == Method::Nuslerp)
+                    && !default_weight =>
+                {
                     return Err(RecipeError::invalid(
                         format!("models[{i}].weight"),
                         format!("method {} needs a weight for every model", method.name()),
@@ -414,6 +466,9 @@ impl Recipe {
         let parameters = match method {
             Method::Linear => parse_linear(&req.parameters, &models)?,
             Method::Slerp => parse_slerp(&req.parameters, &models)?,
+            Method::ModelStock | Method::Nuslerp | Method::Karcher | Method::Sce => {
+                parse_other(method, &req.parameters, &models, base_model.is_some())?
+            }
             _ => parse_gta(method, &req.parameters, &models)?,
         };
         // A global `weight` applies to the models that give none.
@@ -723,6 +778,129 @@ fn parse_gta(
         compute_dtype,
         model_defaults,
     })
+}
+
+/// model_stock, nuslerp, karcher, sce.
+fn parse_other(
+    method: Method,
+    params: &serde_json::Map<String, serde_json::Value>,
+    models: &[(usize, Ingredient)],
+    has_base: bool,
+) -> Result<Parameters, RecipeError> {
+    let name = method.name();
+    let model_keys: &[&str] = if method == Method::Nuslerp {
+        &["weight"]
+    } else {
+        &[]
+    };
+    for (i, m) in models {
+        if let Some(key) = m
+            .parameters
+            .keys()
+            .find(|k| !model_keys.contains(&k.as_str()))
+        {
+            return Err(RecipeError::invalid(
+                format!("models[{i}].parameters.{key}"),
+                format!("unknown per-model parameter for method {name}"),
+            ));
+        }
+    }
+    let count = |ok: bool, what: &str| {
+        if ok {
+            Ok(())
+        } else {
+            Err(RecipeError::invalid(
+                "models",
+                format!("{name} needs {what} ({} given)", models.len()),
+            ))
+        }
+    };
+    let mut known: Vec<&str> = Vec::new();
+    let mut out = match method {
+        Method::ModelStock => {
+            count(
+                models.len() >= 2,
+                "base_model and at least two other models",
+            )?;
+            known.push("filter_wise");
+            Parameters::ModelStock { filter_wise: false }
+        }
+        Method::Nuslerp => {
+            count(
+                models.len() == 2,
+                if has_base {
+                    "exactly two models besides base_model"
+                } else {
+                    "exactly two models"
+                },
+            )?;
+            known.extend(["nuslerp_flatten", "nuslerp_row_wise"]);
+            Parameters::Nuslerp {
+                flatten: true,
+                row_wise: false,
+            }
+        }
+        Method::Karcher => {
+            known.extend(["max_iter", "tol"]);
+            Parameters::Karcher {
+                max_iter: 10,
+                tol: 1e-5,
+            }
+        }
+        Method::Sce => {
+            known.push("select_topk");
+            Parameters::Sce { select_topk: 1.0 }
+        }
+        _ => return Err(RecipeError::invalid("method", "not handled here")),
+    };
+    for (key, value) in params {
+        let field = format!("parameters.{key}");
+        match (&mut out, key.as_str()) {
+            (Parameters::ModelStock { filter_wise }, "filter_wise") => {
+                *filter_wise = bool_param(key, value)?
+            }
+            (Parameters::Nuslerp { flatten, .. }, "nuslerp_flatten") => {
+                *flatten = bool_param(key, value)?
+            }
+            (Parameters::Nuslerp { row_wise, .. }, "nuslerp_row_wise") => {
+                *row_wise = bool_param(key, value)?
+            }
+            (Parameters::Karcher { max_iter, .. }, "max_iter") => {
+                *max_iter = value
+                    .as_u64()
+                    .filter(|n| (1..=10_000).contains(n))
+                    .ok_or_else(|| {
+                        RecipeError::invalid(&field, "must be an integer from 1 to 10000")
+                    })? as u32;
+            }
+            (Parameters::Karcher { tol, .. }, "tol") => {
+                *tol = value
+                    .as_f64()
+                    .filter(|x| x.is_finite() && *x > 0.0)
+                    .ok_or_else(|| RecipeError::invalid(&field, "must be a positive number"))?;
+            }
+            (Parameters::Sce { select_topk }, "select_topk") => {
+                *select_topk = value
+                    .as_f64()
+                    .filter(|x| *x > 0.0 && *x <= 1.0)
+                    .ok_or_else(|| RecipeError::invalid(&field, "must be in (0, 1]"))?;
+            }
+            (_, other) => {
+                return Err(RecipeError::invalid(
+                    field,
+                    format!(
+                        "unknown parameter {other:?} for method {name} (known: {})",
+                        if known.is_empty() {
+                            "none".to_string()
+                        } else {
+                            known.join(", ")
+                        }
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(out)
 }
 
 fn parse_slerp(
