@@ -240,6 +240,18 @@ fn cases(pack: &Path, out_root: &Path) -> Vec<Case> {
             rule: Rule::Ulps(1.0),
         },
         Case {
+            name: "passthrough_slices",
+            inputs: vec![],
+            recipe: json!({"method": "passthrough",
+                "slices": [
+                    {"sources": [{"uri": m("base"), "layer_range": [0, 2]}]},
+                    {"sources": [{"uri": m("ft1"), "layer_range": [1, 2],
+                                  "parameters": {"scale": [{"filter": "o_proj", "value": 0.5},
+                                                           {"value": 1.0}]}}]}],
+                "output": out("passthrough_slices")}),
+            rule: Rule::Exact,
+        },
+        Case {
             name: "model_stock",
             inputs: all.clone(),
             recipe: json!({"method": "model_stock", "base_model": m("base"),
@@ -417,6 +429,19 @@ async fn conformance_with_mergekit() {
         run_recipe(&case.recipe, 1000).await;
         let got = read_tensors(&tmp.path().join(case.name).join("model.safetensors"));
         let want = read_tensors(&pack.join(case.name).join("expected/model.safetensors"));
+        if case.name == "passthrough_slices" {
+            let cfg = |p: PathBuf| -> Value {
+                serde_json::from_slice(&std::fs::read(p.join("config.json")).unwrap()).unwrap()
+            };
+            let ours = cfg(tmp.path().join(case.name));
+            let theirs = cfg(pack.join(case.name).join("expected"));
+            if ours["num_hidden_layers"] != theirs["num_hidden_layers"] {
+                failures.push(format!(
+                    "{}: config.json num_hidden_layers {} vs expected {}",
+                    case.name, ours["num_hidden_layers"], theirs["num_hidden_layers"]
+                ));
+            }
+        }
         let names_got: BTreeSet<&String> = got.keys().collect();
         let names_want: BTreeSet<&String> = want.keys().collect();
         if names_got != names_want {
@@ -437,11 +462,15 @@ async fn conformance_with_mergekit() {
                 ));
                 continue;
             }
-            let ins: Vec<&[f32]> = case
-                .inputs
-                .iter()
-                .map(|i| inputs[i][name].1.as_slice())
-                .collect();
+            // Passthrough renames layers: its elements are measured against themselves.
+            let ins: Vec<&[f32]> = if case.inputs.is_empty() {
+                vec![w.as_slice()]
+            } else {
+                case.inputs
+                    .iter()
+                    .map(|i| inputs[i][name].1.as_slice())
+                    .collect()
+            };
             let amb = ambiguous(case.rule, ins[0], &ins[1..]);
             total += w.len();
             for e in 0..w.len() {

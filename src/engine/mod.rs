@@ -10,6 +10,7 @@
 mod kernel;
 mod manifest;
 mod output;
+mod slices;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -28,8 +29,9 @@ use crate::checkpoint::{
     open_checkpoint, plan_shards,
 };
 use crate::error::ErrorCode;
-use crate::merge::{DType, MergeError};
-use crate::recipe::{Recipe, layer_index};
+use crate::merge::precision::Precision;
+use crate::merge::{DType, MergeError, map_blocks};
+use crate::recipe::{Method, Recipe, layer_index};
 use crate::storage::{Location, Storage, StorageError};
 
 pub use kernel::Kernel;
@@ -67,6 +69,8 @@ pub enum EngineError {
     #[error(transparent)]
     Checkpoint(#[from] CheckpointError),
     #[error("{0}")]
+    InvalidRecipe(String),
+    #[error("{0}")]
     ShapeMismatch(String),
     #[error("{0}")]
     UnsupportedDtype(String),
@@ -94,6 +98,7 @@ impl EngineError {
         match self {
             EngineError::Storage(e) => e.code(),
             EngineError::Checkpoint(e) => e.code(),
+            EngineError::InvalidRecipe(_) => ErrorCode::InvalidRecipe,
             EngineError::ShapeMismatch(_) => ErrorCode::ShapeMismatch,
             EngineError::UnsupportedDtype(_) => ErrorCode::UnsupportedDtype,
             EngineError::OutputConflict(_) => ErrorCode::OutputConflict,
@@ -235,6 +240,12 @@ enum TensorOp {
     Merge,
     /// Copy the first model's bytes (integer and bool tensors).
     CopyFirst,
+    /// Copy tensor `source` of input `input`, times `scale` (passthrough).
+    Pick {
+        input: usize,
+        source: String,
+        scale: Option<f64>,
+    },
 }
 
 /// Everything decided before the first output byte is written.
@@ -245,6 +256,8 @@ struct Plan {
     shards: Vec<ShardPlan>,
     recipe_sha256: String,
     kernel: Arc<Kernel>,
+    /// `num_hidden_layers` to write into the copied `config.json` (passthrough slices).
+    num_hidden_layers: Option<u64>,
 }
 
 pub struct Engine {
@@ -312,7 +325,11 @@ impl Engine {
             .buffered(8)
             .try_collect()
             .await?;
-        let ops = check_compatible(&inputs)?;
+        let (ops, num_hidden_layers) = if recipe.method == Method::Passthrough {
+            slices::plan(recipe, &inputs)?
+        } else {
+            (check_compatible(&inputs)?, None)
+        };
         let first = &inputs[0].1;
         // mergekit interpolates gradients over the layer stack: layer i of L is at i/(L−1).
         let num_layers = first
@@ -324,13 +341,26 @@ impl Engine {
         let kernel = Arc::new(Kernel::new(recipe, num_layers).map_err(EngineError::Internal)?);
         let mut out_tensors = Vec::with_capacity(ops.len());
         for (name, op) in &ops {
-            let t = first
+            let (ckpt, source) = match op {
+                TensorOp::Pick { input, source, .. } => (
+                    &inputs
+                        .get(*input)
+                        .ok_or_else(|| EngineError::Internal("input out of range".into()))?
+                        .1,
+                    source,
+                ),
+                _ => (first, name),
+            };
+            let t = ckpt
                 .tensors
-                .get(name)
-                .ok_or_else(|| EngineError::Internal(format!("tensor {name} vanished")))?;
+                .get(source)
+                .ok_or_else(|| EngineError::Internal(format!("tensor {source} vanished")))?;
             let dtype = match op {
                 TensorOp::Merge => recipe.output.dtype.unwrap_or(t.dtype),
-                TensorOp::CopyFirst => t.dtype,
+                TensorOp::Pick { .. } if t.dtype.is_mergeable_float() => {
+                    recipe.output.dtype.unwrap_or(t.dtype)
+                }
+                TensorOp::CopyFirst | TensorOp::Pick { .. } => t.dtype,
             };
             out_tensors.push(OutTensor {
                 name: name.clone(),
@@ -351,6 +381,7 @@ impl Engine {
             shards,
             recipe_sha256: hex::encode(recipe.hash()),
             kernel,
+            num_hidden_layers,
         })
     }
 
@@ -411,7 +442,7 @@ impl Engine {
                 store: plan.inputs[0].0.store.clone(),
                 path: folder.clone(),
             };
-            for f in output::copy_side_files(&source, &plan.output).await? {
+            for f in output::copy_side_files(&source, &plan.output, plan.num_hidden_layers).await? {
                 written.push(f);
             }
         }
@@ -507,6 +538,13 @@ impl Engine {
                     .map(|l| l.dtype.size_bytes() as u64)
                     .sum(),
                 TensorOp::CopyFirst => t.dtype.size_bytes() as u64,
+                TensorOp::Pick {
+                    input, ref source, ..
+                } => plan
+                    .inputs
+                    .get(input)
+                    .and_then(|(_, c)| c.tensors.get(source))
+                    .map_or(4, |l| l.dtype.size_bytes() as u64),
             };
             // The whole-tensor path also holds an f32 copy of every input, one task vector
             // per model and an f32 result (see `kernel`).
@@ -561,13 +599,19 @@ async fn produce_chunk(
         // An empty tensor: nothing to read (an empty ranged GET is invalid on S3).
         return Ok((chunk, Bytes::new()));
     }
-    let sources: &[(Location, Checkpoint)] = match chunk.op {
-        TensorOp::Merge => &plan.inputs,
-        TensorOp::CopyFirst => &plan.inputs[..1],
+    let (sources, source_name): (&[(Location, Checkpoint)], &String) = match &chunk.op {
+        TensorOp::Merge => (&plan.inputs, &chunk.tensor),
+        TensorOp::CopyFirst => (&plan.inputs[..1], &chunk.tensor),
+        TensorOp::Pick { input, source, .. } => (
+            plan.inputs
+                .get(*input..*input + 1)
+                .ok_or_else(|| EngineError::Internal("input out of range".into()))?,
+            source,
+        ),
     };
     let progress = &ctl.progress;
     let reads = sources.iter().map(|(loc, ckpt)| {
-        let name = &chunk.tensor;
+        let name = source_name;
         let elems = chunk.elems.clone();
         async move {
             let t = ckpt.tensors.get(name).ok_or_else(|| {
@@ -601,6 +645,45 @@ async fn produce_chunk(
     if let TensorOp::CopyFirst = chunk.op {
         let bytes = raw.into_iter().next().map(|(_, b)| b).unwrap_or_default();
         return Ok((chunk, bytes));
+    }
+    if let TensorOp::Pick { scale, .. } = &chunk.op {
+        let scale = *scale;
+        let Some((in_dtype, bytes)) = raw.into_iter().next() else {
+            return Err(EngineError::Internal("no input read".into()));
+        };
+        let out_dtype = chunk.out_dtype;
+        if !in_dtype.is_mergeable_float() || (scale.is_none() && in_dtype == out_dtype) {
+            return Ok((chunk, bytes));
+        }
+        let name = chunk.tensor.clone();
+        let n = (chunk.elems.end - chunk.elems.start) as usize;
+        let converted = tokio::task::spawn_blocking(move || {
+            let mut out = vec![0u8; n * out_dtype.size_bytes()];
+            // `tensor * scale` in the source dtype (a Python float acts at f32 precision).
+            let p = Precision::of(in_dtype);
+            map_blocks(
+                &[(in_dtype, bytes.as_ref())],
+                out_dtype,
+                &mut out,
+                |b, o| match scale {
+                    Some(s) => {
+                        let s = s as f32;
+                        for (o, x) in o.iter_mut().zip(b[0]) {
+                            *o = p.round(x * s);
+                        }
+                    }
+                    None => o.copy_from_slice(b[0]),
+                },
+            )?;
+            Ok::<_, MergeError>(Bytes::from(out))
+        })
+        .await
+        .map_err(|e| EngineError::Internal(format!("merge task panicked: {e}")))?
+        .map_err(|source| EngineError::Merge {
+            tensor: name,
+            source,
+        })?;
+        return Ok((chunk, converted));
     }
     let out_dtype = chunk.out_dtype;
     let n = (chunk.elems.end - chunk.elems.start) as usize;

@@ -145,10 +145,35 @@ pub(super) fn is_side_file(name: &str) -> bool {
         || WEIGHT_SUFFIXES.iter().any(|s| name.ends_with(s)))
 }
 
-/// Copy the side files at the top level of `source` into `dest`.
+/// `config.json` with `num_hidden_layers` set (and in `text_config` when present), as
+/// mergekit writes it after stacking slices; unchanged when it is not a JSON object.
+fn with_num_hidden_layers(bytes: Bytes, n: u64) -> Bytes {
+    let Ok(serde_json::Value::Object(mut cfg)) =
+        serde_json::from_slice::<serde_json::Value>(&bytes)
+    else {
+        return bytes;
+    };
+    cfg.insert("num_hidden_layers".into(), n.into());
+    if let Some(serde_json::Value::Object(text)) = cfg.get_mut("text_config")
+        && text.contains_key("num_hidden_layers")
+    {
+        text.insert("num_hidden_layers".into(), n.into());
+    }
+    match serde_json::to_vec_pretty(&serde_json::Value::Object(cfg)) {
+        Ok(mut v) => {
+            v.push(b'\n');
+            Bytes::from(v)
+        }
+        Err(_) => bytes,
+    }
+}
+
+/// Copy the side files at the top level of `source` into `dest`; `num_hidden_layers` rewrites
+/// that field of `config.json` (passthrough slices change the depth).
 pub(super) async fn copy_side_files(
     source: &Location,
     dest: &Location,
+    num_hidden_layers: Option<u64>,
 ) -> Result<Vec<OutputFile>, EngineError> {
     let listing = source
         .store
@@ -170,7 +195,10 @@ pub(super) async fn copy_side_files(
             .await
             .map_err(EngineError::store(context.clone()))?;
         if meta.size <= SMALL_FILE {
-            let bytes = got.bytes().await.map_err(EngineError::store(context))?;
+            let mut bytes = got.bytes().await.map_err(EngineError::store(context))?;
+            if let (Some(n), "config.json") = (num_hidden_layers, name.as_str()) {
+                bytes = with_num_hidden_layers(bytes, n);
+            }
             copied.push(put_small(dest, &name, bytes).await?);
         } else {
             let mut sink = ShardSink::create(dest, &name, 16 << 20, 2).await?;

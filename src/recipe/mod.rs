@@ -28,7 +28,11 @@ pub const MAX_ATTEMPTS_LIMIT: i32 = 20;
 #[serde(deny_unknown_fields)]
 pub struct MergeRequest {
     pub method: String,
+    #[serde(default)]
     pub models: Vec<ModelSpec>,
+    /// Layer ranges from several models, stacked (method `passthrough`).
+    #[serde(default)]
+    pub slices: Vec<SliceSpec>,
     /// The pre-trained model the task vectors are taken against (`t = 0` end for slerp).
     #[serde(default)]
     pub base_model: Option<String>,
@@ -53,6 +57,40 @@ pub struct ModelSpec {
     #[serde(default)]
     pub parameters: serde_json::Map<String, serde_json::Value>,
 }
+
+/// One output slice: the layers `layer_range` of its source, in order.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SliceSpec {
+    pub sources: Vec<SliceSourceSpec>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SliceSourceSpec {
+    pub uri: String,
+    /// `[first, end)` layer indices of the source model.
+    pub layer_range: [u64; 2],
+    #[serde(default)]
+    pub parameters: serde_json::Map<String, serde_json::Value>,
+}
+
+/// A validated slice source: `model` indexes [`Recipe::models`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SliceSource {
+    pub model: usize,
+    pub layer_range: [u64; 2],
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub parameters: BTreeMap<String, Setting>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Slice {
+    pub sources: Vec<SliceSource>,
+}
+
+/// Most layers a slice list may produce.
+pub const MAX_SLICE_LAYERS: u64 = 100_000;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -97,6 +135,8 @@ pub enum Method {
     Karcher,
     /// Select (variance top-k), calculate (weights from energy), erase (sign consensus).
     Sce,
+    /// Copy tensors (optionally scaled); with `slices`, stack layer ranges of several models.
+    Passthrough,
 }
 
 /// Whether a method takes a base model.
@@ -108,7 +148,7 @@ pub enum BaseRule {
 }
 
 impl Method {
-    pub const ALL: [Method; 14] = [
+    pub const ALL: [Method; 15] = [
         Method::Linear,
         Method::TaskArithmetic,
         Method::Ties,
@@ -123,6 +163,7 @@ impl Method {
         Method::Nuslerp,
         Method::Karcher,
         Method::Sce,
+        Method::Passthrough,
     ];
 
     pub fn name(self) -> &'static str {
@@ -141,6 +182,7 @@ impl Method {
             Method::Nuslerp => "nuslerp",
             Method::Karcher => "karcher",
             Method::Sce => "sce",
+            Method::Passthrough => "passthrough",
         }
     }
 
@@ -166,7 +208,8 @@ impl Method {
             | Method::ModelStock
             | Method::Nuslerp
             | Method::Karcher
-            | Method::Sce => return None,
+            | Method::Sce
+            | Method::Passthrough => return None,
         };
         Some(GtaMethod {
             sparsification,
@@ -179,7 +222,7 @@ impl Method {
     /// Whether the method needs, accepts or refuses `base_model`.
     pub fn base_rule(self) -> BaseRule {
         match self {
-            Method::Linear | Method::Karcher => BaseRule::Forbidden,
+            Method::Linear | Method::Karcher | Method::Passthrough => BaseRule::Forbidden,
             Method::Nuslerp => BaseRule::Optional,
             _ => BaseRule::Required,
         }
@@ -253,6 +296,7 @@ pub enum Parameters {
     Sce {
         select_topk: f64,
     },
+    Passthrough {},
 }
 
 /// One ingredient after validation.
@@ -283,6 +327,9 @@ pub struct Recipe {
     /// The base model's URL, for the methods that need one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub base_model: Option<String>,
+    /// Passthrough's layer stack (empty: every tensor of the one model).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub slices: Vec<Slice>,
     pub parameters: Parameters,
     pub output: Output,
 }
@@ -326,7 +373,8 @@ impl Recipe {
     }
 
     /// Validate and normalize a parsed request.
-    pub fn from_request(req: MergeRequest) -> Result<Submission, RecipeError> {
+    pub fn from_request(mut req: MergeRequest) -> Result<Submission, RecipeError> {
+        let slices = take_slices(&mut req)?;
         let method = Method::parse(&req.method).ok_or_else(|| {
             let known: Vec<&str> = Method::ALL.iter().map(|m| m.name()).collect();
             RecipeError::invalid(
@@ -466,6 +514,7 @@ impl Recipe {
         let parameters = match method {
             Method::Linear => parse_linear(&req.parameters, &models)?,
             Method::Slerp => parse_slerp(&req.parameters, &models)?,
+            Method::Passthrough => parse_passthrough(&req.parameters, &models, slices.is_empty())?,
             Method::ModelStock | Method::Nuslerp | Method::Karcher | Method::Sce => {
                 parse_other(method, &req.parameters, &models, base_model.is_some())?
             }
@@ -535,6 +584,7 @@ impl Recipe {
                 method,
                 models,
                 base_model,
+                slices,
                 parameters,
                 output,
             },
@@ -778,6 +828,124 @@ fn parse_gta(
         compute_dtype,
         model_defaults,
     })
+}
+
+/// `slices` → the models they name (unique, in order of appearance) and validated slices.
+fn take_slices(req: &mut MergeRequest) -> Result<Vec<Slice>, RecipeError> {
+    if req.slices.is_empty() {
+        return Ok(Vec::new());
+    }
+    if req.method != "passthrough" {
+        return Err(RecipeError::invalid(
+            "slices",
+            format!(
+                "slices are supported with method passthrough only, not {:?}",
+                req.method
+            ),
+        ));
+    }
+    if !req.models.is_empty() {
+        return Err(RecipeError::invalid(
+            "models",
+            "give either models or slices, not both",
+        ));
+    }
+    let specs = std::mem::take(&mut req.slices);
+    let mut total = 0u64;
+    let mut slices = Vec::with_capacity(specs.len());
+    for (i, spec) in specs.iter().enumerate() {
+        if spec.sources.len() != 1 {
+            return Err(RecipeError::invalid(
+                format!("slices[{i}].sources"),
+                "passthrough takes exactly one source per slice",
+            ));
+        }
+        let mut sources = Vec::new();
+        for (j, src) in spec.sources.iter().enumerate() {
+            let field = format!("slices[{i}].sources[{j}]");
+            if src.uri.trim().is_empty() {
+                return Err(RecipeError::invalid(
+                    format!("{field}.uri"),
+                    "must not be empty",
+                ));
+            }
+            let [a, b] = src.layer_range;
+            if a >= b || b - a > MAX_SLICE_LAYERS {
+                return Err(RecipeError::invalid(
+                    format!("{field}.layer_range"),
+                    format!("[{a}, {b}] is not a non-empty range [first, end) of layers"),
+                ));
+            }
+            total += b - a;
+            if total > MAX_SLICE_LAYERS {
+                return Err(RecipeError::invalid(
+                    "slices",
+                    format!("more than {MAX_SLICE_LAYERS} layers in all"),
+                ));
+            }
+            let mut parameters = BTreeMap::new();
+            for (key, value) in &src.parameters {
+                let pf = format!("{field}.parameters.{key}");
+                if key != "scale" {
+                    return Err(RecipeError::invalid(pf, "unknown parameter (known: scale)"));
+                }
+                parameters.insert(
+                    key.clone(),
+                    Setting::from_json(value).map_err(|e| RecipeError::invalid(&pf, e))?,
+                );
+            }
+            let model = match req
+                .models
+                .iter()
+                .position(|m| m.uri.trim_end_matches('/') == src.uri.trim_end_matches('/'))
+            {
+                Some(k) => k,
+                None => {
+                    req.models.push(ModelSpec {
+                        uri: src.uri.clone(),
+                        weight: None,
+                        parameters: serde_json::Map::new(),
+                    });
+                    req.models.len() - 1
+                }
+            };
+            sources.push(SliceSource {
+                model,
+                layer_range: src.layer_range,
+                parameters,
+            });
+        }
+        slices.push(Slice { sources });
+    }
+    Ok(slices)
+}
+
+fn parse_passthrough(
+    params: &serde_json::Map<String, serde_json::Value>,
+    models: &[(usize, Ingredient)],
+    whole_model: bool,
+) -> Result<Parameters, RecipeError> {
+    if let Some(key) = params.keys().next() {
+        return Err(RecipeError::invalid(
+            format!("parameters.{key}"),
+            "passthrough takes no global parameters (give scale per model or per slice)",
+        ));
+    }
+    if whole_model && models.len() != 1 {
+        return Err(RecipeError::invalid(
+            "models",
+            "passthrough copies exactly one model (or give slices)",
+        ));
+    }
+    for (i, m) in models {
+        if let Some(key) = m.parameters.keys().find(|k| k.as_str() != "scale") {
+            return Err(RecipeError::invalid(
+                format!("models[{i}].parameters.{key}"),
+                "unknown parameter for method passthrough (known: scale)",
+            ));
+        }
+    }
+    Ok(Parameters::Passthrough {})
 }
 
 /// model_stock, nuslerp, karcher, sce.
@@ -1228,6 +1396,55 @@ mod tests {
             ),
             "parameters.t"
         );
+    }
+
+    #[test]
+    fn passthrough_slices_validate() {
+        use serde_json::json;
+        let req = |slices: serde_json::Value| json!({"method": "passthrough", "slices": slices, "output": {"uri": "file:///d/out"}});
+        let s = parse(req(json!([
+            {"sources": [{"uri": "file:///d/a", "layer_range": [0, 2]}]},
+            {"sources": [{"uri": "file:///d/b", "layer_range": [1, 2],
+                          "parameters": {"scale": [{"filter": "o_proj", "value": 0.5}, {"value": 1}]}}]},
+            {"sources": [{"uri": "file:///d/a/", "layer_range": [0, 1]}]}
+        ])))
+        .unwrap();
+        assert_eq!(s.recipe.models.len(), 2);
+        assert_eq!(s.recipe.slices[2].sources[0].model, 0);
+        assert_eq!(s.recipe.slices[1].sources[0].layer_range, [1, 2]);
+        let bad = [
+            (
+                req(json!([{"sources": [{"uri": "file:///d/a", "layer_range": [2, 2]}]}])),
+                "slices[0].sources[0].layer_range",
+            ),
+            (
+                req(
+                    json!([{"sources": [{"uri": "file:///d/a", "layer_range": [0, 1]},
+                                        {"uri": "file:///d/b", "layer_range": [0, 1]}]}]),
+                ),
+                "slices[0].sources",
+            ),
+            (
+                req(
+                    json!([{"sources": [{"uri": "file:///d/a", "layer_range": [0, 1],
+                                         "parameters": {"weight": 1}}]}]),
+                ),
+                "slices[0].sources[0].parameters.weight",
+            ),
+            (
+                json!({"method": "linear", "slices": [{"sources": [{"uri": "file:///d/a", "layer_range": [0, 1]}]}],
+                       "output": {"uri": "file:///d/out"}}),
+                "slices",
+            ),
+            (
+                json!({"method": "passthrough", "models": [{"uri": "file:///d/a"}, {"uri": "file:///d/b"}],
+                       "output": {"uri": "file:///d/out"}}),
+                "models",
+            ),
+        ];
+        for (r, f) in bad {
+            assert_eq!(field(parse(r).unwrap_err()), f);
+        }
     }
 
     #[test]
