@@ -205,6 +205,16 @@ async fn lying_checkpoints_fail_their_job_and_the_service_keeps_serving() {
         ),
         vec!["model.safetensors", "\"w\"", "more than once"],
     );
+    // An empty tensor name (found in the fuzz corpus: it parsed, then failed the job as
+    // `internal` when the output was planned).
+    case(
+        "empty-name",
+        raw_file(
+            br#"{"":{"dtype":"F32","shape":[4,4],"data_offsets":[0,64]},"b":{"dtype":"F32","shape":[4],"data_offsets":[64,80]}}"#,
+            &data,
+        ),
+        vec!["model.safetensors", "tensor name \"\" is reserved"],
+    );
     // Not JSON at all, and JSON of the wrong shape.
     case(
         "garbage-json",

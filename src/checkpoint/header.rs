@@ -157,7 +157,7 @@ pub enum HeaderError {
         /// The file name as written.
         file: String,
     },
-    /// A tensor to write has a reserved or empty name.
+    /// A tensor has a reserved or empty name (on input, or to write).
     #[error("tensor name {name:?} is reserved")]
     ReservedName {
         /// The name.
@@ -284,6 +284,10 @@ pub fn parse_header(json: &[u8], header_len: u64, file_size: u64) -> Result<Head
                         message: "appears more than once".to_string(),
                     });
                 }
+            }
+            // An empty name cannot be written back (see `writer`): refuse it here, on input.
+            RawEntry::Tensor(_) if name.is_empty() => {
+                return Err(HeaderError::ReservedName { name });
             }
             RawEntry::Tensor(t) => tensors.push((name, t)),
         }
