@@ -534,6 +534,23 @@ async fn lying_requests_get_a_precise_4xx_at_submit_time() {
             "models[0].weight",
         ),
         (
+            "gradient weight too large for f32",
+            serde_json::to_vec(&serde_json::json!({"method": "task_arithmetic",
+                "base_model": model,
+                "models": [{"uri": model_b, "parameters": {"weight": [1e300, 1.0]}}],
+                "output": {"uri": out}}))
+            .unwrap(),
+            "weight",
+        ),
+        (
+            "lambda too large for f32",
+            serde_json::to_vec(&serde_json::json!({"method": "task_arithmetic",
+                "base_model": model, "models": [{"uri": model_b, "weight": 1.0}],
+                "parameters": {"lambda": 1e300}, "output": {"uri": out}}))
+            .unwrap(),
+            "lambda",
+        ),
+        (
             "unknown method",
             serde_json::to_vec(&serde_json::json!({"method": "mean-of-vibes",
                 "models": [{"uri": model}], "output": {"uri": out}}))

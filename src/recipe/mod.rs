@@ -708,7 +708,12 @@ fn check_model_param(
             |e| (0.0..0.5).contains(&e),
             "epsilon must be in [0, 0.5)",
         ),
-        "weight" => Ok(()),
+        "weight" => check_range(
+            field,
+            s,
+            |w| w.abs() <= f64::from(f32::MAX),
+            "a weight must be finite and within the range of f32",
+        ),
         other => Err(RecipeError::invalid(
             field,
             format!(
@@ -745,8 +750,10 @@ fn parse_gta(
             "lambda" => {
                 lambda = value
                     .as_f64()
-                    .filter(|x| x.is_finite())
-                    .ok_or_else(|| RecipeError::invalid(&field, "must be a finite number"))?;
+                    .filter(|x| x.is_finite() && x.abs() <= f64::from(f32::MAX))
+                    .ok_or_else(|| {
+                        RecipeError::invalid(&field, "must be a finite number within f32 range")
+                    })?;
             }
             "seed"
                 if matches!(
