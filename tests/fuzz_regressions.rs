@@ -5,7 +5,7 @@
 
 use std::path::{Path, PathBuf};
 
-use ladle::checkpoint::{Header, parse_header, parse_header_len};
+use ladle::checkpoint::{Header, parse_header, parse_header_len, parse_index};
 use ladle::recipe::{MAX_MODELS, Recipe};
 
 fn inputs(target: &str) -> Vec<(PathBuf, Vec<u8>)> {
@@ -106,6 +106,26 @@ fn recipe_target(data: &[u8]) {
     let json = serde_json::to_value(r).expect("a recipe serializes");
     let back: Recipe = serde_json::from_value(json).expect("a stored recipe reads back");
     assert_eq!(back.models.len(), r.models.len());
+}
+
+/// `fuzz/fuzz_targets/shard_index.rs`, as a function.
+fn index_target(data: &[u8]) {
+    let Ok(index) = parse_index(data) else {
+        return;
+    };
+    let folder = object_store::path::Path::from("ckpt/folder");
+    for file in index.weight_map.values() {
+        assert!(file.ends_with(".safetensors"));
+        let p = folder.clone().join(file.as_str());
+        assert_eq!(p.parts().count(), 3, "{file:?} -> {p}");
+        assert!(p.prefix_matches(&folder), "{file:?} -> {p}");
+    }
+}
+
+#[test]
+fn shard_index_inputs_do_not_panic() {
+    let n = replay("shard_index", index_target);
+    assert!(n >= 4);
 }
 
 #[test]
