@@ -5,7 +5,11 @@
 //! lost" or "no successful heartbeat for 2/3 of the lease" into a stop of the run. The merge
 //! itself runs on the blocking pool and rayon, so heartbeats never wait behind tensor math.
 
+pub mod failpoints;
+
+use std::future::Future;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -13,8 +17,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, error, info, info_span, warn};
 
 use crate::engine::{Engine, EngineError, Progress, PublishGate, RunControl, StopReason};
-use crate::queue::{ClaimedJob, HeartbeatOutcome, JobError, JobQueue, Lease};
+use crate::queue::{ClaimedJob, HeartbeatOutcome, JobError, JobQueue, Lease, QueueError};
 use crate::recipe::Recipe;
+use failpoints::CrashPoint;
 
 #[derive(Debug, Clone)]
 pub struct WorkerConfig {
@@ -64,6 +69,7 @@ pub async fn run(
     shutdown: CancellationToken,
 ) {
     let owner = worker_identity();
+    failpoints::announce();
     info!(%owner, slots = config.slots, backend = queue.backend(), "worker started");
     let mut loops = tokio::task::JoinSet::new();
     for slot in 0..config.slots.max(1) {
@@ -132,31 +138,25 @@ impl Slot {
             }
         };
         let progress = Arc::new(Progress::default());
-        let health = Arc::new(LeaseHealth::new());
+        let keeper = Arc::new(LeaseKeeper::new(
+            self.queue.clone(),
+            lease.clone(),
+            progress.clone(),
+            self.fence_after(),
+        ));
         let ctl = Arc::new(RunControl {
             cancel: CancellationToken::new(),
             stop_reason: Default::default(),
             progress: progress.clone(),
             gate: Arc::new(LeaseGate {
-                queue: self.queue.clone(),
-                lease: lease.clone(),
-                progress: progress.clone(),
-                health: health.clone(),
-                fence_after: self.fence_after(),
+                keeper: keeper.clone(),
             }),
             run_info: serde_json::json!({"job_id": lease.job_id, "attempt": lease.attempt}),
         });
 
         let heartbeat = tokio::spawn(
-            heartbeat_loop(
-                self.queue.clone(),
-                lease.clone(),
-                ctl.clone(),
-                health,
-                self.config.heartbeat_interval,
-                self.fence_after(),
-            )
-            .in_current_span(),
+            heartbeat_loop(keeper.clone(), ctl.clone(), self.config.heartbeat_interval)
+                .in_current_span(),
         );
         // Graceful shutdown: let the run finish within the grace period, then stop it.
         let grace = {
@@ -178,34 +178,46 @@ impl Slot {
 
         match result {
             Ok(outcome) => {
+                failpoints::crash(CrashPoint::AfterManifest);
                 let mut result = serde_json::json!({"uri": outcome.uri, "files": outcome.files});
                 if outcome.recovered {
                     result["recovered"] = serde_json::Value::Bool(true);
+                    // Nothing was merged this time, but the soup is whole: say so.
+                    let total = progress.tensors_total.load(Ordering::Relaxed);
+                    progress.tensors_done.store(total, Ordering::Relaxed);
                 }
-                let progress = progress.snapshot();
-                // Record final progress, then complete (both fenced).
-                let _ = self
-                    .queue
-                    .heartbeat(&lease, serde_json::to_value(progress).ok().as_ref())
-                    .await;
-                match self.queue.complete(&lease, &result).await {
+                // Record final progress, then complete (both fenced). The manifest is out:
+                // complete is retried through database errors, or the job would be charged
+                // another attempt (or fail on its last) although the soup is published.
+                let _ = keeper.beat(self.config.heartbeat_interval).await;
+                match self
+                    .settle("complete", || self.queue.complete(&lease, &result))
+                    .await
+                {
                     Ok(()) => info!(uri = %outcome.uri, "job succeeded"),
                     Err(e) => {
                         warn!(error = %e, "could not record success; the next owner will find the manifest")
                     }
                 }
             }
-            Err(EngineError::Cancelled) => match self.queue.acknowledge_cancel(&lease).await {
+            Err(EngineError::Cancelled) => match self
+                .settle("acknowledge_cancel", || {
+                    self.queue.acknowledge_cancel(&lease)
+                })
+                .await
+            {
                 Ok(()) => info!("job cancelled"),
                 Err(e) => warn!(error = %e, "could not acknowledge the cancel"),
             },
             Err(EngineError::LeaseLost) => {
                 warn!("lease lost: stopped without publishing");
             }
-            Err(EngineError::ShuttingDown) => match self.queue.release(&lease).await {
-                Ok(()) => info!("job released for another worker (shutdown)"),
-                Err(e) => warn!(error = %e, "could not release the job"),
-            },
+            Err(EngineError::ShuttingDown) => {
+                match self.settle("release", || self.queue.release(&lease)).await {
+                    Ok(()) => info!("job released for another worker (shutdown)"),
+                    Err(e) => warn!(error = %e, "could not release the job"),
+                }
+            }
             Err(e) => {
                 let code = e.code();
                 let err = JobError {
@@ -218,8 +230,32 @@ impl Slot {
         }
     }
 
+    /// Run one of the fenced writes that end an attempt (complete, fail, release, acknowledge
+    /// the cancel), retrying database errors for up to one lease length. A lost lease is final:
+    /// the queue already moved the job on.
+    async fn settle<T, F, Fut>(&self, what: &'static str, mut op: F) -> Result<T, QueueError>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, QueueError>>,
+    {
+        let deadline = Instant::now() + self.config.lease_ttl;
+        let mut pause = Duration::from_millis(200);
+        loop {
+            match op().await {
+                Ok(v) => return Ok(v),
+                Err(e @ (QueueError::LeaseLost(_) | QueueError::Corrupt(_))) => return Err(e),
+                Err(e) if Instant::now() + pause < deadline => {
+                    warn!(error = %e, op = what, "database error; retrying");
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_secs(2));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
     async fn finish_failed(&self, lease: &Lease, err: &JobError) {
-        match self.queue.fail(lease, err).await {
+        match self.settle("fail", || self.queue.fail(lease, err)).await {
             Ok(state) => {
                 info!(code = %err.code, state = state.as_str(), message = %err.message, "job failed")
             }
@@ -234,96 +270,140 @@ impl Slot {
     }
 }
 
-/// When the lease was last confirmed, on this process's monotonic clock.
-struct LeaseHealth {
-    last_ok: std::sync::Mutex<Instant>,
-}
-
-impl LeaseHealth {
-    fn new() -> Self {
-        LeaseHealth {
-            last_ok: std::sync::Mutex::new(Instant::now()),
-        }
-    }
-    fn confirm(&self) {
-        *self.last_ok.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
-    }
-    fn since_ok(&self) -> Duration {
-        self.last_ok
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .elapsed()
-    }
-}
-
-async fn heartbeat_loop(
+/// The lease of one running job. Heartbeats from the loop and from the publish gate go
+/// through [`LeaseKeeper::beat`] one at a time, so the stored progress never goes backwards,
+/// and every confirmation moves the one fence deadline.
+struct LeaseKeeper {
     queue: Arc<dyn JobQueue>,
     lease: Lease,
-    ctl: Arc<RunControl>,
-    health: Arc<LeaseHealth>,
-    interval: Duration,
+    progress: Arc<Progress>,
+    /// When the last confirmed heartbeat (or the claim) was *sent*, on this process's
+    /// monotonic clock: the database extended the lease no earlier than that.
+    last_ok: std::sync::Mutex<Instant>,
+    one_at_a_time: tokio::sync::Mutex<()>,
     fence_after: Duration,
-) {
+}
+
+#[derive(Debug, thiserror::Error)]
+enum BeatError {
+    #[error(transparent)]
+    Queue(#[from] QueueError),
+    #[error("no answer within {0:?}")]
+    TimedOut(Duration),
+}
+
+impl LeaseKeeper {
+    fn new(
+        queue: Arc<dyn JobQueue>,
+        lease: Lease,
+        progress: Arc<Progress>,
+        fence_after: Duration,
+    ) -> Self {
+        LeaseKeeper {
+            queue,
+            lease,
+            progress,
+            last_ok: std::sync::Mutex::new(Instant::now()),
+            one_at_a_time: tokio::sync::Mutex::new(()),
+            fence_after,
+        }
+    }
+
+    /// After this instant the worker must act as if the lease were lost: 2/3 of the lease
+    /// after the last confirmation, so it stops before the lease can expire and another
+    /// worker claim the job.
+    fn fence_deadline(&self) -> Instant {
+        *self.last_ok.lock().unwrap_or_else(|p| p.into_inner()) + self.fence_after
+    }
+
+    fn time_left(&self) -> Duration {
+        self.fence_deadline()
+            .saturating_duration_since(Instant::now())
+    }
+
+    /// One fenced heartbeat carrying the current progress, abandoned after `budget`.
+    async fn beat(&self, budget: Duration) -> Result<HeartbeatOutcome, BeatError> {
+        let call = async {
+            let _one = self.one_at_a_time.lock().await;
+            let progress = serde_json::to_value(self.progress.snapshot()).ok();
+            let sent = Instant::now();
+            let outcome = self.queue.heartbeat(&self.lease, progress.as_ref()).await?;
+            if let HeartbeatOutcome::Held { .. } = outcome {
+                let mut last = self.last_ok.lock().unwrap_or_else(|p| p.into_inner());
+                *last = (*last).max(sent);
+            }
+            Ok(outcome)
+        };
+        match tokio::time::timeout(budget, call).await {
+            Ok(r) => r,
+            Err(_) => Err(BeatError::TimedOut(budget)),
+        }
+    }
+}
+
+async fn heartbeat_loop(keeper: Arc<LeaseKeeper>, ctl: Arc<RunControl>, interval: Duration) {
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tick.tick().await;
     loop {
+        let deadline = keeper.fence_deadline();
         tokio::select! {
             _ = ctl.cancel.cancelled() => return,
             _ = tick.tick() => {}
+            // Fence on time, not only after the next failed heartbeat.
+            _ = tokio::time::sleep_until(deadline.into()) => {}
         }
-        let progress = serde_json::to_value(ctl.progress.snapshot()).ok();
+        let left = keeper.time_left();
+        if left.is_zero() {
+            fence(&ctl);
+            return;
+        }
         // A hung database call must not outlive the fence deadline.
-        let beat = tokio::time::timeout(interval, queue.heartbeat(&lease, progress.as_ref())).await;
-        match beat {
-            Ok(Ok(HeartbeatOutcome::Held { cancel_requested })) => {
-                health.confirm();
+        match keeper.beat(left.min(interval)).await {
+            Ok(HeartbeatOutcome::Held { cancel_requested }) => {
+                failpoints::crash(CrashPoint::Heartbeat);
                 if cancel_requested {
                     info!("cancel requested: stopping");
                     ctl.stop(StopReason::Cancelled);
                     return;
                 }
             }
-            Ok(Ok(HeartbeatOutcome::Lost)) => {
+            Ok(HeartbeatOutcome::Lost) => {
                 warn!("heartbeat: lease lost");
                 ctl.stop(StopReason::LeaseLost);
                 return;
             }
-            Ok(Err(e)) => warn!(error = %e, "heartbeat failed"),
-            Err(_) => warn!("heartbeat timed out"),
+            Err(e) => warn!(error = %e, "heartbeat failed"),
         }
-        if health.since_ok() >= fence_after {
-            warn!(
-                since_ok_s = health.since_ok().as_secs_f64(),
-                "no successful heartbeat for 2/3 of the lease: fencing myself"
-            );
-            ctl.stop(StopReason::LeaseLost);
+        if keeper.time_left().is_zero() {
+            fence(&ctl);
             return;
         }
     }
 }
 
+fn fence(ctl: &RunControl) {
+    warn!("no successful heartbeat for 2/3 of the lease: fencing myself");
+    ctl.stop(StopReason::LeaseLost);
+}
+
 /// Before the manifest: a fenced heartbeat must confirm the lease, with no cancel pending.
 struct LeaseGate {
-    queue: Arc<dyn JobQueue>,
-    lease: Lease,
-    progress: Arc<Progress>,
-    health: Arc<LeaseHealth>,
-    fence_after: Duration,
+    keeper: Arc<LeaseKeeper>,
 }
 
 #[async_trait]
 impl PublishGate for LeaseGate {
     async fn may_publish(&self) -> Result<(), EngineError> {
-        if self.health.since_ok() >= self.fence_after {
+        let left = self.keeper.time_left();
+        if left.is_zero() {
             return Err(EngineError::LeaseLost);
         }
-        let progress = serde_json::to_value(self.progress.snapshot()).ok();
-        match self.queue.heartbeat(&self.lease, progress.as_ref()).await {
+        match self.keeper.beat(left).await {
             Ok(HeartbeatOutcome::Held {
                 cancel_requested: false,
             }) => {
-                self.health.confirm();
+                failpoints::crash(CrashPoint::BeforeManifest);
                 Ok(())
             }
             Ok(HeartbeatOutcome::Held {

@@ -330,3 +330,6 @@ pub async fn wait_terminal(
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// The real `ladle` binary as child processes, throw-away Postgres databases, a chaos proxy.
+pub mod procs;

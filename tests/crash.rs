@@ -1,0 +1,1059 @@
+//! Process-level reliability tests: the real `ladle worker` binary as child processes over one
+//! database (SQLite always; Postgres when `LADLE_TEST_POSTGRES_URL` is set, a fresh database per
+//! test, else a loud SKIPPED line), killed with SIGKILL, stopped with SIGTERM, crashed at named
+//! crash points, and cut off from Postgres by a TCP proxy. QUEUE.md §5 tests 3, 9, 12, 13, 14, 15
+//! and 20, and the create-if-absent check of the S3 server the tests use.
+//!
+//! The crash points and the per-chunk throttle exist only in builds with the `failpoints`
+//! feature, which `cargo test` enables (Cargo.toml: ladle's dev-dependency on itself); see
+//! `src/worker/failpoints.rs`. The tests run one at a time (they time leases of a few seconds
+//! on a 2-core machine), each in its own temp folder with its own database.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use common::procs::{LadleProc, PgDb, aborted};
+use common::*;
+use ladle::queue::{Job, JobQueue, JobState};
+use ladle::service::{Mode, Service};
+use ladle::worker::failpoints::{self, CrashPoint};
+use sha2::{Digest, Sha256};
+use uuid::Uuid;
+
+const MANIFEST: &str = "ladle-manifest.json";
+
+/// One test at a time: they measure leases of seconds, and a neighbour's CPU burn or kill
+/// must not decide another test's outcome.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// A test's world: temp folder, database, two generated fine-tunes, the API (in-process, for
+/// submitting and cancelling), and a direct queue handle for watching job rows.
+struct Rig {
+    _tmp: tempfile::TempDir,
+    root: PathBuf,
+    backend: Backend,
+    db_url: String,
+    api: Option<Service>,
+    base: String,
+    queue: Arc<dyn JobQueue>,
+    client: reqwest::Client,
+    models: Vec<PathBuf>,
+    logs: PathBuf,
+    spawned: AtomicUsize,
+    _pg: Option<PgDb>,
+}
+
+/// How a spawned worker is configured.
+#[derive(Debug, Clone)]
+struct WorkerOpts {
+    lease_s: f64,
+    heartbeat_s: f64,
+    grace_s: f64,
+    slots: usize,
+    throttle_ms: u64,
+    burn_ms: u64,
+    crash_at: Option<CrashPoint>,
+    /// A database URL other than the rig's (the chaos proxy).
+    db_url: Option<String>,
+}
+
+impl Default for WorkerOpts {
+    fn default() -> Self {
+        WorkerOpts {
+            lease_s: 3.0,
+            heartbeat_s: 1.0,
+            grace_s: 5.0,
+            slots: 1,
+            throttle_ms: 0,
+            burn_ms: 0,
+            crash_at: None,
+            db_url: None,
+        }
+    }
+}
+
+impl Rig {
+    /// `None` (after a loud SKIPPED line) when the backend is not available.
+    async fn new(backend: Backend, test: &str) -> Option<Rig> {
+        assert!(
+            failpoints::enabled(),
+            "the crash tests need the `failpoints` feature (cargo test enables it through \
+             ladle's dev-dependency on itself)"
+        );
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let root = tmp.path().canonicalize().expect("canonical temp dir");
+        let (db_url, pg) = match backend {
+            Backend::Sqlite => (
+                format!("sqlite://{}", root.join("ladle.db").display()),
+                None,
+            ),
+            Backend::Postgres => match PgDb::create().await {
+                Some(db) => (db.url.clone(), Some(db)),
+                None => {
+                    loud_skip(
+                        &format!("crash test `{test}` on Postgres"),
+                        "set LADLE_TEST_POSTGRES_URL (.ci/run does)",
+                    );
+                    return None;
+                }
+            },
+        };
+        let models = write_models(&root);
+        let settings = test_settings(
+            &root.join("api-data"),
+            &db_url,
+            vec![root.display().to_string()],
+            None,
+        );
+        let (api, base) = start(&settings, Mode::Api).await;
+        let queue = api.queue.clone();
+        Some(Rig {
+            _tmp: tmp,
+            logs: root.join("logs"),
+            root,
+            backend,
+            db_url,
+            api: Some(api),
+            base,
+            queue,
+            client: reqwest::Client::new(),
+            models,
+            spawned: AtomicUsize::new(0),
+            _pg: pg,
+        })
+    }
+
+    fn out_dir(&self, name: &str) -> PathBuf {
+        self.root.join("soups").join(name)
+    }
+
+    /// The recipe for a soup of the two fine-tunes into `soups/<name>/` (3 output shards).
+    fn recipe(&self, name: &str) -> serde_json::Value {
+        serde_json::json!({
+            "method": "linear",
+            "models": [
+                {"uri": file_url(&self.models[0]), "weight": 1.0},
+                {"uri": file_url(&self.models[1]), "weight": 2.0},
+            ],
+            "parameters": {"normalize": true},
+            "output": {"uri": format!("{}/", file_url(&self.out_dir(name))), "max_shard_size": 40000},
+        })
+    }
+
+    async fn submit(&self, name: &str) -> Uuid {
+        let r = self
+            .client
+            .post(format!("{}/v1/merges", self.base))
+            .json(&self.recipe(name))
+            .send()
+            .await
+            .expect("POST /v1/merges");
+        let status = r.status().as_u16();
+        let v: serde_json::Value = r.json().await.expect("json");
+        assert_eq!(status, 202, "{v}");
+        v["id"].as_str().expect("id").parse().expect("uuid")
+    }
+
+    async fn cancel(&self, id: Uuid) -> serde_json::Value {
+        let r = self
+            .client
+            .post(format!("{}/v1/merges/{id}/cancel", self.base))
+            .send()
+            .await
+            .expect("POST cancel");
+        assert!(r.status().is_success(), "cancel: {}", r.status());
+        r.json().await.expect("json")
+    }
+
+    fn spawn_worker(&self, opts: &WorkerOpts) -> LadleProc {
+        let n = self.spawned.fetch_add(1, Ordering::SeqCst);
+        let mut env = BTreeMap::new();
+        let mut set = |k: &str, v: String| {
+            env.insert(k.to_string(), v);
+        };
+        set(
+            "LADLE_DATABASE_URL",
+            opts.db_url.clone().unwrap_or_else(|| self.db_url.clone()),
+        );
+        set(
+            "LADLE_DATA_DIR",
+            self.root.join(format!("worker-{n}")).display().to_string(),
+        );
+        set("LADLE_ALLOWED_ROOTS", self.root.display().to_string());
+        set("LADLE_WORKERS", opts.slots.to_string());
+        set("LADLE_LEASE_TTL_SECS", opts.lease_s.to_string());
+        set("LADLE_HEARTBEAT_SECS", opts.heartbeat_s.to_string());
+        set("LADLE_POLL_SECS", "0.2".into());
+        set("LADLE_BACKOFF_SECS", "0.5".into());
+        set("LADLE_SHUTDOWN_GRACE_SECS", opts.grace_s.to_string());
+        set("LADLE_CHUNK_ELEMS", "1024".into());
+        if opts.throttle_ms > 0 {
+            // One chunk in flight: the throttle then adds up chunk after chunk.
+            set("LADLE_INFLIGHT_BYTES", "1".into());
+            set("LADLE_TEST_THROTTLE_MS", opts.throttle_ms.to_string());
+        }
+        if opts.burn_ms > 0 {
+            set("LADLE_TEST_BURN_MS", opts.burn_ms.to_string());
+        }
+        if let Some(p) = opts.crash_at {
+            set("LADLE_TEST_CRASH_AT", p.name().into());
+        }
+        LadleProc::spawn(&format!("worker-{n}"), &["worker"], &env, &self.logs)
+    }
+
+    async fn job(&self, id: Uuid) -> Job {
+        self.queue
+            .get(id)
+            .await
+            .expect("get job")
+            .expect("job exists")
+    }
+
+    /// Poll the job row until `done` holds.
+    async fn wait_job(
+        &self,
+        id: Uuid,
+        timeout: Duration,
+        what: &str,
+        done: impl Fn(&Job) -> bool,
+    ) -> Job {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let j = self.job(id).await;
+            if done(&j) {
+                return j;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out after {timeout:?} waiting for {what}: state {:?}, attempts {}, progress {:?}, error {:?}",
+                j.state,
+                j.attempts,
+                j.progress,
+                j.error
+            );
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    async fn wait_terminal(&self, id: Uuid, timeout: Duration) -> Job {
+        self.wait_job(id, timeout, "a terminal state", |j| j.state.is_terminal())
+            .await
+    }
+
+    /// Running, with at least `tensors` tensors written (as the last heartbeat reported).
+    async fn wait_running_with(&self, id: Uuid, tensors: u64) -> Job {
+        self.wait_job(id, Duration::from_secs(30), "running with progress", |j| {
+            j.state == JobState::Running && progress(j).0 >= tensors
+        })
+        .await
+    }
+
+    /// `ladle merge` of the same recipe into a fresh folder: the reference soup.
+    fn reference(&self, name: &str) -> Vec<serde_json::Value> {
+        let dir = self.root.join("reference").join(name);
+        let recipe = self.root.join(format!("recipe-{name}.json"));
+        std::fs::write(&recipe, self.recipe(name).to_string()).expect("write recipe");
+        let run = std::process::Command::new(procs::LADLE)
+            .args(["merge", "--quiet", "--out"])
+            .arg(&dir)
+            .arg(&recipe)
+            .env_remove("LADLE_TEST_CRASH_AT")
+            .env_remove("LADLE_TEST_THROTTLE_MS")
+            .env_remove("LADLE_TEST_BURN_MS")
+            .output()
+            .expect("ladle merge");
+        assert!(
+            run.status.success(),
+            "reference merge: {}",
+            String::from_utf8_lossy(&run.stderr)
+        );
+        let m = read_manifest(&dir).expect("reference manifest");
+        m["files"].as_array().expect("files").clone()
+    }
+
+    /// The soup at `soups/<name>` is complete, valid, and equal to the reference merge.
+    fn assert_soup(&self, name: &str) -> serde_json::Value {
+        let dir = self.out_dir(name);
+        let m = read_manifest(&dir).expect("manifest at the output");
+        if let Some(problem) = manifest_problem(&dir, &m) {
+            panic!("{name}: {problem}");
+        }
+        let files = m["files"].as_array().expect("files");
+        assert!(
+            files
+                .iter()
+                .filter(|f| f["path"].as_str().unwrap_or("").ends_with(".safetensors"))
+                .count()
+                >= 3,
+            "expected 3 shards: {files:?}"
+        );
+        assert_eq!(
+            files,
+            &self.reference(name),
+            "{name}: shards differ from the reference merge of the same recipe"
+        );
+        m
+    }
+
+    async fn finish(mut self) {
+        if let Some(api) = self.api.take() {
+            api.shutdown().await;
+        }
+    }
+}
+
+/// Two fine-tunes: three 16 Ki-element bf16 matrices (16 chunks each at 1024 elements), an f32
+/// vector and an i64 tensor; the first has a config file (copied to the soup).
+fn write_models(root: &Path) -> Vec<PathBuf> {
+    (0..2u64)
+        .map(|k| {
+            let seed = 1000 * (k + 1);
+            let tensors = vec![
+                bf16_tensor("model.embed_tokens.weight", &[256, 64], seed),
+                bf16_tensor("model.layers.0.mlp.weight", &[64, 256], seed + 1),
+                bf16_tensor("model.layers.1.mlp.weight", &[64, 256], seed + 2),
+                f32_tensor("model.norm.weight", &[64], seed + 3),
+                i64_tensor("model.position_ids", 32, seed),
+            ];
+            let dir = root.join(format!("ft-{k}"));
+            std::fs::create_dir_all(&dir).expect("mkdir");
+            std::fs::write(dir.join("model.safetensors"), safetensors_bytes(&tensors))
+                .expect("write model");
+            if k == 0 {
+                std::fs::write(dir.join("config.json"), br#"{"model_type": "llama"}"#)
+                    .expect("write config");
+            }
+            dir
+        })
+        .collect()
+}
+
+fn file_url(p: &Path) -> String {
+    url::Url::from_file_path(p).expect("file url").to_string()
+}
+
+/// (tensors_done, tensors_total) from the job's last reported progress.
+fn progress(j: &Job) -> (u64, u64) {
+    let p = j.progress.as_ref();
+    let get = |k: &str| p.and_then(|p| p[k].as_u64()).unwrap_or(0);
+    (get("tensors_done"), get("tensors_total"))
+}
+
+fn read_manifest(dir: &Path) -> Option<serde_json::Value> {
+    let bytes = std::fs::read(dir.join(MANIFEST)).ok()?;
+    Some(serde_json::from_slice(&bytes).expect("manifest is JSON"))
+}
+
+/// Whether every file the manifest lists is there with its size and SHA-256.
+fn manifest_problem(dir: &Path, m: &serde_json::Value) -> Option<String> {
+    let Some(files) = m["files"].as_array() else {
+        return Some("manifest without files".into());
+    };
+    for f in files {
+        let path = f["path"].as_str().unwrap_or_default();
+        let bytes = match std::fs::read(dir.join(path)) {
+            Ok(b) => b,
+            Err(e) => return Some(format!("manifest lists {path}, which is missing: {e}")),
+        };
+        if Some(bytes.len() as u64) != f["size"].as_u64() {
+            return Some(format!(
+                "manifest lists {path} with size {} but it has {} bytes",
+                f["size"],
+                bytes.len()
+            ));
+        }
+        if Some(hex::encode(Sha256::digest(&bytes)).as_str()) != f["sha256"].as_str() {
+            return Some(format!("manifest lists {path} with another SHA-256"));
+        }
+    }
+    None
+}
+
+fn assert_no_manifest(dir: &Path, when: &str) {
+    assert!(
+        !dir.join(MANIFEST).exists(),
+        "a manifest exists {when}: {:?}",
+        std::fs::read_to_string(dir.join(MANIFEST))
+    );
+}
+
+/// What a watcher saw while polling the output folder and the job row.
+#[derive(Debug, Default)]
+struct WatchReport {
+    polls: usize,
+    violations: Vec<String>,
+    /// (state, attempts) pairs seen.
+    seen: BTreeSet<(String, i32)>,
+    /// Polls that saw a manifest while the job was still `running` (the window between
+    /// publishing and `complete`, or a later attempt recovering a published soup).
+    manifest_while_running: usize,
+    /// Polls that saw a manifest while the job was `queued` again (its publisher died before
+    /// `complete`).
+    manifest_while_queued: usize,
+    /// Longest gap between two heartbeats of one attempt, from `heartbeat_at`.
+    max_heartbeat_gap: Duration,
+}
+
+struct Watcher {
+    stop: Arc<AtomicBool>,
+    task: tokio::task::JoinHandle<WatchReport>,
+}
+
+impl Watcher {
+    /// Poll `dir` then the job, every few ms, until stopped. Invariants:
+    /// - a manifest lists only files that exist with its sizes and SHA-256s;
+    /// - once seen, the manifest never changes;
+    /// - a manifest coexists with `running` only after that attempt reported every tensor
+    ///   written (publish → complete), or while a later attempt recovers it; with `queued`
+    ///   only when an attempt published and died before `complete`; never with `failed` or
+    ///   `cancelled`.
+    fn start(queue: Arc<dyn JobQueue>, id: Uuid, dir: PathBuf) -> Watcher {
+        let stop = Arc::new(AtomicBool::new(false));
+        let s = stop.clone();
+        let task = tokio::spawn(async move {
+            let mut r = WatchReport::default();
+            let mut first: Option<Vec<u8>> = None;
+            let mut last_beat: Option<(i32, chrono::DateTime<chrono::Utc>)> = None;
+            while !s.load(Ordering::SeqCst) {
+                r.polls += 1;
+                // The folder first, then the row: a manifest seen here was written before the
+                // state read below.
+                let manifest = std::fs::read(dir.join(MANIFEST)).ok();
+                let parsed = manifest
+                    .as_ref()
+                    .map(|b| serde_json::from_slice::<serde_json::Value>(b));
+                if let Some(bytes) = &manifest {
+                    match &parsed {
+                        Some(Ok(m)) => {
+                            if let Some(p) = manifest_problem(&dir, m) {
+                                r.violations.push(p);
+                            }
+                        }
+                        _ => r.violations.push("a manifest that is not JSON".into()),
+                    }
+                    match &first {
+                        None => first = Some(bytes.clone()),
+                        Some(f) if f != bytes => {
+                            r.violations.push("the manifest was rewritten".into())
+                        }
+                        _ => {}
+                    }
+                }
+                let Ok(Some(job)) = queue.get(id).await else {
+                    r.violations.push("job row unreadable".into());
+                    break;
+                };
+                r.seen.insert((job.state.as_str().into(), job.attempts));
+                if let Some(Ok(m)) = &parsed {
+                    let by = m["run"]["attempt"].as_i64().unwrap_or(-1);
+                    match job.state {
+                        JobState::Succeeded => {}
+                        // An attempt published, then died before `complete`; the reaper
+                        // queued the job again, and the next attempt will find the soup.
+                        JobState::Queued if by >= 1 && by <= job.attempts as i64 => {
+                            r.manifest_while_queued += 1;
+                        }
+                        JobState::Running => {
+                            r.manifest_while_running += 1;
+                            let (done, total) = progress(&job);
+                            let publishing =
+                                by == job.attempts as i64 && total > 0 && done == total;
+                            let recovering = by < job.attempts as i64 && by >= 1;
+                            if !(publishing || recovering) {
+                                r.violations.push(format!(
+                                    "manifest (attempt {by}) while attempt {} is running with {done}/{total} tensors written",
+                                    job.attempts
+                                ));
+                            }
+                        }
+                        other => r
+                            .violations
+                            .push(format!("manifest while the job is {}", other.as_str())),
+                    }
+                }
+                if job.state == JobState::Running
+                    && let Some(at) = job.heartbeat_at
+                {
+                    if let Some((attempt, prev)) = last_beat
+                        && attempt == job.attempts
+                        && at > prev
+                    {
+                        let gap = (at - prev).to_std().unwrap_or_default();
+                        r.max_heartbeat_gap = r.max_heartbeat_gap.max(gap);
+                    }
+                    last_beat = Some((job.attempts, at));
+                }
+                tokio::time::sleep(Duration::from_millis(15)).await;
+            }
+            r
+        });
+        Watcher { stop, task }
+    }
+
+    async fn finish(self) -> WatchReport {
+        self.stop.store(true, Ordering::SeqCst);
+        self.task.await.expect("watcher task")
+    }
+}
+
+fn assert_clean_watch(r: &WatchReport) {
+    assert!(r.polls > 20, "the watcher barely ran: {r:?}");
+    assert!(r.violations.is_empty(), "watcher saw: {:#?}", r.violations);
+}
+
+/// (idle, total) jiffies of the whole machine, from `/proc/stat`.
+fn machine_cpu() -> (u64, u64) {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let f: Vec<u64> = stat
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    let idle = f.get(3).copied().unwrap_or(0) + f.get(4).copied().unwrap_or(0);
+    (idle, f.iter().take(8).sum())
+}
+
+fn log_has(p: &LadleProc, needle: &str) -> bool {
+    p.log_text().contains(needle)
+}
+
+// ------------------------------------------------------------------------------------------
+// The scenarios (each run on SQLite and on Postgres)
+// ------------------------------------------------------------------------------------------
+
+/// QUEUE.md §5 #3: SIGKILL a worker mid-merge; a second worker finishes the job, once.
+async fn kill9_mid_merge(rig: Rig) {
+    let id = rig.submit("kill9").await;
+    let out = rig.out_dir("kill9");
+    let watch = Watcher::start(rig.queue.clone(), id, out.clone());
+    let mut a = rig.spawn_worker(&WorkerOpts {
+        throttle_ms: 120,
+        ..Default::default()
+    });
+    // At least one tensor (the first shard) written, many still to go.
+    let j = rig.wait_running_with(id, 1).await;
+    let (done, total) = progress(&j);
+    assert!(
+        done < total,
+        "the merge finished before the kill: {done}/{total}"
+    );
+    let status = a.kill9();
+    assert!(!status.success());
+    assert_eq!(rig.job(id).await.attempts, 1);
+    assert_no_manifest(&out, "after the kill");
+    let partial: Vec<_> = std::fs::read_dir(&out)
+        .map(|d| d.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert!(!partial.is_empty(), "the killed worker wrote nothing yet");
+
+    let mut b = rig.spawn_worker(&WorkerOpts {
+        throttle_ms: 10,
+        ..Default::default()
+    });
+    let j = rig.wait_terminal(id, Duration::from_secs(45)).await;
+    let report = watch.finish().await;
+    assert_eq!(j.state, JobState::Succeeded, "{:?}", j.error);
+    assert_eq!(j.attempts, 2);
+    assert_clean_watch(&report);
+    assert_eq!(
+        report.manifest_while_queued, 0,
+        "nobody published before the kill"
+    );
+    assert!(
+        report.seen.contains(&("running".into(), 1))
+            && report.seen.contains(&("running".into(), 2)),
+        "the watcher saw both attempts run: {:?}",
+        report.seen
+    );
+    let m = rig.assert_soup("kill9");
+    assert_eq!(m["run"]["attempt"], 2, "the second worker published");
+    assert_eq!(j.result.as_ref().expect("result")["files"], m["files"]);
+    assert!(log_has(&b, "job succeeded"), "{}", b.log_text());
+    b.sigterm();
+    assert!(
+        b.wait_exit(Duration::from_secs(15))
+            .await
+            .is_some_and(|s| s.success())
+    );
+    rig.finish().await;
+}
+
+/// QUEUE.md §5 #9: a cancel requested after the owner died → `cancelled` by the reaper, and
+/// no worker runs the job again.
+async fn cancel_after_worker_died(rig: Rig) {
+    let id = rig.submit("cancel-dead").await;
+    let out = rig.out_dir("cancel-dead");
+    let mut a = rig.spawn_worker(&WorkerOpts {
+        throttle_ms: 120,
+        ..Default::default()
+    });
+    rig.wait_running_with(id, 1).await;
+    a.kill9();
+    let v = rig.cancel(id).await;
+    assert_eq!(
+        v["state"], "running",
+        "the dead worker still holds the lease: {v}"
+    );
+    assert_eq!(v["cancel_requested"], true);
+    let mut b = rig.spawn_worker(&WorkerOpts::default());
+    let j = rig.wait_terminal(id, Duration::from_secs(30)).await;
+    assert_eq!(j.state, JobState::Cancelled, "{:?}", j.error);
+    assert_eq!(j.attempts, 1);
+    // It stays cancelled; the live worker never claims it.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let j = rig.job(id).await;
+    assert_eq!((j.state, j.attempts), (JobState::Cancelled, 1));
+    assert!(b.is_running());
+    assert!(!log_has(&b, "job claimed"), "{}", b.log_text());
+    assert_no_manifest(&out, "for a cancelled job");
+    b.sigterm();
+    assert!(
+        b.wait_exit(Duration::from_secs(15))
+            .await
+            .is_some_and(|s| s.success())
+    );
+    rig.finish().await;
+}
+
+/// QUEUE.md §5 #12: a job that kills its worker on every attempt ends `failed` after
+/// max_attempts (3) crashes; nobody runs it a fourth time.
+async fn poison_job(rig: Rig) {
+    let id = rig.submit("poison").await;
+    let out = rig.out_dir("poison");
+    let opts = WorkerOpts {
+        crash_at: Some(CrashPoint::BeforeManifest),
+        ..Default::default()
+    };
+    let mut crashes = 0;
+    let mut spawns = 0;
+    let survivor = loop {
+        assert!(spawns < 6, "more worker restarts than attempts: a loop");
+        let mut w = rig.spawn_worker(&opts);
+        spawns += 1;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = w.try_status() {
+                assert!(aborted(status), "{}: {status}\n{}", w.name, w.log_text());
+                assert!(
+                    log_has(&w, "crashing at before-manifest"),
+                    "{}",
+                    w.log_text()
+                );
+                crashes += 1;
+                break;
+            }
+            if rig.job(id).await.state.is_terminal() {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no crash and no end: {}",
+                w.log_text()
+            );
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        if w.is_running() {
+            break w;
+        }
+        assert_no_manifest(&out, "after a crash before the manifest");
+    };
+    let j = rig.job(id).await;
+    assert_eq!(j.state, JobState::Failed);
+    assert_eq!((crashes, j.attempts, j.max_attempts), (3, 3, 3));
+    let err = j.error.as_ref().expect("error");
+    assert_eq!(err.code.to_string(), "lease_expired", "{err:?}");
+    // The last worker lives on and never touches it.
+    let mut survivor = survivor;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(survivor.is_running(), "{}", survivor.log_text());
+    let again = rig.job(id).await;
+    assert_eq!((again.state, again.attempts), (JobState::Failed, 3));
+    assert!(!log_has(&survivor, "job claimed"));
+    assert_no_manifest(&out, "for a failed job");
+    survivor.sigterm();
+    assert!(survivor.wait_exit(Duration::from_secs(15)).await.is_some());
+    rig.finish().await;
+}
+
+/// QUEUE.md §5 #13: lease 3 s, heartbeat 1 s, and a merge that keeps every core busy for
+/// ~12 s: one attempt, no lease lost.
+async fn heartbeats_hold_under_cpu_saturation(rig: Rig) {
+    let id = rig.submit("burn").await;
+    let out = rig.out_dir("burn");
+    let watch = Watcher::start(rig.queue.clone(), id, out.clone());
+    let mut w = rig.spawn_worker(&WorkerOpts {
+        burn_ms: 1500,
+        ..Default::default()
+    });
+    rig.wait_job(id, Duration::from_secs(20), "running", |j| {
+        j.state == JobState::Running
+    })
+    .await;
+    let started = Instant::now();
+    let cpu0 = w.cpu_time().unwrap_or_default();
+    let machine0 = machine_cpu();
+    let j = rig.wait_terminal(id, Duration::from_secs(50)).await;
+    let wall = started.elapsed();
+    let cpu = w.cpu_time().unwrap_or_default().saturating_sub(cpu0);
+    let machine1 = machine_cpu();
+    let report = watch.finish().await;
+    let cores = cpu.as_secs_f64() / wall.as_secs_f64();
+    let idle = (machine1.0 - machine0.0) as f64 / ((machine1.1 - machine0.1) as f64).max(1.0);
+    eprintln!(
+        "cpu saturation ({:?}): merge {wall:.1?}, worker CPU {cpu:.1?} = {cores:.2} cores, \
+         machine idle {:.1} %, longest heartbeat gap {:?}",
+        rig.backend,
+        idle * 100.0,
+        report.max_heartbeat_gap
+    );
+    assert_eq!(
+        j.state,
+        JobState::Succeeded,
+        "{:?}\n{}",
+        j.error,
+        w.log_text()
+    );
+    assert_eq!(j.attempts, 1, "{}", w.log_text());
+    assert_clean_watch(&report);
+    assert!(
+        wall > Duration::from_secs(8),
+        "the merge was not long: {wall:?}"
+    );
+    // Every core busy (other processes on the machine count too: they only make it harder),
+    // and the worker itself busy with more than half a core of merge work throughout.
+    assert!(
+        idle < 0.15,
+        "the cores were not saturated: {:.1} % idle",
+        idle * 100.0
+    );
+    assert!(
+        cores > 0.5,
+        "the merge did not load the machine: {cores:.2} cores"
+    );
+    // Fencing starts at 2/3 of the lease (2 s) without a confirmed heartbeat.
+    assert!(
+        report.max_heartbeat_gap < Duration::from_millis(1900),
+        "heartbeat gap {:?}",
+        report.max_heartbeat_gap
+    );
+    let log = w.log_text();
+    for bad in ["heartbeat failed", "fencing myself", "lease lost"] {
+        assert!(!log.contains(bad), "worker log has {bad:?}:\n{log}");
+    }
+    rig.assert_soup("burn");
+    w.sigterm();
+    assert!(
+        w.wait_exit(Duration::from_secs(15))
+            .await
+            .is_some_and(|s| s.success())
+    );
+    rig.finish().await;
+}
+
+/// QUEUE.md §5 #15, first half: SIGTERM with a grace period too short for the merge → the job
+/// is released (`queued`, attempts unchanged, max_attempts + 1), nothing is published, no new
+/// claim; another worker then runs both jobs.
+async fn sigterm_releases_after_grace(rig: Rig) {
+    let id = rig.submit("term-release").await;
+    let out = rig.out_dir("term-release");
+    let mut a = rig.spawn_worker(&WorkerOpts {
+        throttle_ms: 120,
+        grace_s: 1.0,
+        slots: 2,
+        ..Default::default()
+    });
+    rig.wait_running_with(id, 1).await;
+    a.sigterm();
+    let id2 = rig.submit("term-release-2").await;
+    let t = Instant::now();
+    let status = a.wait_exit(Duration::from_secs(15)).await;
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "clean exit after SIGTERM: {status:?}\n{}",
+        a.log_text()
+    );
+    assert!(
+        t.elapsed() < Duration::from_secs(8),
+        "exit took {:?}",
+        t.elapsed()
+    );
+    let j = rig.job(id).await;
+    assert_eq!(j.state, JobState::Queued, "{}", a.log_text());
+    assert_eq!(
+        (j.attempts, j.max_attempts),
+        (1, 4),
+        "released without charging"
+    );
+    assert!(log_has(&a, "job released"), "{}", a.log_text());
+    assert_no_manifest(&out, "after a release");
+    let j2 = rig.job(id2).await;
+    assert_eq!(
+        (j2.state, j2.attempts),
+        (JobState::Queued, 0),
+        "no new claims"
+    );
+
+    let mut b = rig.spawn_worker(&WorkerOpts {
+        slots: 2,
+        ..Default::default()
+    });
+    for (job, name, attempts) in [(id, "term-release", 2), (id2, "term-release-2", 1)] {
+        let j = rig.wait_terminal(job, Duration::from_secs(30)).await;
+        assert_eq!(j.state, JobState::Succeeded, "{:?}", j.error);
+        assert_eq!(j.attempts, attempts);
+        rig.assert_soup(name);
+    }
+    b.sigterm();
+    assert!(
+        b.wait_exit(Duration::from_secs(15))
+            .await
+            .is_some_and(|s| s.success())
+    );
+    rig.finish().await;
+}
+
+/// QUEUE.md §5 #15, second half: SIGTERM with enough grace → the in-flight job finishes (one
+/// attempt), no new job is claimed, the process exits cleanly.
+async fn sigterm_finishes_within_grace(rig: Rig) {
+    let id = rig.submit("term-finish").await;
+    let mut a = rig.spawn_worker(&WorkerOpts {
+        throttle_ms: 60,
+        grace_s: 30.0,
+        slots: 2,
+        ..Default::default()
+    });
+    rig.wait_running_with(id, 1).await;
+    a.sigterm();
+    let id2 = rig.submit("term-finish-2").await;
+    let status = a.wait_exit(Duration::from_secs(30)).await;
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "clean exit: {status:?}\n{}",
+        a.log_text()
+    );
+    let j = rig.job(id).await;
+    assert_eq!(
+        j.state,
+        JobState::Succeeded,
+        "{:?}\n{}",
+        j.error,
+        a.log_text()
+    );
+    assert_eq!(j.attempts, 1);
+    rig.assert_soup("term-finish");
+    let j2 = rig.job(id2).await;
+    assert_eq!(
+        (j2.state, j2.attempts),
+        (JobState::Queued, 0),
+        "no new claims"
+    );
+    rig.finish().await;
+}
+
+/// QUEUE.md §5 #20: a worker dies at a named crash point; a second worker brings the job to
+/// exactly one `succeeded` with a valid manifest equal to the reference.
+async fn crash_point_recovers(rig: Rig, point: CrashPoint) {
+    let name = format!("crash-{}", point.name());
+    let id = rig.submit(&name).await;
+    let out = rig.out_dir(&name);
+    let watch = Watcher::start(rig.queue.clone(), id, out.clone());
+    let mut a = rig.spawn_worker(&WorkerOpts {
+        crash_at: Some(point),
+        // Long enough for a heartbeat to happen mid-merge.
+        throttle_ms: if point == CrashPoint::Heartbeat {
+            60
+        } else {
+            0
+        },
+        ..Default::default()
+    });
+    let status = a.wait_exit(Duration::from_secs(30)).await;
+    assert!(status.is_some_and(aborted), "{status:?}\n{}", a.log_text());
+    assert!(
+        log_has(&a, &format!("crashing at {}", point.name())),
+        "{}",
+        a.log_text()
+    );
+    let j = rig.job(id).await;
+    assert_eq!((j.state, j.attempts), (JobState::Running, 1));
+    let published = match point {
+        CrashPoint::AfterManifest => {
+            let m = read_manifest(&out).expect("the manifest is out before the crash");
+            assert_eq!(m["run"]["attempt"], 1);
+            Some(std::fs::read(out.join(MANIFEST)).expect("manifest bytes"))
+        }
+        _ => {
+            assert_no_manifest(&out, "after a crash before publishing");
+            None
+        }
+    };
+    let mut b = rig.spawn_worker(&WorkerOpts::default());
+    let j = rig.wait_terminal(id, Duration::from_secs(30)).await;
+    let report = watch.finish().await;
+    assert_eq!(
+        j.state,
+        JobState::Succeeded,
+        "{:?}\n{}",
+        j.error,
+        b.log_text()
+    );
+    assert_eq!(j.attempts, 2);
+    assert_clean_watch(&report);
+    let m = rig.assert_soup(&name);
+    let result = j.result.as_ref().expect("result");
+    assert_eq!(result["files"], m["files"]);
+    match published {
+        Some(bytes) => {
+            assert_eq!(result["recovered"], true, "{result}");
+            assert_eq!(
+                std::fs::read(out.join(MANIFEST)).expect("manifest"),
+                bytes,
+                "the recovering worker kept the published manifest"
+            );
+            let (done, total) = progress(&j);
+            assert_eq!(done, total, "a recovered job reports all tensors done");
+        }
+        None => assert_eq!(m["run"]["attempt"], 2),
+    }
+    b.sigterm();
+    assert!(
+        b.wait_exit(Duration::from_secs(15))
+            .await
+            .is_some_and(|s| s.success())
+    );
+    rig.finish().await;
+}
+
+async fn crash_before_manifest(rig: Rig) {
+    crash_point_recovers(rig, CrashPoint::BeforeManifest).await
+}
+
+async fn crash_after_manifest(rig: Rig) {
+    crash_point_recovers(rig, CrashPoint::AfterManifest).await
+}
+
+async fn crash_in_heartbeat(rig: Rig) {
+    crash_point_recovers(rig, CrashPoint::Heartbeat).await
+}
+
+macro_rules! on_both_backends {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            use super::*;
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn sqlite() {
+                let _one = SERIAL.lock().await;
+                let rig = Rig::new(Backend::Sqlite, stringify!($name)).await.expect("sqlite");
+                super::$name(rig).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn postgres() {
+                let _one = SERIAL.lock().await;
+                if let Some(rig) = Rig::new(Backend::Postgres, stringify!($name)).await {
+                    super::$name(rig).await;
+                }
+            }
+        }
+    )*};
+}
+
+on_both_backends!(
+    kill9_mid_merge,
+    cancel_after_worker_died,
+    poison_job,
+    heartbeats_hold_under_cpu_saturation,
+    sigterm_releases_after_grace,
+    sigterm_finishes_within_grace,
+    crash_before_manifest,
+    crash_after_manifest,
+    crash_in_heartbeat,
+);
+
+// ------------------------------------------------------------------------------------------
+// The S3-protocol server's create-if-absent (QUEUE.md §4.8 step 3)
+// ------------------------------------------------------------------------------------------
+
+/// s3s-fs honours `PutMode::Create` (If-None-Match: *) for sequential writers, through the S3
+/// client ladle itself builds: the second manifest put gets `AlreadyExists` and the first
+/// manifest stays. (Concurrent conditional puts are not atomic on s3s-fs; ladle does not rely
+/// on them: one live job per output URL is a unique index in the queue.)
+#[tokio::test]
+async fn s3_server_honours_create_if_absent() {
+    use object_store::{ObjectStoreExt, PutMode, PutOptions, PutPayload};
+    let Some(s3) = S3Server::start() else {
+        loud_skip(
+            "S3 create-if-absent check",
+            "s3s-fs not installed: run .ci/run or `cargo install s3s-fs@0.14.1 --features binary --locked`",
+        );
+        return;
+    };
+    let args = s3.args();
+    let storage = ladle::storage::Storage::new(
+        Some(&[format!("s3://{BUCKET}/")]),
+        ladle::storage::S3Settings {
+            endpoint: args.s3_endpoint,
+            region: args.s3_region,
+            access_key_id: args.s3_access_key_id,
+            secret_access_key: args.s3_secret_access_key,
+            allow_http: args.s3_allow_http,
+            virtual_hosted_style: args.s3_virtual_hosted_style,
+        },
+    )
+    .expect("storage");
+    let folder = storage
+        .resolve(&format!("s3://{BUCKET}/soups/create-if-absent/"))
+        .expect("resolve");
+    let loc = folder.child(MANIFEST);
+    let create = || PutOptions {
+        mode: PutMode::Create,
+        ..Default::default()
+    };
+    loc.store
+        .put_opts(&loc.path, PutPayload::from_static(b"first"), create())
+        .await
+        .expect("first create");
+    let second = loc
+        .store
+        .put_opts(&loc.path, PutPayload::from_static(b"second"), create())
+        .await;
+    assert!(
+        matches!(second, Err(object_store::Error::AlreadyExists { .. })),
+        "second create-if-absent put: {second:?}"
+    );
+    let got = loc
+        .store
+        .get(&loc.path)
+        .await
+        .expect("get")
+        .bytes()
+        .await
+        .expect("bytes");
+    assert_eq!(&got[..], b"first", "the first manifest stays");
+    // A plain put still overwrites (shards are rewritten by a re-run).
+    loc.store
+        .put(&loc.path, PutPayload::from_static(b"third"))
+        .await
+        .expect("overwrite");
+    // After a delete, create works again.
+    loc.store.delete(&loc.path).await.expect("delete");
+    loc.store
+        .put_opts(&loc.path, PutPayload::from_static(b"fourth"), create())
+        .await
+        .expect("create after delete");
+}
