@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use common::procs::{LadleProc, PgDb, aborted};
+use common::procs::{ChaosProxy, LadleProc, PgDb, aborted};
 use common::*;
 use ladle::queue::{Job, JobQueue, JobState};
 use ladle::service::{Mode, Service};
@@ -984,6 +984,145 @@ on_both_backends!(
     crash_after_manifest,
     crash_in_heartbeat,
 );
+
+// ------------------------------------------------------------------------------------------
+// Postgres outages (QUEUE.md §5 #14): the worker reaches Postgres through a chaos proxy
+// ------------------------------------------------------------------------------------------
+
+/// A proxy in front of the rig's Postgres, and the database URL that goes through it.
+async fn proxied(rig: &Rig) -> (ChaosProxy, String) {
+    let mut url = url::Url::parse(&rig.db_url).expect("postgres url");
+    let host = url.host_str().unwrap_or("127.0.0.1").to_string();
+    let port = url.port().unwrap_or(5432);
+    let upstream = tokio::net::lookup_host((host.as_str(), port))
+        .await
+        .expect("resolve postgres")
+        .next()
+        .expect("postgres address");
+    let proxy = ChaosProxy::start(upstream).await;
+    url.set_host(Some("127.0.0.1")).expect("host");
+    url.set_port(Some(proxy.addr.port())).expect("port");
+    (proxy, url.to_string())
+}
+
+fn outage_opts(db_url: String) -> WorkerOpts {
+    WorkerOpts {
+        lease_s: 6.0,
+        heartbeat_s: 1.0,
+        throttle_ms: 150,
+        db_url: Some(db_url),
+        ..Default::default()
+    }
+}
+
+/// Postgres unreachable for 2 s (less than the 4 s fence and the 6 s lease): heartbeats fail,
+/// the merge goes on, one attempt.
+async fn postgres_short_outage(rig: Rig) {
+    let (proxy, url) = proxied(&rig).await;
+    let id = rig.submit("outage-short").await;
+    let mut a = rig.spawn_worker(&outage_opts(url));
+    rig.wait_running_with(id, 1).await;
+    proxy.cut();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    proxy.restore();
+    let j = rig.wait_terminal(id, Duration::from_secs(40)).await;
+    let log = a.log_text();
+    assert_eq!(j.state, JobState::Succeeded, "{:?}\n{log}", j.error);
+    assert_eq!(j.attempts, 1, "{log}");
+    assert!(
+        log.contains("heartbeat failed"),
+        "the outage was felt:\n{log}"
+    );
+    assert!(!log.contains("fencing myself"), "{log}");
+    rig.assert_soup("outage-short");
+    a.sigterm();
+    assert!(a.wait_exit(Duration::from_secs(15)).await.is_some());
+    rig.finish().await;
+}
+
+/// Postgres unreachable for 10 s (more than the lease): the worker fences itself before its
+/// lease expires (so before anyone could claim the job), writes nothing more, and after the
+/// outage the job runs once more (attempt 2) and succeeds.
+async fn postgres_long_outage(rig: Rig) {
+    let (proxy, url) = proxied(&rig).await;
+    let id = rig.submit("outage-long").await;
+    let out = rig.out_dir("outage-long");
+    let mut a = rig.spawn_worker(&outage_opts(url));
+    rig.wait_running_with(id, 1).await;
+    proxy.cut();
+    let cut_at = Instant::now();
+    // The lease as the database holds it: no heartbeat can move it during the outage.
+    let expires = rig.job(id).await.lease_expires_at.expect("lease");
+    let fenced_at = loop {
+        if a.log_text().contains("fencing myself") {
+            break chrono::Utc::now();
+        }
+        assert!(
+            cut_at.elapsed() < Duration::from_secs(9),
+            "no self-fencing during the outage:\n{}",
+            a.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(
+        fenced_at < expires,
+        "fenced at {fenced_at}, after the lease expired at {expires}"
+    );
+    // Once fenced it writes nothing more (in-flight uploads are aborted).
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let listing = |d: &Path| -> BTreeMap<String, u64> {
+        std::fs::read_dir(d)
+            .map(|e| {
+                e.flatten()
+                    .map(|e| {
+                        let len = e.metadata().map(|m| m.len()).unwrap_or(0);
+                        (e.file_name().to_string_lossy().into_owned(), len)
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let after_fence = listing(&out);
+    let rest = Duration::from_secs(10).saturating_sub(cut_at.elapsed());
+    tokio::time::sleep(rest).await;
+    assert_eq!(listing(&out), after_fence, "a fenced worker kept writing");
+    assert!(!out.join(MANIFEST).exists(), "published during the outage");
+    let j = rig.job(id).await;
+    assert_eq!(
+        (j.state, j.attempts),
+        (JobState::Running, 1),
+        "nobody else took it"
+    );
+    proxy.restore();
+    let j = rig.wait_terminal(id, Duration::from_secs(40)).await;
+    let log = a.log_text();
+    assert_eq!(j.state, JobState::Succeeded, "{:?}\n{log}", j.error);
+    assert_eq!(j.attempts, 2, "ran once more after the outage:\n{log}");
+    assert!(log.contains("stopped without publishing"), "{log}");
+    let m = rig.assert_soup("outage-long");
+    assert_eq!(m["run"]["attempt"], 2);
+    a.sigterm();
+    assert!(a.wait_exit(Duration::from_secs(15)).await.is_some());
+    rig.finish().await;
+}
+
+macro_rules! on_postgres {
+    ($($name:ident),* $(,)?) => {$(
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $name() {
+            let _one = SERIAL.lock().await;
+            if let Some(rig) = Rig::new(Backend::Postgres, stringify!($name)).await {
+                super::$name(rig).await;
+            }
+        }
+    )*};
+}
+
+/// The outage tests exist only for Postgres (SQLite is a local file).
+mod outage {
+    use super::*;
+    on_postgres!(postgres_short_outage, postgres_long_outage);
+}
 
 // ------------------------------------------------------------------------------------------
 // The S3-protocol server's create-if-absent (QUEUE.md §4.8 step 3)
