@@ -156,35 +156,81 @@ fn to_url(s: &str) -> Result<String> {
         .map_err(|()| anyhow::anyhow!("{} is not a valid local path", abs.display()))
 }
 
-/// `ladle merge RECIPE --out URL`: one merge, no database, with a progress bar.
-async fn merge_once(args: MergeArgs) -> Result<()> {
-    let body = std::fs::read(&args.recipe)
-        .with_context(|| format!("reading {}", args.recipe.display()))?;
-    let mut value: serde_json::Value = serde_json::from_slice(&body)
+/// A JSON recipe file: `--out` overrides the output; relative model paths (models,
+/// base_model, slice sources) are relative to the recipe's folder.
+fn json_submission(args: &MergeArgs, body: &[u8]) -> Result<ladle::recipe::Submission> {
+    let mut value: serde_json::Value = serde_json::from_slice(body)
         .with_context(|| format!("{} is not valid JSON", args.recipe.display()))?;
     if let Some(out) = &args.out {
         value["output"]["uri"] = serde_json::Value::String(to_url(out)?);
     }
-    // Relative model paths are relative to the recipe's folder.
     let base = args
         .recipe
         .parent()
         .map(|p| p.to_path_buf())
         .unwrap_or_default();
-    if let Some(models) = value["models"].as_array_mut() {
+    let relative = |v: &mut serde_json::Value| -> Result<()> {
+        if let Some(uri) = v.as_str().filter(|u| !u.contains("://")) {
+            let path = if std::path::Path::new(uri).is_absolute() {
+                std::path::PathBuf::from(uri)
+            } else {
+                base.join(uri)
+            };
+            *v = serde_json::Value::String(to_url(&path.to_string_lossy())?);
+        }
+        Ok(())
+    };
+    if let Some(models) = value.get_mut("models").and_then(|v| v.as_array_mut()) {
         for m in models {
-            if let Some(uri) = m["uri"].as_str().filter(|u| !u.contains("://")) {
-                let path = if std::path::Path::new(uri).is_absolute() {
-                    std::path::PathBuf::from(uri)
-                } else {
-                    base.join(uri)
-                };
-                m["uri"] = serde_json::Value::String(to_url(&path.to_string_lossy())?);
+            if let Some(u) = m.get_mut("uri") {
+                relative(u)?;
+            }
+        }
+    }
+    if let Some(b) = value.get_mut("base_model") {
+        relative(b)?;
+    }
+    if let Some(slices) = value.get_mut("slices").and_then(|v| v.as_array_mut()) {
+        for slice in slices {
+            if let Some(sources) = slice.get_mut("sources").and_then(|v| v.as_array_mut()) {
+                for src in sources {
+                    if let Some(u) = src.get_mut("uri") {
+                        relative(u)?;
+                    }
+                }
             }
         }
     }
     let body = serde_json::to_vec(&value)?;
-    let sub = Recipe::parse_json(&body).map_err(|e| anyhow::anyhow!("invalid recipe: {e}"))?;
+    Recipe::parse_json(&body).map_err(|e| anyhow::anyhow!("invalid recipe: {e}"))
+}
+
+/// `ladle merge RECIPE --out URL`: one merge, no database, with a progress bar. A `.yml` /
+/// `.yaml` recipe is a mergekit configuration.
+async fn merge_once(args: MergeArgs) -> Result<()> {
+    let body = std::fs::read(&args.recipe)
+        .with_context(|| format!("reading {}", args.recipe.display()))?;
+    let is_yaml = args
+        .recipe
+        .extension()
+        .and_then(|e| e.to_str())
+        .is_some_and(|e| e.eq_ignore_ascii_case("yml") || e.eq_ignore_ascii_case("yaml"));
+    let sub = if is_yaml {
+        let text = String::from_utf8(body)
+            .with_context(|| format!("{} is not UTF-8", args.recipe.display()))?;
+        let parent = args
+            .recipe
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(std::path::Path::new("."));
+        let dir = std::path::absolute(parent)
+            .with_context(|| format!("resolving {}", args.recipe.display()))?;
+        let out = args.out.as_deref().map(to_url).transpose()?;
+        Recipe::parse_yaml(&text, Some(&dir), out.as_deref())
+            .map_err(|e| anyhow::anyhow!("invalid recipe: {e}"))?
+    } else {
+        json_submission(&args, &body)?
+    };
     let roots = (!args.allowed_roots.is_empty()).then_some(args.allowed_roots.as_slice());
     let storage = Arc::new(Storage::new(roots, merge_s3(args.s3, Default::default()))?);
     let engine = Engine::new(storage, engine_config(&args.tuning));

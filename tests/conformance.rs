@@ -380,6 +380,21 @@ fn ambiguous(rule: Rule, base: &[f32], models: &[&[f32]]) -> Option<Vec<bool>> {
     Some(amb)
 }
 
+async fn run_submission(recipe: &Recipe, chunk_elems: usize) {
+    let storage = Arc::new(Storage::new(None, S3Settings::default()).unwrap());
+    let engine = Engine::new(
+        storage,
+        EngineConfig {
+            chunk_elems,
+            ..Default::default()
+        },
+    );
+    engine
+        .run(recipe, &Arc::new(RunControl::standalone()))
+        .await
+        .unwrap_or_else(|e| panic!("merge failed [{}]: {e}", e.code()));
+}
+
 async fn run_recipe(recipe: &Value, chunk_elems: usize) {
     let storage = Arc::new(Storage::new(None, S3Settings::default()).unwrap());
     let engine = Engine::new(
@@ -518,6 +533,24 @@ async fn conformance_with_mergekit() {
                 }
             }
         }
+        // The same recipe from mergekit's own recipe.yml, through the YAML front end, gives
+        // the same bytes (random methods: no seed in the YAML, so only that it runs).
+        let yml_dir = pack.join(case.name);
+        let yml = std::fs::read_to_string(yml_dir.join("recipe.yml")).unwrap();
+        let yml_out = tmp.path().join(format!("{}-yaml", case.name));
+        let sub = Recipe::parse_yaml(&yml, Some(&yml_dir), Some(&url(&yml_out)))
+            .unwrap_or_else(|e| panic!("{}: recipe.yml rejected: {e}", case.name));
+        run_submission(&sub.recipe, 4096).await;
+        let from_yaml = std::fs::read(yml_out.join("model.safetensors")).unwrap();
+        let from_json =
+            std::fs::read(tmp.path().join(case.name).join("model.safetensors")).unwrap();
+        let yaml_same = from_yaml == from_json;
+        if !yaml_same && !matches!(case.rule, Rule::Statistical) {
+            failures.push(format!(
+                "{}: recipe.yml gives other bytes than the JSON recipe",
+                case.name
+            ));
+        }
         let note = match case.rule {
             Rule::Exact => {
                 if differ > 0 {
@@ -580,6 +613,14 @@ async fn conformance_with_mergekit() {
                 )
             }
         };
+        let note = format!(
+            "{note}{}",
+            if yaml_same {
+                " [recipe.yml: same bytes]"
+            } else {
+                ""
+            }
+        );
         eprintln!(
             "{:<19} | {:<15} | {:>7} of {:>7} ({:>5.2}%) | {:>8.2} | {}",
             case.name,
@@ -596,6 +637,24 @@ async fn conformance_with_mergekit() {
             max_ulps,
             note
         );
+    }
+    // `ladle merge recipe.yml` (relative model paths from the recipe's folder) gives the
+    // bytes the engine gave for the same recipe.
+    let cli_out = tmp.path().join("cli-ties");
+    let status = std::process::Command::new(env!("CARGO_BIN_EXE_ladle"))
+        .arg("merge")
+        .arg(pack.join("ties").join("recipe.yml"))
+        .arg("--out")
+        .arg(&cli_out)
+        .arg("--quiet")
+        .stdout(std::process::Stdio::null())
+        .status()
+        .unwrap();
+    assert!(status.success(), "ladle merge ties/recipe.yml failed");
+    if std::fs::read(cli_out.join("model.safetensors")).unwrap()
+        != std::fs::read(tmp.path().join("ties").join("model.safetensors")).unwrap()
+    {
+        failures.push("ladle merge ties/recipe.yml: other bytes than the engine run".into());
     }
     assert!(
         failures.is_empty(),

@@ -4,6 +4,7 @@
 //! silently ignored), and every error names the field it is about.
 
 pub mod setting;
+pub mod yaml;
 
 use std::collections::BTreeMap;
 
@@ -369,6 +370,24 @@ impl Recipe {
     pub fn parse_json(body: &[u8]) -> Result<Submission, RecipeError> {
         let request: MergeRequest = serde_json::from_slice(body)
             .map_err(|e| RecipeError::Syntax(format!("invalid JSON recipe: {e}")))?;
+        Self::from_request(request)
+    }
+
+    /// Parse and validate a mergekit YAML recipe. `base_dir` (the recipe file's folder)
+    /// resolves relative model paths; without it only storage URLs are accepted. An `output`
+    /// mapping (ladle's extension) gives the output; the CLI sets its `uri` from `--out`.
+    pub fn parse_yaml(
+        text: &str,
+        base_dir: Option<&std::path::Path>,
+        output_uri: Option<&str>,
+    ) -> Result<Submission, RecipeError> {
+        let doc = yaml::parse(text)?;
+        let mut req = yaml::to_request(&doc, base_dir)?;
+        if let Some(uri) = output_uri {
+            req["output"]["uri"] = serde_json::Value::String(uri.to_string());
+        }
+        let request: MergeRequest = serde_json::from_value(req)
+            .map_err(|e| RecipeError::Syntax(format!("invalid YAML recipe: {e}")))?;
         Self::from_request(request)
     }
 

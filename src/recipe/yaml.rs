@@ -1,0 +1,307 @@
+//! mergekit YAML recipes → ladle's request (then validated as any JSON request).
+//!
+//! Parsed with `serde-saphyr` (maintained, panic-free by design, with budgets on aliases,
+//! nesting and events against "billion laughs" inputs; `serde_yaml` is archived). Supported
+//! keys: `merge_method`, `models` (`model`, `parameters`), `base_model`, `parameters`,
+//! `slices` (`sources`: `model`, `layer_range`, `parameters`), `dtype`, `out_dtype`,
+//! `tokenizer_source: base`, and ladle's own `output` (an [`super::OutputSpec`]).
+//! Every other key mergekit knows (`tokenizer`, `chat_template`, `modules`, slice-level
+//! `parameters`/`base_model`/`residual_weight`, `tokenizer_source` other than `base`, ...) is
+//! rejected by name.
+//!
+//! `dtype` is the compute dtype of the task-arithmetic family (`compute_dtype`) and the default
+//! output dtype; `out_dtype` the output dtype. The other methods compute in their inputs'
+//! storage dtype, which is what mergekit does whenever `dtype` matches the checkpoints.
+//!
+//! Model references: a URL (`file://`, `s3://`) is kept; a path is resolved against
+//! `base_dir` (the recipe file's folder) when one is given and must exist; anything else, a
+//! Hugging Face hub id included, is an error naming the field.
+
+use std::path::Path;
+
+use serde_json::{Map, Value};
+
+use super::RecipeError;
+use crate::merge::DType;
+
+fn invalid(field: impl Into<String>, message: impl Into<String>) -> RecipeError {
+    RecipeError::Invalid {
+        field: field.into(),
+        message: message.into(),
+    }
+}
+
+fn model_ref(v: &Value, field: &str, base_dir: Option<&Path>) -> Result<String, RecipeError> {
+    let s = v
+        .as_str()
+        .ok_or_else(|| invalid(field, "expected a path or a storage URL"))?;
+    if s.contains("://") {
+        return Ok(s.to_string());
+    }
+    let path = Path::new(s);
+    let full = match (path.is_absolute(), base_dir) {
+        (true, _) => path.to_path_buf(),
+        (false, Some(dir)) => dir.join(path),
+        (false, None) => {
+            return Err(invalid(
+                field,
+                format!(
+                    "{s:?} is not a storage URL; a relative path needs a recipe file \
+                     (ladle merge recipe.yml), and Hugging Face hub ids are not supported"
+                ),
+            ));
+        }
+    };
+    // `..` segments are refused by storage: resolve them (the path must exist anyway).
+    let full = full.canonicalize().unwrap_or(full);
+    let url = if full.is_dir() {
+        url::Url::from_directory_path(&full)
+    } else if full.is_file() {
+        url::Url::from_file_path(&full)
+    } else {
+        return Err(invalid(
+            field,
+            format!(
+                "{s:?} is neither a local checkpoint ({} does not exist) nor a storage URL; \
+                 Hugging Face hub ids cannot be resolved by ladle",
+                full.display()
+            ),
+        ));
+    };
+    url.map(|u| u.to_string()).map_err(|()| {
+        invalid(
+            field,
+            format!("{} is not a valid local path", full.display()),
+        )
+    })
+}
+
+fn object<'a>(v: &'a Value, field: &str) -> Result<&'a Map<String, Value>, RecipeError> {
+    v.as_object()
+        .ok_or_else(|| invalid(field, "expected a mapping"))
+}
+
+fn array<'a>(v: &'a Value, field: &str) -> Result<&'a Vec<Value>, RecipeError> {
+    v.as_array()
+        .ok_or_else(|| invalid(field, "expected a list"))
+}
+
+/// Translate a parsed mergekit configuration into ladle's JSON request shape.
+pub fn to_request(doc: &Value, base_dir: Option<&Path>) -> Result<Value, RecipeError> {
+    let top = object(doc, "recipe")?;
+    let mut req = Map::new();
+    let mut parameters = Map::new();
+    let mut dtype: Option<String> = None;
+    let mut out_dtype: Option<String> = None;
+    let mut output = Map::new();
+    let method = top
+        .get("merge_method")
+        .and_then(Value::as_str)
+        .ok_or_else(|| invalid("merge_method", "required (a string)"))?
+        .to_string();
+    for (key, value) in top {
+        match key.as_str() {
+            "merge_method" => {}
+            "base_model" => {
+                req.insert(
+                    "base_model".into(),
+                    Value::String(model_ref(value, "base_model", base_dir)?),
+                );
+            }
+            "models" => {
+                let mut models = Vec::new();
+                for (i, m) in array(value, "models")?.iter().enumerate() {
+                    let field = format!("models[{i}]");
+                    let m = object(m, &field)?;
+                    let mut spec = Map::new();
+                    for (k, v) in m {
+                        match k.as_str() {
+                            "model" => {
+                                spec.insert(
+                                    "uri".into(),
+                                    Value::String(model_ref(
+                                        v,
+                                        &format!("{field}.model"),
+                                        base_dir,
+                                    )?),
+                                );
+                            }
+                            "parameters" => {
+                                object(v, &format!("{field}.parameters"))?;
+                                spec.insert("parameters".into(), v.clone());
+                            }
+                            other => {
+                                return Err(invalid(
+                                    format!("{field}.{other}"),
+                                    "unsupported key (supported: model, parameters)",
+                                ));
+                            }
+                        }
+                    }
+                    if !spec.contains_key("uri") {
+                        return Err(invalid(format!("{field}.model"), "required"));
+                    }
+                    models.push(Value::Object(spec));
+                }
+                req.insert("models".into(), Value::Array(models));
+            }
+            "slices" => {
+                let mut slices = Vec::new();
+                for (i, s) in array(value, "slices")?.iter().enumerate() {
+                    let field = format!("slices[{i}]");
+                    let s = object(s, &field)?;
+                    let mut sources = Vec::new();
+                    for (k, v) in s {
+                        if k != "sources" {
+                            return Err(invalid(
+                                format!("{field}.{k}"),
+                                "unsupported key (supported: sources)",
+                            ));
+                        }
+                        for (j, src) in array(v, &format!("{field}.sources"))?.iter().enumerate() {
+                            let sf = format!("{field}.sources[{j}]");
+                            let src = object(src, &sf)?;
+                            let mut out = Map::new();
+                            for (sk, sv) in src {
+                                match sk.as_str() {
+                                    "model" => {
+                                        out.insert(
+                                            "uri".into(),
+                                            Value::String(model_ref(
+                                                sv,
+                                                &format!("{sf}.model"),
+                                                base_dir,
+                                            )?),
+                                        );
+                                    }
+                                    "layer_range" | "parameters" => {
+                                        out.insert(sk.clone(), sv.clone());
+                                    }
+                                    other => {
+                                        return Err(invalid(
+                                            format!("{sf}.{other}"),
+                                            "unsupported key (supported: model, layer_range, parameters)",
+                                        ));
+                                    }
+                                }
+                            }
+                            sources.push(Value::Object(out));
+                        }
+                    }
+                    slices.push(serde_json::json!({ "sources": sources }));
+                }
+                req.insert("slices".into(), Value::Array(slices));
+            }
+            "parameters" => {
+                parameters = object(value, "parameters")?.clone();
+            }
+            "dtype" => dtype = Some(dtype_name(value, "dtype")?),
+            "out_dtype" => out_dtype = Some(dtype_name(value, "out_dtype")?),
+            "tokenizer_source" => {
+                // The first input's side files (tokenizer included) are always copied, and the
+                // base model comes first; any other source would need tokenizer merging.
+                if value.as_str() != Some("base") {
+                    return Err(invalid(
+                        "tokenizer_source",
+                        "only `base` is supported (tokenizer merging is not)",
+                    ));
+                }
+            }
+            "output" => output = object(value, "output")?.clone(),
+            other => {
+                return Err(invalid(
+                    other,
+                    "mergekit option not supported by ladle (supported: merge_method, models, \
+                     base_model, parameters, slices, dtype, out_dtype, tokenizer_source: base)",
+                ));
+            }
+        }
+    }
+    let gta = super::Method::parse(&method).is_some_and(|m| m.gta().is_some());
+    if let Some(d) = &dtype
+        && gta
+        && !parameters.contains_key("compute_dtype")
+    {
+        parameters.insert("compute_dtype".into(), Value::String(d.clone()));
+    }
+    if !output.contains_key("dtype")
+        && let Some(d) = out_dtype.or(dtype)
+    {
+        output.insert("dtype".into(), Value::String(d));
+    }
+    if !output.contains_key("uri") {
+        // The CLI fills it from --out; an API request must name it.
+        output.insert("uri".into(), Value::String(String::new()));
+    }
+    req.insert("method".into(), Value::String(method));
+    req.insert("parameters".into(), Value::Object(parameters));
+    req.insert("output".into(), Value::Object(output));
+    Ok(Value::Object(req))
+}
+
+fn dtype_name(v: &Value, field: &str) -> Result<String, RecipeError> {
+    let s = v
+        .as_str()
+        .ok_or_else(|| invalid(field, "expected a dtype name"))?;
+    DType::parse_user(s)
+        .filter(|d| matches!(d, DType::F32 | DType::F16 | DType::BF16))
+        .ok_or_else(|| {
+            invalid(
+                field,
+                format!("unsupported dtype {s:?} (float32, float16, bfloat16)"),
+            )
+        })?;
+    Ok(s.to_string())
+}
+
+/// Parse YAML text (bounded by serde-saphyr's default budgets) into a JSON value.
+pub fn parse(text: &str) -> Result<Value, RecipeError> {
+    serde_saphyr::from_str::<Value>(text)
+        .map_err(|e| RecipeError::Syntax(format!("invalid YAML recipe: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn translates_and_rejects_by_name() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("inputs/base")).unwrap();
+        std::fs::create_dir_all(dir.path().join("inputs/ft1")).unwrap();
+        let text = "merge_method: ties\nbase_model: inputs/base\nmodels:\n  - model: inputs/ft1\n    parameters:\n      weight: 0.5\n      density: [0.5, 0.7]\ndtype: float32\nout_dtype: bfloat16\ntokenizer_source: base\n";
+        let v = to_request(&parse(text).unwrap(), Some(dir.path())).unwrap();
+        assert_eq!(v["method"], "ties");
+        assert!(v["base_model"].as_str().unwrap().starts_with("file:///"));
+        assert_eq!(v["parameters"]["compute_dtype"], "float32");
+        assert_eq!(v["output"]["dtype"], "bfloat16");
+        assert_eq!(v["models"][0]["parameters"]["density"][1], 0.7);
+        let e = |t: &str| match to_request(&parse(t).unwrap(), Some(dir.path())) {
+            Err(RecipeError::Invalid { field, .. }) => field,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(
+            e("merge_method: linear\nchat_template: x\n"),
+            "chat_template"
+        );
+        assert_eq!(
+            e("merge_method: linear\ntokenizer_source: union\n"),
+            "tokenizer_source"
+        );
+        assert_eq!(
+            e("merge_method: linear\nmodels:\n  - model: org/some-hub-model\n"),
+            "models[0].model"
+        );
+        assert_eq!(e("models: []\n"), "merge_method");
+        assert_eq!(
+            e(
+                "merge_method: passthrough\nslices:\n  - sources:\n      - model: inputs/ft1\n        layer_range: [0, 1]\n    residual_weight: 0.5\n"
+            ),
+            "slices[0].residual_weight"
+        );
+        assert!(parse("a: [1, 2\n").is_err());
+        // An alias bomb stays within the parser's budgets.
+        let bomb = "a: &a [x,x,x,x,x,x,x,x,x]\nb: &b [*a,*a,*a,*a,*a,*a,*a,*a,*a]\nc: &c [*b,*b,*b,*b,*b,*b,*b,*b,*b]\nd: &d [*c,*c,*c,*c,*c,*c,*c,*c,*c]\ne: &e [*d,*d,*d,*d,*d,*d,*d,*d,*d]\nf: &f [*e,*e,*e,*e,*e,*e,*e,*e,*e]\ng: &g [*f,*f,*f,*f,*f,*f,*f,*f,*f]\nh: [*g,*g,*g,*g,*g,*g,*g,*g,*g]\n";
+        let _ = parse(bomb);
+    }
+}
