@@ -278,6 +278,17 @@ fn run_other(
         (None, decoded.iter().map(|v| v.as_slice()).collect())
     };
     let cols = cols_of(shape);
+    let needed = match parameters {
+        Parameters::Nuslerp { .. } => 2,
+        Parameters::ModelStock { .. } => 2,
+        _ => 1,
+    };
+    if xs.len() < needed || (matches!(parameters, Parameters::Nuslerp { .. }) && xs.len() != 2) {
+        return Err(MergeError::WeightCount {
+            inputs: xs.len(),
+            weights: needed,
+        });
+    }
     match parameters {
         Parameters::ModelStock { filter_wise } => {
             let base = base.unwrap_or(xs[0]);

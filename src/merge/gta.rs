@@ -243,7 +243,8 @@ pub fn della(
         return;
     }
     let row_len = row_len.max(1);
-    let low = p.scalar(density - epsilon);
+    // `(density − ε) + tensor`: a Python float meets the tensor at f32 precision.
+    let low = (density - epsilon) as f32;
     let eps = epsilon as f32;
     let mut order: Vec<u32> = Vec::with_capacity(row_len);
     let mut rank: Vec<u32> = vec![0; row_len];

@@ -17,6 +17,8 @@ pub mod gta;
 pub mod linear;
 pub mod model_stock;
 pub mod precision;
+#[cfg(test)]
+mod properties;
 pub mod rng;
 pub mod sce;
 pub mod slerp;
