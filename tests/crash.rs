@@ -282,13 +282,15 @@ impl Rig {
         m["files"].as_array().expect("files").clone()
     }
 
-    /// The soup at `soups/<name>` is complete, valid, and equal to the reference merge.
+    /// The soup at `soups/<name>` is complete, valid, holds nothing the manifest does not
+    /// list, and equals the reference merge.
     fn assert_soup(&self, name: &str) -> serde_json::Value {
         let dir = self.out_dir(name);
         let m = read_manifest(&dir).expect("manifest at the output");
         if let Some(problem) = manifest_problem(&dir, &m) {
             panic!("{name}: {problem}");
         }
+        assert_only_listed(&dir, &m);
         let files = m["files"].as_array().expect("files");
         assert!(
             files
@@ -378,6 +380,29 @@ fn manifest_problem(dir: &Path, m: &serde_json::Value) -> Option<String> {
         }
     }
     None
+}
+
+/// The folder holds the manifest and what it lists, nothing else (no leftovers of the
+/// killed attempt, such as a partial upload).
+fn assert_only_listed(dir: &Path, m: &serde_json::Value) {
+    let mut want: BTreeSet<String> = m["files"]
+        .as_array()
+        .expect("files")
+        .iter()
+        .filter_map(|f| f["path"].as_str().map(String::from))
+        .collect();
+    want.insert(MANIFEST.into());
+    let have: BTreeSet<String> = std::fs::read_dir(dir)
+        .expect("output folder")
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(
+        have,
+        want,
+        "files in {} beyond the manifest's",
+        dir.display()
+    );
 }
 
 fn assert_no_manifest(dir: &Path, when: &str) {

@@ -289,6 +289,7 @@ impl Engine {
         if let Some(outcome) = self.existing_output(&plan).await? {
             return Ok(outcome);
         }
+        output::remove_stale_uploads(&plan.output).await;
         let mut written: Vec<OutputFile> = Vec::new();
         let result = self
             .write_all(recipe, &plan, ctl, &mut written, started)
