@@ -252,6 +252,14 @@ fn cases(pack: &Path, out_root: &Path) -> Vec<Case> {
             rule: Rule::Exact,
         },
         Case {
+            name: "nearswap",
+            inputs: vec!["base", "ft1"],
+            recipe: json!({"method": "nearswap", "base_model": m("base"),
+                "models": [{"uri": m("base")}, {"uri": m("ft1")}],
+                "parameters": {"t": 0.0005}, "output": out("nearswap")}),
+            rule: Rule::Exact,
+        },
+        Case {
             name: "model_stock",
             inputs: all.clone(),
             recipe: json!({"method": "model_stock", "base_model": m("base"),

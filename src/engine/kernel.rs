@@ -38,6 +38,10 @@ pub enum Kernel {
         t: Setting,
         num_layers: usize,
     },
+    Nearswap {
+        t: Setting,
+        num_layers: usize,
+    },
     /// model_stock, nuslerp, karcher, sce: whole-tensor methods without per-tensor settings
     /// beyond the models' weights.
     Other {
@@ -85,6 +89,10 @@ impl Kernel {
                 })
             }
             Parameters::Slerp { t } => Ok(Kernel::Slerp {
+                t: t.clone(),
+                num_layers,
+            }),
+            Parameters::Nearswap { t } => Ok(Kernel::Nearswap {
                 t: t.clone(),
                 num_layers,
             }),
@@ -153,7 +161,7 @@ impl Kernel {
     /// Whether tensor `name` needs all of its elements at once.
     pub fn whole_tensor(&self, name: &str) -> bool {
         match self {
-            Kernel::Linear { .. } => false,
+            Kernel::Linear { .. } | Kernel::Nearswap { .. } => false,
             Kernel::Slerp { .. } | Kernel::Other { .. } => true,
             Kernel::Gta { .. } => match self.gta_params(name) {
                 Some((cfg, models)) => !models.iter().all(|m| cfg.sparsify_is_noop(m)),
@@ -217,6 +225,19 @@ impl Kernel {
                     *x = p.round(*x);
                 }
                 encode_from_f32(out_dtype, &res, out).map_err(MergeError::from)
+            }
+            Kernel::Nearswap { t, num_layers } => {
+                let tv = t.eval(name, depth(name, *num_layers)).unwrap_or(0.5);
+                if inputs.len() != 2 {
+                    return Err(MergeError::WeightCount {
+                        inputs: inputs.len(),
+                        weights: 2,
+                    });
+                }
+                let p = Precision::of(inputs[0].0);
+                map_blocks(inputs, out_dtype, out, |b, o| {
+                    crate::merge::nearswap::nearswap(p, tv, b[0], b[1], o)
+                })
             }
             Kernel::Other {
                 parameters,

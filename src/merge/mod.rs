@@ -16,6 +16,7 @@ pub mod error;
 pub mod gta;
 pub mod linear;
 pub mod model_stock;
+pub mod nearswap;
 pub mod precision;
 #[cfg(test)]
 mod properties;

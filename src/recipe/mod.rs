@@ -138,6 +138,8 @@ pub enum Method {
     Sce,
     /// Copy tensors (optionally scaled); with `slices`, stack layer ranges of several models.
     Passthrough,
+    /// Take the model's value where it is within `t` of the base, interpolate beyond.
+    Nearswap,
 }
 
 /// Whether a method takes a base model.
@@ -149,7 +151,7 @@ pub enum BaseRule {
 }
 
 impl Method {
-    pub const ALL: [Method; 15] = [
+    pub const ALL: [Method; 16] = [
         Method::Linear,
         Method::TaskArithmetic,
         Method::Ties,
@@ -165,6 +167,7 @@ impl Method {
         Method::Karcher,
         Method::Sce,
         Method::Passthrough,
+        Method::Nearswap,
     ];
 
     pub fn name(self) -> &'static str {
@@ -184,6 +187,7 @@ impl Method {
             Method::Karcher => "karcher",
             Method::Sce => "sce",
             Method::Passthrough => "passthrough",
+            Method::Nearswap => "nearswap",
         }
     }
 
@@ -210,7 +214,8 @@ impl Method {
             | Method::Nuslerp
             | Method::Karcher
             | Method::Sce
-            | Method::Passthrough => return None,
+            | Method::Passthrough
+            | Method::Nearswap => return None,
         };
         Some(GtaMethod {
             sparsification,
@@ -298,6 +303,9 @@ pub enum Parameters {
         select_topk: f64,
     },
     Passthrough {},
+    Nearswap {
+        t: Setting,
+    },
 }
 
 /// One ingredient after validation.
@@ -532,7 +540,7 @@ impl Recipe {
         }
         let parameters = match method {
             Method::Linear => parse_linear(&req.parameters, &models)?,
-            Method::Slerp => parse_slerp(&req.parameters, &models)?,
+            Method::Slerp | Method::Nearswap => parse_slerp(method, &req.parameters, &models)?,
             Method::Passthrough => parse_passthrough(&req.parameters, &models, slices.is_empty())?,
             Method::ModelStock | Method::Nuslerp | Method::Karcher | Method::Sce => {
                 parse_other(method, &req.parameters, &models, base_model.is_some())?
@@ -1098,14 +1106,16 @@ fn parse_other(
 }
 
 fn parse_slerp(
+    method: Method,
     params: &serde_json::Map<String, serde_json::Value>,
     models: &[(usize, Ingredient)],
 ) -> Result<Parameters, RecipeError> {
+    let name = method.name();
     if models.len() != 1 {
         return Err(RecipeError::invalid(
             "models",
             format!(
-                "slerp interpolates base_model and exactly one other model ({} given)",
+                "{name} interpolates base_model and exactly one other model ({} given)",
                 models.len()
             ),
         ));
@@ -1114,7 +1124,7 @@ fn parse_slerp(
         let key = m.parameters.keys().next().cloned().unwrap_or_default();
         return Err(RecipeError::invalid(
             format!("models[{i}].parameters.{key}"),
-            "slerp takes no per-model parameters",
+            format!("{name} takes no per-model parameters"),
         ));
     }
     let mut t = None;
@@ -1129,12 +1139,12 @@ fn parse_slerp(
             other => {
                 return Err(RecipeError::invalid(
                     format!("parameters.{other}"),
-                    "unknown parameter for method slerp (known: t)",
+                    format!("unknown parameter for method {name} (known: t)"),
                 ));
             }
         }
     }
-    let t = t.ok_or_else(|| RecipeError::invalid("parameters.t", "slerp needs t"))?;
+    let t = t.ok_or_else(|| RecipeError::invalid("parameters.t", format!("{name} needs t")))?;
     if let Setting::Filters(rules) = &t
         && !rules
             .iter()
@@ -1145,7 +1155,11 @@ fn parse_slerp(
             "end the filter list with a rule without filter (the value for other tensors)",
         ));
     }
-    Ok(Parameters::Slerp { t })
+    Ok(if method == Method::Nearswap {
+        Parameters::Nearswap { t }
+    } else {
+        Parameters::Slerp { t }
+    })
 }
 
 fn parse_output(spec: &OutputSpec) -> Result<Output, RecipeError> {
