@@ -52,6 +52,8 @@ struct Rig {
     logs: PathBuf,
     spawned: AtomicUsize,
     _pg: Option<PgDb>,
+    /// Outputs go to this S3-protocol server when set.
+    s3: Option<S3Server>,
 }
 
 /// How a spawned worker is configured.
@@ -86,6 +88,22 @@ impl Default for WorkerOpts {
 impl Rig {
     /// `None` (after a loud SKIPPED line) when the backend is not available.
     async fn new(backend: Backend, test: &str) -> Option<Rig> {
+        Rig::build(backend, test, None).await
+    }
+
+    /// SQLite, with every output on a fresh s3s-fs server (`None` when s3s-fs is missing).
+    async fn with_s3(test: &str) -> Option<Rig> {
+        let Some(s3) = S3Server::start() else {
+            loud_skip(
+                &format!("crash test `{test}` on S3"),
+                "s3s-fs not installed: run .ci/run or `cargo install s3s-fs@0.14.1 --features binary --locked`",
+            );
+            return None;
+        };
+        Rig::build(Backend::Sqlite, test, Some(s3)).await
+    }
+
+    async fn build(backend: Backend, test: &str, s3: Option<S3Server>) -> Option<Rig> {
         assert!(
             failpoints::enabled(),
             "the crash tests need the `failpoints` feature (cargo test enables it through \
@@ -110,12 +128,11 @@ impl Rig {
             },
         };
         let models = write_models(&root);
-        let settings = test_settings(
-            &root.join("api-data"),
-            &db_url,
-            vec![root.display().to_string()],
-            None,
-        );
+        let mut roots = vec![root.display().to_string()];
+        if s3.is_some() {
+            roots.push(format!("s3://{BUCKET}/"));
+        }
+        let settings = test_settings(&root.join("api-data"), &db_url, roots, s3.as_ref());
         let (api, base) = start(&settings, Mode::Api).await;
         let queue = api.queue.clone();
         Some(Rig {
@@ -131,6 +148,7 @@ impl Rig {
             models,
             spawned: AtomicUsize::new(0),
             _pg: pg,
+            s3,
         })
     }
 
@@ -138,8 +156,17 @@ impl Rig {
         self.root.join("soups").join(name)
     }
 
-    /// The recipe for a soup of the two fine-tunes into `soups/<name>/` (3 output shards).
+    /// The recipe for a soup of the two fine-tunes into `soups/<name>/` (3 output shards),
+    /// in the temp folder or on S3.
     fn recipe(&self, name: &str) -> serde_json::Value {
+        let out = match &self.s3 {
+            Some(_) => format!("s3://{BUCKET}/soups/{name}/"),
+            None => format!("{}/", file_url(&self.out_dir(name))),
+        };
+        self.recipe_to(&out)
+    }
+
+    fn recipe_to(&self, out: &str) -> serde_json::Value {
         serde_json::json!({
             "method": "linear",
             "models": [
@@ -147,7 +174,7 @@ impl Rig {
                 {"uri": file_url(&self.models[1]), "weight": 2.0},
             ],
             "parameters": {"normalize": true},
-            "output": {"uri": format!("{}/", file_url(&self.out_dir(name))), "max_shard_size": 40000},
+            "output": {"uri": out, "max_shard_size": 40000},
         })
     }
 
@@ -190,7 +217,20 @@ impl Rig {
             "LADLE_DATA_DIR",
             self.root.join(format!("worker-{n}")).display().to_string(),
         );
-        set("LADLE_ALLOWED_ROOTS", self.root.display().to_string());
+        match &self.s3 {
+            None => set("LADLE_ALLOWED_ROOTS", self.root.display().to_string()),
+            Some(s3) => {
+                set(
+                    "LADLE_ALLOWED_ROOTS",
+                    format!("{},s3://{BUCKET}/", self.root.display()),
+                );
+                set("LADLE_S3_ENDPOINT", s3.endpoint.clone());
+                set("LADLE_S3_REGION", "us-east-1".into());
+                set("LADLE_S3_ACCESS_KEY_ID", ACCESS_KEY.into());
+                set("LADLE_S3_SECRET_ACCESS_KEY", SECRET_KEY.into());
+                set("LADLE_S3_ALLOW_HTTP", "true".into());
+            }
+        }
         set("LADLE_WORKERS", opts.slots.to_string());
         set("LADLE_LEASE_TTL_SECS", opts.lease_s.to_string());
         set("LADLE_HEARTBEAT_SECS", opts.heartbeat_s.to_string());
@@ -263,7 +303,8 @@ impl Rig {
     fn reference(&self, name: &str) -> Vec<serde_json::Value> {
         let dir = self.root.join("reference").join(name);
         let recipe = self.root.join(format!("recipe-{name}.json"));
-        std::fs::write(&recipe, self.recipe(name).to_string()).expect("write recipe");
+        let local = format!("{}/", file_url(&dir));
+        std::fs::write(&recipe, self.recipe_to(&local).to_string()).expect("write recipe");
         let run = std::process::Command::new(procs::LADLE)
             .args(["merge", "--quiet", "--out"])
             .arg(&dir)
@@ -304,6 +345,60 @@ impl Rig {
             files,
             &self.reference(name),
             "{name}: shards differ from the reference merge of the same recipe"
+        );
+        m
+    }
+
+    /// Every object under `soups/<name>/` on the S3 server.
+    async fn s3_objects(&self, name: &str) -> BTreeMap<String, Vec<u8>> {
+        use futures::TryStreamExt;
+        use object_store::ObjectStoreExt;
+        let store = self.s3.as_ref().expect("an S3 rig").store();
+        let prefix = object_store::path::Path::from(format!("soups/{name}"));
+        let metas: Vec<_> = store.list(Some(&prefix)).try_collect().await.expect("list");
+        let mut out = BTreeMap::new();
+        for m in metas {
+            let bytes = store
+                .get(&m.location)
+                .await
+                .expect("get")
+                .bytes()
+                .await
+                .expect("bytes");
+            let name = m.location.filename().expect("file name").to_string();
+            out.insert(name, bytes.to_vec());
+        }
+        out
+    }
+
+    /// The S3 soup: a valid manifest listing exactly the other objects, equal to the reference.
+    async fn assert_s3_soup(&self, name: &str) -> serde_json::Value {
+        let objects = self.s3_objects(name).await;
+        let m: serde_json::Value =
+            serde_json::from_slice(objects.get(MANIFEST).expect("manifest object"))
+                .expect("manifest json");
+        let files = m["files"].as_array().expect("files");
+        let mut listed: BTreeSet<String> = BTreeSet::new();
+        for f in files {
+            let path = f["path"].as_str().expect("path");
+            let bytes = objects
+                .get(path)
+                .unwrap_or_else(|| panic!("{path} is listed but not on S3"));
+            assert_eq!(f["size"].as_u64(), Some(bytes.len() as u64), "{path}");
+            assert_eq!(
+                f["sha256"].as_str(),
+                Some(hex::encode(Sha256::digest(bytes)).as_str()),
+                "{path}"
+            );
+            listed.insert(path.to_string());
+        }
+        listed.insert(MANIFEST.into());
+        let have: BTreeSet<String> = objects.keys().cloned().collect();
+        assert_eq!(have, listed, "objects beyond the manifest's");
+        assert_eq!(
+            files,
+            &self.reference(name),
+            "{name}: differs from the reference"
         );
         m
     }
@@ -1129,6 +1224,84 @@ async fn postgres_long_outage(rig: Rig) {
     a.sigterm();
     assert!(a.wait_exit(Duration::from_secs(15)).await.is_some());
     rig.finish().await;
+}
+
+/// The publish protocol on S3 through the real binary: a worker killed mid-upload leaves no
+/// visible object (unfinished multipart uploads) and the next one publishes; a worker killed
+/// right after its manifest put is recovered from the manifest on S3.
+async fn s3_output_survives_crashes(rig: Rig) {
+    let id = rig.submit("s3-kill9").await;
+    let mut a = rig.spawn_worker(&WorkerOpts {
+        throttle_ms: 120,
+        ..Default::default()
+    });
+    rig.wait_running_with(id, 1).await;
+    a.kill9();
+    let left = rig.s3_objects("s3-kill9").await;
+    assert!(!left.contains_key(MANIFEST), "{:?}", left.keys());
+    let mut b = rig.spawn_worker(&WorkerOpts::default());
+    let j = rig.wait_terminal(id, Duration::from_secs(45)).await;
+    assert_eq!(
+        j.state,
+        JobState::Succeeded,
+        "{:?}\n{}",
+        j.error,
+        b.log_text()
+    );
+    assert_eq!(j.attempts, 2);
+    let m = rig.assert_s3_soup("s3-kill9").await;
+    assert_eq!(m["run"]["attempt"], 2);
+    b.sigterm();
+    assert!(
+        b.wait_exit(Duration::from_secs(15))
+            .await
+            .is_some_and(|s| s.success())
+    );
+
+    let id = rig.submit("s3-after-manifest").await;
+    let mut a = rig.spawn_worker(&WorkerOpts {
+        crash_at: Some(CrashPoint::AfterManifest),
+        ..Default::default()
+    });
+    let status = a.wait_exit(Duration::from_secs(30)).await;
+    assert!(status.is_some_and(aborted), "{status:?}\n{}", a.log_text());
+    let published = rig.s3_objects("s3-after-manifest").await;
+    let manifest = published
+        .get(MANIFEST)
+        .expect("manifest before the crash")
+        .clone();
+    let mut b = rig.spawn_worker(&WorkerOpts::default());
+    let j = rig.wait_terminal(id, Duration::from_secs(30)).await;
+    assert_eq!(
+        j.state,
+        JobState::Succeeded,
+        "{:?}\n{}",
+        j.error,
+        b.log_text()
+    );
+    assert_eq!(j.attempts, 2);
+    assert_eq!(j.result.as_ref().expect("result")["recovered"], true);
+    rig.assert_s3_soup("s3-after-manifest").await;
+    assert_eq!(
+        rig.s3_objects("s3-after-manifest").await[MANIFEST],
+        manifest,
+        "the manifest was kept"
+    );
+    b.sigterm();
+    assert!(
+        b.wait_exit(Duration::from_secs(15))
+            .await
+            .is_some_and(|s| s.success())
+    );
+    rig.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s3_output_survives_kill9_and_crash_after_manifest() {
+    let _one = SERIAL.lock().await;
+    if let Some(rig) = Rig::with_s3("s3_output_survives_crashes").await {
+        s3_output_survives_crashes(rig).await;
+    }
 }
 
 macro_rules! on_postgres {
