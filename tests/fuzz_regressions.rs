@@ -92,6 +92,15 @@ fn recipe_target(data: &[u8]) {
     let r = &sub.recipe;
     assert!(!r.models.is_empty() && r.models.len() <= MAX_MODELS);
     assert!(r.models.iter().all(|m| m.weight.is_finite()));
+    // Every number a kernel will use fits f32 (a larger one would turn into infinity).
+    for m in &r.models {
+        assert!(m.weight.abs() <= f64::from(f32::MAX), "weight {}", m.weight);
+        for (k, s) in &m.parameters {
+            for x in s.anchors() {
+                assert!(x.is_finite() && x.abs() <= f64::from(f32::MAX), "{k}: {x}");
+            }
+        }
+    }
     assert!(r.models.iter().all(|m| !m.uri.trim().is_empty()));
     assert_eq!(r.hash().len(), 32);
     let (weights, divisor) = r.linear_weights();
