@@ -670,3 +670,80 @@ async fn conformance_with_mergekit() {
         failures.join("\n")
     );
 }
+
+fn write_f32_checkpoint(dir: &Path, tensors: &[(&str, Vec<f32>)]) {
+    std::fs::create_dir_all(dir).unwrap();
+    let bytes: Vec<(String, Vec<u8>, usize)> = tensors
+        .iter()
+        .map(|(n, v)| {
+            (
+                n.to_string(),
+                v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+                v.len(),
+            )
+        })
+        .collect();
+    let views: Vec<(String, safetensors::tensor::TensorView)> = bytes
+        .iter()
+        .map(|(n, b, len)| {
+            (
+                n.clone(),
+                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![*len], b)
+                    .unwrap(),
+            )
+        })
+        .collect();
+    safetensors::serialize_to_file(views, None, &dir.join("model.safetensors")).unwrap();
+}
+
+/// Sparse soup: shared zeros stay exactly zero, the manifest reports sparsity per tensor and
+/// in total, a tensor without a shared mask is reported (or fails the job when required).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sparse_soup_reports_sparsity() {
+    let tmp = tempfile::tempdir().unwrap();
+    let a = tmp.path().join("a");
+    let b = tmp.path().join("b");
+    write_f32_checkpoint(
+        &a,
+        &[
+            ("w", vec![0.0, 1.0, 0.0, 3.0]),
+            ("v", vec![1.0, 0.0, 2.0, 2.0]),
+        ],
+    );
+    write_f32_checkpoint(
+        &b,
+        &[
+            ("w", vec![0.0, 3.0, 0.0, -1.0]),
+            ("v", vec![1.0, 4.0, 0.0, 2.0]),
+        ],
+    );
+    let recipe = |out: &str, require: bool| {
+        json!({"method": "sparse_soup", "models": [{"uri": url(&a)}, {"uri": url(&b)}],
+               "parameters": {"require_shared_mask": require},
+               "output": {"uri": url(&tmp.path().join(out))}})
+    };
+    run_recipe(&recipe("soup", false), 3).await;
+    let got = read_tensors(&tmp.path().join("soup/model.safetensors"));
+    assert_eq!(got["w"].1, vec![0.0, 2.0, 0.0, 1.0]);
+    assert_eq!(got["v"].1, vec![1.0, 2.0, 1.0, 2.0]);
+    let manifest: Value = serde_json::from_slice(
+        &std::fs::read(tmp.path().join("soup/ladle-manifest.json")).unwrap(),
+    )
+    .unwrap();
+    let sp = &manifest["sparsity"];
+    assert_eq!(sp["tensors"]["w"]["sparsity"], 0.5);
+    assert_eq!(sp["tensors"]["v"]["zeros"], 0);
+    assert_eq!(sp["total"], 0.25);
+    assert_eq!(sp["tensors_without_shared_mask"][0]["tensor"], "v");
+    assert_eq!(sp["tensors_without_shared_mask"][0]["elements"], 2);
+    // Required: the job fails with shape_mismatch and publishes nothing.
+    let sub = Recipe::parse_json(&serde_json::to_vec(&recipe("strict", true)).unwrap()).unwrap();
+    let storage = Arc::new(Storage::new(None, S3Settings::default()).unwrap());
+    let engine = Engine::new(storage, EngineConfig::default());
+    let err = engine
+        .run(&sub.recipe, &Arc::new(RunControl::standalone()))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code().to_string(), "shape_mismatch", "{err}");
+    assert!(!tmp.path().join("strict/ladle-manifest.json").exists());
+}

@@ -9,6 +9,10 @@
 //! multiple of the largest tensor. Selection scratch (magnitudes, DELLA's per-row order) adds
 //! at most 4–8 bytes per element, transiently.
 
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
 use crate::merge::gta::{self, ModelParams};
 use crate::merge::precision::Precision;
 use crate::merge::{DType, MergeError, decode_to_f32, encode_from_f32, linear_raw, map_blocks};
@@ -42,6 +46,14 @@ pub enum Kernel {
         t: Setting,
         num_layers: usize,
     },
+    /// A linear soup that checks the ingredients share one zero pattern and counts the
+    /// output's zeros per tensor (reported in the manifest).
+    SparseSoup {
+        weights: Vec<f32>,
+        divisor: Option<f32>,
+        require_shared_mask: bool,
+        stats: Arc<Mutex<BTreeMap<String, SparseStats>>>,
+    },
     /// model_stock, nuslerp, karcher, sce: whole-tensor methods without per-tensor settings
     /// beyond the models' weights.
     Other {
@@ -53,9 +65,65 @@ pub enum Kernel {
     },
 }
 
+/// Zero counts of one output tensor of a sparse soup.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct SparseStats {
+    pub elements: u64,
+    /// Output elements equal to ±0.
+    pub zeros: u64,
+    /// Elements where some ingredient is zero and another is not.
+    pub mask_mismatch: u64,
+}
+
 impl Kernel {
+    /// The sparse soup's report for the manifest: per-tensor and total output sparsity, and
+    /// the tensors whose ingredients did not share one zero pattern.
+    pub fn sparsity_report(&self) -> Option<serde_json::Value> {
+        let Kernel::SparseSoup { stats, .. } = self else {
+            return None;
+        };
+        let stats = stats.lock().unwrap_or_else(|p| p.into_inner());
+        let (mut zeros, mut elements) = (0u64, 0u64);
+        let mut tensors = serde_json::Map::new();
+        let mut mismatched = Vec::new();
+        for (name, s) in stats.iter() {
+            zeros += s.zeros;
+            elements += s.elements;
+            if s.mask_mismatch > 0 {
+                mismatched.push(serde_json::json!({"tensor": name, "elements": s.mask_mismatch}));
+            }
+            tensors.insert(
+                name.clone(),
+                serde_json::json!({
+                    "elements": s.elements,
+                    "zeros": s.zeros,
+                    "sparsity": if s.elements > 0 { s.zeros as f64 / s.elements as f64 } else { 0.0 },
+                }),
+            );
+        }
+        Some(serde_json::json!({
+            "total": if elements > 0 { zeros as f64 / elements as f64 } else { 0.0 },
+            "zeros": zeros,
+            "elements": elements,
+            "tensors_without_shared_mask": mismatched,
+            "tensors": tensors,
+        }))
+    }
+
     pub fn new(recipe: &Recipe, num_layers: usize) -> Result<Kernel, String> {
         match &recipe.parameters {
+            Parameters::SparseSoup {
+                require_shared_mask,
+                ..
+            } => {
+                let (weights, divisor) = recipe.linear_weights();
+                Ok(Kernel::SparseSoup {
+                    weights,
+                    divisor,
+                    require_shared_mask: *require_shared_mask,
+                    stats: Arc::new(Mutex::new(BTreeMap::new())),
+                })
+            }
             Parameters::Linear { .. } => {
                 let (weights, divisor) = recipe.linear_weights();
                 Ok(Kernel::Linear { weights, divisor })
@@ -161,7 +229,7 @@ impl Kernel {
     /// Whether tensor `name` needs all of its elements at once.
     pub fn whole_tensor(&self, name: &str) -> bool {
         match self {
-            Kernel::Linear { .. } | Kernel::Nearswap { .. } => false,
+            Kernel::Linear { .. } | Kernel::Nearswap { .. } | Kernel::SparseSoup { .. } => false,
             Kernel::Slerp { .. } | Kernel::Other { .. } => true,
             Kernel::Gta { .. } => match self.gta_params(name) {
                 Some((cfg, models)) => !models.iter().all(|m| cfg.sparsify_is_noop(m)),
@@ -225,6 +293,51 @@ impl Kernel {
                     *x = p.round(*x);
                 }
                 encode_from_f32(out_dtype, &res, out).map_err(MergeError::from)
+            }
+            Kernel::SparseSoup {
+                weights,
+                divisor,
+                require_shared_mask,
+                stats,
+            } => {
+                if weights.len() != inputs.len() {
+                    return Err(MergeError::WeightCount {
+                        inputs: inputs.len(),
+                        weights: weights.len(),
+                    });
+                }
+                let zeros = AtomicU64::new(0);
+                let mismatch = AtomicU64::new(0);
+                map_blocks(inputs, out_dtype, out, |b, o| {
+                    crate::merge::linear(b, weights, *divisor, o);
+                    let (mut z, mut mm) = (0u64, 0u64);
+                    for (e, v) in o.iter_mut().enumerate() {
+                        let zero_in = b.iter().filter(|x| x[e] == 0.0).count();
+                        if zero_in == b.len() {
+                            *v = 0.0; // shared zeros stay exactly (+)0
+                        } else if zero_in > 0 {
+                            mm += 1;
+                        }
+                        if *v == 0.0 {
+                            z += 1;
+                        }
+                    }
+                    zeros.fetch_add(z, Ordering::Relaxed);
+                    mismatch.fetch_add(mm, Ordering::Relaxed);
+                })?;
+                let mm = mismatch.load(Ordering::Relaxed);
+                if *require_shared_mask && mm > 0 {
+                    return Err(MergeError::MaskMismatch {
+                        elements: mm as usize,
+                    });
+                }
+                let n = (out.len() / out_dtype.size_bytes().max(1)) as u64;
+                let mut s = stats.lock().unwrap_or_else(|p| p.into_inner());
+                let entry = s.entry(name.to_string()).or_default();
+                entry.elements += n;
+                entry.zeros += zeros.load(Ordering::Relaxed);
+                entry.mask_mismatch += mm;
+                Ok(())
             }
             Kernel::Nearswap { t, num_layers } => {
                 let tv = t.eval(name, depth(name, *num_layers)).unwrap_or(0.5);

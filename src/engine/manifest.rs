@@ -49,6 +49,9 @@ pub struct Manifest {
     pub files: Vec<OutputFile>,
     /// Job id and attempt when run by a worker; null for the CLI.
     pub run: serde_json::Value,
+    /// Sparse soups: per-tensor and total output sparsity, tensors without a shared mask.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sparsity: Option<serde_json::Value>,
     pub elapsed_s: f64,
 }
 
@@ -84,6 +87,7 @@ impl Manifest {
             tensors: plan.ops.len(),
             files,
             run: run.clone(),
+            sparsity: plan.kernel.sparsity_report(),
             elapsed_s: started.elapsed().as_secs_f64(),
         }
     }

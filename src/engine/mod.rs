@@ -102,6 +102,10 @@ impl EngineError {
             EngineError::ShapeMismatch(_) => ErrorCode::ShapeMismatch,
             EngineError::UnsupportedDtype(_) => ErrorCode::UnsupportedDtype,
             EngineError::OutputConflict(_) => ErrorCode::OutputConflict,
+            EngineError::Merge {
+                source: MergeError::MaskMismatch { .. },
+                ..
+            } => ErrorCode::ShapeMismatch,
             EngineError::Merge { .. } => ErrorCode::CheckpointMalformed,
             EngineError::ObjectStore { .. } => ErrorCode::StorageError,
             EngineError::Cancelled => ErrorCode::Cancelled,

@@ -42,6 +42,14 @@ pub enum MergeError {
         /// Number of weights.
         weights: usize,
     },
+    /// Sparse soup with `require_shared_mask`: the ingredients' zero patterns differ.
+    #[error(
+        "the ingredients do not share one zero pattern ({elements} elements differ in this chunk)"
+    )]
+    MaskMismatch {
+        /// Elements where some ingredient is zero and another is not.
+        elements: usize,
+    },
 }
 
 impl MergeError {
@@ -50,7 +58,9 @@ impl MergeError {
     pub fn code(&self) -> ErrorCode {
         match self {
             MergeError::DType(e) => e.code(),
-            MergeError::InputLength { .. } => ErrorCode::ShapeMismatch,
+            MergeError::InputLength { .. } | MergeError::MaskMismatch { .. } => {
+                ErrorCode::ShapeMismatch
+            }
             MergeError::OutputLength { .. } | MergeError::WeightCount { .. } => ErrorCode::Internal,
         }
     }

@@ -140,6 +140,8 @@ pub enum Method {
     Passthrough,
     /// Take the model's value where it is within `t` of the base, interpolate beyond.
     Nearswap,
+    /// Sparse Model Soups: a linear soup of ingredients that share one zero pattern.
+    SparseSoup,
 }
 
 /// Whether a method takes a base model.
@@ -151,7 +153,7 @@ pub enum BaseRule {
 }
 
 impl Method {
-    pub const ALL: [Method; 16] = [
+    pub const ALL: [Method; 17] = [
         Method::Linear,
         Method::TaskArithmetic,
         Method::Ties,
@@ -168,6 +170,7 @@ impl Method {
         Method::Sce,
         Method::Passthrough,
         Method::Nearswap,
+        Method::SparseSoup,
     ];
 
     pub fn name(self) -> &'static str {
@@ -188,6 +191,7 @@ impl Method {
             Method::Sce => "sce",
             Method::Passthrough => "passthrough",
             Method::Nearswap => "nearswap",
+            Method::SparseSoup => "sparse_soup",
         }
     }
 
@@ -215,7 +219,8 @@ impl Method {
             | Method::Karcher
             | Method::Sce
             | Method::Passthrough
-            | Method::Nearswap => return None,
+            | Method::Nearswap
+            | Method::SparseSoup => return None,
         };
         Some(GtaMethod {
             sparsification,
@@ -228,7 +233,9 @@ impl Method {
     /// Whether the method needs, accepts or refuses `base_model`.
     pub fn base_rule(self) -> BaseRule {
         match self {
-            Method::Linear | Method::Karcher | Method::Passthrough => BaseRule::Forbidden,
+            Method::Linear | Method::Karcher | Method::Passthrough | Method::SparseSoup => {
+                BaseRule::Forbidden
+            }
             Method::Nuslerp => BaseRule::Optional,
             _ => BaseRule::Required,
         }
@@ -305,6 +312,11 @@ pub enum Parameters {
     Passthrough {},
     Nearswap {
         t: Setting,
+    },
+    SparseSoup {
+        normalize: bool,
+        /// Fail when the ingredients' zero patterns differ (else report those tensors).
+        require_shared_mask: bool,
     },
 }
 
@@ -540,6 +552,32 @@ impl Recipe {
         }
         let parameters = match method {
             Method::Linear => parse_linear(&req.parameters, &models)?,
+            Method::SparseSoup => {
+                let mut p = req.parameters.clone();
+                let require_shared_mask = match p.remove("require_shared_mask") {
+                    None => false,
+                    Some(v) => bool_param("require_shared_mask", &v)?,
+                };
+                match parse_linear(&p, &models) {
+                    Ok(Parameters::Linear { normalize }) => Parameters::SparseSoup {
+                        normalize,
+                        require_shared_mask,
+                    },
+                    Ok(_) => return Err(RecipeError::invalid("method", "internal")),
+                    Err(RecipeError::Invalid { field, message }) => {
+                        return Err(RecipeError::Invalid {
+                            field,
+                            message: message
+                                .replace("method linear", "method sparse_soup")
+                                .replace(
+                                    "(known: normalize)",
+                                    "(known: normalize, require_shared_mask)",
+                                ),
+                        });
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
             Method::Slerp | Method::Nearswap => parse_slerp(method, &req.parameters, &models)?,
             Method::Passthrough => parse_passthrough(&req.parameters, &models, slices.is_empty())?,
             Method::ModelStock | Method::Nuslerp | Method::Karcher | Method::Sce => {
@@ -632,7 +670,10 @@ impl Recipe {
     pub fn linear_weights(&self) -> (Vec<f32>, Option<f32>) {
         let weights: Vec<f32> = self.models.iter().map(|m| m.weight as f32).collect();
         let divisor = match self.parameters {
-            Parameters::Linear { normalize: true } => Some(weights.iter().sum::<f32>()),
+            Parameters::Linear { normalize: true }
+            | Parameters::SparseSoup {
+                normalize: true, ..
+            } => Some(weights.iter().sum::<f32>()),
             _ => None,
         };
         (weights, divisor)
