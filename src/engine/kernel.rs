@@ -37,6 +37,7 @@ pub enum Kernel {
         models: Vec<(std::collections::BTreeMap<String, Setting>, f64)>,
         defaults: std::collections::BTreeMap<String, Setting>,
         num_layers: usize,
+        per_row: bool,
     },
     Slerp {
         t: Setting,
@@ -135,6 +136,7 @@ impl Kernel {
                 seed,
                 compute_dtype,
                 model_defaults,
+                per_row,
             } => {
                 let method = recipe
                     .method
@@ -154,6 +156,7 @@ impl Kernel {
                         .collect(),
                     defaults: model_defaults.clone(),
                     num_layers,
+                    per_row: *per_row,
                 })
             }
             Parameters::Slerp { t } => Ok(Kernel::Slerp {
@@ -187,6 +190,7 @@ impl Kernel {
             models,
             defaults,
             num_layers,
+            per_row,
             ..
         } = self
         else {
@@ -222,6 +226,7 @@ impl Kernel {
             lambda: *lambda,
             precision: Precision::F32, // set per tensor from the base's dtype
             seed: *seed,
+            per_row: *per_row,
         };
         Some((cfg, models))
     }

@@ -55,6 +55,8 @@ pub struct Config {
     pub lambda: f64,
     pub precision: Precision,
     pub seed: u64,
+    /// TIES / breadcrumbs selection per row of `row_len` instead of per tensor.
+    pub per_row: bool,
 }
 
 impl Config {
@@ -296,6 +298,12 @@ pub fn sparsify(delta: &mut [f32], m: &ModelParams, cfg: &Config, row_len: usize
     let l1 = p.round(delta.iter().map(|x| x.abs() as f64).sum::<f64>() as f32);
     match cfg.sparsification {
         Sparsification::None => return,
+        Sparsification::Magnitude if cfg.per_row => delta
+            .chunks_mut(row_len.max(1))
+            .for_each(|r| magnitude(r, m.density)),
+        Sparsification::MagnitudeOutliers if cfg.per_row => delta
+            .chunks_mut(row_len.max(1))
+            .for_each(|r| magnitude_outliers(r, m.density, m.gamma)),
         Sparsification::Magnitude => magnitude(delta, m.density),
         Sparsification::MagnitudeOutliers => magnitude_outliers(delta, m.density, m.gamma),
         Sparsification::Random => random(delta, m.density, p, rng),
@@ -345,6 +353,7 @@ mod tests {
             lambda: 1.0,
             precision: Precision::F32,
             seed: 1,
+            per_row: false,
         }
     }
 
@@ -426,6 +435,30 @@ mod tests {
         magnitude_outliers(&mut s, 0.9, 0.01);
         let kept: Vec<f32> = s.iter().copied().filter(|x| *x != 0.0).collect();
         assert_eq!(kept, (6..=50).map(|x| x as f32).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn per_row_selection() {
+        // Two rows of 100: row 0 holds 1..=100, row 1 holds 1000 + 1..=100. Per tensor, the
+        // band would keep mostly row 1; per row, each row keeps its own 10..=99.
+        let mut d: Vec<f32> = (1..=100)
+            .map(|x| x as f32)
+            .chain((1..=100).map(|x| 1000.0 + x as f32))
+            .collect();
+        let c = Config {
+            per_row: true,
+            ..cfg(Sparsification::MagnitudeOutliers, false, false)
+        };
+        let m = ModelParams {
+            weight: 1.0,
+            density: 0.9,
+            gamma: 0.01,
+            epsilon: 0.15,
+        };
+        sparsify(&mut d, &m, &c, 100, &KeyedRng::new(0, 0, "t"));
+        let kept0: Vec<f32> = d[..100].iter().copied().filter(|x| *x != 0.0).collect();
+        assert_eq!(kept0, (10..=99).map(|x| x as f32).collect::<Vec<_>>());
+        assert_eq!(d[100..].iter().filter(|x| **x != 0.0).count(), 90);
     }
 
     #[test]

@@ -45,6 +45,7 @@ fn gta_cfg(s: Sparsification, consensus: bool, p: Precision) -> Config {
         lambda: 1.0,
         precision: p,
         seed: 7,
+        per_row: false,
     }
 }
 

@@ -288,6 +288,10 @@ pub enum Parameters {
         /// Per-model parameters given once for all models (`density`, `weight`, ...).
         #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
         model_defaults: BTreeMap<String, Setting>,
+        /// Selection per row (last dimension) instead of per tensor: `scope: "row"`, the
+        /// breadcrumbs paper's code (ties, breadcrumbs, breadcrumbs_ties only).
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        per_row: bool,
     },
     Slerp {
         t: Setting,
@@ -806,6 +810,11 @@ fn parse_gta(
     let mut lambda = 1.0;
     let mut seed = 0u64;
     let mut compute_dtype = None;
+    let mut per_row = false;
+    let selects = matches!(
+        gta.sparsification,
+        Sparsification::Magnitude | Sparsification::MagnitudeOutliers
+    );
     let mut model_defaults = BTreeMap::new();
     let allowed = gta_model_params(method);
     for (key, value) in params {
@@ -833,6 +842,22 @@ fn parse_gta(
                     RecipeError::invalid(&field, "must be an integer from 0 to 2^64 − 1")
                 })?;
             }
+            "scope" if selects => {
+                per_row = match value.as_str() {
+                    Some("tensor") => false,
+                    Some("row") => true,
+                    Some("model") => {
+                        return Err(RecipeError::invalid(
+                            &field,
+                            "scope \"model\" (one threshold over the whole model, the TIES \
+                             paper's) is not supported yet; use \"tensor\" (mergekit) or \"row\"",
+                        ));
+                    }
+                    _ => {
+                        return Err(RecipeError::invalid(&field, "use \"tensor\" or \"row\""));
+                    }
+                };
+            }
             "compute_dtype" => {
                 let d = value
                     .as_str()
@@ -851,6 +876,9 @@ fn parse_gta(
                 let mut known = vec!["normalize", "lambda", "compute_dtype"];
                 if gta.sparsification != Sparsification::None {
                     known.push("rescale");
+                }
+                if selects {
+                    known.push("scope");
                 }
                 if matches!(
                     gta.sparsification,
@@ -902,6 +930,7 @@ fn parse_gta(
         seed,
         compute_dtype,
         model_defaults,
+        per_row,
     })
 }
 
@@ -1435,6 +1464,20 @@ mod tests {
         assert_eq!(
             field(parse(req("ties", unk, json!({}))).unwrap_err()),
             "models[0].parameters.densty"
+        );
+        // Selection scope: tensor (mergekit) or row; model is not supported yet.
+        let s = parse(req("breadcrumbs", two.clone(), json!({"scope": "row"}))).unwrap();
+        assert!(matches!(
+            s.recipe.parameters,
+            Parameters::Gta { per_row: true, .. }
+        ));
+        assert_eq!(
+            field(parse(req("ties", two.clone(), json!({"scope": "model"}))).unwrap_err()),
+            "parameters.scope"
+        );
+        assert_eq!(
+            field(parse(req("dare_ties", two.clone(), json!({"scope": "row"}))).unwrap_err()),
+            "parameters.scope"
         );
         // Weight required for GTA methods, unless given globally.
         let now = json!([{"uri": "file:///d/a"}]);
