@@ -142,6 +142,9 @@ pub enum Method {
     Nearswap,
     /// Sparse Model Soups: a linear soup of ingredients that share one zero pattern.
     SparseSoup,
+    /// Offline EMA over checkpoints of one run (oldest first): a linear soup with weights
+    /// `β^{T−1}` on the first and `(1 − β)·β^{T−j}` on checkpoint `j ≥ 2` (ALGORITHMS.md §17).
+    Ema,
 }
 
 /// Whether a method takes a base model.
@@ -153,7 +156,7 @@ pub enum BaseRule {
 }
 
 impl Method {
-    pub const ALL: [Method; 17] = [
+    pub const ALL: [Method; 18] = [
         Method::Linear,
         Method::TaskArithmetic,
         Method::Ties,
@@ -171,6 +174,7 @@ impl Method {
         Method::Passthrough,
         Method::Nearswap,
         Method::SparseSoup,
+        Method::Ema,
     ];
 
     pub fn name(self) -> &'static str {
@@ -192,6 +196,7 @@ impl Method {
             Method::Passthrough => "passthrough",
             Method::Nearswap => "nearswap",
             Method::SparseSoup => "sparse_soup",
+            Method::Ema => "ema",
         }
     }
 
@@ -220,7 +225,8 @@ impl Method {
             | Method::Sce
             | Method::Passthrough
             | Method::Nearswap
-            | Method::SparseSoup => return None,
+            | Method::SparseSoup
+            | Method::Ema => return None,
         };
         Some(GtaMethod {
             sparsification,
@@ -233,9 +239,11 @@ impl Method {
     /// Whether the method needs, accepts or refuses `base_model`.
     pub fn base_rule(self) -> BaseRule {
         match self {
-            Method::Linear | Method::Karcher | Method::Passthrough | Method::SparseSoup => {
-                BaseRule::Forbidden
-            }
+            Method::Linear
+            | Method::Karcher
+            | Method::Passthrough
+            | Method::SparseSoup
+            | Method::Ema => BaseRule::Forbidden,
             Method::Nuslerp => BaseRule::Optional,
             _ => BaseRule::Required,
         }
@@ -556,6 +564,7 @@ impl Recipe {
         }
         let parameters = match method {
             Method::Linear => parse_linear(&req.parameters, &models)?,
+            Method::Ema => parse_ema(&req.parameters, &mut models, any_weight)?,
             Method::SparseSoup => {
                 let mut p = req.parameters.clone();
                 let require_shared_mask = match p.remove("require_shared_mask") {
@@ -1050,6 +1059,64 @@ fn parse_passthrough(
         }
     }
     Ok(Parameters::Passthrough {})
+}
+
+/// EMA: computes the weights (a linear soup, no normalization: they sum to 1).
+fn parse_ema(
+    params: &serde_json::Map<String, serde_json::Value>,
+    models: &mut [(usize, Ingredient)],
+    any_weight: bool,
+) -> Result<Parameters, RecipeError> {
+    if any_weight {
+        return Err(RecipeError::invalid(
+            "models[].weight",
+            "ema computes the weights from decay; give none",
+        ));
+    }
+    let mut decay = None;
+    for (key, value) in params {
+        match key.as_str() {
+            "decay" => {
+                decay = Some(
+                    value
+                        .as_f64()
+                        .filter(|d| *d > 0.0 && *d < 1.0)
+                        .ok_or_else(|| {
+                            RecipeError::invalid("parameters.decay", "must be in (0, 1)")
+                        })?,
+                );
+            }
+            other => {
+                return Err(RecipeError::invalid(
+                    format!("parameters.{other}"),
+                    "unknown parameter for method ema (known: decay)",
+                ));
+            }
+        }
+    }
+    let decay = decay.ok_or_else(|| {
+        RecipeError::invalid(
+            "parameters.decay",
+            "ema needs decay (per checkpoint interval)",
+        )
+    })?;
+    if let Some((i, m)) = models.iter().find(|(_, m)| !m.parameters.is_empty()) {
+        let key = m.parameters.keys().next().cloned().unwrap_or_default();
+        return Err(RecipeError::invalid(
+            format!("models[{i}].parameters.{key}"),
+            "ema takes no per-model parameters",
+        ));
+    }
+    let t = models.len() as i32;
+    for (j, (_, m)) in models.iter_mut().enumerate() {
+        let j = j as i32 + 1;
+        m.weight = if j == 1 {
+            decay.powi(t - 1)
+        } else {
+            (1.0 - decay) * decay.powi(t - j)
+        };
+    }
+    Ok(Parameters::Linear { normalize: false })
 }
 
 /// model_stock, nuslerp, karcher, sce.
@@ -1569,6 +1636,29 @@ mod tests {
         for (r, f) in bad {
             assert_eq!(field(parse(r).unwrap_err()), f);
         }
+    }
+
+    #[test]
+    fn ema_weights() {
+        use serde_json::json;
+        let s = parse(json!({"method": "ema",
+            "models": [{"uri": "file:///d/c1"}, {"uri": "file:///d/c2"}, {"uri": "file:///d/c3"}],
+            "parameters": {"decay": 0.5}, "output": {"uri": "file:///d/out"}}))
+        .unwrap();
+        let w: Vec<f64> = s.recipe.models.iter().map(|m| m.weight).collect();
+        // e1 = c1; e2 = .5 e1 + .5 c2; e3 = .5 e2 + .5 c3 → .25 c1 + .25 c2 + .5 c3.
+        assert_eq!(w, vec![0.25, 0.25, 0.5]);
+        assert_eq!(s.recipe.linear_weights().1, None);
+        let e = parse(
+            json!({"method": "ema", "models": [{"uri": "file:///d/c1", "weight": 1}],
+            "parameters": {"decay": 0.5}, "output": {"uri": "file:///d/out"}}),
+        )
+        .unwrap_err();
+        assert_eq!(field(e), "models[].weight");
+        let e = parse(json!({"method": "ema", "models": [{"uri": "file:///d/c1"}],
+            "parameters": {"decay": 1.0}, "output": {"uri": "file:///d/out"}}))
+        .unwrap_err();
+        assert_eq!(field(e), "parameters.decay");
     }
 
     #[test]
