@@ -249,7 +249,12 @@ impl Rig {
         if let Some(p) = opts.crash_at {
             set("LADLE_TEST_CRASH_AT", p.name().into());
         }
-        LadleProc::spawn(&format!("worker-{n}"), &["worker"], &env, &self.logs)
+        let armed = env.keys().any(|k| k.starts_with("LADLE_TEST_"));
+        let mut w = LadleProc::spawn(&format!("worker-{n}"), &["worker"], &env, &self.logs);
+        if armed {
+            assert_armed(&mut w);
+        }
+        w
     }
 
     async fn job(&self, id: Uuid) -> Job {
@@ -630,6 +635,26 @@ impl Watcher {
 fn assert_clean_watch(r: &WatchReport) {
     assert!(r.polls > 20, "the watcher barely ran: {r:?}");
     assert!(r.violations.is_empty(), "watcher saw: {:#?}", r.violations);
+}
+
+/// The spawned binary honours the failpoint variables: it logs "test failpoints armed" before
+/// "worker started". It would not if `target/debug/ladle` (what `CARGO_BIN_EXE_ladle` names)
+/// had been replaced by a plain `cargo build` while these tests ran.
+fn assert_armed(w: &mut LadleProc) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let log = w.log_text();
+        if log.contains("test failpoints armed") {
+            return;
+        }
+        assert!(
+            !log.contains("worker started") && w.is_running() && Instant::now() < deadline,
+            "{} ignores the LADLE_TEST_ variables: built without the `failpoints` feature? \
+             (a `cargo build` running beside `cargo test` replaces it)\n{log}",
+            procs::LADLE
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
 }
 
 /// (idle, total) jiffies of the whole machine, from `/proc/stat`.
