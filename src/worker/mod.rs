@@ -100,10 +100,12 @@ impl Slot {
             if let Err(e) = self.queue.reap_expired().await {
                 warn!(error = %e, "reaping expired leases failed");
             }
+            // The lease starts in the database no earlier than this.
+            let asked = Instant::now();
             match self.queue.claim(&self.owner).await {
                 Ok(Some(job)) => {
                     let span = info_span!("job", job_id = %job.lease.job_id, attempt = job.lease.attempt, owner = %self.owner);
-                    self.run_job(job).instrument(span).await;
+                    self.run_job(job, asked).instrument(span).await;
                 }
                 Ok(None) => {
                     tokio::select! {
@@ -122,7 +124,7 @@ impl Slot {
         }
     }
 
-    async fn run_job(&self, claimed: ClaimedJob) {
+    async fn run_job(&self, claimed: ClaimedJob, claimed_at: Instant) {
         let lease = claimed.lease.clone();
         info!("job claimed");
         let recipe: Recipe = match serde_json::from_value(claimed.job.recipe.clone()) {
@@ -142,6 +144,7 @@ impl Slot {
             self.queue.clone(),
             lease.clone(),
             progress.clone(),
+            claimed_at,
             self.fence_after(),
         ));
         let ctl = Arc::new(RunControl {
@@ -297,13 +300,14 @@ impl LeaseKeeper {
         queue: Arc<dyn JobQueue>,
         lease: Lease,
         progress: Arc<Progress>,
+        claimed_at: Instant,
         fence_after: Duration,
     ) -> Self {
         LeaseKeeper {
             queue,
             lease,
             progress,
-            last_ok: std::sync::Mutex::new(Instant::now()),
+            last_ok: std::sync::Mutex::new(claimed_at),
             one_at_a_time: tokio::sync::Mutex::new(()),
             fence_after,
         }
