@@ -5,7 +5,7 @@
 //! once (conformance README, "Arithmetic details"). Emulating that is what makes bf16 outputs
 //! bit-identical; with [`Precision::F32`] every rounding is the identity.
 
-use half::{bf16, f16};
+use half::f16;
 
 use crate::merge::dtype::DType;
 
@@ -31,7 +31,7 @@ impl Precision {
     pub fn round(self, x: f32) -> f32 {
         match self {
             Precision::F32 => x,
-            Precision::BF16 => bf16::from_f32(x).to_f32(),
+            Precision::BF16 => bf16_round(x),
             Precision::F16 => f16::from_f32(x).to_f32(),
         }
     }
@@ -44,9 +44,48 @@ impl Precision {
     }
 }
 
+/// Round an f32 to the nearest bf16 (ties to even), in f32: the same bits as
+/// `half::bf16::from_f32(x).to_f32()` (NaN stays a quiet NaN of the same sign, overflow
+/// carries into infinity), branch-light so loops over it vectorize.
+#[inline]
+pub fn bf16_round(x: f32) -> f32 {
+    let b = x.to_bits();
+    if x.is_nan() {
+        return f32::from_bits((b | 0x0040_0000) & 0xFFFF_0000);
+    }
+    f32::from_bits(b.wrapping_add(0x7FFF + ((b >> 16) & 1)) & 0xFFFF_0000)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use half::bf16;
+
+    #[test]
+    fn fast_bf16_rounding_matches_half() {
+        let check = |b: u32| {
+            let x = f32::from_bits(b);
+            let want = bf16::from_f32(x).to_f32();
+            let got = bf16_round(x);
+            assert!(
+                got.to_bits() == want.to_bits() || (got.is_nan() && want.is_nan()),
+                "{b:#x}: {got:?} vs {want:?}"
+            );
+        };
+        // Every pattern around each rounding boundary of every exponent, and a random sweep.
+        for hi in 0..=0xFFFFu32 {
+            for lo in [0u32, 1, 0x7FFF, 0x8000, 0x8001, 0xFFFF] {
+                check((hi << 16) | lo);
+            }
+        }
+        let mut s = 0x1234_5678_9ABC_DEF0u64;
+        for _ in 0..2_000_000 {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            check(s as u32);
+        }
+    }
 
     #[test]
     fn rounds_to_nearest_even() {

@@ -283,3 +283,94 @@ fn dare_is_stable_across_thread_counts_and_seeded() {
         );
     }
 }
+
+/// Kernel cost of each method relative to `linear` on the same inputs (base + 3 models of
+/// 4 Mi bf16-valued elements, one thread, decode/encode excluded). Run by hand:
+/// `cargo test --release --lib merge::properties::method_costs -- --ignored --nocapture`.
+#[test]
+#[ignore]
+fn method_costs() {
+    use std::time::Instant;
+    let n = 4 << 20;
+    let p = Precision::BF16;
+    let mut r = Rng(5);
+    let b = r.tensor(n, p);
+    let xs: Vec<Vec<f32>> = (0..3).map(|_| r.tensor(n, p)).collect();
+    let refs: Vec<&[f32]> = xs.iter().map(|v| v.as_slice()).collect();
+    let mut out = vec![0.0f32; n];
+    let time = |f: &mut dyn FnMut()| {
+        let t = Instant::now();
+        f();
+        t.elapsed().as_secs_f64()
+    };
+    let mut all4: Vec<&[f32]> = vec![&b];
+    all4.extend(refs.iter().copied());
+    let lin = time(&mut || linear(&all4, &[0.25; 4], Some(1.0), &mut out));
+    let m = ModelParams {
+        weight: 0.3,
+        density: 0.5,
+        gamma: 0.01,
+        epsilon: 0.1,
+    };
+    let ms = [m, m, m];
+    let mut rows: Vec<(&str, f64)> = vec![("linear", lin)];
+    for (name, s, consensus, rescale) in [
+        ("task_arithmetic", Sparsification::None, false, false),
+        ("ties", Sparsification::Magnitude, true, false),
+        (
+            "breadcrumbs",
+            Sparsification::MagnitudeOutliers,
+            false,
+            false,
+        ),
+        ("dare_linear", Sparsification::Random, false, true),
+        ("della_linear", Sparsification::DellaMagprune, false, true),
+    ] {
+        let c = Config {
+            rescale,
+            ..gta_cfg(s, consensus, p)
+        };
+        let secs = if s == Sparsification::None {
+            let w = [p.scalar(0.3); 3];
+            time(&mut || gta::elementwise(&all4, &w, &c, &mut out))
+        } else {
+            time(&mut || gta::merge_tensor(&b, &refs, &ms, &c, 4096, "t", &mut out))
+        };
+        rows.push((name, secs));
+    }
+    rows.push((
+        "slerp",
+        time(&mut || slerp::slerp(0.3, &b, refs[0], &mut out)),
+    ));
+    rows.push((
+        "model_stock",
+        time(&mut || model_stock::model_stock(p, &b, &refs, n, &mut out)),
+    ));
+    rows.push((
+        "nuslerp",
+        time(&mut || {
+            spherical::nuslerp(
+                p,
+                0.3,
+                Some(&b),
+                refs[0],
+                refs[1],
+                spherical::NuslerpShape::Flatten,
+                n,
+                &mut out,
+            )
+        }),
+    ));
+    rows.push((
+        "karcher",
+        time(&mut || spherical::karcher(p, &refs, 10, 1e-5, &mut out)),
+    ));
+    rows.push(("sce", time(&mut || sce::sce(p, &b, &refs, 0.5, &mut out))));
+    for (name, secs) in rows {
+        eprintln!(
+            "{name:<16} {:>8.1} ms  {:>6.1}× linear",
+            secs * 1e3,
+            secs / lin
+        );
+    }
+}
