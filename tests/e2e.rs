@@ -377,6 +377,44 @@ async fn scenario(database_url: &str, backend: &str) {
         ),
     );
 
+    // --- 2b. A mergekit YAML recipe over HTTP (task arithmetic against a base) ---
+    let yaml = format!(
+        "merge_method: task_arithmetic\nbase_model: {}\nmodels:\n  - model: {}\n    parameters: {{weight: 0.5}}\n  - model: {}\n    parameters: {{weight: 0.3}}\noutput:\n  uri: {}\n",
+        models_json[0]["uri"].as_str().unwrap(),
+        models_json[1]["uri"].as_str().unwrap(),
+        models_json[2]["uri"].as_str().unwrap(),
+        file_url(&root.join("soups/yaml")),
+    );
+    let post_yaml = |body: String| {
+        client
+            .post(format!("{base}/v1/merges"))
+            .header("content-type", "application/yaml")
+            .body(body)
+            .send()
+    };
+    let r = post_yaml(yaml.clone()).await.unwrap();
+    assert_eq!(r.status().as_u16(), 202);
+    let job: serde_json::Value = r.json().await.unwrap();
+    let done = wait_terminal(
+        &client,
+        &base,
+        job["id"].as_str().unwrap(),
+        Duration::from_secs(60),
+    )
+    .await;
+    assert_eq!(done["state"], "succeeded", "{done}");
+    assert!(local_files(&root.join("soups/yaml")).contains_key("ladle-manifest.json"));
+    // The base model is checked against the allowed roots at submit time too.
+    let outside = yaml.replace(models_json[0]["uri"].as_str().unwrap(), "file:///etc");
+    let r = post_yaml(outside).await.unwrap();
+    assert_eq!(r.status().as_u16(), 403);
+    let err: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(err["code"], "storage_not_allowed", "{err}");
+    assert!(
+        err["message"].as_str().unwrap().starts_with("base_model"),
+        "{err}"
+    );
+
     // --- 3. Errors at submit time: 4xx with a precise code, nothing queued ---
     for (uri, code) in [
         ("file:///etc/passwd".to_string(), "storage_not_allowed"),

@@ -26,6 +26,14 @@ use crate::storage::Storage;
 pub use auth::ApiAuth;
 pub use error::ApiError;
 
+/// Content types of mergekit-style YAML recipes.
+const YAML_TYPES: [&str; 4] = [
+    "application/yaml",
+    "application/x-yaml",
+    "text/yaml",
+    "text/x-yaml",
+];
+
 /// Largest accepted request body.
 pub const DEFAULT_BODY_LIMIT: usize = 1 << 20;
 const DEFAULT_PAGE: u32 = 50;
@@ -141,16 +149,28 @@ async fn submit(
             ApiError::new(ErrorCode::InvalidRecipe, e.body_text())
         }
     })?;
-    if let Some(ct) = headers.get(header::CONTENT_TYPE) {
-        let ct = ct.to_str().unwrap_or_default();
-        if !ct.starts_with("application/json") {
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .map(|ct| ct.to_str().unwrap_or_default().to_ascii_lowercase());
+    let mut sub: Submission = match content_type.as_deref() {
+        None => Recipe::parse_json(&body)?,
+        Some(ct) if ct.starts_with("application/json") => Recipe::parse_json(&body)?,
+        Some(ct) if YAML_TYPES.iter().any(|y| ct.starts_with(y)) => {
+            let text = std::str::from_utf8(&body).map_err(|_| {
+                ApiError::new(ErrorCode::InvalidRecipe, "a YAML recipe must be UTF-8")
+            })?;
+            // Over HTTP there is no recipe folder: model references must be storage URLs.
+            Recipe::parse_yaml(text, None, None)?
+        }
+        Some(ct) => {
             return Err(ApiError::new(
                 ErrorCode::InvalidRecipe,
-                format!("unsupported content type {ct:?}: send application/json"),
+                format!(
+                    "unsupported content type {ct:?}: send application/json or application/yaml"
+                ),
             ));
         }
-    }
-    let mut sub: Submission = Recipe::parse_json(&body)?;
+    };
     // Every URL must resolve under an allowed root; store the normalized form.
     for (i, m) in sub.recipe.models.iter_mut().enumerate() {
         let loc = state
@@ -159,16 +179,35 @@ async fn submit(
             .map_err(|e| ApiError::new(e.code(), format!("models[{i}].uri: {e}")))?;
         m.uri = loc.url;
     }
+    if let Some(base) = sub.recipe.base_model.as_mut() {
+        let loc = state
+            .storage
+            .resolve(base)
+            .map_err(|e| ApiError::new(e.code(), format!("base_model: {e}")))?;
+        *base = loc.url;
+    }
     let out = state
         .storage
         .resolve(&sub.recipe.output.uri)
         .map_err(|e| ApiError::new(e.code(), format!("output.uri: {e}")))?;
     sub.recipe.output.uri = out.url.clone();
-    for (i, m) in sub.recipe.models.iter().enumerate() {
-        if crate::recipe::same_or_nested(&m.uri, &out.url) {
+    let inputs = sub
+        .recipe
+        .models
+        .iter()
+        .enumerate()
+        .map(|(i, m)| (format!("models[{i}]"), m.uri.as_str()))
+        .chain(
+            sub.recipe
+                .base_model
+                .as_deref()
+                .map(|b| ("base_model".to_string(), b)),
+        );
+    for (field, uri) in inputs {
+        if crate::recipe::same_or_nested(uri, &out.url) {
             return Err(ApiError::new(
                 ErrorCode::InvalidRecipe,
-                format!("output.uri: the output must not be, contain or lie inside models[{i}]"),
+                format!("output.uri: the output must not be, contain or lie inside {field}"),
             ));
         }
     }
