@@ -137,6 +137,33 @@ fn shard_index_inputs_do_not_panic() {
     assert!(n >= 4);
 }
 
+/// `fuzz/fuzz_targets/recipe_yaml.rs`, as a function.
+fn yaml_target(data: &[u8]) {
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    let Ok(sub) = Recipe::parse_yaml(text, None, Some("file:///d/out")) else {
+        return;
+    };
+    let r = &sub.recipe;
+    assert!(!r.models.is_empty() && r.models.len() <= MAX_MODELS);
+    for m in &r.models {
+        assert!(m.weight.is_finite() && m.weight.abs() <= f64::from(f32::MAX));
+        for (k, s) in &m.parameters {
+            for x in s.anchors() {
+                assert!(x.is_finite() && x.abs() <= f64::from(f32::MAX), "{k}: {x}");
+            }
+        }
+    }
+    assert_eq!(r.hash().len(), 32);
+}
+
+#[test]
+fn recipe_yaml_inputs_do_not_panic() {
+    let n = replay("recipe_yaml", yaml_target);
+    assert!(n >= 3);
+}
+
 #[test]
 fn safetensors_header_inputs_do_not_panic() {
     let n = replay("safetensors_header", header_target);
@@ -167,4 +194,20 @@ fn seeds_parse_as_intended() {
     )
     .unwrap();
     assert_eq!(Recipe::parse_json(&recipe).unwrap().recipe.models.len(), 3);
+    for seed in [
+        "seed-ties.yml",
+        "seed-slerp.yml",
+        "seed-linear-anchors.yml",
+        "seed-passthrough.yml",
+    ] {
+        let text = std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("tests/fuzz-regressions/recipe_yaml")
+                .join(seed),
+        )
+        .unwrap();
+        if let Err(e) = Recipe::parse_yaml(&text, None, Some("file:///d/out")) {
+            panic!("{seed}: {e}");
+        }
+    }
 }
