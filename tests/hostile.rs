@@ -620,6 +620,73 @@ async fn lying_requests_get_a_precise_4xx_at_submit_time() {
             "{name}: {msg:?} should name {needle:?}"
         );
     }
+    // base_model is checked like every input.
+    for (base_uri, status_code, code, needle) in [
+        (
+            "file:///etc/".to_string(),
+            403,
+            "storage_not_allowed",
+            "base_model",
+        ),
+        (
+            format!("{}/../../etc", model),
+            403,
+            "storage_not_allowed",
+            "base_model",
+        ),
+        ("gopher://x/y".to_string(), 400, "invalid_uri", "base_model"),
+        (out.clone(), 400, "invalid_recipe", "base_model"),
+    ] {
+        let (status, err) = submit_json(
+            &client,
+            &base,
+            &serde_json::json!({"method": "task_arithmetic", "base_model": base_uri,
+                "models": [{"uri": model, "weight": 1.0}], "output": {"uri": out}}),
+        )
+        .await;
+        assert_eq!(
+            (status, err["code"].as_str()),
+            (status_code, Some(code)),
+            "base_model {base_uri}: {err}"
+        );
+        assert!(
+            err["message"].as_str().unwrap_or_default().contains(needle),
+            "{err}"
+        );
+    }
+    // YAML bodies that lie: an alias bomb (a billion laughs) and a non-UTF-8 body are refused
+    // quickly, not expanded.
+    let mut bomb = String::from(
+        "a: &a [\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\"]\n",
+    );
+    for (prev, name) in ["a", "b", "c", "d", "e", "f", "g", "h"]
+        .iter()
+        .zip(["b", "c", "d", "e", "f", "g", "h", "i"])
+    {
+        let refs = vec![format!("*{prev}"); 9].join(",");
+        bomb.push_str(&format!("{name}: &{name} [{refs}]\n"));
+    }
+    bomb.push_str(&format!(
+        "merge_method: linear\nmodels:\n  - model: {model}\n"
+    ));
+    for body in [bomb.into_bytes(), b"merge_method: lin\xffear\n".to_vec()] {
+        let sent = client
+            .post(format!("{base}/v1/merges"))
+            .header("content-type", "application/yaml")
+            .body(body)
+            .send();
+        let r = tokio::time::timeout(Duration::from_secs(10), sent)
+            .await
+            .expect("answered within 10 s")
+            .unwrap();
+        let status = r.status().as_u16();
+        let err: serde_json::Value = r.json().await.unwrap();
+        assert_eq!(
+            (status, err["code"].as_str()),
+            (400, Some("invalid_recipe")),
+            "{err}"
+        );
+    }
     // Wrong content type.
     let r = client
         .post(format!("{base}/v1/merges"))
