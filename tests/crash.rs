@@ -441,10 +441,6 @@ fn write_models(root: &Path) -> Vec<PathBuf> {
         .collect()
 }
 
-fn file_url(p: &Path) -> String {
-    url::Url::from_file_path(p).expect("file url").to_string()
-}
-
 /// (tensors_done, tensors_total) from the job's last reported progress.
 fn progress(j: &Job) -> (u64, u64) {
     let p = j.progress.as_ref();

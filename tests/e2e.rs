@@ -167,25 +167,6 @@ async fn s3_files(s3: &S3Server, prefix: &str) -> BTreeMap<String, Vec<u8>> {
     out
 }
 
-async fn submit(
-    client: &reqwest::Client,
-    base: &str,
-    body: &serde_json::Value,
-) -> (u16, serde_json::Value) {
-    let r = client
-        .post(format!("{base}/v1/merges"))
-        .json(body)
-        .send()
-        .await
-        .expect("post");
-    let status = r.status().as_u16();
-    (status, r.json().await.expect("json body"))
-}
-
-fn file_url(p: &Path) -> String {
-    url::Url::from_file_path(p).unwrap().to_string()
-}
-
 async fn scenario(database_url: &str, backend: &str) {
     let work = tempfile::tempdir().unwrap();
     let root = work.path().canonicalize().unwrap();

@@ -17,10 +17,6 @@ use ladle::service::Mode;
 use object_store::ObjectStoreExt;
 use object_store::path::Path as ObjPath;
 
-fn file_url(p: &Path) -> String {
-    url::Url::from_file_path(p).unwrap().to_string()
-}
-
 /// A safetensors file from a header written by hand (no padding) and a data section.
 fn raw_file(header: &[u8], data: &[u8]) -> Vec<u8> {
     let mut out = (header.len() as u64).to_le_bytes().to_vec();
@@ -52,21 +48,6 @@ fn local_files(dir: &Path) -> Vec<String> {
                 .collect()
         })
         .unwrap_or_default()
-}
-
-async fn submit_json(
-    client: &reqwest::Client,
-    base: &str,
-    body: &serde_json::Value,
-) -> (u16, serde_json::Value) {
-    let r = client
-        .post(format!("{base}/v1/merges"))
-        .json(body)
-        .send()
-        .await
-        .expect("post");
-    let status = r.status().as_u16();
-    (status, r.json().await.unwrap_or(serde_json::Value::Null))
 }
 
 async fn submit_raw(
@@ -311,7 +292,7 @@ async fn lying_checkpoints_fail_their_job_and_the_service_keeps_serving() {
         } else {
             file_url(&root.join("soups").join(c.name))
         };
-        let (status, job) = submit_json(
+        let (status, job) = submit(
             &client,
             &base,
             &serde_json::json!({
@@ -381,7 +362,7 @@ async fn lying_checkpoints_fail_their_job_and_the_service_keeps_serving() {
     };
     let nan_a = write_model(&root.join("nan-a"), &safetensors_bytes(&[special_t]));
     let nan_b = write_model(&root.join("nan-b"), &safetensors_bytes(&[plain]));
-    let (status, job) = submit_json(
+    let (status, job) = submit(
         &client,
         &base,
         &serde_json::json!({
@@ -411,7 +392,7 @@ async fn lying_checkpoints_fail_their_job_and_the_service_keeps_serving() {
 
     // The service still serves: a good merge succeeds after all the bad ones.
     let good2 = write_model(&root.join("good2"), &safetensors_bytes(&good_tensors(7)));
-    let (status, job) = submit_json(
+    let (status, job) = submit(
         &client,
         &base,
         &serde_json::json!({
@@ -649,7 +630,7 @@ async fn lying_requests_get_a_precise_4xx_at_submit_time() {
         ("gopher://x/y".to_string(), 400, "invalid_uri", "base_model"),
         (out.clone(), 400, "invalid_recipe", "base_model"),
     ] {
-        let (status, err) = submit_json(
+        let (status, err) = submit(
             &client,
             &base,
             &serde_json::json!({"method": "task_arithmetic", "base_model": base_uri,
@@ -779,7 +760,7 @@ async fn lying_requests_get_a_precise_4xx_at_submit_time() {
             } else {
                 recipe(serde_json::json!([{"uri": uri}, {"uri": model_b}]), &out)
             };
-            let (status, err) = submit_json(&client, &base, &body).await;
+            let (status, err) = submit(&client, &base, &body).await;
             // A `.safetensors` output is refused by the recipe before storage looks at it.
             if as_output && uri.ends_with(".safetensors") {
                 assert_eq!(status, 400, "output {uri}: {err}");
@@ -835,7 +816,7 @@ async fn lying_requests_get_a_precise_4xx_at_submit_time() {
         .unwrap();
     let list: serde_json::Value = r.json().await.unwrap();
     assert_eq!(list["jobs"].as_array().unwrap().len(), 0, "{list}");
-    let (status, job) = submit_json(
+    let (status, job) = submit(
         &client,
         &base,
         &recipe(serde_json::json!([{"uri": model}, {"uri": model_b}]), &out),

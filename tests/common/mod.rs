@@ -333,3 +333,24 @@ pub async fn wait_terminal(
 
 /// The real `ladle` binary as child processes, throw-away Postgres databases, a chaos proxy.
 pub mod procs;
+
+/// A local path as a `file://` URL.
+pub fn file_url(p: &Path) -> String {
+    url::Url::from_file_path(p).expect("file url").to_string()
+}
+
+/// POST a JSON recipe; the status and the JSON answer (null when the body is not JSON).
+pub async fn submit(
+    client: &reqwest::Client,
+    base: &str,
+    body: &serde_json::Value,
+) -> (u16, serde_json::Value) {
+    let r = client
+        .post(format!("{base}/v1/merges"))
+        .json(body)
+        .send()
+        .await
+        .expect("post");
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap_or(serde_json::Value::Null))
+}
