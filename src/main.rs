@@ -84,8 +84,8 @@ async fn run(cli: Cli) -> Result<()> {
     let stop = service.shutdown_token();
     tokio::spawn(async move {
         wait_for_signal().await;
-        tracing::info!("shutting down: no new claims; in-flight jobs finish or are released");
         stop.cancel();
+        tracing::info!("shutting down: no new claims; in-flight jobs finish or are released");
     });
     service.wait().await;
     Ok(())

@@ -921,6 +921,17 @@ async fn sigterm_releases_after_grace(rig: Rig) {
     });
     rig.wait_running_with(id, 1).await;
     a.sigterm();
+    // The signal is handled asynchronously: submit the second job only once the worker says
+    // it stopped claiming, so "no new claims" is about claims after the shutdown began.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !log_has(&a, "shutting down") {
+        assert!(
+            Instant::now() < deadline,
+            "no shutdown log line: {}",
+            a.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let id2 = rig.submit("term-release-2").await;
     let t = Instant::now();
     let status = a.wait_exit(Duration::from_secs(15)).await;

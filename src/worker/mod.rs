@@ -103,6 +103,13 @@ impl Slot {
             // The lease starts in the database no earlier than this.
             let asked = Instant::now();
             match self.queue.claim(&self.owner).await {
+                Ok(Some(job)) if self.shutdown.is_cancelled() => {
+                    // The shutdown arrived while this claim was in flight: hand the job
+                    // straight back (not charged: max_attempts grows by one).
+                    if let Err(e) = self.queue.release(&job.lease).await {
+                        warn!(error = %e, job_id = %job.lease.job_id, "could not release a job claimed during shutdown");
+                    }
+                }
                 Ok(Some(job)) => {
                     let span = info_span!("job", job_id = %job.lease.job_id, attempt = job.lease.attempt, owner = %self.owner);
                     self.run_job(job, asked).instrument(span).await;
