@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use common::procs::{ChaosProxy, LadleProc, PgDb, aborted};
+use common::procs::{ChaosProxy, LadleProc, aborted};
 use common::*;
 use ladle::queue::{Job, JobQueue, JobState};
 use ladle::service::{Mode, Service};

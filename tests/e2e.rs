@@ -611,8 +611,8 @@ async fn e2e_sqlite() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn e2e_postgres() {
-    match fresh_postgres_db().await {
-        Some(url) => scenario(&url, "postgres").await,
+    match PgDb::create().await {
+        Some(db) => scenario(&db.url, "postgres").await,
         None => loud_skip("e2e on Postgres", "set LADLE_TEST_POSTGRES_URL"),
     }
 }

@@ -12,6 +12,8 @@
 //! Leases are expired with the backends' `expire_lease_now` hook instead of sleeping, so the
 //! whole suite runs in seconds.
 
+mod common;
+
 use std::collections::{HashMap, HashSet};
 use std::io::Write as _;
 use std::str::FromStr;
@@ -29,7 +31,6 @@ use ladle::queue::{
 };
 use serde_json::json;
 use sqlx::error::ErrorKind;
-use sqlx::{Connection, Executor};
 use uuid::Uuid;
 
 const PG_ENV: &str = "LADLE_TEST_POSTGRES_URL";
@@ -48,7 +49,7 @@ enum Backend {
         url: String,
         config: QueueConfig,
         // Dropped last: drops the test database.
-        _db: PgTestDb,
+        _db: common::PgDb,
     },
 }
 
@@ -72,7 +73,7 @@ impl Harness {
 
     /// `None` (after a loud line on stderr) when `LADLE_TEST_POSTGRES_URL` is unset.
     async fn postgres(test: &str, config: QueueConfig) -> Option<Harness> {
-        let Ok(admin_url) = std::env::var(PG_ENV) else {
+        let Some(db) = common::PgDb::create().await else {
             // Straight to the stderr handle: libtest captures `eprintln!`, not this.
             let _ = writeln!(
                 std::io::stderr(),
@@ -81,7 +82,6 @@ impl Harness {
             );
             return None;
         };
-        let db = PgTestDb::create(&admin_url).await;
         let queue = Arc::new(
             PostgresQueue::connect(&db.url, config.clone())
                 .await
@@ -163,58 +163,6 @@ impl Harness {
 
     fn is_postgres(&self) -> bool {
         matches!(self.backend, Backend::Postgres { .. })
-    }
-}
-
-/// A throw-away Postgres database; dropped (best effort, even when the test panics) on drop.
-struct PgTestDb {
-    admin_url: String,
-    name: String,
-    url: String,
-}
-
-impl PgTestDb {
-    async fn create(admin_url: &str) -> PgTestDb {
-        let name = format!("ladle_test_{}", Uuid::new_v4().simple());
-        let mut admin = sqlx::PgConnection::connect(admin_url)
-            .await
-            .expect("connect to LADLE_TEST_POSTGRES_URL");
-        admin
-            .execute(format!("CREATE DATABASE \"{name}\"").as_str())
-            .await
-            .expect("create test database");
-        let _ = admin.close().await;
-        let mut url = url::Url::parse(admin_url).expect("LADLE_TEST_POSTGRES_URL is a URL");
-        url.set_path(&format!("/{name}"));
-        PgTestDb {
-            admin_url: admin_url.to_string(),
-            name,
-            url: url.to_string(),
-        }
-    }
-}
-
-impl Drop for PgTestDb {
-    fn drop(&mut self) {
-        let admin_url = self.admin_url.clone();
-        let name = self.name.clone();
-        // A fresh runtime on its own thread: this may run inside the test's runtime.
-        let dropper = std::thread::spawn(move || {
-            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            else {
-                return;
-            };
-            rt.block_on(async move {
-                if let Ok(mut admin) = sqlx::PgConnection::connect(&admin_url).await {
-                    let sql = format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)");
-                    let _ = admin.execute(sql.as_str()).await;
-                    let _ = admin.close().await;
-                }
-            });
-        });
-        let _ = dropper.join();
     }
 }
 

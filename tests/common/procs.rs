@@ -136,63 +136,6 @@ pub fn aborted(s: ExitStatus) -> bool {
     s.signal() == Some(6)
 }
 
-/// A throw-away Postgres database on the server `LADLE_TEST_POSTGRES_URL` names; dropped (best
-/// effort, even when the test panics) on drop.
-pub struct PgDb {
-    admin_url: String,
-    name: String,
-    pub url: String,
-}
-
-impl PgDb {
-    /// `None` when `LADLE_TEST_POSTGRES_URL` is unset.
-    pub async fn create() -> Option<PgDb> {
-        use sqlx::{Connection, Executor};
-        let admin_url = std::env::var("LADLE_TEST_POSTGRES_URL").ok()?;
-        let name = format!("ladle_crash_{}", uuid::Uuid::new_v4().simple());
-        let mut admin = sqlx::PgConnection::connect(&admin_url)
-            .await
-            .expect("connect to LADLE_TEST_POSTGRES_URL");
-        admin
-            .execute(format!("CREATE DATABASE \"{name}\"").as_str())
-            .await
-            .expect("create test database");
-        let _ = admin.close().await;
-        let mut url = url::Url::parse(&admin_url).expect("LADLE_TEST_POSTGRES_URL is a URL");
-        url.set_path(&format!("/{name}"));
-        Some(PgDb {
-            admin_url,
-            name,
-            url: url.to_string(),
-        })
-    }
-}
-
-impl Drop for PgDb {
-    fn drop(&mut self) {
-        let admin_url = self.admin_url.clone();
-        let name = self.name.clone();
-        // A fresh runtime on its own thread: this may run inside the test's runtime.
-        let dropper = std::thread::spawn(move || {
-            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            else {
-                return;
-            };
-            rt.block_on(async move {
-                use sqlx::{Connection, Executor};
-                if let Ok(mut admin) = sqlx::PgConnection::connect(&admin_url).await {
-                    let sql = format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)");
-                    let _ = admin.execute(sql.as_str()).await;
-                    let _ = admin.close().await;
-                }
-            });
-        });
-        let _ = dropper.join();
-    }
-}
-
 /// A TCP proxy on a random local port in front of `upstream`. [`ChaosProxy::cut`] closes every
 /// open connection and refuses new ones (accepts, then closes at once) until
 /// [`ChaosProxy::restore`].
