@@ -20,6 +20,7 @@ pub mod error;
 pub mod merge;
 pub mod queue;
 pub mod recipe;
+pub mod search;
 pub mod service;
 pub mod storage;
 pub mod worker;

@@ -26,8 +26,8 @@ use ladle::queue::postgres::PostgresQueue;
 use ladle::queue::sqlite::SqliteQueue;
 use ladle::queue::state;
 use ladle::queue::{
-    CancelOutcome, ClaimedJob, HeartbeatOutcome, Job, JobError, JobQueue, JobState, ListFilter,
-    NewJob, QueueConfig, QueueError,
+    CancelOutcome, ClaimedJob, HeartbeatOutcome, Job, JobError, JobKind, JobQueue, JobState,
+    ListFilter, NewJob, QueueConfig, QueueError,
 };
 use serde_json::json;
 use sqlx::error::ErrorKind;
@@ -199,6 +199,7 @@ fn long_backoff() -> QueueConfig {
 fn job(output: &str) -> NewJob {
     NewJob {
         id: Uuid::now_v7(),
+        kind: JobKind::Merge,
         idempotency_key: None,
         request_hash: vec![7; 32],
         output_url: format!("file:///soups/{output}"),
@@ -392,6 +393,7 @@ async fn claim_exclusivity(h: &Harness) {
     assert_eq!(claimed.keys().copied().collect::<HashSet<_>>(), ids);
     let running =
         h.q.list(&ListFilter {
+            kind: None,
             state: Some(JobState::Running),
             limit: 1000,
             before: None,
@@ -1081,6 +1083,7 @@ async fn list_pagination(h: &Harness) {
         let q = h.q.clone();
         async move {
             q.list(&ListFilter {
+                kind: None,
                 state,
                 limit,
                 before,
@@ -1195,6 +1198,7 @@ async fn connect_and_migrate(h: &Harness) {
             assert_eq!(
                 again
                     .list(&ListFilter {
+                        kind: None,
                         limit: 10,
                         ..Default::default()
                     })
@@ -1210,6 +1214,7 @@ async fn connect_and_migrate(h: &Harness) {
             enqueue_and_claim_once(&mem).await;
             assert_eq!(
                 mem.list(&ListFilter {
+                    kind: None,
                     limit: 10,
                     ..Default::default()
                 })
@@ -1259,6 +1264,7 @@ async fn connect_and_migrate(h: &Harness) {
             assert_eq!(q2.backend(), "postgres");
             assert_eq!(
                 q2.list(&ListFilter {
+                    kind: None,
                     limit: 10,
                     ..Default::default()
                 })

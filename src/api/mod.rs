@@ -3,6 +3,7 @@
 //! Thin: parse and validate the request (recipe module), check every URL against the allowed
 //! roots (storage module), and hand the job to the queue. No math, no object I/O.
 
+pub mod analyses;
 pub mod auth;
 pub mod error;
 
@@ -20,7 +21,7 @@ use uuid::Uuid;
 
 use crate::engine::ProgressSnapshot;
 use crate::error::ErrorCode;
-use crate::queue::{CancelOutcome, Job, JobQueue, JobState, ListFilter, NewJob};
+use crate::queue::{CancelOutcome, Job, JobKind, JobQueue, JobState, ListFilter, NewJob};
 use crate::recipe::{Recipe, Submission};
 use crate::storage::Storage;
 pub use auth::ApiAuth;
@@ -57,6 +58,7 @@ pub fn router(state: AppState, body_limit: usize, auth: ApiAuth) -> Router {
         .route("/v1/merges", post(submit).get(list))
         .route("/v1/merges/{id}", get(get_job))
         .route("/v1/merges/{id}/cancel", post(cancel))
+        .merge(analyses::routes())
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .fallback(not_found)
@@ -217,6 +219,7 @@ async fn submit(
         .queue
         .enqueue(NewJob {
             id: Uuid::now_v7(),
+            kind: JobKind::Merge,
             idempotency_key: sub.idempotency_key.clone(),
             request_hash: sub.recipe.hash(),
             output_url: out.url,
@@ -251,17 +254,35 @@ async fn get_job(
     State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    let id = parse_id(&id)?;
-    let job =
-        state.queue.get(id).await?.ok_or_else(|| {
-            ApiError::new(ErrorCode::NotFound, format!("no merge job with id {id}"))
-        })?;
+    let job = job_of_kind(&state, &id, JobKind::Merge).await?;
     Ok(json_response(StatusCode::OK, &JobView::from(job)))
+}
+
+fn no_such(kind: JobKind, id: impl std::fmt::Display) -> ApiError {
+    ApiError::new(
+        ErrorCode::NotFound,
+        format!("no {} job with id {id}", kind.as_str()),
+    )
+}
+
+/// The job `raw` names, if it is of `kind` (a merge id under `/v1/analyses` is not found).
+pub(crate) async fn job_of_kind(
+    state: &AppState,
+    raw: &str,
+    kind: JobKind,
+) -> Result<Job, ApiError> {
+    let id = parse_id(raw)?;
+    state
+        .queue
+        .get(id)
+        .await?
+        .filter(|j| j.kind == kind)
+        .ok_or_else(|| no_such(kind, id))
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct ListQuery {
+pub(crate) struct ListQuery {
     state: Option<String>,
     limit: Option<u32>,
     cursor: Option<String>,
@@ -277,6 +298,15 @@ struct ListView {
 async fn list(
     State(state): State<AppState>,
     query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
+    list_of_kind(&state, query, JobKind::Merge).await
+}
+
+/// `GET` listing of one kind of job, newest first, keyset-paginated.
+pub(crate) async fn list_of_kind(
+    state: &AppState,
+    query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
+    kind: JobKind,
 ) -> Result<Response, ApiError> {
     let Query(q) = query.map_err(|e| ApiError::new(ErrorCode::InvalidRecipe, e.body_text()))?;
     let filter_state = match q.state.as_deref() {
@@ -309,6 +339,7 @@ async fn list(
     let jobs = state
         .queue
         .list(&ListFilter {
+            kind: Some(kind),
             state: filter_state,
             limit,
             before,
@@ -330,15 +361,19 @@ async fn cancel(
     State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    let id = parse_id(&id)?;
+    cancel_of_kind(&state, &id, JobKind::Merge).await
+}
+
+/// Cancel a job of `kind`: a queued one at once (200), a running one within a heartbeat (202).
+pub(crate) async fn cancel_of_kind(
+    state: &AppState,
+    raw: &str,
+    kind: JobKind,
+) -> Result<Response, ApiError> {
+    let id = job_of_kind(state, raw, kind).await?.id;
     let outcome = state.queue.request_cancel(id).await?;
     let status = match outcome {
-        CancelOutcome::NotFound => {
-            return Err(ApiError::new(
-                ErrorCode::NotFound,
-                format!("no merge job with id {id}"),
-            ));
-        }
+        CancelOutcome::NotFound => return Err(no_such(kind, id)),
         CancelOutcome::AlreadyFinished(JobState::Cancelled) | CancelOutcome::Cancelled => {
             StatusCode::OK
         }
@@ -350,10 +385,7 @@ async fn cancel(
         }
         CancelOutcome::Requested => StatusCode::ACCEPTED,
     };
-    let job =
-        state.queue.get(id).await?.ok_or_else(|| {
-            ApiError::new(ErrorCode::NotFound, format!("no merge job with id {id}"))
-        })?;
+    let job = job_of_kind(state, raw, kind).await?;
     Ok(json_response(status, &JobView::from(job)))
 }
 

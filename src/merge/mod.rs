@@ -11,6 +11,7 @@
 //! - [`error`](mod@error): the error type [`MergeError`].
 
 pub mod blocks;
+pub mod diagnostics;
 pub mod dtype;
 pub mod error;
 pub mod gta;

@@ -59,6 +59,38 @@ impl JobState {
     }
 }
 
+/// What a job does: a merge writes a soup to its output; an analysis (diagnostics) writes
+/// nothing and leaves its numbers in the job's `result`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum JobKind {
+    #[default]
+    Merge,
+    Analysis,
+}
+
+impl JobKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobKind::Merge => "merge",
+            JobKind::Analysis => "analysis",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<JobKind> {
+        match s {
+            "merge" => Some(JobKind::Merge),
+            "analysis" => Some(JobKind::Analysis),
+            _ => None,
+        }
+    }
+
+    /// A `kind` column value; anything else is a corrupt row.
+    pub(crate) fn parse_column(s: &str) -> QueueResult<JobKind> {
+        JobKind::parse(s).ok_or_else(|| QueueError::Corrupt(format!("unknown job kind {s:?}")))
+    }
+}
+
 /// What an error stored on a job looks like (`error` column, and each entry of `errors`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct JobError {
@@ -73,10 +105,12 @@ pub struct JobError {
 pub struct NewJob {
     /// UUIDv7, made by the caller (time-ordered: newest-first listing orders by id).
     pub id: Uuid,
+    pub kind: JobKind,
     pub idempotency_key: Option<String>,
     /// SHA-256 of the normalized recipe; detects an idempotency key reused with another body.
     pub request_hash: Vec<u8>,
-    /// Normalized output URL; at most one queued/running job per output URL.
+    /// Normalized output URL; at most one queued/running job per output URL. Analyses, which
+    /// write nothing, use the per-job `analysis:<id>`.
     pub output_url: String,
     /// The normalized recipe, as JSON.
     pub recipe: serde_json::Value,
@@ -89,6 +123,7 @@ pub struct NewJob {
 #[derive(Debug, Clone, Serialize)]
 pub struct Job {
     pub id: Uuid,
+    pub kind: JobKind,
     pub idempotency_key: Option<String>,
     pub state: JobState,
     pub priority: i32,
@@ -162,6 +197,8 @@ pub enum CancelOutcome {
 #[derive(Debug, Clone, Default)]
 pub struct ListFilter {
     pub state: Option<JobState>,
+    /// Only jobs of this kind (all kinds when `None`).
+    pub kind: Option<JobKind>,
     /// Maximum rows (the caller clamps it).
     pub limit: u32,
     /// Return only jobs with `id < before` (the last id of the previous page).

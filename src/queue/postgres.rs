@@ -34,8 +34,8 @@ use uuid::Uuid;
 
 use super::state;
 use super::{
-    CancelOutcome, ClaimedJob, Enqueued, HeartbeatOutcome, Job, JobError, JobQueue, JobState,
-    Lease, ListFilter, NewJob, QueueConfig, QueueError, QueueResult,
+    CancelOutcome, ClaimedJob, Enqueued, HeartbeatOutcome, Job, JobError, JobKind, JobQueue,
+    JobState, Lease, ListFilter, NewJob, QueueConfig, QueueError, QueueResult,
 };
 
 /// The embedded Postgres migrations (`migrations/postgres`).
@@ -47,7 +47,7 @@ pub const JOBS_CHANNEL: &str = "ladle_jobs";
 pub const CANCEL_CHANNEL: &str = "ladle_cancel";
 
 /// Every column a [`Job`] is built from, in `SELECT` / `RETURNING` lists.
-const JOB_COLUMNS: &str = "id, idempotency_key, state, priority, attempts, max_attempts, \
+const JOB_COLUMNS: &str = "id, kind, idempotency_key, state, priority, attempts, max_attempts, \
      output_url, recipe, run_after, lease_owner, lease_expires_at, heartbeat_at, \
      cancel_requested_at, progress, result, error, errors, created_at, started_at, \
      finished_at, updated_at";
@@ -172,8 +172,8 @@ impl JobQueue for PostgresQueue {
     async fn enqueue(&self, job: NewJob) -> QueueResult<Enqueued> {
         let insert = format!(
             "INSERT INTO jobs (id, idempotency_key, request_hash, output_url, recipe, state, \
-                               priority, max_attempts, run_after, created_at, updated_at) \
-             VALUES ($1, $2, $3, $4, $5, 'queued', $6, $7, now(), now(), now()) \
+                               priority, max_attempts, run_after, created_at, updated_at, kind) \
+             VALUES ($1, $2, $3, $4, $5, 'queued', $6, $7, now(), now(), now(), $8) \
              ON CONFLICT (idempotency_key) DO NOTHING \
              RETURNING {JOB_COLUMNS}"
         );
@@ -187,6 +187,7 @@ impl JobQueue for PostgresQueue {
                 .bind(&job.recipe)
                 .bind(job.priority)
                 .bind(job.max_attempts)
+                .bind(job.kind.as_str())
                 .fetch_optional(&mut *tx)
                 .await;
             let output_conflict = match inserted {
@@ -485,11 +486,13 @@ impl JobQueue for PostgresQueue {
         let rows = sqlx::query(&format!(
             "SELECT {JOB_COLUMNS} FROM jobs \
              WHERE ($1::text IS NULL OR state = $1) AND ($2::uuid IS NULL OR id < $2) \
+               AND ($4::text IS NULL OR kind = $4) \
              ORDER BY id DESC LIMIT $3"
         ))
         .bind(filter.state.map(JobState::as_str))
         .bind(filter.before)
         .bind(i64::from(filter.limit))
+        .bind(filter.kind.map(JobKind::as_str))
         .fetch_all(&self.pool)
         .await?;
         rows.iter().map(job_from_row).collect()
@@ -603,6 +606,7 @@ fn job_from_row(row: &PgRow) -> QueueResult<Job> {
     };
     Ok(Job {
         id,
+        kind: JobKind::parse_column(&row.try_get::<String, _>("kind")?)?,
         idempotency_key: row.try_get("idempotency_key")?,
         state: parse_state(&row.try_get::<String, _>("state")?)?,
         priority: i32::from(row.try_get::<i16, _>("priority")?),

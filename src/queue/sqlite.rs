@@ -26,15 +26,15 @@ use uuid::Uuid;
 
 use super::state;
 use super::{
-    CancelOutcome, ClaimedJob, Enqueued, HeartbeatOutcome, Job, JobError, JobQueue, JobState,
-    Lease, ListFilter, NewJob, QueueConfig, QueueError, QueueResult,
+    CancelOutcome, ClaimedJob, Enqueued, HeartbeatOutcome, Job, JobError, JobKind, JobQueue,
+    JobState, Lease, ListFilter, NewJob, QueueConfig, QueueError, QueueResult,
 };
 
 /// The embedded SQLite migrations (`migrations/sqlite`).
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("migrations/sqlite");
 
 /// Every column a [`Job`] is built from, in `SELECT` / `RETURNING` lists.
-const JOB_COLUMNS: &str = "id, idempotency_key, state, priority, attempts, max_attempts, \
+const JOB_COLUMNS: &str = "id, kind, idempotency_key, state, priority, attempts, max_attempts, \
      output_url, recipe, run_after, lease_owner, lease_expires_at, heartbeat_at, \
      cancel_requested_at, progress, result, error, errors, created_at, started_at, \
      finished_at, updated_at";
@@ -164,8 +164,8 @@ impl JobQueue for SqliteQueue {
         let recipe = to_json_text(&job.recipe)?;
         let insert = format!(
             "INSERT INTO jobs (id, idempotency_key, request_hash, output_url, recipe, state, \
-                               priority, max_attempts, run_after, created_at, updated_at) \
-             VALUES (?1, ?2, ?3, ?4, ?5, 'queued', ?6, ?7, ?8, ?8, ?8) \
+                               priority, max_attempts, run_after, created_at, updated_at, kind) \
+             VALUES (?1, ?2, ?3, ?4, ?5, 'queued', ?6, ?7, ?8, ?8, ?8, ?9) \
              ON CONFLICT (idempotency_key) DO NOTHING \
              RETURNING {JOB_COLUMNS}"
         );
@@ -179,6 +179,7 @@ impl JobQueue for SqliteQueue {
                 .bind(job.priority)
                 .bind(job.max_attempts)
                 .bind(now_ms())
+                .bind(job.kind.as_str())
                 .fetch_optional(&self.pool)
                 .await;
             let output_conflict = match inserted {
@@ -454,11 +455,13 @@ impl JobQueue for SqliteQueue {
         let rows = sqlx::query(&format!(
             "SELECT {JOB_COLUMNS} FROM jobs \
              WHERE (?1 IS NULL OR state = ?1) AND (?2 IS NULL OR id < ?2) \
+               AND (?4 IS NULL OR kind = ?4) \
              ORDER BY id DESC LIMIT ?3"
         ))
         .bind(filter.state.map(JobState::as_str))
         .bind(filter.before.map(id_text))
         .bind(i64::from(filter.limit))
+        .bind(filter.kind.map(JobKind::as_str))
         .fetch_all(&self.pool)
         .await?;
         rows.iter().map(job_from_row).collect()
@@ -578,6 +581,7 @@ fn job_from_row(row: &SqliteRow) -> QueueResult<Job> {
     let errors: String = row.try_get("errors")?;
     Ok(Job {
         id,
+        kind: JobKind::parse_column(&row.try_get::<String, _>("kind")?)?,
         idempotency_key: row.try_get("idempotency_key")?,
         state: parse_state(&row.try_get::<String, _>("state")?)?,
         priority: row.try_get("priority")?,

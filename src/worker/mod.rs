@@ -16,8 +16,10 @@ use async_trait::async_trait;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, error, info, info_span, warn};
 
-use crate::engine::{Engine, EngineError, Progress, PublishGate, RunControl, StopReason};
-use crate::queue::{ClaimedJob, HeartbeatOutcome, JobError, JobQueue, Lease, QueueError};
+use crate::engine::{
+    Engine, EngineError, MergeOutcome, Progress, PublishGate, RunControl, StopReason, analysis,
+};
+use crate::queue::{ClaimedJob, HeartbeatOutcome, JobError, JobKind, JobQueue, Lease, QueueError};
 use crate::recipe::Recipe;
 use failpoints::CrashPoint;
 
@@ -134,17 +136,20 @@ impl Slot {
     async fn run_job(&self, claimed: ClaimedJob, claimed_at: Instant) {
         let lease = claimed.lease.clone();
         info!("job claimed");
-        let recipe: Recipe = match serde_json::from_value(claimed.job.recipe.clone()) {
-            Ok(r) => r,
-            Err(e) => {
-                let err = JobError {
-                    code: crate::error::ErrorCode::InvalidRecipe,
-                    message: format!("stored recipe cannot be read: {e}"),
-                    retryable: false,
-                };
-                self.finish_failed(&lease, &err).await;
-                return;
-            }
+        let recipe: Option<Recipe> = match claimed.job.kind {
+            JobKind::Analysis => None,
+            JobKind::Merge => match serde_json::from_value(claimed.job.recipe.clone()) {
+                Ok(r) => Some(r),
+                Err(e) => {
+                    let err = JobError {
+                        code: crate::error::ErrorCode::InvalidRecipe,
+                        message: format!("stored recipe cannot be read: {e}"),
+                        retryable: false,
+                    };
+                    self.finish_failed(&lease, &err).await;
+                    return;
+                }
+            },
         };
         let progress = Arc::new(Progress::default());
         let keeper = Arc::new(LeaseKeeper::new(
@@ -182,12 +187,27 @@ impl Slot {
             })
         };
 
-        let result = self.engine.run(&recipe, &ctl).await;
+        let result = match &recipe {
+            Some(recipe) => self.engine.run(recipe, &ctl).await.map(Done::Merge),
+            None => analysis::run(&self.engine, &claimed.job.recipe, &ctl)
+                .await
+                .map(Done::Analysis),
+        };
         heartbeat.abort();
         grace.abort();
 
         match result {
-            Ok(outcome) => {
+            Ok(Done::Analysis(result)) => {
+                let _ = keeper.beat(self.config.heartbeat_interval).await;
+                match self
+                    .settle("complete", || self.queue.complete(&lease, &result))
+                    .await
+                {
+                    Ok(()) => info!("analysis succeeded"),
+                    Err(e) => warn!(error = %e, "could not record the analysis result"),
+                }
+            }
+            Ok(Done::Merge(outcome)) => {
                 failpoints::crash(CrashPoint::AfterManifest);
                 let mut result = serde_json::json!({"uri": outcome.uri, "files": outcome.files});
                 if outcome.recovered {
@@ -278,6 +298,13 @@ impl Slot {
     fn fence_after(&self) -> Duration {
         self.config.lease_ttl * 2 / 3
     }
+}
+
+/// What a finished run hands back.
+enum Done {
+    Merge(MergeOutcome),
+    /// An analysis's numbers: the job's `result`.
+    Analysis(serde_json::Value),
 }
 
 /// The lease of one running job. Heartbeats from the loop and from the publish gate go

@@ -1,0 +1,2 @@
+//! Evaluation-driven soups (issue 4): greedy soup and parameter sweeps, driven by scores from
+//! a client-run evaluator over HTTP. Being written.
