@@ -19,6 +19,7 @@ pub mod linear;
 pub mod model_stock;
 pub mod nearswap;
 pub mod precision;
+pub mod radix;
 #[cfg(test)]
 mod properties;
 pub mod rng;
