@@ -48,6 +48,10 @@ pub enum ErrorCode {
     Cancelled,
     /// A bug or an unexpected condition.
     Internal,
+    /// The evaluator answered 4xx, or without a finite `score` (names the evaluation).
+    EvaluatorFailed,
+    /// The evaluator could not be reached (5xx, timeouts) after its bounded retries.
+    EvaluatorUnavailable,
 }
 
 impl ErrorCode {
@@ -73,6 +77,8 @@ impl ErrorCode {
             ErrorCode::LeaseExpired => "lease_expired",
             ErrorCode::Cancelled => "cancelled",
             ErrorCode::Internal => "internal",
+            ErrorCode::EvaluatorFailed => "evaluator_failed",
+            ErrorCode::EvaluatorUnavailable => "evaluator_unavailable",
         }
     }
 
@@ -96,6 +102,8 @@ impl ErrorCode {
             ErrorCode::StorageError | ErrorCode::LeaseExpired => 502,
             ErrorCode::DatabaseError => 503,
             ErrorCode::Internal => 500,
+            ErrorCode::EvaluatorFailed => 422,
+            ErrorCode::EvaluatorUnavailable => 502,
         }
     }
 

@@ -1,2 +1,6 @@
 //! Evaluation-driven soups (issue 4): greedy soup and parameter sweeps, driven by scores from
-//! a client-run evaluator over HTTP. Being written.
+//! a client-run evaluator over HTTP.
+
+pub mod evaluator;
+pub mod greedy;
+pub mod spec;

@@ -1,0 +1,197 @@
+//! The search part of a recipe: the request fields (`evaluator`, `accept`, per-model `score`)
+//! and their validated, stored form.
+
+use serde::{Deserialize, Serialize};
+
+use super::greedy::{self, Accept};
+
+/// Longest evaluator call the request may ask for.
+pub const MAX_TIMEOUT_S: f64 = 3600.0;
+/// Most evaluations one search may make.
+pub const MAX_EVALUATIONS: u32 = 10_000;
+
+/// `evaluator` as sent.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EvaluatorSpec {
+    pub url: String,
+    #[serde(default)]
+    pub timeout_s: Option<f64>,
+    #[serde(default)]
+    pub max_evaluations: Option<u32>,
+}
+
+/// A validated evaluator.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Evaluator {
+    pub url: String,
+    pub timeout_s: f64,
+    pub max_evaluations: u32,
+}
+
+/// What a job searches over; the recipe beside it is the uniform soup of all models.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Search {
+    /// Greedy soup: `scores[i]` is model i's supplied score (`None`: evaluate it first).
+    Greedy {
+        evaluator: Evaluator,
+        accept: Accept,
+        scores: Vec<Option<f64>>,
+    },
+}
+
+impl Search {
+    pub fn evaluator(&self) -> &Evaluator {
+        match self {
+            Search::Greedy { evaluator, .. } => evaluator,
+        }
+    }
+}
+
+/// A field-named validation failure.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Invalid {
+    pub field: String,
+    pub message: String,
+}
+
+fn invalid(field: impl Into<String>, message: impl Into<String>) -> Invalid {
+    Invalid {
+        field: field.into(),
+        message: message.into(),
+    }
+}
+
+/// Validate the evaluator: an http(s) URL without credentials, query or fragment, a positive
+/// timeout, and (with `needed`) a budget that covers the search.
+pub fn evaluator(spec: &EvaluatorSpec, needed: usize) -> Result<Evaluator, Invalid> {
+    let url = url::Url::parse(&spec.url)
+        .map_err(|e| invalid("evaluator.url", format!("not a URL: {e}")))?;
+    if !matches!(url.scheme(), "http" | "https") {
+        return Err(invalid("evaluator.url", "the scheme must be http or https"));
+    }
+    if url.host_str().is_none_or(str::is_empty) {
+        return Err(invalid("evaluator.url", "must name a host"));
+    }
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err(invalid("evaluator.url", "must not carry credentials"));
+    }
+    if url.fragment().is_some() {
+        return Err(invalid("evaluator.url", "must not have a fragment"));
+    }
+    let timeout_s = spec.timeout_s.unwrap_or(300.0);
+    if !(timeout_s.is_finite() && timeout_s > 0.0 && timeout_s <= MAX_TIMEOUT_S) {
+        return Err(invalid(
+            "evaluator.timeout_s",
+            format!("must be a number of seconds in (0, {MAX_TIMEOUT_S}]"),
+        ));
+    }
+    let max_evaluations = spec
+        .max_evaluations
+        .unwrap_or(u32::try_from(needed).unwrap_or(u32::MAX));
+    if max_evaluations > MAX_EVALUATIONS {
+        return Err(invalid(
+            "evaluator.max_evaluations",
+            format!("at most {MAX_EVALUATIONS}"),
+        ));
+    }
+    if (max_evaluations as usize) < needed {
+        return Err(invalid(
+            "evaluator.max_evaluations",
+            format!(
+                "the search needs {needed} evaluations (one per model without a score, then one \
+                 per candidate after the best model); {max_evaluations} allowed"
+            ),
+        ));
+    }
+    Ok(Evaluator {
+        url: url.to_string(),
+        timeout_s,
+        max_evaluations,
+    })
+}
+
+/// Validate a greedy soup's search part. `scores[i]` is the supplied score of model i.
+pub fn greedy(
+    spec: Option<&EvaluatorSpec>,
+    accept: Option<&str>,
+    scores: Vec<Option<f64>>,
+) -> Result<Search, Invalid> {
+    let spec = spec.ok_or_else(|| invalid("evaluator", "method greedy_soup needs an evaluator"))?;
+    for (i, s) in scores.iter().enumerate() {
+        if s.is_some_and(|s| !s.is_finite()) {
+            return Err(invalid(format!("models[{i}].score"), "must be a finite number"));
+        }
+    }
+    let accept = match accept {
+        None | Some(">=") => Accept::GreaterOrEqual,
+        Some(">") => Accept::Greater,
+        Some(_) => return Err(invalid("accept", "use \">=\" (the paper) or \">\"")),
+    };
+    let unscored = scores.iter().filter(|s| s.is_none()).count();
+    let evaluator = evaluator(spec, greedy::evaluations_needed(scores.len(), unscored))?;
+    Ok(Search::Greedy {
+        evaluator,
+        accept,
+        scores,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(url: &str, max: Option<u32>) -> EvaluatorSpec {
+        EvaluatorSpec {
+            url: url.into(),
+            timeout_s: None,
+            max_evaluations: max,
+        }
+    }
+
+    #[test]
+    fn budget_must_cover_the_search() {
+        let e = greedy(
+            Some(&spec("http://127.0.0.1:1/eval", Some(3))),
+            None,
+            vec![None, Some(1.0), None],
+        )
+        .unwrap_err();
+        assert_eq!(e.field, "evaluator.max_evaluations");
+        assert!(e.message.contains("needs 4"), "{}", e.message);
+        let ok = greedy(
+            Some(&spec("http://127.0.0.1:1/eval", None)),
+            Some(">"),
+            vec![None, Some(1.0), None],
+        )
+        .unwrap();
+        assert_eq!(ok.evaluator().max_evaluations, 4);
+    }
+
+    #[test]
+    fn bad_fields_are_named() {
+        let field = |r: Result<Search, Invalid>| r.unwrap_err().field;
+        assert_eq!(field(greedy(None, None, vec![None])), "evaluator");
+        assert_eq!(
+            field(greedy(Some(&spec("ftp://h/x", None)), None, vec![None])),
+            "evaluator.url"
+        );
+        assert_eq!(
+            field(greedy(Some(&spec("http://u:p@h/x", None)), None, vec![None])),
+            "evaluator.url"
+        );
+        assert_eq!(
+            field(greedy(Some(&spec("http://h/x", None)), Some("=="), vec![None])),
+            "accept"
+        );
+        assert_eq!(
+            field(greedy(
+                Some(&spec("http://h/x", None)),
+                None,
+                vec![Some(f64::NAN)]
+            )),
+            "models[0].score"
+        );
+    }
+}
