@@ -1,18 +1,268 @@
 //! Runs an analysis job (diagnostics, no output written): streams every float tensor of the
-//! models (and base) chunk by chunk through `merge::diagnostics`. Being written (issue 4).
+//! models (and base) chunk by chunk through [`crate::merge::diagnostics`].
+//!
+//! Inputs are opened and cross-checked exactly as for a merge (same names, same shapes, float
+//! against float: a mismatch fails the job with `shape_mismatch` / `unsupported_dtype` naming
+//! the tensor). Integer and bool tensors are skipped and listed in the result. A chunk's ranged
+//! reads run concurrently; its statistics are computed on the blocking pool; at most a few
+//! chunks (bounded by `inflight_bytes`) are in flight, and chunk results are folded in order.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
-use super::{Engine, EngineError, RunControl};
+use futures::{StreamExt, TryStreamExt};
+use object_store::ObjectStoreExt;
+use serde::{Deserialize, Serialize};
+
+use super::{Engine, EngineError, RunControl, TensorOp, check_compatible, read_error};
+use crate::checkpoint::{Checkpoint, CheckpointError, open_checkpoint};
+use crate::merge::diagnostics::{Reference, Stats};
+use crate::merge::{DType, MergeError, decode_to_f32};
+use crate::storage::Location;
+
+/// Per-tensor cosine matrices are left out of the result when they would hold more numbers
+/// than this (`models² × tensors`); the totals always have theirs.
+pub const MAX_TENSOR_COSINES: usize = 250_000;
+
+/// The stored (normalized) request of an analysis job: the job's `recipe` column.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AnalysisSpec {
+    /// Normalized model URLs.
+    pub models: Vec<String>,
+    /// Normalized base URL; without it task vectors are taken against the models' mean.
+    #[serde(default)]
+    pub base_model: Option<String>,
+}
+
+/// A tensor left out of the analysis (integer or bool).
+#[derive(Debug, Serialize)]
+struct Skipped {
+    name: String,
+    dtype: &'static str,
+}
+
+/// One unit of work: a range of elements of one tensor, in every input.
+struct Chunk {
+    tensor: String,
+    elems: std::ops::Range<u64>,
+    last_of_tensor: bool,
+}
 
 /// Run the analysis described by `spec` (the job's stored request); the returned JSON becomes
 /// the job's `result`.
 pub async fn run(
-    _engine: &Engine,
-    _spec: &serde_json::Value,
-    _ctl: &Arc<RunControl>,
+    engine: &Engine,
+    spec: &serde_json::Value,
+    ctl: &Arc<RunControl>,
 ) -> Result<serde_json::Value, EngineError> {
-    Err(EngineError::Internal(
-        "analyses are not implemented yet".into(),
-    ))
+    let spec: AnalysisSpec = serde_json::from_value(spec.clone()).map_err(|e| {
+        EngineError::InvalidRecipe(format!("stored analysis request cannot be read: {e}"))
+    })?;
+    if spec.models.is_empty() {
+        return Err(EngineError::InvalidRecipe(
+            "models: an analysis needs at least one model".into(),
+        ));
+    }
+    let n = spec.models.len();
+    let reference = if spec.base_model.is_some() {
+        Reference::Base
+    } else {
+        Reference::Mean
+    };
+    // Inputs: the models in order, then the base.
+    let mut locations = Vec::with_capacity(n + 1);
+    for m in spec.models.iter().chain(&spec.base_model) {
+        locations.push(engine.storage.resolve(m)?);
+    }
+    let inputs: Vec<(Location, Checkpoint)> = futures::stream::iter(locations)
+        .map(|loc| async move {
+            let ckpt = open_checkpoint(loc.store.as_ref(), &loc.path, &loc.url).await?;
+            Ok::<_, EngineError>((loc, ckpt))
+        })
+        .buffered(8)
+        .try_collect()
+        .await?;
+    let ops = check_compatible(&inputs)?;
+    let first = &inputs[0].1;
+    let mut skipped = Vec::new();
+    let mut analysed: Vec<(String, Vec<u64>)> = Vec::new();
+    for (name, op) in &ops {
+        let t = first
+            .tensors
+            .get(name)
+            .ok_or_else(|| EngineError::Internal(format!("tensor {name} vanished")))?;
+        match op {
+            TensorOp::Merge => analysed.push((name.clone(), t.shape.clone())),
+            _ => skipped.push(Skipped {
+                name: name.clone(),
+                dtype: t.dtype.as_str(),
+            }),
+        }
+    }
+    ctl.progress
+        .tensors_total
+        .store(analysed.len() as u64, Ordering::Relaxed);
+
+    // Bytes one element costs in flight: its raw bytes in every input plus an f32 copy each.
+    let per_elem: u64 = analysed
+        .iter()
+        .map(|(name, _)| {
+            inputs
+                .iter()
+                .filter_map(|(_, c)| c.tensors.get(name))
+                .map(|t| t.dtype.size_bytes() as u64 + 4)
+                .sum::<u64>()
+        })
+        .max()
+        .unwrap_or(1)
+        .max(1);
+    let budget = engine.config.inflight_bytes.max(1);
+    let step = (budget / per_elem).clamp(1024, engine.config.chunk_elems.max(1) as u64);
+    let depth = (budget / (step * per_elem)).clamp(1, 8) as usize;
+    let mut chunks = Vec::new();
+    for (name, shape) in &analysed {
+        let numel: u64 = shape.iter().product();
+        let mut begin = 0u64;
+        loop {
+            let end = (begin + step).min(numel);
+            chunks.push(Chunk {
+                tensor: name.clone(),
+                elems: begin..end,
+                last_of_tensor: end == numel,
+            });
+            if end == numel {
+                break;
+            }
+            begin = end;
+        }
+    }
+
+    let inputs = Arc::new(inputs);
+    let mut stream = futures::stream::iter(chunks)
+        .map(|chunk| {
+            tokio::spawn(analyse_chunk(
+                inputs.clone(),
+                chunk,
+                n,
+                reference,
+                ctl.clone(),
+            ))
+        })
+        .buffered(depth);
+    let mut totals = Stats::new(n, reference);
+    let mut current: Option<Stats> = None;
+    let mut tensors: BTreeMap<String, serde_json::Value> = BTreeMap::new();
+    let keep_cosines = n.saturating_mul(n).saturating_mul(analysed.len()) <= MAX_TENSOR_COSINES;
+    let shapes: BTreeMap<&String, &Vec<u64>> = analysed.iter().map(|(k, v)| (k, v)).collect();
+    while let Some(done) = stream.next().await {
+        let (chunk, part) =
+            done.map_err(|e| EngineError::Internal(format!("analysis task failed: {e}")))??;
+        ctl.check()?;
+        let merge_err = |source: MergeError| EngineError::Merge {
+            tensor: chunk.tensor.clone(),
+            source,
+        };
+        match current.as_mut() {
+            Some(s) => s.merge(&part).map_err(merge_err)?,
+            None => current = Some(part),
+        }
+        if chunk.last_of_tensor {
+            let stats = current
+                .take()
+                .ok_or_else(|| EngineError::Internal("no statistics for a tensor".into()))?;
+            totals.merge(&stats).map_err(merge_err)?;
+            let mut entry = serde_json::to_value(stats.summary())
+                .map_err(|e| EngineError::Internal(format!("encoding the result: {e}")))?;
+            if let Some(obj) = entry.as_object_mut() {
+                if !keep_cosines {
+                    obj.remove("cosine");
+                }
+                let shape = shapes.get(&chunk.tensor).cloned().cloned();
+                obj.insert("shape".into(), serde_json::json!(shape));
+            }
+            tensors.insert(chunk.tensor.clone(), entry);
+            ctl.progress.tensors_done.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+    Ok(serde_json::json!({
+        "reference": reference,
+        "models": spec.models,
+        "base_model": spec.base_model,
+        "totals": totals.summary(),
+        "tensors": tensors,
+        "tensor_cosines": keep_cosines,
+        "skipped": skipped,
+    }))
+}
+
+/// Read one chunk of every input concurrently, then accumulate its statistics off the runtime.
+async fn analyse_chunk(
+    inputs: Arc<Vec<(Location, Checkpoint)>>,
+    chunk: Chunk,
+    n: usize,
+    reference: Reference,
+    ctl: Arc<RunControl>,
+) -> Result<(Chunk, Stats), EngineError> {
+    ctl.check()?;
+    if chunk.elems.is_empty() {
+        // An empty tensor: nothing to read (an empty ranged GET is invalid on S3).
+        return Ok((chunk, Stats::new(n, reference)));
+    }
+    let progress = &ctl.progress;
+    let reads = inputs.iter().map(|(loc, ckpt)| {
+        let name = &chunk.tensor;
+        let elems = chunk.elems.clone();
+        async move {
+            let t = ckpt.tensors.get(name).ok_or_else(|| {
+                EngineError::Internal(format!("tensor {name} missing from {}", loc.url))
+            })?;
+            let size = t.dtype.size_bytes() as u64;
+            let range = t.start + elems.start * size..t.start + elems.end * size;
+            let file = &ckpt.files[t.file];
+            let bytes = loc
+                .store
+                .get_range(&file.path, range.clone())
+                .await
+                .map_err(|e| read_error(e, &file.path, name, &range))?;
+            if bytes.len() as u64 != range.end - range.start {
+                return Err(EngineError::from(CheckpointError::Malformed {
+                    file: file.path.to_string(),
+                    reason: format!(
+                        "tensor {name}: expected {} bytes, the object returned {} (truncated?)",
+                        range.end - range.start,
+                        bytes.len()
+                    ),
+                }));
+            }
+            progress
+                .bytes_read
+                .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+            Ok::<_, EngineError>((t.dtype, bytes))
+        }
+    });
+    let raw: Vec<(DType, bytes::Bytes)> = futures::future::try_join_all(reads).await?;
+    let len = (chunk.elems.end - chunk.elems.start) as usize;
+    let name = chunk.tensor.clone();
+    let stats = tokio::task::spawn_blocking(move || {
+        let mut values = Vec::with_capacity(raw.len());
+        for (dtype, bytes) in &raw {
+            let mut v = vec![0.0f32; len];
+            decode_to_f32(*dtype, bytes, &mut v)?;
+            values.push(v);
+        }
+        let models: Vec<&[f32]> = values[..n].iter().map(Vec::as_slice).collect();
+        let base = values.get(n).map(Vec::as_slice);
+        let mut stats = Stats::new(n, reference);
+        stats.accumulate(&models, base)?;
+        Ok::<_, MergeError>(stats)
+    })
+    .await
+    .map_err(|e| EngineError::Internal(format!("analysis task panicked: {e}")))?
+    .map_err(|source| EngineError::Merge {
+        tensor: name,
+        source,
+    })?;
+    Ok((chunk, stats))
 }
