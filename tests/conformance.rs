@@ -747,3 +747,153 @@ async fn sparse_soup_reports_sparsity() {
     assert_eq!(err.code().to_string(), "shape_mismatch", "{err}");
     assert!(!tmp.path().join("strict/ladle-manifest.json").exists());
 }
+
+/// TIES reference combine in f32 (weighted sign consensus, normalize, λ = 1) of masked deltas.
+fn ties_reference(base: &[f32], deltas: &[Vec<f32>], weights: &[f32]) -> Vec<f32> {
+    (0..base.len())
+        .map(|e| {
+            let wd: Vec<f32> = deltas.iter().zip(weights).map(|(d, w)| d[e] * w).collect();
+            let s: f32 = wd.iter().sum();
+            let majority = if s >= 0.0 { 1.0f32 } else { -1.0 };
+            let (mut acc, mut div) = (0.0f32, 0.0f32);
+            for (x, w) in wd.iter().zip(weights) {
+                if *x != 0.0 && x.signum() == majority {
+                    acc += x;
+                    div += w;
+                }
+            }
+            let div = if div == 0.0 { 1.0 } else { div };
+            base[e] + acc / div
+        })
+        .collect()
+}
+
+/// `scope: "model"` (ties, breadcrumbs_ties): one cut-off per task vector over ALL tensors of
+/// the model, checked against a reference that sorts every |δ| of the model; elements equal to
+/// the cut-off are all kept (breadcrumbs: those equal to the upper cut-off all dropped). The
+/// tensors have very different scales, so a per-tensor selection gives another result.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ties_model_scope_matches_a_sorted_reference() {
+    let tmp = tempfile::tempdir().unwrap();
+    let names = ["a.big", "b.small", "c.mid"];
+    let scales = [1.0f32, 0.01, 0.1];
+    let sizes = [300usize, 200, 157];
+    let mut state = 7u64;
+    let mut next = || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    // Values on a coarse grid (multiples of 1/16 of the scale): many ties in |δ|.
+    let mut make = |shift: f32| -> Vec<Vec<f32>> {
+        names
+            .iter()
+            .enumerate()
+            .map(|(t, _)| {
+                (0..sizes[t])
+                    .map(|_| ((next() % 33) as f32 - 16.0) / 16.0 * scales[t] + shift)
+                    .collect()
+            })
+            .collect()
+    };
+    let base = make(0.5);
+    let models: Vec<Vec<Vec<f32>>> = (0..2).map(|_| make(0.0)).collect();
+    let write = |dir: &str, ts: &[Vec<f32>]| {
+        let p = tmp.path().join(dir);
+        let named: Vec<(&str, Vec<f32>)> =
+            names.iter().zip(ts).map(|(n, v)| (*n, v.clone())).collect();
+        write_f32_checkpoint(&p, &named);
+        p
+    };
+    let base_dir = write("base", &base);
+    // Models are base + a delta so that δ = x − b is exact in f32.
+    let xs: Vec<Vec<Vec<f32>>> = models
+        .iter()
+        .map(|m| {
+            m.iter()
+                .zip(&base)
+                .map(|(d, b)| d.iter().zip(b).map(|(d, b)| b + d).collect())
+                .collect()
+        })
+        .collect();
+    let dirs: Vec<PathBuf> = xs
+        .iter()
+        .enumerate()
+        .map(|(i, x)| write(&format!("ft{i}"), x))
+        .collect();
+    let weights = [0.6f32, 0.4];
+    let densities = [0.3f64, 0.55];
+    for (method, gamma) in [("ties", 0.0f64), ("breadcrumbs_ties", 0.05)] {
+        // Reference: per model, sort every |δ| of the model.
+        let deltas: Vec<Vec<Vec<f32>>> = xs
+            .iter()
+            .map(|x| {
+                x.iter()
+                    .zip(&base)
+                    .map(|(x, b)| x.iter().zip(b).map(|(x, b)| x - b).collect())
+                    .collect()
+            })
+            .collect();
+        let masked: Vec<Vec<Vec<f32>>> = deltas
+            .iter()
+            .zip(densities)
+            .map(|(d, density)| {
+                let mut mags: Vec<f32> = d.iter().flatten().map(|x| x.abs()).collect();
+                mags.sort_by(|a, b| b.total_cmp(a));
+                let n = mags.len();
+                let (lo, hi) = if method == "ties" {
+                    let k = ((density * n as f64) as usize).max(1);
+                    (mags[k - 1], f32::INFINITY)
+                } else {
+                    let target = (density * n as f64) as i64;
+                    let n_top = (gamma * n as f64) as i64;
+                    let n_bot = (n as i64 - target - n_top).max(0);
+                    let hi = if n_top > 0 { mags[n_top as usize - 1] } else { f32::INFINITY };
+                    (mags[n - n_bot as usize - 1], hi)
+                };
+                let kept = mags.iter().filter(|m| **m >= lo && **m < hi).count();
+                let tied = mags.iter().filter(|m| **m == lo).count();
+                println!("{method}: density {density}: cut-off {lo} (upper {hi}), {kept} of {n} kept, {tied} tied at the cut-off");
+                d.iter()
+                    .map(|t| t.iter().map(|x| if x.abs() >= lo && x.abs() < hi { *x } else { 0.0 }).collect())
+                    .collect()
+            })
+            .collect();
+        let out = tmp.path().join(format!("out-{method}"));
+        let models_json: Vec<Value> = dirs
+            .iter()
+            .zip(weights)
+            .zip(densities)
+            .map(|((d, w), density)| json!({"uri": url(d), "weight": w, "parameters": {"density": density}}))
+            .collect();
+        let mut params = json!({"scope": "model", "normalize": true});
+        if method != "ties" {
+            params["gamma"] = json!(gamma);
+        }
+        let recipe = json!({"method": method, "base_model": url(&base_dir), "models": models_json,
+                            "parameters": params, "output": {"uri": url(&out)}});
+        run_recipe(&recipe, 7).await; // 7-element chunks: the pre-pass and merge stream
+        let got = read_tensors(&out.join("model.safetensors"));
+        let mut per_tensor_differs = false;
+        for (t, name) in names.iter().enumerate() {
+            let m: Vec<Vec<f32>> = masked.iter().map(|m| m[t].clone()).collect();
+            let want = ties_reference(&base[t], &m, &weights);
+            let g = &got[*name].1;
+            assert_eq!(g.len(), want.len());
+            for (e, (a, b)) in g.iter().zip(&want).enumerate() {
+                assert_eq!(a.to_bits(), b.to_bits(), "{method} {name}[{e}]: {a} vs {b}");
+            }
+            // The small-scale tensor loses (nearly) everything model-wide; per tensor it would
+            // keep its own top share.
+            let kept_small = g.iter().zip(&base[t]).filter(|(o, b)| o != b).count();
+            if *name == "b.small" && kept_small < sizes[t] / 4 {
+                per_tensor_differs = true;
+            }
+        }
+        assert!(
+            per_tensor_differs,
+            "{method}: the small tensor should be trimmed model-wide"
+        );
+    }
+}

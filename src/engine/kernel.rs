@@ -15,6 +15,7 @@ use std::sync::{Arc, Mutex};
 
 use crate::merge::gta::{self, ModelParams};
 use crate::merge::precision::Precision;
+use crate::merge::radix::Band;
 use crate::merge::{DType, MergeError, decode_to_f32, encode_from_f32, linear_raw, map_blocks};
 use crate::recipe::{GtaMethod, Parameters, Recipe, Setting, depth};
 
@@ -38,6 +39,11 @@ pub enum Kernel {
         defaults: std::collections::BTreeMap<String, Setting>,
         num_layers: usize,
         per_row: bool,
+        /// `scope: "model"`: per model, the band of magnitudes kept over the whole model
+        /// (set from the engine's pre-pass with [`Kernel::with_bands`]); the merge then
+        /// streams elementwise.
+        per_model: bool,
+        bands: Arc<Vec<Band>>,
     },
     Slerp {
         t: Setting,
@@ -65,6 +71,10 @@ pub enum Kernel {
         num_layers: usize,
     },
 }
+
+/// A model-wide selection's needs: per model `(outliers, density, gamma)`, and the compute
+/// dtype of the task vectors (`None`: each tensor's base dtype).
+pub type ModelScope = (Vec<(bool, f64, f64)>, Option<DType>);
 
 /// Zero counts of one output tensor of a sparse soup.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
@@ -137,6 +147,7 @@ impl Kernel {
                 compute_dtype,
                 model_defaults,
                 per_row,
+                per_model,
             } => {
                 let method = recipe
                     .method
@@ -157,6 +168,8 @@ impl Kernel {
                     defaults: model_defaults.clone(),
                     num_layers,
                     per_row: *per_row,
+                    per_model: *per_model,
+                    bands: Arc::new(Vec::new()),
                 })
             }
             Parameters::Slerp { t } => Ok(Kernel::Slerp {
@@ -231,11 +244,58 @@ impl Kernel {
         Some((cfg, models))
     }
 
+    /// `scope: "model"`: per model, `(outliers, density, gamma)` of its model-wide selection
+    /// (`outliers`: breadcrumbs' band rather than TIES' top-k), and the compute dtype the task
+    /// vectors are rounded to (`None`: each tensor's base dtype). `None` for any other kernel.
+    pub fn model_selection(&self) -> Option<ModelScope> {
+        let Kernel::Gta {
+            method,
+            compute_dtype,
+            models,
+            defaults,
+            per_model: true,
+            ..
+        } = self
+        else {
+            return None;
+        };
+        let outliers = method.sparsification == crate::recipe::Sparsification::MagnitudeOutliers;
+        let d = ModelParams::default();
+        let per = models
+            .iter()
+            .map(|(params, _)| {
+                let get = |k: &str| {
+                    params
+                        .get(k)
+                        .or_else(|| defaults.get(k))
+                        .and_then(|s| s.as_scalar())
+                };
+                (
+                    outliers,
+                    get("density").unwrap_or(d.density),
+                    get("gamma").unwrap_or(d.gamma),
+                )
+            })
+            .collect();
+        Some((per, *compute_dtype))
+    }
+
+    /// The kernel with the model-wide bands of `scope: "model"` (one per model).
+    pub fn with_bands(mut self, new: Vec<Band>) -> Kernel {
+        if let Kernel::Gta { bands, .. } = &mut self {
+            *bands = Arc::new(new);
+        }
+        self
+    }
+
     /// Whether tensor `name` needs all of its elements at once.
     pub fn whole_tensor(&self, name: &str) -> bool {
         match self {
             Kernel::Linear { .. } | Kernel::Nearswap { .. } | Kernel::SparseSoup { .. } => false,
             Kernel::Slerp { .. } | Kernel::Other { .. } => true,
+            Kernel::Gta {
+                per_model: true, ..
+            } => false,
             Kernel::Gta { .. } => match self.gta_params(name) {
                 Some((cfg, models)) => !models.iter().all(|m| cfg.sparsify_is_noop(m)),
                 None => true,
@@ -267,6 +327,24 @@ impl Kernel {
                     return Err(MergeError::WeightCount {
                         inputs: inputs.len(),
                         weights: models.len() + 1,
+                    });
+                }
+                if let Kernel::Gta {
+                    per_model: true,
+                    bands,
+                    ..
+                } = self
+                {
+                    if bands.len() != models.len() {
+                        return Err(MergeError::MissingSelection {
+                            bands: bands.len(),
+                            models: models.len(),
+                        });
+                    }
+                    let p = cfg.precision;
+                    let weights: Vec<f32> = models.iter().map(|m| p.scalar(m.weight)).collect();
+                    return map_blocks(inputs, out_dtype, out, |blocks, o| {
+                        gta::elementwise_banded(blocks, &weights, bands, &cfg, o)
                     });
                 }
                 if models.iter().all(|m| cfg.sparsify_is_noop(m)) {

@@ -11,6 +11,7 @@ pub mod analysis;
 mod kernel;
 mod manifest;
 mod output;
+mod prepass;
 mod slices;
 
 use std::collections::BTreeMap;
@@ -344,7 +345,25 @@ impl Engine {
             .filter_map(|n| layer_index(n))
             .max()
             .map_or(0, |m| m + 1);
-        let kernel = Arc::new(Kernel::new(recipe, num_layers).map_err(EngineError::Internal)?);
+        let mut kernel = Kernel::new(recipe, num_layers).map_err(EngineError::Internal)?;
+        if let Some((specs, compute)) = kernel.model_selection() {
+            // scope "model": the cut-offs over the whole model, before anything is written.
+            let merged: Vec<String> = ops
+                .iter()
+                .filter(|(_, op)| matches!(op, TensorOp::Merge))
+                .map(|(name, _)| name.clone())
+                .collect();
+            let selections = prepass::model_bands(
+                &inputs,
+                &merged,
+                &specs,
+                compute,
+                self.config.chunk_elems,
+            )
+            .await?;
+            kernel = kernel.with_bands(selections.iter().map(|s| s.band).collect());
+        }
+        let kernel = Arc::new(kernel);
         let mut out_tensors = Vec::with_capacity(ops.len());
         for (name, op) in &ops {
             let (ckpt, source) = match op {

@@ -50,6 +50,14 @@ pub enum MergeError {
         /// Elements where some ingredient is zero and another is not.
         elements: usize,
     },
+    /// A model-wide selection (`scope: "model"`) ran without its thresholds from the pre-pass.
+    #[error("scope \"model\": the kernel has {bands} thresholds for {models} models")]
+    MissingSelection {
+        /// Thresholds the kernel holds.
+        bands: usize,
+        /// Models it merges.
+        models: usize,
+    },
 }
 
 impl MergeError {
@@ -61,7 +69,9 @@ impl MergeError {
             MergeError::InputLength { .. } | MergeError::MaskMismatch { .. } => {
                 ErrorCode::ShapeMismatch
             }
-            MergeError::OutputLength { .. } | MergeError::WeightCount { .. } => ErrorCode::Internal,
+            MergeError::OutputLength { .. }
+            | MergeError::WeightCount { .. }
+            | MergeError::MissingSelection { .. } => ErrorCode::Internal,
         }
     }
 }

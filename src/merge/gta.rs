@@ -22,6 +22,7 @@
 //! other elements among equal magnitudes; the conformance tie rule accepts either.
 
 use crate::merge::precision::Precision;
+use crate::merge::radix::Band;
 use crate::merge::rng::KeyedRng;
 use crate::recipe::Sparsification;
 
@@ -126,6 +127,33 @@ pub fn elementwise(blocks: &[&[f32]], weights: &[f32], cfg: &Config, out: &mut [
         .map(|x| {
             let mut d = vec![0.0; out.len()];
             task_vector(base, x, cfg.precision, &mut d);
+            d
+        })
+        .collect();
+    let refs: Vec<&[f32]> = deltas.iter().map(|d| d.as_slice()).collect();
+    combine(base, &refs, weights, cfg, out);
+}
+
+/// The elementwise path of a model-wide selection (`scope: "model"`): each task vector keeps
+/// the magnitudes inside its model's [`Band`] (thresholds from a pre-pass over the whole
+/// model), then the usual combination. `blocks[0]` is the base.
+pub fn elementwise_banded(
+    blocks: &[&[f32]],
+    weights: &[f32],
+    bands: &[Band],
+    cfg: &Config,
+    out: &mut [f32],
+) {
+    let Some((base, xs)) = blocks.split_first() else {
+        return;
+    };
+    let deltas: Vec<Vec<f32>> = xs
+        .iter()
+        .zip(bands)
+        .map(|(x, band)| {
+            let mut d = vec![0.0; out.len()];
+            task_vector(base, x, cfg.precision, &mut d);
+            band.apply(&mut d);
             d
         })
         .collect();

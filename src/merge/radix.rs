@@ -16,7 +16,7 @@
 //!
 //! **Tie rule** ([`Band::keeps`]): a selection keeps every element whose magnitude is `≥` the
 //! cut-off, so all elements equal to the k-th largest are kept (the TIES reference's `kthvalue`
-//! + `>=`): `kept = greater + equal ≥ k`. For a band with an upper cut-off (breadcrumbs), the
+//! and `>=`): `kept = greater + equal ≥ k`. For a band with an upper cut-off (breadcrumbs), the
 //! elements equal to the upper cut-off are dropped with the outliers above it.
 
 /// Counters per histogram (16 bits).
@@ -257,7 +257,7 @@ mod tests {
                     let r = xorshift(&mut s);
                     let mant = ((r >> 8) % 2000) as f32 / 1000.0 - 1.0;
                     let exp = ((r >> 40) % 24) as i32 - 12;
-                    if r % 17 == 0 {
+                    if r.is_multiple_of(17) {
                         0.0
                     } else {
                         bf16_round(mant * 2f32.powi(exp))
@@ -296,8 +296,8 @@ mod tests {
         assert_eq!(band_ranks(true, 0.9, 0.2, 100), Some((100, 10)));
         // Band over 1..=100 with (91, 1): keeps 10..=99, as gta::magnitude_outliers.
         let data: Vec<f32> = (1..=100).map(|x| x as f32).collect();
-        let lo = two_pass(&[data.clone()], 91).unwrap().key;
-        let hi = two_pass(&[data.clone()], 1).unwrap().key;
+        let lo = two_pass(std::slice::from_ref(&data), 91).unwrap().key;
+        let hi = two_pass(std::slice::from_ref(&data), 1).unwrap().key;
         let mut d = data.clone();
         Band { lo, hi: Some(hi) }.apply(&mut d);
         let kept: Vec<f32> = d.into_iter().filter(|x| *x != 0.0).collect();

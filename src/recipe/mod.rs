@@ -300,6 +300,10 @@ pub enum Parameters {
         /// breadcrumbs paper's code (ties, breadcrumbs, breadcrumbs_ties only).
         #[serde(default, skip_serializing_if = "std::ops::Not::not")]
         per_row: bool,
+        /// One selection over the whole model per task vector: `scope: "model"`, the TIES
+        /// paper's trim (ties, breadcrumbs, breadcrumbs_ties); thresholds from a pre-pass.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        per_model: bool,
     },
     Slerp {
         t: Setting,
@@ -820,6 +824,7 @@ fn parse_gta(
     let mut seed = 0u64;
     let mut compute_dtype = None;
     let mut per_row = false;
+    let mut per_model = false;
     let selects = matches!(
         gta.sparsification,
         Sparsification::Magnitude | Sparsification::MagnitudeOutliers
@@ -852,18 +857,15 @@ fn parse_gta(
                 })?;
             }
             "scope" if selects => {
-                per_row = match value.as_str() {
-                    Some("tensor") => false,
-                    Some("row") => true,
-                    Some("model") => {
+                (per_row, per_model) = match value.as_str() {
+                    Some("tensor") => (false, false),
+                    Some("row") => (true, false),
+                    Some("model") => (false, true),
+                    _ => {
                         return Err(RecipeError::invalid(
                             &field,
-                            "scope \"model\" (one threshold over the whole model, the TIES \
-                             paper's) is not supported yet; use \"tensor\" (mergekit) or \"row\"",
+                            "use \"tensor\", \"row\" or \"model\"",
                         ));
-                    }
-                    _ => {
-                        return Err(RecipeError::invalid(&field, "use \"tensor\" or \"row\""));
                     }
                 };
             }
@@ -911,6 +913,25 @@ fn parse_gta(
         for (key, s) in &m.parameters {
             check_model_param(method, &format!("models[{i}].parameters.{key}"), key, s)?;
         }
+        if per_model {
+            // One threshold over the whole model needs one density (and gamma) per model.
+            for k in ["density", "gamma"] {
+                let own = m.parameters.get(k);
+                let s = own.or_else(|| model_defaults.get(k));
+                if s.is_some_and(|s| s.as_scalar().is_none()) {
+                    let at = if own.is_some() {
+                        format!("models[{i}].parameters.{k}")
+                    } else {
+                        format!("parameters.{k}")
+                    };
+                    return Err(RecipeError::invalid(
+                        at,
+                        "scope \"model\" selects over the whole model: give one number, \
+                         not a gradient or filters",
+                    ));
+                }
+            }
+        }
         if gta.sparsification == Sparsification::DellaMagprune {
             let get = |k: &str| {
                 m.parameters
@@ -940,6 +961,7 @@ fn parse_gta(
         compute_dtype,
         model_defaults,
         per_row,
+        per_model,
     })
 }
 
@@ -1532,14 +1554,34 @@ mod tests {
             field(parse(req("ties", unk, json!({}))).unwrap_err()),
             "models[0].parameters.densty"
         );
-        // Selection scope: tensor (mergekit) or row; model is not supported yet.
+        // Selection scope: tensor (mergekit), row, or model (one density per model).
         let s = parse(req("breadcrumbs", two.clone(), json!({"scope": "row"}))).unwrap();
         assert!(matches!(
             s.recipe.parameters,
             Parameters::Gta { per_row: true, .. }
         ));
+        let model = json!({"scope": "model", "density": 0.2});
+        let s = parse(req("ties", two.clone(), model)).unwrap();
+        assert!(matches!(
+            s.recipe.parameters,
+            Parameters::Gta {
+                per_model: true,
+                per_row: false,
+                ..
+            }
+        ));
+        let grad =
+            json!([{"uri": "file:///d/a", "weight": 1, "parameters": {"density": [0.2, 0.5]}}]);
         assert_eq!(
-            field(parse(req("ties", two.clone(), json!({"scope": "model"}))).unwrap_err()),
+            field(parse(req("ties", grad, json!({"scope": "model"}))).unwrap_err()),
+            "models[0].parameters.density"
+        );
+        assert_eq!(
+            field(parse(req("ties", two.clone(), json!({"scope": "global"}))).unwrap_err()),
+            "parameters.scope"
+        );
+        assert_eq!(
+            field(parse(req("dare_ties", two.clone(), json!({"scope": "model"}))).unwrap_err()),
             "parameters.scope"
         );
         assert_eq!(
