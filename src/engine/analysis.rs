@@ -119,7 +119,11 @@ pub async fn run(
         .unwrap_or(1)
         .max(1);
     let budget = engine.config.inflight_bytes.max(1);
-    let step = (budget / per_elem).clamp(1024, engine.config.chunk_elems.max(1) as u64);
+    // At least 1024 elements a chunk unless the configured chunk is smaller (never `clamp`:
+    // a configured chunk below 1024 would make its bounds cross).
+    let step = (budget / per_elem)
+        .max(1024)
+        .min(engine.config.chunk_elems.max(1) as u64);
     let depth = (budget / (step * per_elem)).clamp(1, 8) as usize;
     let mut chunks = Vec::new();
     for (name, shape) in &analysed {
