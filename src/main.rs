@@ -158,7 +158,7 @@ fn to_url(s: &str) -> Result<String> {
 
 /// A JSON recipe file: `--out` overrides the output; relative model paths (models,
 /// base_model, slice sources) are relative to the recipe's folder.
-fn json_submission(args: &MergeArgs, body: &[u8]) -> Result<ladle::recipe::Submission> {
+fn json_submission(args: &MergeArgs, body: &[u8]) -> Result<ladle::recipe::MergeRequest> {
     let mut value: serde_json::Value = serde_json::from_slice(body)
         .with_context(|| format!("{} is not valid JSON", args.recipe.display()))?;
     if let Some(out) = &args.out {
@@ -190,6 +190,9 @@ fn json_submission(args: &MergeArgs, body: &[u8]) -> Result<ladle::recipe::Submi
     if let Some(b) = value.get_mut("base_model") {
         relative(b)?;
     }
+    if let Some(t) = value.get_mut("trajectory").and_then(|t| t.get_mut("uri")) {
+        relative(t)?;
+    }
     if let Some(slices) = value.get_mut("slices").and_then(|v| v.as_array_mut()) {
         for slice in slices {
             if let Some(sources) = slice.get_mut("sources").and_then(|v| v.as_array_mut()) {
@@ -202,7 +205,7 @@ fn json_submission(args: &MergeArgs, body: &[u8]) -> Result<ladle::recipe::Submi
         }
     }
     let body = serde_json::to_vec(&value)?;
-    Recipe::parse_json(&body).map_err(|e| anyhow::anyhow!("invalid recipe: {e}"))
+    Recipe::request_json(&body).map_err(|e| anyhow::anyhow!("invalid recipe: {e}"))
 }
 
 /// `ladle merge RECIPE --out URL`: one merge, no database, with a progress bar. A `.yml` /
@@ -215,7 +218,7 @@ async fn merge_once(args: MergeArgs) -> Result<()> {
         .extension()
         .and_then(|e| e.to_str())
         .is_some_and(|e| e.eq_ignore_ascii_case("yml") || e.eq_ignore_ascii_case("yaml"));
-    let sub = if is_yaml {
+    let mut req = if is_yaml {
         let text = String::from_utf8(body)
             .with_context(|| format!("{} is not UTF-8", args.recipe.display()))?;
         let parent = args
@@ -226,13 +229,17 @@ async fn merge_once(args: MergeArgs) -> Result<()> {
         let dir = std::path::absolute(parent)
             .with_context(|| format!("resolving {}", args.recipe.display()))?;
         let out = args.out.as_deref().map(to_url).transpose()?;
-        Recipe::parse_yaml(&text, Some(&dir), out.as_deref())
+        Recipe::request_yaml(&text, Some(&dir), out.as_deref())
             .map_err(|e| anyhow::anyhow!("invalid recipe: {e}"))?
     } else {
         json_submission(&args, &body)?
     };
     let roots = (!args.allowed_roots.is_empty()).then_some(args.allowed_roots.as_slice());
     let storage = Arc::new(Storage::new(roots, merge_s3(args.s3, Default::default()))?);
+    ladle::recipe::trajectory::expand(&storage, &mut req)
+        .await
+        .map_err(|e| anyhow::anyhow!("invalid recipe: {e}"))?;
+    let sub = Recipe::from_request(req).map_err(|e| anyhow::anyhow!("invalid recipe: {e}"))?;
     let engine = Engine::new(storage, engine_config(&args.tuning));
     let ctl = Arc::new(RunControl::standalone());
     let progress = ctl.progress.clone();

@@ -22,7 +22,7 @@ use uuid::Uuid;
 use crate::engine::ProgressSnapshot;
 use crate::error::ErrorCode;
 use crate::queue::{CancelOutcome, Job, JobKind, JobQueue, JobState, ListFilter, NewJob};
-use crate::recipe::{Recipe, Submission};
+use crate::recipe::{MergeRequest, Recipe, Submission, trajectory};
 use crate::storage::Storage;
 pub use auth::ApiAuth;
 pub use error::ApiError;
@@ -154,15 +154,15 @@ async fn submit(
     let content_type = headers
         .get(header::CONTENT_TYPE)
         .map(|ct| ct.to_str().unwrap_or_default().to_ascii_lowercase());
-    let mut sub: Submission = match content_type.as_deref() {
-        None => Recipe::parse_json(&body)?,
-        Some(ct) if ct.starts_with("application/json") => Recipe::parse_json(&body)?,
+    let mut req: MergeRequest = match content_type.as_deref() {
+        None => Recipe::request_json(&body)?,
+        Some(ct) if ct.starts_with("application/json") => Recipe::request_json(&body)?,
         Some(ct) if YAML_TYPES.iter().any(|y| ct.starts_with(y)) => {
             let text = std::str::from_utf8(&body).map_err(|_| {
                 ApiError::new(ErrorCode::InvalidRecipe, "a YAML recipe must be UTF-8")
             })?;
             // Over HTTP there is no recipe folder: model references must be storage URLs.
-            Recipe::parse_yaml(text, None, None)?
+            Recipe::request_yaml(text, None, None)?
         }
         Some(ct) => {
             return Err(ApiError::new(
@@ -173,6 +173,11 @@ async fn submit(
             ));
         }
     };
+    // A trajectory becomes explicit models now, so the stored recipe names what is merged.
+    trajectory::expand(&state.storage, &mut req)
+        .await
+        .map_err(|e| ApiError::new(e.code(), e.to_string()))?;
+    let mut sub: Submission = Recipe::from_request(req)?;
     // Every URL must resolve under an allowed root; store the normalized form.
     for (i, m) in sub.recipe.models.iter_mut().enumerate() {
         let loc = state

@@ -4,6 +4,7 @@
 //! silently ignored), and every error names the field it is about.
 
 pub mod setting;
+pub mod trajectory;
 pub mod yaml;
 
 use std::collections::BTreeMap;
@@ -34,6 +35,12 @@ pub struct MergeRequest {
     /// Layer ranges from several models, stacked (method `passthrough`).
     #[serde(default)]
     pub slices: Vec<SliceSpec>,
+    /// A training run's folder and a selection of its checkpoints, instead of `models`.
+    #[serde(default)]
+    pub trajectory: Option<trajectory::TrajectorySpec>,
+    /// What [`trajectory::expand`] listed and picked (never read from a request body).
+    #[serde(skip)]
+    pub expanded_trajectory: Option<trajectory::Trajectory>,
     /// The pre-trained model the task vectors are taken against (`t = 0` end for slerp).
     #[serde(default)]
     pub base_model: Option<String>,
@@ -369,6 +376,9 @@ pub struct Recipe {
     pub slices: Vec<Slice>,
     pub parameters: Parameters,
     pub output: Output,
+    /// The trajectory `models` was expanded from (the selection and what it picked).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trajectory: Option<trajectory::Trajectory>,
 }
 
 /// Scheduling options that travel beside the recipe.
@@ -404,9 +414,13 @@ impl RecipeError {
 impl Recipe {
     /// Parse and validate a JSON body.
     pub fn parse_json(body: &[u8]) -> Result<Submission, RecipeError> {
-        let request: MergeRequest = serde_json::from_slice(body)
-            .map_err(|e| RecipeError::Syntax(format!("invalid JSON recipe: {e}")))?;
-        Self::from_request(request)
+        Self::from_request(Self::request_json(body)?)
+    }
+
+    /// A JSON body as a request, not validated yet (a trajectory is expanded in between).
+    pub fn request_json(body: &[u8]) -> Result<MergeRequest, RecipeError> {
+        serde_json::from_slice(body)
+            .map_err(|e| RecipeError::Syntax(format!("invalid JSON recipe: {e}")))
     }
 
     /// Parse and validate a mergekit YAML recipe. `base_dir` (the recipe file's folder)
@@ -417,18 +431,27 @@ impl Recipe {
         base_dir: Option<&std::path::Path>,
         output_uri: Option<&str>,
     ) -> Result<Submission, RecipeError> {
+        Self::from_request(Self::request_yaml(text, base_dir, output_uri)?)
+    }
+
+    /// A YAML recipe as a request, not validated yet (see [`Recipe::parse_yaml`]).
+    pub fn request_yaml(
+        text: &str,
+        base_dir: Option<&std::path::Path>,
+        output_uri: Option<&str>,
+    ) -> Result<MergeRequest, RecipeError> {
         let doc = yaml::parse(text)?;
         let mut req = yaml::to_request(&doc, base_dir)?;
         if let Some(uri) = output_uri {
             req["output"]["uri"] = serde_json::Value::String(uri.to_string());
         }
-        let request: MergeRequest = serde_json::from_value(req)
-            .map_err(|e| RecipeError::Syntax(format!("invalid YAML recipe: {e}")))?;
-        Self::from_request(request)
+        serde_json::from_value(req)
+            .map_err(|e| RecipeError::Syntax(format!("invalid YAML recipe: {e}")))
     }
 
     /// Validate and normalize a parsed request.
     pub fn from_request(mut req: MergeRequest) -> Result<Submission, RecipeError> {
+        let expanded = trajectory::take_expanded(&mut req)?;
         let slices = take_slices(&mut req)?;
         let method = Method::parse(&req.method).ok_or_else(|| {
             let known: Vec<&str> = Method::ALL.iter().map(|m| m.name()).collect();
@@ -669,6 +692,7 @@ impl Recipe {
                 slices,
                 parameters,
                 output,
+                trajectory: expanded,
             },
             idempotency_key: req.idempotency_key,
             priority,

@@ -5,6 +5,8 @@
 //! traversal segments (`..`, `.`, or their percent-encoded forms), and the location, after
 //! symlinks are resolved for local files, must fall under an allowed root.
 
+pub mod list;
+
 use std::collections::HashMap;
 use std::path::{Component, Path as FsPath, PathBuf};
 use std::sync::{Arc, Mutex};

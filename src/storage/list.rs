@@ -1,0 +1,116 @@
+//! Listing a folder's checkpoint subfolders (trajectory soups, `crate::recipe::trajectory`).
+//!
+//! Bounded: one delimiter listing of the folder, refused beyond `max` subfolders, then one
+//! delimiter listing per subfolder (at most [`CONCURRENCY`] at a time) to see whether it holds
+//! `model.safetensors` or `model.safetensors.index.json`.
+
+use futures::{StreamExt, TryStreamExt};
+use object_store::path::Path;
+use url::Url;
+
+use super::Location;
+use crate::checkpoint::INDEX_FILE_NAME;
+use crate::checkpoint::reader::SINGLE_FILE_NAME;
+use crate::recipe::trajectory::Folder;
+
+/// Subfolders checked at once.
+pub const CONCURRENCY: usize = 16;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ListError {
+    #[error("{0}")]
+    Store(#[from] object_store::Error),
+    #[error("more than {max} subfolders; point at a narrower folder")]
+    TooMany { max: usize },
+}
+
+fn prefix(path: &Path) -> Option<&Path> {
+    (!path.as_ref().is_empty()).then_some(path)
+}
+
+/// The immediate subfolders of `loc` (objects directly in it are ignored), sorted by name, each
+/// with whether it holds a safetensors checkpoint.
+pub async fn subfolders(loc: &Location, max: usize) -> Result<Vec<Folder>, ListError> {
+    let listing = loc.store.list_with_delimiter(prefix(&loc.path)).await?;
+    if listing.common_prefixes.len() > max {
+        return Err(ListError::TooMany { max });
+    }
+    let mut folders: Vec<Folder> = futures::stream::iter(listing.common_prefixes)
+        .map(|sub| async move {
+            let name = sub.filename().unwrap_or_default().to_string();
+            let inner = loc.store.list_with_delimiter(Some(&sub)).await?;
+            let has_checkpoint = inner.objects.iter().any(|o| {
+                matches!(o.location.filename(), Some(f) if f == SINGLE_FILE_NAME || f == INDEX_FILE_NAME)
+            });
+            Ok::<_, ListError>(Folder {
+                name,
+                has_checkpoint,
+            })
+        })
+        .buffer_unordered(CONCURRENCY)
+        .try_collect()
+        .await?;
+    folders.retain(|f| !f.name.is_empty());
+    folders.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(folders)
+}
+
+/// The URL of child `name` of the folder URL `folder` (`file://…` or `s3://…`), with the name
+/// percent-encoded as one path segment.
+pub fn child_url(folder: &str, name: &str) -> Result<String, String> {
+    let mut url = Url::parse(folder).map_err(|e| e.to_string())?;
+    url.path_segments_mut()
+        .map_err(|()| "not a hierarchical URL".to_string())?
+        .pop_if_empty()
+        .push(name);
+    Ok(url.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn child_urls_encode_one_segment() {
+        assert_eq!(
+            child_url("file:///d/run", "checkpoint-100").unwrap(),
+            "file:///d/run/checkpoint-100"
+        );
+        assert_eq!(
+            child_url("s3://b/run/", "step 5%").unwrap(),
+            "s3://b/run/step%205%25"
+        );
+        assert_eq!(child_url("s3://b", "c-1").unwrap(), "s3://b/c-1");
+    }
+
+    #[tokio::test]
+    async fn lists_checkpoint_subfolders_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        for (sub, file) in [
+            ("checkpoint-2", "model.safetensors"),
+            ("checkpoint-1", "model.safetensors.index.json"),
+            ("logs", "events.txt"),
+        ] {
+            std::fs::create_dir_all(d.join(sub)).unwrap();
+            std::fs::write(d.join(sub).join(file), b"x").unwrap();
+        }
+        std::fs::write(d.join("junk.txt"), b"x").unwrap();
+        let storage = super::super::Storage::new(None, Default::default()).unwrap();
+        let loc = storage.resolve(&format!("file://{}", d.display())).unwrap();
+        let got = subfolders(&loc, 10).await.unwrap();
+        let want = [
+            ("checkpoint-1", true),
+            ("checkpoint-2", true),
+            ("logs", false),
+        ];
+        assert_eq!(got.len(), 3);
+        for (f, (n, has)) in got.iter().zip(want) {
+            assert_eq!((f.name.as_str(), f.has_checkpoint), (n, has));
+        }
+        assert!(matches!(
+            subfolders(&loc, 2).await,
+            Err(ListError::TooMany { max: 2 })
+        ));
+    }
+}
