@@ -677,3 +677,88 @@ async fn analyses_postgres() {
         None => loud_skip("analyses on Postgres", "set LADLE_TEST_POSTGRES_URL"),
     }
 }
+
+/// Cancel a running analysis: a real `ladle worker` process, throttled to one 1024-element
+/// chunk per 100 ms (test failpoint), stops within a heartbeat and the job ends cancelled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_running_analysis() {
+    use common::procs::LadleProc;
+    use std::collections::BTreeMap;
+
+    let work = tempfile::tempdir().unwrap();
+    let root = work.path().canonicalize().unwrap();
+    let db_url = format!("sqlite://{}", root.join("ladle.db").display());
+    // 64 chunks of 1024 elements: about 6.4 s of throttled work.
+    let mut uris = Vec::new();
+    for k in 0..2u64 {
+        let dir = root.join(format!("big-{k}"));
+        write_model(&dir, &[f32_tensor("big.w", &[64, 1024], 500 + k)]);
+        uris.push(file_url(&dir));
+    }
+    let settings = test_settings(
+        &root.join("data"),
+        &db_url,
+        vec![root.display().to_string()],
+        None,
+    );
+    let (api, base) = start(&settings, Mode::Api).await;
+    let client = reqwest::Client::new();
+    let (status, sub, _) = post(&client, &base, &serde_json::json!({"models": uris})).await;
+    assert_eq!(status, 202, "{sub}");
+    let id = sub["id"].as_str().unwrap().to_string();
+
+    let env: BTreeMap<String, String> = [
+        ("LADLE_DATABASE_URL", db_url.clone()),
+        ("LADLE_DATA_DIR", root.join("worker").display().to_string()),
+        ("LADLE_ALLOWED_ROOTS", root.display().to_string()),
+        ("LADLE_WORKERS", "1".into()),
+        ("LADLE_LEASE_TTL_SECS", "6".into()),
+        ("LADLE_HEARTBEAT_SECS", "0.5".into()),
+        ("LADLE_POLL_SECS", "0.2".into()),
+        ("LADLE_CHUNK_ELEMS", "1024".into()),
+        // One chunk in flight, so the throttle adds up chunk after chunk.
+        ("LADLE_INFLIGHT_BYTES", "1".into()),
+        ("LADLE_TEST_THROTTLE_MS", "100".into()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
+    let mut worker = LadleProc::spawn("worker", &["worker"], &env, &root.join("logs"));
+
+    // Wait until it runs and has read something.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (_, v) = get(&client, &format!("{base}/v1/analyses/{id}")).await;
+        if v["state"] == "running" && v["progress"]["bytes_read"].as_u64().unwrap_or(0) > 0 {
+            assert_eq!(v["progress"]["tensors_total"], 1, "{v}");
+            break;
+        }
+        assert_ne!(v["state"], "succeeded", "finished before the cancel: {v}");
+        assert!(
+            Instant::now() < deadline && worker.is_running(),
+            "analysis never ran: {v}\n{}",
+            worker.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        worker.log_text().contains("test failpoints armed"),
+        "{} ignores LADLE_TEST_THROTTLE_MS: built without the `failpoints` feature?\n{}",
+        common::procs::LADLE,
+        worker.log_text()
+    );
+    let r = client
+        .post(format!("{base}/v1/analyses/{id}/cancel"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 202, "a running job is asked to stop");
+    let done = wait_analysis(&client, &base, &id).await;
+    assert_eq!(done["state"], "cancelled", "{done}");
+    assert!(done["result"].is_null());
+    assert_eq!(done["progress"]["tensors_done"], 0, "{done}");
+    assert!(worker.is_running(), "the worker survives a cancel");
+    worker.sigterm();
+    let _ = worker.wait_exit(Duration::from_secs(20)).await;
+    api.shutdown().await;
+}
