@@ -897,3 +897,69 @@ async fn ties_model_scope_matches_a_sorted_reference() {
         );
     }
 }
+
+/// The manifest's `nonfinite`: per output tensor with any NaN/±inf, and the total, counted in
+/// the kernel path (chunked: 3-element chunks) — here from NaN and ±inf inputs (inf − inf gives
+/// NaN), and from an overflow of the output dtype (f16).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn manifest_counts_nonfinite_outputs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let a = tmp.path().join("a");
+    let b = tmp.path().join("b");
+    write_f32_checkpoint(
+        &a,
+        &[
+            (
+                "w",
+                vec![1.0, f32::NAN, f32::INFINITY, 2.0, 5.0, f32::INFINITY, 0.0],
+            ),
+            ("v", vec![1.0, 2.0, 3.0, 4.0]),
+            ("u", vec![1.0e5, 1.0, 3.0e5]),
+        ],
+    );
+    write_f32_checkpoint(
+        &b,
+        &[
+            ("w", vec![1.0, 1.0, f32::NEG_INFINITY, 2.0, 5.0, 1.0, 0.0]),
+            ("v", vec![1.0, 2.0, 3.0, 4.0]),
+            ("u", vec![1.0e5, 1.0, 3.0e5]),
+        ],
+    );
+    let run = |out: &str, dtype: &str| {
+        json!({"method": "linear", "models": [{"uri": url(&a)}, {"uri": url(&b)}],
+               "output": {"uri": url(&tmp.path().join(out)), "dtype": dtype}})
+    };
+    let manifest = |out: &str| -> Value {
+        serde_json::from_slice(
+            &std::fs::read(tmp.path().join(out).join("ladle-manifest.json")).unwrap(),
+        )
+        .unwrap()
+    };
+    run_recipe(&run("f32", "float32"), 3).await;
+    let m = manifest("f32");
+    assert_eq!(
+        m["nonfinite"],
+        json!({"total": 3, "tensors": {"w": 3}}),
+        "{m}"
+    );
+    let got = read_tensors(&tmp.path().join("f32/model.safetensors"));
+    assert_eq!(got["w"].1.iter().filter(|x| !x.is_finite()).count(), 3);
+    // f16 output: 1e5 and 3e5 overflow to inf.
+    run_recipe(&run("f16", "float16"), 3).await;
+    let m = manifest("f16");
+    assert_eq!(
+        m["nonfinite"],
+        json!({"total": 5, "tensors": {"w": 3, "u": 2}}),
+        "{m}"
+    );
+    // Finite inputs: total 0, no tensor listed.
+    let c = tmp.path().join("c");
+    write_f32_checkpoint(&c, &[("w", vec![1.0, -2.0]), ("v", vec![0.5])]);
+    let clean = json!({"method": "linear", "models": [{"uri": url(&c)}, {"uri": url(&c)}],
+        "output": {"uri": url(&tmp.path().join("clean"))}});
+    run_recipe(&clean, 3).await;
+    assert_eq!(
+        manifest("clean")["nonfinite"],
+        json!({"total": 0, "tensors": {}})
+    );
+}

@@ -16,13 +16,15 @@ use std::sync::{Arc, Mutex};
 use crate::merge::gta::{self, ModelParams};
 use crate::merge::precision::Precision;
 use crate::merge::radix::Band;
-use crate::merge::{DType, MergeError, decode_to_f32, encode_from_f32, linear_raw, map_blocks};
+use crate::merge::{
+    DType, MergeError, count_nonfinite, decode_to_f32, encode_from_f32, linear_raw, map_blocks,
+};
 use crate::recipe::{GtaMethod, Parameters, Recipe, Setting, depth};
 
 /// The method, ready to run on tensors. Inputs arrive base first (when the recipe has one),
 /// then the models in recipe order.
 #[derive(Debug, Clone)]
-pub enum Kernel {
+pub enum Op {
     Linear {
         weights: Vec<f32>,
         divisor: Option<f32>,
@@ -72,6 +74,77 @@ pub enum Kernel {
     },
 }
 
+/// A recipe's method ready to run on tensors ([`Op`]), plus what it counts on the way: the
+/// non-finite values (NaN, ±inf) of every merged output tensor, for the manifest.
+#[derive(Debug, Clone)]
+pub struct Kernel {
+    op: Op,
+    nonfinite: Arc<Mutex<BTreeMap<String, u64>>>,
+}
+
+impl Kernel {
+    pub fn new(recipe: &Recipe, num_layers: usize) -> Result<Kernel, String> {
+        Ok(Kernel {
+            op: Op::new(recipe, num_layers)?,
+            nonfinite: Arc::default(),
+        })
+    }
+
+    /// The method.
+    pub fn op(&self) -> &Op {
+        &self.op
+    }
+
+    /// See [`Op::sparsity_report`].
+    pub fn sparsity_report(&self) -> Option<serde_json::Value> {
+        self.op.sparsity_report()
+    }
+
+    /// See [`Op::model_selection`].
+    pub fn model_selection(&self) -> Option<ModelScope> {
+        self.op.model_selection()
+    }
+
+    /// The kernel with the model-wide bands of `scope: "model"` (one per model).
+    pub fn with_bands(self, bands: Vec<Band>) -> Kernel {
+        Kernel {
+            op: self.op.with_bands(bands),
+            nonfinite: self.nonfinite,
+        }
+    }
+
+    /// See [`Op::whole_tensor`].
+    pub fn whole_tensor(&self, name: &str) -> bool {
+        self.op.whole_tensor(name)
+    }
+
+    /// Merge one tensor or chunk ([`Op::run`]) and count the non-finite values written.
+    pub fn run(
+        &self,
+        name: &str,
+        shape: &[u64],
+        inputs: &[(DType, &[u8])],
+        out_dtype: DType,
+        out: &mut [u8],
+    ) -> Result<(), MergeError> {
+        self.op.run(name, shape, inputs, out_dtype, out)?;
+        let bad = count_nonfinite(out_dtype, out);
+        if bad > 0 {
+            let mut m = self.nonfinite.lock().unwrap_or_else(|p| p.into_inner());
+            *m.entry(name.to_string()).or_default() += bad;
+        }
+        Ok(())
+    }
+
+    /// For the manifest: `{"total": n, "tensors": {name: n}}` over the tensors with any
+    /// non-finite output value; `{"total": 0, "tensors": {}}` when there are none.
+    pub fn nonfinite_report(&self) -> serde_json::Value {
+        let m = self.nonfinite.lock().unwrap_or_else(|p| p.into_inner());
+        let total: u64 = m.values().sum();
+        serde_json::json!({"total": total, "tensors": *m})
+    }
+}
+
 /// A model-wide selection's needs: per model `(outliers, density, gamma)`, and the compute
 /// dtype of the task vectors (`None`: each tensor's base dtype).
 pub type ModelScope = (Vec<(bool, f64, f64)>, Option<DType>);
@@ -86,11 +159,11 @@ pub struct SparseStats {
     pub mask_mismatch: u64,
 }
 
-impl Kernel {
+impl Op {
     /// The sparse soup's report for the manifest: per-tensor and total output sparsity, and
     /// the tensors whose ingredients did not share one zero pattern.
     pub fn sparsity_report(&self) -> Option<serde_json::Value> {
-        let Kernel::SparseSoup { stats, .. } = self else {
+        let Op::SparseSoup { stats, .. } = self else {
             return None;
         };
         let stats = stats.lock().unwrap_or_else(|p| p.into_inner());
@@ -121,14 +194,14 @@ impl Kernel {
         }))
     }
 
-    pub fn new(recipe: &Recipe, num_layers: usize) -> Result<Kernel, String> {
+    pub fn new(recipe: &Recipe, num_layers: usize) -> Result<Op, String> {
         match &recipe.parameters {
             Parameters::SparseSoup {
                 require_shared_mask,
                 ..
             } => {
                 let (weights, divisor) = recipe.linear_weights();
-                Ok(Kernel::SparseSoup {
+                Ok(Op::SparseSoup {
                     weights,
                     divisor,
                     require_shared_mask: *require_shared_mask,
@@ -137,7 +210,7 @@ impl Kernel {
             }
             Parameters::Linear { .. } => {
                 let (weights, divisor) = recipe.linear_weights();
-                Ok(Kernel::Linear { weights, divisor })
+                Ok(Op::Linear { weights, divisor })
             }
             Parameters::Gta {
                 normalize,
@@ -153,7 +226,7 @@ impl Kernel {
                     .method
                     .gta()
                     .ok_or_else(|| format!("{} is not a GTA method", recipe.method.name()))?;
-                Ok(Kernel::Gta {
+                Ok(Op::Gta {
                     method,
                     normalize: *normalize,
                     rescale: *rescale,
@@ -172,15 +245,15 @@ impl Kernel {
                     bands: Arc::new(Vec::new()),
                 })
             }
-            Parameters::Slerp { t } => Ok(Kernel::Slerp {
+            Parameters::Slerp { t } => Ok(Op::Slerp {
                 t: t.clone(),
                 num_layers,
             }),
-            Parameters::Nearswap { t } => Ok(Kernel::Nearswap {
+            Parameters::Nearswap { t } => Ok(Op::Nearswap {
                 t: t.clone(),
                 num_layers,
             }),
-            other => Ok(Kernel::Other {
+            other => Ok(Op::Other {
                 parameters: other.clone(),
                 models: recipe
                     .models
@@ -194,7 +267,7 @@ impl Kernel {
     }
 
     fn gta_params(&self, name: &str) -> Option<(gta::Config, Vec<ModelParams>)> {
-        let Kernel::Gta {
+        let Op::Gta {
             method,
             normalize,
             rescale,
@@ -248,7 +321,7 @@ impl Kernel {
     /// (`outliers`: breadcrumbs' band rather than TIES' top-k), and the compute dtype the task
     /// vectors are rounded to (`None`: each tensor's base dtype). `None` for any other kernel.
     pub fn model_selection(&self) -> Option<ModelScope> {
-        let Kernel::Gta {
+        let Op::Gta {
             method,
             compute_dtype,
             models,
@@ -281,8 +354,8 @@ impl Kernel {
     }
 
     /// The kernel with the model-wide bands of `scope: "model"` (one per model).
-    pub fn with_bands(mut self, new: Vec<Band>) -> Kernel {
-        if let Kernel::Gta { bands, .. } = &mut self {
+    pub fn with_bands(mut self, new: Vec<Band>) -> Op {
+        if let Op::Gta { bands, .. } = &mut self {
             *bands = Arc::new(new);
         }
         self
@@ -291,12 +364,12 @@ impl Kernel {
     /// Whether tensor `name` needs all of its elements at once.
     pub fn whole_tensor(&self, name: &str) -> bool {
         match self {
-            Kernel::Linear { .. } | Kernel::Nearswap { .. } | Kernel::SparseSoup { .. } => false,
-            Kernel::Slerp { .. } | Kernel::Other { .. } => true,
-            Kernel::Gta {
+            Op::Linear { .. } | Op::Nearswap { .. } | Op::SparseSoup { .. } => false,
+            Op::Slerp { .. } | Op::Other { .. } => true,
+            Op::Gta {
                 per_model: true, ..
             } => false,
-            Kernel::Gta { .. } => match self.gta_params(name) {
+            Op::Gta { .. } => match self.gta_params(name) {
                 Some((cfg, models)) => !models.iter().all(|m| cfg.sparsify_is_noop(m)),
                 None => true,
             },
@@ -314,10 +387,10 @@ impl Kernel {
         out: &mut [u8],
     ) -> Result<(), MergeError> {
         match self {
-            Kernel::Linear { weights, divisor } => {
+            Op::Linear { weights, divisor } => {
                 linear_raw(inputs, weights, *divisor, out_dtype, out)
             }
-            Kernel::Gta { compute_dtype, .. } => {
+            Op::Gta { compute_dtype, .. } => {
                 let Some((mut cfg, models)) = self.gta_params(name) else {
                     return Ok(());
                 };
@@ -329,7 +402,7 @@ impl Kernel {
                         weights: models.len() + 1,
                     });
                 }
-                if let Kernel::Gta {
+                if let Op::Gta {
                     per_model: true,
                     bands,
                     ..
@@ -360,7 +433,7 @@ impl Kernel {
                 gta::merge_tensor(&decoded[0], &xs, &models, &cfg, row_len, name, &mut res);
                 encode_from_f32(out_dtype, &res, out).map_err(MergeError::from)
             }
-            Kernel::Slerp { t, num_layers } => {
+            Op::Slerp { t, num_layers } => {
                 let tv = t.eval(name, depth(name, *num_layers)).unwrap_or(0.5);
                 let (decoded, mut res) = decode_all(inputs, out_dtype, out)?;
                 if decoded.len() != 2 {
@@ -377,7 +450,7 @@ impl Kernel {
                 }
                 encode_from_f32(out_dtype, &res, out).map_err(MergeError::from)
             }
-            Kernel::SparseSoup {
+            Op::SparseSoup {
                 weights,
                 divisor,
                 require_shared_mask,
@@ -422,7 +495,7 @@ impl Kernel {
                 entry.mask_mismatch += mm;
                 Ok(())
             }
-            Kernel::Nearswap { t, num_layers } => {
+            Op::Nearswap { t, num_layers } => {
                 let tv = t.eval(name, depth(name, *num_layers)).unwrap_or(0.5);
                 if inputs.len() != 2 {
                     return Err(MergeError::WeightCount {
@@ -435,7 +508,7 @@ impl Kernel {
                     crate::merge::nearswap::nearswap(p, tv, b[0], b[1], o)
                 })
             }
-            Kernel::Other {
+            Op::Other {
                 parameters,
                 models,
                 has_base,

@@ -52,6 +52,9 @@ pub struct Manifest {
     /// Sparse soups: per-tensor and total output sparsity, tensors without a shared mask.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sparsity: Option<serde_json::Value>,
+    /// Non-finite output values (NaN, ±inf): `total`, and per tensor for those with any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nonfinite: Option<serde_json::Value>,
     pub elapsed_s: f64,
 }
 
@@ -88,6 +91,7 @@ impl Manifest {
             files,
             run: run.clone(),
             sparsity: plan.kernel.sparsity_report(),
+            nonfinite: Some(plan.kernel.nonfinite_report()),
             elapsed_s: started.elapsed().as_secs_f64(),
         }
     }

@@ -202,6 +202,28 @@ pub fn decode_to_f32(dtype: DType, src: &[u8], dst: &mut [f32]) -> Result<(), DT
     Ok(())
 }
 
+/// Non-finite values (NaN, ±inf) in little-endian `bytes` of a float `dtype`: the elements
+/// whose exponent bits are all ones. 0 for integer, bool and FP8 dtypes (never merged).
+pub fn count_nonfinite(dtype: DType, bytes: &[u8]) -> u64 {
+    fn count<const N: usize>(bytes: &[u8], mask: u64) -> u64 {
+        bytes
+            .chunks_exact(N)
+            .filter(|c| {
+                let mut b = [0u8; 8];
+                b[..N].copy_from_slice(c);
+                u64::from_le_bytes(b) & mask == mask
+            })
+            .count() as u64
+    }
+    match dtype {
+        DType::F64 => count::<8>(bytes, 0x7ff0_0000_0000_0000),
+        DType::F32 => count::<4>(bytes, 0x7f80_0000),
+        DType::F16 => count::<2>(bytes, 0x7c00),
+        DType::BF16 => count::<2>(bytes, 0x7f80),
+        _ => 0,
+    }
+}
+
 /// Encodes `src` into little-endian `dst` of `dtype` with round-to-nearest-even (F64 is exact).
 ///
 /// Fails when `dtype` is not a mergeable float or `dst.len() != src.len() * dtype.size_bytes()`.
@@ -658,5 +680,28 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn counts_nonfinite_per_dtype() {
+        let vals = [
+            1.0f32,
+            f32::NAN,
+            -f32::INFINITY,
+            f32::INFINITY,
+            -0.0,
+            65504.0,
+            1e-40,
+        ];
+        for dtype in [DType::F64, DType::F32, DType::F16, DType::BF16] {
+            let mut bytes = vec![0u8; vals.len() * dtype.size_bytes()];
+            encode_from_f32(dtype, &vals, &mut bytes).unwrap();
+            assert_eq!(count_nonfinite(dtype, &bytes), 3, "{dtype}");
+        }
+        // 1e6 overflows f16 to inf (counted there only).
+        let mut h = vec![0u8; 2];
+        encode_from_f32(DType::F16, &[1e6], &mut h).unwrap();
+        assert_eq!(count_nonfinite(DType::F16, &h), 1);
+        assert_eq!(count_nonfinite(DType::I32, &[0xff; 8]), 0);
     }
 }
