@@ -179,10 +179,21 @@ impl Rig {
     }
 
     async fn submit(&self, name: &str) -> Uuid {
+        self.submit_body(&self.recipe(name)).await
+    }
+
+    /// Submit the recipe for `name` with `max_attempts` set.
+    async fn submit_attempts(&self, name: &str, max_attempts: i32) -> Uuid {
+        let mut body = self.recipe(name);
+        body["max_attempts"] = max_attempts.into();
+        self.submit_body(&body).await
+    }
+
+    async fn submit_body(&self, body: &serde_json::Value) -> Uuid {
         let r = self
             .client
             .post(format!("{}/v1/merges", self.base))
-            .json(&self.recipe(name))
+            .json(body)
             .send()
             .await
             .expect("POST /v1/merges");
@@ -771,7 +782,8 @@ async fn cancel_after_worker_died(rig: Rig) {
 }
 
 /// QUEUE.md §5 #12: a job that kills its worker on every attempt ends `failed` after
-/// max_attempts (3) crashes; nobody runs it a fourth time.
+/// max_attempts (3) crashes; its fourth run is the reaper's recovery-only run, which merges
+/// nothing (no crash), finds no manifest and fails it; nobody runs it again.
 async fn poison_job(rig: Rig) {
     let id = rig.submit("poison").await;
     let out = rig.out_dir("poison");
@@ -814,16 +826,23 @@ async fn poison_job(rig: Rig) {
     };
     let j = rig.job(id).await;
     assert_eq!(j.state, JobState::Failed);
-    assert_eq!((crashes, j.attempts, j.max_attempts), (3, 3, 3));
+    assert_eq!((crashes, j.attempts, j.max_attempts), (3, 4, 4));
+    assert!(j.recovery_only);
     let err = j.error.as_ref().expect("error");
     assert_eq!(err.code.to_string(), "lease_expired", "{err:?}");
-    // The last worker lives on and never touches it.
+    assert!(err.message.contains("no manifest was published"), "{err:?}");
+    // The last worker ran the recovery only, lives on and never runs the job again.
     let mut survivor = survivor;
+    assert!(
+        log_has(&survivor, "recovery-only run"),
+        "{}",
+        survivor.log_text()
+    );
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert!(survivor.is_running(), "{}", survivor.log_text());
     let again = rig.job(id).await;
-    assert_eq!((again.state, again.attempts), (JobState::Failed, 3));
-    assert!(!log_has(&survivor, "job claimed"));
+    assert_eq!((again.state, again.attempts), (JobState::Failed, 4));
+    assert_eq!(survivor.log_text().matches("job claimed").count(), 1);
     assert_no_manifest(&out, "for a failed job");
     survivor.sigterm();
     assert!(survivor.wait_exit(Duration::from_secs(15)).await.is_some());
@@ -1020,9 +1039,17 @@ async fn sigterm_finishes_within_grace(rig: Rig) {
 
 /// QUEUE.md §5 #20: a worker dies at a named crash point; a second worker brings the job to
 /// exactly one `succeeded` with a valid manifest equal to the reference.
-async fn crash_point_recovers(rig: Rig, point: CrashPoint) {
+///
+/// `last_attempt`: the job has `max_attempts = 1`, so the crash uses its last attempt; the
+/// reaper then gives it its one recovery-only run (max_attempts 2), which publishes nothing
+/// new: it succeeds (`recovered`) when the crashed worker's manifest is out.
+async fn crash_point_recovers(rig: Rig, point: CrashPoint, last_attempt: bool) {
     let name = format!("crash-{}", point.name());
-    let id = rig.submit(&name).await;
+    let id = if last_attempt {
+        rig.submit_attempts(&name, 1).await
+    } else {
+        rig.submit(&name).await
+    };
     let out = rig.out_dir(&name);
     let watch = Watcher::start(rig.queue.clone(), id, out.clone());
     let mut a = rig.spawn_worker(&WorkerOpts {
@@ -1066,6 +1093,17 @@ async fn crash_point_recovers(rig: Rig, point: CrashPoint) {
         b.log_text()
     );
     assert_eq!(j.attempts, 2);
+    assert_eq!(
+        j.recovery_only, last_attempt,
+        "recovery-only run iff the last attempt crashed"
+    );
+    if last_attempt {
+        assert_eq!(
+            j.max_attempts, 2,
+            "the recovery run is the one extra attempt"
+        );
+        assert!(log_has(&b, "recovery-only run"), "{}", b.log_text());
+    }
     assert_clean_watch(&report);
     let m = rig.assert_soup(&name);
     let result = j.result.as_ref().expect("result");
@@ -1083,6 +1121,11 @@ async fn crash_point_recovers(rig: Rig, point: CrashPoint) {
         }
         None => assert_eq!(m["run"]["attempt"], 2),
     }
+    if last_attempt {
+        // The history keeps the expiry that led to the recovery run.
+        assert_eq!(j.errors.len(), 1, "{:?}", j.errors);
+        assert_eq!(j.errors[0]["code"], "lease_expired");
+    }
     b.sigterm();
     assert!(
         b.wait_exit(Duration::from_secs(15))
@@ -1093,15 +1136,22 @@ async fn crash_point_recovers(rig: Rig, point: CrashPoint) {
 }
 
 async fn crash_before_manifest(rig: Rig) {
-    crash_point_recovers(rig, CrashPoint::BeforeManifest).await
+    crash_point_recovers(rig, CrashPoint::BeforeManifest, false).await
 }
 
 async fn crash_after_manifest(rig: Rig) {
-    crash_point_recovers(rig, CrashPoint::AfterManifest).await
+    crash_point_recovers(rig, CrashPoint::AfterManifest, false).await
+}
+
+/// The manifest is out but the worker died on the job's last attempt: the reaper's
+/// recovery-only run finds the soup and the job succeeds (`recovered`), instead of failing
+/// with `lease_expired` over a complete soup.
+async fn crash_after_manifest_on_last_attempt(rig: Rig) {
+    crash_point_recovers(rig, CrashPoint::AfterManifest, true).await
 }
 
 async fn crash_in_heartbeat(rig: Rig) {
-    crash_point_recovers(rig, CrashPoint::Heartbeat).await
+    crash_point_recovers(rig, CrashPoint::Heartbeat, false).await
 }
 
 macro_rules! on_both_backends {
@@ -1136,6 +1186,7 @@ on_both_backends!(
     sigterm_finishes_within_grace,
     crash_before_manifest,
     crash_after_manifest,
+    crash_after_manifest_on_last_attempt,
     crash_in_heartbeat,
 );
 

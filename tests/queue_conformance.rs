@@ -479,10 +479,13 @@ async fn stale_owner_is_fenced(h: &Harness) {
 async fn reaper_outcomes(h: &Harness) {
     let retry = enqueue(h, job("reap-retry")).await.id;
     assert_eq!(claim(h, "w").await.lease.job_id, retry);
+    // An analysis publishes nothing a recovery run could find: attempts exhausted → failed.
+    // (Merges get one recovery-only run first: `recovery_only_run`.)
     let exhausted = enqueue(
         h,
         NewJob {
             max_attempts: 1,
+            kind: JobKind::Analysis,
             ..job("reap-exhausted")
         },
     )
@@ -526,6 +529,8 @@ async fn reaper_outcomes(h: &Harness) {
 
     let j = get(h, exhausted).await;
     assert_eq!(j.state, JobState::Failed);
+    assert!(!j.recovery_only);
+    assert_eq!(j.max_attempts, 1);
     assert!(j.finished_at.is_some() && j.lease_owner.is_none());
     assert_eq!(j.error.map(|e| e.code), Some(ErrorCode::LeaseExpired));
 
@@ -540,6 +545,109 @@ async fn reaper_outcomes(h: &Harness) {
     let j = get(h, alive).await;
     assert_eq!(j.state, JobState::Running);
     assert_eq!(j.lease_owner.as_deref(), Some("w"));
+}
+
+/// A merge whose lease expires on its last attempt gets one recovery-only run: queued again
+/// at once, `max_attempts + 1`, `recovery_only` set; the stale owner stays fenced. A second
+/// expiry fails it (one recovery at most); a pending cancel beats the recovery; a graceful
+/// release of a recovery run keeps the flag.
+async fn recovery_only_run(h: &Harness) {
+    let last = |name: &str| NewJob {
+        max_attempts: 1,
+        ..job(name)
+    };
+    let expire_and_reap = |id: Uuid| async move {
+        h.expire(id).await;
+        assert_eq!(h.q.reap_expired().await.expect("reap"), 1);
+    };
+
+    // Recovered: the second owner completes the recovery run.
+    let id = enqueue(h, last("recover-ok")).await.id;
+    let a = claim(h, "a").await;
+    assert_eq!((a.lease.job_id, a.lease.attempt), (id, 1));
+    assert!(!a.job.recovery_only, "a first run is a normal run");
+    expire_and_reap(id).await;
+    let j = get(h, id).await;
+    assert_eq!(j.state, JobState::Queued, "recovery instead of failed");
+    assert!(j.recovery_only);
+    assert_eq!((j.attempts, j.max_attempts), (1, 2));
+    assert!(j.finished_at.is_none() && j.lease_owner.is_none());
+    assert!(
+        j.run_after <= Utc::now(),
+        "a recovery run is not backed off"
+    );
+    assert_eq!(
+        j.error.as_ref().map(|e| e.code),
+        Some(ErrorCode::LeaseExpired)
+    );
+    assert_eq!(j.errors.len(), 1);
+    let b = claim(h, "b").await;
+    assert_eq!((b.lease.job_id, b.lease.attempt), (id, 2));
+    assert!(b.job.recovery_only, "the claimer is told to only recover");
+    assert!(is_lease_lost(&h.q.complete(&a.lease, &json!({})).await, id));
+    h.q.complete(&b.lease, &json!({"recovered": true}))
+        .await
+        .expect("recovery completes");
+    let j = get(h, id).await;
+    assert_eq!(j.state, JobState::Succeeded);
+    assert_eq!((j.attempts, j.max_attempts), (2, 2));
+
+    // One recovery at most: the recovery run's lease expiring too fails the job.
+    let id = enqueue(h, last("recover-twice")).await.id;
+    claim(h, "a").await;
+    expire_and_reap(id).await;
+    assert_eq!(claim(h, "b").await.lease.attempt, 2);
+    expire_and_reap(id).await;
+    let j = get(h, id).await;
+    assert_eq!(j.state, JobState::Failed);
+    assert!(j.recovery_only && j.finished_at.is_some());
+    assert_eq!((j.attempts, j.max_attempts), (2, 2));
+    assert_eq!(j.error.map(|e| e.code), Some(ErrorCode::LeaseExpired));
+    assert_eq!(j.errors.len(), 2);
+    assert!(h.q.claim("c").await.expect("claim").is_none());
+
+    // A recovery run that fails (nothing was published) is final.
+    let id = enqueue(h, last("recover-nothing")).await.id;
+    claim(h, "a").await;
+    expire_and_reap(id).await;
+    let b = claim(h, "b").await;
+    let state =
+        h.q.fail(&b.lease, &storage_error(true))
+            .await
+            .expect("fail");
+    assert_eq!(
+        state,
+        JobState::Failed,
+        "no attempt left after the recovery run"
+    );
+
+    // A pending cancel beats the recovery.
+    let id = enqueue(h, last("recover-cancel")).await.id;
+    claim(h, "a").await;
+    assert_eq!(
+        h.q.request_cancel(id).await.expect("cancel"),
+        CancelOutcome::Requested
+    );
+    expire_and_reap(id).await;
+    let j = get(h, id).await;
+    assert_eq!(j.state, JobState::Cancelled);
+    assert!(!j.recovery_only);
+    assert_eq!(j.max_attempts, 1);
+
+    // A recovery run released on shutdown stays a recovery run and keeps its one extra try.
+    let id = enqueue(h, last("recover-release")).await.id;
+    claim(h, "a").await;
+    expire_and_reap(id).await;
+    let b = claim(h, "b").await;
+    h.q.release(&b.lease).await.expect("release");
+    let j = get(h, id).await;
+    assert_eq!(j.state, JobState::Queued);
+    assert_eq!((j.attempts, j.max_attempts), (2, 3));
+    let c = claim(h, "c").await;
+    assert_eq!((c.lease.job_id, c.lease.attempt), (id, 3));
+    assert!(c.job.recovery_only);
+    expire_and_reap(id).await;
+    assert_eq!(get(h, id).await.state, JobState::Failed);
 }
 
 /// The reaper and the owner's `complete` race on an expired lease: exactly one wins, and a
@@ -1325,6 +1433,7 @@ conformance! {
     claim_exclusivity => super::fast();
     stale_owner_is_fenced => super::no_backoff();
     reaper_outcomes => super::fast();
+    recovery_only_run => super::fast();
     reaper_vs_complete_race => super::long_backoff();
     retry_and_backoff => super::fast();
     cancel_queued => super::fast();

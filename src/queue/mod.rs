@@ -145,6 +145,10 @@ pub struct Job {
     pub started_at: Option<DateTime<Utc>>,
     pub finished_at: Option<DateTime<Utc>>,
     pub updated_at: DateTime<Utc>,
+    /// Set by the reaper when it gave this merge its one recovery-only run (its last worker
+    /// stopped heartbeating with attempts exhausted). A worker claiming it merges nothing: it
+    /// completes the job if this recipe's manifest is published, else fails it.
+    pub recovery_only: bool,
 }
 
 /// Result of [`JobQueue::enqueue`].
@@ -293,8 +297,10 @@ pub trait JobQueue: Send + Sync + 'static {
     /// Cancel: a queued job becomes `cancelled` at once; a running one is marked.
     async fn request_cancel(&self, id: Uuid) -> QueueResult<CancelOutcome>;
 
-    /// Expired leases → `queued` (with backoff), `failed` (attempts exhausted) or `cancelled`
-    /// (cancel requested), in one conditional statement. Returns how many rows changed.
+    /// Expired leases → `queued` (with backoff), `cancelled` (cancel requested), or, with
+    /// attempts exhausted, `queued` at once for one recovery-only run (a merge not recovered
+    /// before: `max_attempts + 1`, `recovery_only` set) else `failed`; in one conditional
+    /// statement (`state::after_lease_expiry`). Returns how many rows changed.
     async fn reap_expired(&self) -> QueueResult<u64>;
 
     async fn get(&self, id: Uuid) -> QueueResult<Option<Job>>;

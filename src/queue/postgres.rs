@@ -50,13 +50,18 @@ pub const CANCEL_CHANNEL: &str = "ladle_cancel";
 const JOB_COLUMNS: &str = "id, kind, idempotency_key, state, priority, attempts, max_attempts, \
      output_url, recipe, run_after, lease_owner, lease_expires_at, heartbeat_at, \
      cancel_requested_at, progress, result, error, errors, created_at, started_at, \
-     finished_at, updated_at";
+     finished_at, updated_at, recovery_only";
 
 /// The fence every write after a claim carries: `$1` id, `$2` owner, `$3` attempt.
 const FENCE: &str = "id = $1 AND lease_owner = $2 AND attempts = $3 AND state = 'running'";
 
 /// The name of the unique index that allows one live job per output URL (see the migration).
 const ACTIVE_OUTPUT_INDEX: &str = "jobs_active_output_url";
+
+/// The reaper's "one recovery-only run" case (`state::grants_recovery`): a merge whose attempts
+/// ran out, no cancel pending, not recovered before.
+const RECOVERY: &str = "(cancel_requested_at IS NULL AND attempts >= max_attempts \
+     AND NOT recovery_only AND kind = 'merge')";
 
 /// The default batch size of [`JobQueue::prune`] when the caller passes 0.
 const DEFAULT_PRUNE_BATCH: u32 = 1000;
@@ -441,21 +446,28 @@ impl JobQueue for PostgresQueue {
     }
 
     async fn reap_expired(&self) -> QueueResult<u64> {
-        // Same rules as `state::after_lease_expiry`; the retry delay is
-        // min(cap, base · 2^min(attempts−1, 20)) scaled by a random factor in [0.8, 1.2].
+        // Same rules as `state::after_lease_expiry` / `state::grants_recovery` (RECOVERY below);
+        // the retry delay is min(cap, base · 2^min(attempts−1, 20)) scaled by a random factor
+        // in [0.8, 1.2]. Every CASE reads the row as it was before this UPDATE.
         // One statement: a row a concurrent heartbeat or fenced write changed first no longer
         // matches when Postgres re-checks the WHERE clause on its latest version.
-        let done = sqlx::query(
+        let done = sqlx::query(&format!(
             "UPDATE jobs SET \
                  state = CASE WHEN cancel_requested_at IS NOT NULL THEN 'cancelled' \
+                              WHEN {RECOVERY} THEN 'queued' \
                               WHEN attempts >= max_attempts THEN 'failed' \
                               ELSE 'queued' END, \
-                 run_after = CASE WHEN cancel_requested_at IS NULL AND attempts < max_attempts \
+                 max_attempts = CASE WHEN {RECOVERY} THEN max_attempts + 1 \
+                                     ELSE max_attempts END, \
+                 recovery_only = recovery_only OR {RECOVERY}, \
+                 run_after = CASE WHEN {RECOVERY} THEN now() \
+                     WHEN cancel_requested_at IS NULL AND attempts < max_attempts \
                      THEN now() + make_interval(secs => \
                               least($2, $1 * (1 << least(greatest(attempts - 1, 0), 20))) \
                               * (0.8 + 0.4 * random())) \
                      ELSE run_after END, \
-                 finished_at = CASE WHEN cancel_requested_at IS NOT NULL \
+                 finished_at = CASE WHEN {RECOVERY} THEN NULL \
+                                    WHEN cancel_requested_at IS NOT NULL \
                                          OR attempts >= max_attempts \
                                     THEN now() END, \
                  error = jsonb_build_object('code', 'lease_expired', 'message', $3::text, \
@@ -464,8 +476,8 @@ impl JobQueue for PostgresQueue {
                               jsonb_build_object('code', 'lease_expired', 'message', $3::text, \
                                                  'retryable', true, 'attempt', attempts)), \
                  lease_owner = NULL, lease_expires_at = NULL, updated_at = now() \
-             WHERE state = 'running' AND lease_expires_at < now()",
-        )
+             WHERE state = 'running' AND lease_expires_at < now()"
+        ))
         .bind(state::duration_secs(self.config.backoff_base))
         .bind(state::duration_secs(self.config.backoff_cap))
         .bind(state::LEASE_EXPIRED_MESSAGE)
@@ -627,5 +639,6 @@ fn job_from_row(row: &PgRow) -> QueueResult<Job> {
         started_at: row.try_get("started_at")?,
         finished_at: row.try_get("finished_at")?,
         updated_at: row.try_get("updated_at")?,
+        recovery_only: row.try_get("recovery_only")?,
     })
 }

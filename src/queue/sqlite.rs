@@ -37,10 +37,15 @@ static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("migrations/sqlite");
 const JOB_COLUMNS: &str = "id, kind, idempotency_key, state, priority, attempts, max_attempts, \
      output_url, recipe, run_after, lease_owner, lease_expires_at, heartbeat_at, \
      cancel_requested_at, progress, result, error, errors, created_at, started_at, \
-     finished_at, updated_at";
+     finished_at, updated_at, recovery_only";
 
 /// The fence every write after a claim carries: `?1` id, `?2` owner, `?3` attempt.
 const FENCE: &str = "id = ?1 AND lease_owner = ?2 AND attempts = ?3 AND state = 'running'";
+
+/// The reaper's "one recovery-only run" case (`state::grants_recovery`): a merge whose attempts
+/// ran out, no cancel pending, not recovered before.
+const RECOVERY: &str = "(cancel_requested_at IS NULL AND attempts >= max_attempts \
+     AND recovery_only = 0 AND kind = 'merge')";
 
 /// The default batch size of [`JobQueue::prune`] when the caller passes 0.
 const DEFAULT_PRUNE_BATCH: u32 = 1000;
@@ -411,18 +416,25 @@ impl JobQueue for SqliteQueue {
     }
 
     async fn reap_expired(&self) -> QueueResult<u64> {
-        // Same rules as `state::after_lease_expiry`; the retry delay is
-        // min(cap, base · 2^min(attempts−1, 20)) scaled by a random factor in [0.8, 1.2].
-        let done = sqlx::query(
+        // Same rules as `state::after_lease_expiry` / `state::grants_recovery` (RECOVERY below);
+        // the retry delay is min(cap, base · 2^min(attempts−1, 20)) scaled by a random factor
+        // in [0.8, 1.2]. Every CASE reads the row as it was before this UPDATE.
+        let done = sqlx::query(&format!(
             "UPDATE jobs SET \
                  state = CASE WHEN cancel_requested_at IS NOT NULL THEN 'cancelled' \
+                              WHEN {RECOVERY} THEN 'queued' \
                               WHEN attempts >= max_attempts THEN 'failed' \
                               ELSE 'queued' END, \
-                 run_after = CASE WHEN cancel_requested_at IS NULL AND attempts < max_attempts \
+                 max_attempts = CASE WHEN {RECOVERY} THEN max_attempts + 1 \
+                                     ELSE max_attempts END, \
+                 recovery_only = CASE WHEN {RECOVERY} THEN 1 ELSE recovery_only END, \
+                 run_after = CASE WHEN {RECOVERY} THEN ?1 \
+                     WHEN cancel_requested_at IS NULL AND attempts < max_attempts \
                      THEN ?1 + min(?3, ?2 * (1 << min(max(attempts - 1, 0), 20))) \
                                * (800 + abs(random() % 401)) / 1000 \
                      ELSE run_after END, \
-                 finished_at = CASE WHEN cancel_requested_at IS NOT NULL \
+                 finished_at = CASE WHEN {RECOVERY} THEN NULL \
+                                    WHEN cancel_requested_at IS NOT NULL \
                                          OR attempts >= max_attempts \
                                     THEN ?1 END, \
                  error = json_object('code', 'lease_expired', 'message', ?4, \
@@ -432,8 +444,8 @@ impl JobQueue for SqliteQueue {
                                                   'retryable', json('true'), \
                                                   'attempt', attempts)), \
                  lease_owner = NULL, lease_expires_at = NULL, updated_at = ?1 \
-             WHERE state = 'running' AND lease_expires_at < ?1",
-        )
+             WHERE state = 'running' AND lease_expires_at < ?1"
+        ))
         .bind(now_ms())
         .bind(bounded_ms(self.config.backoff_base))
         .bind(bounded_ms(self.config.backoff_cap))
@@ -602,5 +614,6 @@ fn job_from_row(row: &SqliteRow) -> QueueResult<Job> {
         started_at: opt_time(row, "started_at")?,
         finished_at: opt_time(row, "finished_at")?,
         updated_at: time("updated_at", row.try_get("updated_at")?)?,
+        recovery_only: row.try_get::<i64, _>("recovery_only")? != 0,
     })
 }

@@ -110,15 +110,38 @@ pub fn after_fail(
 }
 
 /// The state a running job whose lease expired moves to (the reaper). Its attempt is charged:
-/// a poison job that kills its worker runs at most `max_attempts` times.
-pub fn after_lease_expiry(cancel_requested: bool, attempts: i32, max_attempts: i32) -> JobState {
+/// a poison job that kills its worker runs at most `max_attempts` times. With attempts
+/// exhausted, a job that may still recover (`recovery_available`: a merge that has not had its
+/// recovery run yet) goes back to `queued` for one recovery-only run (see
+/// [`grants_recovery`]) instead of failing.
+pub fn after_lease_expiry(
+    cancel_requested: bool,
+    attempts: i32,
+    max_attempts: i32,
+    recovery_available: bool,
+) -> JobState {
     if cancel_requested {
         JobState::Cancelled
-    } else if attempts >= max_attempts {
-        JobState::Failed
-    } else {
+    } else if attempts < max_attempts
+        || grants_recovery(cancel_requested, attempts, max_attempts, recovery_available)
+    {
         JobState::Queued
+    } else {
+        JobState::Failed
     }
+}
+
+/// Whether the reaper gives an expired job its recovery-only run: no cancel pending, attempts
+/// exhausted, and no recovery given before (merge jobs only: an analysis publishes nothing a
+/// recovery could find). The job is queued again at once with `max_attempts + 1` (as a release
+/// does, `attempts` never decreases) and `recovery_only` set for good.
+pub fn grants_recovery(
+    cancel_requested: bool,
+    attempts: i32,
+    max_attempts: i32,
+    recovery_available: bool,
+) -> bool {
+    !cancel_requested && attempts >= max_attempts && recovery_available
 }
 
 /// The state a running job moves to when its owner releases it on graceful shutdown: back to
@@ -263,9 +286,18 @@ mod tests {
 
     #[test]
     fn lease_expiry_and_release_transitions() {
-        assert_eq!(after_lease_expiry(false, 1, 3), JobState::Queued);
-        assert_eq!(after_lease_expiry(false, 3, 3), JobState::Failed);
-        assert_eq!(after_lease_expiry(true, 1, 3), JobState::Cancelled);
+        assert_eq!(after_lease_expiry(false, 1, 3, true), JobState::Queued);
+        assert_eq!(after_lease_expiry(false, 1, 3, false), JobState::Queued);
+        // Attempts exhausted: one recovery-only run if still available, else failed.
+        assert_eq!(after_lease_expiry(false, 3, 3, true), JobState::Queued);
+        assert!(grants_recovery(false, 3, 3, true));
+        assert!(!grants_recovery(false, 1, 3, true));
+        assert_eq!(after_lease_expiry(false, 3, 3, false), JobState::Failed);
+        assert!(!grants_recovery(false, 3, 3, false));
+        // A pending cancel wins over both.
+        assert_eq!(after_lease_expiry(true, 1, 3, true), JobState::Cancelled);
+        assert_eq!(after_lease_expiry(true, 3, 3, true), JobState::Cancelled);
+        assert!(!grants_recovery(true, 3, 3, true));
         assert_eq!(after_release(false), JobState::Queued);
         assert_eq!(after_release(true), JobState::Cancelled);
     }
@@ -279,10 +311,12 @@ mod tests {
                         JobState::Running,
                         after_fail(cancel, retryable, a, m)
                     ));
-                    assert!(can_transition(
-                        JobState::Running,
-                        after_lease_expiry(cancel, a, m)
-                    ));
+                    for recovery in [false, true] {
+                        assert!(can_transition(
+                            JobState::Running,
+                            after_lease_expiry(cancel, a, m, recovery)
+                        ));
+                    }
                 }
             }
             assert!(can_transition(JobState::Running, after_release(cancel)));

@@ -155,6 +155,10 @@ impl Slot {
         let keeper = Arc::new(LeaseKeeper::new(
             self.queue.clone(),
             lease.clone(),
+        if let (true, Some(recipe)) = (claimed.job.recovery_only, &recipe) {
+            self.recover_only(&claimed, recipe).await;
+            return;
+        }
             progress.clone(),
             claimed_at,
             self.fence_after(),
@@ -278,6 +282,37 @@ impl Slot {
                     warn!(error = %e, op = what, "database error; retrying");
                     tokio::time::sleep(pause).await;
                     pause = (pause * 2).min(Duration::from_secs(2));
+    /// The one recovery-only run the reaper gives a merge whose last worker died (QUEUE.md
+    /// §4.8 on the last attempt): no merge; succeed (`recovered: true`) if this recipe's soup
+    /// is published, else fail with the reaper's `lease_expired` error.
+    async fn recover_only(&self, claimed: &ClaimedJob, recipe: &Recipe) {
+        let lease = &claimed.lease;
+        info!("recovery-only run: checking the output, merging nothing");
+        let why = match self.engine.recover(recipe).await {
+            Ok(Some(outcome)) => {
+                let result = serde_json::json!({"uri": outcome.uri, "files": outcome.files, "recovered": true});
+                match self
+                    .settle("complete", || self.queue.complete(lease, &result))
+                    .await
+                {
+                    Ok(()) => info!(uri = %outcome.uri, "job succeeded (recovered)"),
+                    Err(e) => warn!(error = %e, "could not record the recovered success"),
+                }
+                return;
+            }
+            Ok(None) => "no manifest was published".to_string(),
+            Err(e) => e.to_string(),
+        };
+        let mut err = claimed.job.error.clone().unwrap_or_else(|| JobError {
+            code: crate::error::ErrorCode::LeaseExpired,
+            message: crate::queue::state::LEASE_EXPIRED_MESSAGE.to_string(),
+            retryable: true,
+        });
+        err.message = format!("{} (recovery run: {why})", err.message);
+        err.retryable = false;
+        self.finish_failed(lease, &err).await;
+    }
+
                 }
                 Err(e) => return Err(e),
             }
