@@ -2,6 +2,7 @@
 //! precedence, then the built-in default. Unknown `LADLE_` variables and unknown config keys
 //! are errors at start-up, never silently ignored.
 
+use crate::search::evaluator::AllowedHosts;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -98,6 +99,16 @@ pub struct ServiceArgs {
     #[arg(long, env = "LADLE_INSECURE_NO_AUTH")]
     #[serde(default)]
     pub insecure_no_auth: bool,
+    /// A host an evaluator URL may name (greedy soups): an IP network (`10.0.0.0/8`), an
+    /// address or an exact host name; repeatable (env: comma-separated) [default: loopback
+    /// only: 127.0.0.0/8, ::1, localhost].
+    #[arg(
+        long = "evaluator-allowed-hosts",
+        env = "LADLE_EVALUATOR_ALLOWED_HOSTS",
+        value_delimiter = ','
+    )]
+    #[serde(default)]
+    pub evaluator_allowed_hosts: Vec<String>,
     #[command(flatten)]
     #[serde(flatten)]
     pub s3: S3Args,
@@ -354,6 +365,14 @@ impl Settings {
         }
         digests.sort_unstable();
         digests.dedup();
+        let evaluator_hosts = if !args.evaluator_allowed_hosts.is_empty() {
+            AllowedHosts::parse(&args.evaluator_allowed_hosts)
+        } else if !file.evaluator_allowed_hosts.is_empty() {
+            AllowedHosts::parse(&file.evaluator_allowed_hosts)
+        } else {
+            Ok(AllowedHosts::default())
+        }
+        .map_err(|e| ConfigError::Invalid(format!("evaluator_allowed_hosts: {e}")))?;
         Ok(Settings {
             bind: args
                 .bind
@@ -374,6 +393,7 @@ impl Settings {
                 heartbeat_interval: heartbeat,
                 poll_interval: secs("poll_secs", t.poll_secs, 5.0)?,
                 shutdown_grace: secs("shutdown_grace_secs", t.shutdown_grace_secs, 30.0)?,
+                evaluator_hosts,
             },
             engine: engine_config(&t),
             max_attempts,

@@ -271,7 +271,21 @@ async fn merge_once(args: MergeArgs) -> Result<()> {
             bar.finish();
         })
     });
-    let result = engine.run(&sub.recipe, &ctl).await;
+    let result = if sub.recipe.search.is_some() {
+        // A greedy soup from the command line: the evaluator must be on loopback.
+        let allowed = ladle::search::evaluator::AllowedHosts::default();
+        let driver = ladle::search::run::Driver {
+            engine: &engine,
+            ctl: &ctl,
+            job_id: format!("cli-{}", uuid::Uuid::now_v7()),
+            allowed: &allowed,
+            recorded: Default::default(),
+            backoff: Duration::from_millis(500),
+        };
+        driver.run(&sub.recipe).await
+    } else {
+        engine.run(&sub.recipe, &ctl).await
+    };
     bar_done.cancel();
     if let Some(t) = bar_task {
         let _ = t.await;

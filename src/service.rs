@@ -108,6 +108,7 @@ impl Service {
                     queue: queue.clone(),
                     storage: storage.clone(),
                     default_max_attempts: settings.max_attempts,
+                    evaluator_hosts: settings.worker.evaluator_hosts.clone(),
                 },
                 settings.body_limit,
                 settings.auth.clone(),

@@ -46,6 +46,8 @@ pub struct AppState {
     pub storage: Arc<Storage>,
     /// Attempts per job unless the request says otherwise.
     pub default_max_attempts: i32,
+    /// Hosts an evaluator URL may name.
+    pub evaluator_hosts: crate::search::evaluator::AllowedHosts,
 }
 
 /// The API. `auth` guards `/v1/*` (an empty [`ApiAuth`] lets everything through); health and
@@ -88,6 +90,10 @@ pub struct JobView {
     pub started_at: Option<chrono::DateTime<chrono::Utc>>,
     pub finished_at: Option<chrono::DateTime<chrono::Utc>>,
     pub progress: ProgressSnapshot,
+    /// A greedy soup's trajectory so far: every evaluation, the accepted models, the best
+    /// score (absent for other jobs).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub search: Option<serde_json::Value>,
     pub result: Option<serde_json::Value>,
     pub error: Option<ErrorView>,
     pub idempotency_key: Option<String>,
@@ -111,6 +117,7 @@ impl From<Job> for JobView {
             created_at: j.created_at,
             started_at: j.started_at,
             finished_at: j.finished_at,
+            search: j.progress.as_ref().and_then(|p| p.get("search")).cloned(),
             progress: j
                 .progress
                 .and_then(|p| serde_json::from_value(p).ok())
@@ -198,6 +205,12 @@ async fn submit(
         .resolve(&sub.recipe.output.uri)
         .map_err(|e| ApiError::new(e.code(), format!("output.uri: {e}")))?;
     sub.recipe.output.uri = out.url.clone();
+    if let Some(search) = &sub.recipe.search {
+        state
+            .evaluator_hosts
+            .check(&search.evaluator().url)
+            .map_err(|e| ApiError::new(ErrorCode::InvalidRecipe, format!("evaluator.url: {e}")))?;
+    }
     let inputs = sub
         .recipe
         .models

@@ -52,6 +52,9 @@ pub struct Manifest {
     /// Sparse soups: per-tensor and total output sparsity, tensors without a shared mask.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sparsity: Option<serde_json::Value>,
+    /// Greedy soup: the request, every evaluation with its score, the accepted models.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub search: Option<serde_json::Value>,
     /// Non-finite output values (NaN, ±inf): `total`, and per tensor for those with any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nonfinite: Option<serde_json::Value>,
@@ -91,6 +94,7 @@ impl Manifest {
             files,
             run: run.clone(),
             sparsity: plan.kernel.sparsity_report(),
+            search: None,
             nonfinite: Some(plan.kernel.nonfinite_report()),
             elapsed_s: started.elapsed().as_secs_f64(),
         }

@@ -93,6 +93,8 @@ pub enum EngineError {
     ShuttingDown,
     #[error("internal error: {0}")]
     Internal(String),
+    #[error(transparent)]
+    Evaluator(#[from] crate::search::evaluator::EvaluatorError),
 }
 
 impl EngineError {
@@ -114,6 +116,7 @@ impl EngineError {
             EngineError::LeaseLost => ErrorCode::LeaseExpired,
             EngineError::ShuttingDown => ErrorCode::Cancelled,
             EngineError::Internal(_) => ErrorCode::Internal,
+            EngineError::Evaluator(e) => e.code(),
         }
     }
 
@@ -130,6 +133,9 @@ pub struct Progress {
     pub tensors_total: AtomicU64,
     pub bytes_read: AtomicU64,
     pub bytes_written: AtomicU64,
+    /// An evaluation-driven search's record (greedy soup): stored with every heartbeat,
+    /// shown by `GET /v1/merges/{id}`, written into the manifest.
+    pub search: std::sync::Mutex<Option<serde_json::Value>>,
 }
 
 /// The public shape of progress (`GET /v1/merges/{id}` → `progress`).
@@ -150,12 +156,33 @@ impl Progress {
             bytes_written: self.bytes_written.load(Ordering::Relaxed),
         }
     }
+
+    /// The search record, if this run searches.
+    pub fn search(&self) -> Option<serde_json::Value> {
+        self.search
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
+    }
+
+    pub fn set_search(&self, record: serde_json::Value) {
+        *self
+            .search
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(record);
+    }
 }
 
 /// Asked right before the manifest is written: may this run still publish?
 #[async_trait]
 pub trait PublishGate: Send + Sync {
     async fn may_publish(&self) -> Result<(), EngineError>;
+
+    /// Store the progress now (fenced), before the run goes on: a search calls it after each
+    /// evaluation so that a later attempt replays it instead of asking again.
+    async fn persist(&self) -> Result<(), EngineError> {
+        Ok(())
+    }
 }
 
 /// Always open: the one-shot CLI has no lease to lose.
@@ -221,7 +248,7 @@ impl RunControl {
         }
     }
 
-    fn check(&self) -> Result<(), EngineError> {
+    pub(crate) fn check(&self) -> Result<(), EngineError> {
         if self.cancel.is_cancelled() {
             Err(self.stopped_error())
         } else {
@@ -499,7 +526,8 @@ impl Engine {
         ctl.check()?;
         // Last chance to find out we may not publish: a fenced heartbeat in the worker.
         ctl.gate.may_publish().await?;
-        let m = Manifest::new(recipe, plan, written.clone(), started, &ctl.run_info);
+        let mut m = Manifest::new(recipe, plan, written.clone(), started, &ctl.run_info);
+        m.search = ctl.progress.search();
         manifest::publish(&plan.output, &m).await?;
         Ok(MergeOutcome {
             uri: plan.output.url.clone(),

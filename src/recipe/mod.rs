@@ -53,6 +53,12 @@ pub struct MergeRequest {
     pub priority: Option<i32>,
     #[serde(default)]
     pub max_attempts: Option<i32>,
+    /// Scores candidates (method `greedy_soup`).
+    #[serde(default)]
+    pub evaluator: Option<crate::search::spec::EvaluatorSpec>,
+    /// Greedy soup's accept rule: `">="` (the paper, default) or `">"`.
+    #[serde(default)]
+    pub accept: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -61,6 +67,9 @@ pub struct ModelSpec {
     pub uri: String,
     #[serde(default)]
     pub weight: Option<f64>,
+    /// A known score of this model alone (method `greedy_soup`; evaluated when absent).
+    #[serde(default)]
+    pub score: Option<f64>,
     /// Per-model parameters (`density`, `gamma`, `epsilon`, `weight` as a gradient or filters).
     #[serde(default)]
     pub parameters: serde_json::Map<String, serde_json::Value>,
@@ -376,6 +385,10 @@ pub struct Recipe {
     pub slices: Vec<Slice>,
     pub parameters: Parameters,
     pub output: Output,
+    /// An evaluation-driven search (greedy soup) around this recipe, which is then the uniform
+    /// soup of all models; the worker runs the search and writes the chosen soup.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub search: Option<crate::search::spec::Search>,
     /// The trajectory `models` was expanded from (the selection and what it picked).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub trajectory: Option<trajectory::Trajectory>,
@@ -396,6 +409,12 @@ pub enum RecipeError {
     Syntax(String),
     #[error("{field}: {message}")]
     Invalid { field: String, message: String },
+}
+
+impl From<crate::search::spec::Invalid> for RecipeError {
+    fn from(e: crate::search::spec::Invalid) -> Self {
+        RecipeError::invalid(e.field, e.message)
+    }
 }
 
 impl RecipeError {
@@ -452,6 +471,7 @@ impl Recipe {
     /// Validate and normalize a parsed request.
     pub fn from_request(mut req: MergeRequest) -> Result<Submission, RecipeError> {
         let expanded = trajectory::take_expanded(&mut req)?;
+        let greedy = crate::search::spec::take_greedy(&mut req).map_err(RecipeError::from)?;
         let slices = take_slices(&mut req)?;
         let method = Method::parse(&req.method).ok_or_else(|| {
             let known: Vec<&str> = Method::ALL.iter().map(|m| m.name()).collect();
@@ -684,6 +704,9 @@ impl Recipe {
                 "must be between -1000 and 1000",
             ));
         }
+        let search = greedy
+            .map(|g| g.finish(req.evaluator.as_ref(), req.accept.as_deref()))
+            .transpose()?;
         Ok(Submission {
             recipe: Recipe {
                 method,
@@ -692,6 +715,7 @@ impl Recipe {
                 slices,
                 parameters,
                 output,
+                search,
                 trajectory: expanded,
             },
             idempotency_key: req.idempotency_key,
@@ -1063,6 +1087,7 @@ fn take_slices(req: &mut MergeRequest) -> Result<Vec<Slice>, RecipeError> {
                     req.models.push(ModelSpec {
                         uri: src.uri.clone(),
                         weight: None,
+                        score: None,
                         parameters: serde_json::Map::new(),
                     });
                     req.models.len() - 1

@@ -22,7 +22,11 @@ pub enum EvaluatorError {
     #[error("evaluation {id}: {message}")]
     Failed { id: String, message: String },
     #[error("evaluation {id}: evaluator unavailable after {tries} tries: {last}")]
-    Unavailable { id: String, tries: u32, last: String },
+    Unavailable {
+        id: String,
+        tries: u32,
+        last: String,
+    },
     #[error("evaluator host {host:?} is not allowed (allowed: {allowed})")]
     HostNotAllowed { host: String, allowed: String },
 }
@@ -52,7 +56,10 @@ pub struct AllowedHosts {
 
 impl Default for AllowedHosts {
     fn default() -> Self {
-        let list: Vec<String> = DEFAULT_ALLOWED_HOSTS.iter().map(|s| s.to_string()).collect();
+        let list: Vec<String> = DEFAULT_ALLOWED_HOSTS
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
         // The defaults parse.
         AllowedHosts::parse(&list).unwrap_or(AllowedHosts {
             entries: Vec::new(),
@@ -129,17 +136,31 @@ impl AllowedHosts {
         if ok {
             Ok(())
         } else {
-            Err(not_allowed(parsed.host_str().unwrap_or_default().to_string()))
+            Err(not_allowed(
+                parsed.host_str().unwrap_or_default().to_string(),
+            ))
         }
     }
 
     fn has_ip(&self, ip: IpAddr) -> bool {
         self.entries.iter().any(|e| match (e, ip) {
-            (Entry::Net { addr: IpAddr::V4(n), prefix }, IpAddr::V4(ip)) => {
+            (
+                Entry::Net {
+                    addr: IpAddr::V4(n),
+                    prefix,
+                },
+                IpAddr::V4(ip),
+            ) => {
                 let mask = u32::MAX.checked_shl(32 - u32::from(*prefix)).unwrap_or(0);
                 u32::from(*n) & mask == u32::from(ip) & mask
             }
-            (Entry::Net { addr: IpAddr::V6(n), prefix }, IpAddr::V6(ip)) => {
+            (
+                Entry::Net {
+                    addr: IpAddr::V6(n),
+                    prefix,
+                },
+                IpAddr::V6(ip),
+            ) => {
                 let mask = u128::MAX.checked_shl(128 - u32::from(*prefix)).unwrap_or(0);
                 u128::from(*n) & mask == u128::from(ip) & mask
             }
@@ -171,8 +192,8 @@ pub fn parse_answer(id: &str, body: &[u8]) -> Result<Answer, EvaluatorError> {
         id: id.to_string(),
         message,
     };
-    let v: serde_json::Value = serde_json::from_slice(body)
-        .map_err(|e| failed(format!("the answer is not JSON: {e}")))?;
+    let v: serde_json::Value =
+        serde_json::from_slice(body).map_err(|e| failed(format!("the answer is not JSON: {e}")))?;
     let score = match v.get("score") {
         None | Some(serde_json::Value::Null) => {
             return Err(failed("the answer has no \"score\"".into()));

@@ -3,4 +3,5 @@
 
 pub mod evaluator;
 pub mod greedy;
+pub mod run;
 pub mod spec;

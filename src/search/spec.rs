@@ -121,7 +121,10 @@ pub fn greedy(
     let spec = spec.ok_or_else(|| invalid("evaluator", "method greedy_soup needs an evaluator"))?;
     for (i, s) in scores.iter().enumerate() {
         if s.is_some_and(|s| !s.is_finite()) {
-            return Err(invalid(format!("models[{i}].score"), "must be a finite number"));
+            return Err(invalid(
+                format!("models[{i}].score"),
+                "must be a finite number",
+            ));
         }
     }
     let accept = match accept {
@@ -136,6 +139,80 @@ pub fn greedy(
         accept,
         scores,
     })
+}
+
+/// A greedy soup request, its search fields taken off: the rest parses as a uniform linear
+/// soup of the same models.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PendingGreedy {
+    scores: Vec<Option<f64>>,
+}
+
+impl PendingGreedy {
+    pub fn finish(
+        self,
+        evaluator: Option<&EvaluatorSpec>,
+        accept: Option<&str>,
+    ) -> Result<Search, Invalid> {
+        greedy(evaluator, accept, self.scores)
+    }
+}
+
+/// Recognize `method: "greedy_soup"` and turn the request into the uniform `linear` soup it
+/// searches within; refuse search fields on any other method.
+pub fn take_greedy(
+    req: &mut crate::recipe::MergeRequest,
+) -> Result<Option<PendingGreedy>, Invalid> {
+    if req.method != "greedy_soup" {
+        if let Some(i) = req.models.iter().position(|m| m.score.is_some()) {
+            return Err(invalid(
+                format!("models[{i}].score"),
+                "only method greedy_soup takes a score",
+            ));
+        }
+        if req.evaluator.is_some() {
+            return Err(invalid(
+                "evaluator",
+                "only method greedy_soup uses an evaluator",
+            ));
+        }
+        if req.accept.is_some() {
+            return Err(invalid("accept", "only method greedy_soup takes accept"));
+        }
+        return Ok(None);
+    }
+    if req.base_model.is_some() {
+        return Err(invalid(
+            "base_model",
+            "method greedy_soup averages the models themselves; it takes no base model",
+        ));
+    }
+    if !req.slices.is_empty() {
+        return Err(invalid("slices", "method greedy_soup takes no slices"));
+    }
+    if let Some(key) = req.parameters.keys().next() {
+        return Err(invalid(
+            format!("parameters.{key}"),
+            "method greedy_soup takes no parameters (every soup is a uniform average)",
+        ));
+    }
+    for (i, m) in req.models.iter().enumerate() {
+        if m.weight.is_some() {
+            return Err(invalid(
+                format!("models[{i}].weight"),
+                "method greedy_soup averages uniformly; give no weights",
+            ));
+        }
+        if let Some(key) = m.parameters.keys().next() {
+            return Err(invalid(
+                format!("models[{i}].parameters.{key}"),
+                "method greedy_soup takes no per-model parameters",
+            ));
+        }
+    }
+    let scores = req.models.iter().map(|m| m.score).collect();
+    req.method = "linear".into();
+    Ok(Some(PendingGreedy { scores }))
 }
 
 #[cfg(test)]
@@ -178,11 +255,19 @@ mod tests {
             "evaluator.url"
         );
         assert_eq!(
-            field(greedy(Some(&spec("http://u:p@h/x", None)), None, vec![None])),
+            field(greedy(
+                Some(&spec("http://u:p@h/x", None)),
+                None,
+                vec![None]
+            )),
             "evaluator.url"
         );
         assert_eq!(
-            field(greedy(Some(&spec("http://h/x", None)), Some("=="), vec![None])),
+            field(greedy(
+                Some(&spec("http://h/x", None)),
+                Some("=="),
+                vec![None]
+            )),
             "accept"
         );
         assert_eq!(

@@ -23,13 +23,16 @@ pub enum CrashPoint {
     AfterManifest,
     /// Right after a heartbeat extended the lease.
     Heartbeat,
+    /// A search stored an evaluation's score (fenced); the next step not begun.
+    AfterEvaluation,
 }
 
 impl CrashPoint {
-    pub const ALL: [CrashPoint; 3] = [
+    pub const ALL: [CrashPoint; 4] = [
         CrashPoint::BeforeManifest,
         CrashPoint::AfterManifest,
         CrashPoint::Heartbeat,
+        CrashPoint::AfterEvaluation,
     ];
 
     /// The value `LADLE_TEST_CRASH_AT` takes.
@@ -38,6 +41,7 @@ impl CrashPoint {
             CrashPoint::BeforeManifest => "before-manifest",
             CrashPoint::AfterManifest => "after-manifest",
             CrashPoint::Heartbeat => "heartbeat",
+            CrashPoint::AfterEvaluation => "after-evaluation",
         }
     }
 }

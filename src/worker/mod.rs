@@ -21,6 +21,7 @@ use crate::engine::{
 };
 use crate::queue::{ClaimedJob, HeartbeatOutcome, JobError, JobKind, JobQueue, Lease, QueueError};
 use crate::recipe::Recipe;
+use crate::search::evaluator::AllowedHosts;
 use failpoints::CrashPoint;
 
 #[derive(Debug, Clone)]
@@ -34,6 +35,8 @@ pub struct WorkerConfig {
     pub poll_interval: Duration,
     /// On shutdown, how long an in-flight job may keep running before it is released.
     pub shutdown_grace: Duration,
+    /// Hosts an evaluator URL may name (checked again before every search).
+    pub evaluator_hosts: AllowedHosts,
 }
 
 impl Default for WorkerConfig {
@@ -44,6 +47,7 @@ impl Default for WorkerConfig {
             heartbeat_interval: Duration::from_secs(15),
             poll_interval: Duration::from_secs(5),
             shutdown_grace: Duration::from_secs(30),
+            evaluator_hosts: AllowedHosts::default(),
         }
     }
 }
@@ -192,6 +196,17 @@ impl Slot {
         };
 
         let result = match &recipe {
+            Some(recipe) if recipe.search.is_some() => {
+                let driver = crate::search::run::Driver {
+                    engine: &self.engine,
+                    ctl: &ctl,
+                    job_id: lease.job_id.to_string(),
+                    allowed: &self.config.evaluator_hosts,
+                    recorded: crate::search::run::recorded(claimed.job.progress.as_ref()),
+                    backoff: Duration::from_millis(500),
+                };
+                driver.run(recipe).await.map(Done::Merge)
+            }
             Some(recipe) => self.engine.run(recipe, &ctl).await.map(Done::Merge),
             None => analysis::run(&self.engine, &claimed.job.recipe, &ctl)
                 .await
@@ -214,6 +229,9 @@ impl Slot {
             Ok(Done::Merge(outcome)) => {
                 failpoints::crash(CrashPoint::AfterManifest);
                 let mut result = serde_json::json!({"uri": outcome.uri, "files": outcome.files});
+                if let Some(search) = progress.search() {
+                    result["search"] = search;
+                }
                 if outcome.recovered {
                     result["recovered"] = serde_json::Value::Bool(true);
                     // Nothing was merged this time, but the soup is whole: say so.
@@ -398,7 +416,10 @@ impl LeaseKeeper {
     async fn beat(&self, budget: Duration) -> Result<HeartbeatOutcome, BeatError> {
         let call = async {
             let _one = self.one_at_a_time.lock().await;
-            let progress = serde_json::to_value(self.progress.snapshot()).ok();
+            let mut progress = serde_json::to_value(self.progress.snapshot()).ok();
+            if let (Some(p), Some(search)) = (progress.as_mut(), self.progress.search()) {
+                p["search"] = search;
+            }
             let sent = Instant::now();
             let outcome = self.queue.heartbeat(&self.lease, progress.as_ref()).await?;
             if let HeartbeatOutcome::Held { .. } = outcome {
@@ -487,6 +508,28 @@ impl PublishGate for LeaseGate {
                 // Unconfirmed is not held: publish nothing; the lease will expire and the
                 // job runs again elsewhere (the shards written so far are deterministic).
                 warn!(error = %e, "cannot confirm the lease before publishing");
+                Err(EngineError::LeaseLost)
+            }
+        }
+    }
+
+    /// A search's evaluation: stored at once with a fenced heartbeat. Not confirmed → stop
+    /// (the next attempt replays what was stored).
+    async fn persist(&self) -> Result<(), EngineError> {
+        let left = self.keeper.time_left();
+        if left.is_zero() {
+            return Err(EngineError::LeaseLost);
+        }
+        match self.keeper.beat(left).await {
+            Ok(HeartbeatOutcome::Held {
+                cancel_requested: false,
+            }) => Ok(()),
+            Ok(HeartbeatOutcome::Held {
+                cancel_requested: true,
+            }) => Err(EngineError::Cancelled),
+            Ok(HeartbeatOutcome::Lost) => Err(EngineError::LeaseLost),
+            Err(e) => {
+                warn!(error = %e, "cannot store the search's progress");
                 Err(EngineError::LeaseLost)
             }
         }
