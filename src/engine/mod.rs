@@ -340,6 +340,31 @@ impl Engine {
         }
     }
 
+    /// Recovery only (the reaper found the job's last attempt dead): merge nothing, only look
+    /// whether a previous attempt published this recipe's soup. `Some` (`recovered: true`)
+    /// when the output holds a manifest made from this recipe whose files are all there;
+    /// `None` when no manifest was published; `OutputConflict` when one from another recipe or
+    /// with missing files is there. The same check as `existing_output`, without planning
+    /// (which would open every input, and for model-wide selection read them all).
+    pub async fn recover(&self, recipe: &Recipe) -> Result<Option<MergeOutcome>, EngineError> {
+        let output = self.storage.resolve(&recipe.output.uri)?;
+        let Some(existing) = manifest::read(&output).await? else {
+            return Ok(None);
+        };
+        if existing.recipe_sha256 != hex::encode(recipe.hash()) {
+            return Err(EngineError::OutputConflict(format!(
+                "{} holds a soup made from a different recipe ({})",
+                output.url, MANIFEST_NAME
+            )));
+        }
+        manifest::verify_files(&output, &existing).await?;
+        Ok(Some(MergeOutcome {
+            uri: output.url.clone(),
+            files: existing.files,
+            recovered: true,
+        }))
+    }
+
     /// Resolve, open and cross-check every input; size the output. Writes nothing.
     async fn plan(&self, recipe: &Recipe) -> Result<Plan, EngineError> {
         let output = self.storage.resolve(&recipe.output.uri)?;
@@ -367,31 +392,6 @@ impl Engine {
         let first = &inputs[0].1;
         // mergekit interpolates gradients over the layer stack: layer i of L is at i/(L−1).
         let num_layers = first
-    /// Recovery only (the reaper found the job's last attempt dead): merge nothing, only look
-    /// whether a previous attempt published this recipe's soup. `Some` (`recovered: true`)
-    /// when the output holds a manifest made from this recipe whose files are all there;
-    /// `None` when no manifest was published; `OutputConflict` when one from another recipe or
-    /// with missing files is there. The same check as `existing_output`, without planning
-    /// (which would open every input, and for model-wide selection read them all).
-    pub async fn recover(&self, recipe: &Recipe) -> Result<Option<MergeOutcome>, EngineError> {
-        let output = self.storage.resolve(&recipe.output.uri)?;
-        let Some(existing) = manifest::read(&output).await? else {
-            return Ok(None);
-        };
-        if existing.recipe_sha256 != hex::encode(recipe.hash()) {
-            return Err(EngineError::OutputConflict(format!(
-                "{} holds a soup made from a different recipe ({})",
-                output.url, MANIFEST_NAME
-            )));
-        }
-        manifest::verify_files(&output, &existing).await?;
-        Ok(Some(MergeOutcome {
-            uri: output.url.clone(),
-            files: existing.files,
-            recovered: true,
-        }))
-    }
-
             .tensors
             .keys()
             .filter_map(|n| layer_index(n))

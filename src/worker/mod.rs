@@ -155,14 +155,14 @@ impl Slot {
                 }
             },
         };
-        let progress = Arc::new(Progress::default());
-        let keeper = Arc::new(LeaseKeeper::new(
-            self.queue.clone(),
-            lease.clone(),
         if let (true, Some(recipe)) = (claimed.job.recovery_only, &recipe) {
             self.recover_only(&claimed, recipe).await;
             return;
         }
+        let progress = Arc::new(Progress::default());
+        let keeper = Arc::new(LeaseKeeper::new(
+            self.queue.clone(),
+            lease.clone(),
             progress.clone(),
             claimed_at,
             self.fence_after(),
@@ -282,24 +282,6 @@ impl Slot {
         }
     }
 
-    /// Run one of the fenced writes that end an attempt (complete, fail, release, acknowledge
-    /// the cancel), retrying database errors for up to one lease length. A lost lease is final:
-    /// the queue already moved the job on.
-    async fn settle<T, F, Fut>(&self, what: &'static str, mut op: F) -> Result<T, QueueError>
-    where
-        F: FnMut() -> Fut,
-        Fut: Future<Output = Result<T, QueueError>>,
-    {
-        let deadline = Instant::now() + self.config.lease_ttl;
-        let mut pause = Duration::from_millis(200);
-        loop {
-            match op().await {
-                Ok(v) => return Ok(v),
-                Err(e @ (QueueError::LeaseLost(_) | QueueError::Corrupt(_))) => return Err(e),
-                Err(e) if Instant::now() + pause < deadline => {
-                    warn!(error = %e, op = what, "database error; retrying");
-                    tokio::time::sleep(pause).await;
-                    pause = (pause * 2).min(Duration::from_secs(2));
     /// The one recovery-only run the reaper gives a merge whose last worker died (QUEUE.md
     /// §4.8 on the last attempt): no merge; succeed (`recovered: true`) if this recipe's soup
     /// is published, else fail with the reaper's `lease_expired` error.
@@ -331,6 +313,24 @@ impl Slot {
         self.finish_failed(lease, &err).await;
     }
 
+    /// Run one of the fenced writes that end an attempt (complete, fail, release, acknowledge
+    /// the cancel), retrying database errors for up to one lease length. A lost lease is final:
+    /// the queue already moved the job on.
+    async fn settle<T, F, Fut>(&self, what: &'static str, mut op: F) -> Result<T, QueueError>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, QueueError>>,
+    {
+        let deadline = Instant::now() + self.config.lease_ttl;
+        let mut pause = Duration::from_millis(200);
+        loop {
+            match op().await {
+                Ok(v) => return Ok(v),
+                Err(e @ (QueueError::LeaseLost(_) | QueueError::Corrupt(_))) => return Err(e),
+                Err(e) if Instant::now() + pause < deadline => {
+                    warn!(error = %e, op = what, "database error; retrying");
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_secs(2));
                 }
                 Err(e) => return Err(e),
             }
