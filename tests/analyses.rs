@@ -163,9 +163,9 @@ impl Naive {
                 } else {
                     -1.0
                 };
-                for i in 0..n {
-                    if d[i] != 0.0 && d[i].signum() != elected {
-                        self.conflict_models[i] += 1;
+                for (c, x) in self.conflict_models.iter_mut().zip(&d) {
+                    if *x != 0.0 && x.signum() != elected {
+                        *c += 1;
                     }
                 }
             }
@@ -527,6 +527,9 @@ async fn scenario(database_url: &str, backend: &str) {
     let result = &done["result"];
     assert_eq!(result["reference"], "base");
     assert_eq!(result["models"].as_array().unwrap().len(), MODELS);
+    if s3.is_some() {
+        assert!(result["models"][3].as_str().unwrap().starts_with("s3://"));
+    }
     assert!(result["base_model"].as_str().unwrap().contains("/base"));
     assert_eq!(
         result["skipped"],

@@ -609,8 +609,8 @@ mod tests {
                 .iter()
                 .map(|m| f64::from(m[e]) - f64::from(base[e]))
                 .collect();
-            for i in 0..n {
-                sq[i] += d[i] * d[i];
+            for (acc, x) in sq.iter_mut().zip(&d) {
+                *acc += x * x;
             }
             dot01 += d[0] * d[1];
             let signs: Vec<f64> = d
@@ -622,8 +622,8 @@ mod tests {
                 conflicts += 1;
             }
         }
-        for i in 0..n {
-            assert!(close(s.sq[i], sq[i]));
+        for (got, want) in s.sq.iter().zip(&sq) {
+            assert!(close(*got, *want));
         }
         assert!(close(s.dot(0, 1), dot01));
         assert!(close(s.dot(1, 0), dot01));
