@@ -14,6 +14,7 @@ use std::time::Duration;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
+use common::procs::LadleProc;
 use common::*;
 use ladle::service::Mode;
 use serde_json::{Value, json};
@@ -154,6 +155,11 @@ impl World {
 }
 
 async fn world(postgres: bool) -> Option<World> {
+    world_in(postgres, Mode::Serve).await.map(|(w, _)| w)
+}
+
+/// The world in `mode`, and its database URL.
+async fn world_in(postgres: bool, mode: Mode) -> Option<(World, String)> {
     let tmp = tempfile::tempdir().unwrap();
     let (db_url, pg) = if postgres {
         let Some(pg) = PgDb::create().await else {
@@ -176,14 +182,117 @@ async fn world(postgres: bool) -> Option<World> {
         vec![tmp.path().display().to_string()],
         None,
     );
-    let (service, base) = start(&settings, Mode::Serve).await;
-    Some(World {
-        tmp,
-        service: Some(service),
-        base,
-        client: reqwest::Client::new(),
-        _pg: pg,
-    })
+    let (service, base) = start(&settings, mode).await;
+    Some((
+        World {
+            tmp,
+            service: Some(service),
+            base,
+            client: reqwest::Client::new(),
+            _pg: pg,
+        },
+        db_url,
+    ))
+}
+
+/// A `ladle worker` process on the world's database.
+fn spawn_worker(w: &World, db_url: &str, name: &str, crash_at: Option<&str>) -> LadleProc {
+    let mut env = BTreeMap::new();
+    let mut set = |k: &str, v: String| {
+        env.insert(k.to_string(), v);
+    };
+    set("LADLE_DATABASE_URL", db_url.to_string());
+    set("LADLE_DATA_DIR", w.root().join(name).display().to_string());
+    set("LADLE_ALLOWED_ROOTS", w.root().display().to_string());
+    set("LADLE_LEASE_TTL_SECS", "3".into());
+    set("LADLE_HEARTBEAT_SECS", "1".into());
+    set("LADLE_POLL_SECS", "0.2".into());
+    set("LADLE_BACKOFF_SECS", "0.5".into());
+    set("LADLE_CHUNK_ELEMS", "1024".into());
+    if let Some(p) = crash_at {
+        set("LADLE_TEST_CRASH_AT", p.into());
+    }
+    LadleProc::spawn(name, &["worker"], &env, &w.root().join("logs"))
+}
+
+/// A worker killed right after storing the first evaluation: the next worker replays it
+/// (the evaluator is asked once per evaluation id over both attempts) and picks the same soup.
+async fn crash_mid_search_resumes(postgres: bool) {
+    let Some((w, db_url)) = world_in(postgres, Mode::Api).await else {
+        return;
+    };
+    let (url, ev) = start_evaluator(Behaviour::Score).await;
+    let r = w.root();
+    let models = vec![
+        (constant_model(&r.join("m0"), 1.0), None),
+        (constant_model(&r.join("m1"), 3.0), None),
+        (constant_model(&r.join("m2"), 0.0), None),
+        (constant_model(&r.join("m3"), 8.0), Some(-6.0)),
+    ];
+    let out = r.join("out/crash");
+    let (status, v) = submit(
+        &w.client,
+        &w.base,
+        &greedy_body(&models, &out, json!({"url": url})),
+    )
+    .await;
+    assert_eq!(status, 202, "{v}");
+    let id = v["id"].as_str().unwrap().to_string();
+    let mut first = spawn_worker(&w, &db_url, "worker-1", Some("after-evaluation"));
+    let status = first
+        .wait_exit(Duration::from_secs(60))
+        .await
+        .expect("the armed worker never crashed");
+    assert!(
+        common::procs::aborted(status),
+        "not a crash: {status:?}\n{}",
+        first.log_text()
+    );
+    assert!(first.log_text().contains("crashing at after-evaluation"));
+    // What the dead worker stored: evaluation 0, shown by GET.
+    let job: Value = w
+        .client
+        .get(format!("{}/v1/merges/{id}", w.base))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let evals = job["search"]["evaluations"]
+        .as_array()
+        .expect("search shown");
+    assert_eq!(evals.len(), 1, "{job}");
+    assert_eq!(evals[0]["evaluation_id"], format!("{id}/0"));
+    assert_eq!(evals[0]["score"].as_f64(), Some(-1.0));
+
+    let _second = spawn_worker(&w, &db_url, "worker-2", None);
+    let job = wait_terminal(&w.client, &w.base, &id, Duration::from_secs(120)).await;
+    assert_eq!(job["state"], "succeeded", "{job}");
+    assert_eq!(job["attempts"], 2, "{job}");
+    assert_eq!(accepted(&job), vec![0, 1]);
+    assert_eq!(output_values(&out), vec![2.0; 6]);
+    let calls = ev.calls.lock().unwrap().clone();
+    let expected: BTreeMap<String, usize> = (0..6).map(|n| (format!("{id}/{n}"), 1)).collect();
+    assert_eq!(calls, expected, "an evaluation was asked again");
+    assert_eq!(
+        job["result"]["search"]["evaluations"]
+            .as_array()
+            .unwrap()
+            .len(),
+        6
+    );
+    w.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn greedy_crash_resumes_sqlite() {
+    crash_mid_search_resumes(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn greedy_crash_resumes_postgres() {
+    crash_mid_search_resumes(true).await;
 }
 
 fn greedy_body(models: &[(PathBuf, Option<f64>)], out: &Path, evaluator: Value) -> Value {
