@@ -679,6 +679,18 @@ fn machine_cpu() -> (u64, u64) {
     (idle, f.iter().take(8).sum())
 }
 
+/// SIGTERM a worker and require a clean exit within 15 s.
+async fn stop_clean(w: &mut LadleProc) {
+    w.sigterm();
+    let status = w.wait_exit(Duration::from_secs(15)).await;
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "{}: {status:?}\n{}",
+        w.name,
+        w.log_text()
+    );
+}
+
 fn log_has(p: &LadleProc, needle: &str) -> bool {
     p.log_text().contains(needle)
 }
@@ -735,12 +747,121 @@ async fn kill9_mid_merge(rig: Rig) {
     assert_eq!(m["run"]["attempt"], 2, "the second worker published");
     assert_eq!(j.result.as_ref().expect("result")["files"], m["files"]);
     assert!(log_has(&b, "job succeeded"), "{}", b.log_text());
-    b.sigterm();
-    assert!(
-        b.wait_exit(Duration::from_secs(15))
-            .await
-            .is_some_and(|s| s.success())
+    stop_clean(&mut b).await;
+    rig.finish().await;
+}
+
+/// POST cancel, accepting every answer a cancel racing the job's end may get (200 cancelled,
+/// 202 requested, 409 not cancellable: already succeeded). Returns (status, body).
+async fn cancel_any(rig: &Rig, id: Uuid) -> (u16, serde_json::Value) {
+    let r = rig
+        .client
+        .post(format!("{}/v1/merges/{id}/cancel", rig.base))
+        .send()
+        .await
+        .expect("POST cancel");
+    let status = r.status().as_u16();
+    let body = r.json().await.expect("json");
+    assert!(matches!(status, 200 | 202 | 409), "cancel: {status} {body}");
+    (status, body)
+}
+
+/// Files left in an output folder (none when it does not exist).
+fn files_in(dir: &Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// QUEUE.md §5 #8: cancel a running merge → the worker stops within a heartbeat interval
+/// (+1 s), cleans its output, the job is `cancelled` with attempts unchanged, and the worker
+/// lives on.
+async fn cancel_running_job(rig: Rig) {
+    let id = rig.submit("cancel-running").await;
+    let out = rig.out_dir("cancel-running");
+    let mut w = rig.spawn_worker(&WorkerOpts {
+        throttle_ms: 120,
+        ..Default::default()
+    });
+    rig.wait_running_with(id, 1).await;
+    assert!(!files_in(&out).is_empty(), "the merge wrote nothing yet");
+    let asked = Instant::now();
+    let v = rig.cancel(id).await;
+    assert_eq!(v["state"], "running", "{v}");
+    assert_eq!(v["cancel_requested"], true, "{v}");
+    let j = rig.wait_terminal(id, Duration::from_secs(10)).await;
+    let took = asked.elapsed();
+    eprintln!(
+        "cancel of a running job ({:?}): stopped after {took:?}",
+        rig.backend
     );
+    assert_eq!(j.state, JobState::Cancelled, "{:?}", j.error);
+    assert_eq!(j.attempts, 1, "a cancel charges no further attempt");
+    // Heartbeat interval 1 s: the worker sees the request at its next heartbeat.
+    assert!(took < Duration::from_secs(2), "stopped after {took:?}");
+    assert!(log_has(&w, "job cancelled"), "{}", w.log_text());
+    assert_no_manifest(&out, "for a cancelled job");
+    assert!(
+        files_in(&out).is_empty(),
+        "output not cleaned: {:?}",
+        files_in(&out)
+    );
+    assert!(w.is_running());
+    stop_clean(&mut w).await;
+    rig.finish().await;
+}
+
+/// QUEUE.md §5 #10: cancels land at staggered moments of short merges, some before and
+/// some after the manifest. Every round ends in exactly one of: `succeeded` with a whole
+/// soup (the cancel came too late: 409), or `cancelled` with nothing at the output.
+async fn cancel_races_completion(rig: Rig) {
+    const ROUNDS: u64 = 12;
+    let mut w = rig.spawn_worker(&WorkerOpts {
+        throttle_ms: 5,
+        ..Default::default()
+    });
+    let (mut succeeded, mut cancelled) = (0, 0);
+    for round in 0..ROUNDS {
+        let name = format!("race-{round}");
+        let id = rig.submit(&name).await;
+        rig.wait_job(id, Duration::from_secs(20), "claimed", |j| j.attempts == 1)
+            .await;
+        tokio::time::sleep(Duration::from_millis(round * 40)).await;
+        let (status, body) = cancel_any(&rig, id).await;
+        let j = rig.wait_terminal(id, Duration::from_secs(20)).await;
+        let out = rig.out_dir(&name);
+        match j.state {
+            JobState::Succeeded => {
+                succeeded += 1;
+                assert_ne!(status, 200, "answered cancelled but succeeded: {body}");
+                rig.assert_soup(&name);
+            }
+            JobState::Cancelled => {
+                cancelled += 1;
+                assert_ne!(
+                    status, 409,
+                    "answered not cancellable but cancelled: {body}"
+                );
+                assert_no_manifest(&out, "for a cancelled job");
+                assert!(
+                    files_in(&out).is_empty(),
+                    "{name}: left {:?}",
+                    files_in(&out)
+                );
+            }
+            other => panic!("{name}: ended {other:?}: {:?}", j.error),
+        }
+        assert_eq!(j.attempts, 1);
+    }
+    eprintln!(
+        "cancel vs completion ({:?}): {succeeded} succeeded, {cancelled} cancelled of {ROUNDS}",
+        rig.backend
+    );
+    stop_clean(&mut w).await;
     rig.finish().await;
 }
 
@@ -772,12 +893,7 @@ async fn cancel_after_worker_died(rig: Rig) {
     assert!(b.is_running());
     assert!(!log_has(&b, "job claimed"), "{}", b.log_text());
     assert_no_manifest(&out, "for a cancelled job");
-    b.sigterm();
-    assert!(
-        b.wait_exit(Duration::from_secs(15))
-            .await
-            .is_some_and(|s| s.success())
-    );
+    stop_clean(&mut b).await;
     rig.finish().await;
 }
 
@@ -917,12 +1033,7 @@ async fn heartbeats_hold_under_cpu_saturation(rig: Rig) {
         assert!(!log.contains(bad), "worker log has {bad:?}:\n{log}");
     }
     rig.assert_soup("burn");
-    w.sigterm();
-    assert!(
-        w.wait_exit(Duration::from_secs(15))
-            .await
-            .is_some_and(|s| s.success())
-    );
+    stop_clean(&mut w).await;
     rig.finish().await;
 }
 
@@ -990,12 +1101,7 @@ async fn sigterm_releases_after_grace(rig: Rig) {
         assert_eq!(j.attempts, attempts);
         rig.assert_soup(name);
     }
-    b.sigterm();
-    assert!(
-        b.wait_exit(Duration::from_secs(15))
-            .await
-            .is_some_and(|s| s.success())
-    );
+    stop_clean(&mut b).await;
     rig.finish().await;
 }
 
@@ -1126,12 +1232,7 @@ async fn crash_point_recovers(rig: Rig, point: CrashPoint, last_attempt: bool) {
         assert_eq!(j.errors.len(), 1, "{:?}", j.errors);
         assert_eq!(j.errors[0]["code"], "lease_expired");
     }
-    b.sigterm();
-    assert!(
-        b.wait_exit(Duration::from_secs(15))
-            .await
-            .is_some_and(|s| s.success())
-    );
+    stop_clean(&mut b).await;
     rig.finish().await;
 }
 
@@ -1179,6 +1280,8 @@ macro_rules! on_both_backends {
 
 on_both_backends!(
     kill9_mid_merge,
+    cancel_running_job,
+    cancel_races_completion,
     cancel_after_worker_died,
     poison_job,
     heartbeats_hold_under_cpu_saturation,
@@ -1336,12 +1439,7 @@ async fn s3_output_survives_crashes(rig: Rig) {
     assert_eq!(j.attempts, 2);
     let m = rig.assert_s3_soup("s3-kill9").await;
     assert_eq!(m["run"]["attempt"], 2);
-    b.sigterm();
-    assert!(
-        b.wait_exit(Duration::from_secs(15))
-            .await
-            .is_some_and(|s| s.success())
-    );
+    stop_clean(&mut b).await;
 
     let id = rig.submit("s3-after-manifest").await;
     let mut a = rig.spawn_worker(&WorkerOpts {
@@ -1372,12 +1470,7 @@ async fn s3_output_survives_crashes(rig: Rig) {
         manifest,
         "the manifest was kept"
     );
-    b.sigterm();
-    assert!(
-        b.wait_exit(Duration::from_secs(15))
-            .await
-            .is_some_and(|s| s.success())
-    );
+    stop_clean(&mut b).await;
     rig.finish().await;
 }
 
