@@ -5,6 +5,9 @@
 //! `t ∈ [0, 1]` gives `(1 − f)·a_i + f·a_{i+1}` with `s = t·m`, `i = ⌊s⌋`, `f = s − i` (in f64);
 //! a filter list returns the value of the first rule whose `filter` is absent, `"*"`, or a
 //! substring of the tensor name; no match gives `None` (the parameter's default applies).
+//! ladle's extension: a rule may give `name` instead of `filter`, matching exactly one tensor
+//! name (a per-tensor coefficient table, e.g. a learned soup's, cannot then match a second
+//! tensor whose name contains the first, as `filter` would).
 
 use serde::{Deserialize, Serialize};
 
@@ -24,6 +27,9 @@ pub enum Value {
 pub struct FilterRule {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub filter: Option<String>,
+    /// An exact tensor name (never with `filter`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
     pub value: Value,
 }
 
@@ -72,9 +78,10 @@ impl Setting {
             Setting::Gradient(v) => Some(gradient(v, t)),
             Setting::Filters(rules) => rules
                 .iter()
-                .find(|r| match r.filter.as_deref() {
-                    None | Some("*") => true,
-                    Some(f) => name.contains(f),
+                .find(|r| match (r.name.as_deref(), r.filter.as_deref()) {
+                    (Some(exact), _) => name == exact,
+                    (None, None | Some("*")) => true,
+                    (None, Some(f)) => name.contains(f),
                 })
                 .map(|r| r.value.eval(t)),
         }
@@ -121,6 +128,7 @@ impl Setting {
                         )
                     })?;
                     let mut filter = None;
+                    let mut exact = None;
                     let mut value = None;
                     for (k, x) in obj {
                         match k.as_str() {
@@ -128,6 +136,16 @@ impl Setting {
                                 filter = Some(
                                     x.as_str()
                                         .ok_or_else(|| format!("[{i}].filter: expected a string"))?
+                                        .to_string(),
+                                );
+                            }
+                            "name" => {
+                                exact = Some(
+                                    x.as_str()
+                                        .filter(|n| !n.is_empty())
+                                        .ok_or_else(|| {
+                                            format!("[{i}].name: expected a tensor name")
+                                        })?
                                         .to_string(),
                                 );
                             }
@@ -150,7 +168,24 @@ impl Setting {
                         }
                     }
                     let value = value.ok_or_else(|| format!("[{i}]: missing \"value\""))?;
-                    rules.push(FilterRule { filter, value });
+                    if filter.is_some() && exact.is_some() {
+                        return Err(format!(
+                            "[{i}]: give \"filter\" (a substring) or \"name\" (an exact tensor \
+                             name), not both"
+                        ));
+                    }
+                    if let Some(n) = &exact
+                        && rules
+                            .iter()
+                            .any(|r: &FilterRule| r.name.as_ref() == Some(n))
+                    {
+                        return Err(format!("[{i}].name: {n:?} is given twice"));
+                    }
+                    rules.push(FilterRule {
+                        filter,
+                        name: exact,
+                        value,
+                    });
                 }
                 Ok(Setting::Filters(rules))
             }
@@ -216,6 +251,30 @@ mod tests {
         assert!(Setting::from_json(&json!("x")).is_err());
         assert!(Setting::from_json(&json!([{"value": [{"value": 1}]}])).is_err());
         assert!(Setting::from_json(&json!([{"value": 1, "x": 2}])).is_err());
+    }
+
+    #[test]
+    fn exact_names_match_one_tensor_only() {
+        let s = Setting::from_json(&json!([
+            {"name": "model.layers.1.mlp.weight", "value": 0.25},
+            {"name": "model.layers.11.mlp.weight", "value": 0.75},
+            {"filter": "mlp", "value": 0.5}
+        ]))
+        .unwrap();
+        assert_eq!(s.eval("model.layers.1.mlp.weight", 0.0), Some(0.25));
+        assert_eq!(s.eval("model.layers.11.mlp.weight", 0.0), Some(0.75));
+        // A substring filter "layers.1.mlp" would also have matched layers.11: a name does not.
+        assert_eq!(s.eval("model.layers.1.mlp.weight.extra", 0.0), Some(0.5));
+        assert_eq!(s.eval("lm_head.weight", 0.0), None);
+        assert!(Setting::from_json(&json!([{"name": "a", "filter": "a", "value": 1}])).is_err());
+        assert!(Setting::from_json(&json!([{"name": "", "value": 1}])).is_err());
+        assert!(
+            Setting::from_json(&json!([{"name": "a", "value": 1}, {"name": "a", "value": 2}]))
+                .is_err()
+        );
+        // The stored form round-trips.
+        let back: Setting = serde_json::from_value(serde_json::to_value(&s).unwrap()).unwrap();
+        assert_eq!(back, s);
     }
 
     #[test]
