@@ -566,6 +566,62 @@ async fn bad_requests(w: &World) {
     assert!(v["message"].as_str().unwrap().contains("accept"), "{v}");
 }
 
+/// task_arithmetic of base 0 and one model at 1 is λ everywhere: λ ∈ {0.5, 1, 2, 3} scores
+/// −1.5, −1, 0, −1, so λ = 2 is kept; every score is in the manifest.
+async fn sweep_keeps_the_best_value(w: &World) {
+    let (url, ev) = start_evaluator(Behaviour::Score).await;
+    let r = w.root();
+    let base = constant_model(&r.join("s-base"), 0.0);
+    let x = constant_model(&r.join("s-x"), 1.0);
+    let out = r.join("out/sweep");
+    let body = json!({
+        "method": "task_arithmetic",
+        "base_model": file_url(&base),
+        "models": [{"uri": file_url(&x), "weight": 1.0}],
+        "sweep": {"parameter": "lambda", "values": [0.5, 1.0, 2.0, 3.0]},
+        "evaluator": {"url": url},
+        "output": {"uri": file_url(&out)},
+    });
+    let job = run_job(w, &body).await;
+    assert_eq!(job["state"], "succeeded", "{job}");
+    assert_eq!(output_values(&out), vec![2.0; 6]);
+    let manifest: Value =
+        serde_json::from_slice(&std::fs::read(out.join("ladle-manifest.json")).unwrap()).unwrap();
+    assert_eq!(manifest["search"]["best"]["value"], 2.0, "{manifest}");
+    let scores: Vec<f64> = manifest["search"]["evaluations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["score"].as_f64().unwrap())
+        .collect();
+    assert_eq!(scores, vec![-1.5, -1.0, 0.0, -1.0]);
+    assert_eq!(manifest["recipe"]["parameters"]["lambda"], 2.0);
+    assert_eq!(ev.calls.lock().unwrap().len(), 4);
+
+    // Refused at submit: a parameter the method does not take, no evaluator, an unknown one.
+    let mut bad = body.clone();
+    bad["sweep"] = json!({"parameter": "t", "values": [0.5]});
+    let (status, v) = submit(&w.client, &w.base, &bad).await;
+    assert_eq!(status, 400, "{v}");
+    assert!(
+        v["message"].as_str().unwrap().contains("sweep.values[0]"),
+        "{v}"
+    );
+    let mut bad = body.clone();
+    bad.as_object_mut().unwrap().remove("evaluator");
+    let (status, v) = submit(&w.client, &w.base, &bad).await;
+    assert_eq!(status, 400, "{v}");
+    assert!(v["message"].as_str().unwrap().contains("evaluator"), "{v}");
+    let mut bad = body.clone();
+    bad["sweep"]["parameter"] = json!("gamma");
+    let (status, v) = submit(&w.client, &w.base, &bad).await;
+    assert_eq!(status, 400, "{v}");
+    assert!(
+        v["message"].as_str().unwrap().contains("sweep.parameter"),
+        "{v}"
+    );
+}
+
 async fn all(postgres: bool) {
     let Some(w) = world(postgres).await else {
         return;
@@ -574,6 +630,7 @@ async fn all(postgres: bool) {
     greedy_picks_the_known_set(&w).await;
     accept_rules_differ_on_a_tie(&w).await;
     evaluator_failures(&w).await;
+    sweep_keeps_the_best_value(&w).await;
     w.stop().await;
 }
 

@@ -59,6 +59,9 @@ pub struct MergeRequest {
     /// Greedy soup's accept rule: `">="` (the paper, default) or `">"`.
     #[serde(default)]
     pub accept: Option<String>,
+    /// Merge once per value of one parameter, keep the best-scoring soup (needs `evaluator`).
+    #[serde(default)]
+    pub sweep: Option<crate::search::spec::SweepSpec>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -471,6 +474,9 @@ impl Recipe {
     /// Validate and normalize a parsed request.
     pub fn from_request(mut req: MergeRequest) -> Result<Submission, RecipeError> {
         let expanded = trajectory::take_expanded(&mut req)?;
+        if let Some(sweep) = req.sweep.take() {
+            return crate::search::spec::sweep(req, sweep);
+        }
         let greedy = crate::search::spec::take_greedy(&mut req).map_err(RecipeError::from)?;
         let slices = take_slices(&mut req)?;
         let method = Method::parse(&req.method).ok_or_else(|| {

@@ -69,9 +69,10 @@ pub struct Record {
 pub fn recorded(progress: Option<&serde_json::Value>) -> BTreeMap<String, Evaluation> {
     progress
         .and_then(|p| p.get("search"))
-        .and_then(|s| serde_json::from_value::<Record>(s.clone()).ok())
-        .map(|r| {
-            r.evaluations
+        .and_then(|s| s.get("evaluations"))
+        .and_then(|e| serde_json::from_value::<Vec<Evaluation>>(e.clone()).ok())
+        .map(|evals| {
+            evals
                 .into_iter()
                 .map(|e| (e.evaluation_id.clone(), e))
                 .collect()
@@ -94,6 +95,17 @@ pub struct Driver<'a> {
 impl Driver<'_> {
     /// Run the search of `recipe` (whose `search` is set) and write the chosen soup.
     pub async fn run(&self, recipe: &Recipe) -> Result<MergeOutcome, EngineError> {
+        if let Some(Search::Sweep {
+            evaluator,
+            parameter,
+            values,
+            variants,
+        }) = &recipe.search
+        {
+            return self
+                .sweep(recipe, evaluator, parameter, values, variants)
+                .await;
+        }
         let Some(Search::Greedy {
             evaluator,
             accept,
@@ -175,6 +187,94 @@ impl Driver<'_> {
         remove_scratch(&scratch).await;
         // 3. The chosen soup, as a plain recipe, to the output.
         let chosen = soup(recipe, greedy.accepted(), recipe.output.uri.clone());
+        self.engine.run(&chosen, self.ctl).await
+    }
+
+    /// One merge per value, each scored; the best (the first on a tie) is written to the
+    /// output. Evaluation `<job_id>/<i>` is value `i`.
+    async fn sweep(
+        &self,
+        recipe: &Recipe,
+        evaluator: &super::spec::Evaluator,
+        parameter: &str,
+        values: &[serde_json::Value],
+        variants: &[Recipe],
+    ) -> Result<MergeOutcome, EngineError> {
+        self.allowed.check(&evaluator.url)?;
+        let mut client = Client::new().map_err(EngineError::Internal)?;
+        client.backoff = self.backoff;
+        let scratch = self.scratch(recipe)?;
+        remove_scratch(&scratch).await;
+        let timeout = Duration::from_secs_f64(evaluator.timeout_s);
+        let mut evaluations: Vec<Evaluation> = Vec::new();
+        let mut best: Option<(usize, f64)> = None;
+        for (i, variant) in variants.iter().enumerate() {
+            self.ctl.check()?;
+            let id = format!("{}/{i}", self.job_id);
+            let eval = match self.recorded.get(&id) {
+                Some(e) if e.purpose == "candidate" && e.ingredients == [i] => e.clone(),
+                _ => {
+                    let loc = scratch.child(&i.to_string());
+                    let mut r = variant.clone();
+                    r.output.uri = loc.url.clone();
+                    r.search = None;
+                    self.engine.run(&r, self.ctl).await?;
+                    let req = Request {
+                        checkpoint: &loc.url,
+                        job_id: &self.job_id,
+                        evaluation_id: &id,
+                        purpose: "candidate",
+                        recipe: serde_json::json!({
+                            "method": variant.method.name(),
+                            "ingredients": variant.models.iter().map(|m| &m.uri).collect::<Vec<_>>(),
+                            "weights": variant.models.iter().map(|m| m.weight).collect::<Vec<_>>(),
+                            "params": {parameter: values[i]},
+                        }),
+                    };
+                    let answer = tokio::select! {
+                        a = client.evaluate(&evaluator.url, timeout, &req) => a,
+                        _ = self.ctl.cancel.cancelled() => {
+                            remove_scratch(&loc).await;
+                            return Err(self.ctl.check().err().unwrap_or(EngineError::Cancelled));
+                        }
+                    };
+                    remove_scratch(&loc).await;
+                    let answer = answer?;
+                    tracing::info!(evaluation_id = %id, score = answer.score, "sweep value evaluated");
+                    Evaluation {
+                        evaluation_id: id.clone(),
+                        purpose: "candidate".into(),
+                        ingredients: vec![i],
+                        score: answer.score,
+                        metrics: answer.metrics,
+                        accepted: None,
+                    }
+                }
+            };
+            if best.is_none_or(|(_, b)| eval.score > b) {
+                best = Some((i, eval.score));
+            }
+            evaluations.push(eval);
+            let record = serde_json::json!({
+                "kind": "sweep",
+                "parameter": parameter,
+                "values": values,
+                "evaluations": evaluations,
+                "best": best.map(|(i, s)| serde_json::json!({"index": i, "value": values[i], "score": s})),
+                "step": i + 1,
+                "done": i + 1 == variants.len(),
+            });
+            self.ctl.progress.set_search(record);
+            self.ctl.gate.persist().await?;
+            crate::worker::failpoints::crash(
+                crate::worker::failpoints::CrashPoint::AfterEvaluation,
+            );
+        }
+        remove_scratch(&scratch).await;
+        let (i, _) = best.ok_or_else(|| EngineError::Internal("a sweep without values".into()))?;
+        let mut chosen = variants[i].clone();
+        chosen.output.uri = recipe.output.uri.clone();
+        chosen.search = None;
         self.engine.run(&chosen, self.ctl).await
     }
 

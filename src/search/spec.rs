@@ -39,14 +39,96 @@ pub enum Search {
         accept: Accept,
         scores: Vec<Option<f64>>,
     },
+    /// One merge per value of `parameter`; `variants[i]` is the recipe for `values[i]`.
+    Sweep {
+        evaluator: Evaluator,
+        parameter: String,
+        values: Vec<serde_json::Value>,
+        variants: Vec<crate::recipe::Recipe>,
+    },
 }
 
 impl Search {
     pub fn evaluator(&self) -> &Evaluator {
         match self {
-            Search::Greedy { evaluator, .. } => evaluator,
+            Search::Greedy { evaluator, .. } | Search::Sweep { evaluator, .. } => evaluator,
         }
     }
+}
+
+/// `sweep` as sent.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SweepSpec {
+    pub parameter: String,
+    pub values: Vec<serde_json::Value>,
+}
+
+/// Parameters a sweep may vary.
+pub const SWEEP_PARAMETERS: [&str; 4] = ["lambda", "t", "density", "weight"];
+/// Most values one sweep may try.
+pub const MAX_SWEEP_VALUES: usize = 256;
+
+/// A sweep request: each value validated as the same request with `parameters.<parameter>`
+/// set to it (so ranges and applicability are the method's own rules); the recipe is the
+/// first value's, with the search beside it.
+pub fn sweep(
+    mut req: crate::recipe::MergeRequest,
+    sweep: SweepSpec,
+) -> Result<crate::recipe::Submission, crate::recipe::RecipeError> {
+    use crate::recipe::{Recipe, RecipeError};
+    if req.method == "greedy_soup" {
+        return Err(invalid("sweep", "a greedy soup cannot also sweep").into());
+    }
+    if !SWEEP_PARAMETERS.contains(&sweep.parameter.as_str()) {
+        return Err(invalid(
+            "sweep.parameter",
+            format!("use one of {}", SWEEP_PARAMETERS.join(", ")),
+        )
+        .into());
+    }
+    if sweep.values.is_empty() || sweep.values.len() > MAX_SWEEP_VALUES {
+        return Err(invalid(
+            "sweep.values",
+            format!("give 1 to {MAX_SWEEP_VALUES} values"),
+        )
+        .into());
+    }
+    if req.parameters.contains_key(&sweep.parameter) {
+        return Err(invalid(
+            format!("parameters.{}", sweep.parameter),
+            "the sweep sets it; give it only in sweep.values",
+        )
+        .into());
+    }
+    let spec = req
+        .evaluator
+        .take()
+        .ok_or_else(|| invalid("evaluator", "a sweep needs an evaluator"))?;
+    let evaluator = evaluator(&spec, sweep.values.len())?;
+    let mut variants = Vec::with_capacity(sweep.values.len());
+    let mut first = None;
+    for (i, v) in sweep.values.iter().enumerate() {
+        let mut one = req.clone();
+        one.parameters.insert(sweep.parameter.clone(), v.clone());
+        let sub = Recipe::from_request(one).map_err(|e| match e {
+            RecipeError::Invalid { field, message } => RecipeError::Invalid {
+                field: format!("sweep.values[{i}]"),
+                message: format!("{field}: {message}"),
+            },
+            other => other,
+        })?;
+        variants.push(sub.recipe.clone());
+        first.get_or_insert(sub);
+    }
+    let mut sub = first.ok_or_else(|| invalid("sweep.values", "no values"))?;
+    sub.recipe.search = Some(Search::Sweep {
+        evaluator,
+        parameter: sweep.parameter,
+        values: sweep.values,
+        variants,
+    });
+    Ok(sub)
 }
 
 /// A field-named validation failure.
