@@ -865,6 +865,151 @@ async fn cancel_races_completion(rig: Rig) {
     rig.finish().await;
 }
 
+/// `(job_id, attempt)` of every line of a worker log containing `what` (the job span's fields).
+fn logged_runs(log: &str, what: &str) -> Vec<(Uuid, i32)> {
+    let field = |line: &str, key: &str| -> Option<String> {
+        let start = line.find(key)? + key.len();
+        let rest = &line[start..];
+        let end = rest.find([' ', '}', ',']).unwrap_or(rest.len());
+        Some(rest[..end].to_string())
+    };
+    log.lines()
+        .filter(|l| l.contains(what))
+        .filter_map(|l| {
+            let id = field(l, "job_id=")?.parse().ok()?;
+            let attempt = field(l, "attempt=")?.parse().ok()?;
+            Some((id, attempt))
+        })
+        .collect()
+}
+
+/// Every (job, attempt) → the lease owners seen holding it.
+type OwnerHistory = BTreeMap<(Uuid, i32), BTreeSet<String>>;
+
+/// QUEUE.md §5 #2: two worker processes share six slow merges; one of them is frozen
+/// (SIGSTOP) past its 2 s lease mid-merge, then thawed. At no poll does one attempt of a job
+/// have two owners; across both processes' logs every (job, attempt) is claimed once, each job
+/// succeeds once, claims per job equal its attempts, and the thawed worker fences itself
+/// instead of publishing.
+async fn never_two_runners(rig: Rig) {
+    let names: Vec<String> = (0..6).map(|i| format!("two-runners-{i}")).collect();
+    let mut ids = Vec::new();
+    for n in &names {
+        ids.push(rig.submit(n).await);
+    }
+    let opts = |throttle_ms| WorkerOpts {
+        lease_s: 2.0,
+        heartbeat_s: 0.5,
+        throttle_ms,
+        ..Default::default()
+    };
+    let mut a = rig.spawn_worker(&opts(15));
+    let mut b = rig.spawn_worker(&opts(25));
+    let owners: Arc<std::sync::Mutex<OwnerHistory>> = Default::default();
+    let stop = Arc::new(AtomicBool::new(false));
+    let poll = {
+        let (queue, ids, owners, stop) =
+            (rig.queue.clone(), ids.clone(), owners.clone(), stop.clone());
+        tokio::spawn(async move {
+            while !stop.load(Ordering::SeqCst) {
+                for id in &ids {
+                    if let Ok(Some(j)) = queue.get(*id).await
+                        && let Some(o) = j.lease_owner
+                    {
+                        let mut map = owners.lock().unwrap_or_else(|p| p.into_inner());
+                        map.entry((*id, j.attempts)).or_default().insert(o);
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+    };
+    // Freeze A while it holds a job with work left, past its lease.
+    let a_tag = format!(":{}:", a.pid());
+    let frozen = rig
+        .wait_job(
+            ids[0],
+            Duration::from_secs(30),
+            "A or B running job 0",
+            |j| j.state == JobState::Running && progress(j).0 >= 1,
+        )
+        .await;
+    let victim = if frozen
+        .lease_owner
+        .as_deref()
+        .is_some_and(|o| o.contains(&a_tag))
+    {
+        &mut a
+    } else {
+        &mut b
+    };
+    victim.signal("STOP");
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    victim.signal("CONT");
+    let victim_name = victim.name.clone();
+    for id in &ids {
+        let j = rig.wait_terminal(*id, Duration::from_secs(120)).await;
+        assert_eq!(j.state, JobState::Succeeded, "{id}: {:?}", j.error);
+    }
+    stop.store(true, Ordering::SeqCst);
+    poll.await.expect("poller");
+    for (key, seen) in owners.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+        assert_eq!(seen.len(), 1, "{key:?} held by {seen:?}");
+    }
+    let logs = [a.log_text(), b.log_text()];
+    let claims: Vec<(Uuid, i32)> = logs
+        .iter()
+        .flat_map(|l| logged_runs(l, "job claimed"))
+        .collect();
+    let successes: Vec<(Uuid, i32)> = logs
+        .iter()
+        .flat_map(|l| logged_runs(l, "job succeeded"))
+        .collect();
+    let unique: BTreeSet<_> = claims.iter().collect();
+    assert_eq!(
+        unique.len(),
+        claims.len(),
+        "a (job, attempt) claimed twice: {claims:?}"
+    );
+    for (id, name) in ids.iter().zip(&names) {
+        let j = rig.job(*id).await;
+        let n = claims.iter().filter(|(c, _)| c == id).count();
+        assert_eq!(n as i32, j.attempts, "{name}: claims logged vs attempts");
+        let won: Vec<_> = successes.iter().filter(|(c, _)| c == id).collect();
+        assert_eq!(won.len(), 1, "{name}: successes {won:?}");
+        assert_eq!(won[0].1, j.attempts, "{name}: the last attempt succeeded");
+        let m = rig.assert_soup(name);
+        assert_eq!(
+            m["run"]["attempt"], j.attempts,
+            "{name}: published by the last attempt"
+        );
+    }
+    let frozen_job = rig.job(ids[0]).await;
+    assert!(
+        frozen_job.attempts >= 2,
+        "job 0 was not taken over: {frozen_job:?}"
+    );
+    let victim_log = if victim_name == a.name {
+        &logs[0]
+    } else {
+        &logs[1]
+    };
+    assert!(
+        victim_log.contains("lease lost") || victim_log.contains("fencing myself"),
+        "the thawed worker did not fence itself:\n{victim_log}"
+    );
+    eprintln!(
+        "never two runners ({:?}): {} claims for {} jobs, job 0 attempts {}",
+        rig.backend,
+        claims.len(),
+        ids.len(),
+        frozen_job.attempts
+    );
+    stop_clean(&mut a).await;
+    stop_clean(&mut b).await;
+    rig.finish().await;
+}
+
 /// QUEUE.md §5 #9: a cancel requested after the owner died → `cancelled` by the reaper, and
 /// no worker runs the job again.
 async fn cancel_after_worker_died(rig: Rig) {
@@ -1280,6 +1425,7 @@ macro_rules! on_both_backends {
 
 on_both_backends!(
     kill9_mid_merge,
+    never_two_runners,
     cancel_running_job,
     cancel_races_completion,
     cancel_after_worker_died,

@@ -89,11 +89,16 @@ impl LadleProc {
 
     /// SIGTERM (no reap).
     pub fn sigterm(&self) {
+        self.signal("TERM");
+    }
+
+    /// Send signal `name` (`TERM`, `STOP`, `CONT`, …) with kill(1).
+    pub fn signal(&self, name: &str) {
         let ok = Command::new("kill")
-            .args(["-TERM", &self.pid().to_string()])
+            .args([&format!("-{name}"), &self.pid().to_string()])
             .status()
-            .expect("kill -TERM");
-        assert!(ok.success(), "kill -TERM {}", self.pid());
+            .expect("kill");
+        assert!(ok.success(), "kill -{name} {}", self.pid());
     }
 
     /// Wait for the process to exit by itself.
