@@ -1,5 +1,7 @@
-//! Hostile and broken input against the real service on a random port (SQLite; the S3 parts
-//! need s3s-fs and print a loud SKIPPED line without it).
+//! Hostile and broken input against the real service on a random port, with the SQLite queue
+//! and again with the Postgres queue when `LADLE_TEST_POSTGRES_URL` is set (else a loud
+//! SKIPPED line; the two run side by side). The S3 parts run on the SQLite pass only and need
+//! s3s-fs (a loud SKIPPED line without it).
 //!
 //! - Checkpoints that lie: each fails its job with `checkpoint_malformed` naming the file (and
 //!   the tensor, where one is at fault), is not retried, writes nothing at the output URL, and
@@ -73,12 +75,57 @@ struct BadCase {
     needles: Vec<&'static str>,
 }
 
+/// Which queue database a hostile test runs on.
+enum Db {
+    /// A SQLite file in the test's temp folder.
+    Sqlite,
+    /// A throw-away Postgres database (`LADLE_TEST_POSTGRES_URL`).
+    Postgres(PgDb),
+}
+
+impl Db {
+    /// `None` after a loud SKIPPED line when Postgres is not configured.
+    async fn postgres(test: &str) -> Option<Db> {
+        let db = PgDb::create().await.map(Db::Postgres);
+        if db.is_none() {
+            loud_skip(
+                &format!("hostile `{test}` on Postgres"),
+                "set LADLE_TEST_POSTGRES_URL, e.g. postgres://postgres@127.0.0.1:5432/postgres",
+            );
+        }
+        db
+    }
+
+    fn url(&self, root: &Path) -> String {
+        match self {
+            Db::Sqlite => format!("sqlite://{}", root.join("data/ladle.db").display()),
+            Db::Postgres(pg) => pg.url.clone(),
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lying_checkpoints_fail_their_job_and_the_service_keeps_serving() {
+    lying_checkpoints(Db::Sqlite).await;
+}
+
+/// The same checkpoints with the Postgres queue (the S3 copies of two of them only on SQLite:
+/// they test storage, not the queue).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lying_checkpoints_on_postgres() {
+    if let Some(db) = Db::postgres("lying_checkpoints").await {
+        lying_checkpoints(db).await;
+    }
+}
+
+async fn lying_checkpoints(db: Db) {
     let work = tempfile::tempdir().unwrap();
     let root = work.path().canonicalize().unwrap();
-    let s3 = S3Server::start();
-    if s3.is_none() {
+    let s3 = match db {
+        Db::Sqlite => S3Server::start(),
+        Db::Postgres(_) => None,
+    };
+    if s3.is_none() && matches!(db, Db::Sqlite) {
         loud_skip(
             "hostile checkpoints on S3",
             "s3s-fs not installed: run .ci/run or `cargo install s3s-fs@0.14.1 --features binary --locked`",
@@ -280,7 +327,7 @@ async fn lying_checkpoints_fail_their_job_and_the_service_keeps_serving() {
         });
     }
 
-    let settings = test_settings(&root.join("data"), &sqlite_url(&root), roots, s3.as_ref());
+    let settings = test_settings(&root.join("data"), &db.url(&root), roots, s3.as_ref());
     let (service, base) = start(&settings, Mode::Serve).await;
     let client = reqwest::Client::new();
 
@@ -416,12 +463,19 @@ async fn lying_checkpoints_fail_their_job_and_the_service_keeps_serving() {
     service.shutdown().await;
 }
 
-fn sqlite_url(root: &Path) -> String {
-    format!("sqlite://{}", root.join("data/ladle.db").display())
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lying_requests_get_a_precise_4xx_at_submit_time() {
+    lying_requests(Db::Sqlite).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn lying_requests_get_a_precise_4xx_at_submit_time() {
+async fn lying_requests_on_postgres() {
+    if let Some(db) = Db::postgres("lying_requests").await {
+        lying_requests(db).await;
+    }
+}
+
+async fn lying_requests(db: Db) {
     let work = tempfile::tempdir().unwrap();
     let root = work.path().canonicalize().unwrap();
     let outside = tempfile::tempdir().unwrap();
@@ -443,7 +497,7 @@ async fn lying_requests_get_a_precise_4xx_at_submit_time() {
     let out = file_url(&root.join("soups/out"));
     let settings = test_settings(
         &root.join("data"),
-        &sqlite_url(&root),
+        &db.url(&root),
         vec![root.display().to_string()],
         None,
     );
