@@ -285,6 +285,68 @@ async fn crash_mid_search_resumes(postgres: bool) {
     w.stop().await;
 }
 
+/// A search whose only attempt dies right after publishing the final soup: the reaper's
+/// recovery-only run recognises the soup (the manifest records this job and its search, not
+/// the stored recipe's hash) and the job succeeds without asking the evaluator again.
+async fn crash_after_final_manifest_on_last_attempt(postgres: bool) {
+    let Some((w, db_url)) = world_in(postgres, Mode::Api).await else {
+        return;
+    };
+    let (url, ev) = start_evaluator(Behaviour::Score).await;
+    let r = w.root();
+    let models = vec![
+        (constant_model(&r.join("m0"), 1.0), None),
+        (constant_model(&r.join("m1"), 3.0), None),
+    ];
+    let out = r.join("out/last");
+    let mut body = greedy_body(&models, &out, json!({"url": url}));
+    body["max_attempts"] = json!(1);
+    let (status, v) = submit(&w.client, &w.base, &body).await;
+    assert_eq!(status, 202, "{v}");
+    let id = v["id"].as_str().unwrap().to_string();
+    let mut first = spawn_worker(&w, &db_url, "worker-1", Some("after-manifest"));
+    let status = first
+        .wait_exit(Duration::from_secs(60))
+        .await
+        .expect("the armed worker never crashed");
+    assert!(
+        common::procs::aborted(status),
+        "not a crash: {status:?}\n{}",
+        first.log_text()
+    );
+    let published = std::fs::read(out.join("ladle-manifest.json")).expect("manifest published");
+    let calls_before = ev.calls.lock().unwrap().clone();
+
+    let second = spawn_worker(&w, &db_url, "worker-2", None);
+    let job = wait_terminal(&w.client, &w.base, &id, Duration::from_secs(60)).await;
+    assert_eq!(job["state"], "succeeded", "{job}\n{}", second.log_text());
+    assert_eq!(job["result"]["recovered"], true, "{job}");
+    assert_eq!(job["attempts"], 2, "{job}");
+    assert!(second.log_text().contains("recovery-only run"));
+    assert_eq!(output_values(&out), vec![2.0; 6]);
+    assert_eq!(
+        std::fs::read(out.join("ladle-manifest.json")).unwrap(),
+        published,
+        "the recovery run rewrote the manifest"
+    );
+    assert_eq!(
+        *ev.calls.lock().unwrap(),
+        calls_before,
+        "the recovery run asked the evaluator"
+    );
+    w.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn greedy_recovery_after_final_manifest_sqlite() {
+    crash_after_final_manifest_on_last_attempt(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn greedy_recovery_after_final_manifest_postgres() {
+    crash_after_final_manifest_on_last_attempt(true).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn greedy_crash_resumes_sqlite() {
     crash_mid_search_resumes(false).await;

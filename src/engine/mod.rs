@@ -346,12 +346,27 @@ impl Engine {
     /// `None` when no manifest was published; `OutputConflict` when one from another recipe or
     /// with missing files is there. The same check as `existing_output`, without planning
     /// (which would open every input, and for model-wide selection read them all).
-    pub async fn recover(&self, recipe: &Recipe) -> Result<Option<MergeOutcome>, EngineError> {
+    ///
+    /// A search (greedy soup, sweep) publishes the recipe it chose, not the stored one: its
+    /// soup is recognised by the job id the manifest records (`run.job_id`) and its `search`
+    /// section instead.
+    pub async fn recover(
+        &self,
+        recipe: &Recipe,
+        job_id: uuid::Uuid,
+    ) -> Result<Option<MergeOutcome>, EngineError> {
         let output = self.storage.resolve(&recipe.output.uri)?;
         let Some(existing) = manifest::read(&output).await? else {
             return Ok(None);
         };
-        if existing.recipe_sha256 != hex::encode(recipe.hash()) {
+        let ours = if recipe.search.is_some() {
+            existing.search.is_some()
+                && existing.run.get("job_id").and_then(|v| v.as_str())
+                    == Some(job_id.to_string().as_str())
+        } else {
+            existing.recipe_sha256 == hex::encode(recipe.hash())
+        };
+        if !ours {
             return Err(EngineError::OutputConflict(format!(
                 "{} holds a soup made from a different recipe ({})",
                 output.url, MANIFEST_NAME

@@ -288,7 +288,7 @@ impl Slot {
     async fn recover_only(&self, claimed: &ClaimedJob, recipe: &Recipe) {
         let lease = &claimed.lease;
         info!("recovery-only run: checking the output, merging nothing");
-        let why = match self.engine.recover(recipe).await {
+        let why = match self.engine.recover(recipe, claimed.job.id).await {
             Ok(Some(outcome)) => {
                 let result = serde_json::json!({"uri": outcome.uri, "files": outcome.files, "recovered": true});
                 match self
