@@ -21,6 +21,34 @@ use crate::merge::{
 };
 use crate::recipe::{GtaMethod, Parameters, Recipe, Setting, depth};
 
+/// Linear weights that depend on the tensor: each model's `weight` setting evaluated for the
+/// tensor's name and layer depth (the model's scalar weight where a setting gives nothing).
+#[derive(Debug, Clone)]
+pub struct TensorWeights {
+    settings: Vec<Option<Setting>>,
+    normalize: bool,
+    num_layers: usize,
+}
+
+impl TensorWeights {
+    /// The weights and (with `normalize`) their sum for tensor `name`, summed in model order
+    /// in f32 as for scalar weights.
+    fn for_tensor(&self, name: &str, scalar: &[f32]) -> (Vec<f32>, Option<f32>) {
+        let t = depth(name, self.num_layers);
+        let weights: Vec<f32> = scalar
+            .iter()
+            .zip(&self.settings)
+            .map(|(w, s)| {
+                s.as_ref()
+                    .and_then(|s| s.eval(name, t))
+                    .map_or(*w, |v| v as f32)
+            })
+            .collect();
+        let divisor = self.normalize.then(|| weights.iter().sum::<f32>());
+        (weights, divisor)
+    }
+}
+
 /// The method, ready to run on tensors. Inputs arrive base first (when the recipe has one),
 /// then the models in recipe order.
 #[derive(Debug, Clone)]
@@ -28,6 +56,9 @@ pub enum Op {
     Linear {
         weights: Vec<f32>,
         divisor: Option<f32>,
+        /// Per-model weights that vary by tensor (a layer gradient or `filter`/`name` rules,
+        /// e.g. a learned soup's coefficients); `None` when every weight is one number.
+        per_tensor: Option<TensorWeights>,
     },
     Gta {
         method: GtaMethod,
@@ -208,9 +239,26 @@ impl Op {
                     stats: Arc::new(Mutex::new(BTreeMap::new())),
                 })
             }
-            Parameters::Linear { .. } => {
+            Parameters::Linear { normalize } => {
                 let (weights, divisor) = recipe.linear_weights();
-                Ok(Op::Linear { weights, divisor })
+                let settings: Vec<Option<Setting>> = recipe
+                    .models
+                    .iter()
+                    .map(|m| m.parameters.get("weight").cloned())
+                    .collect();
+                let per_tensor = settings
+                    .iter()
+                    .any(Option::is_some)
+                    .then_some(TensorWeights {
+                        settings,
+                        normalize: *normalize,
+                        num_layers,
+                    });
+                Ok(Op::Linear {
+                    weights,
+                    divisor,
+                    per_tensor,
+                })
             }
             Parameters::Gta {
                 normalize,
@@ -387,8 +435,21 @@ impl Op {
         out: &mut [u8],
     ) -> Result<(), MergeError> {
         match self {
-            Op::Linear { weights, divisor } => {
-                linear_raw(inputs, weights, *divisor, out_dtype, out)
+            Op::Linear {
+                weights,
+                divisor,
+                per_tensor: None,
+            } => linear_raw(inputs, weights, *divisor, out_dtype, out),
+            Op::Linear {
+                weights,
+                per_tensor: Some(pt),
+                ..
+            } => {
+                let (weights, divisor) = pt.for_tensor(name, weights);
+                if divisor == Some(0.0) {
+                    return Err(MergeError::ZeroWeightSum);
+                }
+                linear_raw(inputs, &weights, divisor, out_dtype, out)
             }
             Op::Gta { compute_dtype, .. } => {
                 let Some((mut cfg, models)) = self.gta_params(name) else {

@@ -50,6 +50,9 @@ pub enum MergeError {
         /// Elements where some ingredient is zero and another is not.
         elements: usize,
     },
+    /// `normalize: true` with per-tensor weights that sum to zero for one tensor.
+    #[error("the models' weights for this tensor sum to zero (normalize: true divides by the sum)")]
+    ZeroWeightSum,
     /// A model-wide selection (`scope: "model"`) ran without its thresholds from the pre-pass.
     #[error("scope \"model\": the kernel has {bands} thresholds for {models} models")]
     MissingSelection {
@@ -69,6 +72,7 @@ impl MergeError {
             MergeError::InputLength { .. } | MergeError::MaskMismatch { .. } => {
                 ErrorCode::ShapeMismatch
             }
+            MergeError::ZeroWeightSum => ErrorCode::InvalidRecipe,
             MergeError::OutputLength { .. }
             | MergeError::WeightCount { .. }
             | MergeError::MissingSelection { .. } => ErrorCode::Internal,

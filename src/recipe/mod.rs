@@ -624,6 +624,13 @@ impl Recipe {
                     None => false,
                     Some(v) => bool_param("require_shared_mask", &v)?,
                 };
+                if let Some((i, m)) = models.iter().find(|(_, m)| !m.parameters.is_empty()) {
+                    let key = m.parameters.keys().next().cloned().unwrap_or_default();
+                    return Err(RecipeError::invalid(
+                        format!("models[{i}].parameters.{key}"),
+                        "method sparse_soup takes only a numeric weight per model",
+                    ));
+                }
                 match parse_linear(&p, &models) {
                     Ok(Parameters::Linear { normalize }) => Parameters::SparseSoup {
                         normalize,
@@ -772,14 +779,16 @@ fn parse_linear(
         }
     }
     for (i, m) in models {
-        if let Some(key) = m.parameters.keys().next() {
+        if let Some(key) = m.parameters.keys().find(|k| *k != "weight") {
             return Err(RecipeError::invalid(
                 format!("models[{i}].parameters.{key}"),
-                "method linear takes only a numeric weight per model",
+                "method linear takes only a weight per model (a number, a layer gradient or \
+                 filter/name rules)",
             ));
         }
     }
-    if normalize {
+    // Per-tensor weights (gradients, rules) are checked for a zero sum tensor by tensor.
+    if normalize && models.iter().all(|(_, m)| m.parameters.is_empty()) {
         let sum: f32 = models.iter().map(|(_, m)| m.weight as f32).sum();
         if sum == 0.0 || !sum.is_finite() {
             return Err(RecipeError::invalid(
