@@ -6,9 +6,9 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::path::Path;
 use std::time::Duration;
 
+use common::soup::*;
 use common::*;
 use ladle::service::Mode;
 use object_store::ObjectStoreExt;
@@ -24,91 +24,6 @@ fn model_tensors(seed: u64) -> Vec<RawTensor> {
         i64_tensor("model.position_ids", 32, seed),
         bf16_tensor("model.empty", &[0, 64], seed),
     ]
-}
-
-/// The soup computed independently: f32 fused multiply-add in input order, then divide.
-fn reference(
-    models: &[Vec<RawTensor>],
-    weights: &[f32],
-    normalize: bool,
-    out: Option<safetensors::Dtype>,
-) -> BTreeMap<String, (safetensors::Dtype, Vec<usize>, Vec<u8>)> {
-    let mut expected = BTreeMap::new();
-    for (ti, t0) in models[0].iter().enumerate() {
-        if t0.dtype == safetensors::Dtype::I64 {
-            expected.insert(
-                t0.name.clone(),
-                (t0.dtype, t0.shape.clone(), t0.data.clone()),
-            );
-            continue;
-        }
-        let xs: Vec<Vec<f32>> = models
-            .iter()
-            .map(|m| to_f32(m[ti].dtype, &m[ti].data))
-            .collect();
-        let sum_w: f32 = weights.iter().sum();
-        let n = xs[0].len();
-        let dtype = out.unwrap_or(t0.dtype);
-        let mut bytes = Vec::new();
-        for e in 0..n {
-            let mut acc = 0.0f32;
-            for (x, w) in xs.iter().zip(weights) {
-                acc = w.mul_add(x[e], acc);
-            }
-            if normalize {
-                acc /= sum_w;
-            }
-            match dtype {
-                safetensors::Dtype::BF16 => {
-                    bytes.extend(half::bf16::from_f32(acc).to_bits().to_le_bytes())
-                }
-                safetensors::Dtype::F32 => bytes.extend(acc.to_le_bytes()),
-                other => panic!("unexpected {other:?}"),
-            }
-        }
-        expected.insert(t0.name.clone(), (dtype, t0.shape.clone(), bytes));
-    }
-    expected
-}
-
-/// Read every tensor of an output folder (single file or sharded) with the safetensors crate.
-fn read_output(
-    files: &BTreeMap<String, Vec<u8>>,
-) -> BTreeMap<String, (safetensors::Dtype, Vec<usize>, Vec<u8>)> {
-    let mut out = BTreeMap::new();
-    for (name, bytes) in files {
-        if !name.ends_with(".safetensors") {
-            continue;
-        }
-        let st = safetensors::SafeTensors::deserialize(bytes).expect("output parses");
-        for (tname, view) in st.tensors() {
-            let prev = out.insert(
-                tname.clone(),
-                (view.dtype(), view.shape().to_vec(), view.data().to_vec()),
-            );
-            assert!(prev.is_none(), "tensor {tname} in two shards");
-        }
-    }
-    out
-}
-
-fn assert_soup_equal(
-    got: &BTreeMap<String, (safetensors::Dtype, Vec<usize>, Vec<u8>)>,
-    want: &BTreeMap<String, (safetensors::Dtype, Vec<usize>, Vec<u8>)>,
-) {
-    assert_eq!(
-        got.keys().collect::<Vec<_>>(),
-        want.keys().collect::<Vec<_>>()
-    );
-    for (name, (dt, shape, bytes)) in want {
-        let (gdt, gshape, gbytes) = &got[name];
-        assert_eq!(gdt, dt, "{name} dtype");
-        assert_eq!(gshape, shape, "{name} shape");
-        if gbytes != bytes {
-            let first = gbytes.iter().zip(bytes).position(|(a, b)| a != b);
-            panic!("{name}: bytes differ from the reference (first at byte {first:?})");
-        }
-    }
 }
 
 /// Check the manifest's list against the files, and that it lists exactly what is there.
@@ -139,19 +54,6 @@ fn check_manifest(files: &BTreeMap<String, Vec<u8>>, result: &serde_json::Value)
         &manifest["files"], &result["files"],
         "job result lists the manifest's files"
     );
-}
-
-fn local_files(dir: &Path) -> BTreeMap<String, Vec<u8>> {
-    let mut out = BTreeMap::new();
-    if let Ok(entries) = std::fs::read_dir(dir) {
-        for e in entries.flatten() {
-            out.insert(
-                e.file_name().to_string_lossy().into_owned(),
-                std::fs::read(e.path()).unwrap(),
-            );
-        }
-    }
-    out
 }
 
 async fn s3_files(s3: &S3Server, prefix: &str) -> BTreeMap<String, Vec<u8>> {
@@ -297,8 +199,51 @@ async fn scenario(database_url: &str, backend: &str) {
     assert!(files.contains_key("tokenizer.json"));
     check_manifest(&files, &done["result"]);
     assert_soup_equal(
-        &read_output(&files),
-        &reference(&models, &[1.0, 1.0, 1.0], true, None),
+        &read_tensors(&files),
+        &linear_reference(&models, &[1.0, 1.0, 1.0], true, None),
+    );
+
+    // --- 1b. A learned soup: coefficients per model and per tensor (exact names), with a
+    // layer gradient and a fallback, normalized per tensor; bit for bit against Σαx/Σα ---
+    let out_learned = root.join("soups/learned");
+    let learned = |m: usize| -> serde_json::Value {
+        let (emb, mlp, rest) = [(0.5, 0.25, 1.0), (0.3, 0.5, 2.0), (0.2, 0.25, 3.0)][m];
+        serde_json::json!({"uri": models_json[m]["uri"], "parameters": {"weight": [
+            {"name": "model.embed_tokens.weight", "value": emb},
+            {"name": "model.layers.0.mlp.weight", "value": mlp},
+            {"value": rest}
+        ]}})
+    };
+    let (status, job) = submit(
+        &client,
+        &base,
+        &serde_json::json!({
+            "method": "linear", "models": [learned(0), learned(1), learned(2)],
+            "output": {"uri": file_url(&out_learned)}
+        }),
+    )
+    .await;
+    assert_eq!(status, 202, "{job}");
+    let done = wait_terminal(
+        &client,
+        &base,
+        job["id"].as_str().unwrap(),
+        Duration::from_secs(60),
+    )
+    .await;
+    assert_eq!(done["state"], "succeeded", "{done}");
+    assert_soup_equal(
+        &read_tensors(&local_files(&out_learned)),
+        &linear_reference_by_tensor(
+            &models,
+            |name| match name {
+                "model.embed_tokens.weight" => vec![0.5, 0.3, 0.2],
+                "model.layers.0.mlp.weight" => vec![0.25, 0.5, 0.25],
+                _ => vec![1.0, 2.0, 3.0],
+            },
+            true,
+            None,
+        ),
     );
 
     // --- 2. Weighted, not normalized, float32 out, sharded, to S3 (or local) ---
@@ -349,8 +294,8 @@ async fn scenario(database_url: &str, backend: &str) {
     assert_eq!(index["weight_map"].as_object().unwrap().len(), 6);
     check_manifest(&files, &done["result"]);
     assert_soup_equal(
-        &read_output(&files),
-        &reference(
+        &read_tensors(&files),
+        &linear_reference(
             &models,
             &[0.5, 0.3, -0.2],
             false,

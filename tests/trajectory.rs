@@ -10,12 +10,11 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
 
+use common::soup::*;
 use common::*;
 use ladle::service::Mode;
 use object_store::ObjectStoreExt;
 use object_store::path::Path as ObjPath;
-
-type Tensors = BTreeMap<String, (safetensors::Dtype, Vec<usize>, Vec<u8>)>;
 
 const STEPS: [u64; 6] = [100, 200, 300, 400, 500, 600];
 
@@ -25,80 +24,6 @@ fn model_tensors(seed: u64) -> Vec<RawTensor> {
         f32_tensor("model.layers.0.bias", &[40], seed + 1),
         i64_tensor("model.position_ids", 8, seed),
     ]
-}
-
-/// `Σ w_i x_i` in f32, one fused multiply-add per checkpoint in order, divided by `Σ w_i` when
-/// `normalize`; rounded to the tensor's dtype (bf16 round-to-nearest-even). Integer tensors
-/// come from the first checkpoint.
-fn reference(models: &[&Vec<RawTensor>], weights: &[f32], normalize: bool) -> Tensors {
-    let mut expected = BTreeMap::new();
-    for (ti, t0) in models[0].iter().enumerate() {
-        if t0.dtype == safetensors::Dtype::I64 {
-            expected.insert(
-                t0.name.clone(),
-                (t0.dtype, t0.shape.clone(), t0.data.clone()),
-            );
-            continue;
-        }
-        let xs: Vec<Vec<f32>> = models
-            .iter()
-            .map(|m| to_f32(m[ti].dtype, &m[ti].data))
-            .collect();
-        let sum_w: f32 = weights.iter().sum();
-        let mut bytes = Vec::new();
-        for e in 0..xs[0].len() {
-            let mut acc = 0.0f32;
-            for (x, w) in xs.iter().zip(weights) {
-                acc = w.mul_add(x[e], acc);
-            }
-            if normalize {
-                acc /= sum_w;
-            }
-            match t0.dtype {
-                safetensors::Dtype::BF16 => {
-                    bytes.extend(half::bf16::from_f32(acc).to_bits().to_le_bytes())
-                }
-                safetensors::Dtype::F32 => bytes.extend(acc.to_le_bytes()),
-                other => panic!("unexpected {other:?}"),
-            }
-        }
-        expected.insert(t0.name.clone(), (t0.dtype, t0.shape.clone(), bytes));
-    }
-    expected
-}
-
-/// Every tensor of a local output folder, read with the safetensors crate.
-fn read_output(dir: &Path) -> Tensors {
-    let mut out = BTreeMap::new();
-    for e in std::fs::read_dir(dir).unwrap().flatten() {
-        if !e.file_name().to_string_lossy().ends_with(".safetensors") {
-            continue;
-        }
-        let bytes = std::fs::read(e.path()).unwrap();
-        let st = safetensors::SafeTensors::deserialize(&bytes).expect("output parses");
-        for (name, view) in st.tensors() {
-            out.insert(
-                name.clone(),
-                (view.dtype(), view.shape().to_vec(), view.data().to_vec()),
-            );
-        }
-    }
-    out
-}
-
-fn assert_soup_equal(got: &Tensors, want: &Tensors) {
-    assert_eq!(
-        got.keys().collect::<Vec<_>>(),
-        want.keys().collect::<Vec<_>>()
-    );
-    for (name, (dt, shape, bytes)) in want {
-        let (gdt, gshape, gbytes) = &got[name];
-        assert_eq!((gdt, gshape), (dt, shape), "{name}");
-        if gbytes != bytes {
-            let first = gbytes.iter().zip(bytes).position(|(a, b)| a != b);
-            panic!("{name}: bytes differ from the reference (first at byte {first:?})");
-        }
-    }
 }
 
 /// The run folder's files: (relative path, bytes).
@@ -258,8 +183,8 @@ async fn scenario(database_url: &str, backend: &str) {
         &[400, 500, 600],
         serde_json::json!({"last": 3}),
     );
-    let mean_last3 = reference(&ctx.steps(&[400, 500, 600]), &[1.0; 3], true);
-    assert_soup_equal(&read_output(&out_dir), &mean_last3);
+    let mean_last3 = linear_reference(&ctx.steps(&[400, 500, 600]), &[1.0; 3], true, None);
+    assert_soup_equal(&read_output_dir(&out_dir), &mean_last3);
 
     // steps (given out of order; 300 is sharded) → ordered by step.
     let (out, out_dir) = ctx.out("steps");
@@ -275,8 +200,8 @@ async fn scenario(database_url: &str, backend: &str) {
         serde_json::json!({"steps": [300, 100]}),
     );
     assert_soup_equal(
-        &read_output(&out_dir),
-        &reference(&ctx.steps(&[100, 300]), &[1.0; 2], true),
+        &read_output_dir(&out_dir),
+        &linear_reference(&ctx.steps(&[100, 300]), &[1.0; 2], true, None),
     );
 
     // glob on the folder name.
@@ -293,8 +218,8 @@ async fn scenario(database_url: &str, backend: &str) {
         serde_json::json!({"glob": "checkpoint-[2-4]?0"}),
     );
     assert_soup_equal(
-        &read_output(&out_dir),
-        &reference(&ctx.steps(&[200, 300, 400]), &[1.0; 3], true),
+        &read_output_dir(&out_dir),
+        &linear_reference(&ctx.steps(&[200, 300, 400]), &[1.0; 3], true, None),
     );
 
     // ema over the last 4, decay 0.5: weights β³ = 1/8, (1−β)β² = 1/8, (1−β)β = 1/4, 1−β = 1/2.
@@ -319,11 +244,12 @@ async fn scenario(database_url: &str, backend: &str) {
         .collect();
     assert_eq!(weights, [0.125, 0.125, 0.25, 0.5]);
     assert_soup_equal(
-        &read_output(&out_dir),
-        &reference(
+        &read_output_dir(&out_dir),
+        &linear_reference(
             &ctx.steps(&[300, 400, 500, 600]),
             &[0.125, 0.125, 0.25, 0.5],
             false,
+            None,
         ),
     );
 
@@ -342,7 +268,7 @@ async fn scenario(database_url: &str, backend: &str) {
             &[400, 500, 600],
             serde_json::json!({"last": 3}),
         );
-        assert_soup_equal(&read_output(&out_dir), &mean_last3);
+        assert_soup_equal(&read_output_dir(&out_dir), &mean_last3);
         let (out, _) = ctx.out("s3-missing");
         let (status, code, msg) = ctx
             .refuse(serde_json::json!({"method": "linear",
@@ -525,6 +451,6 @@ fn cli_merge_expands_a_trajectory() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let want = reference(&[&models[&500], &models[&600]], &[1.0; 2], true);
-    assert_soup_equal(&read_output(&root.join("soup")), &want);
+    let want = linear_reference(&[&models[&500], &models[&600]], &[1.0; 2], true, None);
+    assert_soup_equal(&read_output_dir(&root.join("soup")), &want);
 }

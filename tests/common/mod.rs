@@ -380,6 +380,7 @@ pub async fn wait_terminal(
 
 /// The real `ladle` binary as child processes, throw-away Postgres databases, a chaos proxy.
 pub mod procs;
+pub mod soup;
 
 /// A local path as a `file://` URL.
 pub fn file_url(p: &Path) -> String {
