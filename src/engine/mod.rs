@@ -420,14 +420,9 @@ impl Engine {
                 .filter(|(_, op)| matches!(op, TensorOp::Merge))
                 .map(|(name, _)| name.clone())
                 .collect();
-            let selections = prepass::model_bands(
-                &inputs,
-                &merged,
-                &specs,
-                compute,
-                self.config.chunk_elems,
-            )
-            .await?;
+            let selections =
+                prepass::model_bands(&inputs, &merged, &specs, compute, self.config.chunk_elems)
+                    .await?;
             kernel = kernel.with_bands(selections.iter().map(|s| s.band).collect());
         }
         let kernel = Arc::new(kernel);

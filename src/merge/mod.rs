@@ -19,9 +19,9 @@ pub mod linear;
 pub mod model_stock;
 pub mod nearswap;
 pub mod precision;
-pub mod radix;
 #[cfg(test)]
 mod properties;
+pub mod radix;
 pub mod rng;
 pub mod sce;
 pub mod slerp;
