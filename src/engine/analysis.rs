@@ -12,11 +12,10 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use futures::{StreamExt, TryStreamExt};
-use object_store::ObjectStoreExt;
 use serde::{Deserialize, Serialize};
 
-use super::{Engine, EngineError, RunControl, TensorOp, check_compatible, read_error};
-use crate::checkpoint::{Checkpoint, CheckpointError, open_checkpoint};
+use super::{Engine, EngineError, RunControl, TensorOp, check_compatible, read_elems};
+use crate::checkpoint::{Checkpoint, open_checkpoint};
 use crate::merge::diagnostics::{Reference, Stats};
 use crate::merge::{DType, MergeError, decode_to_f32};
 use crate::storage::Location;
@@ -217,36 +216,13 @@ async fn analyse_chunk(
         return Ok((chunk, Stats::new(n, reference)));
     }
     let progress = &ctl.progress;
-    let reads = inputs.iter().map(|(loc, ckpt)| {
-        let name = &chunk.tensor;
-        let elems = chunk.elems.clone();
-        async move {
-            let t = ckpt.tensors.get(name).ok_or_else(|| {
-                EngineError::Internal(format!("tensor {name} missing from {}", loc.url))
-            })?;
-            let size = t.dtype.size_bytes() as u64;
-            let range = t.start + elems.start * size..t.start + elems.end * size;
-            let file = &ckpt.files[t.file];
-            let bytes = loc
-                .store
-                .get_range(&file.path, range.clone())
-                .await
-                .map_err(|e| read_error(e, &file.path, name, &range))?;
-            if bytes.len() as u64 != range.end - range.start {
-                return Err(EngineError::from(CheckpointError::Malformed {
-                    file: file.path.to_string(),
-                    reason: format!(
-                        "tensor {name}: expected {} bytes, the object returned {} (truncated?)",
-                        range.end - range.start,
-                        bytes.len()
-                    ),
-                }));
-            }
-            progress
-                .bytes_read
-                .fetch_add(bytes.len() as u64, Ordering::Relaxed);
-            Ok::<_, EngineError>((t.dtype, bytes))
-        }
+    let (name, elems) = (&chunk.tensor, &chunk.elems);
+    let reads = inputs.iter().map(|(loc, ckpt)| async move {
+        let (dtype, bytes) = read_elems(loc, ckpt, name, elems.clone()).await?;
+        progress
+            .bytes_read
+            .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+        Ok::<_, EngineError>((dtype, bytes))
     });
     let raw: Vec<(DType, bytes::Bytes)> = futures::future::try_join_all(reads).await?;
     let len = (chunk.elems.end - chunk.elems.start) as usize;

@@ -700,36 +700,13 @@ async fn produce_chunk(
         ),
     };
     let progress = &ctl.progress;
-    let reads = sources.iter().map(|(loc, ckpt)| {
-        let name = source_name;
-        let elems = chunk.elems.clone();
-        async move {
-            let t = ckpt.tensors.get(name).ok_or_else(|| {
-                EngineError::Internal(format!("tensor {name} missing from {}", loc.url))
-            })?;
-            let size = t.dtype.size_bytes() as u64;
-            let range = t.start + elems.start * size..t.start + elems.end * size;
-            let file = &ckpt.files[t.file];
-            let bytes = loc
-                .store
-                .get_range(&file.path, range.clone())
-                .await
-                .map_err(|e| read_error(e, &file.path, name, &range))?;
-            if bytes.len() as u64 != range.end - range.start {
-                return Err(EngineError::from(CheckpointError::Malformed {
-                    file: file.path.to_string(),
-                    reason: format!(
-                        "tensor {name}: expected {} bytes, the object returned {} (truncated?)",
-                        range.end - range.start,
-                        bytes.len()
-                    ),
-                }));
-            }
-            progress
-                .bytes_read
-                .fetch_add(bytes.len() as u64, Ordering::Relaxed);
-            Ok::<_, EngineError>((t.dtype, bytes))
-        }
+    let elems = &chunk.elems;
+    let reads = sources.iter().map(|(loc, ckpt)| async move {
+        let (dtype, bytes) = read_elems(loc, ckpt, source_name, elems.clone()).await?;
+        progress
+            .bytes_read
+            .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+        Ok::<_, EngineError>((dtype, bytes))
     });
     let raw: Vec<(DType, Bytes)> = futures::future::try_join_all(reads).await?;
     if let TensorOp::CopyFirst = chunk.op {
@@ -797,6 +774,38 @@ async fn produce_chunk(
 
 /// A failed ranged read: a vanished or short object is a malformed checkpoint (not worth a
 /// retry); anything else is a storage failure (retryable).
+/// Read elements `elems` of tensor `name` of one input.
+pub(super) async fn read_elems(
+    loc: &Location,
+    ckpt: &Checkpoint,
+    name: &str,
+    elems: std::ops::Range<u64>,
+) -> Result<(DType, Bytes), EngineError> {
+    let t = ckpt
+        .tensors
+        .get(name)
+        .ok_or_else(|| EngineError::Internal(format!("tensor {name} missing from {}", loc.url)))?;
+    let size = t.dtype.size_bytes() as u64;
+    let range = t.start + elems.start * size..t.start + elems.end * size;
+    let file = &ckpt.files[t.file];
+    let bytes = loc
+        .store
+        .get_range(&file.path, range.clone())
+        .await
+        .map_err(|e| read_error(e, &file.path, name, &range))?;
+    if bytes.len() as u64 != range.end - range.start {
+        return Err(EngineError::from(CheckpointError::Malformed {
+            file: file.path.to_string(),
+            reason: format!(
+                "tensor {name}: expected {} bytes, the object returned {} (truncated?)",
+                range.end - range.start,
+                bytes.len()
+            ),
+        }));
+    }
+    Ok((t.dtype, bytes))
+}
+
 fn read_error(
     e: object_store::Error,
     file: &object_store::path::Path,

@@ -12,13 +12,10 @@
 //! test sees the very values that were counted. Memory: two or three 512 KiB histograms per
 //! model plus one chunk of every input.
 
-use std::ops::Range;
-
 use bytes::Bytes;
-use object_store::ObjectStoreExt;
 
-use super::{EngineError, read_error};
-use crate::checkpoint::{Checkpoint, CheckpointError};
+use super::{EngineError, read_elems};
+use crate::checkpoint::Checkpoint;
 use crate::merge::gta::task_vector;
 use crate::merge::precision::Precision;
 use crate::merge::radix::{self, Band, Cutoff, Located};
@@ -201,7 +198,7 @@ where
             start = elems.end;
             let reads = inputs
                 .iter()
-                .map(|(loc, ckpt)| read(loc, ckpt, name, elems.clone()));
+                .map(|(loc, ckpt)| read_elems(loc, ckpt, name, elems.clone()));
             let raw: Vec<(DType, Bytes)> = futures::future::try_join_all(reads).await?;
             let f = f.clone();
             let len = (elems.end - elems.start) as usize;
@@ -228,36 +225,4 @@ where
         }
     }
     Ok(state)
-}
-
-/// Read elements `elems` of tensor `name` of one input.
-async fn read(
-    loc: &Location,
-    ckpt: &Checkpoint,
-    name: &str,
-    elems: Range<u64>,
-) -> Result<(DType, Bytes), EngineError> {
-    let t = ckpt
-        .tensors
-        .get(name)
-        .ok_or_else(|| EngineError::Internal(format!("tensor {name} missing from {}", loc.url)))?;
-    let size = t.dtype.size_bytes() as u64;
-    let range = t.start + elems.start * size..t.start + elems.end * size;
-    let file = &ckpt.files[t.file];
-    let bytes = loc
-        .store
-        .get_range(&file.path, range.clone())
-        .await
-        .map_err(|e| read_error(e, &file.path, name, &range))?;
-    if bytes.len() as u64 != range.end - range.start {
-        return Err(EngineError::from(CheckpointError::Malformed {
-            file: file.path.to_string(),
-            reason: format!(
-                "tensor {name}: expected {} bytes, the object returned {} (truncated?)",
-                range.end - range.start,
-                bytes.len()
-            ),
-        }));
-    }
-    Ok((t.dtype, bytes))
 }
