@@ -6,7 +6,7 @@
 use axum::Router;
 use axum::extract::rejection::{BytesRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
 use axum::routing::{get, post};
 use bytes::Bytes;
@@ -15,8 +15,8 @@ use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
 use super::{
-    ApiError, AppState, JobView, ListQuery, cancel_of_kind, job_of_kind, json_response,
-    list_of_kind,
+    ApiError, AppState, JobView, ListQuery, body_and_type, cancel_of_kind, enqueued_response,
+    job_of_kind, json_response, list_of_kind,
 };
 use crate::engine::analysis::AnalysisSpec;
 use crate::error::ErrorCode;
@@ -147,16 +147,7 @@ async fn submit(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let body = body.map_err(|e| {
-        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::new(ErrorCode::PayloadTooLarge, "request body is too large")
-        } else {
-            ApiError::new(ErrorCode::InvalidRecipe, e.body_text())
-        }
-    })?;
-    let content_type = headers
-        .get(header::CONTENT_TYPE)
-        .map(|ct| ct.to_str().unwrap_or_default().to_ascii_lowercase());
+    let (body, content_type) = body_and_type(body, &headers)?;
     if let Some(ct) = content_type
         && !ct.starts_with("application/json")
     {
@@ -193,21 +184,7 @@ async fn submit(
             "idempotency_key: already used by a merge",
         ));
     }
-    let id = enqueued.job.id;
-    let view = JobView::from(enqueued.job);
-    let mut resp = if enqueued.created {
-        json_response(StatusCode::ACCEPTED, &view)
-    } else {
-        json_response(StatusCode::OK, &view)
-    };
-    if let Ok(h) = HeaderValue::from_str(&format!("/v1/analyses/{id}")) {
-        resp.headers_mut().insert(header::LOCATION, h);
-    }
-    if !enqueued.created {
-        resp.headers_mut()
-            .insert("idempotent-replayed", HeaderValue::from_static("true"));
-    }
-    Ok(resp)
+    Ok(enqueued_response(enqueued, "analyses"))
 }
 
 async fn get_analysis(

@@ -21,7 +21,7 @@ use uuid::Uuid;
 
 use crate::engine::ProgressSnapshot;
 use crate::error::ErrorCode;
-use crate::queue::{CancelOutcome, Job, JobKind, JobQueue, JobState, ListFilter, NewJob};
+use crate::queue::{CancelOutcome, Enqueued, Job, JobKind, JobQueue, JobState, ListFilter, NewJob};
 use crate::recipe::{MergeRequest, Recipe, Submission, trajectory};
 use crate::storage::Storage;
 pub use auth::ApiAuth;
@@ -151,16 +151,7 @@ async fn submit(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let body = body.map_err(|e| {
-        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::new(ErrorCode::PayloadTooLarge, "request body is too large")
-        } else {
-            ApiError::new(ErrorCode::InvalidRecipe, e.body_text())
-        }
-    })?;
-    let content_type = headers
-        .get(header::CONTENT_TYPE)
-        .map(|ct| ct.to_str().unwrap_or_default().to_ascii_lowercase());
+    let (body, content_type) = body_and_type(body, &headers)?;
     let mut req: MergeRequest = match content_type.as_deref() {
         None => Recipe::request_json(&body)?,
         Some(ct) if ct.starts_with("application/json") => Recipe::request_json(&body)?,
@@ -246,21 +237,46 @@ async fn submit(
             max_attempts: sub.max_attempts.unwrap_or(state.default_max_attempts),
         })
         .await?;
+    Ok(enqueued_response(enqueued, "merges"))
+}
+
+/// A submit's body (or the 413 / 400 that replaces it) and its lower-cased content type.
+pub(crate) fn body_and_type(
+    body: Result<Bytes, BytesRejection>,
+    headers: &HeaderMap,
+) -> Result<(Bytes, Option<String>), ApiError> {
+    let body = body.map_err(|e| {
+        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::new(ErrorCode::PayloadTooLarge, "request body is too large")
+        } else {
+            ApiError::new(ErrorCode::InvalidRecipe, e.body_text())
+        }
+    })?;
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .map(|ct| ct.to_str().unwrap_or_default().to_ascii_lowercase());
+    Ok((body, content_type))
+}
+
+/// The answer to a submit: 202 for a new job, 200 with `idempotent-replayed: true` for the
+/// existing one; `Location: /v1/<collection>/<id>` either way.
+pub(crate) fn enqueued_response(enqueued: Enqueued, collection: &str) -> Response {
     let id = enqueued.job.id;
     let view = JobView::from(enqueued.job);
-    let mut resp = if enqueued.created {
-        json_response(StatusCode::ACCEPTED, &view)
+    let status = if enqueued.created {
+        StatusCode::ACCEPTED
     } else {
-        json_response(StatusCode::OK, &view)
+        StatusCode::OK
     };
-    if let Ok(v) = HeaderValue::from_str(&format!("/v1/merges/{id}")) {
+    let mut resp = json_response(status, &view);
+    if let Ok(v) = HeaderValue::from_str(&format!("/v1/{collection}/{id}")) {
         resp.headers_mut().insert(header::LOCATION, v);
     }
     if !enqueued.created {
         resp.headers_mut()
             .insert("idempotent-replayed", HeaderValue::from_static("true"));
     }
-    Ok(resp)
+    resp
 }
 
 fn parse_id(raw: &str) -> Result<Uuid, ApiError> {
