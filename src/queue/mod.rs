@@ -313,10 +313,20 @@ pub trait JobQueue: Send + Sync + 'static {
     /// Cheap round trip to the database, for `/readyz`.
     async fn ping(&self) -> QueueResult<()>;
 
+    /// Hints that a running job's cancel was requested (its id): on Postgres every
+    /// `NOTIFY ladle_cancel` from any instance, on SQLite the cancels requested through this
+    /// process. A worker beats at once on a hint for its job, so the cancel is seen in
+    /// milliseconds instead of at the next heartbeat; hints may be missed (a lagging
+    /// receiver, a dropped listener), heartbeats remain the guarantee.
+    fn cancel_hints(&self) -> tokio::sync::broadcast::Receiver<Uuid>;
+
     /// Wait until new work may be available (an enqueue in this process, or a NOTIFY on
     /// Postgres) or `max` elapses, whichever is first. Polling is still the guarantee.
     async fn wait_for_work(&self, max: Duration);
 }
+
+/// Capacity of the cancel-hint channel: a receiver further behind only loses hints.
+pub(crate) const CANCEL_HINTS: usize = 256;
 
 /// Open the queue named by `database_url` and, when `migrate` is true, apply its migrations.
 ///

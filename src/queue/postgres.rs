@@ -78,6 +78,7 @@ pub struct PostgresQueue {
     pool: PgPool,
     config: QueueConfig,
     work: Arc<Notify>,
+    cancels: tokio::sync::broadcast::Sender<Uuid>,
     listener: JoinHandle<()>,
 }
 
@@ -102,11 +103,13 @@ impl PostgresQueue {
             .max_connections(1)
             .connect_lazy_with(options);
         let work = Arc::new(Notify::new());
-        let listener = tokio::spawn(listen(listen_pool, work.clone()));
+        let cancels = tokio::sync::broadcast::channel(super::CANCEL_HINTS).0;
+        let listener = tokio::spawn(listen(listen_pool, work.clone(), cancels.clone()));
         Ok(PostgresQueue {
             pool,
             config,
             work,
+            cancels,
             listener,
         })
     }
@@ -541,6 +544,10 @@ impl JobQueue for PostgresQueue {
         Ok(())
     }
 
+    fn cancel_hints(&self) -> tokio::sync::broadcast::Receiver<Uuid> {
+        self.cancels.subscribe()
+    }
+
     async fn wait_for_work(&self, max: Duration) {
         let _ = tokio::time::timeout(max, self.work.notified()).await;
     }
@@ -552,10 +559,11 @@ fn wake(work: &Notify) {
     work.notify_waiters();
 }
 
-/// The listener task: `LISTEN ladle_jobs, ladle_cancel` on the dedicated pool's connection and
-/// turn every notification, and every (re)connect, into a wake-up. Never returns; errors are
+/// The listener task: `LISTEN ladle_jobs, ladle_cancel` on the dedicated pool's connection;
+/// turn every job notification, and every (re)connect, into a wake-up, and every cancel
+/// notification into a cancel hint for the job it names. Never returns; errors are
 /// logged and retried after a pause. Aborted when the queue is dropped.
-async fn listen(pool: PgPool, work: Arc<Notify>) {
+async fn listen(pool: PgPool, work: Arc<Notify>, cancels: tokio::sync::broadcast::Sender<Uuid>) {
     const RETRY: Duration = Duration::from_secs(1);
     loop {
         match PgListener::connect_with(&pool).await {
@@ -565,6 +573,12 @@ async fn listen(pool: PgPool, work: Arc<Notify>) {
                     wake(&work);
                     loop {
                         match listener.try_recv().await {
+                            Ok(Some(n)) if n.channel() == CANCEL_CHANNEL => {
+                                if let Ok(id) = Uuid::parse_str(n.payload()) {
+                                    // No receiver (no worker in this process) is fine.
+                                    let _ = cancels.send(id);
+                                }
+                            }
                             Ok(Some(_)) => wake(&work),
                             // The connection dropped; the next call reconnects and re-LISTENs.
                             Ok(None) => {

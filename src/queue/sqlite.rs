@@ -59,6 +59,7 @@ pub struct SqliteQueue {
     pool: SqlitePool,
     config: QueueConfig,
     work: Arc<Notify>,
+    cancels: tokio::sync::broadcast::Sender<Uuid>,
 }
 
 impl SqliteQueue {
@@ -99,6 +100,7 @@ impl SqliteQueue {
             pool,
             config,
             work: Arc::new(Notify::new()),
+            cancels: tokio::sync::broadcast::channel(super::CANCEL_HINTS).0,
         })
     }
 
@@ -402,7 +404,11 @@ impl JobQueue for SqliteQueue {
         if let Some(row) = row {
             return match parse_state(&row.try_get::<String, _>("state")?)? {
                 JobState::Cancelled => Ok(CancelOutcome::Cancelled),
-                _ => Ok(CancelOutcome::Requested),
+                _ => {
+                    // No receiver (no worker in this process) is fine.
+                    let _ = self.cancels.send(id);
+                    Ok(CancelOutcome::Requested)
+                }
             };
         }
         let state: Option<String> = sqlx::query_scalar("SELECT state FROM jobs WHERE id = ?1")
@@ -509,6 +515,10 @@ impl JobQueue for SqliteQueue {
     async fn ping(&self) -> QueueResult<()> {
         sqlx::query("SELECT 1").execute(&self.pool).await?;
         Ok(())
+    }
+
+    fn cancel_hints(&self) -> tokio::sync::broadcast::Receiver<Uuid> {
+        self.cancels.subscribe()
     }
 
     async fn wait_for_work(&self, max: Duration) {

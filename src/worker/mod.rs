@@ -439,11 +439,23 @@ async fn heartbeat_loop(keeper: Arc<LeaseKeeper>, ctl: Arc<RunControl>, interval
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tick.tick().await;
+    let mut hints = keeper.queue.cancel_hints();
+    let mut hints_open = true;
+    let job_id = keeper.lease.job_id;
     loop {
         let deadline = keeper.fence_deadline();
         tokio::select! {
             _ = ctl.cancel.cancelled() => return,
             _ = tick.tick() => {}
+            // A cancel hint for this job: beat now, the heartbeat's answer decides.
+            hint = hints.recv(), if hints_open => match hint {
+                Ok(id) if id == job_id => {}
+                Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => {
+                    hints_open = false;
+                    continue;
+                }
+            },
             // Fence on time, not only after the next failed heartbeat.
             _ = tokio::time::sleep_until(deadline.into()) => {}
         }
