@@ -963,3 +963,50 @@ async fn manifest_counts_nonfinite_outputs() {
         json!({"total": 0, "tensors": {}})
     );
 }
+
+/// mergekit's `dtype` for a method that computes in the checkpoints' own dtype: honoured when
+/// it is that dtype (every pack recipe), refused by name when it is another; never ignored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn yaml_dtype_other_than_the_checkpoints_is_refused_by_name() {
+    let Some(pack) = pack_dir() else {
+        eprintln!(
+            "\n==================== SKIPPED: yaml dtype check (no conformance pack) ====================\n"
+        );
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = pack.join("slerp");
+    let yml = std::fs::read_to_string(dir.join("recipe.yml")).unwrap();
+    assert!(yml.contains("dtype: bfloat16"), "{yml}");
+    let yml = yml.replace("dtype: bfloat16", "dtype: float32");
+    let out = tmp.path().join("slerp-f32");
+    let sub = Recipe::parse_yaml(&yml, Some(&dir), Some(&url(&out))).unwrap();
+    assert_eq!(
+        sub.recipe.input_dtype.map(|d| d.to_string()),
+        Some("F32".into())
+    );
+    let storage = Arc::new(Storage::new(None, S3Settings::default()).unwrap());
+    let engine = Engine::new(storage, EngineConfig::default());
+    let err = engine
+        .run(&sub.recipe, &Arc::new(RunControl::standalone()))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code().to_string(), "invalid_recipe", "{err}");
+    let msg = err.to_string();
+    assert!(msg.contains("dtype") && msg.contains("BF16"), "{msg}");
+    assert!(!out.join("ladle-manifest.json").exists());
+    assert!(!out.join("model.safetensors").exists());
+
+    // linear accumulates in float32 whatever the inputs: `dtype: float32` is honoured.
+    let lin = std::fs::read_to_string(pack.join("linear/recipe.yml"))
+        .unwrap()
+        .replace("dtype: bfloat16", "dtype: float32");
+    let sub = Recipe::parse_yaml(
+        &lin,
+        Some(&pack.join("linear")),
+        Some(&url(&tmp.path().join("lin"))),
+    )
+    .unwrap();
+    assert_eq!(sub.recipe.input_dtype, None);
+    run_submission(&sub.recipe, 4096).await;
+}

@@ -412,6 +412,9 @@ impl Engine {
             .filter_map(|n| layer_index(n))
             .max()
             .map_or(0, |m| m + 1);
+        if let Some(want) = recipe.input_dtype {
+            check_input_dtype(recipe, &inputs, &ops, want)?;
+        }
         let mut kernel = Kernel::new(recipe, num_layers).map_err(EngineError::Internal)?;
         if let Some((specs, compute)) = kernel.model_selection() {
             // scope "model": the cut-offs over the whole model, before anything is written.
@@ -804,6 +807,40 @@ pub(super) async fn read_elems(
         }));
     }
     Ok((t.dtype, bytes))
+}
+
+/// `input_dtype` (mergekit YAML's `dtype` for methods that compute in the checkpoints' own
+/// dtype): every merged float tensor must have it, or the recipe cannot be honoured.
+fn check_input_dtype(
+    recipe: &Recipe,
+    inputs: &[(Location, Checkpoint)],
+    ops: &BTreeMap<String, TensorOp>,
+    want: DType,
+) -> Result<(), EngineError> {
+    for (name, op) in ops {
+        let source = match op {
+            TensorOp::Merge => name,
+            TensorOp::Pick { source, .. } => source,
+            TensorOp::CopyFirst => continue,
+        };
+        for (loc, ckpt) in inputs {
+            let Some(t) = ckpt.tensors.get(source) else {
+                continue;
+            };
+            if t.dtype.is_mergeable_float() && t.dtype != want {
+                return Err(EngineError::InvalidRecipe(format!(
+                    "dtype: the recipe computes in {want} (mergekit `dtype`), but tensor {source} \
+                     of {} is {}; ladle computes {} in the checkpoints' own dtype, so it cannot \
+                     honour another: drop `dtype` (give `out_dtype` for the output) or convert \
+                     the checkpoint",
+                    loc.url,
+                    t.dtype,
+                    recipe.method.name()
+                )));
+            }
+        }
+    }
+    Ok(())
 }
 
 fn read_error(

@@ -62,6 +62,11 @@ pub struct MergeRequest {
     /// Merge once per value of one parameter, keep the best-scoring soup (needs `evaluator`).
     #[serde(default)]
     pub sweep: Option<crate::search::spec::SweepSpec>,
+    /// The dtype every merged float tensor of the checkpoints must have; another dtype fails
+    /// the job. mergekit YAML's `dtype` becomes this for the methods that compute in the
+    /// checkpoints' own dtype (all but the task-arithmetic family, which take `compute_dtype`).
+    #[serde(default)]
+    pub input_dtype: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -395,6 +400,9 @@ pub struct Recipe {
     /// The trajectory `models` was expanded from (the selection and what it picked).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub trajectory: Option<trajectory::Trajectory>,
+    /// The dtype the merged float tensors must have (see [`MergeRequest::input_dtype`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub input_dtype: Option<DType>,
 }
 
 /// Scheduling options that travel beside the recipe.
@@ -720,6 +728,11 @@ impl Recipe {
         let search = greedy
             .map(|g| g.finish(req.evaluator.as_ref(), req.accept.as_deref()))
             .transpose()?;
+        let input_dtype = req
+            .input_dtype
+            .as_deref()
+            .map(|s| float_dtype(s, "input_dtype"))
+            .transpose()?;
         Ok(Submission {
             recipe: Recipe {
                 method,
@@ -730,6 +743,7 @@ impl Recipe {
                 output,
                 search,
                 trajectory: expanded,
+                input_dtype,
             },
             idempotency_key: req.idempotency_key,
             priority,
@@ -1385,6 +1399,18 @@ fn parse_slerp(
     })
 }
 
+/// A float dtype a recipe names (`field` for the error).
+fn float_dtype(s: &str, field: &str) -> Result<DType, RecipeError> {
+    DType::parse_user(s)
+        .filter(|d| d.is_mergeable_float())
+        .ok_or_else(|| {
+            RecipeError::invalid(
+                field,
+                format!("unknown or unsupported dtype {s:?} (use float32, float16 or bfloat16)"),
+            )
+        })
+}
+
 fn parse_output(spec: &OutputSpec) -> Result<Output, RecipeError> {
     if spec.uri.trim().is_empty() {
         return Err(RecipeError::invalid("output.uri", "must not be empty"));
@@ -1395,20 +1421,11 @@ fn parse_output(spec: &OutputSpec) -> Result<Output, RecipeError> {
             "the output is a folder URL, not a .safetensors file",
         ));
     }
-    let dtype = match &spec.dtype {
-        None => None,
-        Some(s) => {
-            let d = DType::parse_user(s).filter(|d| d.is_mergeable_float());
-            Some(d.ok_or_else(|| {
-                RecipeError::invalid(
-                    "output.dtype",
-                    format!(
-                        "unknown or unsupported dtype {s:?} (use float32, float16 or bfloat16)"
-                    ),
-                )
-            })?)
-        }
-    };
+    let dtype = spec
+        .dtype
+        .as_deref()
+        .map(|s| float_dtype(s, "output.dtype"))
+        .transpose()?;
     let max_shard_size = match &spec.max_shard_size {
         None => DEFAULT_MAX_SHARD_SIZE,
         Some(v) => parse_size(v).ok_or_else(|| {

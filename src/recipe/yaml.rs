@@ -11,7 +11,9 @@
 //!
 //! `dtype` is the compute dtype of the task-arithmetic family (`compute_dtype`) and the default
 //! output dtype; `out_dtype` the output dtype. The other methods compute in their inputs'
-//! storage dtype, which is what mergekit does whenever `dtype` matches the checkpoints.
+//! storage dtype, which is what mergekit does whenever `dtype` matches the checkpoints: for
+//! them `dtype` becomes `input_dtype`, and a checkpoint in another dtype fails the job naming
+//! it (never silently computed otherwise).
 //!
 //! Model references: a URL (`file://`, `s3://`) is kept; a path is resolved against
 //! `base_dir` (the recipe file's folder) when one is given and must exist; anything else, a
@@ -218,11 +220,17 @@ pub fn to_request(doc: &Value, base_dir: Option<&Path>) -> Result<Value, RecipeE
         }
     }
     let gta = super::Method::parse(&method).is_some_and(|m| m.gta().is_some());
-    if let Some(d) = &dtype
-        && gta
-        && !parameters.contains_key("compute_dtype")
-    {
-        parameters.insert("compute_dtype".into(), Value::String(d.clone()));
+    if let Some(d) = &dtype {
+        if gta {
+            if !parameters.contains_key("compute_dtype") {
+                parameters.insert("compute_dtype".into(), Value::String(d.clone()));
+            }
+        } else if !(d == "float32" && matches!(method.as_str(), "linear" | "ema" | "sparse_soup")) {
+            // The other methods compute in the checkpoints' own dtype: mergekit's `dtype` is
+            // honoured when it is that dtype, and the job fails naming it otherwise. (The
+            // linear family accumulates in float32 whatever the inputs: `float32` is honoured.)
+            req.insert("input_dtype".into(), Value::String(d.clone()));
+        }
     }
     if !output.contains_key("dtype")
         && let Some(d) = out_dtype.or(dtype)
