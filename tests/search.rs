@@ -215,6 +215,25 @@ fn spawn_worker(w: &World, db_url: &str, name: &str, crash_at: Option<&str>) -> 
     LadleProc::spawn(name, &["worker"], &env, &w.root().join("logs"))
 }
 
+/// Run a `worker-1` armed to abort at crash point `point`, and wait until it did.
+async fn crash_worker(w: &World, db_url: &str, point: &str) {
+    let mut first = spawn_worker(w, db_url, "worker-1", Some(point));
+    let status = first
+        .wait_exit(Duration::from_secs(60))
+        .await
+        .expect("the armed worker never crashed");
+    assert!(
+        common::procs::aborted(status),
+        "not a crash: {status:?}\n{}",
+        first.log_text()
+    );
+    assert!(
+        first.log_text().contains(&format!("crashing at {point}")),
+        "{}",
+        first.log_text()
+    );
+}
+
 /// A worker killed right after storing the first evaluation: the next worker replays it
 /// (the evaluator is asked once per evaluation id over both attempts) and picks the same soup.
 async fn crash_mid_search_resumes(postgres: bool) {
@@ -238,17 +257,7 @@ async fn crash_mid_search_resumes(postgres: bool) {
     .await;
     assert_eq!(status, 202, "{v}");
     let id = v["id"].as_str().unwrap().to_string();
-    let mut first = spawn_worker(&w, &db_url, "worker-1", Some("after-evaluation"));
-    let status = first
-        .wait_exit(Duration::from_secs(60))
-        .await
-        .expect("the armed worker never crashed");
-    assert!(
-        common::procs::aborted(status),
-        "not a crash: {status:?}\n{}",
-        first.log_text()
-    );
-    assert!(first.log_text().contains("crashing at after-evaluation"));
+    crash_worker(&w, &db_url, "after-evaluation").await;
     // What the dead worker stored: evaluation 0, shown by GET.
     let job: Value = w
         .client
@@ -304,16 +313,7 @@ async fn crash_after_final_manifest_on_last_attempt(postgres: bool) {
     let (status, v) = submit(&w.client, &w.base, &body).await;
     assert_eq!(status, 202, "{v}");
     let id = v["id"].as_str().unwrap().to_string();
-    let mut first = spawn_worker(&w, &db_url, "worker-1", Some("after-manifest"));
-    let status = first
-        .wait_exit(Duration::from_secs(60))
-        .await
-        .expect("the armed worker never crashed");
-    assert!(
-        common::procs::aborted(status),
-        "not a crash: {status:?}\n{}",
-        first.log_text()
-    );
+    crash_worker(&w, &db_url, "after-manifest").await;
     let published = std::fs::read(out.join("ladle-manifest.json")).expect("manifest published");
     let calls_before = ev.calls.lock().unwrap().clone();
 
