@@ -11,11 +11,11 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use futures::{StreamExt, TryStreamExt};
+use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 
 use super::{Engine, EngineError, RunControl, TensorOp, check_compatible, read_elems};
-use crate::checkpoint::{Checkpoint, open_checkpoint};
+use crate::checkpoint::Checkpoint;
 use crate::merge::diagnostics::{Reference, Stats};
 use crate::merge::{DType, MergeError, decode_to_f32};
 use crate::storage::Location;
@@ -71,17 +71,8 @@ pub async fn run(
         Reference::Mean
     };
     // Inputs: the models in order, then the base.
-    let mut locations = Vec::with_capacity(n + 1);
-    for m in spec.models.iter().chain(&spec.base_model) {
-        locations.push(engine.storage.resolve(m)?);
-    }
-    let inputs: Vec<(Location, Checkpoint)> = futures::stream::iter(locations)
-        .map(|loc| async move {
-            let ckpt = open_checkpoint(loc.store.as_ref(), &loc.path, &loc.url).await?;
-            Ok::<_, EngineError>((loc, ckpt))
-        })
-        .buffered(8)
-        .try_collect()
+    let inputs = engine
+        .open_inputs(spec.models.iter().chain(&spec.base_model))
         .await?;
     let ops = check_compatible(&inputs)?;
     let first = &inputs[0].1;

@@ -380,25 +380,34 @@ impl Engine {
         }))
     }
 
-    /// Resolve, open and cross-check every input; size the output. Writes nothing.
-    async fn plan(&self, recipe: &Recipe) -> Result<Plan, EngineError> {
-        let output = self.storage.resolve(&recipe.output.uri)?;
-        let mut locations = Vec::with_capacity(recipe.models.len() + 1);
-        // Inputs in kernel order: the base model first (when the method has one).
-        if let Some(base) = &recipe.base_model {
-            locations.push(self.storage.resolve(base)?);
-        }
-        for m in &recipe.models {
-            locations.push(self.storage.resolve(&m.uri)?);
-        }
-        let inputs: Vec<(Location, Checkpoint)> = futures::stream::iter(locations)
+    /// Resolve every URL under the allowed roots (all before any I/O), then open the
+    /// checkpoints, a few at a time, in the given order.
+    async fn open_inputs<'a>(
+        &self,
+        uris: impl Iterator<Item = &'a String>,
+    ) -> Result<Vec<(Location, Checkpoint)>, EngineError> {
+        let locations = uris
+            .map(|u| self.storage.resolve(u))
+            .collect::<Result<Vec<_>, _>>()?;
+        futures::stream::iter(locations)
             .map(|loc| async move {
                 let ckpt = open_checkpoint(loc.store.as_ref(), &loc.path, &loc.url).await?;
                 Ok::<_, EngineError>((loc, ckpt))
             })
             .buffered(8)
             .try_collect()
-            .await?;
+            .await
+    }
+
+    /// Resolve, open and cross-check every input; size the output. Writes nothing.
+    async fn plan(&self, recipe: &Recipe) -> Result<Plan, EngineError> {
+        let output = self.storage.resolve(&recipe.output.uri)?;
+        // Inputs in kernel order: the base model first (when the method has one).
+        let uris = recipe
+            .base_model
+            .iter()
+            .chain(recipe.models.iter().map(|m| &m.uri));
+        let inputs = self.open_inputs(uris).await?;
         let (ops, num_hidden_layers) = if recipe.method == Method::Passthrough {
             slices::plan(recipe, &inputs)?
         } else {
