@@ -404,20 +404,9 @@ async fn run_submission(recipe: &Recipe, chunk_elems: usize) {
 }
 
 async fn run_recipe(recipe: &Value, chunk_elems: usize) {
-    let storage = Arc::new(Storage::new(None, S3Settings::default()).unwrap());
-    let engine = Engine::new(
-        storage,
-        EngineConfig {
-            chunk_elems,
-            ..Default::default()
-        },
-    );
     let sub = Recipe::parse_json(&serde_json::to_vec(recipe).unwrap())
         .unwrap_or_else(|e| panic!("recipe rejected: {e}"));
-    engine
-        .run(&sub.recipe, &Arc::new(RunControl::standalone()))
-        .await
-        .unwrap_or_else(|e| panic!("merge failed [{}]: {e}", e.code()));
+    run_submission(&sub.recipe, chunk_elems).await;
 }
 
 fn stat(checks: &Value, recipe: &str, tensor: &str, key: &str) -> (f64, f64) {
