@@ -3,117 +3,95 @@
 //! Every layer has its own typed error enum (`thiserror`); each maps to one [`ErrorCode`] here.
 //! The HTTP layer turns a code into a status once (`api::error`), and a failed job stores the
 //! same code in its `error` column, so clients see one vocabulary everywhere.
+//!
+//! [`error_codes!`] below is the table: one row per code (variant, string, HTTP status,
+//! retryable by the queue, description). The enum, [`ErrorCode::as_str`],
+//! [`ErrorCode::http_status`], [`ErrorCode::retryable`] and [`ErrorCode::ALL`] all come from
+//! it; `tests::readme_lists_every_code` checks the README's table against [`ErrorCode::ALL`].
+//! Adding a code is one row. The string form is the public contract: never rename one.
 
 use serde::{Deserialize, Serialize};
 
-/// Stable error codes. The `snake_case` string form is the public contract: never rename one.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum ErrorCode {
-    /// The request body is not a valid recipe (bad JSON, unknown field, bad value).
-    InvalidRecipe,
-    /// A URL is malformed or uses a scheme ladle does not handle.
-    InvalidUri,
-    /// A URL falls outside every configured allowed root (or escapes one via `..`/symlinks).
-    StorageNotAllowed,
-    /// A checkpoint URL names nothing that exists (no file, no `model.safetensors`, no index).
-    CheckpointNotFound,
-    /// A checkpoint exists but its bytes lie: header, offsets, index, truncation.
-    CheckpointMalformed,
-    /// The ingredients disagree on tensor names or shapes.
-    ShapeMismatch,
-    /// A tensor has a dtype the requested method cannot combine.
-    UnsupportedDtype,
-    /// The same idempotency key was sent with a different body.
-    IdempotencyKeyReused,
-    /// Another live job already writes to the same output URL.
-    OutputInUse,
-    /// The output folder already holds a different, complete soup.
-    OutputConflict,
-    /// No such job.
-    NotFound,
-    /// The job is already finished and cannot be cancelled.
-    NotCancellable,
-    /// The request body is larger than the configured limit.
-    PayloadTooLarge,
-    /// Missing or wrong bearer token.
-    Unauthorized,
-    /// Object storage failed (network, permissions, server error). Retryable.
-    StorageError,
-    /// The database failed. Retryable.
-    DatabaseError,
-    /// The worker stopped heartbeating and its lease expired.
-    LeaseExpired,
-    /// The job was cancelled.
-    Cancelled,
-    /// A bug or an unexpected condition.
-    Internal,
-    /// The evaluator answered 4xx, or without a finite `score` (names the evaluation).
-    EvaluatorFailed,
-    /// The evaluator could not be reached (5xx, timeouts) after its bounded retries.
-    EvaluatorUnavailable,
+macro_rules! error_codes {
+    ($( $(#[$doc:meta])* $variant:ident = $name:literal, $status:literal, $retry:literal; )*) => {
+        /// Stable error codes (see the module's table).
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+        #[serde(rename_all = "snake_case")]
+        pub enum ErrorCode {
+            $( $(#[$doc])* $variant, )*
+        }
+
+        impl ErrorCode {
+            /// Every code, in table order.
+            pub const ALL: &'static [ErrorCode] = &[$(ErrorCode::$variant),*];
+
+            /// The stable string form, as serialized.
+            pub fn as_str(self) -> &'static str {
+                match self { $( ErrorCode::$variant => $name, )* }
+            }
+
+            /// The HTTP status a request failing with this code gets.
+            pub fn http_status(self) -> u16 {
+                match self { $( ErrorCode::$variant => $status, )* }
+            }
+
+            /// Whether a job failing with this code should be retried (with backoff) by the
+            /// queue.
+            pub fn retryable(self) -> bool {
+                match self { $( ErrorCode::$variant => $retry, )* }
+            }
+
+            /// The code with this string form.
+            pub fn parse(s: &str) -> Option<ErrorCode> {
+                match s { $( $name => Some(ErrorCode::$variant), )* _ => None }
+            }
+        }
+    };
 }
 
-impl ErrorCode {
-    /// The stable string form, as serialized.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ErrorCode::InvalidRecipe => "invalid_recipe",
-            ErrorCode::InvalidUri => "invalid_uri",
-            ErrorCode::StorageNotAllowed => "storage_not_allowed",
-            ErrorCode::CheckpointNotFound => "checkpoint_not_found",
-            ErrorCode::CheckpointMalformed => "checkpoint_malformed",
-            ErrorCode::ShapeMismatch => "shape_mismatch",
-            ErrorCode::UnsupportedDtype => "unsupported_dtype",
-            ErrorCode::IdempotencyKeyReused => "idempotency_key_reused",
-            ErrorCode::OutputInUse => "output_in_use",
-            ErrorCode::OutputConflict => "output_conflict",
-            ErrorCode::NotFound => "not_found",
-            ErrorCode::NotCancellable => "not_cancellable",
-            ErrorCode::PayloadTooLarge => "payload_too_large",
-            ErrorCode::Unauthorized => "unauthorized",
-            ErrorCode::StorageError => "storage_error",
-            ErrorCode::DatabaseError => "database_error",
-            ErrorCode::LeaseExpired => "lease_expired",
-            ErrorCode::Cancelled => "cancelled",
-            ErrorCode::Internal => "internal",
-            ErrorCode::EvaluatorFailed => "evaluator_failed",
-            ErrorCode::EvaluatorUnavailable => "evaluator_unavailable",
-        }
-    }
-
-    /// The HTTP status a request failing with this code gets.
-    pub fn http_status(self) -> u16 {
-        match self {
-            ErrorCode::InvalidRecipe | ErrorCode::InvalidUri => 400,
-            ErrorCode::Unauthorized => 401,
-            ErrorCode::StorageNotAllowed => 403,
-            ErrorCode::NotFound => 404,
-            ErrorCode::IdempotencyKeyReused
-            | ErrorCode::OutputInUse
-            | ErrorCode::OutputConflict
-            | ErrorCode::NotCancellable => 409,
-            ErrorCode::PayloadTooLarge => 413,
-            ErrorCode::CheckpointNotFound
-            | ErrorCode::CheckpointMalformed
-            | ErrorCode::ShapeMismatch
-            | ErrorCode::UnsupportedDtype => 422,
-            ErrorCode::Cancelled => 409,
-            ErrorCode::StorageError | ErrorCode::LeaseExpired => 502,
-            ErrorCode::DatabaseError => 503,
-            ErrorCode::Internal => 500,
-            ErrorCode::EvaluatorFailed => 422,
-            ErrorCode::EvaluatorUnavailable => 502,
-        }
-    }
-
-    /// Whether a job failing with this code should be retried (with backoff) by the queue.
-    pub fn retryable(self) -> bool {
-        matches!(
-            self,
-            ErrorCode::StorageError | ErrorCode::DatabaseError | ErrorCode::LeaseExpired
-        )
-    }
+error_codes! {
+    /// The request body is not a valid recipe (bad JSON, unknown field, bad value).
+    InvalidRecipe = "invalid_recipe", 400, false;
+    /// A URL is malformed or uses a scheme ladle does not handle.
+    InvalidUri = "invalid_uri", 400, false;
+    /// Missing or wrong bearer token.
+    Unauthorized = "unauthorized", 401, false;
+    /// A URL falls outside every configured allowed root (or escapes one via `..`/symlinks).
+    StorageNotAllowed = "storage_not_allowed", 403, false;
+    /// No such job (or route).
+    NotFound = "not_found", 404, false;
+    /// The same idempotency key was sent with a different body.
+    IdempotencyKeyReused = "idempotency_key_reused", 409, false;
+    /// Another live job already writes to the same output URL.
+    OutputInUse = "output_in_use", 409, false;
+    /// The output folder already holds a different, complete soup.
+    OutputConflict = "output_conflict", 409, false;
+    /// The job is already finished and cannot be cancelled.
+    NotCancellable = "not_cancellable", 409, false;
+    /// The job was cancelled.
+    Cancelled = "cancelled", 409, false;
+    /// The request body is larger than the configured limit.
+    PayloadTooLarge = "payload_too_large", 413, false;
+    /// A checkpoint URL names nothing that exists (no file, no `model.safetensors`, no index).
+    CheckpointNotFound = "checkpoint_not_found", 422, false;
+    /// A checkpoint exists but its bytes lie: header, offsets, index, truncation.
+    CheckpointMalformed = "checkpoint_malformed", 422, false;
+    /// The ingredients disagree on tensor names or shapes.
+    ShapeMismatch = "shape_mismatch", 422, false;
+    /// A tensor has a dtype the requested method cannot combine.
+    UnsupportedDtype = "unsupported_dtype", 422, false;
+    /// The evaluator answered 4xx, or without a finite `score` (names the evaluation).
+    EvaluatorFailed = "evaluator_failed", 422, false;
+    /// A bug or an unexpected condition.
+    Internal = "internal", 500, false;
+    /// Object storage failed (network, permissions, server error). Retryable.
+    StorageError = "storage_error", 502, true;
+    /// The worker stopped heartbeating and its lease expired.
+    LeaseExpired = "lease_expired", 502, true;
+    /// The evaluator could not be reached (5xx, timeouts) after its bounded retries.
+    EvaluatorUnavailable = "evaluator_unavailable", 502, false;
+    /// The database failed. Retryable.
+    DatabaseError = "database_error", 503, true;
 }
 
 impl std::fmt::Display for ErrorCode {
@@ -127,30 +105,52 @@ mod tests {
     use super::*;
 
     #[test]
-    fn string_form_matches_serde() {
-        for code in [
-            ErrorCode::InvalidRecipe,
-            ErrorCode::StorageNotAllowed,
-            ErrorCode::CheckpointMalformed,
-            ErrorCode::IdempotencyKeyReused,
-            ErrorCode::LeaseExpired,
-        ] {
+    fn string_form_matches_serde_and_parses_back() {
+        for &code in ErrorCode::ALL {
             let json = serde_json::to_string(&code).unwrap();
             assert_eq!(json, format!("\"{}\"", code.as_str()));
+            assert_eq!(ErrorCode::parse(code.as_str()), Some(code));
+            let back: ErrorCode = serde_json::from_str(&json).unwrap();
+            assert_eq!(back, code);
         }
+        assert_eq!(ErrorCode::parse("no_such_code"), None);
     }
 
     #[test]
     fn client_errors_are_4xx_and_not_retryable() {
-        for code in [
-            ErrorCode::InvalidRecipe,
-            ErrorCode::StorageNotAllowed,
-            ErrorCode::ShapeMismatch,
-            ErrorCode::CheckpointMalformed,
-        ] {
-            assert!((400..500).contains(&code.http_status()));
-            assert!(!code.retryable());
+        for &code in ErrorCode::ALL {
+            let status = code.http_status();
+            assert!((400..600).contains(&status), "{code}: {status}");
+            if (400..500).contains(&status) {
+                assert!(!code.retryable(), "{code} is a client error yet retryable");
+            }
         }
         assert!(ErrorCode::StorageError.retryable());
+    }
+
+    /// The README's error table (rows `| `code` | status | retried | … |`) lists exactly the
+    /// codes of [`ErrorCode::ALL`], with the same status and retry flag, in the same order.
+    #[test]
+    fn readme_lists_every_code() {
+        let readme = include_str!("../README.md");
+        let rows: Vec<(String, u16, bool)> = readme
+            .lines()
+            .filter_map(|line| {
+                let cells: Vec<&str> = line.split('|').map(str::trim).collect();
+                let code = cells.get(1)?.strip_prefix('`')?.strip_suffix('`')?;
+                let status = cells.get(2)?.parse().ok()?;
+                let retried = match *cells.get(3)? {
+                    "yes" => true,
+                    "no" => false,
+                    _ => return None,
+                };
+                Some((code.to_string(), status, retried))
+            })
+            .collect();
+        let table: Vec<(String, u16, bool)> = ErrorCode::ALL
+            .iter()
+            .map(|c| (c.as_str().to_string(), c.http_status(), c.retryable()))
+            .collect();
+        assert_eq!(rows, table, "README.md's error table differs from src/error.rs");
     }
 }

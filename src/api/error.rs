@@ -31,9 +31,22 @@ impl IntoResponse for ApiError {
         let status = StatusCode::from_u16(self.code.http_status())
             .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         if status.is_server_error() {
+            // The detail (database or storage messages, paths) goes to the log only: a 5xx
+            // body says which code failed and nothing about the internals.
             tracing::error!(code = %self.code, message = %self.message, "request failed");
+            let body = ApiError::new(self.code, server_error_message(self.code));
+            return (status, Json(body)).into_response();
         }
         (status, Json(self)).into_response()
+    }
+}
+
+/// What a 5xx body says: the kind of failure, never its detail.
+fn server_error_message(code: ErrorCode) -> &'static str {
+    match code {
+        ErrorCode::DatabaseError => "the database is unavailable; try again later",
+        ErrorCode::StorageError => "object storage failed; try again later",
+        _ => "an internal error happened; the server log has the details",
     }
 }
 
