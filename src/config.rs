@@ -55,6 +55,9 @@ pub enum Command {
     Merge(MergeArgs),
     /// Read an API token on stdin and print its SHA-256 digest (for `--api-token-sha256`).
     HashToken,
+    /// A client of a ladle server: submit, status, list, cancel, watch.
+    #[command(flatten)]
+    Client(crate::client::ClientCommand),
 }
 
 /// Settings shared by the service modes. Every field is optional here so that the config

@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 macro_rules! error_codes {
     ($( $(#[$doc:meta])* $variant:ident = $name:literal, $status:literal, $retry:literal; )*) => {
         /// Stable error codes (see the module's table).
-        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
         #[serde(rename_all = "snake_case")]
         pub enum ErrorCode {
             $( $(#[$doc])* $variant, )*
@@ -151,6 +151,9 @@ mod tests {
             .iter()
             .map(|c| (c.as_str().to_string(), c.http_status(), c.retryable()))
             .collect();
-        assert_eq!(rows, table, "README.md's error table differs from src/error.rs");
+        assert_eq!(
+            rows, table,
+            "README.md's error table differs from src/error.rs"
+        );
     }
 }

@@ -11,9 +11,11 @@
 //! - [`merge`]: pure kernels over slices and dtype conversion.
 //! - [`error`]: the table of stable error codes.
 //! - [`config`], [`service`]: settings and process wiring.
+//! - [`client`]: `ladle submit | status | list | cancel | watch`, a client of the API.
 
 pub mod api;
 pub mod checkpoint;
+pub mod client;
 pub mod config;
 pub mod engine;
 pub mod error;

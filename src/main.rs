@@ -34,6 +34,9 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
+    if let Command::Client(cmd) = cli.command {
+        return std::process::ExitCode::from(runtime.block_on(ladle::client::run(cmd)));
+    }
     match runtime.block_on(run(cli)) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
@@ -61,6 +64,7 @@ async fn run(cli: Cli) -> Result<()> {
     let (args, mode) = match cli.command {
         Command::Merge(args) => return merge_once(args).await,
         Command::HashToken => return hash_token(),
+        Command::Client(_) => bail!("client commands run before the service set-up"),
         Command::Serve(a) => (a, Some(Mode::Serve)),
         Command::Api(a) => (a, Some(Mode::Api)),
         Command::Worker(a) => (a, Some(Mode::Worker)),

@@ -109,6 +109,7 @@ impl Service {
                     storage: storage.clone(),
                     default_max_attempts: settings.max_attempts,
                     evaluator_hosts: settings.worker.evaluator_hosts.clone(),
+                    shutdown: shutdown.clone(),
                 },
                 settings.body_limit,
                 settings.auth.clone(),

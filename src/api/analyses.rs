@@ -3,20 +3,20 @@
 //! priority, listing and cancel conventions as merges. The job's `result` holds the numbers
 //! (see `engine::analysis`).
 
-use axum::Router;
 use axum::extract::rejection::{BytesRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
-use axum::routing::{get, post};
 use bytes::Bytes;
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 use uuid::Uuid;
 
 use super::{
-    ApiError, AppState, JobView, ListQuery, body_and_type, cancel_of_kind, enqueued_response,
-    job_of_kind, json_response, list_of_kind,
+    ApiError, AppState, JobView, ListQuery, ListView, body_and_type, cancel_of_kind,
+    enqueued_response, job_of_kind, json_response, list_of_kind,
 };
 use crate::engine::analysis::AnalysisSpec;
 use crate::error::ErrorCode;
@@ -27,18 +27,21 @@ use crate::recipe::{MAX_ATTEMPTS_LIMIT, MAX_MODELS};
 pub const MIN_MODELS: usize = 2;
 
 /// The analysis routes, merged into the API router.
-pub fn routes() -> Router<AppState> {
-    Router::new()
-        .route("/v1/analyses", post(submit).get(list))
-        .route("/v1/analyses/{id}", get(get_analysis))
-        .route("/v1/analyses/{id}/cancel", post(cancel))
+pub fn routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(submit, list))
+        .routes(routes!(get_analysis))
+        .routes(routes!(cancel))
 }
 
 /// The body of `POST /v1/analyses`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(example = json!({"models": ["file:///data/ft-a/", {"uri": "file:///data/ft-b/"}],
+                          "base_model": "file:///data/base/"}))]
 struct AnalysisRequest {
-    /// `"uri"` or `{"uri": "…"}` each.
+    /// `"uri"` or `{"uri": "…"}` each (2 to 128).
+    #[schema(value_type = Vec<AnalysisModel>)]
     models: Vec<serde_json::Value>,
     #[serde(default)]
     base_model: Option<String>,
@@ -50,10 +53,19 @@ struct AnalysisRequest {
     max_attempts: Option<i32>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct ModelRef {
     uri: String,
+}
+
+/// One model of an analysis: its URL, or `{"uri": …}`.
+#[derive(Deserialize, utoipa::ToSchema)]
+#[serde(untagged)]
+#[allow(dead_code)] // the schema of `models`: they are parsed by hand (see `validate`)
+enum AnalysisModel {
+    Uri(String),
+    Ref(ModelRef),
 }
 
 fn invalid(field: &str, message: impl std::fmt::Display) -> ApiError {
@@ -142,6 +154,20 @@ fn validate(state: &AppState, body: &[u8]) -> Result<Validated, ApiError> {
     })
 }
 
+/// Submit an analysis of 2 to 128 checkpoints (JSON only).
+#[utoipa::path(
+    post,
+    path = "/v1/analyses",
+    operation_id = "submit_analysis",
+    tag = "analyses",
+    request_body(content = AnalysisRequest, content_type = "application/json"),
+    responses(
+        (status = 202, description = "A new job.", body = JobView,
+            headers(("location" = String, description = "`/v1/analyses/{id}`"))),
+        (status = 200, description = "The job this idempotency key already named.", body = JobView,
+            headers(("location" = String), ("idempotent-replayed" = String))),
+    )
+)]
 async fn submit(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -187,6 +213,15 @@ async fn submit(
     Ok(enqueued_response(enqueued, "analyses"))
 }
 
+/// One analysis job; `result` holds the numbers once it succeeded.
+#[utoipa::path(
+    get,
+    path = "/v1/analyses/{id}",
+    operation_id = "get_analysis",
+    tag = "analyses",
+    params(("id" = Uuid, Path, description = "The job's id.")),
+    responses((status = 200, description = "The job.", body = JobView))
+)]
 async fn get_analysis(
     State(state): State<AppState>,
     Path(id): Path<String>,
@@ -195,6 +230,15 @@ async fn get_analysis(
     Ok(json_response(StatusCode::OK, &JobView::from(job)))
 }
 
+/// Analysis jobs, newest first, a page at a time.
+#[utoipa::path(
+    get,
+    path = "/v1/analyses",
+    operation_id = "list_analyses",
+    tag = "analyses",
+    params(ListQuery),
+    responses((status = 200, description = "A page of jobs.", body = ListView))
+)]
 async fn list(
     State(state): State<AppState>,
     query: Result<Query<ListQuery>, QueryRejection>,
@@ -202,6 +246,18 @@ async fn list(
     list_of_kind(&state, query, JobKind::Analysis).await
 }
 
+/// Cancel an analysis: a queued one at once (200), a running one within a heartbeat (202).
+#[utoipa::path(
+    post,
+    path = "/v1/analyses/{id}/cancel",
+    operation_id = "cancel_analysis",
+    tag = "analyses",
+    params(("id" = Uuid, Path, description = "The job's id.")),
+    responses(
+        (status = 200, description = "Cancelled (or it already was).", body = JobView),
+        (status = 202, description = "Running: its worker stops within a heartbeat.", body = JobView),
+    )
+)]
 async fn cancel(
     State(state): State<AppState>,
     Path(id): Path<String>,

@@ -11,7 +11,9 @@ use crate::queue::QueueError;
 use crate::recipe::RecipeError;
 use crate::storage::StorageError;
 
-#[derive(Debug, Clone, Serialize)]
+/// Every error body: a stable code and a message for people.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+#[schema(example = json!({"code": "invalid_recipe", "message": "models[0].weight: must be finite"}))]
 pub struct ApiError {
     pub code: ErrorCode,
     pub message: String,

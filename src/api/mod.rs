@@ -1,11 +1,15 @@
-//! HTTP API under `/v1`: submit, inspect, list and cancel merges; health and readiness.
+//! HTTP API under `/v1`: submit, inspect, list, cancel and follow merges; health and readiness;
+//! the OpenAPI document (`/openapi.json`, `/docs`).
 //!
 //! Thin: parse and validate the request (recipe module), check every URL against the allowed
-//! roots (storage module), and hand the job to the queue. No math, no object I/O.
+//! roots (storage module), and hand the job to the queue. No math, no object I/O. Routes are
+//! registered through `utoipa_axum` ([`api_routes`]), so each one is in the document.
 
 pub mod analyses;
 pub mod auth;
 pub mod error;
+pub mod events;
+pub mod openapi;
 
 use std::sync::Arc;
 
@@ -14,9 +18,11 @@ use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
+use utoipa::OpenApi as _;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 use uuid::Uuid;
 
 use crate::engine::ProgressSnapshot;
@@ -48,6 +54,31 @@ pub struct AppState {
     pub default_max_attempts: i32,
     /// Hosts an evaluator URL may name.
     pub evaluator_hosts: crate::search::evaluator::AllowedHosts,
+    /// Fires when the server stops: event streams end then.
+    pub shutdown: tokio_util::sync::CancellationToken,
+}
+
+/// Every documented route (all of them but the fallback).
+pub(crate) fn api_routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::with_openapi(openapi::ApiDoc::openapi())
+        .routes(routes!(submit, list))
+        .routes(routes!(get_job))
+        .routes(routes!(cancel))
+        .routes(routes!(events::merge_events))
+        .merge(analyses::routes())
+        .routes(routes!(events::analysis_events))
+        .routes(routes!(events::all_events))
+        .routes(routes!(healthz))
+        .routes(routes!(readyz))
+        .routes(routes!(openapi::openapi_json))
+        .routes(routes!(openapi::docs))
+        .routes(routes!(openapi::docs_asset))
+}
+
+/// The OpenAPI 3.1 document `GET /openapi.json` serves.
+pub fn openapi_document() -> serde_json::Value {
+    let (_, api) = api_routes().split_for_parts();
+    openapi::document(api)
 }
 
 /// The API. `auth` guards `/v1/*` (an empty [`ApiAuth`] lets everything through); health and
@@ -56,13 +87,8 @@ pub struct AppState {
 pub fn router(state: AppState, body_limit: usize, auth: ApiAuth) -> Router {
     let trace = tower_http::trace::TraceLayer::new_for_http()
         .make_span_with(tower_http::trace::DefaultMakeSpan::new().include_headers(false));
-    Router::new()
-        .route("/v1/merges", post(submit).get(list))
-        .route("/v1/merges/{id}", get(get_job))
-        .route("/v1/merges/{id}/cancel", post(cancel))
-        .merge(analyses::routes())
-        .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
+    let (routes, _) = api_routes().split_for_parts();
+    routes
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(body_limit))
         .layer(axum::middleware::from_fn_with_state(
@@ -79,7 +105,16 @@ pub fn router(state: AppState, body_limit: usize, auth: ApiAuth) -> Router {
 }
 
 /// What `GET /v1/merges/{id}` returns.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+#[schema(example = json!({
+    "id": "019ae4a2-6c1e-7d43-9a57-3f0c2b8e1d20", "state": "running", "attempts": 1,
+    "max_attempts": 3, "cancel_requested": false, "created_at": "2026-12-03T10:00:00Z",
+    "started_at": "2026-12-03T10:00:01Z", "finished_at": null,
+    "progress": {"phase": "merging", "tensors_done": 120, "tensors_total": 291,
+                 "bytes_read": 1234567890, "bytes_written": 617283945},
+    "result": null, "error": null, "idempotency_key": "run-1",
+    "recipe": {"method": "linear"}
+}))]
 pub struct JobView {
     pub id: Uuid,
     pub state: JobState,
@@ -94,13 +129,17 @@ pub struct JobView {
     /// score (absent for other jobs).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub search: Option<serde_json::Value>,
+    /// Once succeeded: `uri` (the soup's folder; its `ladle-manifest.json` is the manifest),
+    /// `files`, and `search` for searches; an analysis's numbers.
     pub result: Option<serde_json::Value>,
     pub error: Option<ErrorView>,
     pub idempotency_key: Option<String>,
+    /// The normalized recipe as stored (explicit models, resolved URLs).
     pub recipe: serde_json::Value,
 }
 
-#[derive(Debug, Serialize)]
+/// A failed (or cancelled) job's error.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct ErrorView {
     pub code: ErrorCode,
     pub message: String,
@@ -146,6 +185,31 @@ fn json_response(status: StatusCode, body: &impl Serialize) -> Response {
     (status, axum::Json(body)).into_response()
 }
 
+/// Submit a merge.
+///
+/// JSON (the recipe) or mergekit YAML (`Content-Type: application/yaml`, plus ladle's
+/// `output: {uri: …}`; model references must be storage URLs over HTTP).
+#[utoipa::path(
+    post,
+    path = "/v1/merges",
+    operation_id = "submit_merge",
+    tag = "merges",
+    request_body(
+        description = "A recipe: JSON, or a mergekit YAML file.",
+        content(
+            (MergeRequest = "application/json"),
+            (String = "application/yaml", example = "merge_method: linear\nmodels:\n  - model: file:///data/ft-a/\n  - model: file:///data/ft-b/\noutput:\n  uri: file:///data/soups/run-1/\n"),
+        )
+    ),
+    responses(
+        (status = 202, description = "A new job.", body = JobView,
+            headers(("location" = String, description = "`/v1/merges/{id}`"))),
+        (status = 200, description = "The job this idempotency key already named, with the same body.",
+            body = JobView, headers(
+                ("location" = String, description = "`/v1/merges/{id}`"),
+                ("idempotent-replayed" = String, description = "`true`"))),
+    )
+)]
 async fn submit(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -284,6 +348,15 @@ fn parse_id(raw: &str) -> Result<Uuid, ApiError> {
         .map_err(|_| ApiError::new(ErrorCode::NotFound, format!("no merge job with id {raw:?}")))
 }
 
+/// One merge job: state, attempts, progress, result or error.
+#[utoipa::path(
+    get,
+    path = "/v1/merges/{id}",
+    operation_id = "get_merge",
+    tag = "merges",
+    params(("id" = Uuid, Path, description = "The job's id.")),
+    responses((status = 200, description = "The job.", body = JobView))
+)]
 async fn get_job(
     State(state): State<AppState>,
     Path(id): Path<String>,
@@ -314,21 +387,38 @@ pub(crate) async fn job_of_kind(
         .ok_or_else(|| no_such(kind, id))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub(crate) struct ListQuery {
+    /// Only jobs in this state.
+    #[param(value_type = Option<JobState>)]
     state: Option<String>,
+    /// Page size (default 50).
+    #[param(minimum = 1, maximum = 500)]
     limit: Option<u32>,
+    /// `next_cursor` of the previous page.
+    #[param(value_type = Option<Uuid>)]
     cursor: Option<String>,
 }
 
-#[derive(Debug, Serialize)]
-struct ListView {
+/// A page of jobs, newest first.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub(crate) struct ListView {
     jobs: Vec<JobView>,
     /// Pass as `cursor` to get the next (older) page; null on the last page.
     next_cursor: Option<String>,
 }
 
+/// Merge jobs, newest first, a page at a time.
+#[utoipa::path(
+    get,
+    path = "/v1/merges",
+    operation_id = "list_merges",
+    tag = "merges",
+    params(ListQuery),
+    responses((status = 200, description = "A page of jobs.", body = ListView))
+)]
 async fn list(
     State(state): State<AppState>,
     query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
@@ -391,6 +481,18 @@ pub(crate) async fn list_of_kind(
     Ok(json_response(StatusCode::OK, &body))
 }
 
+/// Cancel a merge: a queued one at once (200), a running one within a heartbeat (202).
+#[utoipa::path(
+    post,
+    path = "/v1/merges/{id}/cancel",
+    operation_id = "cancel_merge",
+    tag = "merges",
+    params(("id" = Uuid, Path, description = "The job's id.")),
+    responses(
+        (status = 200, description = "Cancelled (or it already was).", body = JobView),
+        (status = 202, description = "Running: its worker stops within a heartbeat.", body = JobView),
+    )
+)]
 async fn cancel(
     State(state): State<AppState>,
     Path(id): Path<String>,
@@ -423,19 +525,64 @@ pub(crate) async fn cancel_of_kind(
     Ok(json_response(status, &JobView::from(job)))
 }
 
+/// The readiness answer.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+struct ReadyView {
+    /// `ready` or `unavailable`.
+    status: String,
+    /// The backend (`sqlite` or `postgres`), when ready.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    database: Option<String>,
+    /// `database_error`, when unavailable.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    code: Option<ErrorCode>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    message: Option<String>,
+}
+
+/// Liveness: the process answers.
+#[utoipa::path(
+    get,
+    path = "/healthz",
+    operation_id = "healthz",
+    tag = "health",
+    responses((status = 200, description = "Alive.", body = serde_json::Value, example = json!({"status": "ok"})))
+)]
 async fn healthz() -> Response {
     json_response(StatusCode::OK, &serde_json::json!({"status": "ok"}))
 }
 
+/// Readiness: the database answers.
+#[utoipa::path(
+    get,
+    path = "/readyz",
+    operation_id = "readyz",
+    tag = "health",
+    responses(
+        (status = 200, description = "Ready.", body = ReadyView,
+            example = json!({"status": "ready", "database": "sqlite"})),
+        (status = 503, description = "The database does not answer.", body = ReadyView),
+    )
+)]
 async fn readyz(State(state): State<AppState>) -> Response {
     match state.queue.ping().await {
         Ok(()) => json_response(
             StatusCode::OK,
-            &serde_json::json!({"status": "ready", "database": state.queue.backend()}),
+            &ReadyView {
+                status: "ready".into(),
+                database: Some(state.queue.backend().to_string()),
+                code: None,
+                message: None,
+            },
         ),
         Err(e) => json_response(
             StatusCode::SERVICE_UNAVAILABLE,
-            &serde_json::json!({"status": "unavailable", "code": ErrorCode::DatabaseError, "message": e.to_string()}),
+            &ReadyView {
+                status: "unavailable".into(),
+                database: None,
+                code: Some(ErrorCode::DatabaseError),
+                message: Some(e.to_string()),
+            },
         ),
     }
 }

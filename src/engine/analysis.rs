@@ -70,6 +70,7 @@ pub async fn run(
     } else {
         Reference::Mean
     };
+    ctl.progress.set_phase(super::Phase::Planning);
     // Inputs: the models in order, then the base.
     let inputs = engine
         .open_inputs(spec.models.iter().chain(&spec.base_model))
@@ -94,6 +95,7 @@ pub async fn run(
     ctl.progress
         .tensors_total
         .store(analysed.len() as u64, Ordering::Relaxed);
+    ctl.progress.set_phase(super::Phase::Merging);
 
     // Bytes one element costs in flight: its raw bytes in every input plus an f32 copy each.
     let per_elem: u64 = analysed

@@ -16,7 +16,7 @@ mod slices;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::time::Instant;
 
 use async_trait::async_trait;
@@ -126,21 +126,67 @@ impl EngineError {
     }
 }
 
-/// Live progress counters, shared with the heartbeat that reports them.
+/// Live progress counters, shared with the heartbeat that reports them. Updated with relaxed
+/// atomics per chunk; the worker samples them (at most once a second) into the job row.
 #[derive(Debug, Default)]
 pub struct Progress {
     pub tensors_done: AtomicU64,
     pub tensors_total: AtomicU64,
     pub bytes_read: AtomicU64,
     pub bytes_written: AtomicU64,
+    /// The current [`Phase`] (its `u8` code; 0: not started).
+    phase: AtomicU8,
     /// An evaluation-driven search's record (greedy soup): stored with every heartbeat,
     /// shown by `GET /v1/merges/{id}`, written into the manifest.
     pub search: std::sync::Mutex<Option<serde_json::Value>>,
 }
 
-/// The public shape of progress (`GET /v1/merges/{id}` → `progress`).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
+/// What a running job is doing now (`progress.phase`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Phase {
+    /// Resolving and opening the inputs, checking them against each other.
+    Planning,
+    /// The exact whole-model selection pass of `scope: "model"` (before anything is written).
+    Prepass,
+    /// Streaming tensors into the output.
+    Merging,
+    /// Asking the evaluator for a score (greedy soups, sweeps).
+    Evaluating,
+    /// Writing the manifest (the soup becomes visible).
+    Publishing,
+}
+
+impl Phase {
+    const ALL: [Phase; 5] = [
+        Phase::Planning,
+        Phase::Prepass,
+        Phase::Merging,
+        Phase::Evaluating,
+        Phase::Publishing,
+    ];
+
+    fn code(self) -> u8 {
+        Phase::ALL
+            .iter()
+            .position(|p| *p == self)
+            .map_or(0, |i| i as u8 + 1)
+    }
+
+    fn from_code(code: u8) -> Option<Phase> {
+        Phase::ALL.get(usize::from(code).checked_sub(1)?).copied()
+    }
+}
+
+/// The public shape of progress (`GET /v1/merges/{id}` → `progress`, and the data of a
+/// `progress` event).
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, serde::Deserialize, utoipa::ToSchema,
+)]
 pub struct ProgressSnapshot {
+    /// What the job is doing; absent before it started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<Phase>,
     pub tensors_done: u64,
     pub tensors_total: u64,
     pub bytes_read: u64,
@@ -150,11 +196,16 @@ pub struct ProgressSnapshot {
 impl Progress {
     pub fn snapshot(&self) -> ProgressSnapshot {
         ProgressSnapshot {
+            phase: Phase::from_code(self.phase.load(Ordering::Relaxed)),
             tensors_done: self.tensors_done.load(Ordering::Relaxed),
             tensors_total: self.tensors_total.load(Ordering::Relaxed),
             bytes_read: self.bytes_read.load(Ordering::Relaxed),
             bytes_written: self.bytes_written.load(Ordering::Relaxed),
         }
+    }
+
+    pub fn set_phase(&self, phase: Phase) {
+        self.phase.store(phase.code(), Ordering::Relaxed);
     }
 
     /// The search record, if this run searches.
@@ -315,10 +366,12 @@ impl Engine {
         ctl: &Arc<RunControl>,
     ) -> Result<MergeOutcome, EngineError> {
         let started = Instant::now();
-        let plan = Arc::new(self.plan(recipe).await?);
+        ctl.progress.set_phase(Phase::Planning);
+        let plan = Arc::new(self.plan(recipe, &ctl.progress).await?);
         ctl.progress
             .tensors_total
             .store(plan.ops.len() as u64, Ordering::Relaxed);
+        ctl.progress.set_phase(Phase::Merging);
         if let Some(outcome) = self.existing_output(&plan).await? {
             return Ok(outcome);
         }
@@ -400,7 +453,7 @@ impl Engine {
     }
 
     /// Resolve, open and cross-check every input; size the output. Writes nothing.
-    async fn plan(&self, recipe: &Recipe) -> Result<Plan, EngineError> {
+    async fn plan(&self, recipe: &Recipe, progress: &Progress) -> Result<Plan, EngineError> {
         let output = self.storage.resolve(&recipe.output.uri)?;
         // Inputs in kernel order: the base model first (when the method has one).
         let uris = recipe
@@ -427,6 +480,7 @@ impl Engine {
         let mut kernel = Kernel::new(recipe, num_layers).map_err(EngineError::Internal)?;
         if let Some((specs, compute)) = kernel.model_selection() {
             // scope "model": the cut-offs over the whole model, before anything is written.
+            progress.set_phase(Phase::Prepass);
             let merged: Vec<String> = ops
                 .iter()
                 .filter(|(_, op)| matches!(op, TensorOp::Merge))
@@ -546,6 +600,7 @@ impl Engine {
             }
         }
         ctl.check()?;
+        ctl.progress.set_phase(Phase::Publishing);
         // Last chance to find out we may not publish: a fenced heartbeat in the worker.
         ctl.gate.may_publish().await?;
         let mut m = Manifest::new(recipe, plan, written.clone(), started, &ctl.run_info);

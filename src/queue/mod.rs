@@ -19,7 +19,7 @@ use uuid::Uuid;
 use crate::error::ErrorCode;
 
 /// Lifecycle state of a job. Stored as text with a CHECK constraint in both backends.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum JobState {
     Queued,
@@ -61,7 +61,9 @@ impl JobState {
 
 /// What a job does: a merge writes a soup to its output; an analysis (diagnostics) writes
 /// nothing and leaves its numbers in the job's `result`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default, utoipa::ToSchema,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum JobKind {
     #[default]
@@ -319,6 +321,17 @@ pub trait JobQueue: Send + Sync + 'static {
     /// milliseconds instead of at the next heartbeat; hints may be missed (a lagging
     /// receiver, a dropped listener), heartbeats remain the guarantee.
     fn cancel_hints(&self) -> tokio::sync::broadcast::Receiver<Uuid>;
+
+    /// Jobs changed (inserted or updated: state, progress, heartbeat) at or after `since`,
+    /// oldest change first, at most `limit`: what `GET /v1/events` follows.
+    async fn changed_since(&self, since: DateTime<Utc>, limit: u32) -> QueueResult<Vec<Job>>;
+
+    /// Hints that a job row changed (its id), from any process: on Postgres every
+    /// `NOTIFY ladle_job_changed` (a trigger on `jobs`); `None` where there are none (SQLite),
+    /// and the event streams poll. Hints may be missed; polling remains the guarantee.
+    fn job_changes(&self) -> Option<tokio::sync::broadcast::Receiver<Uuid>> {
+        None
+    }
 
     /// Wait until new work may be available (an enqueue in this process, or a NOTIFY on
     /// Postgres) or `max` elapses, whichever is first. Polling is still the guarantee.

@@ -45,6 +45,8 @@ static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("migrations/postgres")
 pub const JOBS_CHANNEL: &str = "ladle_jobs";
 /// Channel notified when a running job's cancel is requested; the payload is the job id.
 pub const CANCEL_CHANNEL: &str = "ladle_cancel";
+/// Every insert or update of a job row (trigger `jobs_notify_changed`, payload: the id).
+pub const CHANGED_CHANNEL: &str = "ladle_job_changed";
 
 /// Every column a [`Job`] is built from, in `SELECT` / `RETURNING` lists.
 const JOB_COLUMNS: &str = "id, kind, idempotency_key, state, priority, attempts, max_attempts, \
@@ -79,6 +81,8 @@ pub struct PostgresQueue {
     config: QueueConfig,
     work: Arc<Notify>,
     cancels: tokio::sync::broadcast::Sender<Uuid>,
+    /// Ids from `NOTIFY ladle_job_changed` (the `jobs` trigger), for the event streams.
+    changes: tokio::sync::broadcast::Sender<Uuid>,
     listener: JoinHandle<()>,
 }
 
@@ -104,12 +108,19 @@ impl PostgresQueue {
             .connect_lazy_with(options);
         let work = Arc::new(Notify::new());
         let cancels = tokio::sync::broadcast::channel(super::CANCEL_HINTS).0;
-        let listener = tokio::spawn(listen(listen_pool, work.clone(), cancels.clone()));
+        let changes = tokio::sync::broadcast::channel(super::CANCEL_HINTS).0;
+        let listener = tokio::spawn(listen(
+            listen_pool,
+            work.clone(),
+            cancels.clone(),
+            changes.clone(),
+        ));
         Ok(PostgresQueue {
             pool,
             config,
             work,
             cancels,
+            changes,
             listener,
         })
     }
@@ -513,6 +524,18 @@ impl JobQueue for PostgresQueue {
         rows.iter().map(job_from_row).collect()
     }
 
+    async fn changed_since(&self, since: DateTime<Utc>, limit: u32) -> QueueResult<Vec<Job>> {
+        let rows = sqlx::query(&format!(
+            "SELECT {JOB_COLUMNS} FROM jobs WHERE updated_at >= $1 \
+             ORDER BY updated_at, id LIMIT $2"
+        ))
+        .bind(since)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(job_from_row).collect()
+    }
+
     async fn prune(&self, older_than: DateTime<Utc>, batch: u32) -> QueueResult<u64> {
         let batch = if batch == 0 {
             DEFAULT_PRUNE_BATCH
@@ -548,6 +571,10 @@ impl JobQueue for PostgresQueue {
         self.cancels.subscribe()
     }
 
+    fn job_changes(&self) -> Option<tokio::sync::broadcast::Receiver<Uuid>> {
+        Some(self.changes.subscribe())
+    }
+
     async fn wait_for_work(&self, max: Duration) {
         let _ = tokio::time::timeout(max, self.work.notified()).await;
     }
@@ -563,11 +590,19 @@ fn wake(work: &Notify) {
 /// turn every job notification, and every (re)connect, into a wake-up, and every cancel
 /// notification into a cancel hint for the job it names. Never returns; errors are
 /// logged and retried after a pause. Aborted when the queue is dropped.
-async fn listen(pool: PgPool, work: Arc<Notify>, cancels: tokio::sync::broadcast::Sender<Uuid>) {
+async fn listen(
+    pool: PgPool,
+    work: Arc<Notify>,
+    cancels: tokio::sync::broadcast::Sender<Uuid>,
+    changes: tokio::sync::broadcast::Sender<Uuid>,
+) {
     const RETRY: Duration = Duration::from_secs(1);
     loop {
         match PgListener::connect_with(&pool).await {
-            Ok(mut listener) => match listener.listen_all([JOBS_CHANNEL, CANCEL_CHANNEL]).await {
+            Ok(mut listener) => match listener
+                .listen_all([JOBS_CHANNEL, CANCEL_CHANNEL, CHANGED_CHANNEL])
+                .await
+            {
                 Ok(()) => {
                     // Anything sent while we were not listening is lost: look for work now.
                     wake(&work);
@@ -577,6 +612,11 @@ async fn listen(pool: PgPool, work: Arc<Notify>, cancels: tokio::sync::broadcast
                                 if let Ok(id) = Uuid::parse_str(n.payload()) {
                                     // No receiver (no worker in this process) is fine.
                                     let _ = cancels.send(id);
+                                }
+                            }
+                            Ok(Some(n)) if n.channel() == CHANGED_CHANNEL => {
+                                if let Ok(id) = Uuid::parse_str(n.payload()) {
+                                    let _ = changes.send(id);
                                 }
                             }
                             Ok(Some(_)) => wake(&work),

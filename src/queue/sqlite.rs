@@ -485,6 +485,18 @@ impl JobQueue for SqliteQueue {
         rows.iter().map(job_from_row).collect()
     }
 
+    async fn changed_since(&self, since: DateTime<Utc>, limit: u32) -> QueueResult<Vec<Job>> {
+        let rows = sqlx::query(&format!(
+            "SELECT {JOB_COLUMNS} FROM jobs WHERE updated_at >= ?1 \
+             ORDER BY updated_at, id LIMIT ?2"
+        ))
+        .bind(since.timestamp_millis())
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(job_from_row).collect()
+    }
+
     async fn prune(&self, older_than: DateTime<Utc>, batch: u32) -> QueueResult<u64> {
         let batch = if batch == 0 {
             DEFAULT_PRUNE_BATCH

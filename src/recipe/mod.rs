@@ -26,9 +26,18 @@ pub const MIN_SHARD_SIZE: u64 = 1024;
 pub const MAX_ATTEMPTS_LIMIT: i32 = 20;
 
 /// A request body as sent to `POST /v1/merges` (and the one-shot CLI).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(example = json!({
+    "method": "linear",
+    "models": [{"uri": "file:///data/ft-a/"}, {"uri": "s3://bucket/ft-b/", "weight": 2.0}],
+    "parameters": {"normalize": true},
+    "output": {"uri": "file:///data/soups/run-1/", "dtype": "bfloat16", "max_shard_size": "2GB"},
+    "idempotency_key": "run-1"
+}))]
 pub struct MergeRequest {
+    /// The merge method (`linear`, `task_arithmetic`, `ties`, …, `greedy_soup`; see the README).
+    #[schema(example = "linear")]
     pub method: String,
     #[serde(default)]
     pub models: Vec<ModelSpec>,
@@ -69,7 +78,7 @@ pub struct MergeRequest {
     pub input_dtype: Option<String>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ModelSpec {
     pub uri: String,
@@ -84,17 +93,18 @@ pub struct ModelSpec {
 }
 
 /// One output slice: the layers `layer_range` of its source, in order.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SliceSpec {
     pub sources: Vec<SliceSourceSpec>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SliceSourceSpec {
     pub uri: String,
     /// `[first, end)` layer indices of the source model.
+    #[schema(value_type = Vec<u64>, min_items = 2, max_items = 2)]
     pub layer_range: [u64; 2],
     #[serde(default)]
     pub parameters: serde_json::Map<String, serde_json::Value>,
@@ -117,7 +127,7 @@ pub struct Slice {
 /// Most layers a slice list may produce.
 pub const MAX_SLICE_LAYERS: u64 = 100_000;
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct OutputSpec {
     pub uri: String,

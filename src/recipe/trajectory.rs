@@ -39,7 +39,7 @@ pub const METHODS: [Method; 4] = [
 ];
 
 /// `"trajectory": {"uri": …, "select": …}` as a request gives it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TrajectorySpec {
     pub uri: String,
@@ -47,7 +47,7 @@ pub struct TrajectorySpec {
 }
 
 /// Which checkpoints of the folder to take.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Select {
     /// The `k` checkpoints with the highest steps.

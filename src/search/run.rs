@@ -380,6 +380,10 @@ impl Step<'_> {
             purpose,
             recipe: described,
         };
+        self.driver
+            .ctl
+            .progress
+            .set_phase(crate::engine::Phase::Evaluating);
         let answer = tokio::select! {
             a = self.client.evaluate(self.url, self.timeout, &req) => a,
             _ = self.driver.ctl.cancel.cancelled() => {

@@ -11,7 +11,7 @@ pub const MAX_TIMEOUT_S: f64 = 3600.0;
 pub const MAX_EVALUATIONS: u32 = 10_000;
 
 /// `evaluator` as sent.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct EvaluatorSpec {
     pub url: String,
@@ -57,7 +57,7 @@ impl Search {
 }
 
 /// `sweep` as sent.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SweepSpec {
     pub parameter: String,

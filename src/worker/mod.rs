@@ -52,6 +52,10 @@ impl Default for WorkerConfig {
     }
 }
 
+/// How often a running job's progress is stored when it changed (one fenced heartbeat, not
+/// one write per chunk): what `GET /v1/merges/{id}` and the event streams see move.
+pub const PROGRESS_INTERVAL: Duration = Duration::from_secs(1);
+
 /// A unique identity for this worker process: host, pid and a random suffix.
 pub fn worker_identity() -> String {
     let host = std::env::var("HOSTNAME")
@@ -370,6 +374,8 @@ struct LeaseKeeper {
     /// When the last confirmed heartbeat (or the claim) was *sent*, on this process's
     /// monotonic clock: the database extended the lease no earlier than that.
     last_ok: std::sync::Mutex<Instant>,
+    /// The progress the last confirmed heartbeat stored.
+    last_stored: std::sync::Mutex<Option<serde_json::Value>>,
     one_at_a_time: tokio::sync::Mutex<()>,
     fence_after: Duration,
 }
@@ -395,6 +401,7 @@ impl LeaseKeeper {
             lease,
             progress,
             last_ok: std::sync::Mutex::new(claimed_at),
+            last_stored: std::sync::Mutex::new(None),
             one_at_a_time: tokio::sync::Mutex::new(()),
             fence_after,
         }
@@ -412,19 +419,32 @@ impl LeaseKeeper {
             .saturating_duration_since(Instant::now())
     }
 
+    /// The progress as stored in the job row: the snapshot plus the search record.
+    fn progress_json(&self) -> Option<serde_json::Value> {
+        let mut progress = serde_json::to_value(self.progress.snapshot()).ok();
+        if let (Some(p), Some(search)) = (progress.as_mut(), self.progress.search()) {
+            p["search"] = search;
+        }
+        progress
+    }
+
+    /// Whether the progress moved since the last confirmed heartbeat stored it.
+    fn progress_changed(&self) -> bool {
+        let now = self.progress_json();
+        *self.last_stored.lock().unwrap_or_else(|p| p.into_inner()) != now
+    }
+
     /// One fenced heartbeat carrying the current progress, abandoned after `budget`.
     async fn beat(&self, budget: Duration) -> Result<HeartbeatOutcome, BeatError> {
         let call = async {
             let _one = self.one_at_a_time.lock().await;
-            let mut progress = serde_json::to_value(self.progress.snapshot()).ok();
-            if let (Some(p), Some(search)) = (progress.as_mut(), self.progress.search()) {
-                p["search"] = search;
-            }
+            let progress = self.progress_json();
             let sent = Instant::now();
             let outcome = self.queue.heartbeat(&self.lease, progress.as_ref()).await?;
             if let HeartbeatOutcome::Held { .. } = outcome {
                 let mut last = self.last_ok.lock().unwrap_or_else(|p| p.into_inner());
                 *last = (*last).max(sent);
+                *self.last_stored.lock().unwrap_or_else(|p| p.into_inner()) = progress;
             }
             Ok(outcome)
         };
@@ -439,6 +459,10 @@ async fn heartbeat_loop(keeper: Arc<LeaseKeeper>, ctl: Arc<RunControl>, interval
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tick.tick().await;
+    // Progress between heartbeats: a beat when it moved, at most once per PROGRESS_INTERVAL.
+    let mut progress_tick = tokio::time::interval(PROGRESS_INTERVAL.min(interval));
+    progress_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    progress_tick.tick().await;
     let mut hints = keeper.queue.cancel_hints();
     let mut hints_open = true;
     let job_id = keeper.lease.job_id;
@@ -447,6 +471,7 @@ async fn heartbeat_loop(keeper: Arc<LeaseKeeper>, ctl: Arc<RunControl>, interval
         tokio::select! {
             _ = ctl.cancel.cancelled() => return,
             _ = tick.tick() => {}
+            _ = progress_tick.tick() => if !keeper.progress_changed() { continue },
             // A cancel hint for this job: beat now, the heartbeat's answer decides.
             hint = hints.recv(), if hints_open => match hint {
                 Ok(id) if id == job_id => {}

@@ -1,0 +1,55 @@
+"""Contains all the data models used in inputs/outputs"""
+
+from .analysis_request import AnalysisRequest
+from .api_error import ApiError
+from .error_code import ErrorCode
+from .error_view import ErrorView
+from .evaluator_spec import EvaluatorSpec
+from .job_state import JobState
+from .job_view import JobView
+from .list_view import ListView
+from .merge_request import MergeRequest
+from .merge_request_parameters import MergeRequestParameters
+from .model_ref import ModelRef
+from .model_spec import ModelSpec
+from .model_spec_parameters import ModelSpecParameters
+from .output_spec import OutputSpec
+from .phase import Phase
+from .progress_snapshot import ProgressSnapshot
+from .ready_view import ReadyView
+from .select_type_0 import SelectType0
+from .select_type_1 import SelectType1
+from .select_type_2 import SelectType2
+from .slice_source_spec import SliceSourceSpec
+from .slice_source_spec_parameters import SliceSourceSpecParameters
+from .slice_spec import SliceSpec
+from .sweep_spec import SweepSpec
+from .trajectory_spec import TrajectorySpec
+
+__all__ = (
+    "AnalysisRequest",
+    "ApiError",
+    "ErrorCode",
+    "ErrorView",
+    "EvaluatorSpec",
+    "JobState",
+    "JobView",
+    "ListView",
+    "MergeRequest",
+    "MergeRequestParameters",
+    "ModelRef",
+    "ModelSpec",
+    "ModelSpecParameters",
+    "OutputSpec",
+    "Phase",
+    "ProgressSnapshot",
+    "ReadyView",
+    "SelectType0",
+    "SelectType1",
+    "SelectType2",
+    "SliceSourceSpec",
+    "SliceSourceSpecParameters",
+    "SliceSpec",
+    "SweepSpec",
+    "TrajectorySpec",
+)

@@ -1,0 +1,160 @@
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, Self, TypeVar, cast
+
+from attrs import define as _attrs_define
+
+from ..types import UNSET, Unset
+
+if TYPE_CHECKING:
+    from ..models.model_ref import ModelRef
+
+
+T = TypeVar("T", bound="AnalysisRequest")
+
+
+@_attrs_define
+class AnalysisRequest:
+    """The body of `POST /v1/analyses`.
+
+    Example:
+        {'base_model': 'file:///data/base/', 'models': ['file:///data/ft-a/', {'uri': 'file:///data/ft-b/'}]}
+
+    Attributes:
+        models (list[ModelRef | str]): `"uri"` or `{"uri": "…"}` each (2 to 128).
+        base_model (None | str | Unset):
+        idempotency_key (None | str | Unset):
+        max_attempts (int | None | Unset):
+        priority (int | None | Unset):
+    """
+
+    models: list[ModelRef | str]
+    base_model: None | str | Unset = UNSET
+    idempotency_key: None | str | Unset = UNSET
+    max_attempts: int | None | Unset = UNSET
+    priority: int | None | Unset = UNSET
+
+    def to_dict(self) -> dict[str, Any]:
+        from ..models.model_ref import ModelRef
+
+        models = []
+        for models_item_data in self.models:
+            models_item: dict[str, Any] | str
+            if isinstance(models_item_data, ModelRef):
+                models_item = models_item_data.to_dict()
+            else:
+                models_item = models_item_data
+            models.append(models_item)
+
+        base_model: None | str | Unset
+        if isinstance(self.base_model, Unset):
+            base_model = UNSET
+        else:
+            base_model = self.base_model
+
+        idempotency_key: None | str | Unset
+        if isinstance(self.idempotency_key, Unset):
+            idempotency_key = UNSET
+        else:
+            idempotency_key = self.idempotency_key
+
+        max_attempts: int | None | Unset
+        if isinstance(self.max_attempts, Unset):
+            max_attempts = UNSET
+        else:
+            max_attempts = self.max_attempts
+
+        priority: int | None | Unset
+        if isinstance(self.priority, Unset):
+            priority = UNSET
+        else:
+            priority = self.priority
+
+        field_dict: dict[str, Any] = {}
+
+        field_dict.update(
+            {
+                "models": models,
+            }
+        )
+        if base_model is not UNSET:
+            field_dict["base_model"] = base_model
+        if idempotency_key is not UNSET:
+            field_dict["idempotency_key"] = idempotency_key
+        if max_attempts is not UNSET:
+            field_dict["max_attempts"] = max_attempts
+        if priority is not UNSET:
+            field_dict["priority"] = priority
+
+        return field_dict
+
+    @classmethod
+    def from_dict(cls, src_dict: Mapping[str, Any]) -> Self:
+        from ..models.model_ref import ModelRef
+
+        d = dict(src_dict)
+        models = []
+        _models = d.pop("models")
+        for models_item_data in _models:
+
+            def _parse_models_item(data: object) -> ModelRef | str:
+                try:
+                    if not isinstance(data, dict):
+                        raise TypeError()
+                    componentsschemas_analysis_model_type_1 = ModelRef.from_dict(data)
+
+                    return componentsschemas_analysis_model_type_1
+                except (TypeError, ValueError, AttributeError, KeyError):
+                    pass
+                return cast(ModelRef | str, data)
+
+            models_item = _parse_models_item(models_item_data)
+
+            models.append(models_item)
+
+        def _parse_base_model(data: object) -> None | str | Unset:
+            if data is None:
+                return data
+            if isinstance(data, Unset):
+                return data
+            return cast(None | str | Unset, data)
+
+        base_model = _parse_base_model(d.pop("base_model", UNSET))
+
+        def _parse_idempotency_key(data: object) -> None | str | Unset:
+            if data is None:
+                return data
+            if isinstance(data, Unset):
+                return data
+            return cast(None | str | Unset, data)
+
+        idempotency_key = _parse_idempotency_key(d.pop("idempotency_key", UNSET))
+
+        def _parse_max_attempts(data: object) -> int | None | Unset:
+            if data is None:
+                return data
+            if isinstance(data, Unset):
+                return data
+            return cast(int | None | Unset, data)
+
+        max_attempts = _parse_max_attempts(d.pop("max_attempts", UNSET))
+
+        def _parse_priority(data: object) -> int | None | Unset:
+            if data is None:
+                return data
+            if isinstance(data, Unset):
+                return data
+            return cast(int | None | Unset, data)
+
+        priority = _parse_priority(d.pop("priority", UNSET))
+
+        analysis_request = cls(
+            models=models,
+            base_model=base_model,
+            idempotency_key=idempotency_key,
+            max_attempts=max_attempts,
+            priority=priority,
+        )
+
+        return analysis_request

@@ -1,0 +1,28 @@
+from enum import StrEnum
+
+
+class ErrorCode(StrEnum):
+    CANCELLED = "cancelled"
+    CHECKPOINT_MALFORMED = "checkpoint_malformed"
+    CHECKPOINT_NOT_FOUND = "checkpoint_not_found"
+    DATABASE_ERROR = "database_error"
+    EVALUATOR_FAILED = "evaluator_failed"
+    EVALUATOR_UNAVAILABLE = "evaluator_unavailable"
+    IDEMPOTENCY_KEY_REUSED = "idempotency_key_reused"
+    INTERNAL = "internal"
+    INVALID_RECIPE = "invalid_recipe"
+    INVALID_URI = "invalid_uri"
+    LEASE_EXPIRED = "lease_expired"
+    NOT_CANCELLABLE = "not_cancellable"
+    NOT_FOUND = "not_found"
+    OUTPUT_CONFLICT = "output_conflict"
+    OUTPUT_IN_USE = "output_in_use"
+    PAYLOAD_TOO_LARGE = "payload_too_large"
+    SHAPE_MISMATCH = "shape_mismatch"
+    STORAGE_ERROR = "storage_error"
+    STORAGE_NOT_ALLOWED = "storage_not_allowed"
+    UNAUTHORIZED = "unauthorized"
+    UNSUPPORTED_DTYPE = "unsupported_dtype"
+
+    def __str__(self) -> str:
+        return str(self.value)

@@ -1,0 +1,353 @@
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, Self, TypeVar, cast
+
+from attrs import define as _attrs_define
+
+from ..types import UNSET, Unset
+
+if TYPE_CHECKING:
+    from ..models.evaluator_spec import EvaluatorSpec
+    from ..models.merge_request_parameters import MergeRequestParameters
+    from ..models.model_spec import ModelSpec
+    from ..models.output_spec import OutputSpec
+    from ..models.slice_spec import SliceSpec
+    from ..models.sweep_spec import SweepSpec
+    from ..models.trajectory_spec import TrajectorySpec
+
+
+T = TypeVar("T", bound="MergeRequest")
+
+
+@_attrs_define
+class MergeRequest:
+    """A request body as sent to `POST /v1/merges` (and the one-shot CLI).
+
+    Example:
+        {'idempotency_key': 'run-1', 'method': 'linear', 'models': [{'uri': 'file:///data/ft-a/'}, {'uri':
+            's3://bucket/ft-b/', 'weight': 2.0}], 'output': {'dtype': 'bfloat16', 'max_shard_size': '2GB', 'uri':
+            'file:///data/soups/run-1/'}, 'parameters': {'normalize': True}}
+
+    Attributes:
+        method (str): The merge method (`linear`, `task_arithmetic`, `ties`, …, `greedy_soup`; see the README). Example:
+            linear.
+        output (OutputSpec):
+        accept (None | str | Unset): Greedy soup's accept rule: `">="` (the paper, default) or `">"`.
+        base_model (None | str | Unset): The pre-trained model the task vectors are taken against (`t = 0` end for
+            slerp).
+        evaluator (EvaluatorSpec | None | Unset):
+        idempotency_key (None | str | Unset):
+        input_dtype (None | str | Unset): The dtype every merged float tensor of the checkpoints must have; another
+            dtype fails
+            the job. mergekit YAML's `dtype` becomes this for the methods that compute in the
+            checkpoints' own dtype (all but the task-arithmetic family, which take `compute_dtype`).
+        max_attempts (int | None | Unset):
+        models (list[ModelSpec] | Unset):
+        parameters (MergeRequestParameters | Unset):
+        priority (int | None | Unset):
+        slices (list[SliceSpec] | Unset): Layer ranges from several models, stacked (method `passthrough`).
+        sweep (None | SweepSpec | Unset):
+        trajectory (None | TrajectorySpec | Unset):
+    """
+
+    method: str
+    output: OutputSpec
+    accept: None | str | Unset = UNSET
+    base_model: None | str | Unset = UNSET
+    evaluator: EvaluatorSpec | None | Unset = UNSET
+    idempotency_key: None | str | Unset = UNSET
+    input_dtype: None | str | Unset = UNSET
+    max_attempts: int | None | Unset = UNSET
+    models: list[ModelSpec] | Unset = UNSET
+    parameters: MergeRequestParameters | Unset = UNSET
+    priority: int | None | Unset = UNSET
+    slices: list[SliceSpec] | Unset = UNSET
+    sweep: None | SweepSpec | Unset = UNSET
+    trajectory: None | TrajectorySpec | Unset = UNSET
+
+    def to_dict(self) -> dict[str, Any]:
+        from ..models.evaluator_spec import EvaluatorSpec
+        from ..models.sweep_spec import SweepSpec
+        from ..models.trajectory_spec import TrajectorySpec
+
+        method = self.method
+
+        output = self.output.to_dict()
+
+        accept: None | str | Unset
+        if isinstance(self.accept, Unset):
+            accept = UNSET
+        else:
+            accept = self.accept
+
+        base_model: None | str | Unset
+        if isinstance(self.base_model, Unset):
+            base_model = UNSET
+        else:
+            base_model = self.base_model
+
+        evaluator: dict[str, Any] | None | Unset
+        if isinstance(self.evaluator, Unset):
+            evaluator = UNSET
+        elif isinstance(self.evaluator, EvaluatorSpec):
+            evaluator = self.evaluator.to_dict()
+        else:
+            evaluator = self.evaluator
+
+        idempotency_key: None | str | Unset
+        if isinstance(self.idempotency_key, Unset):
+            idempotency_key = UNSET
+        else:
+            idempotency_key = self.idempotency_key
+
+        input_dtype: None | str | Unset
+        if isinstance(self.input_dtype, Unset):
+            input_dtype = UNSET
+        else:
+            input_dtype = self.input_dtype
+
+        max_attempts: int | None | Unset
+        if isinstance(self.max_attempts, Unset):
+            max_attempts = UNSET
+        else:
+            max_attempts = self.max_attempts
+
+        models: list[dict[str, Any]] | Unset = UNSET
+        if not isinstance(self.models, Unset):
+            models = []
+            for models_item_data in self.models:
+                models_item = models_item_data.to_dict()
+                models.append(models_item)
+
+        parameters: dict[str, Any] | Unset = UNSET
+        if not isinstance(self.parameters, Unset):
+            parameters = self.parameters.to_dict()
+
+        priority: int | None | Unset
+        if isinstance(self.priority, Unset):
+            priority = UNSET
+        else:
+            priority = self.priority
+
+        slices: list[dict[str, Any]] | Unset = UNSET
+        if not isinstance(self.slices, Unset):
+            slices = []
+            for slices_item_data in self.slices:
+                slices_item = slices_item_data.to_dict()
+                slices.append(slices_item)
+
+        sweep: dict[str, Any] | None | Unset
+        if isinstance(self.sweep, Unset):
+            sweep = UNSET
+        elif isinstance(self.sweep, SweepSpec):
+            sweep = self.sweep.to_dict()
+        else:
+            sweep = self.sweep
+
+        trajectory: dict[str, Any] | None | Unset
+        if isinstance(self.trajectory, Unset):
+            trajectory = UNSET
+        elif isinstance(self.trajectory, TrajectorySpec):
+            trajectory = self.trajectory.to_dict()
+        else:
+            trajectory = self.trajectory
+
+        field_dict: dict[str, Any] = {}
+
+        field_dict.update(
+            {
+                "method": method,
+                "output": output,
+            }
+        )
+        if accept is not UNSET:
+            field_dict["accept"] = accept
+        if base_model is not UNSET:
+            field_dict["base_model"] = base_model
+        if evaluator is not UNSET:
+            field_dict["evaluator"] = evaluator
+        if idempotency_key is not UNSET:
+            field_dict["idempotency_key"] = idempotency_key
+        if input_dtype is not UNSET:
+            field_dict["input_dtype"] = input_dtype
+        if max_attempts is not UNSET:
+            field_dict["max_attempts"] = max_attempts
+        if models is not UNSET:
+            field_dict["models"] = models
+        if parameters is not UNSET:
+            field_dict["parameters"] = parameters
+        if priority is not UNSET:
+            field_dict["priority"] = priority
+        if slices is not UNSET:
+            field_dict["slices"] = slices
+        if sweep is not UNSET:
+            field_dict["sweep"] = sweep
+        if trajectory is not UNSET:
+            field_dict["trajectory"] = trajectory
+
+        return field_dict
+
+    @classmethod
+    def from_dict(cls, src_dict: Mapping[str, Any]) -> Self:
+        from ..models.evaluator_spec import EvaluatorSpec
+        from ..models.merge_request_parameters import MergeRequestParameters
+        from ..models.model_spec import ModelSpec
+        from ..models.output_spec import OutputSpec
+        from ..models.slice_spec import SliceSpec
+        from ..models.sweep_spec import SweepSpec
+        from ..models.trajectory_spec import TrajectorySpec
+
+        d = dict(src_dict)
+        method = d.pop("method")
+
+        output = OutputSpec.from_dict(d.pop("output"))
+
+        def _parse_accept(data: object) -> None | str | Unset:
+            if data is None:
+                return data
+            if isinstance(data, Unset):
+                return data
+            return cast(None | str | Unset, data)
+
+        accept = _parse_accept(d.pop("accept", UNSET))
+
+        def _parse_base_model(data: object) -> None | str | Unset:
+            if data is None:
+                return data
+            if isinstance(data, Unset):
+                return data
+            return cast(None | str | Unset, data)
+
+        base_model = _parse_base_model(d.pop("base_model", UNSET))
+
+        def _parse_evaluator(data: object) -> EvaluatorSpec | None | Unset:
+            if data is None:
+                return data
+            if isinstance(data, Unset):
+                return data
+            try:
+                if not isinstance(data, dict):
+                    raise TypeError()
+                evaluator_type_1 = EvaluatorSpec.from_dict(data)
+
+                return evaluator_type_1
+            except (TypeError, ValueError, AttributeError, KeyError):
+                pass
+            return cast(EvaluatorSpec | None | Unset, data)
+
+        evaluator = _parse_evaluator(d.pop("evaluator", UNSET))
+
+        def _parse_idempotency_key(data: object) -> None | str | Unset:
+            if data is None:
+                return data
+            if isinstance(data, Unset):
+                return data
+            return cast(None | str | Unset, data)
+
+        idempotency_key = _parse_idempotency_key(d.pop("idempotency_key", UNSET))
+
+        def _parse_input_dtype(data: object) -> None | str | Unset:
+            if data is None:
+                return data
+            if isinstance(data, Unset):
+                return data
+            return cast(None | str | Unset, data)
+
+        input_dtype = _parse_input_dtype(d.pop("input_dtype", UNSET))
+
+        def _parse_max_attempts(data: object) -> int | None | Unset:
+            if data is None:
+                return data
+            if isinstance(data, Unset):
+                return data
+            return cast(int | None | Unset, data)
+
+        max_attempts = _parse_max_attempts(d.pop("max_attempts", UNSET))
+
+        _models = d.pop("models", UNSET)
+        models: list[ModelSpec] | Unset = UNSET
+        if _models is not UNSET:
+            models = []
+            for models_item_data in _models:
+                models_item = ModelSpec.from_dict(models_item_data)
+
+                models.append(models_item)
+
+        _parameters = d.pop("parameters", UNSET)
+        parameters: MergeRequestParameters | Unset
+        if isinstance(_parameters, Unset):
+            parameters = UNSET
+        else:
+            parameters = MergeRequestParameters.from_dict(_parameters)
+
+        def _parse_priority(data: object) -> int | None | Unset:
+            if data is None:
+                return data
+            if isinstance(data, Unset):
+                return data
+            return cast(int | None | Unset, data)
+
+        priority = _parse_priority(d.pop("priority", UNSET))
+
+        _slices = d.pop("slices", UNSET)
+        slices: list[SliceSpec] | Unset = UNSET
+        if _slices is not UNSET:
+            slices = []
+            for slices_item_data in _slices:
+                slices_item = SliceSpec.from_dict(slices_item_data)
+
+                slices.append(slices_item)
+
+        def _parse_sweep(data: object) -> None | SweepSpec | Unset:
+            if data is None:
+                return data
+            if isinstance(data, Unset):
+                return data
+            try:
+                if not isinstance(data, dict):
+                    raise TypeError()
+                sweep_type_1 = SweepSpec.from_dict(data)
+
+                return sweep_type_1
+            except (TypeError, ValueError, AttributeError, KeyError):
+                pass
+            return cast(None | SweepSpec | Unset, data)
+
+        sweep = _parse_sweep(d.pop("sweep", UNSET))
+
+        def _parse_trajectory(data: object) -> None | TrajectorySpec | Unset:
+            if data is None:
+                return data
+            if isinstance(data, Unset):
+                return data
+            try:
+                if not isinstance(data, dict):
+                    raise TypeError()
+                trajectory_type_1 = TrajectorySpec.from_dict(data)
+
+                return trajectory_type_1
+            except (TypeError, ValueError, AttributeError, KeyError):
+                pass
+            return cast(None | TrajectorySpec | Unset, data)
+
+        trajectory = _parse_trajectory(d.pop("trajectory", UNSET))
+
+        merge_request = cls(
+            method=method,
+            output=output,
+            accept=accept,
+            base_model=base_model,
+            evaluator=evaluator,
+            idempotency_key=idempotency_key,
+            input_dtype=input_dtype,
+            max_attempts=max_attempts,
+            models=models,
+            parameters=parameters,
+            priority=priority,
+            slices=slices,
+            sweep=sweep,
+            trajectory=trajectory,
+        )
+
+        return merge_request
