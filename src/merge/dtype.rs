@@ -727,7 +727,11 @@ mod tests {
                 s ^= s << 13;
                 s ^= s >> 7;
                 s ^= s << 17;
-                if s.is_multiple_of(3) { 0xFF } else { (s >> 24) as u8 }
+                if s.is_multiple_of(3) {
+                    0xFF
+                } else {
+                    (s >> 24) as u8
+                }
             })
             .collect();
         for dtype in [DType::F64, DType::F32, DType::F16, DType::BF16] {
