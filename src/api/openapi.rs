@@ -41,7 +41,8 @@ use crate::error::ErrorCode;
 pub struct ApiDoc;
 
 /// The codes an operation may answer with besides its successes, by operation id; every
-/// `/v1` operation may also answer `unauthorized`, `database_error` and `internal`.
+/// `/v1` operation may also answer `unauthorized`, `internal`, `database_error` and
+/// `database_unavailable`, and any other status carries an error body too (`default`).
 fn errors_of(operation_id: &str) -> &'static [ErrorCode] {
     use ErrorCode::*;
     match operation_id {
@@ -51,7 +52,9 @@ fn errors_of(operation_id: &str) -> &'static [ErrorCode] {
             StorageNotAllowed,
             IdempotencyKeyReused,
             OutputInUse,
+            RequestTimeout,
             PayloadTooLarge,
+            UnsupportedMediaType,
             CheckpointNotFound,
             CheckpointMalformed,
             StorageError,
@@ -63,10 +66,11 @@ fn errors_of(operation_id: &str) -> &'static [ErrorCode] {
     }
 }
 
-const COMMON_V1: [ErrorCode; 3] = [
+const COMMON_V1: [ErrorCode; 4] = [
     ErrorCode::Unauthorized,
     ErrorCode::Internal,
     ErrorCode::DatabaseError,
+    ErrorCode::DatabaseUnavailable,
 ];
 
 const METHODS: [&str; 8] = [
