@@ -172,6 +172,9 @@ async fn scenario(database_url: &str, backend: &str, jobs: usize) -> (Vec<i64>, 
             |_| false,
         )));
     }
+    // Queued for a while: a polling stream (SQLite) observes a state that lasts longer than its
+    // poll interval; one shorter may be coalesced into the next.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
     let mut worker = LadleProc::spawn(
         &format!("events-{backend}"),
         &["worker"],

@@ -29,12 +29,14 @@ class ApiError:
             | `unauthorized` | 401 | no |
             | `storage_not_allowed` | 403 | no |
             | `not_found` | 404 | no |
+            | `request_timeout` | 408 | no |
             | `idempotency_key_reused` | 409 | no |
             | `output_in_use` | 409 | no |
             | `output_conflict` | 409 | no |
             | `not_cancellable` | 409 | no |
             | `cancelled` | 409 | no |
             | `payload_too_large` | 413 | no |
+            | `unsupported_media_type` | 415 | no |
             | `checkpoint_not_found` | 422 | no |
             | `checkpoint_malformed` | 422 | no |
             | `shape_mismatch` | 422 | no |
@@ -45,6 +47,7 @@ class ApiError:
             | `lease_expired` | 502 | yes |
             | `evaluator_unavailable` | 502 | no |
             | `database_error` | 503 | yes |
+            | `database_unavailable` | 503 | yes |
         message (str):
     """
 

@@ -6,6 +6,7 @@ class ErrorCode(StrEnum):
     CHECKPOINT_MALFORMED = "checkpoint_malformed"
     CHECKPOINT_NOT_FOUND = "checkpoint_not_found"
     DATABASE_ERROR = "database_error"
+    DATABASE_UNAVAILABLE = "database_unavailable"
     EVALUATOR_FAILED = "evaluator_failed"
     EVALUATOR_UNAVAILABLE = "evaluator_unavailable"
     IDEMPOTENCY_KEY_REUSED = "idempotency_key_reused"
@@ -18,11 +19,13 @@ class ErrorCode(StrEnum):
     OUTPUT_CONFLICT = "output_conflict"
     OUTPUT_IN_USE = "output_in_use"
     PAYLOAD_TOO_LARGE = "payload_too_large"
+    REQUEST_TIMEOUT = "request_timeout"
     SHAPE_MISMATCH = "shape_mismatch"
     STORAGE_ERROR = "storage_error"
     STORAGE_NOT_ALLOWED = "storage_not_allowed"
     UNAUTHORIZED = "unauthorized"
     UNSUPPORTED_DTYPE = "unsupported_dtype"
+    UNSUPPORTED_MEDIA_TYPE = "unsupported_media_type"
 
     def __str__(self) -> str:
         return str(self.value)

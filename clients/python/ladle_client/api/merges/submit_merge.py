@@ -57,6 +57,11 @@ def _parse_response(
 
         return response_403
 
+    if response.status_code == 408:
+        response_408 = ApiError.from_dict(response.json())
+
+        return response_408
+
     if response.status_code == 409:
         response_409 = ApiError.from_dict(response.json())
 
@@ -66,6 +71,11 @@ def _parse_response(
         response_413 = ApiError.from_dict(response.json())
 
         return response_413
+
+    if response.status_code == 415:
+        response_415 = ApiError.from_dict(response.json())
+
+        return response_415
 
     if response.status_code == 422:
         response_422 = ApiError.from_dict(response.json())
