@@ -54,6 +54,8 @@ error_codes! {
     InvalidRecipe = "invalid_recipe", 400, false;
     /// A URL is malformed or uses a scheme ladle does not handle.
     InvalidUri = "invalid_uri", 400, false;
+    /// A query string is malformed or has an unknown or out-of-range parameter.
+    InvalidQuery = "invalid_query", 400, false;
     /// Missing or wrong bearer token.
     Unauthorized = "unauthorized", 401, false;
     /// A URL falls outside every configured allowed root (or escapes one via `..`/symlinks).
@@ -72,6 +74,8 @@ error_codes! {
     Cancelled = "cancelled", 409, false;
     /// The request body is larger than the configured limit.
     PayloadTooLarge = "payload_too_large", 413, false;
+    /// The request body's `Content-Type` is not one the endpoint takes.
+    UnsupportedMediaType = "unsupported_media_type", 415, false;
     /// A checkpoint URL names nothing that exists (no file, no `model.safetensors`, no index).
     CheckpointNotFound = "checkpoint_not_found", 422, false;
     /// A checkpoint exists but its bytes lie: header, offsets, index, truncation.
@@ -151,6 +155,9 @@ mod tests {
             .iter()
             .map(|c| (c.as_str().to_string(), c.http_status(), c.retryable()))
             .collect();
-        assert_eq!(rows, table, "README.md's error table differs from src/error.rs");
+        assert_eq!(
+            rows, table,
+            "README.md's error table differs from src/error.rs"
+        );
     }
 }
