@@ -17,32 +17,12 @@ use crate::search::evaluator::AllowedHosts;
 use crate::search::spec::{self, JobSubmission};
 use crate::storage::{Storage, StorageError};
 
-/// A request body's format.
+/// A request body's format (over HTTP, from its content type: `api::media`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Format {
     Json,
     /// mergekit YAML (with ladle's `output` mapping).
     Yaml,
-}
-
-/// Content types of mergekit-style YAML recipes.
-pub const YAML_TYPES: [&str; 4] = [
-    "application/yaml",
-    "application/x-yaml",
-    "text/yaml",
-    "text/x-yaml",
-];
-
-impl Format {
-    /// The format of a lower-cased `Content-Type` (none: JSON); `None` for any other type.
-    pub fn of_content_type(content_type: Option<&str>) -> Option<Format> {
-        match content_type {
-            None => Some(Format::Json),
-            Some(ct) if ct.starts_with("application/json") => Some(Format::Json),
-            Some(ct) if YAML_TYPES.iter().any(|y| ct.starts_with(y)) => Some(Format::Yaml),
-            Some(_) => None,
-        }
-    }
 }
 
 /// What intake does with the URLs it resolved.

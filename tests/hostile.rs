@@ -734,7 +734,7 @@ async fn lying_requests(db: Db) {
             "{err}"
         );
     }
-    // Wrong content type.
+    // Wrong content type: 415, whatever the body holds.
     let r = client
         .post(format!("{base}/v1/merges"))
         .header("content-type", "text/plain")

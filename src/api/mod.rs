@@ -6,6 +6,8 @@
 pub mod analyses;
 pub mod auth;
 pub mod error;
+pub mod limits;
+pub mod media;
 
 use std::sync::Arc;
 
@@ -57,6 +59,10 @@ pub fn router(state: AppState, body_limit: usize, auth: ApiAuth) -> Router {
         .route("/readyz", get(readyz))
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(body_limit))
+        .layer(axum::middleware::from_fn_with_state(
+            body_limit,
+            limits::reject_oversized,
+        ))
         .layer(axum::middleware::from_fn_with_state(
             auth,
             auth::require_token,
@@ -144,12 +150,10 @@ async fn submit(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let (body, content_type) = body_and_type(body, &headers)?;
-    let format = Format::of_content_type(content_type.as_deref()).ok_or_else(|| {
-        unsupported_type(
-            content_type.as_deref(),
-            "application/json or application/yaml",
-        )
-    })?;
+    let format = match media::body_format(content_type.as_deref(), true)? {
+        media::BodyFormat::Json => Format::Json,
+        media::BodyFormat::Yaml => Format::Yaml,
+    };
     let req = intake::parse(&body, format, None)?;
     let accepted =
         intake::accept(&state.storage, &state.evaluator_hosts, Urls::Normalize, req).await?;
@@ -172,32 +176,15 @@ async fn submit(
     Ok(enqueued_response(enqueued, "merges"))
 }
 
-/// 415 `unsupported_media_type` for a body of `content_type`; `expected` says what to send.
-pub(crate) fn unsupported_type(content_type: Option<&str>, expected: &str) -> ApiError {
-    ApiError::new(
-        ErrorCode::UnsupportedMediaType,
-        format!(
-            "unsupported content type {:?}: send {expected}",
-            content_type.unwrap_or_default()
-        ),
-    )
-}
-
-/// A submit's body (or the 413 / 400 that replaces it) and its lower-cased content type.
+/// A submit's body (or the 413 / 408 / 400 that replaces it) and its content type.
 pub(crate) fn body_and_type(
     body: Result<Bytes, BytesRejection>,
     headers: &HeaderMap,
 ) -> Result<(Bytes, Option<String>), ApiError> {
-    let body = body.map_err(|e| {
-        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::new(ErrorCode::PayloadTooLarge, "request body is too large")
-        } else {
-            ApiError::new(ErrorCode::InvalidRecipe, e.body_text())
-        }
-    })?;
+    let body = body.map_err(limits::body_rejection)?;
     let content_type = headers
         .get(header::CONTENT_TYPE)
-        .map(|ct| ct.to_str().unwrap_or_default().to_ascii_lowercase());
+        .map(|ct| ct.to_str().unwrap_or_default().to_string());
     Ok((body, content_type))
 }
 
@@ -377,10 +364,18 @@ async fn readyz(State(state): State<AppState>) -> Response {
             StatusCode::OK,
             &serde_json::json!({"status": "ready", "database": state.queue.backend()}),
         ),
-        Err(e) => json_response(
-            StatusCode::SERVICE_UNAVAILABLE,
-            &serde_json::json!({"status": "unavailable", "code": ErrorCode::DatabaseError, "message": e.to_string()}),
-        ),
+        Err(e) => {
+            // The detail (paths, database messages) goes to the log; the body gives the code.
+            tracing::warn!(error = %e, "not ready: the database check failed");
+            json_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                &serde_json::json!({
+                    "status": "unavailable",
+                    "code": e.code(),
+                    "message": "the database cannot store writes now",
+                }),
+            )
+        }
     }
 }
 
