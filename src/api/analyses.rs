@@ -69,7 +69,7 @@ enum AnalysisModel {
 }
 
 fn invalid(field: &str, message: impl std::fmt::Display) -> ApiError {
-    ApiError::new(ErrorCode::InvalidRecipe, format!("{field}: {message}"))
+    ApiError::at(ErrorCode::InvalidRecipe, field, message)
 }
 
 /// A validated request: the spec to store and the queue settings.
@@ -116,7 +116,7 @@ fn validate(state: &AppState, body: &[u8]) -> Result<Validated, ApiError> {
         let loc = state
             .storage
             .resolve(&uri)
-            .map_err(|e| ApiError::new(e.code(), format!("models[{i}].uri: {e}")))?;
+            .map_err(|e| ApiError::at(e.code(), format!("models[{i}].uri"), &e))?;
         models.push(loc.url);
     }
     let base_model = match req.base_model {
@@ -125,7 +125,7 @@ fn validate(state: &AppState, body: &[u8]) -> Result<Validated, ApiError> {
             state
                 .storage
                 .resolve(&b)
-                .map_err(|e| ApiError::new(e.code(), format!("base_model: {e}")))?
+                .map_err(|e| ApiError::at(e.code(), "base_model", &e))?
                 .url,
         ),
     };

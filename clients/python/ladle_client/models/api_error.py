@@ -1,12 +1,13 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, Self, TypeVar
+from typing import Any, Self, TypeVar, cast
 
 from attrs import define as _attrs_define
 from attrs import field as _attrs_field
 
 from ..models.error_code import ErrorCode
+from ..types import UNSET, Unset
 
 T = TypeVar("T", bound="ApiError")
 
@@ -26,6 +27,7 @@ class ApiError:
             | --- | ---: | --- |
             | `invalid_recipe` | 400 | no |
             | `invalid_uri` | 400 | no |
+            | `invalid_query` | 400 | no |
             | `unauthorized` | 401 | no |
             | `storage_not_allowed` | 403 | no |
             | `not_found` | 404 | no |
@@ -49,16 +51,25 @@ class ApiError:
             | `database_error` | 503 | yes |
             | `database_unavailable` | 503 | yes |
         message (str):
+        field (None | str | Unset): The request field at fault (`models[1].uri`, `parameters.density`, `limit`), if one
+            is.
     """
 
     code: ErrorCode
     message: str
+    field: None | str | Unset = UNSET
     additional_properties: dict[str, Any] = _attrs_field(init=False, factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         code = self.code.value
 
         message = self.message
+
+        field: None | str | Unset
+        if isinstance(self.field, Unset):
+            field = UNSET
+        else:
+            field = self.field
 
         field_dict: dict[str, Any] = {}
         field_dict.update(self.additional_properties)
@@ -68,6 +79,8 @@ class ApiError:
                 "message": message,
             }
         )
+        if field is not UNSET:
+            field_dict["field"] = field
 
         return field_dict
 
@@ -78,9 +91,19 @@ class ApiError:
 
         message = d.pop("message")
 
+        def _parse_field(data: object) -> None | str | Unset:
+            if data is None:
+                return data
+            if isinstance(data, Unset):
+                return data
+            return cast(None | str | Unset, data)
+
+        field = _parse_field(d.pop("field", UNSET))
+
         api_error = cls(
             code=code,
             message=message,
+            field=field,
         )
 
         api_error.additional_properties = d

@@ -23,6 +23,7 @@ class ErrorView:
             | --- | ---: | --- |
             | `invalid_recipe` | 400 | no |
             | `invalid_uri` | 400 | no |
+            | `invalid_query` | 400 | no |
             | `unauthorized` | 401 | no |
             | `storage_not_allowed` | 403 | no |
             | `not_found` | 404 | no |

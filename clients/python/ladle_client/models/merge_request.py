@@ -32,7 +32,6 @@ class MergeRequest:
     Attributes:
         method (str): The merge method (`linear`, `task_arithmetic`, `ties`, …, `greedy_soup`; see the README). Example:
             linear.
-        output (OutputSpec):
         accept (None | str | Unset): Greedy soup's accept rule: `">="` (the paper, default) or `">"`.
         base_model (None | str | Unset): The pre-trained model the task vectors are taken against (`t = 0` end for
             slerp).
@@ -44,6 +43,7 @@ class MergeRequest:
             checkpoints' own dtype (all but the task-arithmetic family, which take `compute_dtype`).
         max_attempts (int | None | Unset):
         models (list[ModelSpec] | Unset):
+        output (OutputSpec | Unset):
         parameters (MergeRequestParameters | Unset):
         priority (int | None | Unset):
         slices (list[SliceSpec] | Unset): Layer ranges from several models, stacked (method `passthrough`).
@@ -52,7 +52,6 @@ class MergeRequest:
     """
 
     method: str
-    output: OutputSpec
     accept: None | str | Unset = UNSET
     base_model: None | str | Unset = UNSET
     evaluator: EvaluatorSpec | None | Unset = UNSET
@@ -60,6 +59,7 @@ class MergeRequest:
     input_dtype: None | str | Unset = UNSET
     max_attempts: int | None | Unset = UNSET
     models: list[ModelSpec] | Unset = UNSET
+    output: OutputSpec | Unset = UNSET
     parameters: MergeRequestParameters | Unset = UNSET
     priority: int | None | Unset = UNSET
     slices: list[SliceSpec] | Unset = UNSET
@@ -72,8 +72,6 @@ class MergeRequest:
         from ..models.trajectory_spec import TrajectorySpec
 
         method = self.method
-
-        output = self.output.to_dict()
 
         accept: None | str | Unset
         if isinstance(self.accept, Unset):
@@ -120,6 +118,10 @@ class MergeRequest:
                 models_item = models_item_data.to_dict()
                 models.append(models_item)
 
+        output: dict[str, Any] | Unset = UNSET
+        if not isinstance(self.output, Unset):
+            output = self.output.to_dict()
+
         parameters: dict[str, Any] | Unset = UNSET
         if not isinstance(self.parameters, Unset):
             parameters = self.parameters.to_dict()
@@ -158,7 +160,6 @@ class MergeRequest:
         field_dict.update(
             {
                 "method": method,
-                "output": output,
             }
         )
         if accept is not UNSET:
@@ -175,6 +176,8 @@ class MergeRequest:
             field_dict["max_attempts"] = max_attempts
         if models is not UNSET:
             field_dict["models"] = models
+        if output is not UNSET:
+            field_dict["output"] = output
         if parameters is not UNSET:
             field_dict["parameters"] = parameters
         if priority is not UNSET:
@@ -200,8 +203,6 @@ class MergeRequest:
 
         d = dict(src_dict)
         method = d.pop("method")
-
-        output = OutputSpec.from_dict(d.pop("output"))
 
         def _parse_accept(data: object) -> None | str | Unset:
             if data is None:
@@ -274,6 +275,13 @@ class MergeRequest:
 
                 models.append(models_item)
 
+        _output = d.pop("output", UNSET)
+        output: OutputSpec | Unset
+        if isinstance(_output, Unset):
+            output = UNSET
+        else:
+            output = OutputSpec.from_dict(_output)
+
         _parameters = d.pop("parameters", UNSET)
         parameters: MergeRequestParameters | Unset
         if isinstance(_parameters, Unset):
@@ -335,7 +343,6 @@ class MergeRequest:
 
         merge_request = cls(
             method=method,
-            output=output,
             accept=accept,
             base_model=base_model,
             evaluator=evaluator,
@@ -343,6 +350,7 @@ class MergeRequest:
             input_dtype=input_dtype,
             max_attempts=max_attempts,
             models=models,
+            output=output,
             parameters=parameters,
             priority=priority,
             slices=slices,
