@@ -25,6 +25,7 @@ use futures::{StreamExt, TryStreamExt};
 use object_store::ObjectStoreExt;
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use crate::checkpoint::{
     Checkpoint, CheckpointError, INDEX_FILE_NAME, OutTensor, ShardPlan, index_json,
@@ -582,12 +583,10 @@ impl Engine {
             // while this loop hashes and uploads; `buffered` bounds how many are in flight.
             let mut stream = futures::stream::iter(chunks)
                 .map(|chunk| {
-                    tokio::spawn(produce_chunk(
-                        plan.clone(),
-                        chunk,
-                        kernel.clone(),
-                        ctl.clone(),
-                    ))
+                    tokio::spawn(
+                        produce_chunk(plan.clone(), chunk, kernel.clone(), ctl.clone())
+                            .in_current_span(),
+                    )
                 })
                 .buffered(depth);
             while let Some(done) = stream.next().await {
@@ -598,6 +597,7 @@ impl Engine {
                     .bytes_written
                     .fetch_add(bytes.len() as u64, Ordering::Relaxed);
                 sink.write(bytes).await?;
+                crate::metrics::chunk_merged();
                 if chunk.last_of_tensor {
                     ctl.progress.tensors_done.fetch_add(1, Ordering::Relaxed);
                 }
@@ -736,7 +736,7 @@ async fn produce_chunk(
         }
         let name = chunk.tensor.clone();
         let n = (chunk.elems.end - chunk.elems.start) as usize;
-        let converted = tokio::task::spawn_blocking(move || {
+        let converted = crate::telemetry::spawn_blocking(move || {
             let mut out = vec![0u8; n * out_dtype.size_bytes()];
             // `tensor * scale` in the source dtype (a Python float acts at f32 precision).
             let p = Precision::of(in_dtype);
@@ -769,7 +769,7 @@ async fn produce_chunk(
     let name = chunk.tensor.clone();
     let shape = chunk.shape.clone();
     let task_name = name.clone();
-    let merged = tokio::task::spawn_blocking(move || {
+    let merged = crate::telemetry::spawn_blocking(move || {
         let inputs: Vec<(DType, &[u8])> = raw.iter().map(|(d, b)| (*d, b.as_ref())).collect();
         let mut out = vec![0u8; n * out_dtype.size_bytes()];
         kernel.run(&task_name, &shape, &inputs, out_dtype, &mut out)?;
@@ -815,6 +815,7 @@ pub(super) async fn read_elems(
             ),
         }));
     }
+    crate::metrics::bytes_read(bytes.len() as u64);
     Ok((t.dtype, bytes))
 }
 
