@@ -140,7 +140,9 @@ def check_env_names(ladle):
         return
     files = sorted((DEPLOY / "k8s").glob("*.yaml")) + [DEPLOY / "compose.yaml"]
     for f in files:
-        for var in sorted(set(re.findall(r"\bLADLE_[A-Z0-9_]+", f.read_text()))):
+        # Settings, not comments (which may name variables that must NOT be set).
+        text = "\n".join(re.sub(r"(^|\s)#.*", "", line) for line in f.read_text().splitlines())
+        for var in sorted(set(re.findall(r"\bLADLE_[A-Z0-9_]+", text))):
             if var not in known:
                 fail(f"{f.relative_to(DEPLOY.parent)}: {var} is not a ladle setting")
 
