@@ -4,6 +4,7 @@
 #
 #   bash benches/linear_soup.sh            # RUNS=5 by default
 #   RUNS=9 BENCH_DATA=/mnt/fast/bench bash benches/linear_soup.sh
+#   BASELINE=/path/to/older/ladle bash benches/linear_soup.sh   # and an older binary, same runs
 #
 # 1. Generates the inputs under bench-data/ (examples/gen_checkpoints.rs: deterministic
 #    Llama-shaped bf16 models, 400 MB shards) unless they are already there.
@@ -15,6 +16,8 @@
 #           of these inputs must do, without any parsing, math or hashing;
 #    merge: /usr/bin/time -v target/release/ladle merge bench-data/recipe.json
 #           --out bench-data/soup-$i --quiet  (wall time, user/sys CPU, max RSS).
+#    baseline (with BASELINE=binary): the same merge with that binary, right after; its soup
+#           must be byte-identical to ladle's (SHA-256 of model.safetensors).
 #    Outputs are deleted and `sync` runs between measurements (untimed), so every run starts
 #    with no dirty pages.
 # 5. Prints per-run numbers, medians and the merge/floor ratio, and spot-checks the soup's
@@ -45,9 +48,12 @@ EOF
 describe_run "$LADLE"
 
 cat "${SHARDS[@]}" > /dev/null  # second warm pass: the first one may have evicted early shards
-FLOOR=() MERGE=() RATIO=() RSS=()
-printf '%-4s %9s %9s %9s | %9s %8s %8s %10s | %6s\n' \
-  run read_s write_s floor_s merge_s user_s sys_s maxrss_MiB ratio
+BASELINE=${BASELINE:-}
+[[ -z $BASELINE ]] || echo "baseline: $BASELINE, binary $(sha256sum "$BASELINE" | cut -c1-12)"
+FLOOR=() MERGE=() RATIO=() RSS=() BASE=() BASE_RSS=()
+printf '%-4s %9s %9s %9s | %9s %8s %8s %10s | %6s%s\n' \
+  run read_s write_s floor_s merge_s user_s sys_s maxrss_MiB ratio \
+  "${BASELINE:+ | baseline_s user_s sys_s maxrss_MiB}"
 for i in $(seq 1 "$RUNS"); do
   rm -rf "$DATA"/soup-*
   measure_floor
@@ -60,9 +66,21 @@ for i in $(seq 1 "$RUNS"); do
   [[ -f $DATA/soup-$i/ladle-manifest.json ]] || { echo "run $i: no ladle-manifest.json in $DATA/soup-$i" >&2; exit 1; }
   rss_mib=$(kib_to_mib "$rss_kb")
   ratio=$(ratio "$merge_s" "$floor_s")
-  printf '%-4s %9s %9s %9s | %9s %8s %8s %10s | %6s\n' \
-    "$i" "$read_s" "$write_s" "$floor_s" "$merge_s" "$USER_S" "$SYS_S" "$rss_mib" "$ratio"
+  line=$(printf '%-4s %9s %9s %9s | %9s %8s %8s %10s | %6s' \
+    "$i" "$read_s" "$write_s" "$floor_s" "$merge_s" "$USER_S" "$SYS_S" "$rss_mib" "$ratio")
   FLOOR+=("$floor_s") MERGE+=("$merge_s") RATIO+=("$ratio") RSS+=("$rss_kb")
+  if [[ -n $BASELINE ]]; then
+    rm -rf "$DATA/soup-base"
+    sync
+    timed "$BASELINE" merge "$DATA/recipe.json" --out "$DATA/soup-base" --quiet > /dev/null
+    line+=$(printf ' | %10s %8s %8s %10s' "$WALL_S" "$USER_S" "$SYS_S" "$(kib_to_mib "$RSS_KB")")
+    BASE+=("$WALL_S") BASE_RSS+=("$RSS_KB")
+    ours=$(sha256sum < "$DATA/soup-$i/model.safetensors")
+    theirs=$(sha256sum < "$DATA/soup-base/model.safetensors")
+    [[ $ours == "$theirs" ]] || { echo "run $i: the soup differs from the baseline's" >&2; exit 1; }
+    rm -rf "$DATA/soup-base"
+  fi
+  echo "$line"
   if [[ $i -lt $RUNS ]]; then rm -rf "$DATA/soup-$i"; fi
 done
 
@@ -74,6 +92,11 @@ echo
 echo "median floor ${mf} s, median merge ${mm} s, median max RSS $(awk -v k="$mrss" 'BEGIN { printf "%.0f", k / 1024 }') MiB"
 echo "ratio of medians (merge/floor): $(awk -v m="$mm" -v f="$mf" 'BEGIN { printf "%.2f", m / f }');" \
   "median of per-run ratios: $mr"
+if [[ -n $BASELINE ]]; then
+  mb=$(median "${BASE[@]}")
+  echo "baseline: median ${mb} s, median max RSS $(kib_to_mib "$(median "${BASE_RSS[@]}")") MiB;" \
+    "merge/baseline $(ratio "$mm" "$mb"), baseline/floor $(ratio "$mb" "$mf"); soups byte-identical in every run"
+fi
 echo "load average at end: $(cut -d' ' -f1-3 /proc/loadavg)"
 echo "merge throughput: $(awk -v b="$IN_BYTES" -v s="$mm" 'BEGIN { printf "%.2f", b / s / 1e9 }') GB/s read," \
   "$(awk -v b="$ONE_BYTES" -v s="$mm" 'BEGIN { printf "%.2f", b / s / 1e9 }') GB/s written"
