@@ -25,9 +25,11 @@ pub mod radix;
 pub mod rng;
 pub mod sce;
 pub mod slerp;
+pub mod sparsification;
 pub mod spherical;
 
 pub use blocks::{BLOCK_ELEMS, TASK_ELEMS, map_blocks};
 pub use dtype::{DType, DTypeError, count_nonfinite, decode_to_f32, encode_from_f32};
 pub use error::MergeError;
 pub use linear::{linear, linear_raw};
+pub use sparsification::Sparsification;
