@@ -75,14 +75,14 @@ pub fn openapi_document() -> serde_json::Value {
     openapi::document(api)
 }
 
-/// The API. `auth` guards `/v1/*` (an empty [`ApiAuth`] lets everything through); health and
-/// readiness stay open. The `Authorization` header is marked sensitive before the trace layer
-/// sees the request, and the trace layer records no headers, so tokens never reach the logs.
+/// The API. `auth` guards `/v1/*` (an empty [`ApiAuth`] lets everything through); health,
+/// readiness, `/metrics` and the `/ui` page (which asks for the token itself) stay open. The
+/// access log records no headers, so tokens never reach the logs.
 pub fn router(state: AppState, body_limit: usize, auth: ApiAuth) -> Router {
-    let trace = tower_http::trace::TraceLayer::new_for_http()
-        .make_span_with(tower_http::trace::DefaultMakeSpan::new().include_headers(false));
     let (routes, _) = api_routes().split_for_parts();
     routes
+        .route("/metrics", axum::routing::get(metrics))
+        .merge(crate::ui::routes())
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(body_limit))
         .layer(axum::middleware::from_fn_with_state(
@@ -93,7 +93,8 @@ pub fn router(state: AppState, body_limit: usize, auth: ApiAuth) -> Router {
             auth,
             auth::require_token,
         ))
-        .layer(trace)
+        // Request id, access log and HTTP metrics; records no headers.
+        .layer(axum::middleware::from_fn(crate::telemetry::access_log))
         .layer(
             tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer::new([
                 header::AUTHORIZATION,
@@ -255,6 +256,9 @@ pub(crate) fn body_and_type(
 /// The answer to a submit: 202 for a new job, 200 with `idempotent-replayed: true` for the
 /// existing one; `Location: /v1/<collection>/<id>` either way.
 pub(crate) fn enqueued_response(enqueued: Enqueued, collection: &str) -> Response {
+    if enqueued.created {
+        crate::metrics::job_submitted(&enqueued.job);
+    }
     let id = enqueued.job.id;
     let view = JobView::from(enqueued.job);
     let status = if enqueued.created {
@@ -456,8 +460,9 @@ pub(crate) async fn cancel_of_kind(
     Ok(json_response(status, &JobView::from(job)))
 }
 
-/// The readiness answer.
+/// The readiness answer (the schema of `/readyz`'s bodies).
 #[derive(Debug, Serialize, utoipa::ToSchema)]
+#[allow(dead_code)] // documents the JSON readyz builds
 struct ReadyView {
     /// `ready` or `unavailable`.
     status: String,
@@ -497,29 +502,37 @@ async fn healthz() -> Response {
 )]
 async fn readyz(State(state): State<AppState>) -> Response {
     match state.queue.ping().await {
-        Ok(()) => json_response(
-            StatusCode::OK,
-            &ReadyView {
-                status: "ready".into(),
-                database: Some(state.queue.backend().to_string()),
-                code: None,
-                message: None,
-            },
-        ),
+        Ok(()) => {}
         Err(e) => {
             // The detail (paths, database messages) goes to the log; the body gives the code.
             tracing::warn!(error = %e, "not ready: the database check failed");
-            json_response(
+            return json_response(
                 StatusCode::SERVICE_UNAVAILABLE,
-                &ReadyView {
-                    status: "unavailable".into(),
-                    database: None,
-                    code: Some(e.code()),
-                    message: Some("the database cannot store writes now".into()),
-                },
-            )
+                &serde_json::json!({
+                    "status": "unavailable",
+                    "code": e.code(),
+                    "message": "the database cannot store writes now",
+                }),
+            );
         }
     }
+    // Every allowed root answers a listing (a pod that cannot reach S3 takes no submissions).
+    if let Err(e) = crate::storage::probe::reachable(&state.storage).await {
+        tracing::warn!(error = %e, "readiness: object storage is not reachable");
+        return json_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &serde_json::json!({"status": "unavailable", "code": ErrorCode::StorageError, "message": "object storage is not reachable"}),
+        );
+    }
+    json_response(
+        StatusCode::OK,
+        &serde_json::json!({"status": "ready", "database": state.queue.backend(), "storage": "reachable"}),
+    )
+}
+
+/// Prometheus text format; open like `/healthz` (no token), for scrapers.
+async fn metrics(State(state): State<AppState>) -> Response {
+    crate::metrics::render(state.queue.as_ref()).await
 }
 
 async fn not_found() -> ApiError {

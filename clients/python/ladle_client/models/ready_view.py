@@ -14,7 +14,7 @@ T = TypeVar("T", bound="ReadyView")
 
 @_attrs_define
 class ReadyView:
-    """The readiness answer.
+    """The readiness answer (the schema of `/readyz`'s bodies).
 
     Attributes:
         status (str): `ready` or `unavailable`.
