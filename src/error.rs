@@ -151,6 +151,9 @@ mod tests {
             .iter()
             .map(|c| (c.as_str().to_string(), c.http_status(), c.retryable()))
             .collect();
-        assert_eq!(rows, table, "README.md's error table differs from src/error.rs");
+        assert_eq!(
+            rows, table,
+            "README.md's error table differs from src/error.rs"
+        );
     }
 }

@@ -1,21 +1,31 @@
 //! From a recipe to the kernel call for one output tensor: resolves per-tensor parameters
-//! (filters, gradients across depth), picks the compute precision, and says whether a tensor
-//! can stream chunk by chunk (elementwise) or needs the whole tensor at once (a statistic over
-//! the tensor: top-k, norms, ranks, an L1 rescale).
+//! (filters, gradients across depth), picks the compute precision, and says how a tensor is
+//! merged: chunk by chunk with [`Kernel::run`] (elementwise methods), streamed with
+//! [`Kernel::stream`] (a method that needs a statistic of the tensor: TIES / breadcrumbs
+//! cut-offs, rescale norms, DELLA's per-row ranks, SCE's variance top-k, model_stock's cosines,
+//! slerp / nuslerp norms and dot products: pre-passes over the tensor's chunks, then chunk by
+//! chunk), or whole (karcher, whose iterations still take the tensor at once).
 //!
-//! Memory of the whole-tensor path, per tensor in flight: the raw input bytes, one f32 copy of
-//! every input, one f32 task vector per model (GTA), an f32 output and the encoded output:
-//! about `(2k + 2) · 4 + raw` bytes per element for `k` models plus a base, i.e. a small
-//! multiple of the largest tensor. Selection scratch (magnitudes, DELLA's per-row order) adds
-//! at most 4–8 bytes per element, transiently.
+//! Memory of a streamed tensor: the method's statistics (a few 512 KiB histograms, 8 bytes
+//! per 4,096 elements per tie table, a few scalars or one per column) plus the chunks in
+//! flight. The whole-tensor path (karcher) holds the raw input bytes, one f32 copy of every
+//! input, one f32 unit vector per model and an f32 result: a small multiple of the largest
+//! tensor.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use crate::merge::gta::{self, ModelParams};
+use crate::merge::gta_stream::GtaStream;
+use crate::merge::karcher_stream::KarcherStream;
+use crate::merge::model_stock::ModelStockStream;
 use crate::merge::precision::Precision;
 use crate::merge::radix::Band;
+use crate::merge::sce::SceStream;
+use crate::merge::slerp::SlerpStream;
+use crate::merge::spherical::NuslerpStream;
+use crate::merge::stream::{TensorStream, run_whole};
 use crate::merge::{
     DType, MergeError, count_nonfinite, decode_to_f32, encode_from_f32, linear_raw, map_blocks,
 };
@@ -149,6 +159,41 @@ impl Kernel {
         self.op.whole_tensor(name)
     }
 
+    /// See [`Op::stream`].
+    pub fn stream(
+        &self,
+        name: &str,
+        shape: &[u64],
+        base_dtype: DType,
+    ) -> Option<Box<dyn TensorStream>> {
+        self.op.stream(name, shape, base_dtype)
+    }
+
+    /// Merge chunk `first..` of a streamed tensor ([`TensorStream::merge`]) and count the
+    /// non-finite values written.
+    #[allow(clippy::too_many_arguments)]
+    pub fn run_stream(
+        &self,
+        name: &str,
+        stream: &dyn TensorStream,
+        first: u64,
+        inputs: &[(DType, &[u8])],
+        out_dtype: DType,
+        out: &mut [u8],
+    ) -> Result<(), MergeError> {
+        stream.merge(first, inputs, out_dtype, out)?;
+        self.count_nonfinite(name, out_dtype, out);
+        Ok(())
+    }
+
+    fn count_nonfinite(&self, name: &str, out_dtype: DType, out: &[u8]) {
+        let bad = count_nonfinite(out_dtype, out);
+        if bad > 0 {
+            let mut m = self.nonfinite.lock().unwrap_or_else(|p| p.into_inner());
+            *m.entry(name.to_string()).or_default() += bad;
+        }
+    }
+
     /// Merge one tensor or chunk ([`Op::run`]) and count the non-finite values written.
     pub fn run(
         &self,
@@ -159,11 +204,7 @@ impl Kernel {
         out: &mut [u8],
     ) -> Result<(), MergeError> {
         self.op.run(name, shape, inputs, out_dtype, out)?;
-        let bad = count_nonfinite(out_dtype, out);
-        if bad > 0 {
-            let mut m = self.nonfinite.lock().unwrap_or_else(|p| p.into_inner());
-            *m.entry(name.to_string()).or_default() += bad;
-        }
+        self.count_nonfinite(name, out_dtype, out);
         Ok(())
     }
 
@@ -409,18 +450,99 @@ impl Op {
         self
     }
 
-    /// Whether tensor `name` needs all of its elements at once.
-    pub fn whole_tensor(&self, name: &str) -> bool {
+    /// Whether tensor `name` needs all of its elements at once (methods not streamed yet).
+    pub fn whole_tensor(&self, _name: &str) -> bool {
         match self {
-            Op::Linear { .. } | Op::Nearswap { .. } | Op::SparseSoup { .. } => false,
-            Op::Slerp { .. } | Op::Other { .. } => true,
+            Op::Linear { .. } | Op::Nearswap { .. } | Op::SparseSoup { .. } | Op::Gta { .. } => {
+                false
+            }
+            // Streamed (see `stream`); whole only for a method without a streamed kernel.
+            Op::Slerp { .. } => false,
+            Op::Other { parameters, .. } => !matches!(
+                parameters,
+                Parameters::ModelStock { .. }
+                    | Parameters::Nuslerp { .. }
+                    | Parameters::Karcher { .. }
+                    | Parameters::Sce { .. }
+            ),
+        }
+    }
+
+    /// The streamed merge of tensor `name` (see [`TensorStream`]): its pre-passes, then chunk
+    /// by chunk. `None` when the tensor merges with [`Op::run`] (elementwise chunks, or whole).
+    pub fn stream(
+        &self,
+        name: &str,
+        shape: &[u64],
+        base_dtype: DType,
+    ) -> Option<Box<dyn TensorStream>> {
+        match self {
             Op::Gta {
-                per_model: true, ..
-            } => false,
-            Op::Gta { .. } => match self.gta_params(name) {
-                Some((cfg, models)) => !models.iter().all(|m| cfg.sparsify_is_noop(m)),
-                None => true,
-            },
+                per_model: false,
+                compute_dtype,
+                ..
+            } => {
+                let (mut cfg, models) = self.gta_params(name)?;
+                cfg.precision = Precision::of(compute_dtype.unwrap_or(base_dtype));
+                let n = shape.iter().product::<u64>();
+                Some(Box::new(GtaStream::new(
+                    cfg,
+                    &models,
+                    n,
+                    row_len(shape),
+                    name,
+                )))
+            }
+            Op::Slerp { t, num_layers } => {
+                let tv = t.eval(name, depth(name, *num_layers)).unwrap_or(0.5);
+                Some(Box::new(SlerpStream::new(tv, Precision::of(base_dtype))))
+            }
+            Op::Other {
+                parameters,
+                models,
+                has_base,
+                num_layers,
+            } => {
+                let p = Precision::of(base_dtype);
+                let cols = cols_of(shape);
+                let n = shape.iter().product::<u64>();
+                match parameters {
+                    Parameters::ModelStock { filter_wise } => {
+                        Some(Box::new(ModelStockStream::new(
+                            p,
+                            *has_base,
+                            models.len(),
+                            filter_wise.then_some(cols),
+                        )))
+                    }
+                    Parameters::Nuslerp { flatten, row_wise } => {
+                        let t = nuslerp_t(models, name, *num_layers);
+                        Some(Box::new(NuslerpStream::new(
+                            p,
+                            t,
+                            *has_base,
+                            nuslerp_shape(*flatten, *row_wise),
+                            cols,
+                            n,
+                        )))
+                    }
+                    Parameters::Karcher { max_iter, tol } => Some(Box::new(KarcherStream::new(
+                        p,
+                        models.len(),
+                        *max_iter as usize,
+                        *tol,
+                    ))),
+                    Parameters::Sce { select_topk } => Some(Box::new(SceStream::new(
+                        p,
+                        *has_base,
+                        models.len(),
+                        n,
+                        *select_topk,
+                    ))),
+                    _ => None,
+                }
+            }
+            _ => None,
         }
     }
 
@@ -481,18 +603,10 @@ impl Op {
                         gta::elementwise_banded(blocks, &weights, bands, &cfg, o)
                     });
                 }
-                if models.iter().all(|m| cfg.sparsify_is_noop(m)) {
-                    let p = cfg.precision;
-                    let weights: Vec<f32> = models.iter().map(|m| p.scalar(m.weight)).collect();
-                    return map_blocks(inputs, out_dtype, out, |blocks, o| {
-                        gta::elementwise(blocks, &weights, &cfg, o)
-                    });
-                }
-                let (decoded, mut res) = decode_all(inputs, out_dtype, out)?;
-                let row_len = row_len(shape);
-                let xs: Vec<&[f32]> = decoded[1..].iter().map(|v| v.as_slice()).collect();
-                gta::merge_tensor(&decoded[0], &xs, &models, &cfg, row_len, name, &mut res);
-                encode_from_f32(out_dtype, &res, out).map_err(MergeError::from)
+                // The whole tensor at once: the streamed kernel over one chunk.
+                let n = shape.iter().product::<u64>();
+                let mut s = GtaStream::new(cfg, &models, n, row_len(shape), name);
+                run_whole(&mut s, inputs, out_dtype, out)
             }
             Op::Slerp { t, num_layers } => {
                 let tv = t.eval(name, depth(name, *num_layers)).unwrap_or(0.5);
@@ -647,27 +761,8 @@ fn run_other(
             model_stock::model_stock(p, base, &xs, row, &mut res);
         }
         Parameters::Nuslerp { flatten, row_wise } => {
-            let t_depth = depth(name, num_layers);
-            let w: Vec<f64> = models
-                .iter()
-                .map(|(params, w)| {
-                    params
-                        .get("weight")
-                        .and_then(|s| s.eval(name, t_depth))
-                        .unwrap_or(*w)
-                })
-                .collect();
-            let total = w.iter().sum::<f64>();
-            let t = if total.abs() < 1e-6 {
-                0.5
-            } else {
-                w[1] / total
-            };
-            let how = match (*flatten, *row_wise) {
-                (true, _) => spherical::NuslerpShape::Flatten,
-                (false, false) => spherical::NuslerpShape::Rows,
-                (false, true) => spherical::NuslerpShape::Columns,
-            };
+            let t = nuslerp_t(models, name, num_layers);
+            let how = nuslerp_shape(*flatten, *row_wise);
             spherical::nuslerp(p, t, base, xs[0], xs[1], how, cols, &mut res);
         }
         Parameters::Karcher { max_iter, tol } => {
@@ -680,6 +775,35 @@ fn run_other(
         _ => {}
     }
     encode_from_f32(out_dtype, &res, out).map_err(MergeError::from)
+}
+
+/// NuSLERP's `t`: the second model's share of the two weights for this tensor.
+fn nuslerp_t(models: &[(BTreeMap<String, Setting>, f64)], name: &str, num_layers: usize) -> f64 {
+    let t_depth = depth(name, num_layers);
+    let w: Vec<f64> = models
+        .iter()
+        .map(|(params, w)| {
+            params
+                .get("weight")
+                .and_then(|s| s.eval(name, t_depth))
+                .unwrap_or(*w)
+        })
+        .collect();
+    let total = w.iter().sum::<f64>();
+    if total.abs() < 1e-6 || w.len() < 2 {
+        0.5
+    } else {
+        w[1] / total
+    }
+}
+
+fn nuslerp_shape(flatten: bool, row_wise: bool) -> crate::merge::spherical::NuslerpShape {
+    use crate::merge::spherical::NuslerpShape;
+    match (flatten, row_wise) {
+        (true, _) => NuslerpShape::Flatten,
+        (false, false) => NuslerpShape::Rows,
+        (false, true) => NuslerpShape::Columns,
+    }
 }
 
 /// DELLA's row: the last dimension (a 0-/1-D tensor is one row).
