@@ -4,6 +4,7 @@
 #
 #   bash benches/linear_soup.sh            # RUNS=5 by default
 #   RUNS=9 BENCH_DATA=/mnt/fast/bench bash benches/linear_soup.sh
+#   BASELINE=/path/to/older/ladle bash benches/linear_soup.sh   # and an older binary, same runs
 #
 # 1. Generates the inputs under bench-data/ (examples/gen_checkpoints.rs: deterministic
 #    Llama-shaped bf16 models, 400 MB shards) unless they are already there.
@@ -15,6 +16,8 @@
 #           of these inputs must do, without any parsing, math or hashing;
 #    merge: /usr/bin/time -v target/release/ladle merge bench-data/recipe.json
 #           --out bench-data/soup-$i --quiet  (wall time, user/sys CPU, max RSS).
+#    baseline (with BASELINE=binary): the same merge with that binary, right after; its soup
+#           must be byte-identical to ladle's (SHA-256 of model.safetensors).
 #    Outputs are deleted and `sync` runs between measurements (untimed), so every run starts
 #    with no dirty pages.
 # 5. Prints per-run numbers, medians and the merge/floor ratio, and spot-checks the soup's
@@ -25,48 +28,14 @@ cd "$(dirname "$0")/.."
 ROOT=$PWD
 DATA=$(realpath -m "${BENCH_DATA:-$ROOT/bench-data}")
 RUNS=${RUNS:-5}
-MODELS=${MODELS:-3}
-SIZE_GB=${SIZE_GB:-0.98}
-SHARD_MB=${SHARD_MB:-400}
 LADLE=$ROOT/target/release/ladle
+# shellcheck source=benches/lib.sh
+source "$ROOT/benches/lib.sh"
 
-log() { printf '== %s\n' "$*" >&2; }
-
-# ---- tools
-if [[ ! -x /usr/bin/time ]]; then
-  log "installing GNU time (/usr/bin/time)"
-  SUDO=""
-  [[ $(id -u) -eq 0 ]] || SUDO=sudo
-  $SUDO apt-get update -qq && $SUDO apt-get install -y -qq time >/dev/null
-fi
-
-# ---- build
+ensure_gnu_time
 log "cargo build --release"
 cargo build --release
-
-# ---- inputs
-mkdir -p "$DATA"
-STAMP="$DATA/inputs.stamp"
-WANT_STAMP="models=$MODELS size_gb=$SIZE_GB shard_mb=$SHARD_MB generator=$(sha256sum examples/gen_checkpoints.rs | cut -c1-16)"
-complete=yes
-for m in $(seq 1 "$MODELS"); do [[ -f $DATA/ft-$m/model.safetensors.index.json ]] || complete=no; done
-if [[ $complete != yes || ! -f $STAMP || $(cat "$STAMP") != "$WANT_STAMP" ]]; then
-  log "generating $MODELS inputs of ~$SIZE_GB GB under $DATA"
-  cargo build --release --example gen_checkpoints
-  rm -f "$STAMP"
-  for m in $(seq 1 "$MODELS"); do rm -rf "${DATA:?}/ft-$m"; done
-  "$ROOT/target/release/examples/gen_checkpoints" "$DATA" \
-    --models "$MODELS" --size-gb "$SIZE_GB" --shard-mb "$SHARD_MB"
-  echo "$WANT_STAMP" > "$STAMP"
-else
-  log "inputs present ($WANT_STAMP)"
-fi
-
-SHARDS=()
-for m in $(seq 1 "$MODELS"); do SHARDS+=("$DATA"/ft-"$m"/*.safetensors); done
-IN_BYTES=$(cat "${SHARDS[@]}" | wc -c)        # also warms the page cache (step 3)
-ONE_BYTES=$(cat "$DATA"/ft-1/*.safetensors | wc -c)
-log "inputs: ${#SHARDS[@]} shards, $IN_BYTES bytes; one checkpoint: $ONE_BYTES bytes"
+ensure_inputs   # also step 3: warms the page cache
 
 # ---- recipe (relative model paths resolve against the recipe's folder; --out overrides)
 MODELS_JSON=""
@@ -76,52 +45,45 @@ cat > "$DATA/recipe.json" <<EOF
 EOF
 
 # ---- what is measured, where
-echo "ladle: $(git rev-parse --short HEAD 2>/dev/null || echo '?')$(git diff --quiet HEAD -- src Cargo.toml Cargo.lock 2>/dev/null || echo ' + uncommitted changes in src/ or Cargo.*')," \
-  "binary $(sha256sum "$LADLE" | cut -c1-12), $(date -u +%Y-%m-%dT%H:%M:%SZ)"
-echo "machine: $(nproc) CPUs ($(awk -F': ' '/model name/ { print $2; exit }' /proc/cpuinfo))," \
-  "$(awk '/MemTotal/ { printf "%.1f GiB", $2 / 1048576 }' /proc/meminfo) RAM, $DATA on $(df -P "$DATA" | awk 'NR == 2 { print $1 }')," \
-  "load average at start: $(cut -d' ' -f1-3 /proc/loadavg)"
-
-# ---- measurements
-now() { echo "$EPOCHREALTIME"; }
-elapsed() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.3f", b - a }'; }
-clean() { rm -rf "$DATA"/soup-* "$DATA/floor.bin"; sync; }
+describe_run "$LADLE"
 
 cat "${SHARDS[@]}" > /dev/null  # second warm pass: the first one may have evicted early shards
-FLOOR=() MERGE=() RATIO=() RSS=()
-TIMEFILE=$(mktemp)
-trap 'rm -f "$TIMEFILE"' EXIT
-printf '%-4s %9s %9s %9s | %9s %8s %8s %10s | %6s\n' \
-  run read_s write_s floor_s merge_s user_s sys_s maxrss_MiB ratio
+BASELINE=${BASELINE:-}
+[[ -z $BASELINE ]] || echo "baseline: $BASELINE, binary $(sha256sum "$BASELINE" | cut -c1-12)"
+FLOOR=() MERGE=() RATIO=() RSS=() BASE=() BASE_RSS=()
+printf '%-4s %9s %9s %9s | %9s %8s %8s %10s | %6s%s\n' \
+  run read_s write_s floor_s merge_s user_s sys_s maxrss_MiB ratio \
+  "${BASELINE:+ | baseline_s user_s sys_s maxrss_MiB}"
 for i in $(seq 1 "$RUNS"); do
-  clean
-  t0=$(now)
-  cat "${SHARDS[@]}" > /dev/null
-  t1=$(now)
-  dd if=/dev/zero of="$DATA/floor.bin" bs=16M count="$ONE_BYTES" iflag=count_bytes status=none
-  t2=$(now)
-  read_s=$(elapsed "$t0" "$t1")
-  write_s=$(elapsed "$t1" "$t2")
-  floor_s=$(elapsed "$t0" "$t2")
+  rm -rf "$DATA"/soup-*
+  measure_floor
+  read_s=$READ_S write_s=$WRITE_S floor_s=$FLOOR_S
 
-  clean
-  t0=$(now)
-  /usr/bin/time -v -o "$TIMEFILE" "$LADLE" merge "$DATA/recipe.json" --out "$DATA/soup-$i" --quiet > "$DATA/merge-$i.json"
-  t1=$(now)
-  merge_s=$(elapsed "$t0" "$t1")
+  rm -rf "$DATA"/soup-*
+  sync
+  timed "$LADLE" merge "$DATA/recipe.json" --out "$DATA/soup-$i" --quiet > "$DATA/merge-$i.json"
+  merge_s=$WALL_S rss_kb=$RSS_KB
   [[ -f $DATA/soup-$i/ladle-manifest.json ]] || { echo "run $i: no ladle-manifest.json in $DATA/soup-$i" >&2; exit 1; }
-  rss_kb=$(awk -F': ' '/Maximum resident set size/ { print $2 }' "$TIMEFILE")
-  user_s=$(awk -F': ' '/User time/ { print $2 }' "$TIMEFILE")
-  sys_s=$(awk -F': ' '/System time/ { print $2 }' "$TIMEFILE")
-  rss_mib=$(awk -v k="$rss_kb" 'BEGIN { printf "%.0f", k / 1024 }')
-  ratio=$(awk -v m="$merge_s" -v f="$floor_s" 'BEGIN { printf "%.2f", m / f }')
-  printf '%-4s %9s %9s %9s | %9s %8s %8s %10s | %6s\n' \
-    "$i" "$read_s" "$write_s" "$floor_s" "$merge_s" "$user_s" "$sys_s" "$rss_mib" "$ratio"
+  rss_mib=$(kib_to_mib "$rss_kb")
+  ratio=$(ratio "$merge_s" "$floor_s")
+  line=$(printf '%-4s %9s %9s %9s | %9s %8s %8s %10s | %6s' \
+    "$i" "$read_s" "$write_s" "$floor_s" "$merge_s" "$USER_S" "$SYS_S" "$rss_mib" "$ratio")
   FLOOR+=("$floor_s") MERGE+=("$merge_s") RATIO+=("$ratio") RSS+=("$rss_kb")
+  if [[ -n $BASELINE ]]; then
+    rm -rf "$DATA/soup-base"
+    sync
+    timed "$BASELINE" merge "$DATA/recipe.json" --out "$DATA/soup-base" --quiet > /dev/null
+    line+=$(printf ' | %10s %8s %8s %10s' "$WALL_S" "$USER_S" "$SYS_S" "$(kib_to_mib "$RSS_KB")")
+    BASE+=("$WALL_S") BASE_RSS+=("$RSS_KB")
+    ours=$(sha256sum < "$DATA/soup-$i/model.safetensors")
+    theirs=$(sha256sum < "$DATA/soup-base/model.safetensors")
+    [[ $ours == "$theirs" ]] || { echo "run $i: the soup differs from the baseline's" >&2; exit 1; }
+    rm -rf "$DATA/soup-base"
+  fi
+  echo "$line"
   if [[ $i -lt $RUNS ]]; then rm -rf "$DATA/soup-$i"; fi
 done
 
-median() { printf '%s\n' "$@" | sort -g | awk '{ v[NR] = $1 } END { if (NR % 2) print v[(NR + 1) / 2]; else printf "%.3f\n", (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
 mf=$(median "${FLOOR[@]}")
 mm=$(median "${MERGE[@]}")
 mr=$(median "${RATIO[@]}")
@@ -130,6 +92,11 @@ echo
 echo "median floor ${mf} s, median merge ${mm} s, median max RSS $(awk -v k="$mrss" 'BEGIN { printf "%.0f", k / 1024 }') MiB"
 echo "ratio of medians (merge/floor): $(awk -v m="$mm" -v f="$mf" 'BEGIN { printf "%.2f", m / f }');" \
   "median of per-run ratios: $mr"
+if [[ -n $BASELINE ]]; then
+  mb=$(median "${BASE[@]}")
+  echo "baseline: median ${mb} s, median max RSS $(kib_to_mib "$(median "${BASE_RSS[@]}")") MiB;" \
+    "merge/baseline $(ratio "$mm" "$mb"), baseline/floor $(ratio "$mb" "$mf"); soups byte-identical in every run"
+fi
 echo "load average at end: $(cut -d' ' -f1-3 /proc/loadavg)"
 echo "merge throughput: $(awk -v b="$IN_BYTES" -v s="$mm" 'BEGIN { printf "%.2f", b / s / 1e9 }') GB/s read," \
   "$(awk -v b="$ONE_BYTES" -v s="$mm" 'BEGIN { printf "%.2f", b / s / 1e9 }') GB/s written"

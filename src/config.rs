@@ -12,6 +12,7 @@ use serde::Deserialize;
 
 use crate::api::ApiAuth;
 use crate::api::auth::{TokenDigest, parse_digest};
+use crate::api::limits::HttpLimits;
 use crate::engine::EngineConfig;
 use crate::queue::QueueConfig;
 use crate::storage::S3Settings;
@@ -109,6 +110,18 @@ pub struct ServiceArgs {
     )]
     #[serde(default)]
     pub evaluator_allowed_hosts: Vec<String>,
+    /// Seconds a client has to send a complete request head, counted from when its
+    /// connection opens or its previous response ends (so also the idle keep-alive timeout)
+    /// [default: 10].
+    #[arg(long, env = "LADLE_HTTP_HEADER_TIMEOUT_SECS")]
+    pub http_header_timeout_secs: Option<f64>,
+    /// Seconds a client has to send a whole request body, from the end of its head; later
+    /// → 408 `request_timeout` [default: 30].
+    #[arg(long, env = "LADLE_HTTP_BODY_TIMEOUT_SECS")]
+    pub http_body_timeout_secs: Option<f64>,
+    /// HTTP connections served at once; more wait in the listen backlog [default: 1024].
+    #[arg(long, env = "LADLE_HTTP_MAX_CONNECTIONS")]
+    pub http_max_connections: Option<usize>,
     #[command(flatten)]
     #[serde(flatten)]
     pub s3: S3Args,
@@ -260,6 +273,8 @@ pub struct Settings {
     pub engine: EngineConfig,
     pub max_attempts: i32,
     pub body_limit: usize,
+    /// HTTP server timeouts and connection cap.
+    pub http: HttpLimits,
     /// Accepted API token digests (empty: no authentication).
     pub auth: ApiAuth,
     /// `--insecure-no-auth`: allow a non-loopback bind without tokens.
@@ -373,6 +388,29 @@ impl Settings {
             Ok(AllowedHosts::default())
         }
         .map_err(|e| ConfigError::Invalid(format!("evaluator_allowed_hosts: {e}")))?;
+        let http_defaults = HttpLimits::default();
+        let http = HttpLimits {
+            header_timeout: secs(
+                "http_header_timeout_secs",
+                args.http_header_timeout_secs
+                    .or(file.http_header_timeout_secs),
+                http_defaults.header_timeout.as_secs_f64(),
+            )?,
+            body_timeout: secs(
+                "http_body_timeout_secs",
+                args.http_body_timeout_secs.or(file.http_body_timeout_secs),
+                http_defaults.body_timeout.as_secs_f64(),
+            )?,
+            max_connections: match args.http_max_connections.or(file.http_max_connections) {
+                None => http_defaults.max_connections,
+                Some(n) if (1..=1_000_000).contains(&n) => n,
+                Some(_) => {
+                    return Err(ConfigError::Invalid(
+                        "http_max_connections: must be 1 to 1000000".into(),
+                    ));
+                }
+            },
+        };
         Ok(Settings {
             bind: args
                 .bind
@@ -398,6 +436,7 @@ impl Settings {
             engine: engine_config(&t),
             max_attempts,
             body_limit: t.body_limit.unwrap_or(crate::api::DEFAULT_BODY_LIMIT),
+            http,
             auth: ApiAuth::new(digests),
             insecure_no_auth: args.insecure_no_auth || file.insecure_no_auth,
         })

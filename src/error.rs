@@ -60,6 +60,8 @@ error_codes! {
     StorageNotAllowed = "storage_not_allowed", 403, false;
     /// No such job (or route).
     NotFound = "not_found", 404, false;
+    /// The request body did not arrive within the body timeout (`--http-body-timeout-secs`).
+    RequestTimeout = "request_timeout", 408, false;
     /// The same idempotency key was sent with a different body.
     IdempotencyKeyReused = "idempotency_key_reused", 409, false;
     /// Another live job already writes to the same output URL.
@@ -72,6 +74,8 @@ error_codes! {
     Cancelled = "cancelled", 409, false;
     /// The request body is larger than the configured limit.
     PayloadTooLarge = "payload_too_large", 413, false;
+    /// The request's `Content-Type` is not one the route reads (JSON; YAML for merges).
+    UnsupportedMediaType = "unsupported_media_type", 415, false;
     /// A checkpoint URL names nothing that exists (no file, no `model.safetensors`, no index).
     CheckpointNotFound = "checkpoint_not_found", 422, false;
     /// A checkpoint exists but its bytes lie: header, offsets, index, truncation.
@@ -92,6 +96,9 @@ error_codes! {
     EvaluatorUnavailable = "evaluator_unavailable", 502, false;
     /// The database failed. Retryable.
     DatabaseError = "database_error", 503, true;
+    /// The database cannot store writes now (disk full, read-only, its file deleted or
+    /// replaced, unreachable). Nothing was stored. Retryable.
+    DatabaseUnavailable = "database_unavailable", 503, true;
 }
 
 impl std::fmt::Display for ErrorCode {

@@ -23,7 +23,8 @@ use tracing_subscriber::EnvFilter;
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.log_format.unwrap_or(LogFormat::Text));
+    let log_format = cli.log_format.unwrap_or(LogFormat::Text);
+    init_logging(log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -37,17 +38,25 @@ fn main() -> std::process::ExitCode {
     match runtime.block_on(run(cli)) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            tracing::error!("{e:#}");
-            eprintln!("error: {e:#}");
+            // Once: as a log record where logs are JSON (machines read them), else as a line.
+            match log_format {
+                LogFormat::Json => tracing::error!("{e:#}"),
+                LogFormat::Text => eprintln!("error: {e:#}"),
+            }
             std::process::ExitCode::FAILURE
         }
     }
 }
 
+/// Logs go to stderr; colours only when stderr is a terminal and `NO_COLOR` is unset or empty
+/// (<https://no-color.org>), so log files never hold ANSI escape codes.
 fn init_logging(format: LogFormat) {
+    use std::io::IsTerminal;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let no_color = std::env::var_os("NO_COLOR").is_some_and(|v| !v.is_empty());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal() && !no_color)
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Json => builder.json().init(),

@@ -114,13 +114,9 @@ impl Service {
                 settings.auth.clone(),
             );
             let stop = shutdown.clone();
+            let limits = settings.http.clone();
             tasks.push(tokio::spawn(async move {
-                let served = axum::serve(listener, app)
-                    .with_graceful_shutdown(async move { stop.cancelled().await })
-                    .await;
-                if let Err(e) = served {
-                    tracing::error!(error = %e, "HTTP server failed");
-                }
+                crate::api::limits::serve(listener, app, limits, stop).await
             }));
             tracing::info!(
                 %local,

@@ -501,7 +501,7 @@ async fn scenario(database_url: &str, backend: &str) {
         .send()
         .await
         .unwrap();
-    assert_eq!(r.status().as_u16(), 400);
+    assert_eq!(r.status().as_u16(), 415);
 
     // --- Against the base: numbers by construction and by the naive computation ---
     let body = serde_json::json!({

@@ -734,7 +734,7 @@ async fn lying_requests(db: Db) {
             "{err}"
         );
     }
-    // Wrong content type.
+    // Wrong content type: 415, whatever the body holds.
     let r = client
         .post(format!("{base}/v1/merges"))
         .header("content-type", "text/plain")
@@ -742,7 +742,7 @@ async fn lying_requests(db: Db) {
         .send()
         .await
         .unwrap();
-    assert_eq!(r.status().as_u16(), 400);
+    assert_eq!(r.status().as_u16(), 415);
 
     // --- URLs that lie: 403 storage_not_allowed or 400 invalid_uri, naming the field ---
     let root_url = file_url(&root);

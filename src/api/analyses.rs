@@ -148,14 +148,7 @@ async fn submit(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let (body, content_type) = body_and_type(body, &headers)?;
-    if let Some(ct) = content_type
-        && !ct.starts_with("application/json")
-    {
-        return Err(ApiError::new(
-            ErrorCode::InvalidRecipe,
-            format!("unsupported content type {ct:?}: send application/json"),
-        ));
-    }
+    super::media::body_format(content_type.as_deref(), false)?;
     let v = validate(&state, &body)?;
     let spec_json = serde_json::to_value(&v.spec)
         .map_err(|e| ApiError::new(ErrorCode::Internal, e.to_string()))?;

@@ -45,6 +45,9 @@ impl IntoResponse for ApiError {
 fn server_error_message(code: ErrorCode) -> &'static str {
     match code {
         ErrorCode::DatabaseError => "the database is unavailable; try again later",
+        ErrorCode::DatabaseUnavailable => {
+            "the database cannot store writes now; nothing was stored; try again later"
+        }
         ErrorCode::StorageError => "object storage failed; try again later",
         _ => "an internal error happened; the server log has the details",
     }

@@ -6,6 +6,8 @@
 pub mod analyses;
 pub mod auth;
 pub mod error;
+pub mod limits;
+pub mod media;
 
 use std::sync::Arc;
 
@@ -26,14 +28,6 @@ use crate::recipe::{MergeRequest, Recipe, Submission, trajectory};
 use crate::storage::Storage;
 pub use auth::ApiAuth;
 pub use error::ApiError;
-
-/// Content types of mergekit-style YAML recipes.
-const YAML_TYPES: [&str; 4] = [
-    "application/yaml",
-    "application/x-yaml",
-    "text/yaml",
-    "text/x-yaml",
-];
 
 /// Largest accepted request body.
 pub const DEFAULT_BODY_LIMIT: usize = 1 << 20;
@@ -65,6 +59,10 @@ pub fn router(state: AppState, body_limit: usize, auth: ApiAuth) -> Router {
         .route("/readyz", get(readyz))
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(body_limit))
+        .layer(axum::middleware::from_fn_with_state(
+            body_limit,
+            limits::reject_oversized,
+        ))
         .layer(axum::middleware::from_fn_with_state(
             auth,
             auth::require_token,
@@ -152,23 +150,14 @@ async fn submit(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let (body, content_type) = body_and_type(body, &headers)?;
-    let mut req: MergeRequest = match content_type.as_deref() {
-        None => Recipe::request_json(&body)?,
-        Some(ct) if ct.starts_with("application/json") => Recipe::request_json(&body)?,
-        Some(ct) if YAML_TYPES.iter().any(|y| ct.starts_with(y)) => {
+    let mut req: MergeRequest = match media::body_format(content_type.as_deref(), true)? {
+        media::BodyFormat::Json => Recipe::request_json(&body)?,
+        media::BodyFormat::Yaml => {
             let text = std::str::from_utf8(&body).map_err(|_| {
                 ApiError::new(ErrorCode::InvalidRecipe, "a YAML recipe must be UTF-8")
             })?;
             // Over HTTP there is no recipe folder: model references must be storage URLs.
             Recipe::request_yaml(text, None, None)?
-        }
-        Some(ct) => {
-            return Err(ApiError::new(
-                ErrorCode::InvalidRecipe,
-                format!(
-                    "unsupported content type {ct:?}: send application/json or application/yaml"
-                ),
-            ));
         }
     };
     // A trajectory becomes explicit models now, so the stored recipe names what is merged.
@@ -240,21 +229,15 @@ async fn submit(
     Ok(enqueued_response(enqueued, "merges"))
 }
 
-/// A submit's body (or the 413 / 400 that replaces it) and its lower-cased content type.
+/// A submit's body (or the 413 / 408 / 400 that replaces it) and its content type.
 pub(crate) fn body_and_type(
     body: Result<Bytes, BytesRejection>,
     headers: &HeaderMap,
 ) -> Result<(Bytes, Option<String>), ApiError> {
-    let body = body.map_err(|e| {
-        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::new(ErrorCode::PayloadTooLarge, "request body is too large")
-        } else {
-            ApiError::new(ErrorCode::InvalidRecipe, e.body_text())
-        }
-    })?;
+    let body = body.map_err(limits::body_rejection)?;
     let content_type = headers
         .get(header::CONTENT_TYPE)
-        .map(|ct| ct.to_str().unwrap_or_default().to_ascii_lowercase());
+        .map(|ct| ct.to_str().unwrap_or_default().to_string());
     Ok((body, content_type))
 }
 
@@ -433,10 +416,18 @@ async fn readyz(State(state): State<AppState>) -> Response {
             StatusCode::OK,
             &serde_json::json!({"status": "ready", "database": state.queue.backend()}),
         ),
-        Err(e) => json_response(
-            StatusCode::SERVICE_UNAVAILABLE,
-            &serde_json::json!({"status": "unavailable", "code": ErrorCode::DatabaseError, "message": e.to_string()}),
-        ),
+        Err(e) => {
+            // The detail (paths, database messages) goes to the log; the body gives the code.
+            tracing::warn!(error = %e, "not ready: the database check failed");
+            json_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                &serde_json::json!({
+                    "status": "unavailable",
+                    "code": e.code(),
+                    "message": "the database cannot store writes now",
+                }),
+            )
+        }
     }
 }
 

@@ -6,6 +6,7 @@
 //! never the data.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
 use futures::{StreamExt, TryStreamExt};
 use object_store::path::Path;
@@ -13,6 +14,7 @@ use object_store::{ObjectStore, ObjectStoreExt};
 
 use crate::checkpoint::header::{Header, HeaderError, parse_header, parse_header_len};
 use crate::checkpoint::index::{INDEX_FILE_NAME, MAX_INDEX_LEN, parse_index};
+use crate::checkpoint::local::LocalFile;
 use crate::error::ErrorCode;
 use crate::merge::DType;
 
@@ -73,6 +75,9 @@ pub struct CheckpointFile {
     pub size: u64,
     /// Its validated header.
     pub header: Header,
+    /// The file, open for the job, when it is local (see [`LocalFile`]); tensor bytes are then
+    /// read through it instead of the store.
+    pub local: Option<Arc<LocalFile>>,
 }
 
 /// Where a tensor's bytes are.
@@ -303,6 +308,7 @@ async fn open_file(
         path: path.clone(),
         size,
         header,
+        local: None,
     }))
 }
 

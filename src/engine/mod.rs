@@ -8,6 +8,7 @@
 //! job from the queue) and by the one-shot `ladle merge` command alike.
 
 pub mod analysis;
+mod buffers;
 mod kernel;
 mod manifest;
 mod output;
@@ -28,8 +29,8 @@ use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
 use crate::checkpoint::{
-    Checkpoint, CheckpointError, INDEX_FILE_NAME, OutTensor, ShardPlan, index_json,
-    open_checkpoint, plan_shards,
+    Checkpoint, CheckpointError, INDEX_FILE_NAME, LocalFile, LocalReadError, OutTensor, ShardPlan,
+    index_json, open_checkpoint, plan_shards,
 };
 use crate::error::ErrorCode;
 use crate::merge::precision::Precision;
@@ -392,7 +393,8 @@ impl Engine {
             .collect::<Result<Vec<_>, _>>()?;
         futures::stream::iter(locations)
             .map(|loc| async move {
-                let ckpt = open_checkpoint(loc.store.as_ref(), &loc.path, &loc.url).await?;
+                let mut ckpt = open_checkpoint(loc.store.as_ref(), &loc.path, &loc.url).await?;
+                open_local_files(&loc, &mut ckpt).await?;
                 Ok::<_, EngineError>((loc, ckpt))
             })
             .buffered(8)
@@ -579,6 +581,13 @@ impl Engine {
             let chunks = self.chunks_of(plan, shard)?;
             let per_chunk_max = chunks.iter().map(|c| c.bytes_in_flight).max().unwrap_or(1);
             let depth = (self.config.inflight_bytes / per_chunk_max.max(1)).clamp(1, 8) as usize;
+            // Output buffers of streamed chunks are reused: those in flight here, plus those
+            // the upload and the hasher still hold.
+            let widest = shard.tensors.iter().map(|t| t.dtype.size_bytes()).max();
+            let pool = buffers::BufferPool::new(
+                self.config.chunk_elems.max(1) * widest.unwrap_or(1),
+                depth + 2 * self.config.upload_concurrency.max(1) + 4,
+            );
             // Each chunk is its own task, so reads and merges of the next chunks proceed
             // while this loop hashes and uploads; `buffered` bounds how many are in flight.
             let mut stream = futures::stream::iter(chunks)
@@ -588,6 +597,7 @@ impl Engine {
                         chunk,
                         kernel.clone(),
                         ctl.clone(),
+                        pool.clone(),
                     ))
                 })
                 .buffered(depth);
@@ -711,6 +721,7 @@ async fn produce_chunk(
     chunk: Chunk,
     kernel: Arc<Kernel>,
     ctl: Arc<RunControl>,
+    pool: Arc<buffers::BufferPool>,
 ) -> Result<(Chunk, Bytes), EngineError> {
     ctl.check()?;
     // Test-only throttle / CPU burn (a no-op unless built with the `failpoints` feature).
@@ -764,13 +775,14 @@ async fn produce_chunk(
         let name = chunk.tensor.clone();
         let n = (chunk.elems.end - chunk.elems.start) as usize;
         let converted = tokio::task::spawn_blocking(move || {
-            let mut out = vec![0u8; n * out_dtype.size_bytes()];
+            let mut buf = pool.take(n * out_dtype.size_bytes());
+            let out = buf.as_mut_slice();
             // `tensor * scale` in the source dtype (a Python float acts at f32 precision).
             let p = Precision::of(in_dtype);
             map_blocks(
                 &[(in_dtype, bytes.as_ref())],
                 out_dtype,
-                &mut out,
+                out,
                 |b, o| match scale {
                     Some(s) => {
                         let s = s as f32;
@@ -781,7 +793,7 @@ async fn produce_chunk(
                     None => o.copy_from_slice(b[0]),
                 },
             )?;
-            Ok::<_, MergeError>(Bytes::from(out))
+            Ok::<_, MergeError>(buf.into_bytes())
         })
         .await
         .map_err(|e| EngineError::Internal(format!("merge task panicked: {e}")))?
@@ -799,14 +811,22 @@ async fn produce_chunk(
     let task_name = name.clone();
     let merged = tokio::task::spawn_blocking(move || {
         let inputs: Vec<(DType, &[u8])> = raw.iter().map(|(d, b)| (*d, b.as_ref())).collect();
-        let mut out = vec![0u8; n * out_dtype.size_bytes()];
+        let mut out = pool.take(n * out_dtype.size_bytes());
         match &stream {
-            Some(s) => {
-                kernel.run_stream(&task_name, s.as_ref(), first, &inputs, out_dtype, &mut out)?
-            }
-            None => kernel.run(&task_name, &shape, &inputs, out_dtype, &mut out)?,
+            Some(s) => kernel.run_stream(
+                &task_name,
+                s.as_ref(),
+                first,
+                &inputs,
+                out_dtype,
+                out.as_mut_slice(),
+            )?,
+            None => kernel.run(&task_name, &shape, &inputs, out_dtype, out.as_mut_slice())?,
         }
-        Ok::<_, MergeError>(Bytes::from(out))
+        // The inputs (mapped file ranges) are released before the output travels on.
+        drop(inputs);
+        drop(raw);
+        Ok::<_, MergeError>(out.into_bytes())
     })
     .await
     .map_err(|e| EngineError::Internal(format!("merge task panicked: {e}")))?
@@ -817,9 +837,9 @@ async fn produce_chunk(
     Ok((chunk, merged))
 }
 
-/// A failed ranged read: a vanished or short object is a malformed checkpoint (not worth a
-/// retry); anything else is a storage failure (retryable).
-/// Read elements `elems` of tensor `name` of one input.
+/// Read elements `elems` of tensor `name` of one input: through the file held open for the job
+/// when the input is local (mapped, no copy), else with a ranged GET. A short file or object is
+/// a malformed checkpoint.
 pub(super) async fn read_elems(
     loc: &Location,
     ckpt: &Checkpoint,
@@ -833,6 +853,15 @@ pub(super) async fn read_elems(
     let size = t.dtype.size_bytes() as u64;
     let range = t.start + elems.start * size..t.start + elems.end * size;
     let file = &ckpt.files[t.file];
+    if let Some(local) = &file.local {
+        let local = local.clone();
+        let read = range.clone();
+        let bytes = tokio::task::spawn_blocking(move || local.read(read))
+            .await
+            .map_err(|e| EngineError::Internal(format!("read task failed: {e}")))?
+            .map_err(|e| local_read_error(e, &file.path, name))?;
+        return Ok((t.dtype, bytes));
+    }
     let bytes = loc
         .store
         .get_range(&file.path, range.clone())
@@ -885,6 +914,84 @@ fn check_input_dtype(
     Ok(())
 }
 
+/// A local read that found the file shorter than planned is a malformed checkpoint; an I/O
+/// error is a storage failure.
+fn local_read_error(
+    e: LocalReadError,
+    file: &object_store::path::Path,
+    tensor: &str,
+) -> EngineError {
+    match e {
+        LocalReadError::Truncated { .. } => EngineError::from(CheckpointError::Malformed {
+            file: file.to_string(),
+            reason: format!("reading tensor {tensor}: {e}"),
+        }),
+        LocalReadError::Io { path, source } => {
+            EngineError::Storage(StorageError::Io { path, source })
+        }
+    }
+}
+
+/// For a local checkpoint (a `file://` URL), open each of its files once, for the whole job
+/// (tensor bytes are then read through these descriptors, see [`LocalFile`]). A file whose size
+/// differs from the one its header was read at changed in between: malformed.
+async fn open_local_files(loc: &Location, ckpt: &mut Checkpoint) -> Result<(), EngineError> {
+    if !loc.url.starts_with("file:") {
+        return Ok(());
+    }
+    let wanted: Vec<(usize, object_store::path::Path, u64)> = ckpt
+        .files
+        .iter()
+        .enumerate()
+        .map(|(i, f)| (i, f.path.clone(), f.size))
+        .collect();
+    let opened = tokio::task::spawn_blocking(move || {
+        wanted
+            .into_iter()
+            .map(|(i, path, size)| {
+                let fs_path = local_fs_path(&path).ok_or_else(|| {
+                    EngineError::Internal(format!("{path} is not a local file path"))
+                })?;
+                let file = LocalFile::open(&fs_path).map_err(|source| {
+                    EngineError::Storage(StorageError::Io {
+                        path: fs_path.display().to_string(),
+                        source,
+                    })
+                })?;
+                if file.size() != size {
+                    return Err(EngineError::from(CheckpointError::Malformed {
+                        file: path.to_string(),
+                        reason: format!(
+                            "the file changed while it was opened: {size} bytes, then {}",
+                            file.size()
+                        ),
+                    }));
+                }
+                Ok((i, Arc::new(file)))
+            })
+            .collect::<Result<Vec<_>, EngineError>>()
+    })
+    .await
+    .map_err(|e| EngineError::Internal(format!("open task failed: {e}")))??;
+    for (i, file) in opened {
+        ckpt.files[i].local = Some(file);
+    }
+    Ok(())
+}
+
+/// The file system path of an object path of the local store (rooted at `/`), decoded as
+/// `object_store`'s `LocalFileSystem` decodes it.
+fn local_fs_path(path: &object_store::path::Path) -> Option<std::path::PathBuf> {
+    let mut url = url::Url::parse("file:///").ok()?;
+    url.path_segments_mut()
+        .ok()?
+        .pop_if_empty()
+        .extend(path.parts());
+    url.to_file_path().ok()
+}
+
+/// A failed ranged GET: a vanished or short object is a malformed checkpoint (not worth a
+/// retry); anything else is a storage failure (retryable).
 fn read_error(
     e: object_store::Error,
     file: &object_store::path::Path,

@@ -204,22 +204,50 @@ pub fn decode_to_f32(dtype: DType, src: &[u8], dst: &mut [f32]) -> Result<(), DT
 
 /// Non-finite values (NaN, ±inf) in little-endian `bytes` of a float `dtype`: the elements
 /// whose exponent bits are all ones. 0 for integer, bool and FP8 dtypes (never merged).
+/// Vectorised (every merged output chunk is counted), AVX2 picked at run time on x86_64.
 pub fn count_nonfinite(dtype: DType, bytes: &[u8]) -> u64 {
-    fn count<const N: usize>(bytes: &[u8], mask: u64) -> u64 {
-        bytes
-            .chunks_exact(N)
-            .filter(|c| {
-                let mut b = [0u8; 8];
-                b[..N].copy_from_slice(c);
-                u64::from_le_bytes(b) & mask == mask
-            })
-            .count() as u64
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU supports AVX2 (checked just above).
+            return unsafe { count_nonfinite_avx2(dtype, bytes) };
+        }
+    }
+    count_nonfinite_inner(dtype, bytes)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn count_nonfinite_avx2(dtype: DType, bytes: &[u8]) -> u64 {
+    count_nonfinite_inner(dtype, bytes)
+}
+
+#[inline(always)]
+fn count_nonfinite_inner(dtype: DType, bytes: &[u8]) -> u64 {
+    /// Counted in blocks whose lane counters cannot overflow, then summed.
+    macro_rules! count {
+        ($t:ty, $n:literal, $mask:expr) => {{
+            let mask: $t = $mask;
+            bytes
+                .chunks(4096 * $n)
+                .map(|block| {
+                    block
+                        .chunks_exact($n)
+                        .map(|c| {
+                            let mut b = [0u8; $n];
+                            b.copy_from_slice(c);
+                            u32::from(<$t>::from_le_bytes(b) & mask == mask)
+                        })
+                        .sum::<u32>() as u64
+                })
+                .sum::<u64>()
+        }};
     }
     match dtype {
-        DType::F64 => count::<8>(bytes, 0x7ff0_0000_0000_0000),
-        DType::F32 => count::<4>(bytes, 0x7f80_0000),
-        DType::F16 => count::<2>(bytes, 0x7c00),
-        DType::BF16 => count::<2>(bytes, 0x7f80),
+        DType::F64 => count!(u64, 8, 0x7ff0_0000_0000_0000),
+        DType::F32 => count!(u32, 4, 0x7f80_0000),
+        DType::F16 => count!(u16, 2, 0x7c00),
+        DType::BF16 => count!(u16, 2, 0x7f80),
         _ => 0,
     }
 }
@@ -254,17 +282,25 @@ fn encode_avx2(dtype: DType, src: &[f32], dst: &mut [u8]) {
 }
 
 /// Converts an `f32` to bfloat16 bits, round-to-nearest-even; NaN becomes a quiet NaN with the
-/// same sign and top payload bits. Branch-free apart from the select, so loops vectorize.
+/// same sign and top payload bits. Branch-free, so loops vectorize.
 #[inline(always)]
 pub fn f32_to_bf16_bits(x: f32) -> u16 {
-    let bits = x.to_bits();
-    let r = if x.is_nan() {
-        (bits >> 16) | 0x0040
+    (bf16_round_bits(x.to_bits()) >> 16) as u16
+}
+
+/// The f32 bit pattern `b` rounded to bf16 (ties to even), as an f32 pattern whose low half is
+/// zero. A NaN keeps its sign and top payload bits and is made quiet (rounding it would carry
+/// into the exponent or the sign); finite values too large round into infinity. Branch-free
+/// (a select), so loops over it vectorize.
+#[inline(always)]
+pub(crate) fn bf16_round_bits(b: u32) -> u32 {
+    let quiet = (b | 0x0040_0000) & 0xFFFF_0000;
+    let rounded = b.wrapping_add(0x7FFF + ((b >> 16) & 1)) & 0xFFFF_0000;
+    if b & 0x7FFF_FFFF > 0x7F80_0000 {
+        quiet
     } else {
-        // Cannot overflow: the largest non-NaN pattern is 0xFF80_0000 (−inf).
-        (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
-    };
-    r as u16
+        rounded
+    }
 }
 
 /// Converts bfloat16 bits to `f32` (exact).
@@ -679,6 +715,56 @@ mod tests {
                     assert!((a - b).abs() <= a.abs() * 2f32.powi(-8), "{d}: {a} vs {b}");
                 }
             }
+        }
+    }
+
+    #[test]
+    fn vectorised_nonfinite_count_matches_a_plain_count() {
+        let mut s = 0xD1B5_4A32_D192_ED03u64;
+        // Random bytes with many all-ones exponents, across block boundaries.
+        let bytes: Vec<u8> = (0..3 * 4096 * 8 + 13)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                if s.is_multiple_of(3) {
+                    0xFF
+                } else {
+                    (s >> 24) as u8
+                }
+            })
+            .collect();
+        for dtype in [DType::F64, DType::F32, DType::F16, DType::BF16] {
+            let n = dtype.size_bytes();
+            let bytes = &bytes[..bytes.len() / n * n];
+            let plain = bytes
+                .chunks_exact(n)
+                .filter(|c| {
+                    let mut b = [0u8; 8];
+                    b[..n].copy_from_slice(c);
+                    let v = u64::from_le_bytes(b);
+                    let mask = match dtype {
+                        DType::F64 => 0x7ff0_0000_0000_0000,
+                        DType::F32 => 0x7f80_0000,
+                        DType::F16 => 0x7c00,
+                        _ => 0x7f80,
+                    };
+                    v & mask == mask
+                })
+                .count() as u64;
+            assert!(plain > 0);
+            assert_eq!(count_nonfinite(dtype, bytes), plain, "{dtype}");
+            assert_eq!(count_nonfinite_inner(dtype, bytes), plain, "{dtype}");
+        }
+    }
+
+    #[test]
+    fn bf16_bits_agree_with_the_f32_rounding() {
+        for x in sample_values() {
+            let r = bf16_round_bits(x.to_bits());
+            assert_eq!(r & 0xFFFF, 0);
+            assert_eq!((r >> 16) as u16, f32_to_bf16_bits(x));
+            assert_eq!((r >> 16) as u16, bf16::from_f32(x).to_bits(), "{x:?}");
         }
     }
 

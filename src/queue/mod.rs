@@ -242,6 +242,10 @@ pub enum QueueError {
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("corrupt job row: {0}")]
     Corrupt(String),
+    /// The database cannot store writes now for a reason outside it: its file was deleted or
+    /// replaced while the service runs (SQLite), or it reports itself read-only.
+    #[error("database unavailable: {0}")]
+    Unavailable(String),
 }
 
 impl QueueError {
@@ -250,9 +254,43 @@ impl QueueError {
             QueueError::LeaseLost(_) => ErrorCode::LeaseExpired,
             QueueError::IdempotencyKeyReused(_) => ErrorCode::IdempotencyKeyReused,
             QueueError::OutputInUse(_) => ErrorCode::OutputInUse,
+            QueueError::Database(e) if is_unavailable(e) => ErrorCode::DatabaseUnavailable,
+            QueueError::Unavailable(_) => ErrorCode::DatabaseUnavailable,
             QueueError::Database(_) | QueueError::Migrate(_) => ErrorCode::DatabaseError,
             QueueError::Corrupt(_) => ErrorCode::Internal,
         }
+    }
+}
+
+/// Whether `e` says the database cannot be reached or cannot store writes (as opposed to a
+/// statement that failed): a full disk, a read-only or unopenable file, an I/O error, a lost
+/// connection. Such failures are `database_unavailable` (503), which clients and the queue
+/// retry.
+///
+/// - SQLite (primary result codes): `SQLITE_READONLY` (8), `SQLITE_IOERR` (10),
+///   `SQLITE_CORRUPT` (11), `SQLITE_FULL` (13), `SQLITE_CANTOPEN` (14), `SQLITE_NOTADB` (26).
+/// - Postgres (SQLSTATE): class `53` (insufficient resources: `53100` disk full), class `08`
+///   (connection exception), `25006` (read-only transaction), `57P01`–`57P03` (shutting down,
+///   cannot connect now), `58030` (I/O error).
+pub fn is_unavailable(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed => true,
+        sqlx::Error::Database(db) => {
+            let Some(code) = db.code() else { return false };
+            if db.try_downcast_ref::<sqlx::sqlite::SqliteError>().is_some() {
+                // The extended code: the primary code is its low byte.
+                code.parse::<i32>()
+                    .is_ok_and(|c| matches!(c & 0xff, 8 | 10 | 11 | 13 | 14 | 26))
+            } else {
+                code.starts_with("53")
+                    || code.starts_with("08")
+                    || matches!(&*code, "25006" | "57P01" | "57P02" | "57P03" | "58030")
+            }
+        }
+        _ => false,
     }
 }
 
@@ -310,7 +348,9 @@ pub trait JobQueue: Send + Sync + 'static {
     /// Delete terminal jobs finished before `older_than`, in batches. Returns rows deleted.
     async fn prune(&self, older_than: DateTime<Utc>, batch: u32) -> QueueResult<u64>;
 
-    /// Cheap round trip to the database, for `/readyz`.
+    /// Readiness, for `/readyz`: the database answers and can store a write (SQLite: a
+    /// committed write to the file, which must still be the file opened at start; Postgres:
+    /// a server that is neither read-only nor in recovery).
     async fn ping(&self) -> QueueResult<()>;
 
     /// Hints that a running job's cancel was requested (its id): on Postgres every

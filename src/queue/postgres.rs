@@ -16,6 +16,10 @@
 //!   both, on a dedicated connection, and signals an in-process [`Notify`]; each (re)connect of
 //!   the listener also signals, because notifications sent while it was disconnected are lost.
 //!   Polling remains the guarantee: `wait_for_work` always returns by its timeout.
+//! - **Commits are checked**: sqlx's Postgres `fetch_optional` reads every message up to
+//!   `ReadyForQuery` (so an error raised at an autocommit statement's commit is returned, unlike
+//!   SQLite's, see `sqlite.rs`), and the transactions end in a checked `commit`.
+//!   [`PostgresQueue::ping`] refuses a server that is read-only or in recovery.
 //!
 //! The URL may carry libpq options, e.g. `postgres://host/db?options=-csearch_path%3Dladle` to
 //! keep the `jobs` table (and the migrations table) in another schema.
@@ -540,7 +544,20 @@ impl JobQueue for PostgresQueue {
     }
 
     async fn ping(&self) -> QueueResult<()> {
-        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        // Writes would fail on a hot standby or with `default_transaction_read_only` on.
+        let row = sqlx::query(
+            "SELECT pg_is_in_recovery() AS recovery, \
+                    current_setting('transaction_read_only') AS read_only",
+        )
+        .fetch_one(&self.pool)
+        .await?;
+        let recovery: bool = row.try_get("recovery")?;
+        let read_only: String = row.try_get("read_only")?;
+        if recovery || read_only == "on" {
+            return Err(QueueError::Unavailable(
+                "the Postgres server accepts no writes (read-only or in recovery)".into(),
+            ));
+        }
         Ok(())
     }
 

@@ -10,6 +10,13 @@
 //!   with `SQLITE_BUSY` the way an upgraded deferred transaction would. No operation needs
 //!   more than one statement to be atomic, so no explicit transaction is used.
 //! - **Wake-ups**: an in-process [`Notify`], signalled by `enqueue` and `release`.
+//! - **Commits are checked**: an autocommit statement commits when it is stepped to its end.
+//!   `fetch_optional` stops after the first `RETURNING` row and resets the statement, and sqlx
+//!   drops the reset's error, so a `SQLITE_FULL` at commit was lost while the row (of a job that
+//!   was never stored) came back (launchbadge/sqlx#2099). Every `RETURNING` write here goes
+//!   through [`write_returning`], which steps to `SQLITE_DONE`; plain writes use `execute`,
+//!   which does too. [`SqliteQueue::ping`] also writes, and checks that the database file is
+//!   still the one opened at start (a deleted or replaced file would take writes that vanish).
 
 use std::str::FromStr;
 use std::sync::Arc;
@@ -18,7 +25,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
+    SqliteArguments, SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions,
+    SqliteRow,
 };
 use sqlx::{ConnectOptions, Connection, Row};
 use tokio::sync::Notify;
@@ -57,6 +65,8 @@ const ENQUEUE_TRIES: usize = 3;
 /// The SQLite job queue. Cheap to share behind an `Arc`; all state lives in the database file.
 pub struct SqliteQueue {
     pool: SqlitePool,
+    /// The database file and its identity when opened (none for an in-memory database).
+    file: Option<FileIdentity>,
     config: QueueConfig,
     work: Arc<Notify>,
     cancels: tokio::sync::broadcast::Sender<Uuid>,
@@ -95,9 +105,15 @@ impl SqliteQueue {
                 .idle_timeout(None)
                 .max_lifetime(None);
         }
+        let file = if is_in_memory(url) {
+            None
+        } else {
+            Some(FileIdentity::of(options.get_filename()).map_err(sqlx::Error::Io)?)
+        };
         let pool = pool_options.connect_with(options).await?;
         Ok(SqliteQueue {
             pool,
+            file,
             config,
             work: Arc::new(Notify::new()),
             cancels: tokio::sync::broadcast::channel(super::CANCEL_HINTS).0,
@@ -151,6 +167,23 @@ impl SqliteQueue {
         }
     }
 
+    /// Run a writing statement with `RETURNING` to its end (so that its commit's error is
+    /// seen, see the module doc) and return its first row.
+    async fn write_returning<'q>(
+        &self,
+        query: sqlx::query::Query<'q, sqlx::Sqlite, SqliteArguments<'q>>,
+    ) -> Result<Option<SqliteRow>, sqlx::Error> {
+        Ok(query.fetch_all(&self.pool).await?.into_iter().next())
+    }
+
+    /// The database file must still be the one opened at start.
+    fn check_file(&self) -> QueueResult<()> {
+        match &self.file {
+            Some(file) => file.check(),
+            None => Ok(()),
+        }
+    }
+
     /// The outcome of a fenced write that returns no data: one row changed, or `LeaseLost`.
     fn fenced(lease: &Lease, rows: u64) -> QueueResult<()> {
         if rows == 1 {
@@ -176,8 +209,10 @@ impl JobQueue for SqliteQueue {
              ON CONFLICT (idempotency_key) DO NOTHING \
              RETURNING {JOB_COLUMNS}"
         );
+        // A write into a deleted or replaced file would be acknowledged and then lost.
+        self.check_file()?;
         for _ in 0..ENQUEUE_TRIES {
-            let inserted = sqlx::query(&insert)
+            let query = sqlx::query(&insert)
                 .bind(id_text(job.id))
                 .bind(job.idempotency_key.as_deref())
                 .bind(&job.request_hash)
@@ -186,9 +221,8 @@ impl JobQueue for SqliteQueue {
                 .bind(job.priority)
                 .bind(job.max_attempts)
                 .bind(now_ms())
-                .bind(job.kind.as_str())
-                .fetch_optional(&self.pool)
-                .await;
+                .bind(job.kind.as_str());
+            let inserted = self.write_returning(query).await;
             let output_conflict = match inserted {
                 Ok(Some(row)) => {
                     let created = job_from_row(&row)?;
@@ -237,12 +271,11 @@ impl JobQueue for SqliteQueue {
                AND state = 'queued' \
              RETURNING {JOB_COLUMNS}"
         );
-        let row = sqlx::query(&sql)
+        let query = sqlx::query(&sql)
             .bind(owner)
             .bind(now_ms())
-            .bind(bounded_ms(self.config.lease_ttl))
-            .fetch_optional(&self.pool)
-            .await?;
+            .bind(bounded_ms(self.config.lease_ttl));
+        let row = self.write_returning(query).await?;
         let Some(row) = row else { return Ok(None) };
         let job = job_from_row(&row)?;
         Ok(Some(ClaimedJob {
@@ -261,20 +294,20 @@ impl JobQueue for SqliteQueue {
         progress: Option<&serde_json::Value>,
     ) -> QueueResult<HeartbeatOutcome> {
         let progress = progress.map(to_json_text).transpose()?;
-        let row = sqlx::query(&format!(
+        let sql = format!(
             "UPDATE jobs SET lease_expires_at = ?4 + ?5, heartbeat_at = ?4, \
                  progress = coalesce(?6, progress), updated_at = ?4 \
              WHERE {FENCE} \
              RETURNING cancel_requested_at IS NOT NULL AS cancel_requested"
-        ))
-        .bind(id_text(lease.job_id))
-        .bind(&lease.owner)
-        .bind(lease.attempt)
-        .bind(now_ms())
-        .bind(bounded_ms(self.config.lease_ttl))
-        .bind(progress)
-        .fetch_optional(&self.pool)
-        .await?;
+        );
+        let query = sqlx::query(&sql)
+            .bind(id_text(lease.job_id))
+            .bind(&lease.owner)
+            .bind(lease.attempt)
+            .bind(now_ms())
+            .bind(bounded_ms(self.config.lease_ttl))
+            .bind(progress);
+        let row = self.write_returning(query).await?;
         match row {
             Some(row) => Ok(HeartbeatOutcome::Held {
                 cancel_requested: row.try_get::<i64, _>("cancel_requested")? != 0,
@@ -308,7 +341,7 @@ impl JobQueue for SqliteQueue {
         );
         let entry = to_json_text(&state::error_entry(error, lease.attempt))?;
         // `?5 AND attempts < max_attempts AND no cancel` is the "queued again" case.
-        let row = sqlx::query(&format!(
+        let sql = format!(
             "UPDATE jobs SET \
                  state = CASE WHEN cancel_requested_at IS NOT NULL THEN 'cancelled' \
                               WHEN ?5 AND attempts < max_attempts THEN 'queued' \
@@ -323,16 +356,16 @@ impl JobQueue for SqliteQueue {
                  lease_owner = NULL, lease_expires_at = NULL, updated_at = ?4 \
              WHERE {FENCE} \
              RETURNING state"
-        ))
-        .bind(id_text(lease.job_id))
-        .bind(&lease.owner)
-        .bind(lease.attempt)
-        .bind(now_ms())
-        .bind(error.retryable)
-        .bind(bounded_ms(delay))
-        .bind(entry)
-        .fetch_optional(&self.pool)
-        .await?;
+        );
+        let query = sqlx::query(&sql)
+            .bind(id_text(lease.job_id))
+            .bind(&lease.owner)
+            .bind(lease.attempt)
+            .bind(now_ms())
+            .bind(error.retryable)
+            .bind(bounded_ms(delay))
+            .bind(entry);
+        let row = self.write_returning(query).await?;
         match row {
             Some(row) => parse_state(&row.try_get::<String, _>("state")?),
             None => Err(QueueError::LeaseLost(lease.job_id)),
@@ -356,7 +389,7 @@ impl JobQueue for SqliteQueue {
     }
 
     async fn release(&self, lease: &Lease) -> QueueResult<()> {
-        let row = sqlx::query(&format!(
+        let sql = format!(
             "UPDATE jobs SET \
                  state = CASE WHEN cancel_requested_at IS NULL THEN 'queued' \
                               ELSE 'cancelled' END, \
@@ -368,13 +401,13 @@ impl JobQueue for SqliteQueue {
                  lease_owner = NULL, lease_expires_at = NULL, updated_at = ?4 \
              WHERE {FENCE} \
              RETURNING state"
-        ))
-        .bind(id_text(lease.job_id))
-        .bind(&lease.owner)
-        .bind(lease.attempt)
-        .bind(now_ms())
-        .fetch_optional(&self.pool)
-        .await?;
+        );
+        let query = sqlx::query(&sql)
+            .bind(id_text(lease.job_id))
+            .bind(&lease.owner)
+            .bind(lease.attempt)
+            .bind(now_ms());
+        let row = self.write_returning(query).await?;
         match row {
             Some(row) => {
                 if parse_state(&row.try_get::<String, _>("state")?)? == JobState::Queued {
@@ -389,7 +422,7 @@ impl JobQueue for SqliteQueue {
     async fn request_cancel(&self, id: Uuid) -> QueueResult<CancelOutcome> {
         // A job that is neither queued nor running is terminal (or absent) for good, so the
         // follow-up look-up cannot race with a transition back to a live state.
-        let row = sqlx::query(
+        let query = sqlx::query(
             "UPDATE jobs SET \
                  state = CASE WHEN state = 'queued' THEN 'cancelled' ELSE state END, \
                  finished_at = CASE WHEN state = 'queued' THEN ?2 ELSE finished_at END, \
@@ -398,9 +431,8 @@ impl JobQueue for SqliteQueue {
              RETURNING state",
         )
         .bind(id_text(id))
-        .bind(now_ms())
-        .fetch_optional(&self.pool)
-        .await?;
+        .bind(now_ms());
+        let row = self.write_returning(query).await?;
         if let Some(row) = row {
             return match parse_state(&row.try_get::<String, _>("state")?)? {
                 JobState::Cancelled => Ok(CancelOutcome::Cancelled),
@@ -513,7 +545,17 @@ impl JobQueue for SqliteQueue {
     }
 
     async fn ping(&self) -> QueueResult<()> {
-        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        self.check_file()?;
+        // A committed write: the header's `user_version` (which nothing else uses) rewritten
+        // with its own value. Its commit appends a WAL frame, so a full disk, a read-only
+        // file or an I/O error fails it as it would fail an insert.
+        let mut conn = self.pool.acquire().await?;
+        let version: i64 = sqlx::query_scalar("PRAGMA user_version")
+            .fetch_one(&mut *conn)
+            .await?;
+        sqlx::query(&format!("PRAGMA user_version = {version}"))
+            .execute(&mut *conn)
+            .await?;
         Ok(())
     }
 
@@ -544,6 +586,42 @@ fn bounded_ms(d: Duration) -> i64 {
 /// Ids are stored as hyphenated lowercase text, so text order is UUIDv7 time order.
 fn id_text(id: Uuid) -> String {
     id.as_hyphenated().to_string()
+}
+
+/// A database file's path and the device and inode it had when the queue opened it.
+struct FileIdentity {
+    path: std::path::PathBuf,
+    dev: u64,
+    ino: u64,
+}
+
+impl FileIdentity {
+    fn of(path: &std::path::Path) -> std::io::Result<FileIdentity> {
+        use std::os::unix::fs::MetadataExt;
+        let meta = std::fs::metadata(path)?;
+        Ok(FileIdentity {
+            path: path.to_path_buf(),
+            dev: meta.dev(),
+            ino: meta.ino(),
+        })
+    }
+
+    /// `Unavailable` when the path is gone or now names another file: the open connections
+    /// still write to the old inode, and whatever they store would be lost on restart.
+    fn check(&self) -> QueueResult<()> {
+        use std::os::unix::fs::MetadataExt;
+        match std::fs::metadata(&self.path) {
+            Ok(meta) if meta.dev() == self.dev && meta.ino() == self.ino => Ok(()),
+            Ok(_) => Err(QueueError::Unavailable(format!(
+                "the database file {} was replaced by another file while the service runs",
+                self.path.display()
+            ))),
+            Err(e) => Err(QueueError::Unavailable(format!(
+                "the database file {} cannot be found any more: {e}",
+                self.path.display()
+            ))),
+        }
+    }
 }
 
 fn is_in_memory(url: &str) -> bool {

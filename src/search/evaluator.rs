@@ -1,7 +1,8 @@
 //! The evaluator protocol: `POST url` with the candidate's checkpoint URL, answered by
 //! `200 {"score": <finite number>, "metrics": {...}}`. 4xx and bad answers fail the job;
 //! 5xx, timeouts and connection errors are retried with backoff a bounded number of times.
-//! Redirects are not followed (a redirect could leave the host allow-list).
+//! Redirects are not followed (a redirect could leave the host allow-list), and proxies named by
+//! `HTTP_PROXY`/`HTTPS_PROXY`/`ALL_PROXY` are ignored for the same reason.
 
 use std::net::IpAddr;
 use std::time::Duration;
@@ -222,6 +223,9 @@ impl Client {
     pub fn new() -> Result<Client, String> {
         let http = reqwest::Client::builder()
             .redirect(reqwest::redirect::Policy::none())
+            // `HTTP(S)_PROXY` in the service's environment must not carry calls to an
+            // allow-listed host through another one (the allow-list checks the URL's host).
+            .no_proxy()
             .build()
             .map_err(|e| e.to_string())?;
         Ok(Client {
