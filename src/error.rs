@@ -54,6 +54,8 @@ error_codes! {
     InvalidRecipe = "invalid_recipe", 400, false;
     /// A URL is malformed or uses a scheme ladle does not handle.
     InvalidUri = "invalid_uri", 400, false;
+    /// A query string is malformed or has an unknown or out-of-range parameter.
+    InvalidQuery = "invalid_query", 400, false;
     /// Missing or wrong bearer token.
     Unauthorized = "unauthorized", 401, false;
     /// A URL falls outside every configured allowed root (or escapes one via `..`/symlinks).

@@ -2,14 +2,17 @@
 //!
 //! Module map (one concern each; see README.md):
 //! - [`api`]: axum router, request/response types, error → HTTP mapping.
+//! - [`intake`]: the one path a merge request takes in (API and `ladle merge`).
 //! - [`recipe`]: parse and validate merge requests into a [`recipe::Recipe`].
 //! - [`queue`]: job rows, leases, retries, cancellation (SQLite and Postgres).
 //! - [`worker`]: claim → run → complete, heartbeats, cancellation.
 //! - [`engine`]: plans and streams one merge through storage (plan, merge, publish).
 //! - [`checkpoint`]: safetensors headers, sharded indexes, shard planning, reading.
 //! - [`storage`]: URL → object store, allowed roots.
+//! - [`methods`]: the merge methods (one module each) and their registry.
 //! - [`merge`]: pure kernels over slices and dtype conversion.
 //! - [`error`]: the table of stable error codes.
+//! - [`failpoints`]: test-only crash points and throttles (feature `failpoints`).
 //! - [`config`], [`service`]: settings and process wiring.
 
 pub mod api;
@@ -17,7 +20,10 @@ pub mod checkpoint;
 pub mod config;
 pub mod engine;
 pub mod error;
+pub mod failpoints;
+pub mod intake;
 pub mod merge;
+pub mod methods;
 pub mod queue;
 pub mod recipe;
 pub mod search;

@@ -15,7 +15,7 @@ use ladle::config::{
     Cli, Command, LogFormat, MergeArgs, Settings, check_env, engine_config, merge_s3,
 };
 use ladle::engine::{Engine, RunControl};
-use ladle::recipe::Recipe;
+use ladle::intake::{self, Format, Urls};
 use ladle::service::{Mode, Service};
 use ladle::storage::Storage;
 use tokio_util::sync::CancellationToken;
@@ -165,61 +165,11 @@ fn to_url(s: &str) -> Result<String> {
         .map_err(|()| anyhow::anyhow!("{} is not a valid local path", abs.display()))
 }
 
-/// A JSON recipe file: `--out` overrides the output; relative model paths (models,
-/// base_model, slice sources) are relative to the recipe's folder.
-fn json_submission(args: &MergeArgs, body: &[u8]) -> Result<ladle::recipe::MergeRequest> {
-    let mut value: serde_json::Value = serde_json::from_slice(body)
-        .with_context(|| format!("{} is not valid JSON", args.recipe.display()))?;
-    if let Some(out) = &args.out {
-        value["output"]["uri"] = serde_json::Value::String(to_url(out)?);
-    }
-    let base = args
-        .recipe
-        .parent()
-        .map(|p| p.to_path_buf())
-        .unwrap_or_default();
-    let relative = |v: &mut serde_json::Value| -> Result<()> {
-        if let Some(uri) = v.as_str().filter(|u| !u.contains("://")) {
-            let path = if std::path::Path::new(uri).is_absolute() {
-                std::path::PathBuf::from(uri)
-            } else {
-                base.join(uri)
-            };
-            *v = serde_json::Value::String(to_url(&path.to_string_lossy())?);
-        }
-        Ok(())
-    };
-    if let Some(models) = value.get_mut("models").and_then(|v| v.as_array_mut()) {
-        for m in models {
-            if let Some(u) = m.get_mut("uri") {
-                relative(u)?;
-            }
-        }
-    }
-    if let Some(b) = value.get_mut("base_model") {
-        relative(b)?;
-    }
-    if let Some(t) = value.get_mut("trajectory").and_then(|t| t.get_mut("uri")) {
-        relative(t)?;
-    }
-    if let Some(slices) = value.get_mut("slices").and_then(|v| v.as_array_mut()) {
-        for slice in slices {
-            if let Some(sources) = slice.get_mut("sources").and_then(|v| v.as_array_mut()) {
-                for src in sources {
-                    if let Some(u) = src.get_mut("uri") {
-                        relative(u)?;
-                    }
-                }
-            }
-        }
-    }
-    let body = serde_json::to_vec(&value)?;
-    Recipe::request_json(&body).map_err(|e| anyhow::anyhow!("invalid recipe: {e}"))
-}
-
-/// `ladle merge RECIPE --out URL`: one merge, no database, with a progress bar. A `.yml` /
-/// `.yaml` recipe is a mergekit configuration.
-async fn merge_once(args: MergeArgs) -> Result<()> {
+/// The recipe file as a request: a `.yml` / `.yaml` file is a mergekit configuration (model
+/// paths relative to its folder), anything else ladle's JSON (relative model paths, base
+/// model, trajectory folder and slice sources are relative to the recipe's folder). `--out`
+/// sets the output.
+fn read_request(args: &MergeArgs) -> Result<ladle::recipe::MergeRequest> {
     let body = std::fs::read(&args.recipe)
         .with_context(|| format!("reading {}", args.recipe.display()))?;
     let is_yaml = args
@@ -227,28 +177,45 @@ async fn merge_once(args: MergeArgs) -> Result<()> {
         .extension()
         .and_then(|e| e.to_str())
         .is_some_and(|e| e.eq_ignore_ascii_case("yml") || e.eq_ignore_ascii_case("yaml"));
+    let parent = args.recipe.parent().unwrap_or(std::path::Path::new(""));
+    let invalid = |e: ladle::recipe::RecipeError| anyhow::anyhow!("invalid recipe: {e}");
     let mut req = if is_yaml {
-        let text = String::from_utf8(body)
-            .with_context(|| format!("{} is not UTF-8", args.recipe.display()))?;
-        let parent = args
-            .recipe
-            .parent()
-            .filter(|p| !p.as_os_str().is_empty())
-            .unwrap_or(std::path::Path::new("."));
-        let dir = std::path::absolute(parent)
+        let folder = if parent.as_os_str().is_empty() {
+            std::path::Path::new(".")
+        } else {
+            parent
+        };
+        let dir = std::path::absolute(folder)
             .with_context(|| format!("resolving {}", args.recipe.display()))?;
-        let out = args.out.as_deref().map(to_url).transpose()?;
-        Recipe::request_yaml(&text, Some(&dir), out.as_deref())
-            .map_err(|e| anyhow::anyhow!("invalid recipe: {e}"))?
+        intake::parse(&body, Format::Yaml, Some(&dir)).map_err(invalid)?
     } else {
-        json_submission(&args, &body)?
+        let mut req = intake::parse(&body, Format::Json, None).map_err(invalid)?;
+        for uri in req.uris_mut() {
+            if !uri.contains("://") {
+                *uri = to_url(&parent.join(&*uri).to_string_lossy())?;
+            }
+        }
+        req
     };
+    if let Some(out) = &args.out {
+        req.output.uri = to_url(out)?;
+    }
+    Ok(req)
+}
+
+/// `ladle merge RECIPE --out URL`: one merge, no database, with a progress bar; the request
+/// goes through the same intake as `POST /v1/merges` (the URLs are checked, the recipe runs as
+/// written).
+async fn merge_once(args: MergeArgs) -> Result<()> {
+    let req = read_request(&args)?;
     let roots = (!args.allowed_roots.is_empty()).then_some(args.allowed_roots.as_slice());
     let storage = Arc::new(Storage::new(roots, merge_s3(args.s3, Default::default()))?);
-    ladle::recipe::trajectory::expand(&storage, &mut req)
+    // A greedy soup or sweep from the command line: the evaluator must be on loopback.
+    let allowed = ladle::search::evaluator::AllowedHosts::default();
+    let sub = intake::accept(&storage, &allowed, Urls::Check, req)
         .await
-        .map_err(|e| anyhow::anyhow!("invalid recipe: {e}"))?;
-    let sub = Recipe::from_request(req).map_err(|e| anyhow::anyhow!("invalid recipe: {e}"))?;
+        .map_err(|e| anyhow::anyhow!("invalid recipe: {e}"))?
+        .submission;
     let engine = Engine::new(storage, engine_config(&args.tuning));
     let ctl = Arc::new(RunControl::standalone());
     let progress = ctl.progress.clone();
@@ -280,21 +247,15 @@ async fn merge_once(args: MergeArgs) -> Result<()> {
             bar.finish();
         })
     });
-    let result = if sub.recipe.search.is_some() {
-        // A greedy soup from the command line: the evaluator must be on loopback.
-        let allowed = ladle::search::evaluator::AllowedHosts::default();
-        let driver = ladle::search::run::Driver {
-            engine: &engine,
-            ctl: &ctl,
-            job_id: format!("cli-{}", uuid::Uuid::now_v7()),
-            allowed: &allowed,
-            recorded: Default::default(),
-            backoff: Duration::from_millis(500),
-        };
-        driver.run(&sub.recipe).await
-    } else {
-        engine.run(&sub.recipe, &ctl).await
+    let driver = ladle::search::run::Driver {
+        engine: &engine,
+        ctl: &ctl,
+        job_id: format!("cli-{}", uuid::Uuid::now_v7()),
+        allowed: &allowed,
+        recorded: Default::default(),
+        backoff: Duration::from_millis(500),
     };
+    let result = ladle::search::run::run_job(&driver, &sub.job).await;
     bar_done.cancel();
     if let Some(t) = bar_task {
         let _ = t.await;

@@ -6,7 +6,7 @@
 //!
 //! The crash points and the per-chunk throttle exist only in builds with the `failpoints`
 //! feature, which `cargo test` enables (Cargo.toml: ladle's dev-dependency on itself); see
-//! `src/worker/failpoints.rs`. The tests run one at a time (they time leases of a few seconds
+//! `src/failpoints.rs`. The tests run one at a time (they time leases of a few seconds
 //! on a 2-core machine), each in its own temp folder with its own database.
 
 mod common;
@@ -19,9 +19,9 @@ use std::time::{Duration, Instant};
 
 use common::procs::{ChaosProxy, LadleProc, aborted};
 use common::*;
+use ladle::failpoints::{self, CrashPoint};
 use ladle::queue::{Job, JobQueue, JobState};
 use ladle::service::{Mode, Service};
-use ladle::worker::failpoints::{self, CrashPoint};
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
 

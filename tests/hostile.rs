@@ -743,6 +743,8 @@ async fn lying_requests(db: Db) {
         .await
         .unwrap();
     assert_eq!(r.status().as_u16(), 415);
+    let err: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(err["code"], "unsupported_media_type", "{err}");
 
     // --- URLs that lie: 403 storage_not_allowed or 400 invalid_uri, naming the field ---
     let root_url = file_url(&root);
@@ -857,7 +859,7 @@ async fn lying_requests(db: Db) {
         );
         assert_eq!(
             (status, err["code"].as_str()),
-            (400, Some("invalid_recipe")),
+            (400, Some("invalid_query")),
             "{q}: {err}"
         );
     }

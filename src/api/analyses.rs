@@ -57,7 +57,7 @@ struct ModelRef {
 }
 
 fn invalid(field: &str, message: impl std::fmt::Display) -> ApiError {
-    ApiError::new(ErrorCode::InvalidRecipe, format!("{field}: {message}"))
+    ApiError::at(ErrorCode::InvalidRecipe, field, message)
 }
 
 /// A validated request: the spec to store and the queue settings.
@@ -104,7 +104,7 @@ fn validate(state: &AppState, body: &[u8]) -> Result<Validated, ApiError> {
         let loc = state
             .storage
             .resolve(&uri)
-            .map_err(|e| ApiError::new(e.code(), format!("models[{i}].uri: {e}")))?;
+            .map_err(|e| ApiError::at(e.code(), format!("models[{i}].uri"), &e))?;
         models.push(loc.url);
     }
     let base_model = match req.base_model {
@@ -113,7 +113,7 @@ fn validate(state: &AppState, body: &[u8]) -> Result<Validated, ApiError> {
             state
                 .storage
                 .resolve(&b)
-                .map_err(|e| ApiError::new(e.code(), format!("base_model: {e}")))?
+                .map_err(|e| ApiError::at(e.code(), "base_model", &e))?
                 .url,
         ),
     };

@@ -1,5 +1,6 @@
-//! The one place errors become HTTP responses: `{"code", "message"}` with the status of
-//! the code in [`crate::error::ErrorCode`].
+//! The one place errors become HTTP responses: `{"code", "message", "field"?}` with the status
+//! of the code in [`crate::error::ErrorCode`]; `field` names the request field at fault when
+//! one is.
 
 use axum::Json;
 use axum::http::StatusCode;
@@ -7,6 +8,7 @@ use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
 use crate::error::ErrorCode;
+use crate::intake::IntakeError;
 use crate::queue::QueueError;
 use crate::recipe::RecipeError;
 use crate::storage::StorageError;
@@ -15,6 +17,9 @@ use crate::storage::StorageError;
 pub struct ApiError {
     pub code: ErrorCode,
     pub message: String,
+    /// The request field at fault (`models[1].uri`, `parameters.density`, `limit`), if one is.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub field: Option<String>,
 }
 
 impl ApiError {
@@ -22,6 +27,17 @@ impl ApiError {
         ApiError {
             code,
             message: message.into(),
+            field: None,
+        }
+    }
+
+    /// An error about one field: the message starts with the field's name.
+    pub fn at(code: ErrorCode, field: impl Into<String>, message: impl std::fmt::Display) -> Self {
+        let field = field.into();
+        ApiError {
+            code,
+            message: format!("{field}: {message}"),
+            field: Some(field),
         }
     }
 }
@@ -55,7 +71,21 @@ fn server_error_message(code: ErrorCode) -> &'static str {
 
 impl From<RecipeError> for ApiError {
     fn from(e: RecipeError) -> Self {
-        ApiError::new(e.code(), e.to_string())
+        ApiError {
+            code: e.code(),
+            message: e.to_string(),
+            field: e.field().map(str::to_string),
+        }
+    }
+}
+
+impl From<IntakeError> for ApiError {
+    fn from(e: IntakeError) -> Self {
+        ApiError {
+            code: e.code(),
+            message: e.to_string(),
+            field: e.field().map(str::to_string),
+        }
     }
 }
 

@@ -23,8 +23,8 @@ use uuid::Uuid;
 
 use crate::engine::ProgressSnapshot;
 use crate::error::ErrorCode;
+use crate::intake::{self, Format, Urls};
 use crate::queue::{CancelOutcome, Enqueued, Job, JobKind, JobQueue, JobState, ListFilter, NewJob};
-use crate::recipe::{MergeRequest, Recipe, Submission, trajectory};
 use crate::storage::Storage;
 pub use auth::ApiAuth;
 pub use error::ApiError;
@@ -150,77 +150,24 @@ async fn submit(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let (body, content_type) = body_and_type(body, &headers)?;
-    let mut req: MergeRequest = match media::body_format(content_type.as_deref(), true)? {
-        media::BodyFormat::Json => Recipe::request_json(&body)?,
-        media::BodyFormat::Yaml => {
-            let text = std::str::from_utf8(&body).map_err(|_| {
-                ApiError::new(ErrorCode::InvalidRecipe, "a YAML recipe must be UTF-8")
-            })?;
-            // Over HTTP there is no recipe folder: model references must be storage URLs.
-            Recipe::request_yaml(text, None, None)?
-        }
+    let format = match media::body_format(content_type.as_deref(), true)? {
+        media::BodyFormat::Json => Format::Json,
+        media::BodyFormat::Yaml => Format::Yaml,
     };
-    // A trajectory becomes explicit models now, so the stored recipe names what is merged.
-    trajectory::expand(&state.storage, &mut req)
-        .await
-        .map_err(|e| ApiError::new(e.code(), e.to_string()))?;
-    let mut sub: Submission = Recipe::from_request(req)?;
-    // Every URL must resolve under an allowed root; store the normalized form.
-    for (i, m) in sub.recipe.models.iter_mut().enumerate() {
-        let loc = state
-            .storage
-            .resolve(&m.uri)
-            .map_err(|e| ApiError::new(e.code(), format!("models[{i}].uri: {e}")))?;
-        m.uri = loc.url;
-    }
-    if let Some(base) = sub.recipe.base_model.as_mut() {
-        let loc = state
-            .storage
-            .resolve(base)
-            .map_err(|e| ApiError::new(e.code(), format!("base_model: {e}")))?;
-        *base = loc.url;
-    }
-    let out = state
-        .storage
-        .resolve(&sub.recipe.output.uri)
-        .map_err(|e| ApiError::new(e.code(), format!("output.uri: {e}")))?;
-    sub.recipe.output.uri = out.url.clone();
-    if let Some(search) = &sub.recipe.search {
-        state
-            .evaluator_hosts
-            .check(&search.evaluator().url)
-            .map_err(|e| ApiError::new(ErrorCode::InvalidRecipe, format!("evaluator.url: {e}")))?;
-    }
-    let inputs = sub
-        .recipe
-        .models
-        .iter()
-        .enumerate()
-        .map(|(i, m)| (format!("models[{i}]"), m.uri.as_str()))
-        .chain(
-            sub.recipe
-                .base_model
-                .as_deref()
-                .map(|b| ("base_model".to_string(), b)),
-        );
-    for (field, uri) in inputs {
-        if crate::recipe::same_or_nested(uri, &out.url) {
-            return Err(ApiError::new(
-                ErrorCode::InvalidRecipe,
-                format!("output.uri: the output must not be, contain or lie inside {field}"),
-            ));
-        }
-    }
-    let recipe_json = serde_json::to_value(&sub.recipe)
+    let req = intake::parse(&body, format, None)?;
+    let accepted =
+        intake::accept(&state.storage, &state.evaluator_hosts, Urls::Normalize, req).await?;
+    let sub = accepted.submission;
+    let recipe_json = serde_json::to_value(&sub.job)
         .map_err(|e| ApiError::new(ErrorCode::Internal, e.to_string()))?;
     let enqueued = state
         .queue
         .enqueue(NewJob {
             id: Uuid::now_v7(),
             kind: JobKind::Merge,
-            idempotency_key: sub.idempotency_key.clone(),
-            request_hash: sub.recipe.hash(),
-            output_url: out.url,
+            idempotency_key: sub.idempotency_key,
+            request_hash: accepted.hash,
+            output_url: accepted.output_url,
             recipe: recipe_json,
             priority: sub.priority,
             max_attempts: sub.max_attempts.unwrap_or(state.default_max_attempts),
@@ -325,31 +272,32 @@ pub(crate) async fn list_of_kind(
     query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
     kind: JobKind,
 ) -> Result<Response, ApiError> {
-    let Query(q) = query.map_err(|e| ApiError::new(ErrorCode::InvalidRecipe, e.body_text()))?;
+    let Query(q) = query.map_err(|e| ApiError::new(ErrorCode::InvalidQuery, e.body_text()))?;
     let filter_state = match q.state.as_deref() {
         None | Some("") => None,
         Some(s) => Some(JobState::parse(s).ok_or_else(|| {
-            ApiError::new(
-                ErrorCode::InvalidRecipe,
-                format!(
-                    "state: unknown state {s:?} (queued, running, succeeded, failed, cancelled)"
-                ),
+            ApiError::at(
+                ErrorCode::InvalidQuery,
+                "state",
+                format!("unknown state {s:?} (queued, running, succeeded, failed, cancelled)"),
             )
         })?),
     };
     let limit = q.limit.unwrap_or(DEFAULT_PAGE);
     if limit == 0 || limit > MAX_PAGE {
-        return Err(ApiError::new(
-            ErrorCode::InvalidRecipe,
-            format!("limit: must be between 1 and {MAX_PAGE}"),
+        return Err(ApiError::at(
+            ErrorCode::InvalidQuery,
+            "limit",
+            format!("must be between 1 and {MAX_PAGE}"),
         ));
     }
     let before = match q.cursor.as_deref() {
         None | Some("") => None,
         Some(c) => Some(Uuid::parse_str(c).map_err(|_| {
-            ApiError::new(
-                ErrorCode::InvalidRecipe,
-                format!("cursor: invalid cursor {c:?}"),
+            ApiError::at(
+                ErrorCode::InvalidQuery,
+                "cursor",
+                format!("invalid cursor {c:?}"),
             )
         })?),
     };

@@ -201,7 +201,7 @@ async fn analyse_chunk(
 ) -> Result<(Chunk, Stats), EngineError> {
     ctl.check()?;
     // Test-only throttle / CPU burn (a no-op unless built with the `failpoints` feature).
-    crate::worker::failpoints::chunk().await;
+    crate::failpoints::chunk().await;
     if chunk.elems.is_empty() {
         // An empty tensor: nothing to read (an empty ranged GET is invalid on S3).
         return Ok((chunk, Stats::new(n, reference)));

@@ -35,7 +35,7 @@ use crate::checkpoint::{
 use crate::error::ErrorCode;
 use crate::merge::precision::Precision;
 use crate::merge::{DType, MergeError, map_blocks};
-use crate::recipe::{Method, Recipe, layer_index};
+use crate::recipe::{Recipe, layer_index};
 use crate::storage::{Location, Storage, StorageError};
 
 pub use kernel::Kernel;
@@ -349,19 +349,20 @@ impl Engine {
     /// with missing files is there. The same check as `existing_output`, without planning
     /// (which would open every input, and for model-wide selection read them all).
     ///
-    /// A search (greedy soup, sweep) publishes the recipe it chose, not the stored one: its
-    /// soup is recognised by the job id the manifest records (`run.job_id`) and its `search`
-    /// section instead.
+    /// A search (greedy soup, sweep; `searched`) publishes the recipe it chose, not the stored
+    /// one: its soup is recognised by the job id the manifest records (`run.job_id`) and its
+    /// `search` section instead.
     pub async fn recover(
         &self,
         recipe: &Recipe,
+        searched: bool,
         job_id: uuid::Uuid,
     ) -> Result<Option<MergeOutcome>, EngineError> {
         let output = self.storage.resolve(&recipe.output.uri)?;
         let Some(existing) = manifest::read(&output).await? else {
             return Ok(None);
         };
-        let ours = if recipe.search.is_some() {
+        let ours = if searched {
             existing.search.is_some()
                 && existing.run.get("job_id").and_then(|v| v.as_str())
                     == Some(job_id.to_string().as_str())
@@ -411,7 +412,7 @@ impl Engine {
             .iter()
             .chain(recipe.models.iter().map(|m| &m.uri));
         let inputs = self.open_inputs(uris).await?;
-        let (ops, num_hidden_layers) = if recipe.method == Method::Passthrough {
+        let (ops, num_hidden_layers) = if recipe.method.about().slices {
             slices::plan(recipe, &inputs)?
         } else {
             (check_compatible(&inputs)?, None)
@@ -725,7 +726,7 @@ async fn produce_chunk(
 ) -> Result<(Chunk, Bytes), EngineError> {
     ctl.check()?;
     // Test-only throttle / CPU burn (a no-op unless built with the `failpoints` feature).
-    crate::worker::failpoints::chunk().await;
+    crate::failpoints::chunk().await;
     if chunk.elems.is_empty() {
         // An empty tensor: nothing to read (an empty ranged GET is invalid on S3).
         return Ok((chunk, Bytes::new()));

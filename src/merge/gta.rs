@@ -24,7 +24,7 @@
 use crate::merge::precision::{Precision, bf16_round};
 use crate::merge::radix::Band;
 use crate::merge::rng::KeyedRng;
-use crate::recipe::Sparsification;
+use crate::merge::sparsification::Sparsification;
 
 /// Per-model parameters for one tensor.
 #[derive(Debug, Clone, Copy, PartialEq)]

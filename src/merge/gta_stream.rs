@@ -28,8 +28,8 @@ use crate::merge::precision::Precision;
 use crate::merge::radix;
 use crate::merge::rng::KeyedRng;
 use crate::merge::select::{TIE_BLOCK, TieTable, Top, mag_key, top_from, top_sizes};
+use crate::merge::sparsification::Sparsification;
 use crate::merge::stream::{TensorStream, sum_start};
-use crate::recipe::Sparsification;
 
 /// How one model's task vector is sparsified.
 #[derive(Debug, Clone)]

@@ -31,6 +31,7 @@ pub mod rng;
 pub mod sce;
 pub mod select;
 pub mod slerp;
+pub mod sparsification;
 pub mod spherical;
 pub mod stream;
 
@@ -38,3 +39,4 @@ pub use blocks::{BLOCK_ELEMS, TASK_ELEMS, map_blocks, map_spans, scan_spans};
 pub use dtype::{DType, DTypeError, count_nonfinite, decode_to_f32, encode_from_f32};
 pub use error::MergeError;
 pub use linear::{linear, linear_raw};
+pub use sparsification::Sparsification;

@@ -5,8 +5,8 @@
 use crate::merge::gta::{self, Config, ModelParams};
 use crate::merge::linear::linear;
 use crate::merge::precision::Precision;
+use crate::merge::sparsification::Sparsification;
 use crate::merge::{model_stock, sce, slerp, spherical};
-use crate::recipe::Sparsification;
 
 struct Rng(u64);
 

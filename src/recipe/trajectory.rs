@@ -17,8 +17,10 @@ use std::cmp::Ordering;
 
 use serde::{Deserialize, Serialize};
 
-use super::{MAX_MODELS, MergeRequest, Method, ModelSpec, RecipeError};
+use super::{MAX_MODELS, MergeRequest, ModelSpec, RecipeError};
 use crate::error::ErrorCode;
+use crate::methods::Method;
+pub use crate::storage::list::Folder;
 use crate::storage::{Storage, StorageError, list};
 
 /// Most subfolders of a trajectory folder that are looked at (each costs one listing).
@@ -28,15 +30,12 @@ pub const MAX_GLOB_LEN: usize = 256;
 /// Most names quoted in one error message.
 const MAX_NAMES_IN_MESSAGE: usize = 20;
 
-/// The methods a trajectory can feed: averages of a plain, ordered list of models with no base
-/// and no per-model roles. The others (a base and task vectors, two-model interpolations,
-/// layer stacking) need choices a folder listing cannot express.
-pub const METHODS: [Method; 4] = [
-    Method::Linear,
-    Method::Ema,
-    Method::SparseSoup,
-    Method::Karcher,
-];
+/// The methods a trajectory can feed (`About::trajectory`): averages of a plain, ordered list
+/// of models with no base and no per-model roles. The others (a base and task vectors,
+/// two-model interpolations, layer stacking) need choices a folder listing cannot express.
+pub fn methods() -> impl Iterator<Item = Method> {
+    Method::all().filter(|m| m.about().trajectory)
+}
 
 /// `"trajectory": {"uri": …, "select": …}` as a request gives it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -56,14 +55,6 @@ pub enum Select {
     Steps(Vec<u64>),
     /// Every checkpoint whose folder name matches (`*`, `?`, `[...]`, `{a,b}`).
     Glob(String),
-}
-
-/// One immediate subfolder of the trajectory folder, as listed.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Folder {
-    pub name: String,
-    /// Holds `model.safetensors` or `model.safetensors.index.json`.
-    pub has_checkpoint: bool,
 }
 
 /// One selected checkpoint.
@@ -110,8 +101,8 @@ pub fn check_request(req: &MergeRequest) -> Result<(), RecipeError> {
     let Some(spec) = &req.trajectory else {
         return Ok(());
     };
-    if !METHODS.iter().any(|m| m.name() == req.method) {
-        let names: Vec<&str> = METHODS.iter().map(|m| m.name()).collect();
+    if !methods().any(|m| m.name() == req.method) {
+        let names: Vec<&str> = methods().map(Method::name).collect();
         return Err(RecipeError::invalid(
             "trajectory",
             format!(
@@ -379,10 +370,7 @@ pub async fn expand(storage: &Storage, req: &mut MergeRequest) -> Result<(), Tra
     for c in &picked {
         let uri = list::child_url(&loc.url, &c.name)
             .map_err(|e| RecipeError::invalid("trajectory.uri", format!("{}: {e}", loc.url)))?;
-        // A model entry as a request body would give it (every other field at its default).
-        let spec: ModelSpec = serde_json::from_value(serde_json::json!({ "uri": uri }))
-            .map_err(|e| RecipeError::invalid("trajectory.uri", e.to_string()))?;
-        models.push(spec);
+        models.push(ModelSpec::uri(uri));
     }
     req.models = models;
     req.expanded_trajectory = Some(Trajectory {
@@ -593,7 +581,10 @@ mod tests {
         let (field, msg) = err_parts(check_request(&r).unwrap_err());
         assert_eq!(field, "trajectory");
         assert!(
-            msg.contains("method ties") && msg.contains("linear, ema"),
+            msg.contains("method ties")
+                && ["linear", "ema", "sparse_soup", "karcher"]
+                    .iter()
+                    .all(|m| msg.contains(m)),
             "{msg}"
         );
         let r = request(

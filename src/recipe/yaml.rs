@@ -25,6 +25,7 @@ use serde_json::{Map, Value};
 
 use super::RecipeError;
 use crate::merge::DType;
+use crate::methods::{Method, YamlDtype};
 
 fn invalid(field: impl Into<String>, message: impl Into<String>) -> RecipeError {
     RecipeError::Invalid {
@@ -219,17 +220,22 @@ pub fn to_request(doc: &Value, base_dir: Option<&Path>) -> Result<Value, RecipeE
             }
         }
     }
-    let gta = super::Method::parse(&method).is_some_and(|m| m.gta().is_some());
+    let role = Method::parse(&method).map_or(YamlDtype::Inputs, |m| m.about().yaml_dtype);
     if let Some(d) = &dtype {
-        if gta {
-            if !parameters.contains_key("compute_dtype") {
-                parameters.insert("compute_dtype".into(), Value::String(d.clone()));
+        match role {
+            YamlDtype::Compute => {
+                if !parameters.contains_key("compute_dtype") {
+                    parameters.insert("compute_dtype".into(), Value::String(d.clone()));
+                }
             }
-        } else if !(d == "float32" && matches!(method.as_str(), "linear" | "ema" | "sparse_soup")) {
+            // The linear family accumulates in float32 whatever the inputs: `float32` is
+            // honoured.
+            YamlDtype::AccumulatesF32 if d == "float32" => {}
             // The other methods compute in the checkpoints' own dtype: mergekit's `dtype` is
-            // honoured when it is that dtype, and the job fails naming it otherwise. (The
-            // linear family accumulates in float32 whatever the inputs: `float32` is honoured.)
-            req.insert("input_dtype".into(), Value::String(d.clone()));
+            // honoured when it is that dtype, and the job fails naming it otherwise.
+            YamlDtype::AccumulatesF32 | YamlDtype::Inputs => {
+                req.insert("input_dtype".into(), Value::String(d.clone()));
+            }
         }
     }
     if !output.contains_key("dtype")

@@ -17,9 +17,11 @@ use serde::{Deserialize, Serialize};
 
 use super::evaluator::{AllowedHosts, Client, EvaluatorError, Request};
 use super::greedy::{Accept, Greedy};
-use super::spec::Search;
+use super::spec::{JobSpec, Search};
 use crate::engine::{Engine, EngineError, MergeOutcome, RunControl};
-use crate::recipe::{Ingredient, Method, Parameters, Recipe};
+use crate::methods::Parameters;
+use crate::methods::linear::{self, LinearConfig};
+use crate::recipe::{Ingredient, Recipe};
 use crate::storage::Location;
 
 /// Folder, beside the output, that holds the candidates of running searches.
@@ -92,27 +94,34 @@ pub struct Driver<'a> {
     pub backoff: Duration,
 }
 
+/// Run a merge job, for the worker and `ladle merge` alike: its search when it has one
+/// (through `driver`), else its recipe.
+pub async fn run_job(driver: &Driver<'_>, job: &JobSpec) -> Result<MergeOutcome, EngineError> {
+    match &job.search {
+        Some(search) => driver.run(&job.recipe, search).await,
+        None => driver.engine.run(&job.recipe, driver.ctl).await,
+    }
+}
+
 impl Driver<'_> {
-    /// Run the search of `recipe` (whose `search` is set) and write the chosen soup.
-    pub async fn run(&self, recipe: &Recipe) -> Result<MergeOutcome, EngineError> {
-        if let Some(Search::Sweep {
-            evaluator,
-            parameter,
-            values,
-            variants,
-        }) = &recipe.search
-        {
-            return self
-                .sweep(recipe, evaluator, parameter, values, variants)
-                .await;
-        }
-        let Some(Search::Greedy {
-            evaluator,
-            accept,
-            scores,
-        }) = &recipe.search
-        else {
-            return Err(EngineError::Internal("no search in the recipe".into()));
+    /// Run `search` around `recipe` and write the chosen soup.
+    pub async fn run(&self, recipe: &Recipe, search: &Search) -> Result<MergeOutcome, EngineError> {
+        let (evaluator, accept, scores) = match search {
+            Search::Sweep {
+                evaluator,
+                parameter,
+                values,
+                variants,
+            } => {
+                return self
+                    .sweep(recipe, evaluator, parameter, values, variants)
+                    .await;
+            }
+            Search::Greedy {
+                evaluator,
+                accept,
+                scores,
+            } => (evaluator, accept, scores),
         };
         self.allowed.check(&evaluator.url)?;
         let mut client = Client::new().map_err(EngineError::Internal)?;
@@ -217,7 +226,6 @@ impl Driver<'_> {
                     let loc = scratch.child(&i.to_string());
                     let mut r = variant.clone();
                     r.output.uri = loc.url.clone();
-                    r.search = None;
                     self.engine.run(&r, self.ctl).await?;
                     let req = Request {
                         checkpoint: &loc.url,
@@ -266,15 +274,12 @@ impl Driver<'_> {
             });
             self.ctl.progress.set_search(record);
             self.ctl.gate.persist().await?;
-            crate::worker::failpoints::crash(
-                crate::worker::failpoints::CrashPoint::AfterEvaluation,
-            );
+            crate::failpoints::crash(crate::failpoints::CrashPoint::AfterEvaluation);
         }
         remove_scratch(&scratch).await;
         let (i, _) = best.ok_or_else(|| EngineError::Internal("a sweep without values".into()))?;
         let mut chosen = variants[i].clone();
         chosen.output.uri = recipe.output.uri.clone();
-        chosen.search = None;
         self.engine.run(&chosen, self.ctl).await
     }
 
@@ -344,7 +349,7 @@ impl Step<'_> {
         record.evaluations.push(eval.clone());
         record.step = step + 1;
         self.driver.publish(record).await?;
-        crate::worker::failpoints::crash(crate::worker::failpoints::CrashPoint::AfterEvaluation);
+        crate::failpoints::crash(crate::failpoints::CrashPoint::AfterEvaluation);
         Ok(eval)
     }
 
@@ -417,7 +422,7 @@ pub fn soup(recipe: &Recipe, set: &[usize], output: String) -> Recipe {
     idx.sort_unstable();
     // A clone keeps what the search does not change (output dtype, shard size, provenance).
     let mut r = recipe.clone();
-    r.method = Method::Linear;
+    r.method = linear::METHOD;
     r.models = idx
         .iter()
         .map(|&i| Ingredient {
@@ -428,9 +433,8 @@ pub fn soup(recipe: &Recipe, set: &[usize], output: String) -> Recipe {
         .collect();
     r.base_model = None;
     r.slices = Vec::new();
-    r.parameters = Parameters::Linear { normalize: true };
+    r.parameters = Parameters::new(LinearConfig { normalize: true });
     r.output.uri = output;
-    r.search = None;
     r
 }
 

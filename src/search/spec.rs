@@ -1,24 +1,87 @@
-//! The search part of a recipe: the request fields (`evaluator`, `accept`, per-model `score`)
-//! and their validated, stored form.
+//! What a merge job stores and runs ([`JobSpec`]: a recipe, and the search around it, if any),
+//! and the search part of a request: the fields `evaluator`, `accept`, `sweep` and per-model
+//! `score`, validated into [`Search`]. This layer sits above `recipe`: [`from_request`] takes
+//! the search fields off a request and validates the merges with `Recipe::from_request`.
 
 use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
 
 use super::greedy::{self, Accept};
+pub use crate::recipe::{EvaluatorSpec, SweepSpec};
+use crate::recipe::{MergeRequest, Recipe, RecipeError, Submission};
 
 /// Longest evaluator call the request may ask for.
 pub const MAX_TIMEOUT_S: f64 = 3600.0;
 /// Most evaluations one search may make.
 pub const MAX_EVALUATIONS: u32 = 10_000;
 
-/// `evaluator` as sent.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct EvaluatorSpec {
-    pub url: String,
-    #[serde(default)]
-    pub timeout_s: Option<f64>,
-    #[serde(default)]
-    pub max_evaluations: Option<u32>,
+/// What a merge job stores and runs: the recipe (the soup to write, or for a search the
+/// recipe it searches around) and the search. Stored as the recipe's JSON with `search` beside
+/// its fields; without a search it is exactly the recipe's JSON (and hash).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobSpec {
+    #[serde(flatten)]
+    pub recipe: Recipe,
+    /// An evaluation-driven search (greedy soup, sweep); the worker runs it and writes the
+    /// chosen soup.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub search: Option<Search>,
+}
+
+impl JobSpec {
+    /// SHA-256 of the stored JSON form: two requests with the same hash ask for the same job
+    /// (used to detect an idempotency key reused with another body).
+    pub fn hash(&self) -> Vec<u8> {
+        let json = serde_json::to_vec(self).unwrap_or_default();
+        Sha256::digest(&json).to_vec()
+    }
+}
+
+/// A validated job and the scheduling options that travel beside it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct JobSubmission {
+    pub job: JobSpec,
+    pub idempotency_key: Option<String>,
+    pub priority: i32,
+    pub max_attempts: Option<i32>,
+}
+
+impl JobSubmission {
+    fn new(sub: Submission, search: Option<Search>) -> JobSubmission {
+        JobSubmission {
+            job: JobSpec {
+                recipe: sub.recipe,
+                search,
+            },
+            idempotency_key: sub.idempotency_key,
+            priority: sub.priority,
+            max_attempts: sub.max_attempts,
+        }
+    }
+}
+
+/// Validate a parsed request: a sweep, a greedy soup, or one merge.
+pub fn from_request(mut req: MergeRequest) -> Result<JobSubmission, RecipeError> {
+    if let Some(spec) = req.sweep.take() {
+        return sweep(req, spec);
+    }
+    let greedy = take_greedy(&mut req)?;
+    let evaluator = req.evaluator.take();
+    let accept = req.accept.take();
+    let sub = Recipe::from_request(req)?;
+    let search = greedy
+        .map(|g| g.finish(evaluator.as_ref(), accept.as_deref()))
+        .transpose()?;
+    Ok(JobSubmission::new(sub, search))
+}
+
+impl From<Invalid> for RecipeError {
+    fn from(e: Invalid) -> Self {
+        RecipeError::Invalid {
+            field: e.field,
+            message: e.message,
+        }
+    }
 }
 
 /// A validated evaluator.
@@ -44,7 +107,7 @@ pub enum Search {
         evaluator: Evaluator,
         parameter: String,
         values: Vec<serde_json::Value>,
-        variants: Vec<crate::recipe::Recipe>,
+        variants: Vec<Recipe>,
     },
 }
 
@@ -56,14 +119,6 @@ impl Search {
     }
 }
 
-/// `sweep` as sent.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct SweepSpec {
-    pub parameter: String,
-    pub values: Vec<serde_json::Value>,
-}
-
 /// Parameters a sweep may vary.
 pub const SWEEP_PARAMETERS: [&str; 4] = ["lambda", "t", "density", "weight"];
 /// Most values one sweep may try.
@@ -72,11 +127,7 @@ pub const MAX_SWEEP_VALUES: usize = 256;
 /// A sweep request: each value validated as the same request with `parameters.<parameter>`
 /// set to it (so ranges and applicability are the method's own rules); the recipe is the
 /// first value's, with the search beside it.
-pub fn sweep(
-    mut req: crate::recipe::MergeRequest,
-    sweep: SweepSpec,
-) -> Result<crate::recipe::Submission, crate::recipe::RecipeError> {
-    use crate::recipe::{Recipe, RecipeError};
+fn sweep(mut req: MergeRequest, sweep: SweepSpec) -> Result<JobSubmission, RecipeError> {
     if req.method == "greedy_soup" {
         return Err(invalid("sweep", "a greedy soup cannot also sweep").into());
     }
@@ -106,6 +157,8 @@ pub fn sweep(
         .take()
         .ok_or_else(|| invalid("evaluator", "a sweep needs an evaluator"))?;
     let evaluator = evaluator(&spec, sweep.values.len())?;
+    // Scores and an accept rule belong to greedy soups only.
+    take_greedy(&mut req)?;
     let mut variants = Vec::with_capacity(sweep.values.len());
     let mut first = None;
     for (i, v) in sweep.values.iter().enumerate() {
@@ -121,14 +174,14 @@ pub fn sweep(
         variants.push(sub.recipe.clone());
         first.get_or_insert(sub);
     }
-    let mut sub = first.ok_or_else(|| invalid("sweep.values", "no values"))?;
-    sub.recipe.search = Some(Search::Sweep {
+    let sub = first.ok_or_else(|| invalid("sweep.values", "no values"))?;
+    let search = Search::Sweep {
         evaluator,
         parameter: sweep.parameter,
         values: sweep.values,
         variants,
-    });
-    Ok(sub)
+    };
+    Ok(JobSubmission::new(sub, Some(search)))
 }
 
 /// A field-named validation failure.
@@ -242,9 +295,7 @@ impl PendingGreedy {
 
 /// Recognize `method: "greedy_soup"` and turn the request into the uniform `linear` soup it
 /// searches within; refuse search fields on any other method.
-pub fn take_greedy(
-    req: &mut crate::recipe::MergeRequest,
-) -> Result<Option<PendingGreedy>, Invalid> {
+pub fn take_greedy(req: &mut MergeRequest) -> Result<Option<PendingGreedy>, Invalid> {
     if req.method != "greedy_soup" {
         if let Some(i) = req.models.iter().position(|m| m.score.is_some()) {
             return Err(invalid(
@@ -292,7 +343,7 @@ pub fn take_greedy(
             ));
         }
     }
-    let scores = req.models.iter().map(|m| m.score).collect();
+    let scores = req.models.iter_mut().map(|m| m.score.take()).collect();
     req.method = "linear".into();
     Ok(Some(PendingGreedy { scores }))
 }

@@ -11,7 +11,14 @@ use url::Url;
 use super::Location;
 use crate::checkpoint::INDEX_FILE_NAME;
 use crate::checkpoint::reader::SINGLE_FILE_NAME;
-use crate::recipe::trajectory::Folder;
+
+/// One immediate subfolder of a listed folder.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Folder {
+    pub name: String,
+    /// Holds `model.safetensors` or `model.safetensors.index.json`.
+    pub has_checkpoint: bool,
+}
 
 /// Subfolders checked at once.
 pub const CONCURRENCY: usize = 16;

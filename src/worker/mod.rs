@@ -5,7 +5,7 @@
 //! lost" or "no successful heartbeat for 2/3 of the lease" into a stop of the run. The merge
 //! itself runs on the blocking pool and rayon, so heartbeats never wait behind tensor math.
 
-pub mod failpoints;
+pub use crate::failpoints;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -20,8 +20,8 @@ use crate::engine::{
     Engine, EngineError, MergeOutcome, Progress, PublishGate, RunControl, StopReason, analysis,
 };
 use crate::queue::{ClaimedJob, HeartbeatOutcome, JobError, JobKind, JobQueue, Lease, QueueError};
-use crate::recipe::Recipe;
 use crate::search::evaluator::AllowedHosts;
+use crate::search::spec::JobSpec;
 use failpoints::CrashPoint;
 
 #[derive(Debug, Clone)]
@@ -140,7 +140,7 @@ impl Slot {
     async fn run_job(&self, claimed: ClaimedJob, claimed_at: Instant) {
         let lease = claimed.lease.clone();
         info!("job claimed");
-        let recipe: Option<Recipe> = match claimed.job.kind {
+        let recipe: Option<JobSpec> = match claimed.job.kind {
             JobKind::Analysis => None,
             JobKind::Merge => match serde_json::from_value(claimed.job.recipe.clone()) {
                 Ok(r) => Some(r),
@@ -196,7 +196,7 @@ impl Slot {
         };
 
         let result = match &recipe {
-            Some(recipe) if recipe.search.is_some() => {
+            Some(job) => {
                 let driver = crate::search::run::Driver {
                     engine: &self.engine,
                     ctl: &ctl,
@@ -205,9 +205,10 @@ impl Slot {
                     recorded: crate::search::run::recorded(claimed.job.progress.as_ref()),
                     backoff: Duration::from_millis(500),
                 };
-                driver.run(recipe).await.map(Done::Merge)
+                crate::search::run::run_job(&driver, job)
+                    .await
+                    .map(Done::Merge)
             }
-            Some(recipe) => self.engine.run(recipe, &ctl).await.map(Done::Merge),
             None => analysis::run(&self.engine, &claimed.job.recipe, &ctl)
                 .await
                 .map(Done::Analysis),
@@ -285,10 +286,14 @@ impl Slot {
     /// The one recovery-only run the reaper gives a merge whose last worker died (QUEUE.md
     /// §4.8 on the last attempt): no merge; succeed (`recovered: true`) if this recipe's soup
     /// is published, else fail with the reaper's `lease_expired` error.
-    async fn recover_only(&self, claimed: &ClaimedJob, recipe: &Recipe) {
+    async fn recover_only(&self, claimed: &ClaimedJob, job: &JobSpec) {
         let lease = &claimed.lease;
         info!("recovery-only run: checking the output, merging nothing");
-        let why = match self.engine.recover(recipe, claimed.job.id).await {
+        let why = match self
+            .engine
+            .recover(&job.recipe, job.search.is_some(), claimed.job.id)
+            .await
+        {
             Ok(Some(outcome)) => {
                 let result = serde_json::json!({"uri": outcome.uri, "files": outcome.files, "recovered": true});
                 match self

@@ -1,4 +1,6 @@
-//! Test-only fault injection for the process-level crash tests (`tests/crash.rs`).
+//! Test-only fault injection for the process-level crash tests (`tests/crash.rs`): crash points
+//! of the worker, the engine and searches, and the per-chunk throttle the engine calls. A
+//! low-level module (it depends on nothing of ladle), so the engine needs no `worker` import.
 //!
 //! Compiled in only with the `failpoints` cargo feature. No normal build has it (`cargo build`,
 //! `cargo build --release`, the Docker image): there every function here is an empty inline

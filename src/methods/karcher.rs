@@ -1,0 +1,122 @@
+//! `karcher`: the Riemannian (Karcher) mean of the models on the sphere (§11.4).
+
+use serde::{Deserialize, Serialize};
+
+use super::{
+    About, BaseRule, Config, Invalid, KernelInput, MergeMethod, Needs, ParseInput, TensorKernel,
+    common, invalid,
+};
+use crate::merge::{DType, MergeError, encode_from_f32, spherical};
+
+pub struct Karcher;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KarcherConfig {
+    pub max_iter: u32,
+    pub tol: f64,
+}
+
+impl Config for KarcherConfig {
+    const TAG: &'static str = "karcher";
+}
+
+const ABOUT: About = About {
+    trajectory: true,
+    ..About::new("karcher", BaseRule::Forbidden)
+};
+
+impl MergeMethod for Karcher {
+    type Config = KarcherConfig;
+
+    fn about(&self) -> &About {
+        &ABOUT
+    }
+
+    fn parse(&self, cx: &mut ParseInput<'_>) -> Result<KarcherConfig, Invalid> {
+        let name = ABOUT.name;
+        common::check_model_keys(name, cx, &[])?;
+        let mut c = KarcherConfig {
+            max_iter: 10,
+            tol: 1e-5,
+        };
+        common::parse_globals(name, cx, &["max_iter", "tol"], |key, value, field| {
+            match key {
+                "max_iter" => {
+                    c.max_iter = value
+                        .as_u64()
+                        .filter(|n| (1..=10_000).contains(n))
+                        .ok_or_else(|| invalid(field, "must be an integer from 1 to 10000"))?
+                        as u32;
+                }
+                "tol" => {
+                    c.tol = value
+                        .as_f64()
+                        .filter(|x| x.is_finite() && *x > 0.0)
+                        .ok_or_else(|| invalid(field, "must be a positive number"))?;
+                }
+                _ => return Ok(false),
+            }
+            Ok(true)
+        })?;
+        Ok(c)
+    }
+
+    fn kernel(
+        &self,
+        config: &KarcherConfig,
+        cx: &KernelInput<'_>,
+    ) -> Result<Box<dyn TensorKernel>, String> {
+        Ok(Box::new(KarcherKernel {
+            config: config.clone(),
+            models: cx.models.len(),
+            has_base: cx.has_base,
+        }))
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct KarcherKernel {
+    config: KarcherConfig,
+    models: usize,
+    has_base: bool,
+}
+
+impl TensorKernel for KarcherKernel {
+    fn needs(&self, _name: &str) -> Needs {
+        Needs::Tensor
+    }
+
+    fn stream(
+        &self,
+        _name: &str,
+        _shape: &[u64],
+        base_dtype: DType,
+    ) -> Option<Box<dyn crate::merge::stream::TensorStream>> {
+        if self.has_base {
+            return None;
+        }
+        Some(Box::new(crate::merge::karcher_stream::KarcherStream::new(
+            crate::merge::precision::Precision::of(base_dtype),
+            self.models,
+            self.config.max_iter as usize,
+            self.config.tol,
+        )))
+    }
+
+    fn run(
+        &self,
+        _name: &str,
+        _shape: &[u64],
+        inputs: &[(DType, &[u8])],
+        out_dtype: DType,
+        out: &mut [u8],
+    ) -> Result<(), MergeError> {
+        let (p, decoded, mut res) =
+            common::decode_models(inputs, out_dtype, out, self.models, self.has_base, 1, false)?;
+        let (_, xs) = common::split_base(&decoded, self.has_base);
+        let c = &self.config;
+        spherical::karcher(p, &xs, c.max_iter as usize, c.tol, &mut res);
+        encode_from_f32(out_dtype, &res, out).map_err(MergeError::from)
+    }
+}

@@ -1,0 +1,163 @@
+//! The request as sent to `POST /v1/merges` and `ladle merge` (JSON, or mergekit YAML
+//! translated to the same shape): wire types only, validated by [`super::validate`] (and the
+//! search fields by `search::spec`, which sits above this module).
+
+use serde::Deserialize;
+
+use super::{RecipeError, trajectory, yaml};
+
+/// A request body as sent to `POST /v1/merges` (and the one-shot CLI).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MergeRequest {
+    pub method: String,
+    #[serde(default)]
+    pub models: Vec<ModelSpec>,
+    /// Layer ranges from several models, stacked (method `passthrough`).
+    #[serde(default)]
+    pub slices: Vec<SliceSpec>,
+    /// A training run's folder and a selection of its checkpoints, instead of `models`.
+    #[serde(default)]
+    pub trajectory: Option<trajectory::TrajectorySpec>,
+    /// What [`trajectory::expand`] listed and picked (never read from a request body).
+    #[serde(skip)]
+    pub expanded_trajectory: Option<trajectory::Trajectory>,
+    /// The pre-trained model the task vectors are taken against (`t = 0` end for slerp).
+    #[serde(default)]
+    pub base_model: Option<String>,
+    #[serde(default)]
+    pub parameters: serde_json::Map<String, serde_json::Value>,
+    /// Required; absent, it is an empty URL (refused naming `output.uri`), which lets the CLI
+    /// set it from `--out`.
+    #[serde(default)]
+    pub output: OutputSpec,
+    #[serde(default)]
+    pub idempotency_key: Option<String>,
+    #[serde(default)]
+    pub priority: Option<i32>,
+    #[serde(default)]
+    pub max_attempts: Option<i32>,
+    /// Scores candidates (method `greedy_soup`, sweeps; validated by `search::spec`).
+    #[serde(default)]
+    pub evaluator: Option<EvaluatorSpec>,
+    /// Greedy soup's accept rule: `">="` (the paper, default) or `">"`.
+    #[serde(default)]
+    pub accept: Option<String>,
+    /// Merge once per value of one parameter, keep the best-scoring soup (needs `evaluator`).
+    #[serde(default)]
+    pub sweep: Option<SweepSpec>,
+    /// The dtype every merged float tensor of the checkpoints must have; another dtype fails
+    /// the job. mergekit YAML's `dtype` becomes this for the methods that compute in the
+    /// checkpoints' own dtype (all but the task-arithmetic family, which take `compute_dtype`).
+    #[serde(default)]
+    pub input_dtype: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSpec {
+    pub uri: String,
+    #[serde(default)]
+    pub weight: Option<f64>,
+    /// A known score of this model alone (method `greedy_soup`; evaluated when absent).
+    #[serde(default)]
+    pub score: Option<f64>,
+    /// Per-model parameters (`density`, `gamma`, `epsilon`, `weight` as a gradient or filters).
+    #[serde(default)]
+    pub parameters: serde_json::Map<String, serde_json::Value>,
+}
+
+impl ModelSpec {
+    /// A model given by its URL only.
+    pub fn uri(uri: String) -> ModelSpec {
+        ModelSpec {
+            uri,
+            weight: None,
+            score: None,
+            parameters: serde_json::Map::new(),
+        }
+    }
+}
+
+/// One output slice: the layers `layer_range` of its source, in order.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SliceSpec {
+    pub sources: Vec<SliceSourceSpec>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SliceSourceSpec {
+    pub uri: String,
+    /// `[first, end)` layer indices of the source model.
+    pub layer_range: [u64; 2],
+    #[serde(default)]
+    pub parameters: serde_json::Map<String, serde_json::Value>,
+}
+
+/// `evaluator` as sent.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EvaluatorSpec {
+    pub url: String,
+    #[serde(default)]
+    pub timeout_s: Option<f64>,
+    #[serde(default)]
+    pub max_evaluations: Option<u32>,
+}
+
+/// `sweep` as sent.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SweepSpec {
+    pub parameter: String,
+    pub values: Vec<serde_json::Value>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutputSpec {
+    pub uri: String,
+    #[serde(default)]
+    pub dtype: Option<String>,
+    /// `"2GB"`, `"500MB"`, `"1GiB"` or a number of bytes.
+    #[serde(default)]
+    pub max_shard_size: Option<serde_json::Value>,
+}
+
+impl MergeRequest {
+    /// A JSON body as a request, not validated yet (a trajectory is expanded in between).
+    pub fn from_json(body: &[u8]) -> Result<MergeRequest, RecipeError> {
+        serde_json::from_slice(body)
+            .map_err(|e| RecipeError::Syntax(format!("invalid JSON recipe: {e}")))
+    }
+
+    /// A mergekit YAML recipe as a request, not validated yet. `base_dir` (the recipe file's
+    /// folder) resolves relative model paths; without it only storage URLs are accepted. An
+    /// `output` mapping (ladle's extension) gives the output.
+    pub fn from_yaml(
+        text: &str,
+        base_dir: Option<&std::path::Path>,
+    ) -> Result<MergeRequest, RecipeError> {
+        let doc = yaml::parse(text)?;
+        let req = yaml::to_request(&doc, base_dir)?;
+        serde_json::from_value(req)
+            .map_err(|e| RecipeError::Syntax(format!("invalid YAML recipe: {e}")))
+    }
+
+    /// Every model URL of the request (models, base model, trajectory folder, slice sources),
+    /// for the CLI to make relative paths absolute.
+    pub fn uris_mut(&mut self) -> impl Iterator<Item = &mut String> {
+        self.models
+            .iter_mut()
+            .map(|m| &mut m.uri)
+            .chain(self.base_model.iter_mut())
+            .chain(self.trajectory.iter_mut().map(|t| &mut t.uri))
+            .chain(
+                self.slices
+                    .iter_mut()
+                    .flat_map(|s| s.sources.iter_mut().map(|src| &mut src.uri)),
+            )
+    }
+}

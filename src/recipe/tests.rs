@@ -1,0 +1,318 @@
+//! Unit tests of request validation (every error names its field).
+
+use super::*;
+use crate::merge::DType;
+use crate::methods::gta::GtaConfig;
+
+fn gta(s: &Submission) -> GtaConfig {
+    s.recipe.parameters.get::<GtaConfig>().cloned().unwrap()
+}
+
+fn parse(v: serde_json::Value) -> Result<Submission, RecipeError> {
+    Recipe::parse_json(&serde_json::to_vec(&v).unwrap())
+}
+
+fn field(e: RecipeError) -> String {
+    match e {
+        RecipeError::Invalid { field, .. } => field,
+        RecipeError::Syntax(s) => s,
+    }
+}
+
+#[test]
+fn uniform_soup_defaults() {
+    let s = parse(serde_json::json!({
+        "method": "linear",
+        "models": [{"uri": "file:///d/a"}, {"uri": "file:///d/b"}],
+        "output": {"uri": "file:///d/out/", "dtype": "bfloat16", "max_shard_size": "2GB"}
+    }))
+    .unwrap();
+    assert_eq!(s.recipe.models[1].weight, 1.0);
+    assert_eq!(s.recipe.output.max_shard_size, 2_000_000_000);
+    assert_eq!(s.recipe.output.dtype, Some(DType::BF16));
+    assert_eq!(s.recipe.linear_weights(), (vec![1.0, 1.0], Some(2.0)));
+}
+
+#[test]
+fn errors_name_the_field() {
+    let base = |models: serde_json::Value, params: serde_json::Value| {
+        serde_json::json!({"method": "linear", "models": models, "parameters": params,
+                           "output": {"uri": "file:///d/out"}})
+    };
+    let e = parse(base(
+        serde_json::json!([{"uri": "file:///d/a", "weight": 1.0}, {"uri": "file:///d/b"}]),
+        serde_json::json!({}),
+    ))
+    .unwrap_err();
+    assert_eq!(field(e), "models[1].weight");
+    let e = parse(base(
+        serde_json::json!([{"uri": "file:///d/a"}]),
+        serde_json::json!({"density": 0.5}),
+    ))
+    .unwrap_err();
+    assert_eq!(field(e), "parameters.density");
+    let e = parse(base(
+        serde_json::json!([{"uri": "file:///d/a", "weight": 1.0}, {"uri": "file:///d/b", "weight": -1.0}]),
+        serde_json::json!({}),
+    ))
+    .unwrap_err();
+    assert_eq!(field(e), "models[].weight");
+    let e = parse(base(
+        serde_json::json!([{"uri": "file:///d/out"}]),
+        serde_json::json!({}),
+    ))
+    .unwrap_err();
+    assert_eq!(field(e), "output.uri");
+    let e = parse(
+        serde_json::json!({"method": "linear", "models": [{"uri": "file:///a"}],
+        "output": {"uri": "file:///o"}, "extra": 1}),
+    )
+    .unwrap_err();
+    assert!(field(e).contains("unknown field"));
+    let e = parse(
+        serde_json::json!({"method": "soup", "models": [{"uri": "file:///a"}],
+        "output": {"uri": "file:///o"}}),
+    )
+    .unwrap_err();
+    assert_eq!(field(e), "method");
+}
+
+#[test]
+fn hash_ignores_scheduling_but_not_recipe() {
+    let a = parse(
+        serde_json::json!({"method": "linear", "models": [{"uri": "file:///a"}],
+        "output": {"uri": "file:///o"}, "idempotency_key": "k1"}),
+    )
+    .unwrap();
+    let b = parse(
+        serde_json::json!({"method": "linear", "models": [{"uri": "file:///a"}],
+        "output": {"uri": "file:///o"}, "idempotency_key": "k2"}),
+    )
+    .unwrap();
+    let c = parse(
+        serde_json::json!({"method": "linear", "models": [{"uri": "file:///a", "weight": 2.0}],
+        "output": {"uri": "file:///o"}}),
+    )
+    .unwrap();
+    assert_eq!(a.recipe.hash(), b.recipe.hash());
+    assert_ne!(a.recipe.hash(), c.recipe.hash());
+}
+
+#[test]
+fn base_model_methods_validate_every_parameter() {
+    use serde_json::json;
+    let req = |method: &str, models: serde_json::Value, params: serde_json::Value| {
+        json!({"method": method, "base_model": "file:///d/base", "models": models,
+               "parameters": params, "output": {"uri": "file:///d/out"}})
+    };
+    let two = json!([{"uri": "file:///d/a", "weight": 0.5, "parameters": {"density": 0.5}},
+                     {"uri": "file:///d/b", "parameters": {"weight": 0.3, "density": 0.5}}]);
+    let s = parse(req("ties", two.clone(), json!({}))).unwrap();
+    assert_eq!(s.recipe.base_model.as_deref(), Some("file:///d/base"));
+    assert_eq!(s.recipe.models[1].weight, 0.3);
+    assert!(!s.recipe.models[1].parameters.contains_key("weight"));
+    assert!(gta(&s).normalize && !gta(&s).rescale);
+    // Missing base model.
+    let mut r = req("ties", two.clone(), json!({}));
+    r.as_object_mut().unwrap().remove("base_model");
+    assert_eq!(field(parse(r).unwrap_err()), "base_model");
+    // Linear takes none.
+    let r = req("linear", json!([{"uri": "file:///d/a"}]), json!({}));
+    assert_eq!(field(parse(r).unwrap_err()), "base_model");
+    // Out-of-range density, per model and global.
+    let bad = json!([{"uri": "file:///d/a", "weight": 1, "parameters": {"density": 1.5}}]);
+    assert_eq!(
+        field(parse(req("ties", bad, json!({}))).unwrap_err()),
+        "models[0].parameters.density"
+    );
+    assert_eq!(
+        field(
+            parse(req(
+                "dare_linear",
+                two.clone(),
+                json!({"density": [0.5, 0.0]})
+            ))
+            .unwrap_err()
+        ),
+        "parameters.density"
+    );
+    // Unknown names, also ones another method knows.
+    assert_eq!(
+        field(parse(req("ties", two.clone(), json!({"gamma": 0.1}))).unwrap_err()),
+        "parameters.gamma"
+    );
+    assert_eq!(
+        field(parse(req("task_arithmetic", two.clone(), json!({"seed": 1}))).unwrap_err()),
+        "parameters.seed"
+    );
+    let unk = json!([{"uri": "file:///d/a", "weight": 1, "parameters": {"densty": 0.5}}]);
+    assert_eq!(
+        field(parse(req("ties", unk, json!({}))).unwrap_err()),
+        "models[0].parameters.densty"
+    );
+    // Selection scope: tensor (mergekit), row, or model (one density per model).
+    let s = parse(req("breadcrumbs", two.clone(), json!({"scope": "row"}))).unwrap();
+    assert!(gta(&s).per_row);
+    let model = json!({"scope": "model", "density": 0.2});
+    let s = parse(req("ties", two.clone(), model)).unwrap();
+    assert!(gta(&s).per_model && !gta(&s).per_row);
+    let grad = json!([{"uri": "file:///d/a", "weight": 1, "parameters": {"density": [0.2, 0.5]}}]);
+    assert_eq!(
+        field(parse(req("ties", grad, json!({"scope": "model"}))).unwrap_err()),
+        "models[0].parameters.density"
+    );
+    assert_eq!(
+        field(parse(req("ties", two.clone(), json!({"scope": "global"}))).unwrap_err()),
+        "parameters.scope"
+    );
+    assert_eq!(
+        field(parse(req("dare_ties", two.clone(), json!({"scope": "model"}))).unwrap_err()),
+        "parameters.scope"
+    );
+    assert_eq!(
+        field(parse(req("dare_ties", two.clone(), json!({"scope": "row"}))).unwrap_err()),
+        "parameters.scope"
+    );
+    // Weight required for GTA methods, unless given globally.
+    let now = json!([{"uri": "file:///d/a"}]);
+    assert_eq!(
+        field(parse(req("task_arithmetic", now.clone(), json!({}))).unwrap_err()),
+        "models[0].weight"
+    );
+    let s = parse(req("task_arithmetic", now, json!({"weight": 0.25}))).unwrap();
+    assert_eq!(s.recipe.models[0].weight, 0.25);
+    // DELLA: density ± epsilon inside (0, 1).
+    let d = json!([{"uri": "file:///d/a", "weight": 1, "parameters": {"density": 0.9, "epsilon": 0.2}}]);
+    assert_eq!(
+        field(parse(req("della", d, json!({}))).unwrap_err()),
+        "models[0].parameters.epsilon"
+    );
+    // Slerp: the base listed among the models is the base; exactly one other model.
+    let s = parse(req(
+        "slerp",
+        json!([{"uri": "file:///d/base"}, {"uri": "file:///d/a"}]),
+        json!({"t": [{"filter": "mlp", "value": [0, 1]}, {"value": 0.5}]}),
+    ))
+    .unwrap();
+    assert_eq!(s.recipe.models.len(), 1);
+    assert_eq!(
+        field(parse(req("slerp", two.clone(), json!({"t": 0.5}))).unwrap_err()),
+        "models"
+    );
+    assert_eq!(
+        field(parse(req("slerp", json!([{"uri": "file:///d/a"}]), json!({}))).unwrap_err()),
+        "parameters.t"
+    );
+    assert_eq!(
+        field(
+            parse(req(
+                "slerp",
+                json!([{"uri": "file:///d/a"}]),
+                json!({"t": [{"filter": "mlp", "value": 1}]})
+            ))
+            .unwrap_err()
+        ),
+        "parameters.t"
+    );
+}
+
+#[test]
+fn passthrough_slices_validate() {
+    use serde_json::json;
+    let req = |slices: serde_json::Value| json!({"method": "passthrough", "slices": slices, "output": {"uri": "file:///d/out"}});
+    let s = parse(req(json!([
+        {"sources": [{"uri": "file:///d/a", "layer_range": [0, 2]}]},
+        {"sources": [{"uri": "file:///d/b", "layer_range": [1, 2],
+                      "parameters": {"scale": [{"filter": "o_proj", "value": 0.5}, {"value": 1}]}}]},
+        {"sources": [{"uri": "file:///d/a/", "layer_range": [0, 1]}]}
+    ])))
+    .unwrap();
+    assert_eq!(s.recipe.models.len(), 2);
+    assert_eq!(s.recipe.slices[2].sources[0].model, 0);
+    assert_eq!(s.recipe.slices[1].sources[0].layer_range, [1, 2]);
+    let bad = [
+        (
+            req(json!([{"sources": [{"uri": "file:///d/a", "layer_range": [2, 2]}]}])),
+            "slices[0].sources[0].layer_range",
+        ),
+        (
+            req(
+                json!([{"sources": [{"uri": "file:///d/a", "layer_range": [0, 1]},
+                                    {"uri": "file:///d/b", "layer_range": [0, 1]}]}]),
+            ),
+            "slices[0].sources",
+        ),
+        (
+            req(
+                json!([{"sources": [{"uri": "file:///d/a", "layer_range": [0, 1],
+                                     "parameters": {"weight": 1}}]}]),
+            ),
+            "slices[0].sources[0].parameters.weight",
+        ),
+        (
+            json!({"method": "linear", "slices": [{"sources": [{"uri": "file:///d/a", "layer_range": [0, 1]}]}],
+                   "output": {"uri": "file:///d/out"}}),
+            "slices",
+        ),
+        (
+            json!({"method": "passthrough", "models": [{"uri": "file:///d/a"}, {"uri": "file:///d/b"}],
+                   "output": {"uri": "file:///d/out"}}),
+            "models",
+        ),
+    ];
+    for (r, f) in bad {
+        assert_eq!(field(parse(r).unwrap_err()), f);
+    }
+}
+
+#[test]
+fn ema_weights() {
+    use serde_json::json;
+    let s = parse(json!({"method": "ema",
+        "models": [{"uri": "file:///d/c1"}, {"uri": "file:///d/c2"}, {"uri": "file:///d/c3"}],
+        "parameters": {"decay": 0.5}, "output": {"uri": "file:///d/out"}}))
+    .unwrap();
+    let w: Vec<f64> = s.recipe.models.iter().map(|m| m.weight).collect();
+    // e1 = c1; e2 = .5 e1 + .5 c2; e3 = .5 e2 + .5 c3 → .25 c1 + .25 c2 + .5 c3.
+    assert_eq!(w, vec![0.25, 0.25, 0.5]);
+    assert_eq!(s.recipe.linear_weights().1, None);
+    let e = parse(
+        json!({"method": "ema", "models": [{"uri": "file:///d/c1", "weight": 1}],
+        "parameters": {"decay": 0.5}, "output": {"uri": "file:///d/out"}}),
+    )
+    .unwrap_err();
+    assert_eq!(field(e), "models[].weight");
+    let e = parse(json!({"method": "ema", "models": [{"uri": "file:///d/c1"}],
+        "parameters": {"decay": 1.0}, "output": {"uri": "file:///d/out"}}))
+    .unwrap_err();
+    assert_eq!(field(e), "parameters.decay");
+}
+
+#[test]
+fn linear_recipe_serializes_as_before() {
+    let s = parse(serde_json::json!({
+        "method": "linear",
+        "models": [{"uri": "file:///d/a", "weight": 2.0}],
+        "output": {"uri": "file:///d/out/"}
+    }))
+    .unwrap();
+    let v = serde_json::to_value(&s.recipe).unwrap();
+    assert_eq!(
+        v,
+        serde_json::json!({"method": "linear",
+            "models": [{"uri": "file:///d/a", "weight": 2.0}],
+            "parameters": {"method": "linear", "normalize": true},
+            "output": {"uri": "file:///d/out/", "dtype": null, "max_shard_size": 5_000_000_000u64}})
+    );
+}
+
+#[test]
+fn sizes() {
+    use serde_json::json;
+    assert_eq!(parse_size(&json!("2GB")), Some(2_000_000_000));
+    assert_eq!(parse_size(&json!("1GiB")), Some(1 << 30));
+    assert_eq!(parse_size(&json!("1.5 MB")), Some(1_500_000));
+    assert_eq!(parse_size(&json!(4096)), Some(4096));
+    assert_eq!(parse_size(&json!("lots")), None);
+    assert_eq!(parse_size(&json!(-1)), None);
+}

@@ -1,0 +1,119 @@
+//! The validated, normalized recipe: one merge, what a manifest records (a job stores it with
+//! the search around it, if any: `search::spec::JobSpec`). Its JSON form is the stored
+//! contract (jobs in the database, manifests, the idempotency hash): field names and order do
+//! not change.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use super::trajectory;
+use crate::merge::DType;
+use crate::methods::linear::LinearConfig;
+use crate::methods::sparse_soup::SparseSoupConfig;
+use crate::methods::{KernelInput, Method, ModelInput, Parameters, Setting};
+
+/// A validated slice source: `model` indexes [`Recipe::models`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SliceSource {
+    pub model: usize,
+    pub layer_range: [u64; 2],
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub parameters: BTreeMap<String, Setting>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Slice {
+    pub sources: Vec<SliceSource>,
+}
+
+/// One ingredient after validation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Ingredient {
+    /// The URL as the client gave it (resolution and the allowed-root check happen in storage).
+    pub uri: String,
+    pub weight: f64,
+    /// Per-model parameters other than a scalar weight (validated per method).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub parameters: BTreeMap<String, Setting>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Output {
+    pub uri: String,
+    /// `None`: each tensor keeps the first model's dtype.
+    pub dtype: Option<DType>,
+    pub max_shard_size: u64,
+}
+
+/// A validated, normalized recipe: what a job stores and a worker runs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Recipe {
+    pub method: Method,
+    /// The ingredients, without the base model (an entry naming the base is dropped).
+    pub models: Vec<Ingredient>,
+    /// The base model's URL, for the methods that need one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_model: Option<String>,
+    /// Passthrough's layer stack (empty: every tensor of the one model).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub slices: Vec<Slice>,
+    pub parameters: Parameters,
+    pub output: Output,
+    /// The trajectory `models` was expanded from (the selection and what it picked).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trajectory: Option<trajectory::Trajectory>,
+    /// The dtype the merged float tensors must have (see
+    /// [`super::MergeRequest::input_dtype`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub input_dtype: Option<DType>,
+}
+
+/// Scheduling options that travel beside the recipe.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Submission {
+    pub recipe: Recipe,
+    pub idempotency_key: Option<String>,
+    pub priority: i32,
+    pub max_attempts: Option<i32>,
+}
+
+impl Recipe {
+    /// SHA-256 of the canonical JSON form: two requests with the same hash ask for the same
+    /// merge (used to detect an idempotency key reused with another body).
+    pub fn hash(&self) -> Vec<u8> {
+        let json = serde_json::to_vec(self).unwrap_or_default();
+        Sha256::digest(&json).to_vec()
+    }
+
+    /// Linear weights as the kernel uses them, and the divisor when normalizing (for the
+    /// linear family; other methods get their weights and no divisor).
+    pub fn linear_weights(&self) -> (Vec<f32>, Option<f32>) {
+        let weights: Vec<f32> = self.models.iter().map(|m| m.weight as f32).collect();
+        let normalize = self.parameters.get::<LinearConfig>().map(|c| c.normalize) == Some(true)
+            || self
+                .parameters
+                .get::<SparseSoupConfig>()
+                .map(|c| c.normalize)
+                == Some(true);
+        let divisor = normalize.then(|| weights.iter().sum::<f32>());
+        (weights, divisor)
+    }
+
+    /// What the method's kernel is built from.
+    pub fn kernel_input(&self, num_layers: usize) -> KernelInput<'_> {
+        KernelInput {
+            models: self
+                .models
+                .iter()
+                .map(|m| ModelInput {
+                    weight: m.weight,
+                    parameters: &m.parameters,
+                })
+                .collect(),
+            has_base: self.base_model.is_some(),
+            num_layers,
+        }
+    }
+}
