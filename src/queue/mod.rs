@@ -393,3 +393,32 @@ pub async fn connect(
         Ok(std::sync::Arc::new(queue))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sqlx::{ConnectOptions, Connection, Executor};
+
+    /// A real `SQLITE_READONLY` (a read-only connection writing) is `database_unavailable`; a
+    /// statement that fails on its own (no such table) stays `database_error`.
+    #[tokio::test]
+    async fn read_only_sqlite_is_unavailable_a_bad_statement_is_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let options = sqlx::sqlite::SqliteConnectOptions::new()
+            .filename(dir.path().join("t.db"))
+            .create_if_missing(true);
+        let mut rw = options.connect().await.unwrap();
+        rw.execute("CREATE TABLE t (x INTEGER)").await.unwrap();
+        rw.close().await.unwrap();
+        let mut ro = options.read_only(true).connect().await.unwrap();
+        let e = ro.execute("INSERT INTO t VALUES (1)").await.unwrap_err();
+        assert!(is_unavailable(&e), "{e}");
+        assert_eq!(
+            QueueError::Database(e).code(),
+            ErrorCode::DatabaseUnavailable
+        );
+        let e = ro.execute("INSERT INTO nope VALUES (1)").await.unwrap_err();
+        assert!(!is_unavailable(&e), "{e}");
+        assert_eq!(QueueError::Database(e).code(), ErrorCode::DatabaseError);
+    }
+}
