@@ -13,10 +13,18 @@ FROM rust:1.95-bookworm AS builder
 WORKDIR /build
 
 # Dependency layer: build every dependency against stub sources, so that later source-only
-# changes reuse this layer. Only the manifests are copied here. Afterwards the stub crate's
-# own artifacts are deleted (the dependencies' are kept), so the real crate is rebuilt even if
-# its files carry older timestamps than the stub's.
+# changes reuse this layer. Only the manifests are copied here, plus every file Cargo.toml
+# names as a target (the `[[bench]]` entries: cargo refuses a manifest whose targets are
+# missing, whatever it is asked to build). Afterwards the stub crate's own artifacts are
+# deleted (the dependencies' are kept), so the real crate is rebuilt even if its files carry
+# older timestamps than the stub's.
+#
+# `.ci/run` replays this stage without Docker (deploy/replay-docker-build.sh): an empty
+# folder with only the paths copied here, then the same cargo commands. A new target in
+# Cargo.toml, or a file the crate embeds at compile time outside src/ and migrations/, must be
+# copied below or that check fails.
 COPY Cargo.toml Cargo.lock ./
+COPY benches ./benches
 RUN mkdir -p src \
     && echo 'fn main() {}' > src/main.rs \
     && touch src/lib.rs \

@@ -110,6 +110,14 @@ pub struct ServiceArgs {
     )]
     #[serde(default)]
     pub evaluator_allowed_hosts: Vec<String>,
+    /// Also serve `/metrics`, `/healthz` and `/readyz` on this address (for `ladle worker`,
+    /// which has no API port; the API serves `/metrics` on `--bind` anyway) [default: none].
+    #[arg(long, env = "LADLE_METRICS_BIND")]
+    pub metrics_bind: Option<SocketAddr>,
+    /// Delete finished jobs (succeeded, failed, cancelled) this long after they finished, in
+    /// the background: `30d`, `12h`, `90m` [default: keep forever].
+    #[arg(long, env = "LADLE_RETAIN_FINISHED")]
+    pub retain_finished: Option<String>,
     /// Seconds a client has to send a complete request head, counted from when its
     /// connection opens or its previous response ends (so also the idle keep-alive timeout)
     /// [default: 10].
@@ -279,6 +287,10 @@ pub struct Settings {
     pub auth: ApiAuth,
     /// `--insecure-no-auth`: allow a non-loopback bind without tokens.
     pub insecure_no_auth: bool,
+    /// `--metrics-bind`: a listener of its own for `/metrics` and the probes.
+    pub metrics_bind: Option<SocketAddr>,
+    /// `--retain-finished`: how long finished jobs are kept (`None`: forever).
+    pub retain_finished: Option<Duration>,
 }
 
 fn secs(name: &str, v: Option<f64>, default: f64) -> Result<Duration, ConfigError> {
@@ -439,6 +451,13 @@ impl Settings {
             http,
             auth: ApiAuth::new(digests),
             insecure_no_auth: args.insecure_no_auth || file.insecure_no_auth,
+            metrics_bind: args.metrics_bind.or(file.metrics_bind),
+            retain_finished: args
+                .retain_finished
+                .or(file.retain_finished)
+                .map(|s| crate::retention::parse_duration(&s))
+                .transpose()
+                .map_err(|e| ConfigError::Invalid(format!("retain_finished: {e}")))?,
         })
     }
 }

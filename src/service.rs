@@ -58,6 +58,8 @@ pub fn requires_auth(settings: &Settings) -> bool {
 pub struct Service {
     /// Where the API listens (None for a worker-only process).
     pub addr: Option<SocketAddr>,
+    /// Where `--metrics-bind` listens, if given.
+    pub metrics_addr: Option<SocketAddr>,
     pub queue: Arc<dyn JobQueue>,
     shutdown: CancellationToken,
     tasks: Vec<JoinHandle<()>>,
@@ -87,9 +89,24 @@ impl Service {
             Some(&settings.allowed_roots),
             settings.s3.clone(),
         )?);
+        crate::metrics::install();
         let shutdown = CancellationToken::new();
         let mut tasks = Vec::new();
-        let mut addr = None;
+        let (mut addr, mut metrics_addr) = (None, None);
+        if let Some(bind) = settings.metrics_bind {
+            let (local, task) =
+                crate::metrics::serve(bind, queue.clone(), storage.clone(), shutdown.clone())
+                    .await
+                    .map_err(|source| ServiceError::Bind { addr: bind, source })?;
+            metrics_addr = Some(local);
+            tasks.push(task);
+        }
+        tasks.push(crate::retention::spawn(
+            queue.clone(),
+            storage.clone(),
+            settings.retain_finished,
+            shutdown.clone(),
+        ));
         if serves_api {
             let listener =
                 tokio::net::TcpListener::bind(settings.bind)
@@ -136,6 +153,7 @@ impl Service {
         }
         Ok(Service {
             addr,
+            metrics_addr,
             queue,
             shutdown,
             tasks,

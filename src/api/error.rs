@@ -46,15 +46,26 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = StatusCode::from_u16(self.code.http_status())
             .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-        if status.is_server_error() {
+        let body = if status.is_server_error() {
             // The detail (database or storage messages, paths) goes to the log only: a 5xx
             // body says which code failed and nothing about the internals.
             tracing::error!(code = %self.code, message = %self.message, "request failed");
-            let body = ApiError::new(self.code, server_error_message(self.code));
-            return (status, Json(body)).into_response();
-        }
-        (status, Json(self)).into_response()
+            ApiError::new(self.code, server_error_message(self.code))
+        } else {
+            self
+        };
+        (status, Json(with_request_id(&body))).into_response()
     }
+}
+
+/// The error body plus `request_id` (the `x-request-id` of the request, when inside one), so
+/// a user's report finds the request's log lines.
+fn with_request_id(body: &ApiError) -> serde_json::Value {
+    let mut value = serde_json::to_value(body).unwrap_or_else(|_| serde_json::json!({}));
+    if let (Some(obj), Some(id)) = (value.as_object_mut(), crate::telemetry::request_id()) {
+        obj.insert("request_id".into(), serde_json::Value::String(id));
+    }
+    value
 }
 
 /// What a 5xx body says: the kind of failure, never its detail.

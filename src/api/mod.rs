@@ -44,12 +44,10 @@ pub struct AppState {
     pub evaluator_hosts: crate::search::evaluator::AllowedHosts,
 }
 
-/// The API. `auth` guards `/v1/*` (an empty [`ApiAuth`] lets everything through); health and
-/// readiness stay open. The `Authorization` header is marked sensitive before the trace layer
-/// sees the request, and the trace layer records no headers, so tokens never reach the logs.
+/// The API. `auth` guards `/v1/*` (an empty [`ApiAuth`] lets everything through); health,
+/// readiness, `/metrics` and the `/ui` page (which asks for the token itself) stay open. The
+/// access log records no headers, so tokens never reach the logs.
 pub fn router(state: AppState, body_limit: usize, auth: ApiAuth) -> Router {
-    let trace = tower_http::trace::TraceLayer::new_for_http()
-        .make_span_with(tower_http::trace::DefaultMakeSpan::new().include_headers(false));
     Router::new()
         .route("/v1/merges", post(submit).get(list))
         .route("/v1/merges/{id}", get(get_job))
@@ -57,6 +55,8 @@ pub fn router(state: AppState, body_limit: usize, auth: ApiAuth) -> Router {
         .merge(analyses::routes())
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .merge(crate::ui::routes())
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(body_limit))
         .layer(axum::middleware::from_fn_with_state(
@@ -67,7 +67,8 @@ pub fn router(state: AppState, body_limit: usize, auth: ApiAuth) -> Router {
             auth,
             auth::require_token,
         ))
-        .layer(trace)
+        // Request id, access log and HTTP metrics; records no headers.
+        .layer(axum::middleware::from_fn(crate::telemetry::access_log))
         .layer(
             tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer::new([
                 header::AUTHORIZATION,
@@ -191,6 +192,9 @@ pub(crate) fn body_and_type(
 /// The answer to a submit: 202 for a new job, 200 with `idempotent-replayed: true` for the
 /// existing one; `Location: /v1/<collection>/<id>` either way.
 pub(crate) fn enqueued_response(enqueued: Enqueued, collection: &str) -> Response {
+    if enqueued.created {
+        crate::metrics::job_submitted(&enqueued.job);
+    }
     let id = enqueued.job.id;
     let view = JobView::from(enqueued.job);
     let status = if enqueued.created {
@@ -360,23 +364,37 @@ async fn healthz() -> Response {
 
 async fn readyz(State(state): State<AppState>) -> Response {
     match state.queue.ping().await {
-        Ok(()) => json_response(
-            StatusCode::OK,
-            &serde_json::json!({"status": "ready", "database": state.queue.backend()}),
-        ),
+        Ok(()) => {}
         Err(e) => {
             // The detail (paths, database messages) goes to the log; the body gives the code.
             tracing::warn!(error = %e, "not ready: the database check failed");
-            json_response(
+            return json_response(
                 StatusCode::SERVICE_UNAVAILABLE,
                 &serde_json::json!({
                     "status": "unavailable",
                     "code": e.code(),
                     "message": "the database cannot store writes now",
                 }),
-            )
+            );
         }
     }
+    // Every allowed root answers a listing (a pod that cannot reach S3 takes no submissions).
+    if let Err(e) = crate::storage::probe::reachable(&state.storage).await {
+        tracing::warn!(error = %e, "readiness: object storage is not reachable");
+        return json_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &serde_json::json!({"status": "unavailable", "code": ErrorCode::StorageError, "message": "object storage is not reachable"}),
+        );
+    }
+    json_response(
+        StatusCode::OK,
+        &serde_json::json!({"status": "ready", "database": state.queue.backend(), "storage": "reachable"}),
+    )
+}
+
+/// Prometheus text format; open like `/healthz` (no token), for scrapers.
+async fn metrics(State(state): State<AppState>) -> Response {
+    crate::metrics::render(state.queue.as_ref()).await
 }
 
 async fn not_found() -> ApiError {

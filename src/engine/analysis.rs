@@ -13,6 +13,7 @@ use std::sync::atomic::Ordering;
 
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
+use tracing::Instrument;
 
 use super::{Engine, EngineError, RunControl, TensorOp, check_compatible, read_elems};
 use crate::checkpoint::Checkpoint;
@@ -136,13 +137,9 @@ pub async fn run(
     let inputs = Arc::new(inputs);
     let mut stream = futures::stream::iter(chunks)
         .map(|chunk| {
-            tokio::spawn(analyse_chunk(
-                inputs.clone(),
-                chunk,
-                n,
-                reference,
-                ctl.clone(),
-            ))
+            tokio::spawn(
+                analyse_chunk(inputs.clone(), chunk, n, reference, ctl.clone()).in_current_span(),
+            )
         })
         .buffered(depth);
     let mut totals = Stats::new(n, reference);
@@ -218,7 +215,7 @@ async fn analyse_chunk(
     let raw: Vec<(DType, bytes::Bytes)> = futures::future::try_join_all(reads).await?;
     let len = (chunk.elems.end - chunk.elems.start) as usize;
     let name = chunk.tensor.clone();
-    let stats = tokio::task::spawn_blocking(move || {
+    let stats = crate::telemetry::spawn_blocking(move || {
         let mut values = Vec::with_capacity(raw.len());
         for (dtype, bytes) in &raw {
             let mut v = vec![0.0f32; len];

@@ -27,6 +27,7 @@ use futures::{StreamExt, TryStreamExt};
 use object_store::ObjectStoreExt;
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use crate::checkpoint::{
     Checkpoint, CheckpointError, INDEX_FILE_NAME, LocalFile, LocalReadError, OutTensor, ShardPlan,
@@ -593,13 +594,16 @@ impl Engine {
             // while this loop hashes and uploads; `buffered` bounds how many are in flight.
             let mut stream = futures::stream::iter(chunks)
                 .map(|chunk| {
-                    tokio::spawn(produce_chunk(
-                        plan.clone(),
-                        chunk,
-                        kernel.clone(),
-                        ctl.clone(),
-                        pool.clone(),
-                    ))
+                    tokio::spawn(
+                        produce_chunk(
+                            plan.clone(),
+                            chunk,
+                            kernel.clone(),
+                            ctl.clone(),
+                            pool.clone(),
+                        )
+                        .in_current_span(),
+                    )
                 })
                 .buffered(depth);
             while let Some(done) = stream.next().await {
@@ -610,6 +614,7 @@ impl Engine {
                     .bytes_written
                     .fetch_add(bytes.len() as u64, Ordering::Relaxed);
                 sink.write(bytes).await?;
+                crate::metrics::chunk_merged();
                 if chunk.last_of_tensor {
                     ctl.progress.tensors_done.fetch_add(1, Ordering::Relaxed);
                 }
@@ -775,7 +780,7 @@ async fn produce_chunk(
         }
         let name = chunk.tensor.clone();
         let n = (chunk.elems.end - chunk.elems.start) as usize;
-        let converted = tokio::task::spawn_blocking(move || {
+        let converted = crate::telemetry::spawn_blocking(move || {
             let mut buf = pool.take(n * out_dtype.size_bytes());
             let out = buf.as_mut_slice();
             // `tensor * scale` in the source dtype (a Python float acts at f32 precision).
@@ -810,7 +815,7 @@ async fn produce_chunk(
     let shape = chunk.shape.clone();
     let first = chunk.elems.start;
     let task_name = name.clone();
-    let merged = tokio::task::spawn_blocking(move || {
+    let merged = crate::telemetry::spawn_blocking(move || {
         let inputs: Vec<(DType, &[u8])> = raw.iter().map(|(d, b)| (*d, b.as_ref())).collect();
         let mut out = pool.take(n * out_dtype.size_bytes());
         match &stream {
@@ -861,6 +866,7 @@ pub(super) async fn read_elems(
             .await
             .map_err(|e| EngineError::Internal(format!("read task failed: {e}")))?
             .map_err(|e| local_read_error(e, &file.path, name))?;
+        crate::metrics::bytes_read(bytes.len() as u64);
         return Ok((t.dtype, bytes));
     }
     let bytes = loc
@@ -878,6 +884,7 @@ pub(super) async fn read_elems(
             ),
         }));
     }
+    crate::metrics::bytes_read(bytes.len() as u64);
     Ok((t.dtype, bytes))
 }
 

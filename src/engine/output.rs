@@ -67,6 +67,7 @@ impl ShardSink {
             .await
             .map_err(EngineError::store(format!("uploading {}", self.name)))?;
         self.size += bytes.len() as u64;
+        crate::metrics::bytes_written(bytes.len() as u64);
         self.upload.put(bytes.clone());
         self.to_hasher
             .send(bytes)

@@ -202,7 +202,7 @@ where
             let raw: Vec<(DType, Bytes)> = futures::future::try_join_all(reads).await?;
             let f = f.clone();
             let len = (elems.end - elems.start) as usize;
-            state = tokio::task::spawn_blocking(move || {
+            state = crate::telemetry::spawn_blocking(move || {
                 let mut decoded = Vec::with_capacity(raw.len());
                 for (dtype, bytes) in &raw {
                     let mut v = vec![0.0f32; len];

@@ -30,6 +30,14 @@ pub enum JobState {
 }
 
 impl JobState {
+    pub const ALL: [JobState; 5] = [
+        JobState::Queued,
+        JobState::Running,
+        JobState::Succeeded,
+        JobState::Failed,
+        JobState::Cancelled,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             JobState::Queued => "queued",
@@ -348,6 +356,9 @@ pub trait JobQueue: Send + Sync + 'static {
     /// Delete terminal jobs finished before `older_than`, in batches. Returns rows deleted.
     async fn prune(&self, older_than: DateTime<Utc>, batch: u32) -> QueueResult<u64>;
 
+    /// How many jobs are in each state (states without jobs may be absent): one grouped
+    /// count, for the `ladle_jobs{state}` gauge.
+    async fn count_by_state(&self) -> QueueResult<Vec<(JobState, u64)>>;
     /// Readiness, for `/readyz`: the database answers and can store a write (SQLite: a
     /// committed write to the file, which must still be the file opened at start; Postgres:
     /// a server that is neither read-only nor in recovery).
@@ -363,6 +374,17 @@ pub trait JobQueue: Send + Sync + 'static {
     /// Wait until new work may be available (an enqueue in this process, or a NOTIFY on
     /// Postgres) or `max` elapses, whichever is first. Polling is still the guarantee.
     async fn wait_for_work(&self, max: Duration);
+}
+
+/// `(state column, count)` rows → typed counts; an unknown state is a corrupt row.
+pub(crate) fn state_counts(rows: Vec<(String, i64)>) -> QueueResult<Vec<(JobState, u64)>> {
+    rows.into_iter()
+        .map(|(s, n)| {
+            JobState::parse(&s)
+                .map(|state| (state, n.max(0) as u64))
+                .ok_or_else(|| QueueError::Corrupt(format!("unknown job state {s:?}")))
+        })
+        .collect()
 }
 
 /// Capacity of the cancel-hint channel: a receiver further behind only loses hints.
@@ -391,5 +413,34 @@ pub async fn connect(
             queue.migrate().await?;
         }
         Ok(std::sync::Arc::new(queue))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sqlx::{ConnectOptions, Connection, Executor};
+
+    /// A real `SQLITE_READONLY` (a read-only connection writing) is `database_unavailable`; a
+    /// statement that fails on its own (no such table) stays `database_error`.
+    #[tokio::test]
+    async fn read_only_sqlite_is_unavailable_a_bad_statement_is_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let options = sqlx::sqlite::SqliteConnectOptions::new()
+            .filename(dir.path().join("t.db"))
+            .create_if_missing(true);
+        let mut rw = options.connect().await.unwrap();
+        rw.execute("CREATE TABLE t (x INTEGER)").await.unwrap();
+        rw.close().await.unwrap();
+        let mut ro = options.read_only(true).connect().await.unwrap();
+        let e = ro.execute("INSERT INTO t VALUES (1)").await.unwrap_err();
+        assert!(is_unavailable(&e), "{e}");
+        assert_eq!(
+            QueueError::Database(e).code(),
+            ErrorCode::DatabaseUnavailable
+        );
+        let e = ro.execute("INSERT INTO nope VALUES (1)").await.unwrap_err();
+        assert!(!is_unavailable(&e), "{e}");
+        assert_eq!(QueueError::Database(e).code(), ErrorCode::DatabaseError);
     }
 }

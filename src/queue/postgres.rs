@@ -543,6 +543,14 @@ impl JobQueue for PostgresQueue {
         }
     }
 
+    async fn count_by_state(&self) -> QueueResult<Vec<(JobState, u64)>> {
+        let rows: Vec<(String, i64)> =
+            sqlx::query_as("SELECT state, COUNT(*) FROM jobs GROUP BY state")
+                .fetch_all(&self.pool)
+                .await?;
+        super::state_counts(rows)
+    }
+
     async fn ping(&self) -> QueueResult<()> {
         // Writes would fail on a hot standby or with `default_transaction_read_only` on.
         let row = sqlx::query(

@@ -544,6 +544,14 @@ impl JobQueue for SqliteQueue {
         }
     }
 
+    async fn count_by_state(&self) -> QueueResult<Vec<(JobState, u64)>> {
+        let rows: Vec<(String, i64)> =
+            sqlx::query_as("SELECT state, COUNT(*) FROM jobs GROUP BY state")
+                .fetch_all(&self.pool)
+                .await?;
+        super::state_counts(rows)
+    }
+
     async fn ping(&self) -> QueueResult<()> {
         self.check_file()?;
         // A committed write: the header's `user_version` (which nothing else uses) rewritten

@@ -241,6 +241,17 @@ impl Client {
         timeout: Duration,
         req: &Request<'_>,
     ) -> Result<Answer, EvaluatorError> {
+        let answer = self.evaluate_with_retries(url, timeout, req).await;
+        crate::metrics::evaluator_call(answer.as_ref().err().map(EvaluatorError::code));
+        answer
+    }
+
+    async fn evaluate_with_retries(
+        &self,
+        url: &str,
+        timeout: Duration,
+        req: &Request<'_>,
+    ) -> Result<Answer, EvaluatorError> {
         let id = req.evaluation_id;
         let mut pause = self.backoff;
         let mut last = String::new();

@@ -285,18 +285,13 @@ impl Driver<'_> {
 
     /// `<output's folder>/.ladle-scratch/<job_id>`, checked against the allowed roots.
     fn scratch(&self, recipe: &Recipe) -> Result<Location, EngineError> {
-        let out = recipe.output.uri.trim_end_matches('/');
-        let parent = out
-            .rsplit_once('/')
-            .map(|(p, _)| p)
-            .filter(|p| !p.ends_with(':') && !p.ends_with('/'))
-            .ok_or_else(|| {
-                EngineError::InvalidRecipe(format!(
-                    "output {out}: a greedy soup needs a folder above the output for its \
-                     candidates"
-                ))
-            })?;
-        let uri = format!("{parent}/{SCRATCH_DIR}/{}", self.job_id);
+        let root = scratch_root(&recipe.output.uri).ok_or_else(|| {
+            EngineError::InvalidRecipe(format!(
+                "output {}: a greedy soup needs a folder above the output for its candidates",
+                recipe.output.uri.trim_end_matches('/')
+            ))
+        })?;
+        let uri = format!("{root}/{}", self.job_id);
         Ok(self.engine.storage().resolve(&uri)?)
     }
 
@@ -438,8 +433,19 @@ pub fn soup(recipe: &Recipe, set: &[usize], output: String) -> Recipe {
     r
 }
 
+/// `<output's folder>/.ladle-scratch`: where the searches writing next to `output_uri` keep
+/// their candidates, one folder per job id. `None` if the output has no folder above it.
+pub fn scratch_root(output_uri: &str) -> Option<String> {
+    let out = output_uri.trim_end_matches('/');
+    let parent = out
+        .rsplit_once('/')
+        .map(|(p, _)| p)
+        .filter(|p| !p.ends_with(':') && !p.ends_with('/'))?;
+    Some(format!("{parent}/{SCRATCH_DIR}"))
+}
+
 /// Delete everything under a scratch folder (and, for local files, the folder itself).
-async fn remove_scratch(loc: &Location) {
+pub(crate) async fn remove_scratch(loc: &Location) {
     let listed: Result<Vec<_>, _> = loc.store.list(Some(&loc.path)).try_collect().await;
     match listed {
         Ok(objects) => {

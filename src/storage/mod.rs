@@ -6,6 +6,7 @@
 //! symlinks are resolved for local files, must fall under an allowed root.
 
 pub mod list;
+pub mod probe;
 
 use std::collections::HashMap;
 use std::path::{Component, Path as FsPath, PathBuf};

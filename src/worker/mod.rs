@@ -19,7 +19,9 @@ use tracing::{Instrument, error, info, info_span, warn};
 use crate::engine::{
     Engine, EngineError, MergeOutcome, Progress, PublishGate, RunControl, StopReason, analysis,
 };
-use crate::queue::{ClaimedJob, HeartbeatOutcome, JobError, JobKind, JobQueue, Lease, QueueError};
+use crate::queue::{
+    ClaimedJob, HeartbeatOutcome, JobError, JobKind, JobQueue, JobState, Lease, QueueError,
+};
 use crate::search::evaluator::AllowedHosts;
 use crate::search::spec::JobSpec;
 use failpoints::CrashPoint;
@@ -77,6 +79,7 @@ pub async fn run(
     let owner = worker_identity();
     failpoints::announce();
     info!(%owner, slots = config.slots, backend = queue.backend(), "worker started");
+    crate::metrics::worker_slots(config.slots.max(1) as f64);
     let mut loops = tokio::task::JoinSet::new();
     for slot in 0..config.slots.max(1) {
         let w = Slot {
@@ -89,6 +92,7 @@ pub async fn run(
         loops.spawn(async move { w.run().await });
     }
     while loops.join_next().await.is_some() {}
+    crate::metrics::worker_slots(-(config.slots.max(1) as f64));
     info!(%owner, "worker stopped");
 }
 
@@ -118,7 +122,11 @@ impl Slot {
                 }
                 Ok(Some(job)) => {
                     let span = info_span!("job", job_id = %job.lease.job_id, attempt = job.lease.attempt, owner = %self.owner);
-                    self.run_job(job, asked).instrument(span).await;
+                    let (_busy, started, row) =
+                        (crate::metrics::slot_busy(), Instant::now(), job.job.clone());
+                    crate::metrics::job_started(&row);
+                    let outcome = self.run_job(job, asked).instrument(span).await;
+                    crate::metrics::job_finished(&row, outcome, started.elapsed());
                 }
                 Ok(None) => {
                     tokio::select! {
@@ -137,7 +145,8 @@ impl Slot {
         }
     }
 
-    async fn run_job(&self, claimed: ClaimedJob, claimed_at: Instant) {
+    /// Runs one claimed attempt; returns how it ended (the `outcome` label of the metrics).
+    async fn run_job(&self, claimed: ClaimedJob, claimed_at: Instant) -> &'static str {
         let lease = claimed.lease.clone();
         info!("job claimed");
         let recipe: Option<JobSpec> = match claimed.job.kind {
@@ -150,14 +159,12 @@ impl Slot {
                         message: format!("stored recipe cannot be read: {e}"),
                         retryable: false,
                     };
-                    self.finish_failed(&lease, &err).await;
-                    return;
+                    return self.finish_failed(&lease, &err).await;
                 }
             },
         };
         if let (true, Some(recipe)) = (claimed.job.recovery_only, &recipe) {
-            self.recover_only(&claimed, recipe).await;
-            return;
+            return self.recover_only(&claimed, recipe).await;
         }
         let progress = Arc::new(Progress::default());
         let keeper = Arc::new(LeaseKeeper::new(
@@ -186,13 +193,16 @@ impl Slot {
             let ctl = ctl.clone();
             let shutdown = self.shutdown.clone();
             let grace = self.config.shutdown_grace;
-            tokio::spawn(async move {
-                shutdown.cancelled().await;
-                tokio::select! {
-                    _ = ctl.cancel.cancelled() => {}
-                    _ = tokio::time::sleep(grace) => ctl.stop(StopReason::ShuttingDown),
+            tokio::spawn(
+                async move {
+                    shutdown.cancelled().await;
+                    tokio::select! {
+                        _ = ctl.cancel.cancelled() => {}
+                        _ = tokio::time::sleep(grace) => ctl.stop(StopReason::ShuttingDown),
+                    }
                 }
-            })
+                .in_current_span(),
+            )
         };
 
         let result = match &recipe {
@@ -226,6 +236,7 @@ impl Slot {
                     Ok(()) => info!("analysis succeeded"),
                     Err(e) => warn!(error = %e, "could not record the analysis result"),
                 }
+                "succeeded"
             }
             Ok(Done::Merge(outcome)) => {
                 failpoints::crash(CrashPoint::AfterManifest);
@@ -252,24 +263,31 @@ impl Slot {
                         warn!(error = %e, "could not record success; the next owner will find the manifest")
                     }
                 }
+                "succeeded"
             }
-            Err(EngineError::Cancelled) => match self
-                .settle("acknowledge_cancel", || {
-                    self.queue.acknowledge_cancel(&lease)
-                })
-                .await
-            {
-                Ok(()) => info!("job cancelled"),
-                Err(e) => warn!(error = %e, "could not acknowledge the cancel"),
-            },
+            Err(EngineError::Cancelled) => {
+                match self
+                    .settle("acknowledge_cancel", || {
+                        self.queue.acknowledge_cancel(&lease)
+                    })
+                    .await
+                {
+                    Ok(()) => info!("job cancelled"),
+                    Err(e) => warn!(error = %e, "could not acknowledge the cancel"),
+                }
+                "cancelled"
+            }
             Err(EngineError::LeaseLost) => {
                 warn!("lease lost: stopped without publishing");
+                crate::metrics::lease_lost();
+                "lease_lost"
             }
             Err(EngineError::ShuttingDown) => {
                 match self.settle("release", || self.queue.release(&lease)).await {
                     Ok(()) => info!("job released for another worker (shutdown)"),
                     Err(e) => warn!(error = %e, "could not release the job"),
                 }
+                "released"
             }
             Err(e) => {
                 let code = e.code();
@@ -278,7 +296,7 @@ impl Slot {
                     message: e.to_string(),
                     retryable: code.retryable(),
                 };
-                self.finish_failed(&lease, &err).await;
+                self.finish_failed(&lease, &err).await
             }
         }
     }
@@ -286,7 +304,7 @@ impl Slot {
     /// The one recovery-only run the reaper gives a merge whose last worker died (QUEUE.md
     /// §4.8 on the last attempt): no merge; succeed (`recovered: true`) if this recipe's soup
     /// is published, else fail with the reaper's `lease_expired` error.
-    async fn recover_only(&self, claimed: &ClaimedJob, job: &JobSpec) {
+    async fn recover_only(&self, claimed: &ClaimedJob, job: &JobSpec) -> &'static str {
         let lease = &claimed.lease;
         info!("recovery-only run: checking the output, merging nothing");
         let why = match self
@@ -303,7 +321,7 @@ impl Slot {
                     Ok(()) => info!(uri = %outcome.uri, "job succeeded (recovered)"),
                     Err(e) => warn!(error = %e, "could not record the recovered success"),
                 }
-                return;
+                return "succeeded";
             }
             Ok(None) => "no manifest was published".to_string(),
             Err(e) => e.to_string(),
@@ -315,7 +333,7 @@ impl Slot {
         });
         err.message = format!("{} (recovery run: {why})", err.message);
         err.retryable = false;
-        self.finish_failed(lease, &err).await;
+        self.finish_failed(lease, &err).await
     }
 
     /// Run one of the fenced writes that end an attempt (complete, fail, release, acknowledge
@@ -342,12 +360,21 @@ impl Slot {
         }
     }
 
-    async fn finish_failed(&self, lease: &Lease, err: &JobError) {
+    /// Records a failed attempt; returns `failed`, `retried` (queued again) or `cancelled`.
+    async fn finish_failed(&self, lease: &Lease, err: &JobError) -> &'static str {
         match self.settle("fail", || self.queue.fail(lease, err)).await {
             Ok(state) => {
-                info!(code = %err.code, state = state.as_str(), message = %err.message, "job failed")
+                info!(code = %err.code, state = state.as_str(), message = %err.message, "job failed");
+                match state {
+                    JobState::Queued => "retried",
+                    JobState::Cancelled => "cancelled",
+                    _ => "failed",
+                }
             }
-            Err(e) => error!(error = %e, "could not record the failure"),
+            Err(e) => {
+                error!(error = %e, "could not record the failure");
+                "failed"
+            }
         }
     }
 
@@ -495,6 +522,7 @@ async fn heartbeat_loop(keeper: Arc<LeaseKeeper>, ctl: Arc<RunControl>, interval
 
 fn fence(ctl: &RunControl) {
     warn!("no successful heartbeat for 2/3 of the lease: fencing myself");
+    crate::metrics::self_fenced();
     ctl.stop(StopReason::LeaseLost);
 }
 
