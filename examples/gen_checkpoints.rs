@@ -58,19 +58,21 @@ fn layer_elems() -> u64 {
     2 * HIDDEN * HIDDEN + 2 * KV_DIM * HIDDEN + 3 * HIDDEN * INTERMEDIATE + 2 * HIDDEN
 }
 
-/// Elements outside the layers: embeddings, final norm, untied LM head.
-fn fixed_elems() -> u64 {
-    2 * VOCAB * HIDDEN + HIDDEN
+/// Elements outside the layers: embeddings, final norm, untied LM head (`embed`: their shape).
+fn fixed_elems(embed: [u64; 2]) -> u64 {
+    2 * embed[0] * embed[1] + HIDDEN
 }
 
 /// The number of layers whose total is nearest to `target_bytes` of bf16 (at least 1).
-fn layers_for(target_bytes: u64) -> u64 {
-    let want = (target_bytes / 2).saturating_sub(fixed_elems());
+fn layers_for(target_bytes: u64, embed: [u64; 2]) -> u64 {
+    let want = (target_bytes / 2).saturating_sub(fixed_elems(embed));
     ((want + layer_elems() / 2) / layer_elems()).max(1)
 }
 
-fn llama_tensors(layers: u64) -> Vec<Spec> {
-    let mut specs = vec![Spec::new("model.embed_tokens.weight", &[VOCAB, HIDDEN])];
+/// The tensors of a model with `layers` layers whose embedding and LM head are `embed`
+/// (`[VOCAB, HIDDEN]` for the Llama shape; `--embed` makes a wide one, e.g. 65536x4096).
+fn llama_tensors(layers: u64, embed: [u64; 2]) -> Vec<Spec> {
+    let mut specs = vec![Spec::new("model.embed_tokens.weight", &embed)];
     for i in 0..layers {
         let p = format!("model.layers.{i}");
         specs.extend([
@@ -86,7 +88,7 @@ fn llama_tensors(layers: u64) -> Vec<Spec> {
         ]);
     }
     specs.push(Spec::new("model.norm.weight", &[HIDDEN]));
-    specs.push(Spec::new("lm_head.weight", &[VOCAB, HIDDEN]));
+    specs.push(Spec::new("lm_head.weight", &embed));
     specs
 }
 
@@ -223,18 +225,25 @@ fn write_model(
 }
 
 fn usage() -> String {
-    "usage: gen_checkpoints OUT_DIR [--models N] [--size-gb X] [--shard-mb N]".into()
+    "usage: gen_checkpoints OUT_DIR [--models N] [--size-gb X] [--shard-mb N] [--embed ROWSxCOLS]"
+        .into()
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut args = std::env::args().skip(1);
     let mut out: Option<PathBuf> = None;
     let (mut models, mut size_gb, mut shard_mb) = (3u64, 0.98f64, 400u64);
+    let mut embed = [VOCAB, HIDDEN];
     while let Some(a) = args.next() {
         match a.as_str() {
             "--models" => models = args.next().ok_or_else(usage)?.parse()?,
             "--size-gb" => size_gb = args.next().ok_or_else(usage)?.parse()?,
             "--shard-mb" => shard_mb = args.next().ok_or_else(usage)?.parse()?,
+            "--embed" => {
+                let v = args.next().ok_or_else(usage)?;
+                let (r, c) = v.split_once('x').ok_or_else(usage)?;
+                embed = [r.parse()?, c.parse()?];
+            }
             "-h" | "--help" => {
                 println!("{}", usage());
                 return Ok(());
@@ -250,8 +259,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     if models == 0 || !(size_gb.is_finite() && size_gb > 0.0) || shard_mb == 0 {
         return Err("--models, --size-gb and --shard-mb must be positive".into());
     }
-    let layers = layers_for((size_gb * 1e9) as u64);
-    let specs = llama_tensors(layers);
+    let layers = layers_for((size_gb * 1e9) as u64, embed);
+    let specs = llama_tensors(layers, embed);
     for m in 1..=models {
         let dir = out.join(format!("ft-{m}"));
         let started = std::time::Instant::now();
@@ -275,8 +284,11 @@ mod tests {
 
     #[test]
     fn sizes_and_values() {
-        assert_eq!(layers_for(980_000_000), 8);
-        let total: u64 = llama_tensors(8).iter().map(Spec::bytes).sum();
+        assert_eq!(layers_for(980_000_000, [VOCAB, HIDDEN]), 8);
+        let total: u64 = llama_tensors(8, [VOCAB, HIDDEN])
+            .iter()
+            .map(Spec::bytes)
+            .sum();
         assert!((total as f64 - 0.98e9).abs() < 0.01e9, "{total}");
         let mut state = 42u64;
         let mut buf = vec![0u8; 1 << 16];

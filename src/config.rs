@@ -183,10 +183,10 @@ pub struct TuningArgs {
     /// Largest request body in bytes [default: 1 MiB].
     #[arg(long, env = "LADLE_BODY_LIMIT")]
     pub body_limit: Option<usize>,
-    /// Bytes of tensor chunks in flight per job [default: 128 MiB].
+    /// Bytes of tensor chunks in flight per job [default: 64 MiB].
     #[arg(long, env = "LADLE_INFLIGHT_BYTES")]
     pub inflight_bytes: Option<u64>,
-    /// Elements per tensor chunk [default: 4 Mi].
+    /// Elements per tensor chunk [default: 2 Mi].
     #[arg(long, env = "LADLE_CHUNK_ELEMS")]
     pub chunk_elems: Option<usize>,
 }

@@ -12,6 +12,7 @@ use std::collections::BTreeMap;
 use std::sync::Mutex;
 
 use crate::merge::radix::Band;
+use crate::merge::stream::TensorStream;
 use crate::merge::{DType, MergeError, count_nonfinite};
 use crate::methods::{ModelScope, Needs, TensorKernel};
 use crate::recipe::Recipe;
@@ -52,6 +53,36 @@ impl Kernel {
     /// What tensor `name` needs before it can be streamed.
     pub fn needs(&self, name: &str) -> Needs {
         self.method.needs(name)
+    }
+
+    /// See [`TensorKernel::stream`].
+    pub fn stream(
+        &self,
+        name: &str,
+        shape: &[u64],
+        base_dtype: DType,
+    ) -> Option<Box<dyn TensorStream>> {
+        self.method.stream(name, shape, base_dtype)
+    }
+
+    /// Merge chunk `first..` of a streamed tensor ([`TensorStream::merge`]) and count the
+    /// non-finite values written.
+    pub fn run_stream(
+        &self,
+        name: &str,
+        stream: &dyn TensorStream,
+        first: u64,
+        inputs: &[(DType, &[u8])],
+        out_dtype: DType,
+        out: &mut [u8],
+    ) -> Result<(), MergeError> {
+        stream.merge(first, inputs, out_dtype, out)?;
+        let bad = count_nonfinite(out_dtype, out);
+        if bad > 0 {
+            let mut m = self.nonfinite.lock().unwrap_or_else(|p| p.into_inner());
+            *m.entry(name.to_string()).or_default() += bad;
+        }
+        Ok(())
     }
 
     /// Whether tensor `name` needs all of its elements at once.

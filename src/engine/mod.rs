@@ -14,6 +14,7 @@ mod manifest;
 mod output;
 mod prepass;
 mod slices;
+mod tensor_prepass;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -695,12 +696,26 @@ impl Engine {
                 .cloned()
                 .ok_or_else(|| EngineError::Internal(format!("no op for {}", t.name)))?;
             let numel: u64 = t.shape.iter().product();
-            let whole = matches!(op, TensorOp::Merge) && plan.kernel.whole_tensor(&t.name);
-            let step = if whole {
-                numel.max(1)
-            } else {
-                self.config.chunk_elems.max(1) as u64
+            // A streamed tensor: its chunks start on multiples of the stream's alignment and
+            // share one slot for its pre-pass statistics.
+            let align = match op {
+                TensorOp::Merge => plan
+                    .inputs
+                    .first()
+                    .and_then(|(_, c)| c.tensors.get(&t.name))
+                    .and_then(|b| plan.kernel.stream(&t.name, &t.shape, b.dtype))
+                    .map(|s| s.align().max(1) as u64),
+                _ => None,
             };
+            let whole = align.is_none()
+                && matches!(op, TensorOp::Merge)
+                && plan.kernel.whole_tensor(&t.name);
+            let step = match align {
+                Some(a) => (self.config.chunk_elems as u64 / a).max(1) * a,
+                None if whole => numel.max(1),
+                None => self.config.chunk_elems.max(1) as u64,
+            };
+            let stream = align.map(|_| Arc::new(tensor_prepass::StreamSlot::new(step)));
             let in_size: u64 = match op {
                 TensorOp::Merge => plan
                     .inputs
@@ -736,6 +751,7 @@ impl Engine {
                     elems: begin..end,
                     last_of_tensor: end == numel,
                     bytes_in_flight: (end - begin) * (in_size + out_size),
+                    stream: stream.clone(),
                 });
                 if end == numel {
                     break;
@@ -756,6 +772,8 @@ struct Chunk {
     elems: std::ops::Range<u64>,
     last_of_tensor: bool,
     bytes_in_flight: u64,
+    /// A streamed tensor's pre-pass statistics, shared by its chunks.
+    stream: Option<Arc<tensor_prepass::StreamSlot>>,
 }
 
 /// Fetch a chunk's input ranges concurrently, then merge them off the async runtime.
@@ -773,6 +791,15 @@ async fn produce_chunk(
         // An empty tensor: nothing to read (an empty ranged GET is invalid on S3).
         return Ok((chunk, Bytes::new()));
     }
+    // A streamed tensor's statistics first (its pre-passes, run by the first chunk to get
+    // here), so that waiting chunks hold no input bytes.
+    let stream = match &chunk.stream {
+        Some(slot) => Some(
+            slot.get(&plan.inputs, &kernel, &chunk.tensor, &chunk.shape, &ctl)
+                .await?,
+        ),
+        None => None,
+    };
     let (sources, source_name): (&[(Location, Checkpoint)], &String) = match &chunk.op {
         TensorOp::Merge => (&plan.inputs, &chunk.tensor),
         TensorOp::CopyFirst => (&plan.inputs[..1], &chunk.tensor),
@@ -841,11 +868,22 @@ async fn produce_chunk(
     let n = (chunk.elems.end - chunk.elems.start) as usize;
     let name = chunk.tensor.clone();
     let shape = chunk.shape.clone();
+    let first = chunk.elems.start;
     let task_name = name.clone();
     let merged = crate::telemetry::spawn_blocking(move || {
         let inputs: Vec<(DType, &[u8])> = raw.iter().map(|(d, b)| (*d, b.as_ref())).collect();
         let mut out = pool.take(n * out_dtype.size_bytes());
-        kernel.run(&task_name, &shape, &inputs, out_dtype, out.as_mut_slice())?;
+        match &stream {
+            Some(s) => kernel.run_stream(
+                &task_name,
+                s.as_ref(),
+                first,
+                &inputs,
+                out_dtype,
+                out.as_mut_slice(),
+            )?,
+            None => kernel.run(&task_name, &shape, &inputs, out_dtype, out.as_mut_slice())?,
+        }
         // The inputs (mapped file ranges) are released before the output travels on.
         drop(inputs);
         drop(raw);

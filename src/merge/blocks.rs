@@ -86,6 +86,107 @@ where
         )
 }
 
+/// Like [`map_blocks`], for kernels that need to know where they are and whole spans of
+/// elements at once: `f(state, first, blocks, out_block)` gets spans of exactly `span`
+/// elements (the last may be shorter), `first` being the index of the span's first element
+/// in the buffers. Spans are grouped into tasks of about [`TASK_ELEMS`] elements run in
+/// parallel; each task starts with `init(first)` (its first element) and walks its spans in
+/// order, so `state` may carry running counts from span to span within the task.
+pub fn map_spans<S, I, F>(
+    inputs: &[(DType, &[u8])],
+    out_dtype: DType,
+    out: &mut [u8],
+    span: usize,
+    init: I,
+    f: F,
+) -> Result<(), MergeError>
+where
+    I: Fn(usize) -> S + Sync,
+    F: Fn(&mut S, usize, &[&[f32]], &mut [f32]) + Sync,
+{
+    let n = validate(inputs, out_dtype, out)?;
+    let span = span.max(1);
+    let per_task = (TASK_ELEMS / span).max(1) * span;
+    let osz = out_dtype.size_bytes();
+    let task = |t: usize, chunk: &mut [u8]| -> Result<(), MergeError> {
+        let first = t * per_task;
+        let len = chunk.len() / osz.max(1);
+        let k = inputs.len();
+        let mut scratch = vec![0.0f32; (k + 1) * span.min(len.max(1))];
+        let width = span.min(len.max(1));
+        let (ins, outs) = scratch.split_at_mut(k * width);
+        let mut state = init(first);
+        for (b, out_block) in chunk.chunks_mut(span * osz).enumerate() {
+            let start = first + b * span;
+            let blen = out_block.len() / osz;
+            for ((dtype, bytes), dst) in inputs.iter().zip(ins.chunks_mut(width)) {
+                let sz = dtype.size_bytes();
+                decode_to_f32(
+                    *dtype,
+                    &bytes[start * sz..(start + blen) * sz],
+                    &mut dst[..blen],
+                )?;
+            }
+            let blocks: Vec<&[f32]> = ins.chunks(width).map(|c| &c[..blen]).collect();
+            let o = &mut outs[..blen];
+            f(&mut state, start, &blocks, o);
+            encode_from_f32(out_dtype, o, out_block)?;
+        }
+        Ok(())
+    };
+    if n <= per_task {
+        return task(0, out);
+    }
+    out.par_chunks_mut(per_task * osz)
+        .enumerate()
+        .try_for_each(|(t, chunk)| task(t, chunk))
+}
+
+/// Decodes spans of `span` elements of `inputs` in order and hands each to
+/// `f(first, blocks)` on the calling thread (a pre-pass whose sums must follow index order).
+pub fn scan_spans<F>(inputs: &[(DType, &[u8])], span: usize, mut f: F) -> Result<(), MergeError>
+where
+    F: FnMut(usize, &[&[f32]]),
+{
+    let Some((d0, b0)) = inputs.first() else {
+        return Ok(());
+    };
+    let n = b0.len() / d0.size_bytes().max(1);
+    for (index, (dtype, bytes)) in inputs.iter().enumerate() {
+        if !dtype.is_mergeable_float() {
+            return Err(DTypeError::NotFloat(*dtype).into());
+        }
+        if bytes.len() != n * dtype.size_bytes() {
+            return Err(MergeError::InputLength {
+                index,
+                dtype: *dtype,
+                expected: n * dtype.size_bytes(),
+                actual: bytes.len(),
+                elements: n,
+            });
+        }
+    }
+    let span = span.max(1);
+    let width = span.min(n.max(1));
+    let mut scratch = vec![0.0f32; inputs.len() * width];
+    let mut start = 0;
+    while start < n {
+        let len = span.min(n - start);
+        for ((dtype, bytes), dst) in inputs.iter().zip(scratch.chunks_mut(width)) {
+            let sz = dtype.size_bytes();
+            decode_to_f32(
+                *dtype,
+                &bytes[start * sz..(start + len) * sz],
+                &mut dst[..len],
+            )?;
+        }
+        let blocks: Vec<&[f32]> = scratch.chunks(width).map(|c| &c[..len]).collect();
+        f(start, &blocks);
+        start += len;
+    }
+    Ok(())
+}
+
 /// One scratch: `k` input blocks followed by the output block.
 fn new_scratch(k: usize) -> Vec<f32> {
     vec![0.0; (k + 1) * BLOCK_ELEMS]

@@ -53,6 +53,9 @@ pub enum MergeError {
     /// `normalize: true` with per-tensor weights that sum to zero for one tensor.
     #[error("the models' weights for this tensor sum to zero (normalize: true divides by the sum)")]
     ZeroWeightSum,
+    /// A streamed tensor was merged before its pre-passes over the tensor had run.
+    #[error("the tensor's statistics were not gathered before merging (pre-pass missing)")]
+    NotReady,
     /// A model-wide selection (`scope: "model"`) ran without its thresholds from the pre-pass.
     #[error("scope \"model\": the kernel has {bands} thresholds for {models} models")]
     MissingSelection {
@@ -75,7 +78,8 @@ impl MergeError {
             MergeError::ZeroWeightSum => ErrorCode::InvalidRecipe,
             MergeError::OutputLength { .. }
             | MergeError::WeightCount { .. }
-            | MergeError::MissingSelection { .. } => ErrorCode::Internal,
+            | MergeError::MissingSelection { .. }
+            | MergeError::NotReady => ErrorCode::Internal,
         }
     }
 }

@@ -21,7 +21,7 @@
 //! `[n_bot, n − n_top)` for breadcrumbs. torch's sort is not stable, so mergekit may choose
 //! other elements among equal magnitudes; the conformance tie rule accepts either.
 
-use crate::merge::precision::Precision;
+use crate::merge::precision::{Precision, bf16_round};
 use crate::merge::radix::Band;
 use crate::merge::rng::KeyedRng;
 use crate::merge::sparsification::Sparsification;
@@ -70,14 +70,115 @@ impl Config {
 
 /// `δ = r(x − b)` into `out`.
 pub fn task_vector(base: &[f32], x: &[f32], p: Precision, out: &mut [f32]) {
-    for ((o, &b), &x) in out.iter_mut().zip(base).zip(x) {
-        *o = p.round(x - b);
+    #[inline(always)]
+    fn with<R: Fn(f32) -> f32>(r: R, base: &[f32], x: &[f32], out: &mut [f32]) {
+        for ((o, &b), &x) in out.iter_mut().zip(base).zip(x) {
+            *o = r(x - b);
+        }
+    }
+    // One loop per precision, so each is compiled (and vectorized) without the dispatch.
+    match p {
+        Precision::F32 => with(|v| v, base, x, out),
+        Precision::BF16 => with(bf16_round, base, x, out),
+        Precision::F16 => with(|v| Precision::F16.round(v), base, x, out),
     }
 }
 
 /// Elementwise combination of (already sparsified) task vectors with the base.
 /// `weights` are the rounded weights `r(w_i)`, one per delta.
 pub fn combine(base: &[f32], deltas: &[&[f32]], weights: &[f32], cfg: &Config, out: &mut [f32]) {
+    match cfg.precision {
+        Precision::F32 => combine_with(|v| v, base, deltas, weights, cfg, out),
+        Precision::BF16 => combine_with(bf16_round, base, deltas, weights, cfg, out),
+        Precision::F16 => {
+            combine_with(|v| Precision::F16.round(v), base, deltas, weights, cfg, out)
+        }
+    }
+}
+
+/// Elements combined together (per model, then per element), so the inner loops run over
+/// contiguous arrays and vectorize.
+const COMBINE_TILE: usize = 64;
+
+/// [`combine`] with the rounding `r` known at compile time. Per element, exactly as the
+/// formula in the module docs: `wd_i = r(δ_i·w_i)`, `s = Σ wd_i` in model order from `Sum`'s
+/// neutral element; with consensus the kept `wd_i` and `w_i` are summed from +0 (adding +0 for
+/// the others changes nothing: such a sum is never −0), without it `mixed = r(s)`.
+#[inline(always)]
+fn combine_with<R: Fn(f32) -> f32 + Copy>(
+    r: R,
+    base: &[f32],
+    deltas: &[&[f32]],
+    weights: &[f32],
+    cfg: &Config,
+    out: &mut [f32],
+) {
+    const T: usize = COMBINE_TILE;
+    let lambda = cfg.lambda as f32;
+    let zero: f32 = std::iter::empty::<f32>().sum();
+    let plain_div = {
+        let d = r(weights.iter().sum::<f32>());
+        if d.abs() < 1e-8 { 1.0 } else { d }
+    };
+    let mut wd = vec![[0.0f32; T]; deltas.len()];
+    for (t, o_tile) in out.chunks_mut(T).enumerate() {
+        let e0 = t * T;
+        let len = o_tile.len();
+        let mut s = [zero; T];
+        for ((d, &w), wdi) in deltas.iter().zip(weights).zip(wd.iter_mut()) {
+            let d = &d[e0..e0 + len];
+            for e in 0..len {
+                let v = r(d[e] * w);
+                wdi[e] = v;
+                s[e] += v;
+            }
+        }
+        let mut mixed = [0.0f32; T];
+        let mut div = [plain_div; T];
+        if cfg.consensus {
+            let mut acc = [0.0f32; T];
+            let mut dv = [0.0f32; T];
+            for (&w, wdi) in weights.iter().zip(&wd) {
+                for e in 0..len {
+                    let x = wdi[e];
+                    // x ≠ 0 and sign(x) = (s ≥ 0 ? + : −); NaN is never kept.
+                    let keep = if s[e] >= 0.0 { x > 0.0 } else { x < 0.0 };
+                    acc[e] += if keep { x } else { 0.0 };
+                    dv[e] += if keep { w } else { 0.0 };
+                }
+            }
+            for e in 0..len {
+                mixed[e] = r(acc[e]);
+                let d = r(dv[e]);
+                div[e] = if d == 0.0 { 1.0 } else { d };
+            }
+        } else {
+            for e in 0..len {
+                mixed[e] = r(s[e]);
+            }
+        }
+        for e in 0..len {
+            let mut x = mixed[e];
+            if cfg.normalize {
+                x = r(x / div[e]);
+            }
+            if cfg.lambda != 1.0 {
+                x = r(x * lambda);
+            }
+            o_tile[e] = r(base[e0 + e] + x);
+        }
+    }
+}
+
+/// The former per-element [`combine`], kept as the reference the tiled one is tested against.
+#[cfg(test)]
+fn combine_reference(
+    base: &[f32],
+    deltas: &[&[f32]],
+    weights: &[f32],
+    cfg: &Config,
+    out: &mut [f32],
+) {
     let p = cfg.precision;
     let lambda = cfg.lambda as f32;
     let plain_div = {
@@ -216,9 +317,27 @@ pub fn magnitude(delta: &mut [f32], density: f64) {
     if density >= 1.0 {
         return;
     }
-    let n = delta.len();
+    let (lo, hi) = magnitude_band(density, delta.len());
+    keep_rank_band(delta, lo, hi);
+}
+
+/// The ascending-rank band [`magnitude`] keeps of `n` elements (`density < 1`).
+pub fn magnitude_band(density: f64, n: usize) -> (usize, usize) {
     let k = ((density * n as f64) as usize).max(1).min(n);
-    keep_rank_band(delta, n - k, n);
+    (n - k, n)
+}
+
+/// The ascending-rank band [`magnitude_outliers`] keeps of `n` elements (`density < 1`).
+pub fn outliers_band(density: f64, gamma: f64, n: usize) -> (usize, usize) {
+    let n = n as i64;
+    let target = (density * n as f64) as i64;
+    let mut n_top = (gamma * n as f64) as i64;
+    let mut n_bot = n - target - n_top;
+    if n_bot < 0 {
+        n_top += n_bot;
+        n_bot = 0;
+    }
+    (n_bot as usize, (n - n_top) as usize)
 }
 
 /// mergekit's `magnitude_outliers` (breadcrumbs): drop the `⌊gamma·n⌋` largest and the
@@ -230,25 +349,23 @@ pub fn magnitude_outliers(delta: &mut [f32], density: f64, gamma: f64) {
     if density >= 1.0 {
         return;
     }
-    let n = delta.len() as i64;
-    let target = (density * n as f64) as i64;
-    let mut n_top = (gamma * n as f64) as i64;
-    let mut n_bot = n - target - n_top;
-    if n_bot < 0 {
-        n_top += n_bot;
-        n_bot = 0;
-    }
-    keep_rank_band(delta, n_bot as usize, (n - n_top) as usize);
+    let (lo, hi) = outliers_band(density, gamma, delta.len());
+    keep_rank_band(delta, lo, hi);
 }
 
 /// DARE: keep each element with probability `r(density)`.
 pub fn random(delta: &mut [f32], density: f64, p: Precision, rng: &KeyedRng) {
+    random_at(delta, 0, density, p, rng)
+}
+
+/// [`random`] on the elements `first..` of a tensor (the draws are keyed by element index).
+pub fn random_at(delta: &mut [f32], first: u64, density: f64, p: Precision, rng: &KeyedRng) {
     if density >= 1.0 {
         return;
     }
     let keep_p = p.scalar(density) as f64;
     for (e, x) in delta.iter_mut().enumerate() {
-        if !rng.keep(e as u64, keep_p) {
+        if !rng.keep(first + e as u64, keep_p) {
             *x = 0.0;
         }
     }
@@ -259,6 +376,19 @@ pub fn random(delta: &mut [f32], density: f64, p: Precision, rng: &KeyedRng) {
 /// above 256, as mergekit).
 pub fn della(
     delta: &mut [f32],
+    row_len: usize,
+    density: f64,
+    epsilon: f64,
+    p: Precision,
+    rng: &KeyedRng,
+) {
+    della_at(delta, 0, row_len, density, epsilon, p, rng)
+}
+
+/// [`della`] on whole rows starting at element `first` of a tensor (a multiple of `row_len`).
+pub fn della_at(
+    delta: &mut [f32],
+    first: u64,
     row_len: usize,
     density: f64,
     epsilon: f64,
@@ -276,16 +406,11 @@ pub fn della(
     // `(density − ε) + tensor`: a Python float meets the tensor at f32 precision.
     let low = (density - epsilon) as f32;
     let eps = epsilon as f32;
-    let mut order: Vec<u32> = Vec::with_capacity(row_len);
+    let mut ranker = Ranker::default();
     let mut rank: Vec<u32> = vec![0; row_len];
     for (r, row) in delta.chunks_mut(row_len).enumerate() {
         let d = row.len();
-        order.clear();
-        order.extend(0..d as u32);
-        order.sort_by(|&a, &b| row[a as usize].abs().total_cmp(&row[b as usize].abs()));
-        for (pos, &i) in order.iter().enumerate() {
-            rank[i as usize] = pos as u32 + 1;
-        }
+        ranker.ranks(row, &mut rank[..d]);
         let max_rank = p.round(d as f32);
         let span = p.round(max_rank - 1.0);
         for (j, x) in row.iter_mut().enumerate() {
@@ -296,10 +421,62 @@ pub fn della(
                 0.0
             };
             let prob = p.round(low + p.round(p.round(norm * 2.0) * eps));
-            let e = (r * row_len + j) as u64;
+            let e = first + (r * row_len + j) as u64;
             if !rng.keep(e, prob as f64) {
                 *x = 0.0;
             }
+        }
+    }
+}
+
+/// Ascending ranks (1-based) by `(|δ|, index)`, as a stable sort on `|δ|.total_cmp` gives
+/// them: for magnitudes (sign cleared) `total_cmp` orders like the bits, so a stable LSD radix
+/// sort of the keys (a byte at a time, skipping bytes every key shares, e.g. the zero low half
+/// of bf16 values) gives that order in linear time. Scratch reused from row to row.
+#[derive(Debug, Default)]
+struct Ranker {
+    keys: Vec<u32>,
+    idx: Vec<u32>,
+    tmp_keys: Vec<u32>,
+    tmp_idx: Vec<u32>,
+}
+
+impl Ranker {
+    fn ranks(&mut self, row: &[f32], rank: &mut [u32]) {
+        let d = row.len();
+        self.keys.clear();
+        self.keys
+            .extend(row.iter().map(|x| crate::merge::radix::key(*x)));
+        self.idx.clear();
+        self.idx.extend(0..d as u32);
+        self.tmp_keys.resize(d, 0);
+        self.tmp_idx.resize(d, 0);
+        for shift in [0u32, 8, 16, 24] {
+            let mut count = [0u32; 256];
+            for k in &self.keys {
+                count[((k >> shift) & 0xff) as usize] += 1;
+            }
+            if count.iter().any(|&c| c as usize == d) {
+                continue; // every key has the same byte here: the pass would not move anything
+            }
+            let mut pos = [0u32; 256];
+            let mut sum = 0u32;
+            for (p, c) in pos.iter_mut().zip(&count) {
+                *p = sum;
+                sum += c;
+            }
+            for (k, i) in self.keys.iter().zip(&self.idx) {
+                let b = ((k >> shift) & 0xff) as usize;
+                let at = pos[b] as usize;
+                pos[b] += 1;
+                self.tmp_keys[at] = *k;
+                self.tmp_idx[at] = *i;
+            }
+            std::mem::swap(&mut self.keys, &mut self.tmp_keys);
+            std::mem::swap(&mut self.idx, &mut self.tmp_idx);
+        }
+        for (p, &i) in self.idx.iter().enumerate() {
+            rank[i as usize] = p as u32 + 1;
         }
     }
 }
@@ -533,6 +710,127 @@ mod tests {
         // Expected keep rates: ≈ 0.1 + 0.8·0.125 = 0.2 and ≈ 0.8.
         assert!((low - 0.2).abs() < 0.05, "{low}");
         assert!((high - 0.8).abs() < 0.05, "{high}");
+    }
+
+    /// DELLA's ranks by one sort of `bits << 32 | index` equal those of the stable sort by
+    /// `|δ|.total_cmp` it replaced, ties, zeros of both signs and NaN included.
+    #[test]
+    fn della_ranks_match_a_stable_sort() {
+        let mut s = 0xdead_beef_1234_5678u64;
+        let mut next = || {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            s
+        };
+        for round in 0..50 {
+            let row = 1 + (next() % 300) as usize;
+            let n = row * (1 + (next() % 4) as usize);
+            let d: Vec<f32> = (0..n)
+                .map(|_| match next() % 13 {
+                    0 => 0.0,
+                    1 => -0.0,
+                    2 => f32::NAN,
+                    3 => -f32::NAN,
+                    _ => ((next() % 9) as f32 - 4.0) * 0.125,
+                })
+                .collect();
+            let p = if round % 2 == 0 {
+                Precision::BF16
+            } else {
+                Precision::F32
+            };
+            let rng = KeyedRng::new(5, 1, "w");
+            let mut got = d.clone();
+            della_at(&mut got, 4096, row, 0.5, 0.2, p, &rng);
+            // The reference: the former stable sort, then the same keep rule.
+            let mut want = d.clone();
+            let (low, eps) = ((0.5f64 - 0.2) as f32, 0.2f32);
+            for (r, rw) in want.chunks_mut(row).enumerate() {
+                let mut order: Vec<usize> = (0..rw.len()).collect();
+                order.sort_by(|&a, &b| rw[a].abs().total_cmp(&rw[b].abs()));
+                let mut rank = vec![0u32; rw.len()];
+                for (pos, &i) in order.iter().enumerate() {
+                    rank[i] = pos as u32 + 1;
+                }
+                let span = p.round(p.round(rw.len() as f32) - 1.0);
+                for (j, x) in rw.iter_mut().enumerate() {
+                    let rr = p.round(rank[j] as f32);
+                    let norm = if span > 0.0 {
+                        p.round(p.round(rr - 1.0) / span).clamp(0.0, 1.0)
+                    } else {
+                        0.0
+                    };
+                    let prob = p.round(low + p.round(p.round(norm * 2.0) * eps));
+                    if !rng.keep(4096 + (r * row + j) as u64, prob as f64) {
+                        *x = 0.0;
+                    }
+                }
+            }
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&got), bits(&want), "round {round}");
+        }
+    }
+
+    /// The tiled combination equals the per-element one bit for bit (signed zeros, NaN, ±∞,
+    /// ties of the sign vote, every precision, with and without consensus / normalize / λ).
+    #[test]
+    fn tiled_combine_matches_the_reference() {
+        let mut s = 0x0123_4567_89ab_cdefu64;
+        let mut next = || {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            s
+        };
+        let special = [
+            0.0f32,
+            -0.0,
+            f32::NAN,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            1e-40,
+            -1e-40,
+        ];
+        for round in 0..200 {
+            let n = 1 + (next() % 300) as usize;
+            let m = 1 + (next() % 4) as usize;
+            let p = [Precision::BF16, Precision::F32, Precision::F16][round % 3];
+            let mut val = || {
+                let r = next();
+                if r % 5 == 0 {
+                    special[(r >> 8) as usize % special.len()]
+                } else {
+                    p.round(((r >> 20) % 17) as f32 * 0.25 - 2.0)
+                }
+            };
+            let base: Vec<f32> = (0..n).map(|_| val()).collect();
+            let ds: Vec<Vec<f32>> = (0..m).map(|_| (0..n).map(|_| val()).collect()).collect();
+            let weights: Vec<f32> = (0..m).map(|_| val()).collect();
+            let refs: Vec<&[f32]> = ds.iter().map(|d| d.as_slice()).collect();
+            let c = Config {
+                sparsification: Sparsification::None,
+                consensus: round % 2 == 0,
+                normalize: round % 4 < 2,
+                rescale: false,
+                lambda: if round % 5 == 0 { 0.7 } else { 1.0 },
+                precision: p,
+                seed: 0,
+                per_row: false,
+            };
+            let mut a = vec![0.0f32; n];
+            let mut b = vec![0.0f32; n];
+            combine(&base, &refs, &weights, &c, &mut a);
+            combine_reference(&base, &refs, &weights, &c, &mut b);
+            // NaN's sign and payload are not kept by the compiler (LLVM may commute an add):
+            // any NaN equals any NaN here; every other value bit for bit.
+            let bits = |v: &[f32]| {
+                v.iter()
+                    .map(|x| if x.is_nan() { u32::MAX } else { x.to_bits() })
+                    .collect::<Vec<_>>()
+            };
+            assert_eq!(bits(&a), bits(&b), "round {round}");
+        }
     }
 
     #[test]

@@ -8,6 +8,9 @@
 //! - [`gta`]: task arithmetic, TIES, breadcrumbs, DARE, DELLA (mergekit's generalized task
 //!   arithmetic), [`slerp`](mod@slerp), [`spherical`] (NuSLERP, Karcher), [`model_stock`],
 //!   [`sce`], and the keyed generator [`rng`].
+//! - [`stream`]: the contract of a per-tensor streamed method (pre-passes over the chunks,
+//!   then chunk-by-chunk merging), [`select`] (exact rank cut-offs over chunks) and
+//!   [`gta_stream`] (the GTA family streamed).
 //! - [`error`](mod@error): the error type [`MergeError`].
 
 pub mod blocks;
@@ -15,6 +18,8 @@ pub mod diagnostics;
 pub mod dtype;
 pub mod error;
 pub mod gta;
+pub mod gta_stream;
+pub mod karcher_stream;
 pub mod linear;
 pub mod model_stock;
 pub mod nearswap;
@@ -24,11 +29,13 @@ mod properties;
 pub mod radix;
 pub mod rng;
 pub mod sce;
+pub mod select;
 pub mod slerp;
 pub mod sparsification;
 pub mod spherical;
+pub mod stream;
 
-pub use blocks::{BLOCK_ELEMS, TASK_ELEMS, map_blocks};
+pub use blocks::{BLOCK_ELEMS, TASK_ELEMS, map_blocks, map_spans, scan_spans};
 pub use dtype::{DType, DTypeError, count_nonfinite, decode_to_f32, encode_from_f32};
 pub use error::MergeError;
 pub use linear::{linear, linear_raw};

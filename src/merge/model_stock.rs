@@ -10,10 +10,46 @@
 //! products accumulate in f64 here and round once (torch: f32 in its own order), which moves a
 //! bf16 scalar by one ulp at most now and then (conformance tolerance: 4 ulps).
 
+use crate::merge::blocks::{map_spans, scan_spans};
+use crate::merge::dtype::DType;
+use crate::merge::error::MergeError;
 use crate::merge::precision::Precision;
+use crate::merge::stream::{TensorStream, sum_start};
 
 fn sum_round(p: Precision, it: impl Iterator<Item = f64>) -> f32 {
     p.round(it.sum::<f64>() as f32)
+}
+
+/// `(t, r(1 − t))` from the offsets' rounded norms and their pairwise rounded dot products
+/// (pairs `(i, j)`, `i < j`, in order).
+fn interpolation(p: Precision, norms: &[f32], dots: &[f32]) -> (f32, f32) {
+    let n_models = norms.len();
+    let nf = n_models as f32;
+    let mut cos_sum = 0.0f64;
+    let mut pairs = 0usize;
+    for i in 0..n_models {
+        for j in i + 1..n_models {
+            let np = p.round(norms[i] * norms[j]).max(1e-6);
+            let c = p.round(dots[pairs] / np).clamp(-1.0, 1.0);
+            cos_sum += c as f64;
+            pairs += 1;
+        }
+    }
+    let cos = p.round((cos_sum / pairs.max(1) as f64) as f32);
+    let t = p.round(p.round(nf * cos) / p.round(1.0 + p.round((nf - 1.0) * cos)));
+    (t, p.round(1.0 - t))
+}
+
+/// One output element: the models' average pulled towards the base.
+#[inline]
+fn element(p: Precision, xs: &[&[f32]], e: usize, b: f32, t: f32, one_minus_t: f32) -> f32 {
+    let nf = xs.len() as f32;
+    let mut acc = 0.0f32;
+    for x in xs {
+        acc = p.round(acc + x[e]);
+    }
+    let avg = p.round(acc / nf);
+    p.round(p.round(t * avg) + p.round(one_minus_t * b))
 }
 
 /// `xs` are the fine-tuned models (at least two), `row_len` the length of the vectors the
@@ -21,7 +57,6 @@ fn sum_round(p: Precision, it: impl Iterator<Item = f64>) -> f32 {
 pub fn model_stock(p: Precision, base: &[f32], xs: &[&[f32]], row_len: usize, out: &mut [f32]) {
     let row_len = row_len.max(1);
     let n_models = xs.len();
-    let nf = n_models as f32;
     let mut offsets: Vec<Vec<f32>> = vec![Vec::new(); n_models];
     for (r, (brow, orow)) in base
         .chunks(row_len)
@@ -45,40 +80,237 @@ pub fn model_stock(p: Precision, base: &[f32], xs: &[&[f32]], row_len: usize, ou
                 p.round((o.iter().map(|v| (*v as f64) * (*v as f64)).sum::<f64>()).sqrt() as f32)
             })
             .collect();
-        let mut cos_sum = 0.0f64;
-        let mut pairs = 0usize;
+        let mut dots = Vec::new();
         for i in 0..n_models {
             for j in i + 1..n_models {
-                let np = p.round(norms[i] * norms[j]).max(1e-6);
-                let dot = sum_round(
+                dots.push(sum_round(
                     p,
                     offsets[i]
                         .iter()
                         .zip(&offsets[j])
                         .map(|(a, b)| p.round(a * b) as f64),
-                );
-                let c = p.round(dot / np).clamp(-1.0, 1.0);
-                cos_sum += c as f64;
-                pairs += 1;
+                ));
             }
         }
-        let cos = p.round((cos_sum / pairs.max(1) as f64) as f32);
-        let t = p.round(p.round(nf * cos) / p.round(1.0 + p.round((nf - 1.0) * cos)));
-        let one_minus_t = p.round(1.0 - t);
+        let (t, one_minus_t) = interpolation(p, &norms, &dots);
+        let rows: Vec<&[f32]> = xs.iter().map(|x| &x[start..start + len]).collect();
         for (e, o) in orow.iter_mut().enumerate() {
-            let mut acc = 0.0f32;
-            for x in xs {
-                acc = p.round(acc + x[start + e]);
-            }
-            let avg = p.round(acc / nf);
-            *o = p.round(p.round(t * avg) + p.round(one_minus_t * brow[e]));
+            *o = element(p, &rows, e, brow[e], t, one_minus_t);
         }
+    }
+}
+
+/// [`model_stock`] streamed ([`TensorStream`]). Over the whole tensor: one pass for the
+/// offsets' norms and dot products (sums in index order), then elementwise. Filter-wise:
+/// chunks hold whole rows, each merged on its own. Inputs: the base (when the recipe has one,
+/// else the first model stands in for it), then the models.
+#[derive(Debug, Clone)]
+pub struct ModelStockStream {
+    p: Precision,
+    has_base: bool,
+    models: usize,
+    /// `Some(row_len)`: filter-wise.
+    rows: Option<usize>,
+    pass_done: bool,
+    sq: Vec<f64>,
+    dot: Vec<f64>,
+    coef: Option<(f32, f32)>,
+}
+
+impl ModelStockStream {
+    pub fn new(p: Precision, has_base: bool, models: usize, rows: Option<usize>) -> Self {
+        let pairs = models * models.saturating_sub(1) / 2;
+        ModelStockStream {
+            p,
+            has_base,
+            models,
+            rows: rows.map(|r| r.max(1)),
+            pass_done: rows.is_some(),
+            sq: vec![sum_start(); models],
+            dot: vec![sum_start(); pairs],
+            coef: None,
+        }
+    }
+
+    fn check(&self, inputs: &[(DType, &[u8])]) -> Result<(), MergeError> {
+        let want = self.models + usize::from(self.has_base);
+        if inputs.len() != want || self.models < 2 {
+            return Err(MergeError::WeightCount {
+                inputs: inputs.len(),
+                weights: want.max(2),
+            });
+        }
+        Ok(())
+    }
+
+    /// The base and the models among the decoded blocks.
+    fn split<'a>(&self, blocks: &'a [&'a [f32]]) -> (&'a [f32], &'a [&'a [f32]]) {
+        if self.has_base {
+            (blocks[0], &blocks[1..])
+        } else {
+            (blocks[0], blocks)
+        }
+    }
+}
+
+impl TensorStream for ModelStockStream {
+    fn align(&self) -> usize {
+        self.rows.unwrap_or(1)
+    }
+
+    fn wants_pass(&self) -> bool {
+        !self.pass_done
+    }
+
+    fn observe(&mut self, _first: u64, inputs: &[(DType, &[u8])]) -> Result<(), MergeError> {
+        self.check(inputs)?;
+        let p = self.p;
+        let m = self.models;
+        let has_base = self.has_base;
+        let (mut sq, mut dot) = (std::mem::take(&mut self.sq), std::mem::take(&mut self.dot));
+        let mut o = vec![0.0f32; m];
+        scan_spans(inputs, crate::merge::BLOCK_ELEMS, |_, blocks| {
+            let (base, xs) = if has_base {
+                (blocks[0], &blocks[1..])
+            } else {
+                (blocks[0], blocks)
+            };
+            for (e, b) in base.iter().enumerate() {
+                for (oi, x) in o.iter_mut().zip(xs) {
+                    *oi = p.round(x[e] - b);
+                }
+                let mut k = 0;
+                for i in 0..m {
+                    sq[i] += (o[i] as f64) * (o[i] as f64);
+                    for j in i + 1..m {
+                        dot[k] += p.round(o[i] * o[j]) as f64;
+                        k += 1;
+                    }
+                }
+            }
+        })?;
+        self.sq = sq;
+        self.dot = dot;
+        Ok(())
+    }
+
+    fn end_pass(&mut self) {
+        let p = self.p;
+        let norms: Vec<f32> = self.sq.iter().map(|s| p.round(s.sqrt() as f32)).collect();
+        let dots: Vec<f32> = self.dot.iter().map(|d| p.round(*d as f32)).collect();
+        self.coef = Some(interpolation(p, &norms, &dots));
+        self.pass_done = true;
+    }
+
+    fn merge(
+        &self,
+        _first: u64,
+        inputs: &[(DType, &[u8])],
+        out_dtype: DType,
+        out: &mut [u8],
+    ) -> Result<(), MergeError> {
+        self.check(inputs)?;
+        let p = self.p;
+        if let Some(row_len) = self.rows {
+            let span = (crate::merge::BLOCK_ELEMS / row_len).max(1) * row_len;
+            return map_spans(
+                inputs,
+                out_dtype,
+                out,
+                span,
+                |_| (),
+                |_, _, blocks, o| {
+                    let (base, xs) = self.split(blocks);
+                    model_stock(p, base, xs, row_len, o);
+                },
+            );
+        }
+        let (t, omt) = self.coef.ok_or(MergeError::NotReady)?;
+        map_spans(
+            inputs,
+            out_dtype,
+            out,
+            crate::merge::BLOCK_ELEMS,
+            |_| (),
+            |_, _, blocks, o| {
+                let (base, xs) = self.split(blocks);
+                for (e, o) in o.iter_mut().enumerate() {
+                    *o = element(p, xs, e, base[e], t, omt);
+                }
+            },
+        )
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn views(raw: &[Vec<u8>], a: usize, e: usize) -> Vec<(DType, &[u8])> {
+        raw.iter()
+            .map(|r| (DType::BF16, &r[2 * a..2 * e]))
+            .collect()
+    }
+
+    #[test]
+    fn streamed_equals_whole() {
+        use crate::merge::dtype::encode_from_f32;
+        let n = 9_000;
+        let cols = 300;
+        let mut st = 0x1234_5678u64;
+        let mut next = || {
+            st ^= st << 13;
+            st ^= st >> 7;
+            st ^= st << 17;
+            ((st >> 40) % 400) as f32 * 0.0005 + 0.9
+        };
+        let p = Precision::BF16;
+        let vs: Vec<Vec<f32>> = (0..4)
+            .map(|_| (0..n).map(|_| p.round(next())).collect())
+            .collect();
+        let raw: Vec<Vec<u8>> = vs
+            .iter()
+            .map(|v| {
+                let mut b = vec![0u8; 2 * n];
+                encode_from_f32(DType::BF16, v, &mut b).unwrap();
+                b
+            })
+            .collect();
+        for has_base in [true, false] {
+            for rows in [None, Some(cols)] {
+                let (base, xs): (&[f32], Vec<&[f32]>) = if has_base {
+                    (
+                        vs[0].as_slice(),
+                        vs[1..].iter().map(|v| v.as_slice()).collect(),
+                    )
+                } else {
+                    (vs[0].as_slice(), vs.iter().map(|v| v.as_slice()).collect())
+                };
+                let mut want = vec![0.0f32; n];
+                model_stock(p, base, &xs, rows.unwrap_or(n), &mut want);
+                let mut wb = vec![0u8; 2 * n];
+                encode_from_f32(DType::BF16, &want, &mut wb).unwrap();
+                let models = xs.len();
+                for chunk in [cols, 3 * cols, n] {
+                    let mut s = ModelStockStream::new(p, has_base, models, rows);
+                    let ins = |a: usize, e: usize| views(&raw, a, e);
+                    while s.wants_pass() {
+                        for a in (0..n).step_by(chunk) {
+                            s.observe(a as u64, &ins(a, (a + chunk).min(n))).unwrap();
+                        }
+                        s.end_pass();
+                    }
+                    let mut got = vec![0u8; 2 * n];
+                    for a in (0..n).step_by(chunk) {
+                        let e = (a + chunk).min(n);
+                        s.merge(a as u64, &ins(a, e), DType::BF16, &mut got[2 * a..2 * e])
+                            .unwrap();
+                    }
+                    assert!(got == wb, "base {has_base} rows {rows:?} chunk {chunk}");
+                }
+            }
+        }
+    }
 
     #[test]
     fn by_hand() {

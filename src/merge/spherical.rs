@@ -5,13 +5,72 @@
 //! tensor at f32 precision; a 0-dim f32 tensor meeting a bf16 tensor is rounded to bf16 first,
 //! except as the right operand of `*` or `/`; reductions accumulate (here in f64) and round once.
 
+use crate::merge::blocks::{map_spans, scan_spans};
+use crate::merge::dtype::DType;
+use crate::merge::error::MergeError;
 use crate::merge::precision::Precision;
+use crate::merge::stream::{TensorStream, sum_start};
 
 fn norm(v: &[f32]) -> f64 {
     v.iter()
         .map(|x| (*x as f64) * (*x as f64))
         .sum::<f64>()
         .sqrt()
+}
+
+/// The interpolation of one vector pair once its norms and cosine are known.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct NuCoef {
+    lerp: bool,
+    s0: f32,
+    s1: f32,
+    sin_theta: f32,
+    one_minus: f32,
+    tf: f32,
+}
+
+/// A vector's norm as `nuslerp` divides by it, from its sum of squares.
+fn nu_norm(p: Precision, sq: f64) -> f32 {
+    p.round(sq.sqrt() as f32).max(1e-7)
+}
+
+fn nu_coef(p: Precision, t: f64, cos: f32) -> NuCoef {
+    let theta = p.round(cos.clamp(-1.0, 1.0).acos());
+    let sin_theta = p.round(theta.sin());
+    let tf = t as f32;
+    let one_minus = (1.0 - t) as f32;
+    let lerp = sin_theta.abs() < 1e-8;
+    let (s0, s1) = if lerp {
+        (0.0, 0.0)
+    } else {
+        (
+            p.round(p.round(one_minus * theta).sin()),
+            p.round(p.round(tf * theta).sin()),
+        )
+    };
+    NuCoef {
+        lerp,
+        s0,
+        s1,
+        sin_theta,
+        one_minus,
+        tf,
+    }
+}
+
+#[inline]
+fn nu_apply(p: Precision, c: &NuCoef, a: f32, b: f32) -> f32 {
+    if c.lerp {
+        p.round(p.round(c.one_minus * a) + p.round(c.tf * b))
+    } else {
+        p.round(p.round(p.round(c.s0 * a) + p.round(c.s1 * b)) / c.sin_theta)
+    }
+}
+
+/// One term of the cosine: the product of the normalized elements.
+#[inline]
+fn nu_cos_term(p: Precision, a: f32, b: f32, n0: f32, n1: f32) -> f64 {
+    p.round(p.round(a / n0) * p.round(b / n1)) as f64
 }
 
 /// mergekit's `nuslerp` on one vector pair (already task vectors when there is a base):
@@ -23,23 +82,12 @@ pub fn nuslerp_vec(p: Precision, t: f64, v0: &[f32], v1: &[f32], out: &mut [f32]
     let cos = p.round(
         v0.iter()
             .zip(v1)
-            .map(|(a, b)| p.round(p.round(a / n0) * p.round(b / n1)) as f64)
+            .map(|(a, b)| nu_cos_term(p, *a, *b, n0, n1))
             .sum::<f64>() as f32,
     );
-    let theta = p.round(cos.clamp(-1.0, 1.0).acos());
-    let sin_theta = p.round(theta.sin());
-    let tf = t as f32;
-    let one_minus = (1.0 - t) as f32;
-    if sin_theta.abs() < 1e-8 {
-        for ((o, a), b) in out.iter_mut().zip(v0).zip(v1) {
-            *o = p.round(p.round(one_minus * a) + p.round(tf * b));
-        }
-        return;
-    }
-    let s0 = p.round(p.round(one_minus * theta).sin());
-    let s1 = p.round(p.round(tf * theta).sin());
+    let c = nu_coef(p, t, cos);
     for ((o, a), b) in out.iter_mut().zip(v0).zip(v1) {
-        *o = p.round(p.round(p.round(s0 * a) + p.round(s1 * b)) / sin_theta);
+        *o = nu_apply(p, &c, *a, *b);
     }
 }
 
@@ -107,6 +155,196 @@ pub fn nuslerp(
         for (o, b) in out.iter_mut().zip(b) {
             *o = p.round(b + *o);
         }
+    }
+}
+
+/// [`nuslerp`] streamed ([`TensorStream`]). `Flatten`: pass 1 the two norms, pass 2 the
+/// cosine, then elementwise. `Columns`: the same per column (sums over the rows in order, as
+/// the whole-tensor kernel's column vectors), `cols` scalars per statistic. `Rows`: chunks
+/// hold whole rows, each merged on its own. Inputs: `[base,] x0, x1`.
+#[derive(Debug, Clone)]
+pub struct NuslerpStream {
+    p: Precision,
+    t: f64,
+    has_base: bool,
+    shape: NuslerpShape,
+    cols: usize,
+    pass: u8,
+    sq: [Vec<f64>; 2],
+    cos: Vec<f64>,
+    norms: [Vec<f32>; 2],
+    coefs: Vec<NuCoef>,
+}
+
+impl NuslerpStream {
+    pub fn new(
+        p: Precision,
+        t: f64,
+        has_base: bool,
+        shape: NuslerpShape,
+        cols: usize,
+        n: u64,
+    ) -> Self {
+        let cols = cols.max(1);
+        // Flatten: one vector; Columns: one per column; Rows: no statistic.
+        let vectors = match shape {
+            NuslerpShape::Flatten => 1,
+            NuslerpShape::Columns => cols.min(n.max(1) as usize),
+            NuslerpShape::Rows => 0,
+        };
+        NuslerpStream {
+            p,
+            t,
+            has_base,
+            shape,
+            cols,
+            pass: if vectors == 0 { 2 } else { 0 },
+            sq: [vec![sum_start(); vectors], vec![sum_start(); vectors]],
+            cos: vec![sum_start(); vectors],
+            norms: [Vec::new(), Vec::new()],
+            coefs: Vec::new(),
+        }
+    }
+
+    fn check(&self, inputs: &[(DType, &[u8])]) -> Result<(), MergeError> {
+        let want = 2 + usize::from(self.has_base);
+        if inputs.len() != want {
+            return Err(MergeError::WeightCount {
+                inputs: inputs.len(),
+                weights: want,
+            });
+        }
+        Ok(())
+    }
+
+    /// The vector element `e` (of the whole tensor) belongs to.
+    #[inline]
+    fn vector(&self, e: u64) -> usize {
+        match self.shape {
+            NuslerpShape::Columns => (e % self.cols as u64) as usize,
+            _ => 0,
+        }
+    }
+}
+
+/// The (task) vector values of one element: `x − b` rounded with a base, else `x`.
+#[inline]
+fn nu_values(p: Precision, has_base: bool, blocks: &[&[f32]], e: usize) -> (f32, f32) {
+    if has_base {
+        let b = blocks[0][e];
+        (p.round(blocks[1][e] - b), p.round(blocks[2][e] - b))
+    } else {
+        (blocks[0][e], blocks[1][e])
+    }
+}
+
+impl TensorStream for NuslerpStream {
+    fn align(&self) -> usize {
+        match self.shape {
+            NuslerpShape::Rows => self.cols,
+            _ => 1,
+        }
+    }
+
+    fn wants_pass(&self) -> bool {
+        self.pass < 2
+    }
+
+    fn observe(&mut self, first: u64, inputs: &[(DType, &[u8])]) -> Result<(), MergeError> {
+        self.check(inputs)?;
+        let p = self.p;
+        let has_base = self.has_base;
+        let pass = self.pass;
+        let mut sq = std::mem::take(&mut self.sq);
+        let mut cos = std::mem::take(&mut self.cos);
+        let norms = std::mem::take(&mut self.norms);
+        let this = &*self;
+        scan_spans(inputs, crate::merge::BLOCK_ELEMS, |start, blocks| {
+            for e in 0..blocks[0].len() {
+                let v = this.vector(first + (start + e) as u64);
+                let (a, b) = nu_values(p, has_base, blocks, e);
+                if pass == 0 {
+                    sq[0][v] += (a as f64) * (a as f64);
+                    sq[1][v] += (b as f64) * (b as f64);
+                } else {
+                    cos[v] += nu_cos_term(p, a, b, norms[0][v], norms[1][v]);
+                }
+            }
+        })?;
+        self.sq = sq;
+        self.cos = cos;
+        self.norms = norms;
+        Ok(())
+    }
+
+    fn end_pass(&mut self) {
+        let p = self.p;
+        if self.pass == 0 {
+            self.norms = [
+                self.sq[0].iter().map(|s| nu_norm(p, *s)).collect(),
+                self.sq[1].iter().map(|s| nu_norm(p, *s)).collect(),
+            ];
+        } else {
+            self.coefs = self
+                .cos
+                .iter()
+                .map(|c| nu_coef(p, self.t, p.round(*c as f32)))
+                .collect();
+        }
+        self.pass += 1;
+    }
+
+    fn merge(
+        &self,
+        first: u64,
+        inputs: &[(DType, &[u8])],
+        out_dtype: DType,
+        out: &mut [u8],
+    ) -> Result<(), MergeError> {
+        self.check(inputs)?;
+        let p = self.p;
+        let has_base = self.has_base;
+        if self.shape == NuslerpShape::Rows {
+            let cols = self.cols;
+            let span = (crate::merge::BLOCK_ELEMS / cols).max(1) * cols;
+            return map_spans(
+                inputs,
+                out_dtype,
+                out,
+                span,
+                |_| (),
+                |_, _, blocks, o| {
+                    let (base, x0, x1) = if has_base {
+                        (Some(blocks[0]), blocks[1], blocks[2])
+                    } else {
+                        (None, blocks[0], blocks[1])
+                    };
+                    nuslerp(p, self.t, base, x0, x1, NuslerpShape::Rows, cols, o);
+                },
+            );
+        }
+        if self.wants_pass() {
+            return Err(MergeError::NotReady);
+        }
+        map_spans(
+            inputs,
+            out_dtype,
+            out,
+            crate::merge::BLOCK_ELEMS,
+            |_| (),
+            |_, start, blocks, o| {
+                for (e, o) in o.iter_mut().enumerate() {
+                    let c = &self.coefs[self.vector(first + (start + e) as u64)];
+                    let (a, b) = nu_values(p, has_base, blocks, e);
+                    let v = nu_apply(p, c, a, b);
+                    *o = if has_base {
+                        p.round(blocks[0][e] + v)
+                    } else {
+                        v
+                    };
+                }
+            },
+        )
     }
 }
 
@@ -236,6 +474,90 @@ mod tests {
         nuslerp(f, 0.5, None, &r0, &r1, NuslerpShape::Rows, 2, &mut out);
         assert_eq!(out[..2], [2.0, 0.0]);
         assert!((out[2] - 2.0 * std::f32::consts::FRAC_1_SQRT_2).abs() < 1e-5);
+    }
+
+    fn views(
+        raw: &[Vec<u8>],
+        dt: crate::merge::DType,
+        a: usize,
+        e: usize,
+    ) -> Vec<(crate::merge::DType, &[u8])> {
+        let sz = dt.size_bytes();
+        raw.iter().map(|r| (dt, &r[sz * a..sz * e])).collect()
+    }
+
+    #[test]
+    fn nuslerp_streamed_equals_whole() {
+        use crate::merge::DType;
+        use crate::merge::dtype::encode_from_f32;
+        let (rows, cols) = (37, 250);
+        let n = rows * cols;
+        let mut st = 0x9876_5431u64;
+        let mut next = || {
+            st ^= st << 13;
+            st ^= st >> 7;
+            st ^= st << 17;
+            ((st >> 40) % 1000) as f32 * 0.0001 - 0.05
+        };
+        for (p, dt) in [(Precision::BF16, DType::BF16), (Precision::F32, DType::F32)] {
+            let vs: Vec<Vec<f32>> = (0..3)
+                .map(|_| (0..n).map(|_| p.round(next())).collect())
+                .collect();
+            let raw: Vec<Vec<u8>> = vs
+                .iter()
+                .map(|v| {
+                    let mut b = vec![0u8; n * dt.size_bytes()];
+                    encode_from_f32(dt, v, &mut b).unwrap();
+                    b
+                })
+                .collect();
+            for has_base in [true, false] {
+                for shape in [
+                    NuslerpShape::Flatten,
+                    NuslerpShape::Rows,
+                    NuslerpShape::Columns,
+                ] {
+                    let base = has_base.then_some(vs[0].as_slice());
+                    let (x0, x1) = if has_base {
+                        (&vs[1], &vs[2])
+                    } else {
+                        (&vs[0], &vs[1])
+                    };
+                    let mut want = vec![0.0f32; n];
+                    nuslerp(p, 0.3, base, x0, x1, shape, cols, &mut want);
+                    let mut wb = vec![0u8; n * dt.size_bytes()];
+                    encode_from_f32(dt, &want, &mut wb).unwrap();
+                    let ins: Vec<Vec<u8>> = if has_base {
+                        raw.clone()
+                    } else {
+                        raw[..2].to_vec()
+                    };
+                    for chunk in [cols, 3 * cols, n] {
+                        let mut s = NuslerpStream::new(p, 0.3, has_base, shape, cols, n as u64);
+                        while s.wants_pass() {
+                            for a in (0..n).step_by(chunk) {
+                                s.observe(a as u64, &views(&ins, dt, a, (a + chunk).min(n)))
+                                    .unwrap();
+                            }
+                            s.end_pass();
+                        }
+                        let mut got = vec![0u8; n * dt.size_bytes()];
+                        let sz = dt.size_bytes();
+                        for a in (0..n).step_by(chunk) {
+                            let e = (a + chunk).min(n);
+                            s.merge(
+                                a as u64,
+                                &views(&ins, dt, a, e),
+                                dt,
+                                &mut got[sz * a..sz * e],
+                            )
+                            .unwrap();
+                        }
+                        assert!(got == wb, "{p:?} base {has_base} {shape:?} chunk {chunk}");
+                    }
+                }
+            }
+        }
     }
 
     #[test]

@@ -488,6 +488,27 @@ impl TensorKernel for GtaKernel {
         encode_from_f32(out_dtype, &res, out).map_err(MergeError::from)
     }
 
+    fn stream(
+        &self,
+        name: &str,
+        shape: &[u64],
+        base_dtype: DType,
+    ) -> Option<Box<dyn crate::merge::stream::TensorStream>> {
+        if self.per_model {
+            return None;
+        }
+        let (mut cfg, models) = self.params(name);
+        cfg.precision = Precision::of(self.compute_dtype.unwrap_or(base_dtype));
+        let n = shape.iter().product::<u64>();
+        Some(Box::new(crate::merge::gta_stream::GtaStream::new(
+            cfg,
+            &models,
+            n,
+            common::row_len(shape),
+            name,
+        )))
+    }
+
     /// `scope: "model"`: per model, `(outliers, density, gamma)` of its model-wide selection
     /// (`outliers`: breadcrumbs' band rather than TIES' top-k), and the compute dtype the task
     /// vectors are rounded to (`None`: each tensor's base dtype).

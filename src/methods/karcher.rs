@@ -87,6 +87,23 @@ impl TensorKernel for KarcherKernel {
         Needs::Tensor
     }
 
+    fn stream(
+        &self,
+        _name: &str,
+        _shape: &[u64],
+        base_dtype: DType,
+    ) -> Option<Box<dyn crate::merge::stream::TensorStream>> {
+        if self.has_base {
+            return None;
+        }
+        Some(Box::new(crate::merge::karcher_stream::KarcherStream::new(
+            crate::merge::precision::Precision::of(base_dtype),
+            self.models,
+            self.config.max_iter as usize,
+            self.config.tol,
+        )))
+    }
+
     fn run(
         &self,
         _name: &str,

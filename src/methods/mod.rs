@@ -215,6 +215,19 @@ pub trait TensorKernel: Send + Sync + fmt::Debug {
         out: &mut [u8],
     ) -> Result<(), MergeError>;
 
+    /// The streamed merge of tensor `name` (whose base is `base_dtype`): pre-passes over the
+    /// tensor's chunks for the statistics it needs, then chunk by chunk
+    /// ([`crate::merge::stream::TensorStream`]). `None`: the engine calls [`Self::run`] as
+    /// [`Self::needs`] says.
+    fn stream(
+        &self,
+        _name: &str,
+        _shape: &[u64],
+        _base_dtype: DType,
+    ) -> Option<Box<dyn crate::merge::stream::TensorStream>> {
+        None
+    }
+
     /// A statistic over the whole model the engine computes before the merge (a pre-pass over
     /// every merged tensor): `Some` for `scope: "model"` selections.
     fn model_selection(&self) -> Option<ModelScope> {

@@ -75,6 +75,20 @@ impl TensorKernel for ModelStockKernel {
         Needs::Tensor
     }
 
+    fn stream(
+        &self,
+        _name: &str,
+        shape: &[u64],
+        base_dtype: DType,
+    ) -> Option<Box<dyn crate::merge::stream::TensorStream>> {
+        Some(Box::new(model_stock::ModelStockStream::new(
+            crate::merge::precision::Precision::of(base_dtype),
+            self.has_base,
+            self.models,
+            self.filter_wise.then(|| common::row_len(shape)),
+        )))
+    }
+
     fn run(
         &self,
         _name: &str,

@@ -96,9 +96,46 @@ pub struct NuslerpKernel {
     num_layers: usize,
 }
 
+impl NuslerpKernel {
+    /// `t`: the second model's share of the two weights for tensor `name`.
+    fn t(&self, name: &str) -> f64 {
+        let t_depth = depth(name, self.num_layers);
+        let w: Vec<f64> = self
+            .weights
+            .iter()
+            .map(|(w, s)| s.as_ref().and_then(|s| s.eval(name, t_depth)).unwrap_or(*w))
+            .collect();
+        let total = w.iter().sum::<f64>();
+        if total.abs() < 1e-6 || w.len() < 2 {
+            0.5
+        } else {
+            w[1] / total
+        }
+    }
+}
+
 impl TensorKernel for NuslerpKernel {
     fn needs(&self, _name: &str) -> Needs {
         Needs::Tensor
+    }
+
+    fn stream(
+        &self,
+        name: &str,
+        shape: &[u64],
+        base_dtype: DType,
+    ) -> Option<Box<dyn crate::merge::stream::TensorStream>> {
+        if self.weights.len() != 2 {
+            return None;
+        }
+        Some(Box::new(spherical::NuslerpStream::new(
+            crate::merge::precision::Precision::of(base_dtype),
+            self.t(name),
+            self.has_base,
+            self.shape,
+            common::row_len(shape),
+            shape.iter().product::<u64>(),
+        )))
     }
 
     fn run(
@@ -113,18 +150,7 @@ impl TensorKernel for NuslerpKernel {
         let (p, decoded, mut res) =
             common::decode_models(inputs, out_dtype, out, n, self.has_base, 2, true)?;
         let (base, xs) = common::split_base(&decoded, self.has_base);
-        let t_depth = depth(name, self.num_layers);
-        let w: Vec<f64> = self
-            .weights
-            .iter()
-            .map(|(w, s)| s.as_ref().and_then(|s| s.eval(name, t_depth)).unwrap_or(*w))
-            .collect();
-        let total = w.iter().sum::<f64>();
-        let t = if total.abs() < 1e-6 {
-            0.5
-        } else {
-            w[1] / total
-        };
+        let t = self.t(name);
         let cols = common::row_len(shape);
         spherical::nuslerp(p, t, base, xs[0], xs[1], self.shape, cols, &mut res);
         encode_from_f32(out_dtype, &res, out).map_err(MergeError::from)

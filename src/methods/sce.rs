@@ -73,6 +73,21 @@ impl TensorKernel for SceKernel {
         Needs::Tensor
     }
 
+    fn stream(
+        &self,
+        _name: &str,
+        shape: &[u64],
+        base_dtype: DType,
+    ) -> Option<Box<dyn crate::merge::stream::TensorStream>> {
+        Some(Box::new(crate::merge::sce::SceStream::new(
+            crate::merge::precision::Precision::of(base_dtype),
+            self.has_base,
+            self.models,
+            shape.iter().product::<u64>(),
+            self.select_topk,
+        )))
+    }
+
     fn run(
         &self,
         _name: &str,

@@ -109,6 +109,22 @@ impl TensorKernel for SlerpKernel {
         Needs::Tensor
     }
 
+    fn stream(
+        &self,
+        name: &str,
+        _shape: &[u64],
+        base_dtype: DType,
+    ) -> Option<Box<dyn crate::merge::stream::TensorStream>> {
+        let tv = self
+            .t
+            .eval(name, depth(name, self.num_layers))
+            .unwrap_or(DEFAULT_T);
+        Some(Box::new(crate::merge::slerp::SlerpStream::new(
+            tv,
+            Precision::of(base_dtype),
+        )))
+    }
+
     fn run(
         &self,
         name: &str,

@@ -316,3 +316,43 @@ fn sizes() {
     assert_eq!(parse_size(&json!("lots")), None);
     assert_eq!(parse_size(&json!(-1)), None);
 }
+
+/// Every registered method's validated recipe reads back from its stored JSON as the same
+/// recipe (the method by name, its parameters by their tag), with the same hash.
+#[test]
+fn every_method_round_trips_through_its_stored_form() {
+    use crate::methods::{BaseRule, Method};
+    use serde_json::json;
+    let mut seen = 0;
+    for m in Method::all() {
+        let about = m.about();
+        let models = match m.name() {
+            "slerp" | "nearswap" | "passthrough" => json!([{"uri": "file:///d/a", "weight": 1}]),
+            _ => {
+                json!([{"uri": "file:///d/a", "weight": 0.6}, {"uri": "file:///d/b", "weight": 0.4}])
+            }
+        };
+        let mut req = json!({"method": m.name(), "models": models,
+                             "output": {"uri": "file:///d/out"}});
+        if about.base != BaseRule::Forbidden {
+            req["base_model"] = json!("file:///d/base");
+        }
+        match m.name() {
+            "slerp" | "nearswap" => req["parameters"] = json!({"t": [0.2, 0.8]}),
+            "ema" => {
+                req["parameters"] = json!({"decay": 0.9});
+                req["models"] = json!([{"uri": "file:///d/a"}, {"uri": "file:///d/b"}]);
+            }
+            "ties" => req["parameters"] = json!({"density": 0.5, "scope": "row"}),
+            _ => {}
+        }
+        let s = parse(req.clone()).unwrap_or_else(|e| panic!("{}: {e}", m.name()));
+        let stored = serde_json::to_value(&s.recipe).unwrap();
+        assert_eq!(stored["method"], m.name());
+        let back: Recipe = serde_json::from_value(stored.clone()).unwrap();
+        assert_eq!(back, s.recipe, "{stored}");
+        assert_eq!(back.hash(), s.recipe.hash());
+        seen += 1;
+    }
+    assert_eq!(seen, crate::methods::REGISTRY.len());
+}

@@ -1,0 +1,252 @@
+//! Exact rank selections over a tensor seen chunk by chunk (TIES / breadcrumbs magnitude
+//! cut-offs, SCE's variance top-k), reproducing the whole-tensor rule of
+//! [`crate::merge::gta::keep_rank_band`] bit for bit.
+//!
+//! That rule ranks the elements by `(|x|, index)` ascending and keeps the ranks `lo..hi`.
+//! Counted from the top, the kept set is `Top(n − lo) \ Top(n − hi)` where `Top(m)` is the `m`
+//! largest by `(|x|, index)`. With `c` the `m`-th largest magnitude key ([`radix`] select over
+//! streamed histograms), `greater` the count of keys above `c` and `equal` the count equal to
+//! it, `Top(m)` holds every key above `c` and the **last** `m − greater` of the elements equal
+//! to `c` in index order, i.e. it leaves out the first `drop = greater + equal − m` tied ones.
+//!
+//! So a chunk needs, besides the cut-off, how many tied elements came before it: a streamed
+//! pass records that count at every [`TIE_BLOCK`] boundary ([`TieTable`]); chunks then start
+//! on those boundaries. Memory: 8 bytes per `TIE_BLOCK` elements per cut-off.
+
+use crate::merge::radix::{self, key};
+
+/// Elements between two entries of a [`TieTable`].
+pub const TIE_BLOCK: usize = 4096;
+
+/// `Top(m)`: the `m` largest of `n` magnitude keys ranked by `(key, index)`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Top {
+    /// `m = 0`.
+    Nothing,
+    /// `m = n`.
+    Everything,
+    /// Keys above `key`, and the elements equal to `key` from the `drop`-th one (in index
+    /// order, 0-based) on.
+    Cut { key: u32, drop: u64 },
+}
+
+impl Top {
+    /// Whether deciding membership needs the running count of elements equal to the cut-off.
+    pub fn counts_ties(&self) -> bool {
+        matches!(self, Top::Cut { drop, .. } if *drop > 0)
+    }
+
+    /// Membership of an element with key `k`; `seen` is the count of elements equal to the
+    /// cut-off before it, advanced past this one when it is tied.
+    #[inline]
+    pub fn holds(&self, k: u32, seen: &mut u64) -> bool {
+        match *self {
+            Top::Nothing => false,
+            Top::Everything => true,
+            Top::Cut { key: c, drop } => {
+                if k > c {
+                    true
+                } else if k == c {
+                    let s = *seen;
+                    *seen += 1;
+                    s >= drop
+                } else {
+                    false
+                }
+            }
+        }
+    }
+}
+
+/// The ranks from the top that a band `lo..hi` (ascending ranks over `n`) is made of: `Top` sizes
+/// `(n − lo, n − hi)`, with `lo ≥ hi` meaning nothing.
+pub fn top_sizes(lo: usize, hi: usize, n: usize) -> (u64, u64) {
+    let hi = hi.min(n);
+    if lo >= hi {
+        return (0, 0);
+    }
+    ((n - lo) as u64, (n - hi) as u64)
+}
+
+/// `Top(m)` of `n` keys from the pass-1 histogram of the high 16 bits and, for the bucket
+/// [`radix::locate`] found, the histogram of the low 16 bits (`low` is `None` when every key's
+/// low 16 bits are zero, as for bf16 values: the bucket's count is then all at low bits 0).
+pub fn top_from(high: &[u64], low: Option<&[u64]>, m: u64, n: u64) -> Option<Top> {
+    if m == 0 {
+        return Some(Top::Nothing);
+    }
+    if m >= n {
+        return Some(Top::Everything);
+    }
+    let at = radix::locate(high, m)?;
+    let c = match low {
+        Some(low) => radix::select(at, low, m)?,
+        None => {
+            let mut l = vec![0u64; radix::BUCKETS];
+            l[0] = high[at.bucket as usize];
+            radix::select(at, &l, m)?
+        }
+    };
+    Some(Top::Cut {
+        key: c.key,
+        drop: c.greater + c.equal - m,
+    })
+}
+
+/// Counts of elements equal to one cut-off before every [`TIE_BLOCK`] boundary of a tensor
+/// (entry `b`: before element `b · TIE_BLOCK`), built in index order by a streamed pass.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TieTable {
+    before: Vec<u64>,
+    seen: u64,
+}
+
+impl TieTable {
+    /// Account for the next elements of the tensor, in index order; `first` is the index of
+    /// `keys`' first element.
+    pub fn push(&mut self, first: usize, cut: u32, keys: impl Iterator<Item = u32>) {
+        for (j, k) in keys.enumerate() {
+            if (first + j).is_multiple_of(TIE_BLOCK) {
+                self.before.push(self.seen);
+            }
+            if k == cut {
+                self.seen += 1;
+            }
+        }
+    }
+
+    /// Elements equal to the cut-off before element `first` (a multiple of [`TIE_BLOCK`]).
+    pub fn before(&self, first: u64) -> u64 {
+        let b = (first / TIE_BLOCK as u64) as usize;
+        self.before.get(b).copied().unwrap_or(self.seen)
+    }
+}
+
+/// The key of a magnitude as [`radix`] orders it.
+#[inline]
+pub fn mag_key(x: f32) -> u32 {
+    key(x)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::merge::gta::keep_rank_band;
+    use crate::merge::precision::bf16_round;
+
+    fn xorshift(s: &mut u64) -> u64 {
+        *s ^= *s << 13;
+        *s ^= *s >> 7;
+        *s ^= *s << 17;
+        *s
+    }
+
+    /// The band `lo..hi` computed from streamed histograms and tie tables over chunks of
+    /// `chunk` elements, against the whole-tensor rule.
+    fn streamed_band(
+        data: &[f32],
+        lo: usize,
+        hi: usize,
+        chunk: usize,
+        exact_low: bool,
+    ) -> Vec<f32> {
+        let n = data.len();
+        let (m_lo, m_hi) = top_sizes(lo, hi, n);
+        let mut high = radix::histogram();
+        for c in data.chunks(chunk) {
+            radix::accumulate_high(&mut high, c);
+        }
+        let top = |m: u64| {
+            let low = (m > 0 && m < n as u64).then(|| {
+                let at = radix::locate(&high, m).unwrap();
+                let mut low = radix::histogram();
+                for c in data.chunks(chunk) {
+                    radix::accumulate_low(&mut low, at.bucket, c);
+                }
+                low
+            });
+            top_from(
+                &high,
+                if exact_low { low.as_deref() } else { None },
+                m,
+                n as u64,
+            )
+            .unwrap()
+        };
+        let tops = [top(m_lo), top(m_hi)];
+        let mut tables = [TieTable::default(), TieTable::default()];
+        for (c, d) in data.chunks(chunk).enumerate() {
+            for (t, tab) in tops.iter().zip(tables.iter_mut()) {
+                if let Top::Cut { key: cut, .. } = t {
+                    tab.push(c * chunk, *cut, d.iter().map(|x| mag_key(*x)));
+                }
+            }
+        }
+        let mut out = Vec::with_capacity(n);
+        for (c, d) in data.chunks(chunk).enumerate() {
+            let first = (c * chunk) as u64;
+            let mut seen = [tables[0].before(first), tables[1].before(first)];
+            for x in d {
+                let k = mag_key(*x);
+                let a = tops[0].holds(k, &mut seen[0]);
+                let b = tops[1].holds(k, &mut seen[1]);
+                out.push(if a && !b { *x } else { 0.0 });
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn streamed_bands_equal_the_whole_tensor_rule() {
+        let mut s = 0x2545_f491_4f6c_dd1du64;
+        for round in 0..40 {
+            let n = 1 + (xorshift(&mut s) % 20_000) as usize;
+            let distinct = 1 + xorshift(&mut s) % 50;
+            let data: Vec<f32> = (0..n)
+                .map(|_| {
+                    let r = xorshift(&mut s);
+                    match r % 23 {
+                        0 => 0.0,
+                        1 => -0.0,
+                        2 if round % 5 == 0 => f32::NAN,
+                        3 if round % 7 == 0 => f32::INFINITY,
+                        _ => {
+                            let v = ((r >> 20) % distinct) as f32 * 0.013 - 0.3;
+                            if round % 2 == 0 {
+                                bf16_round(v)
+                            } else {
+                                v * 1.000_1
+                            }
+                        }
+                    }
+                })
+                .collect();
+            let exact_low = round % 2 == 1;
+            let bands = [
+                (n - n.min(1 + n / 2), n),
+                (n / 10, n - n / 100),
+                (0, n),
+                (n / 3, n / 3),
+                (n.saturating_sub(1), n),
+                (1, n.saturating_sub(1)),
+            ];
+            for (lo, hi) in bands {
+                let mut want = data.clone();
+                keep_rank_band(&mut want, lo, hi);
+                for chunk in [
+                    TIE_BLOCK,
+                    2 * TIE_BLOCK,
+                    n.div_ceil(TIE_BLOCK).max(1) * TIE_BLOCK,
+                ] {
+                    let got = streamed_band(&data, lo, hi, chunk, exact_low);
+                    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                    assert_eq!(
+                        bits(&got),
+                        bits(&want),
+                        "round {round} n {n} band {lo}..{hi} chunk {chunk}"
+                    );
+                }
+            }
+        }
+    }
+}
