@@ -36,6 +36,8 @@ RUN mkdir -p src \
 # The release profile keeps line tables for backtraces; compress them rather than strip them.
 COPY build.rs ./
 COPY migrations ./migrations
+# The vendored Swagger UI that GET /docs serves is embedded in the binary (include_bytes!).
+COPY assets ./assets
 COPY src ./src
 RUN touch src/main.rs src/lib.rs \
     && cargo build --release --locked --bin ladle \
