@@ -82,6 +82,9 @@ error_codes! {
     CheckpointNotFound = "checkpoint_not_found", 422, false;
     /// A checkpoint exists but its bytes lie: header, offsets, index, truncation.
     CheckpointMalformed = "checkpoint_malformed", 422, false;
+    /// A LoRA adapter folder is refused: missing or bad `adapter_config.json`, an adapter type
+    /// other than LoRA (DoRA, IA3, …), tensors that disagree with the config or the base.
+    InvalidAdapter = "invalid_adapter", 422, false;
     /// The ingredients disagree on tensor names or shapes.
     ShapeMismatch = "shape_mismatch", 422, false;
     /// A tensor has a dtype the requested method cannot combine.

@@ -118,8 +118,15 @@ pub async fn accept(
             .map_err(|source| IntakeError::Storage { field, source })
     };
     let mut models = Vec::with_capacity(recipe.models.len());
+    let mut loras = Vec::with_capacity(recipe.models.len());
     for (i, m) in recipe.models.iter().enumerate() {
         models.push(resolve(format!("models[{i}].uri"), &m.uri)?);
+        loras.push(
+            m.lora
+                .as_deref()
+                .map(|l| resolve(format!("models[{i}].lora"), l))
+                .transpose()?,
+        );
     }
     let base = recipe
         .base_model
@@ -141,11 +148,15 @@ pub async fn accept(
                 .iter()
                 .enumerate()
                 .map(|(i, u)| (format!("models[{i}].uri"), u.as_str())),
-        );
+        )
+        .chain(loras.iter().enumerate().filter_map(|(i, l)| {
+            l.as_deref().map(|l| (format!("models[{i}].lora"), l))
+        }));
     output::check_apart(&output_url, inputs)?;
     if urls == Urls::Normalize {
-        for (m, url) in recipe.models.iter_mut().zip(models) {
+        for ((m, url), lora) in recipe.models.iter_mut().zip(models).zip(loras) {
             m.uri = url;
+            m.lora = lora;
         }
         recipe.base_model = base;
         recipe.output.uri = output_url.clone();

@@ -1,5 +1,6 @@
 //! Checkpoint formats: safetensors headers, sharded indexes, shard planning.
 //!
+//! - [`adapter`]: PEFT LoRA adapter folders (config, tensor names, checks against the base).
 //! - [`header`]: strict parsing of one safetensors header ([`parse_header`]).
 //! - [`index`]: Hugging Face `model.safetensors.index.json` files.
 //! - [`writer`]: planning output shards (headers and offsets) so they stream in one pass.
@@ -7,6 +8,7 @@
 //! - [`reader`]: opening a checkpoint (file, folder, or sharded folder) in object storage by
 //!   reading headers only.
 
+pub mod adapter;
 pub mod header;
 pub mod index;
 pub mod local;

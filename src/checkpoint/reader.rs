@@ -118,12 +118,24 @@ pub struct Checkpoint {
     pub tensors: BTreeMap<String, TensorLoc>,
     /// The folder when the URL named a folder, `None` when it named a file.
     pub folder: Option<Path>,
+    /// A LoRA adapter folded into this checkpoint (a model entry's `lora`): its tensors read
+    /// as the fold (`engine::fold`).
+    pub lora: Option<Arc<super::adapter::Attached>>,
 }
 
 impl Checkpoint {
     /// Bytes of tensor data a full read of the checkpoint fetches (headers excluded).
     pub fn input_bytes(&self) -> u64 {
         self.tensors.values().map(TensorLoc::len).sum()
+    }
+
+    /// The dtype reads of tensor `t` return: the fold's dtype for the float tensors of a
+    /// checkpoint with an adapter attached, else the stored one.
+    pub fn read_dtype(&self, t: &TensorLoc) -> DType {
+        match &self.lora {
+            Some(a) if t.dtype.is_mergeable_float() => a.dtype.unwrap_or(t.dtype),
+            _ => t.dtype,
+        }
     }
 }
 
@@ -270,6 +282,7 @@ fn assemble(
         files,
         tensors,
         folder,
+        lora: None,
     })
 }
 

@@ -12,7 +12,7 @@ use crate::recipe::Recipe;
 use crate::storage::Location;
 
 pub const MANIFEST_NAME: &str = "ladle-manifest.json";
-const FORMAT: &str = "ladle.manifest/v1";
+pub(super) const FORMAT: &str = "ladle.manifest/v1";
 /// A manifest larger than this is not ours.
 const MAX_MANIFEST_BYTES: usize = 64 << 20;
 
@@ -36,6 +36,9 @@ pub struct InputRecord {
     pub uri: String,
     pub tensors: usize,
     pub files: Vec<InputFile>,
+    /// The LoRA adapter folded into this input: its URL, ranks and scalings.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lora: Option<serde_json::Value>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -88,6 +91,7 @@ impl Manifest {
                             size: f.size,
                         })
                         .collect(),
+                    lora: c.lora.as_deref().map(super::fold::describe),
                 })
                 .collect(),
             tensors: plan.ops.len(),

@@ -9,7 +9,9 @@
 
 pub mod analysis;
 mod buffers;
+mod fold;
 mod kernel;
+mod lora_merge;
 mod manifest;
 mod output;
 mod prepass;
@@ -73,6 +75,8 @@ pub enum EngineError {
     Storage(#[from] StorageError),
     #[error(transparent)]
     Checkpoint(#[from] CheckpointError),
+    #[error(transparent)]
+    Adapter(#[from] crate::checkpoint::adapter::AdapterError),
     #[error("{0}")]
     InvalidRecipe(String),
     #[error("{0}")]
@@ -105,6 +109,7 @@ impl EngineError {
         match self {
             EngineError::Storage(e) => e.code(),
             EngineError::Checkpoint(e) => e.code(),
+            EngineError::Adapter(e) => e.code(),
             EngineError::InvalidRecipe(_) => ErrorCode::InvalidRecipe,
             EngineError::ShapeMismatch(_) => ErrorCode::ShapeMismatch,
             EngineError::UnsupportedDtype(_) => ErrorCode::UnsupportedDtype,
@@ -368,6 +373,14 @@ impl Engine {
         recipe: &Recipe,
         ctl: &Arc<RunControl>,
     ) -> Result<MergeOutcome, EngineError> {
+        if recipe
+            .parameters
+            .get::<crate::methods::lora::LoraConfig>()
+            .is_some()
+        {
+            // Adapter-level merges write an adapter, not a model.
+            return self.run_lora(recipe, ctl).await;
+        }
         let started = Instant::now();
         ctl.progress.set_phase(Phase::Planning);
         let plan = Arc::new(self.plan(recipe, &ctl.progress).await?);
@@ -465,7 +478,9 @@ impl Engine {
             .base_model
             .iter()
             .chain(recipe.models.iter().map(|m| &m.uri));
-        let inputs = self.open_inputs(uris).await?;
+        let mut inputs = self.open_inputs(uris).await?;
+        // Adapters folded into models: checked against them before anything is written.
+        fold::attach_all(&self.storage, recipe, &mut inputs).await?;
         let (ops, num_hidden_layers) = if recipe.method.about().slices {
             slices::plan(recipe, &inputs)?
         } else {
@@ -514,9 +529,9 @@ impl Engine {
                 .get(source)
                 .ok_or_else(|| EngineError::Internal(format!("tensor {source} vanished")))?;
             let dtype = match op {
-                TensorOp::Merge => recipe.output.dtype.unwrap_or(t.dtype),
+                TensorOp::Merge => recipe.output.dtype.unwrap_or(ckpt.read_dtype(t)),
                 TensorOp::Pick { .. } if t.dtype.is_mergeable_float() => {
-                    recipe.output.dtype.unwrap_or(t.dtype)
+                    recipe.output.dtype.unwrap_or(ckpt.read_dtype(t))
                 }
                 TensorOp::CopyFirst | TensorOp::Pick { .. } => t.dtype,
             };
@@ -907,10 +922,25 @@ pub(super) async fn read_elems(
     name: &str,
     elems: std::ops::Range<u64>,
 ) -> Result<(DType, Bytes), EngineError> {
+    match &ckpt.lora {
+        // A model with an adapter folded in reads as the fold.
+        Some(att) => fold::read(loc, ckpt, att, name, elems).await,
+        None => read_stored(loc.store.as_ref(), &loc.url, ckpt, name, elems).await,
+    }
+}
+
+/// [`read_elems`] of the stored bytes (`url` names the checkpoint in messages).
+pub(super) async fn read_stored(
+    store: &dyn object_store::ObjectStore,
+    url: &str,
+    ckpt: &Checkpoint,
+    name: &str,
+    elems: std::ops::Range<u64>,
+) -> Result<(DType, Bytes), EngineError> {
     let t = ckpt
         .tensors
         .get(name)
-        .ok_or_else(|| EngineError::Internal(format!("tensor {name} missing from {}", loc.url)))?;
+        .ok_or_else(|| EngineError::Internal(format!("tensor {name} missing from {url}")))?;
     let size = t.dtype.size_bytes() as u64;
     let range = t.start + elems.start * size..t.start + elems.end * size;
     let file = &ckpt.files[t.file];
@@ -924,8 +954,7 @@ pub(super) async fn read_elems(
         crate::metrics::bytes_read(bytes.len() as u64);
         return Ok((t.dtype, bytes));
     }
-    let bytes = loc
-        .store
+    let bytes = store
         .get_range(&file.path, range.clone())
         .await
         .map_err(|e| read_error(e, &file.path, name, &range))?;
@@ -961,7 +990,7 @@ fn check_input_dtype(
             let Some(t) = ckpt.tensors.get(source) else {
                 continue;
             };
-            if t.dtype.is_mergeable_float() && t.dtype != want {
+            if t.dtype.is_mergeable_float() && ckpt.read_dtype(t) != want {
                 return Err(EngineError::InvalidRecipe(format!(
                     "dtype: the recipe computes in {want} (mergekit `dtype`), but tensor {source} \
                      of {} is {}; ladle computes {} in the checkpoints' own dtype, so it cannot \

@@ -4,6 +4,8 @@
 //! - [`blocks`]: the blocked, parallel driver [`map_blocks`] that turns raw tensor bytes into
 //!   `f32` blocks, runs an elementwise kernel on them and encodes the result.
 //! - [`linear`](mod@linear): the weighted linear soup kernel ([`linear()`], [`linear_raw`]).
+//! - [`lora`](mod@lora): folding a LoRA module's `s·B·A` into a weight, chunk by chunk;
+//!   [`lora_combine`]: combining LoRA modules as peft's `add_weighted_adapter`.
 //! - [`precision`]: rounding to the compute dtype (mergekit's bf16 arithmetic).
 //! - [`gta`]: task arithmetic, TIES, breadcrumbs, DARE, DELLA (mergekit's generalized task
 //!   arithmetic), [`slerp`](mod@slerp), [`spherical`] (NuSLERP, Karcher), [`model_stock`],
@@ -21,6 +23,8 @@ pub mod gta;
 pub mod gta_stream;
 pub mod karcher_stream;
 pub mod linear;
+pub mod lora;
+pub mod lora_combine;
 pub mod model_stock;
 pub mod nearswap;
 pub mod precision;

@@ -21,6 +21,7 @@ pub mod ema;
 pub mod gta;
 pub mod karcher;
 pub mod linear;
+pub mod lora;
 pub mod model_stock;
 pub mod nearswap;
 pub mod nuslerp;
@@ -62,6 +63,7 @@ pub static REGISTRY: &[&dyn DynMethod] = &[
     &nearswap::Nearswap,
     &sparse_soup::SparseSoup,
     &ema::Ema,
+    &lora::Lora,
 ];
 
 /// Whether a method takes a base model.

@@ -66,6 +66,10 @@ pub struct MergeRequest {
 #[serde(deny_unknown_fields)]
 pub struct ModelSpec {
     pub uri: String,
+    /// A PEFT LoRA adapter folder (`adapter_config.json` + `adapter_model.safetensors`) to
+    /// fold into this model: the ingredient is `W + s·B·A` (mergekit's `model+lora`).
+    #[serde(default)]
+    pub lora: Option<String>,
     #[serde(default)]
     pub weight: Option<f64>,
     /// A known score of this model alone (method `greedy_soup`; evaluated when absent).
@@ -81,6 +85,7 @@ impl ModelSpec {
     pub fn uri(uri: String) -> ModelSpec {
         ModelSpec {
             uri,
+            lora: None,
             weight: None,
             score: None,
             parameters: serde_json::Map::new(),
@@ -156,12 +161,13 @@ impl MergeRequest {
             .map_err(|e| RecipeError::Syntax(format!("invalid YAML recipe: {e}")))
     }
 
-    /// Every model URL of the request (models, base model, trajectory folder, slice sources),
+    /// Every model URL of the request (models and their adapters, base model, trajectory
+    /// folder, slice sources),
     /// for the CLI to make relative paths absolute.
     pub fn uris_mut(&mut self) -> impl Iterator<Item = &mut String> {
         self.models
             .iter_mut()
-            .map(|m| &mut m.uri)
+            .flat_map(|m| std::iter::once(&mut m.uri).chain(m.lora.iter_mut()))
             .chain(self.base_model.iter_mut())
             .chain(self.trajectory.iter_mut().map(|t| &mut t.uri))
             .chain(

@@ -344,6 +344,7 @@ fn every_method_round_trips_through_its_stored_form() {
                 req["models"] = json!([{"uri": "file:///d/a"}, {"uri": "file:///d/b"}]);
             }
             "ties" => req["parameters"] = json!({"density": 0.5, "scope": "row"}),
+            "lora" => req["parameters"] = json!({"combination": "ties", "density": 0.5}),
             _ => {}
         }
         let s = parse(req.clone()).unwrap_or_else(|e| panic!("{}: {e}", m.name()));

@@ -40,7 +40,7 @@ impl Recipe {
         let method = method(&req)?;
         check_model_count(&req)?;
         let base_model = base_model(&req, method)?;
-        let (uris, mut entries) = ingredients(&req, method, base_model.as_deref())?;
+        let (uris, loras, mut entries) = ingredients(&req, method, base_model.as_deref())?;
         let parameters = method.parse_parameters(&mut ParseInput {
             params: &req.parameters,
             models: &mut entries,
@@ -49,9 +49,11 @@ impl Recipe {
         })?;
         let models: Vec<Ingredient> = uris
             .into_iter()
+            .zip(loras)
             .zip(entries)
-            .map(|(uri, m)| Ingredient {
+            .map(|((uri, lora), m)| Ingredient {
                 uri,
+                lora,
                 weight: m.weight,
                 parameters: m.parameters,
             })
@@ -106,7 +108,8 @@ fn check_no_search(req: &MergeRequest) -> Result<(), RecipeError> {
     }
 }
 
-/// The inputs of a recipe with their field names: the base model, then every model.
+/// The inputs of a recipe with their field names: the base model, then every model (and its
+/// adapter).
 fn input_fields<'a>(
     base_model: Option<&'a str>,
     models: &'a [Ingredient],
@@ -114,12 +117,13 @@ fn input_fields<'a>(
     base_model
         .map(|b| ("base_model".to_string(), b))
         .into_iter()
-        .chain(
-            models
-                .iter()
-                .enumerate()
-                .map(|(i, m)| (format!("models[{i}].uri"), m.uri.as_str())),
-        )
+        .chain(models.iter().enumerate().flat_map(|(i, m)| {
+            std::iter::once((format!("models[{i}].uri"), m.uri.as_str())).chain(
+                m.lora
+                    .as_deref()
+                    .map(|l| (format!("models[{i}].lora"), l)),
+            )
+        }))
 }
 
 /// The registered method the request names.
@@ -183,15 +187,16 @@ fn ingredients(
     req: &MergeRequest,
     method: Method,
     base_model: Option<&str>,
-) -> Result<(Vec<String>, Vec<ModelEntry>), RecipeError> {
+) -> Result<IngredientParts, RecipeError> {
     let is_base = |uri: &str| {
         base_model.is_some_and(|b| b.trim_end_matches('/') == uri.trim_end_matches('/'))
     };
+    // A model with an adapter folded in is not the base, even at the base's URL.
     let specs: Vec<(usize, &ModelSpec)> = req
         .models
         .iter()
         .enumerate()
-        .filter(|(_, m)| !is_base(&m.uri))
+        .filter(|(_, m)| m.lora.is_some() || !is_base(&m.uri))
         .collect();
     if specs.is_empty() {
         return Err(RecipeError::invalid(
@@ -203,12 +208,19 @@ fn ingredients(
     let any_weight = specs.iter().any(|(_, m)| gives_weight(m));
     let default_weight = req.parameters.contains_key("weight");
     let mut uris = Vec::with_capacity(specs.len());
+    let mut loras = Vec::with_capacity(specs.len());
     let mut entries = Vec::with_capacity(specs.len());
     for &(i, m) in &specs {
         if m.uri.trim().is_empty() {
             return Err(RecipeError::invalid(
                 format!("models[{i}].uri"),
                 "must not be empty",
+            ));
+        }
+        if m.lora.as_deref().is_some_and(|l| l.trim().is_empty()) {
+            return Err(RecipeError::invalid(
+                format!("models[{i}].lora"),
+                "must not be empty (a PEFT LoRA adapter folder)",
             ));
         }
         if m.weight.is_some() && m.parameters.contains_key("weight") {
@@ -256,6 +268,7 @@ fn ingredients(
             None => 1.0,
         };
         uris.push(m.uri.clone());
+        loras.push(m.lora.clone());
         entries.push(ModelEntry {
             index: i,
             weight,
@@ -263,8 +276,11 @@ fn ingredients(
             parameters,
         });
     }
-    Ok((uris, entries))
+    Ok((uris, loras, entries))
 }
+
+/// Per ingredient: its URL, its adapter's URL, its parsed entry.
+type IngredientParts = (Vec<String>, Vec<Option<String>>, Vec<ModelEntry>);
 
 /// `idempotency_key`, `max_attempts` and `priority` within their bounds.
 fn check_scheduling(req: &MergeRequest) -> Result<(), RecipeError> {

@@ -33,6 +33,9 @@ pub struct Slice {
 pub struct Ingredient {
     /// The URL as the client gave it (resolution and the allowed-root check happen in storage).
     pub uri: String,
+    /// A PEFT LoRA adapter folded into the model (its URL, as given).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lora: Option<String>,
     pub weight: f64,
     /// Per-model parameters other than a scalar weight (validated per method).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]

@@ -15,7 +15,8 @@
 //! them `dtype` becomes `input_dtype`, and a checkpoint in another dtype fails the job naming
 //! it (never silently computed otherwise).
 //!
-//! Model references: a URL (`file://`, `s3://`) is kept; a path is resolved against
+//! Model references: `MODEL+LORA` (mergekit's syntax) is a model entry with a PEFT adapter
+//! folded in (`lora`). A URL (`file://`, `s3://`) is kept; a path is resolved against
 //! `base_dir` (the recipe file's folder) when one is given and must exist; anything else, a
 //! Hugging Face hub id included, is an error naming the field.
 
@@ -79,6 +80,26 @@ fn model_ref(v: &Value, field: &str, base_dir: Option<&Path>) -> Result<String, 
     })
 }
 
+/// mergekit's `MODEL+LORA` reference: split at the one `+` (more than one is an error, as in
+/// mergekit 0.1.5).
+fn split_lora(v: &Value, field: &str) -> Result<(Value, Option<Value>), RecipeError> {
+    let Some(s) = v.as_str() else {
+        return Ok((v.clone(), None));
+    };
+    let parts: Vec<&str> = s.split('+').collect();
+    match parts.as_slice() {
+        [_] => Ok((v.clone(), None)),
+        [model, lora] if !model.is_empty() && !lora.is_empty() => Ok((
+            Value::String((*model).to_string()),
+            Some(Value::String((*lora).to_string())),
+        )),
+        _ => Err(invalid(
+            field,
+            format!("{s:?}: a model with an adapter is MODEL+LORA, with exactly one `+`"),
+        )),
+    }
+}
+
 fn object<'a>(v: &'a Value, field: &str) -> Result<&'a Map<String, Value>, RecipeError> {
     v.as_object()
         .ok_or_else(|| invalid(field, "expected a mapping"))
@@ -106,6 +127,13 @@ pub fn to_request(doc: &Value, base_dir: Option<&Path>) -> Result<Value, RecipeE
         match key.as_str() {
             "merge_method" => {}
             "base_model" => {
+                if split_lora(value, "base_model")?.1.is_some() {
+                    return Err(invalid(
+                        "base_model",
+                        "a model with a LoRA adapter folded in (`model+lora`) cannot be the \
+                         base model; fold it into a model entry instead",
+                    ));
+                }
                 req.insert(
                     "base_model".into(),
                     Value::String(model_ref(value, "base_model", base_dir)?),
@@ -120,14 +148,18 @@ pub fn to_request(doc: &Value, base_dir: Option<&Path>) -> Result<Value, RecipeE
                     for (k, v) in m {
                         match k.as_str() {
                             "model" => {
+                                let mf = format!("{field}.model");
+                                let (model, lora) = split_lora(v, &mf)?;
                                 spec.insert(
                                     "uri".into(),
-                                    Value::String(model_ref(
-                                        v,
-                                        &format!("{field}.model"),
-                                        base_dir,
-                                    )?),
+                                    Value::String(model_ref(&model, &mf, base_dir)?),
                                 );
+                                if let Some(lora) = lora {
+                                    spec.insert(
+                                        "lora".into(),
+                                        Value::String(model_ref(&lora, &mf, base_dir)?),
+                                    );
+                                }
                             }
                             "parameters" => {
                                 object(v, &format!("{field}.parameters"))?;

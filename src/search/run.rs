@@ -426,6 +426,7 @@ pub fn soup(recipe: &Recipe, set: &[usize], output: String) -> Recipe {
         .iter()
         .map(|&i| Ingredient {
             uri: recipe.models[i].uri.clone(),
+            lora: recipe.models[i].lora.clone(),
             weight: 1.0,
             parameters: BTreeMap::new(),
         })
