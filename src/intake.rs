@@ -149,9 +149,12 @@ pub async fn accept(
                 .enumerate()
                 .map(|(i, u)| (format!("models[{i}].uri"), u.as_str())),
         )
-        .chain(loras.iter().enumerate().filter_map(|(i, l)| {
-            l.as_deref().map(|l| (format!("models[{i}].lora"), l))
-        }));
+        .chain(
+            loras
+                .iter()
+                .enumerate()
+                .filter_map(|(i, l)| l.as_deref().map(|l| (format!("models[{i}].lora"), l))),
+        );
     output::check_apart(&output_url, inputs)?;
     if urls == Urls::Normalize {
         for ((m, url), lora) in recipe.models.iter_mut().zip(models).zip(loras) {

@@ -28,7 +28,10 @@ fn pack() -> Option<PathBuf> {
     } else {
         loud_skip(
             "LoRA conformance",
-            &format!("no pack at {} (set LADLE_CONFORMANCE_LORA_DIR)", p.display()),
+            &format!(
+                "no pack at {} (set LADLE_CONFORMANCE_LORA_DIR)",
+                p.display()
+            ),
         );
         None
     }
@@ -78,7 +81,10 @@ fn assert_identical(case: &str, got: &Raw, want: &Raw) {
                 .zip(bytes.chunks(size))
                 .filter(|(a, b)| a != b)
                 .count();
-            bad.push(format!("{name}: {n} of {} elements differ", bytes.len() / size));
+            bad.push(format!(
+                "{name}: {n} of {} elements differ",
+                bytes.len() / size
+            ));
         }
     }
     assert!(bad.is_empty(), "{case}: {bad:#?}");
@@ -324,7 +330,12 @@ async fn service_folds_and_refuses_over_http() {
     let (status, job) = submit(
         &client,
         &base_url,
-        &fold_recipe(&base, &pack.join("cases/bad_dora/adapter"), &bad, "bfloat16"),
+        &fold_recipe(
+            &base,
+            &pack.join("cases/bad_dora/adapter"),
+            &bad,
+            "bfloat16",
+        ),
     )
     .await;
     assert_eq!(status, 202, "{job}");
@@ -441,7 +452,11 @@ fn assert_config(case: &str, got: &Path, want: &Path) {
             .map(|s| s.as_str().unwrap().to_string())
             .collect()
     };
-    assert_eq!(set(&g["target_modules"]), set(&w["target_modules"]), "{case}");
+    assert_eq!(
+        set(&g["target_modules"]),
+        set(&w["target_modules"]),
+        "{case}"
+    );
     assert_eq!(g["use_rslora"], false, "{case}");
     assert_eq!(g["rank_pattern"], json!({}), "{case}");
 }
@@ -533,7 +548,10 @@ async fn soups_cat_with_per_module_weights_matches() {
     );
     let cfg: Value =
         serde_json::from_slice(&std::fs::read(out.join("adapter_config.json")).unwrap()).unwrap();
-    assert_eq!((cfg["r"].clone(), cfg["lora_alpha"].clone()), (json!(30), json!(30)));
+    assert_eq!(
+        (cfg["r"].clone(), cfg["lora_alpha"].clone()),
+        (json!(30), json!(30))
+    );
     // Folding the new adapter (bf16) gives the pack's fold of it, bit for bit.
     let folded = tmp.path().join("folded");
     let fold = fold_recipe(&pack.join("inputs/base"), &out, &folded, "bfloat16");

@@ -168,20 +168,21 @@ impl AdapterConfig {
         }
         for (field, what) in [("r", "a positive integer"), ("lora_alpha", "a number")] {
             if !obj.contains_key(field) {
-                return Err(AdapterError::new(
-                    file,
-                    field,
-                    format!("missing ({what})"),
-                ));
+                return Err(AdapterError::new(file, field, format!("missing ({what})")));
             }
         }
         let mut config: AdapterConfig = serde_json::from_value(raw.clone()).map_err(|e| {
             let msg = e.to_string();
-            let field = ["rank_pattern", "alpha_pattern", "target_modules", "modules_to_save"]
-                .into_iter()
-                .chain(["r", "lora_alpha", "use_rslora", "lora_bias"])
-                .find(|f| msg.contains(&format!("`{f}`")))
-                .unwrap_or(ADAPTER_CONFIG_NAME);
+            let field = [
+                "rank_pattern",
+                "alpha_pattern",
+                "target_modules",
+                "modules_to_save",
+            ]
+            .into_iter()
+            .chain(["r", "lora_alpha", "use_rslora", "lora_bias"])
+            .find(|f| msg.contains(&format!("`{f}`")))
+            .unwrap_or(ADAPTER_CONFIG_NAME);
             AdapterError::new(file, field, msg)
         })?;
         config.raw = obj.clone();
@@ -221,7 +222,12 @@ impl AdapterConfig {
         for (field, keys) in [
             (
                 "rank_pattern",
-                config.rank_pattern.0.iter().map(|(k, _)| k).collect::<Vec<_>>(),
+                config
+                    .rank_pattern
+                    .0
+                    .iter()
+                    .map(|(k, _)| k)
+                    .collect::<Vec<_>>(),
             ),
             (
                 "alpha_pattern",
@@ -283,11 +289,12 @@ impl AdapterConfig {
     pub fn targets(&self, module: &str) -> bool {
         match &self.target_modules {
             None => false,
-            Some(TargetModules::List(list)) => list.iter().any(|t| {
-                t == "all-linear" || module == t || module.ends_with(&format!(".{t}"))
-            }),
-            Some(TargetModules::Regex(re)) => regex::Regex::new(&format!("^(?:{re})$"))
-                .is_ok_and(|re| re.is_match(module)),
+            Some(TargetModules::List(list)) => list
+                .iter()
+                .any(|t| t == "all-linear" || module == t || module.ends_with(&format!(".{t}"))),
+            Some(TargetModules::Regex(re)) => {
+                regex::Regex::new(&format!("^(?:{re})$")).is_ok_and(|re| re.is_match(module))
+            }
         }
     }
 
@@ -376,7 +383,8 @@ impl Adapter {
             ]
             .into_iter()
             .find_map(|(suffix, is_a, kind)| {
-                rest.strip_suffix(suffix).map(|m| (m.to_string(), is_a, kind))
+                rest.strip_suffix(suffix)
+                    .map(|m| (m.to_string(), is_a, kind))
             });
             if let Some((module, is_a, kind)) = lora {
                 if !meta.0.is_mergeable_float() {
@@ -412,7 +420,9 @@ impl Adapter {
             }
         }
         for (module, (a_name, kind, a_meta)) in &a_of {
-            let field_b = a_name.replace("lora_A", "lora_B").replace("embedding_A", "embedding_B");
+            let field_b = a_name
+                .replace("lora_A", "lora_B")
+                .replace("embedding_A", "embedding_B");
             let Some((b_name, b_kind, b_meta)) = b_of.get(module) else {
                 return Err(err(
                     &field_b,
@@ -505,11 +515,14 @@ impl Adapter {
             if !config.saves(module) {
                 return Err(err(
                     "modules_to_save",
-                    format!("tensor {name} replaces a base tensor, but modules_to_save does not name {module}"),
+                    format!(
+                        "tensor {name} replaces a base tensor, but modules_to_save does not name {module}"
+                    ),
                 ));
             }
             match base(&tensor) {
-                Some((bd, bs)) if bs == shape && bd.is_mergeable_float() == dtype.is_mergeable_float() => {}
+                Some((bd, bs))
+                    if bs == shape && bd.is_mergeable_float() == dtype.is_mergeable_float() => {}
                 Some((_, bs)) => {
                     return Err(err(
                         &name,
@@ -603,8 +616,9 @@ mod tests {
         assert_eq!(c.scaling_of("model.layers.0.self_attn.v_proj"), 8.0 / 6.0);
         assert!(c.targets("model.layers.0.mlp.down_proj"));
         assert!(!c.targets("model.layers.0.mlp.xdown_proj"));
-        let rs = config(r#"{"r":16,"lora_alpha":8,"use_rslora":true,"target_modules":"(.*q_proj)"}"#)
-            .unwrap();
+        let rs =
+            config(r#"{"r":16,"lora_alpha":8,"use_rslora":true,"target_modules":"(.*q_proj)"}"#)
+                .unwrap();
         assert_eq!(rs.scaling_of("x.q_proj"), 2.0);
         assert!(rs.targets("model.q_proj") && !rs.targets("model.k_proj"));
     }
@@ -624,8 +638,9 @@ mod tests {
 
     #[test]
     fn build_checks_names_ranks_and_shapes() {
-        let c = config(r#"{"r":2,"lora_alpha":4,"target_modules":["q"],"modules_to_save":["head"]}"#)
-            .unwrap();
+        let c =
+            config(r#"{"r":2,"lora_alpha":4,"target_modules":["q"],"modules_to_save":["head"]}"#)
+                .unwrap();
         let (a, b, w, h) = ([2u64, 3], [4u64, 2], [4u64, 3], [5u64, 3]);
         let base = |n: &str| match n {
             "m.q.weight" => Some((DType::BF16, &w[..])),
@@ -658,7 +673,10 @@ mod tests {
             c,
             [
                 ("base_model.model.m.q.lora_A.weight", (DType::F32, &a[..])),
-                ("base_model.model.m.q.lora_B.weight", (DType::F32, &wrong[..])),
+                (
+                    "base_model.model.m.q.lora_B.weight",
+                    (DType::F32, &wrong[..]),
+                ),
             ],
             &base,
             "f",

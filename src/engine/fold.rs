@@ -98,7 +98,10 @@ pub(super) async fn open_adapter(
         return Err(EngineError::Adapter(AdapterError::new(
             &config_file,
             ADAPTER_CONFIG_NAME,
-            format!("{} bytes, more than {MAX_ADAPTER_CONFIG_LEN}", got.meta.size),
+            format!(
+                "{} bytes, more than {MAX_ADAPTER_CONFIG_LEN}",
+                got.meta.size
+            ),
         )));
     }
     let bytes = got.bytes().await.map_err(|e| EngineError::ObjectStore {
@@ -185,8 +188,7 @@ pub(super) async fn read(
     };
     let module = match att.adapter.touched.get(name) {
         None => {
-            let (d, b) =
-                read_stored(loc.store.as_ref(), &loc.url, ckpt, name, elems).await?;
+            let (d, b) = read_stored(loc.store.as_ref(), &loc.url, ckpt, name, elems).await?;
             return Ok((to, convert(d, b, to).map_err(merge_err)?));
         }
         Some(Touch::Replace(src)) => {
@@ -207,10 +209,7 @@ pub(super) async fn read(
         async {
             match &module.weight_from_adapter {
                 Some(src) => read_adapter(att, src, elems.clone()).await,
-                None => {
-                    read_stored(loc.store.as_ref(), &loc.url, ckpt, name, elems.clone())
-                        .await
-                }
+                None => read_stored(loc.store.as_ref(), &loc.url, ckpt, name, elems.clone()).await,
             }
         },
         read_adapter(att, &module.a, 0..numel(&module.a)?),

@@ -96,10 +96,7 @@ async fn base_copy(
 fn safetensors_bytes(mut tensors: Vec<OutTensor>) -> Vec<u8> {
     tensors.sort_by(|a, b| a.0.cmp(&b.0));
     let mut header = serde_json::Map::new();
-    header.insert(
-        "__metadata__".into(),
-        serde_json::json!({"format": "pt"}),
-    );
+    header.insert("__metadata__".into(), serde_json::json!({"format": "pt"}));
     let mut offset = 0usize;
     for (name, dtype, shape, bytes) in &tensors {
         header.insert(
@@ -250,8 +247,10 @@ impl Engine {
             }
         }
         // Every module of any adapter, by base tensor name.
-        let modules: BTreeSet<&String> =
-            adapters.iter().flat_map(|a| a.adapter.modules().map(|(k, _)| k)).collect();
+        let modules: BTreeSet<&String> = adapters
+            .iter()
+            .flat_map(|a| a.adapter.modules().map(|(k, _)| k))
+            .collect();
         ctl.progress
             .tensors_total
             .store(modules.len() as u64, Ordering::Relaxed);
@@ -282,11 +281,10 @@ impl Engine {
                 continue;
             };
             let first = first.clone();
-            let base_t = base
-                .1
-                .tensors
-                .get(tensor)
-                .ok_or_else(|| EngineError::Internal(format!("base tensor {tensor} vanished")))?;
+            let base_t =
+                base.1.tensors.get(tensor).ok_or_else(|| {
+                    EngineError::Internal(format!("base tensor {tensor} vanished"))
+                })?;
             // (out, in) of a Linear; (num_embeddings, dim) of an Embedding.
             let (n_a, n_b) = match first.kind {
                 ModuleKind::Linear => (base_t.shape[1] as usize, base_t.shape[0] as usize),
@@ -349,7 +347,12 @@ impl Engine {
             if first.kind == ModuleKind::Embedding {
                 // peft saves the embedding's base layer with an embedding LoRA: the base's.
                 let (_, d, shape, bytes) = base_copy(&base, tensor, recipe.output.dtype).await?;
-                tensors.push((format!("{PREFIX}{module}.base_layer.weight"), d, shape, bytes));
+                tensors.push((
+                    format!("{PREFIX}{module}.base_layer.weight"),
+                    d,
+                    shape,
+                    bytes,
+                ));
             }
             ctl.progress.tensors_done.fetch_add(1, Ordering::Relaxed);
         }
@@ -401,19 +404,21 @@ impl Engine {
                         .collect(),
                     lora: None,
                 })
-                .chain(adapters.iter().map(|a| InputRecord {
-                    uri: a.url.clone(),
-                    tensors: a.file.tensors.len(),
-                    files: a
-                        .file
-                        .files
-                        .iter()
-                        .map(|f| InputFile {
-                            path: f.path.to_string(),
-                            size: f.size,
-                        })
-                        .collect(),
-                    lora: Some(fold::describe(a)),
+                .chain(adapters.iter().map(|a| {
+                    InputRecord {
+                        uri: a.url.clone(),
+                        tensors: a.file.tensors.len(),
+                        files: a
+                            .file
+                            .files
+                            .iter()
+                            .map(|f| InputFile {
+                                path: f.path.to_string(),
+                                size: f.size,
+                            })
+                            .collect(),
+                        lora: Some(fold::describe(a)),
+                    }
                 }))
                 .collect(),
                 tensors: n_tensors,

@@ -208,8 +208,20 @@ mod tests {
         let (a1, b1) = (vec![1.0f32, 2.0], vec![3.0f32, 4.0]); // r=1, n_a=2, n_b=2
         let (a2, b2) = (vec![5.0f32, 6.0], vec![7.0f32, 8.0]);
         let s = [
-            Source { a: &a1, b: &b1, rank: 1, scaling: 2.0, weight: 0.5 },
-            Source { a: &a2, b: &b2, rank: 1, scaling: 1.0, weight: -1.0 },
+            Source {
+                a: &a1,
+                b: &b1,
+                rank: 1,
+                scaling: 2.0,
+                weight: 0.5,
+            },
+            Source {
+                a: &a2,
+                b: &b2,
+                rank: 1,
+                scaling: 1.0,
+                weight: -1.0,
+            },
         ];
         let (a, b) = cat(&s, 2, 2, 3, |x| x);
         assert_eq!(a, vec![1.0, 2.0, -5.0, -6.0, 0.0, 0.0]);
@@ -219,7 +231,14 @@ mod tests {
     #[test]
     fn ties_elects_and_averages() {
         let t = vec![vec![1.0f32, -2.0, 0.5], vec![-3.0f32, -1.0, 0.25]];
-        let out = combine(Combination::Ties, t, &[1.0, 1.0], 1.0, SignMethod::Total, &[]);
+        let out = combine(
+            Combination::Ties,
+            t,
+            &[1.0, 1.0],
+            1.0,
+            SignMethod::Total,
+            &[],
+        );
         assert_eq!(out, vec![-3.0, -1.5, 0.375]);
         let mut p = vec![1.0f32, -4.0, 2.0, -0.5];
         magnitude_prune(&mut p, 0.5);

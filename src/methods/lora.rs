@@ -11,8 +11,8 @@
 use serde::{Deserialize, Serialize};
 
 use super::{
-    About, BaseRule, Config, Invalid, KernelInput, MergeMethod, ParseInput, Setting,
-    TensorKernel, invalid,
+    About, BaseRule, Config, Invalid, KernelInput, MergeMethod, ParseInput, Setting, TensorKernel,
+    invalid,
 };
 use crate::merge::lora_combine::{Combination, SignMethod};
 
@@ -109,15 +109,13 @@ impl MergeMethod for Lora {
                         ));
                     }
                     combination = Some(
-                        serde_json::from_value::<CombinationName>(value.clone()).map_err(
-                            |_| {
-                                invalid(
-                                    &field,
-                                    "one of linear, cat, ties, dare_linear, dare_ties, \
+                        serde_json::from_value::<CombinationName>(value.clone()).map_err(|_| {
+                            invalid(
+                                &field,
+                                "one of linear, cat, ties, dare_linear, dare_ties, \
                                      magnitude_prune",
-                                )
-                            },
-                        )?,
+                            )
+                        })?,
                     );
                 }
                 "density" => {

@@ -118,11 +118,8 @@ fn input_fields<'a>(
         .map(|b| ("base_model".to_string(), b))
         .into_iter()
         .chain(models.iter().enumerate().flat_map(|(i, m)| {
-            std::iter::once((format!("models[{i}].uri"), m.uri.as_str())).chain(
-                m.lora
-                    .as_deref()
-                    .map(|l| (format!("models[{i}].lora"), l)),
-            )
+            std::iter::once((format!("models[{i}].uri"), m.uri.as_str()))
+                .chain(m.lora.as_deref().map(|l| (format!("models[{i}].lora"), l)))
         }))
 }
 
