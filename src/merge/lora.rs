@@ -101,7 +101,7 @@ pub fn fold_embedding(
     out: &mut [f32],
 ) {
     let r = f.rank;
-    let n_a = if r == 0 { 0 } else { f.a.len() / r };
+    let n_a = f.a.len().checked_div(r).unwrap_or(0);
     let mut e = 0usize;
     let mut acol = vec![0f32; r];
     while e < w.len() {
