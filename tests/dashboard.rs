@@ -12,6 +12,9 @@
 //! polling (a new job arrives `via=poll`), then reconnect with `Last-Event-ID` set to the last
 //! event it had, and stop polling.
 //!
+//! A greedy soup's page shows its evaluations (table and chart); a failed search's page shows
+//! the error code.
+//!
 //! Screenshots go to `<target>/dashboard/`. `.ci/run` installs chromium and chromium-driver;
 //! without them this test prints a loud SKIPPED.
 
@@ -67,6 +70,36 @@ window.fetch = async (url, opts = {}) => {
   return new Response(resp.body.pipeThrough(pipe), { status: resp.status, headers: resp.headers });
 };
 return 1"#;
+
+/// A search evaluator on a free port: `POST /ok` scores 0.1, 0.3, 0.2, … in call order,
+/// `POST /refuse` answers 400. Returns its base URL.
+async fn start_evaluator() -> String {
+    let calls = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let app = axum::Router::new()
+        .route(
+            "/ok",
+            axum::routing::post(move || {
+                let n = calls.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let score = [0.1, 0.3, 0.2, 0.4][n % 4];
+                async move { axum::Json(json!({"score": score, "metrics": {}})) }
+            }),
+        )
+        .route(
+            "/refuse",
+            axum::routing::post(|| async {
+                (
+                    axum::http::StatusCode::BAD_REQUEST,
+                    "cannot read that checkpoint",
+                )
+            }),
+        );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    format!("http://{addr}")
+}
 
 async fn live_stats(driver: &Driver) -> Value {
     driver.js(LIVE, json!([])).await
@@ -399,7 +432,95 @@ async fn dashboard_in_headless_chromium() {
         "{stats}"
     );
 
-    // 6. The fallback: the list's stream breaks and cannot be reopened for a while.
+    // 6. A greedy soup's page: its evaluations as a table and a chart of score per step; a
+    //    search whose evaluator refuses: the error with its code.
+    let evaluator = start_evaluator().await;
+    let greedy = |path: &str, out: &str| {
+        json!({"method": "greedy_soup", "models": small,
+            "evaluator": {"url": format!("{evaluator}{path}")},
+            "output": {"uri": file_url(&root.join(out))}})
+    };
+    for (body, want) in [
+        (greedy("/ok", "soups/greedy"), "succeeded"),
+        (greedy("/refuse", "soups/refused"), "failed"),
+    ] {
+        let r = api
+            .post(format!("{base}/v1/merges"))
+            .header("authorization", &bearer)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 202);
+        let id = r.json::<Value>().await.unwrap()["id"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        driver
+            .js(
+                "location.hash = '#/merges/' + arguments[0]; return 1",
+                json!([id]),
+            )
+            .await;
+        driver
+            .wait_for(
+                "the search to end on its page",
+                "return document.querySelector('h1 .state')?.dataset.state === arguments[0] \
+                   && window.__ladleLive.mode === 'done'",
+                json!([want]),
+                Duration::from_secs(60),
+            )
+            .await;
+        let job: Value = api
+            .get(format!("{base}/v1/merges/{id}"))
+            .header("authorization", &bearer)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if want == "succeeded" {
+            let search = if job["search"].is_object() {
+                &job["search"]
+            } else {
+                &job["result"]["search"]
+            };
+            let evals = search["evaluations"].as_array().unwrap().len();
+            assert!(evals >= 2, "{job}");
+            let shown = driver
+                .js(
+                    "return [document.querySelectorAll('#evaluations tbody tr').length, \
+                             document.querySelectorAll('#score-chart circle').length]",
+                    json!([]),
+                )
+                .await;
+            assert_eq!(
+                shown,
+                json!([evals, evals]),
+                "one row and one point per evaluation"
+            );
+            let method = driver
+                .js(
+                    "return document.querySelector('.facts dd').textContent",
+                    json!([]),
+                )
+                .await;
+            assert_eq!(method, "greedy_soup (linear)");
+            driver.screenshot(&shots.join("job-greedy-soup.png")).await;
+        } else {
+            let code = driver
+                .js(
+                    "return document.querySelector('.error-box code')?.textContent",
+                    json!([]),
+                )
+                .await;
+            assert_eq!(code, job["error"]["code"], "{job}");
+            assert_eq!(code, "evaluator_failed");
+        }
+    }
+
+    // 7. The fallback: the list's stream breaks and cannot be reopened for a while.
     driver.js(FETCH_WRAPPER, json!([])).await;
     driver
         .js("location.hash = '#/?kind=merges'; return 1", json!([]))

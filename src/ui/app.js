@@ -115,7 +115,12 @@ function progressLabel(p) {
 
 function methodOf(job) {
   if (job.kind === "analysis") return "analysis";
-  return (job.recipe && job.recipe.method) || "";
+  const method = (job.recipe && job.recipe.method) || "";
+  // A search is stored as the soup it searches within plus `search` (greedy, sweep).
+  const search = job.recipe && job.recipe.search && job.recipe.search.kind;
+  if (search === "greedy") return `greedy_soup (${method})`;
+  if (search) return `${search} (${method})`;
+  return method;
 }
 
 // ---------- event streams over fetch (text/event-stream) ----------
@@ -463,7 +468,7 @@ async function jobView(kind, id) {
           job.idempotency_key ? [el("dt", { text: "idempotency key" }), el("dd", { class: "mono", text: job.idempotency_key })] : null,
           el("dt", { text: "progress" }), el("dd", {}, progressBar(p, job.state), el("div", { class: "bar-label", id: "progress-label", "data-via": progressVia, text: progressLabel(p) })))),
       job.error ? el("section", {}, el("h2", { text: "Error" }), errorBox(job.error)) : null,
-      evaluationsSection(job.search),
+      evaluationsSection(job.search || (job.result && job.result.search)),
       filesSection(job.result),
       kind === "analyses" && job.result ? el("section", {}, el("h2", { text: "Result" }), el("pre", { text: JSON.stringify(job.result, null, 2) })) : null,
       el("section", {}, el("h2", { text: "Recipe" }), el("pre", { id: "recipe", text: JSON.stringify(job.recipe, null, 2) })),
