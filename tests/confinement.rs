@@ -327,8 +327,11 @@ async fn reads_through_links_postgres() {
     reads_through_links(true).await;
 }
 
+/// Run once by the test evaluator, on its first call.
+type Hook = Arc<Mutex<Option<Box<dyn FnOnce() + Send>>>>;
+
 /// An evaluator that scores every candidate 1.0 (or answers 422), and runs `on_call` first.
-async fn evaluator(fail: bool, on_call: Arc<Mutex<Option<Box<dyn FnOnce() + Send>>>>) -> String {
+async fn evaluator(fail: bool, on_call: Hook) -> String {
     let app = axum::Router::new().route(
         "/evaluate",
         axum::routing::post(move |_body: axum::Json<Value>| {
