@@ -8,6 +8,8 @@
 //! - **Retries**: after the n-th failed attempt the row is due again after [`RETRY_AFTER`]`[n-1]`
 //!   (±10 %): 2 s, 10 s, 1 min, 5 min, 30 min, 2 h, 5 h, 10 h, 10 h, about 27.6 h in all; the
 //!   attempt after the last of them that fails gives up (`failed`).
+//! - **Order**: the deliveries of one job claimed together go out one after the other, oldest
+//!   event first (jobs concurrently); a retry may still arrive after a later event.
 //! - **Requests**: `POST` with `content-type: application/json` and the Standard Webhooks
 //!   headers, a timeout of [`REQUEST_TIMEOUT`], redirects not followed (a 3xx is a failed
 //!   attempt), no proxy from the environment (as the evaluator's client: the allow-list checks
@@ -16,6 +18,7 @@
 //!   `{"type": "job.<event>", "timestamp": <event time>, "data": {"job_id", "kind", "event",
 //!   "job": <the job's view as GET shows it, at the first attempt>}}`.
 
+use std::collections::BTreeMap;
 use std::hash::{BuildHasher, Hasher};
 use std::sync::Arc;
 use std::time::Duration;
@@ -73,11 +76,20 @@ pub async fn run(queue: Arc<dyn JobQueue>, config: WebhookConfig, stop: Cancella
         let full = match claimed {
             Ok(batch) => {
                 let n = batch.len();
-                let sends = futures::future::join_all(
-                    batch
-                        .into_iter()
-                        .map(|d| deliver_one(queue.as_ref(), &http, &config, d)),
-                );
+                // Jobs concurrently; one job's events one after the other, oldest first.
+                let mut by_job: BTreeMap<uuid::Uuid, Vec<Delivery>> = BTreeMap::new();
+                for d in batch {
+                    by_job.entry(d.job_id).or_default().push(d);
+                }
+                let (queue, http, config) = (queue.as_ref(), &http, &config);
+                let sends = futures::future::join_all(by_job.into_values().map(|mut ds| {
+                    ds.sort_by_key(|d| d.created_at);
+                    async move {
+                        for d in ds {
+                            deliver_one(queue, http, config, d).await;
+                        }
+                    }
+                }));
                 tokio::select! {
                     // Unfinished rows keep their lease and are sent again once it expires.
                     _ = stop.cancelled() => return,
