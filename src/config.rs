@@ -16,6 +16,7 @@ use crate::api::limits::HttpLimits;
 use crate::engine::EngineConfig;
 use crate::queue::QueueConfig;
 use crate::storage::S3Settings;
+use crate::webhooks::{Secret, WebhookConfig};
 use crate::worker::WorkerConfig;
 
 #[derive(Debug, Parser)]
@@ -74,8 +75,8 @@ pub struct ServiceArgs {
     /// `postgres://…` selects Postgres; `sqlite:…` SQLite [default: SQLite in the data dir].
     #[arg(long, env = "LADLE_DATABASE_URL")]
     pub database_url: Option<String>,
-    /// A URL (`file:///…`, `s3://bucket/prefix`) or path jobs may read and write; repeatable
-    /// (env: comma-separated) [default: the data dir only].
+    /// A URL (`file:///…`, `s3://bucket/prefix`) or path jobs may read and write, in addition
+    /// to the data dir (always a root); repeatable (env: comma-separated).
     #[arg(
         long = "allowed-root",
         env = "LADLE_ALLOWED_ROOTS",
@@ -113,6 +114,20 @@ pub struct ServiceArgs {
     )]
     #[serde(default)]
     pub evaluator_allowed_hosts: Vec<String>,
+    /// The Standard Webhooks signing secret, `whsec_` + a base64 key of 24 to 64 bytes; jobs
+    /// may carry `notify` only when it is set. Give every process of a deployment the same.
+    #[arg(long, env = "LADLE_WEBHOOK_SECRET", hide_env_values = true)]
+    pub webhook_secret: Option<String>,
+    /// A host a webhook URL (`notify.url`) may name: an IP network, an address or an exact host
+    /// name, as `--evaluator-allowed-hosts`; repeatable (env: comma-separated) [default:
+    /// loopback only: 127.0.0.0/8, ::1, localhost].
+    #[arg(
+        long = "webhook-allowed-hosts",
+        env = "LADLE_WEBHOOK_ALLOWED_HOSTS",
+        value_delimiter = ','
+    )]
+    #[serde(default)]
+    pub webhook_allowed_hosts: Vec<String>,
     /// Also serve `/metrics`, `/healthz` and `/readyz` on this address (for `ladle worker`,
     /// which has no API port; the API serves `/metrics` on `--bind` anyway) [default: none].
     #[arg(long, env = "LADLE_METRICS_BIND")]
@@ -294,6 +309,8 @@ pub struct Settings {
     pub metrics_bind: Option<SocketAddr>,
     /// `--retain-finished`: how long finished jobs are kept (`None`: forever).
     pub retain_finished: Option<Duration>,
+    /// `--webhook-secret`, `--webhook-allowed-hosts`.
+    pub webhooks: WebhookConfig,
 }
 
 fn secs(name: &str, v: Option<f64>, default: f64) -> Result<Duration, ConfigError> {
@@ -342,13 +359,19 @@ impl Settings {
             .database_url
             .or(file.database_url)
             .unwrap_or_else(|| format!("sqlite://{}", data_dir.join("ladle.db").display()));
-        let allowed_roots = if !args.allowed_roots.is_empty() {
+        // The data directory is always a root (local outputs go there by default); every
+        // `--allowed-root` (or, without flags, the config file's list) adds to it.
+        let extra = if !args.allowed_roots.is_empty() {
             args.allowed_roots
-        } else if !file.allowed_roots.is_empty() {
-            file.allowed_roots
         } else {
-            vec![data_dir.display().to_string()]
+            file.allowed_roots
         };
+        let mut allowed_roots = vec![data_dir.display().to_string()];
+        for root in extra {
+            if !allowed_roots.contains(&root) {
+                allowed_roots.push(root);
+            }
+        }
         let s3 = merge_s3(args.s3, file.s3);
         let t = merge_tuning(args.tuning, file.tuning);
         let lease_ttl = secs("lease_ttl_secs", t.lease_ttl_secs, 60.0)?;
@@ -403,6 +426,23 @@ impl Settings {
             Ok(AllowedHosts::default())
         }
         .map_err(|e| ConfigError::Invalid(format!("evaluator_allowed_hosts: {e}")))?;
+        let webhook_hosts = if !args.webhook_allowed_hosts.is_empty() {
+            AllowedHosts::parse(&args.webhook_allowed_hosts)
+        } else if !file.webhook_allowed_hosts.is_empty() {
+            AllowedHosts::parse(&file.webhook_allowed_hosts)
+        } else {
+            Ok(AllowedHosts::default())
+        }
+        .map_err(|e| ConfigError::Invalid(format!("webhook_allowed_hosts: {e}")))?;
+        let webhooks = WebhookConfig {
+            secret: args
+                .webhook_secret
+                .or(file.webhook_secret)
+                .map(|s| Secret::parse(&s))
+                .transpose()
+                .map_err(|e| ConfigError::Invalid(format!("webhook_secret: {e}")))?,
+            allowed_hosts: webhook_hosts,
+        };
         let http_defaults = HttpLimits::default();
         let http = HttpLimits {
             header_timeout: secs(
@@ -461,6 +501,7 @@ impl Settings {
                 .map(|s| crate::retention::parse_duration(&s))
                 .transpose()
                 .map_err(|e| ConfigError::Invalid(format!("retain_finished: {e}")))?,
+            webhooks,
         })
     }
 }
@@ -551,7 +592,11 @@ mod tests {
         let s = Settings::resolve(args, Some(&cfg)).unwrap();
         assert_eq!(s.worker.slots, 2);
         assert_eq!(s.bind.port(), 9999);
-        assert_eq!(s.allowed_roots, vec!["/tmp".to_string()]);
+        // The data directory is always a root; the file's roots add to it.
+        assert_eq!(
+            s.allowed_roots,
+            vec![s.data_dir.display().to_string(), "/tmp".to_string()]
+        );
         assert_eq!(s.s3.region.as_deref(), Some("eu-west-1"));
         let s = Settings::resolve(ServiceArgs::default(), None).unwrap();
         assert_eq!(s.bind.port(), 8080);

@@ -508,6 +508,21 @@ async fn dashboard_in_headless_chromium() {
                 .await;
             assert_eq!(method, "greedy_soup (linear)");
             driver.screenshot(&shots.join("job-greedy-soup.png")).await;
+            // What Resubmit would send for a search is a request the API takes, for the same
+            // stored recipe.
+            let request = driver
+                .js("return requestOf(arguments[0])", json!([job["recipe"]]))
+                .await;
+            let r = api
+                .post(format!("{base}/v1/merges"))
+                .header("authorization", &bearer)
+                .json(&request)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status().as_u16(), 202, "{request}");
+            let copy: Value = r.json().await.unwrap();
+            assert_eq!(copy["recipe"], job["recipe"], "{request}");
         } else {
             let code = driver
                 .js(
@@ -603,6 +618,89 @@ async fn dashboard_in_headless_chromium() {
     assert_eq!(stats["polls"], polls, "polling stopped: {stats}");
     assert_eq!(stats["mode"], "stream", "{stats}");
     assert!(stats["reconnects"].as_u64().unwrap_or(0) >= 1, "{stats}");
+
+    // 8. A state filter: only the cancelled job is left in the list.
+    driver.click("button[data-filter=cancelled]").await;
+    driver
+        .wait_for(
+            "the cancelled filter",
+            "const ids = [...document.querySelectorAll('#jobs tr')].map(r => r.dataset.id); \
+             return ids.length === 1 && ids[0] === arguments[0]",
+            json!([running_id]),
+            Duration::from_secs(10),
+        )
+        .await;
+
+    // 9. Resubmit the finished job: the form opens with its recipe, and the copy runs and
+    //    finishes on its own page.
+    driver
+        .js(
+            "location.hash = '#/merges/' + arguments[0]; return 1",
+            json!([finished_id]),
+        )
+        .await;
+    driver
+        .wait_for(
+            "the resubmit button on the settled page (it re-renders until its stream closed)",
+            "return document.querySelector('#resubmit') && window.__ladleLive.mode === 'done'",
+            json!([]),
+            Duration::from_secs(10),
+        )
+        .await;
+    driver.click("#resubmit").await;
+    let draft = driver
+        .wait_for(
+            "the form with the recipe",
+            "return document.querySelector('#recipe-input')?.value",
+            json!([]),
+            Duration::from_secs(10),
+        )
+        .await;
+    assert!(draft.as_str().unwrap().contains("soups/small"), "{draft}");
+    driver.click("#submit").await;
+    let copy_id = driver
+        .wait_for(
+            "the copy's page",
+            "const id = document.querySelector('#job-id')?.textContent; \
+             return id && id !== arguments[0] ? id : ''",
+            json!([finished_id]),
+            Duration::from_secs(10),
+        )
+        .await;
+    driver
+        .wait_for(
+            "the copy to finish on its page",
+            "return document.querySelector('h1 .state')?.dataset.state === 'succeeded' \
+               && window.__ladleLive.mode === 'done'",
+            json!([]),
+            Duration::from_secs(60),
+        )
+        .await;
+    let recipe_of = |id: Value| {
+        let (api, base, bearer) = (&api, &base, &bearer);
+        async move {
+            let v: Value = api
+                .get(format!("{base}/v1/merges/{}", id.as_str().unwrap()))
+                .header("authorization", bearer)
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            v["recipe"].clone()
+        }
+    };
+    assert_eq!(
+        recipe_of(copy_id).await,
+        recipe_of(json!(finished_id)).await,
+        "the copy has the same recipe"
+    );
+    assert_eq!(
+        live_stats(&driver).await["polls"],
+        polls,
+        "no polling since"
+    );
     assert_eq!(
         driver
             .js("return window.__loadedOnce === true", json!([]))

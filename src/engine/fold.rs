@@ -121,6 +121,7 @@ pub(super) async fn open_adapter(
         url: weights_file.clone(),
         store: loc.store.clone(),
         path: weights_path,
+        local: loc.local.clone(),
     };
     open_local_files(&file_loc, &mut file).await?;
     let adapter = Adapter::build(

@@ -119,6 +119,11 @@ impl EngineError {
                 ..
             } => ErrorCode::ShapeMismatch,
             EngineError::Merge { .. } => ErrorCode::CheckpointMalformed,
+            EngineError::ObjectStore { source, .. }
+                if crate::storage::local::outside_roots(source).is_some() =>
+            {
+                ErrorCode::PathOutsideRoots
+            }
             EngineError::ObjectStore { .. } => ErrorCode::StorageError,
             EngineError::Cancelled => ErrorCode::Cancelled,
             EngineError::LeaseLost => ErrorCode::LeaseExpired,
@@ -130,7 +135,12 @@ impl EngineError {
 
     fn store(context: impl Into<String>) -> impl FnOnce(object_store::Error) -> EngineError {
         let context = context.into();
-        move |source| EngineError::ObjectStore { context, source }
+        move |source| match crate::storage::local::outside_roots(&source) {
+            Some(o) => EngineError::Storage(StorageError::OutsideRoots {
+                path: o.path.clone(),
+            }),
+            None => EngineError::ObjectStore { context, source },
+        }
     }
 }
 
@@ -494,9 +504,6 @@ impl Engine {
             .filter_map(|n| layer_index(n))
             .max()
             .map_or(0, |m| m + 1);
-        if let Some(want) = recipe.input_dtype {
-            check_input_dtype(recipe, &inputs, &ops, want)?;
-        }
         let mut kernel = Kernel::new(recipe, num_layers).map_err(EngineError::Internal)?;
         if let Some((specs, compute)) = kernel.model_selection() {
             // scope "model": the cut-offs over the whole model, before anything is written.
@@ -529,7 +536,11 @@ impl Engine {
                 .get(source)
                 .ok_or_else(|| EngineError::Internal(format!("tensor {source} vanished")))?;
             let dtype = match op {
-                TensorOp::Merge => recipe.output.dtype.unwrap_or(ckpt.read_dtype(t)),
+                TensorOp::Merge => recipe
+                    .output
+                    .dtype
+                    .or(recipe.method.about().output_dtype)
+                    .unwrap_or(ckpt.read_dtype(t)),
                 TensorOp::Pick { .. } if t.dtype.is_mergeable_float() => {
                     recipe.output.dtype.unwrap_or(ckpt.read_dtype(t))
                 }
@@ -610,11 +621,7 @@ impl Engine {
             written.push(f);
         }
         if let Some(folder) = &plan.inputs[0].1.folder {
-            let source = Location {
-                url: plan.inputs[0].0.url.clone(),
-                store: plan.inputs[0].0.store.clone(),
-                path: folder.clone(),
-            };
+            let source = plan.inputs[0].0.with_path(folder.clone());
             for f in output::copy_side_files(&source, &plan.output, plan.num_hidden_layers).await? {
                 written.push(f);
             }
@@ -844,6 +851,22 @@ async fn produce_chunk(
         let Some((in_dtype, bytes)) = raw.into_iter().next() else {
             return Err(EngineError::Internal("no input read".into()));
         };
+        // mergekit's `dtype`: the tensor is cast on load, then scaled in that dtype.
+        let (in_dtype, bytes) = match kernel
+            .cast_dtype()
+            .filter(|to| in_dtype.is_mergeable_float() && *to != in_dtype)
+        {
+            Some(to) => {
+                let cast = crate::merge::dtype::cast(in_dtype, &bytes, to).map_err(|e| {
+                    EngineError::Merge {
+                        tensor: chunk.tensor.clone(),
+                        source: e.into(),
+                    }
+                })?;
+                (to, Bytes::from(cast))
+            }
+            None => (in_dtype, bytes),
+        };
         let out_dtype = chunk.out_dtype;
         if !in_dtype.is_mergeable_float() || (scale.is_none() && in_dtype == out_dtype) {
             return Ok((chunk, bytes));
@@ -972,40 +995,6 @@ pub(super) async fn read_stored(
     Ok((t.dtype, bytes))
 }
 
-/// `input_dtype` (mergekit YAML's `dtype` for methods that compute in the checkpoints' own
-/// dtype): every merged float tensor must have it, or the recipe cannot be honoured.
-fn check_input_dtype(
-    recipe: &Recipe,
-    inputs: &[(Location, Checkpoint)],
-    ops: &BTreeMap<String, TensorOp>,
-    want: DType,
-) -> Result<(), EngineError> {
-    for (name, op) in ops {
-        let source = match op {
-            TensorOp::Merge => name,
-            TensorOp::Pick { source, .. } => source,
-            TensorOp::CopyFirst => continue,
-        };
-        for (loc, ckpt) in inputs {
-            let Some(t) = ckpt.tensors.get(source) else {
-                continue;
-            };
-            if t.dtype.is_mergeable_float() && ckpt.read_dtype(t) != want {
-                return Err(EngineError::InvalidRecipe(format!(
-                    "dtype: the recipe computes in {want} (mergekit `dtype`), but tensor {source} \
-                     of {} is {}; ladle computes {} in the checkpoints' own dtype, so it cannot \
-                     honour another: drop `dtype` (give `out_dtype` for the output) or convert \
-                     the checkpoint",
-                    loc.url,
-                    t.dtype,
-                    recipe.method.name()
-                )));
-            }
-        }
-    }
-    Ok(())
-}
-
 /// A local read that found the file shorter than planned is a malformed checkpoint; an I/O
 /// error is a storage failure.
 fn local_read_error(
@@ -1028,9 +1017,9 @@ fn local_read_error(
 /// (tensor bytes are then read through these descriptors, see [`LocalFile`]). A file whose size
 /// differs from the one its header was read at changed in between: malformed.
 async fn open_local_files(loc: &Location, ckpt: &mut Checkpoint) -> Result<(), EngineError> {
-    if !loc.url.starts_with("file:") {
+    let Some(local) = loc.local.clone() else {
         return Ok(());
-    }
+    };
     let wanted: Vec<(usize, object_store::path::Path, u64)> = ckpt
         .files
         .iter()
@@ -1041,15 +1030,7 @@ async fn open_local_files(loc: &Location, ckpt: &mut Checkpoint) -> Result<(), E
         wanted
             .into_iter()
             .map(|(i, path, size)| {
-                let fs_path = local_fs_path(&path).ok_or_else(|| {
-                    EngineError::Internal(format!("{path} is not a local file path"))
-                })?;
-                let file = LocalFile::open(&fs_path).map_err(|source| {
-                    EngineError::Storage(StorageError::Io {
-                        path: fs_path.display().to_string(),
-                        source,
-                    })
-                })?;
+                let file = open_local_file(&local, &path)?;
                 if file.size() != size {
                     return Err(EngineError::from(CheckpointError::Malformed {
                         file: path.to_string(),
@@ -1071,15 +1052,20 @@ async fn open_local_files(loc: &Location, ckpt: &mut Checkpoint) -> Result<(), E
     Ok(())
 }
 
-/// The file system path of an object path of the local store (rooted at `/`), decoded as
-/// `object_store`'s `LocalFileSystem` decodes it.
-fn local_fs_path(path: &object_store::path::Path) -> Option<std::path::PathBuf> {
-    let mut url = url::Url::parse("file:///").ok()?;
-    url.path_segments_mut()
-        .ok()?
-        .pop_if_empty()
-        .extend(path.parts());
-    url.to_file_path().ok()
+/// Opens one local input file for the job, through the confined store's root handle (a link
+/// leaving the root is `path_outside_roots`). Blocking.
+fn open_local_file(
+    local: &crate::storage::local::LocalStore,
+    path: &object_store::path::Path,
+) -> Result<LocalFile, EngineError> {
+    let context = format!("opening file:///{path}");
+    let file = local.open_file(path).map_err(EngineError::store(context))?;
+    LocalFile::from_file(file, std::path::PathBuf::from(format!("/{path}"))).map_err(|source| {
+        EngineError::Storage(StorageError::Io {
+            path: format!("/{path}"),
+            source,
+        })
+    })
 }
 
 /// A failed ranged GET: a vanished or short object is a malformed checkpoint (not worth a

@@ -491,10 +491,49 @@ async function jobView(kind, id) {
   }, reload, { resync: false, final: "done" });
 }
 
+// The stored recipe (normalized: `parameters` tagged with the method, slices naming models
+// by index, a search beside the soup it searches within) back in the form POST /v1/merges
+// takes. What cannot be carried over (a trajectory's selection: its models are kept
+// explicitly) is left to the form, which shows the validation error in place.
+function requestOf(stored) {
+  const nonEmpty = (o) => o && Object.keys(o).length ? o : undefined;
+  const { method: _tag, ...parameters } = stored.parameters || {};
+  const output = { uri: stored.output && stored.output.uri };
+  if (stored.output && stored.output.dtype) output.dtype = stored.output.dtype;
+  if (stored.output && stored.output.max_shard_size) output.max_shard_size = stored.output.max_shard_size;
+  const models = stored.models || [];
+  const req = {
+    method: stored.method,
+    models: models.map((m) => ({ uri: m.uri, weight: m.weight, parameters: nonEmpty(m.parameters) })),
+    base_model: stored.base_model || undefined,
+    parameters: nonEmpty(parameters),
+    output,
+    input_dtype: stored.input_dtype || undefined,
+  };
+  if (Array.isArray(stored.slices) && stored.slices.length) {
+    req.slices = stored.slices.map((sl) => ({ sources: sl.sources.map((src) => ({
+      uri: models[src.model] ? models[src.model].uri : String(src.model),
+      layer_range: src.layer_range, parameters: nonEmpty(src.parameters) })) }));
+    delete req.models;
+  }
+  const search = stored.search;
+  if (search && search.kind === "greedy") {
+    req.method = "greedy_soup";
+    delete req.parameters;
+    req.models = models.map((m, i) => ({ uri: m.uri,
+      score: search.scores && search.scores[i] != null ? search.scores[i] : undefined }));
+    req.evaluator = search.evaluator;
+    req.accept = search.accept;
+  } else if (search && search.kind === "sweep") {
+    req.sweep = { parameter: search.parameter, values: search.values };
+    req.evaluator = search.evaluator;
+    if (req.parameters) delete req.parameters[search.parameter];
+  }
+  return JSON.parse(JSON.stringify(req)); // drops the undefined fields
+}
+
 function resubmit(job) {
-  const recipe = { ...job.recipe };
-  delete recipe.idempotency_key;
-  sessionStorage.setItem("ladle.draft", JSON.stringify(recipe, null, 2));
+  sessionStorage.setItem("ladle.draft", JSON.stringify(requestOf(job.recipe || {}), null, 2));
   location.hash = "#/submit";
 }
 

@@ -30,6 +30,7 @@ class ApiError:
             | `invalid_query` | 400 | no |
             | `unauthorized` | 401 | no |
             | `storage_not_allowed` | 403 | no |
+            | `path_outside_roots` | 403 | no |
             | `not_found` | 404 | no |
             | `request_timeout` | 408 | no |
             | `idempotency_key_reused` | 409 | no |
@@ -41,7 +42,6 @@ class ApiError:
             | `unsupported_media_type` | 415 | no |
             | `checkpoint_not_found` | 422 | no |
             | `checkpoint_malformed` | 422 | no |
-            | `invalid_adapter` | 422 | no |
             | `shape_mismatch` | 422 | no |
             | `unsupported_dtype` | 422 | no |
             | `evaluator_failed` | 422 | no |
