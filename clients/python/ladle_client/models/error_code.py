@@ -11,6 +11,7 @@ class ErrorCode(StrEnum):
     EVALUATOR_UNAVAILABLE = "evaluator_unavailable"
     IDEMPOTENCY_KEY_REUSED = "idempotency_key_reused"
     INTERNAL = "internal"
+    INVALID_ADAPTER = "invalid_adapter"
     INVALID_QUERY = "invalid_query"
     INVALID_RECIPE = "invalid_recipe"
     INVALID_URI = "invalid_uri"

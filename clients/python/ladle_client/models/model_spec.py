@@ -19,6 +19,8 @@ class ModelSpec:
     """
     Attributes:
         uri (str):
+        lora (None | str | Unset): A PEFT LoRA adapter folder (`adapter_config.json` + `adapter_model.safetensors`) to
+            fold into this model: the ingredient is `W + s·B·A` (mergekit's `model+lora`).
         parameters (ModelSpecParameters | Unset): Per-model parameters (`density`, `gamma`, `epsilon`, `weight` as a
             gradient or filters).
         score (float | None | Unset): A known score of this model alone (method `greedy_soup`; evaluated when absent).
@@ -26,12 +28,19 @@ class ModelSpec:
     """
 
     uri: str
+    lora: None | str | Unset = UNSET
     parameters: ModelSpecParameters | Unset = UNSET
     score: float | None | Unset = UNSET
     weight: float | None | Unset = UNSET
 
     def to_dict(self) -> dict[str, Any]:
         uri = self.uri
+
+        lora: None | str | Unset
+        if isinstance(self.lora, Unset):
+            lora = UNSET
+        else:
+            lora = self.lora
 
         parameters: dict[str, Any] | Unset = UNSET
         if not isinstance(self.parameters, Unset):
@@ -56,6 +65,8 @@ class ModelSpec:
                 "uri": uri,
             }
         )
+        if lora is not UNSET:
+            field_dict["lora"] = lora
         if parameters is not UNSET:
             field_dict["parameters"] = parameters
         if score is not UNSET:
@@ -71,6 +82,15 @@ class ModelSpec:
 
         d = dict(src_dict)
         uri = d.pop("uri")
+
+        def _parse_lora(data: object) -> None | str | Unset:
+            if data is None:
+                return data
+            if isinstance(data, Unset):
+                return data
+            return cast(None | str | Unset, data)
+
+        lora = _parse_lora(d.pop("lora", UNSET))
 
         _parameters = d.pop("parameters", UNSET)
         parameters: ModelSpecParameters | Unset
@@ -99,6 +119,7 @@ class ModelSpec:
 
         model_spec = cls(
             uri=uri,
+            lora=lora,
             parameters=parameters,
             score=score,
             weight=weight,
