@@ -26,7 +26,7 @@ METHODS=${METHODS:-$ALL}
 log() { printf '== %s\n' "$*" >&2; }
 
 [[ -x /usr/bin/time ]] || { log "needs GNU time (apt-get install time)"; exit 1; }
-if [[ ${LADLE_SKIP_BUILD:-} != 1 ]]; then cargo build --release; fi
+if [[ ${SKIP_BUILD:-} != 1 ]]; then cargo build --release; fi
 
 if [[ ! -f $DATA/ft-3/model.safetensors.index.json ]]; then
   log "generating 3 inputs of ~$SIZE_GB GB under $DATA"
