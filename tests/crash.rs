@@ -695,6 +695,23 @@ fn log_has(p: &LadleProc, needle: &str) -> bool {
     p.log_text().contains(needle)
 }
 
+/// SIGTERM `w` and wait until it logs that it stopped claiming. The signal is handled
+/// asynchronously: a job submitted before that line may still be claimed (and is then handed
+/// straight back), so "no new claims" is only about jobs submitted after it.
+async fn sigterm_and_wait_shutdown(w: &LadleProc) {
+    w.sigterm();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !log_has(w, "shutting down") {
+        assert!(
+            Instant::now() < deadline,
+            "{}: no shutdown log line: {}",
+            w.name,
+            w.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 // ------------------------------------------------------------------------------------------
 // The scenarios (each run on SQLite and on Postgres)
 // ------------------------------------------------------------------------------------------
@@ -1201,18 +1218,7 @@ async fn sigterm_releases_after_grace(rig: Rig) {
         ..Default::default()
     });
     rig.wait_running_with(id, 1).await;
-    a.sigterm();
-    // The signal is handled asynchronously: submit the second job only once the worker says
-    // it stopped claiming, so "no new claims" is about claims after the shutdown began.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !log_has(&a, "shutting down") {
-        assert!(
-            Instant::now() < deadline,
-            "no shutdown log line: {}",
-            a.log_text()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    sigterm_and_wait_shutdown(&a).await;
     let id2 = rig.submit("term-release-2").await;
     let t = Instant::now();
     let status = a.wait_exit(Duration::from_secs(15)).await;
@@ -1267,7 +1273,7 @@ async fn sigterm_finishes_within_grace(rig: Rig) {
         ..Default::default()
     });
     rig.wait_running_with(id, 1).await;
-    a.sigterm();
+    sigterm_and_wait_shutdown(&a).await;
     let id2 = rig.submit("term-finish-2").await;
     let status = a.wait_exit(Duration::from_secs(30)).await;
     assert!(
