@@ -127,6 +127,7 @@ impl Service {
                     default_max_attempts: settings.max_attempts,
                     evaluator_hosts: settings.worker.evaluator_hosts.clone(),
                     shutdown: shutdown.clone(),
+                    data_dir: Some(settings.data_dir.clone()),
                 },
                 settings.body_limit,
                 settings.auth.clone(),
