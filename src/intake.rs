@@ -151,14 +151,9 @@ pub async fn accept(
                 .map(|(i, u)| (format!("models[{i}].uri"), u.as_str())),
         );
     output::check_apart(&output_url, inputs)?;
-    crate::engine::output_rules::check(
-        storage,
-        &output_url,
-        recipe.output.overwrite,
-        data_dir,
-    )
-    .await
-    .map_err(IntakeError::Output)?;
+    crate::engine::output_rules::check(storage, &output_url, recipe.output.overwrite, data_dir)
+        .await
+        .map_err(IntakeError::Output)?;
     if urls == Urls::Normalize {
         for (m, url) in recipe.models.iter_mut().zip(models) {
             m.uri = url;

@@ -206,7 +206,13 @@ async fn s3_soup(store: &dyn ObjectStore, prefix: &str) -> Result<Soup, String> 
 
 /// Judge one race: the soup is whole, exactly one writer published it, every other one
 /// conflicted or recovered the same recipe (`weights[i]`: writer i's recipe).
-fn judge(tally: &mut Tally, race: usize, soup: Result<Soup, String>, ends: &[End], weights: &[f64]) {
+fn judge(
+    tally: &mut Tally,
+    race: usize,
+    soup: Result<Soup, String>,
+    ends: &[End],
+    weights: &[f64],
+) {
     for e in ends {
         tally.add(e);
         if let End::Other(err) = e {
@@ -415,10 +421,15 @@ async fn two_services_with_separate_databases_race_one_output() {
     for race in 0..n {
         let out = root.join(format!("soups/svc-{race}"));
         // Mostly two different recipes; every fourth race the same one (one recovers).
-        let weights = if race % 4 == 3 { [1.0, 1.0] } else { [1.0, 2.0] };
+        let weights = if race % 4 == 3 {
+            [1.0, 1.0]
+        } else {
+            [1.0, 2.0]
+        };
         let mut ids = Vec::new();
         for (s, (_, base)) in services.iter().enumerate() {
-            let (status, v) = submit(&client, base, &recipe(&models, weights[s], &file_url(&out))).await;
+            let (status, v) =
+                submit(&client, base, &recipe(&models, weights[s], &file_url(&out))).await;
             assert!(status == 202 || status == 200, "{status}: {v}");
             ids.push(v["id"].as_str().unwrap().to_string());
         }
@@ -512,10 +523,11 @@ async fn lease_lost_and_twin_attempts() {
         std::fs::create_dir_all(&live).unwrap();
         std::fs::write(dead.join("model-00001-of-00003.safetensors#7"), b"old").unwrap();
         std::fs::write(live.join("x.safetensors"), b"live").unwrap();
-        let (lost, next) = tokio::join!(
-            engine.run(&r, &control(&job, 2, Arc::new(LeaseGone))),
-            engine.run(&r, &control(&job, 3, Arc::new(AlwaysPublish))),
+        let (c2, c3) = (
+            control(&job, 2, Arc::new(LeaseGone)),
+            control(&job, 3, Arc::new(AlwaysPublish)),
         );
+        let (lost, next) = tokio::join!(engine.run(&r, &c2), engine.run(&r, &c3));
         // Fenced: its gate says the lease is gone, or its staging was removed under it.
         assert!(lost.is_err(), "the lease-lost attempt published: {lost:?}");
         let next = next.expect("the successor publishes");
@@ -524,23 +536,34 @@ async fn lease_lost_and_twin_attempts() {
         std::fs::remove_dir_all(out.join(".ladle-staging")).unwrap();
         let ends = [
             End::Conflict, // the lease-lost attempt published nothing: counted as a loser
-            if next.recovered { End::Recovered } else { End::Published },
+            if next.recovered {
+                End::Recovered
+            } else {
+                End::Published
+            },
         ];
         judge(&mut tally, race, local_soup(&out), &ends, &[2.0, 2.0]);
-        // Twins: both past the gate, same bytes, one output.
+        // Twins (two jobs of the same recipe, e.g. in two services): same bytes, one output.
         let twin_out = root.join(format!("soups/twin-{race}"));
         let r = validated(&storage, &recipe(&models, 3.0, &file_url(&twin_out))).await;
-        let (a, b) = tokio::join!(
-            engine.run(&r, &control(&job, 4, Arc::new(AlwaysPublish))),
-            engine.run(&r, &control(&job, 5, Arc::new(AlwaysPublish))),
+        let (c4, c5) = (
+            control(&format!("twina{race}"), 1, Arc::new(AlwaysPublish)),
+            control(&format!("twinb{race}"), 1, Arc::new(AlwaysPublish)),
         );
+        let (a, b) = tokio::join!(engine.run(&r, &c4), engine.run(&r, &c5));
         let end = |o: Result<ladle::engine::MergeOutcome, EngineError>| match o {
             Ok(o) if o.recovered => End::Recovered,
             Ok(_) => End::Published,
             Err(e) if e.code() == ladle::error::ErrorCode::OutputConflict => End::Conflict,
             Err(e) => End::Other(e.to_string()),
         };
-        judge(&mut tally, race, local_soup(&twin_out), &[end(a), end(b)], &[3.0, 3.0]);
+        judge(
+            &mut tally,
+            race,
+            local_soup(&twin_out),
+            &[end(a), end(b)],
+            &[3.0, 3.0],
+        );
     }
     tally.report("lease-lost attempt vs successor, twin attempts");
     assert_eq!(tally.corrupted, 0, "{tally:?}");
@@ -568,7 +591,10 @@ fn merge_with_change(
     let reached = pause_dir.join("shard-written.reached");
     let deadline = Instant::now() + Duration::from_secs(60);
     while !reached.exists() {
-        assert!(Instant::now() < deadline, "the merge never reached its pause point");
+        assert!(
+            Instant::now() < deadline,
+            "the merge never reached its pause point"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     change();
@@ -613,8 +639,11 @@ fn an_input_renamed_over_or_written_in_place_mid_merge_is_input_changed() {
     for case in ["rename-replace", "in-place"] {
         let out = root.join(format!("soups/changed-{case}"));
         let rp = root.join(format!("recipe-{case}.json"));
-        std::fs::write(&rp, serde_json::to_vec(&recipe(&models, 2.0, &file_url(&out))).unwrap())
-            .unwrap();
+        std::fs::write(
+            &rp,
+            serde_json::to_vec(&recipe(&models, 2.0, &file_url(&out))).unwrap(),
+        )
+        .unwrap();
         let original = std::fs::read(&shard).unwrap();
         let (ok, err) = merge_with_change(&rp, &[], &root.join(format!("pause-{case}")), || {
             let mut changed = original.clone();
@@ -649,13 +678,19 @@ fn an_input_renamed_over_or_written_in_place_mid_merge_is_input_changed() {
     // Unchanged inputs: the same merge publishes, and the manifest records their identity.
     let out = root.join("soups/unchanged");
     let rp = root.join("recipe-unchanged.json");
-    std::fs::write(&rp, serde_json::to_vec(&recipe(&models, 2.0, &file_url(&out))).unwrap())
-        .unwrap();
+    std::fs::write(
+        &rp,
+        serde_json::to_vec(&recipe(&models, 2.0, &file_url(&out))).unwrap(),
+    )
+    .unwrap();
     let (ok, err) = merge_with_change(&rp, &[], &root.join("pause-unchanged"), || {});
     assert!(ok, "{err}");
     let (m, _) = local_soup(&out).unwrap();
     let f = &m["inputs"][1]["files"][0];
-    assert!(f["inode"].as_u64().is_some() && f["mtime"].is_string(), "{m}");
+    assert!(
+        f["inode"].as_u64().is_some() && f["mtime"].is_string(),
+        "{m}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -692,15 +727,28 @@ async fn an_s3_input_whose_etag_changes_mid_merge_is_input_changed() {
     let env: Vec<(String, String)> = [
         ("LADLE_S3_ENDPOINT", a.s3_endpoint.unwrap_or_default()),
         ("LADLE_S3_REGION", "us-east-1".into()),
-        ("LADLE_S3_ACCESS_KEY_ID", a.s3_access_key_id.unwrap_or_default()),
-        ("LADLE_S3_SECRET_ACCESS_KEY", a.s3_secret_access_key.unwrap_or_default()),
+        (
+            "LADLE_S3_ACCESS_KEY_ID",
+            a.s3_access_key_id.unwrap_or_default(),
+        ),
+        (
+            "LADLE_S3_SECRET_ACCESS_KEY",
+            a.s3_secret_access_key.unwrap_or_default(),
+        ),
         ("LADLE_S3_ALLOW_HTTP", "true".into()),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_string(), v))
     .collect();
     let key = object_store::path::Path::from("in/model-1/model-00001-of-00002.safetensors");
-    let mut changed = store.get(&key).await.unwrap().bytes().await.unwrap().to_vec();
+    let mut changed = store
+        .get(&key)
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap()
+        .to_vec();
     let n = changed.len();
     changed[n - 4..].copy_from_slice(&[9, 9, 9, 9]);
     let (put_store, put_key) = (store.clone(), key.clone());
@@ -751,8 +799,11 @@ fn a_full_output_disk_is_storage_full_and_leaves_nothing() {
     let _unmount = Unmount(disk.clone());
     let out = disk.join("soup");
     let rp = root.join("recipe-full.json");
-    std::fs::write(&rp, serde_json::to_vec(&recipe(&models, 2.0, &file_url(&out))).unwrap())
-        .unwrap();
+    std::fs::write(
+        &rp,
+        serde_json::to_vec(&recipe(&models, 2.0, &file_url(&out))).unwrap(),
+    )
+    .unwrap();
     let run = Command::new(LADLE)
         .args(["merge", "--quiet"])
         .arg(&rp)
@@ -806,17 +857,32 @@ async fn output_rules_at_submit() {
     body["output"]["overwrite"] = true.into();
     let (status, v) = submit(&client, &base, &body).await;
     assert_eq!(status, 202, "{v}");
-    let done = wait_terminal(&client, &base, v["id"].as_str().unwrap(), Duration::from_secs(60)).await;
+    let done = wait_terminal(
+        &client,
+        &base,
+        v["id"].as_str().unwrap(),
+        Duration::from_secs(60),
+    )
+    .await;
     assert_eq!(done["error"]["code"], "output_conflict", "{done}");
     assert_eq!(std::fs::read(out.join("notes.txt")).unwrap(), b"keep me");
-    assert_eq!(std::fs::read(out.join("config.json")).unwrap(), b"{\"mine\": true}");
+    assert_eq!(
+        std::fs::read(out.join("config.json")).unwrap(),
+        b"{\"mine\": true}"
+    );
     // Without the clash it publishes beside the user's file, which stays.
     std::fs::remove_file(out.join("config.json")).unwrap();
     let mut body = recipe(&models, 3.0, &file_url(&out));
     body["output"]["overwrite"] = true.into();
     let (status, v) = submit(&client, &base, &body).await;
     assert_eq!(status, 202, "{v}");
-    let done = wait_terminal(&client, &base, v["id"].as_str().unwrap(), Duration::from_secs(60)).await;
+    let done = wait_terminal(
+        &client,
+        &base,
+        v["id"].as_str().unwrap(),
+        Duration::from_secs(60),
+    )
+    .await;
     assert_eq!(done["state"], "succeeded", "{done}");
     assert_eq!(std::fs::read(out.join("notes.txt")).unwrap(), b"keep me");
     assert!(out.join(MANIFEST).is_file());

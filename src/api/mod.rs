@@ -222,15 +222,14 @@ async fn submit(
         media::BodyFormat::Yaml => Format::Yaml,
     };
     let req = intake::parse(&body, format, None)?;
-    let accepted =
-        intake::accept(
-            &state.storage,
-            &state.evaluator_hosts,
-            Urls::Normalize,
-            state.data_dir.as_deref(),
-            req,
-        )
-        .await?;
+    let accepted = intake::accept(
+        &state.storage,
+        &state.evaluator_hosts,
+        Urls::Normalize,
+        state.data_dir.as_deref(),
+        req,
+    )
+    .await?;
     let sub = accepted.submission;
     let recipe_json = serde_json::to_value(&sub.job)
         .map_err(|e| ApiError::new(ErrorCode::Internal, e.to_string()))?;

@@ -46,9 +46,9 @@ pub async fn check_unchanged(
     };
     if let Some(local) = &file.local {
         let was = local.identity();
-        let now = local.current().map_err(|e| {
-            changed(format!("it can no longer be examined: {}", e.kind()))
-        })?;
+        let now = local
+            .current()
+            .map_err(|e| changed(format!("it can no longer be examined: {}", e.kind())))?;
         if now.size != was.size {
             return Err(changed(format!(
                 "written in place: {} bytes, now {}",
@@ -56,7 +56,9 @@ pub async fn check_unchanged(
             )));
         }
         if now != was {
-            return Err(changed("written in place: its modification time changed".into()));
+            return Err(changed(
+                "written in place: its modification time changed".into(),
+            ));
         }
     }
     let meta = match store.head(&file.path).await {

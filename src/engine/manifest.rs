@@ -98,9 +98,9 @@ impl Manifest {
                             path: f.path.to_string(),
                             size: f.size,
                             etag: f.etag.clone(),
-                            mtime: f.modified.map(|t| {
-                                t.to_rfc3339_opts(chrono::SecondsFormat::Nanos, true)
-                            }),
+                            mtime: f
+                                .modified
+                                .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Nanos, true)),
                             inode: f.local.as_ref().map(|l| l.identity().ino),
                             device: f.local.as_ref().map(|l| l.identity().dev),
                         })

@@ -124,9 +124,7 @@ impl EngineError {
                 ..
             } => ErrorCode::ShapeMismatch,
             EngineError::Merge { .. } => ErrorCode::CheckpointMalformed,
-            EngineError::ObjectStore { source, .. } if store_full(source) => {
-                ErrorCode::StorageFull
-            }
+            EngineError::ObjectStore { source, .. } if store_full(source) => ErrorCode::StorageFull,
             EngineError::ObjectStore { .. } => ErrorCode::StorageError,
             EngineError::Cancelled => ErrorCode::Cancelled,
             EngineError::LeaseLost => ErrorCode::LeaseExpired,
@@ -974,14 +972,7 @@ pub(super) async fn read_elems(
         if_match: file.etag.clone(),
         ..Default::default()
     };
-    let fetched = async {
-        loc.store
-            .get_opts(&file.path, opts)
-            .await?
-            .bytes()
-            .await
-    }
-    .await;
+    let fetched = async { loc.store.get_opts(&file.path, opts).await?.bytes().await }.await;
     let bytes = match fetched {
         Ok(b) => b,
         Err(object_store::Error::Precondition { .. }) => {

@@ -38,26 +38,30 @@ pub async fn check(
     if overwrite {
         return Ok(());
     }
-    let claimed: HashSet<String> = match manifest::read(&output).await? {
-        Some(m) => m
-            .files
-            .into_iter()
-            .map(|f| f.path)
-            .chain([MANIFEST_NAME.to_string(), CLAIM_NAME.to_string()])
-            .collect(),
-        None => {
-            let claim = output.child(CLAIM_NAME);
-            match claim.store.head(&claim.path).await {
-                // Being published (or a publication that died): the engine decides.
-                Ok(_) => return Ok(()),
-                Err(object_store::Error::NotFound { .. }) => HashSet::new(),
-                Err(e) => return Err(EngineError::Storage(StorageError::ObjectStore(e))),
-            }
+    // A publication may finish while we look (manifest written, then the claim removed):
+    // the claim first, then the manifest, and once more when foreign files turn up.
+    let mut foreign = Vec::new();
+    for _ in 0..3 {
+        let claim = output.child(CLAIM_NAME);
+        match claim.store.head(&claim.path).await {
+            // Being published (or a publication that died): the engine decides.
+            Ok(_) => return Ok(()),
+            Err(object_store::Error::NotFound { .. }) => {}
+            Err(e) => return Err(EngineError::Storage(StorageError::ObjectStore(e))),
         }
-    };
-    let foreign = foreign_files(&output, &claimed).await?;
-    if foreign.is_empty() {
-        return Ok(());
+        let claimed: HashSet<String> = match manifest::read(&output).await? {
+            Some(m) => m
+                .files
+                .into_iter()
+                .map(|f| f.path)
+                .chain([MANIFEST_NAME.to_string(), CLAIM_NAME.to_string()])
+                .collect(),
+            None => HashSet::new(),
+        };
+        foreign = foreign_files(&output, &claimed).await?;
+        if foreign.is_empty() {
+            return Ok(());
+        }
     }
     Err(EngineError::OutputNotEmpty(format!(
         "output.uri: {} holds files that no ladle manifest claims ({}); choose an empty \

@@ -168,7 +168,10 @@ async fn read_claim(output: &Location) -> Result<Option<Claim>, EngineError> {
         }
     };
     if got.meta.size > MAX_CLAIM_BYTES {
-        return Err(conflict(format!("{} exists and is not a ladle claim", loc.url)));
+        return Err(conflict(format!(
+            "{} exists and is not a ladle claim",
+            loc.url
+        )));
     }
     let bytes = got
         .bytes()
@@ -195,7 +198,11 @@ fn same_soup(existing: &Manifest, m: &Manifest) -> bool {
 }
 
 /// The output already has a manifest: a recovery when it is this soup, else a conflict.
-fn settle_existing(output: &Location, existing: &Manifest, m: &Manifest) -> Result<bool, EngineError> {
+fn settle_existing(
+    output: &Location,
+    existing: &Manifest,
+    m: &Manifest,
+) -> Result<bool, EngineError> {
     if same_soup(existing, m) {
         Ok(true)
     } else {
@@ -223,7 +230,26 @@ pub(super) async fn publish(
     };
     let body = serde_json::to_vec_pretty(&claim)
         .map_err(|e| EngineError::Internal(format!("serializing the claim: {e}")))?;
-    if !create(&output.child(CLAIM_NAME), body).await? {
+    // A final name taken by a file nobody is publishing (`overwrite`: a user's file) is a
+    // conflict found before claiming, so that no claim is left behind for it.
+    let unclaimed = read_claim(output).await?.is_none() && manifest::read(output).await?.is_none();
+    if unclaimed {
+        for f in &m.files {
+            let to = output.child(&f.path);
+            match to.store.head(&to.path).await {
+                Err(object_store::Error::NotFound { .. }) => {}
+                Ok(_) => holds_same_bytes(&to, f).await?,
+                Err(e) => {
+                    return Err(EngineError::ObjectStore {
+                        context: format!("publishing {}", to.url),
+                        source: e,
+                    });
+                }
+            }
+        }
+    }
+    let claimant = create(&output.child(CLAIM_NAME), body).await?;
+    if !claimant {
         // Claimed by another run: the same bytes → publish them together; else the manifest,
         // if one is out, tells a recovery from a conflict.
         let theirs = read_claim(output).await?;
@@ -255,8 +281,24 @@ pub(super) async fn publish(
         remove_claim(output).await;
         return settled;
     }
+    let mut moved = Vec::new();
     for f in &m.files {
-        move_into_place(staging, output, f).await?;
+        match move_into_place(staging, output, f).await {
+            Ok(true) => moved.push(f),
+            Ok(false) => {}
+            Err(e) => {
+                // A name taken by other bytes: no run with this key can publish (they all
+                // need that name), so the claimant takes back what it moved, and the claim.
+                if claimant && matches!(e, EngineError::OutputConflict(_)) {
+                    for f in moved {
+                        let loc = output.child(&f.path);
+                        let _ = loc.store.delete(&loc.path).await;
+                    }
+                    remove_claim(output).await;
+                }
+                return Err(e);
+            }
+        }
     }
     let body = serde_json::to_vec_pretty(m)
         .map_err(|e| EngineError::Internal(format!("serializing the manifest: {e}")))?;
@@ -278,23 +320,27 @@ pub(super) async fn publish(
 }
 
 /// Move one staged file to its final name, never over an existing one; a final name already
-/// taken must hold the same bytes.
+/// taken must hold the same bytes. `Ok(true)`: this run put the file there.
 async fn move_into_place(
     staging: &Location,
     output: &Location,
     f: &OutputFile,
-) -> Result<(), EngineError> {
+) -> Result<bool, EngineError> {
     let from = staging.child(&f.path);
     let to = output.child(&f.path);
     match to.store.rename_if_not_exists(&from.path, &to.path).await {
-        Ok(()) => Ok(()),
-        Err(object_store::Error::AlreadyExists { .. }) => holds_same_bytes(&to, f).await,
-        Err(object_store::Error::NotSupported { .. } | object_store::Error::NotImplemented { .. }) => {
+        Ok(()) => Ok(true),
+        Err(object_store::Error::AlreadyExists { .. }) => {
+            holds_same_bytes(&to, f).await.map(|()| false)
+        }
+        Err(
+            object_store::Error::NotSupported { .. } | object_store::Error::NotImplemented { .. },
+        ) => {
             // No atomic create-if-absent copy (S3 without a copy-if-not-exists header): the
             // claim's key already guarantees that whoever else writes this name writes these
             // bytes.
             match to.store.head(&to.path).await {
-                Ok(_) => holds_same_bytes(&to, f).await,
+                Ok(_) => holds_same_bytes(&to, f).await.map(|()| false),
                 Err(object_store::Error::NotFound { .. }) => {
                     to.store
                         .copy(&from.path, &to.path)
@@ -303,7 +349,7 @@ async fn move_into_place(
                     if let Err(e) = to.store.delete(&from.path).await {
                         tracing::warn!(file = %from.url, error = %e, "could not remove a staged file");
                     }
-                    Ok(())
+                    Ok(true)
                 }
                 Err(e) => Err(EngineError::ObjectStore {
                     context: format!("publishing {}", to.url),
@@ -349,11 +395,7 @@ async fn holds_same_bytes(loc: &Location, f: &OutputFile) -> Result<(), EngineEr
 /// Remove a staging folder and everything in it (best effort): this run's own, or one of a
 /// writer known dead. Local folders are removed too (and `.ladle-staging` once empty).
 pub(super) async fn remove_staging(staging: &Location) {
-    let listed: Result<Vec<_>, _> = staging
-        .store
-        .list(Some(&staging.path))
-        .try_collect()
-        .await;
+    let listed: Result<Vec<_>, _> = staging.store.list(Some(&staging.path)).try_collect().await;
     match listed {
         Ok(objects) => {
             for o in objects {
