@@ -212,6 +212,12 @@ fn read_request(args: &MergeArgs) -> Result<ladle::recipe::MergeRequest> {
 /// written).
 async fn merge_once(args: MergeArgs) -> Result<()> {
     let req = read_request(&args)?;
+    if req.notify.is_some() {
+        bail!(
+            "invalid recipe: notify: webhooks are sent by the service (POST /v1/merges); \
+             `ladle merge` runs locally and sends none"
+        );
+    }
     let roots = (!args.allowed_roots.is_empty()).then_some(args.allowed_roots.as_slice());
     let storage = Arc::new(Storage::new(roots, merge_s3(args.s3, Default::default()))?);
     // A greedy soup or sweep from the command line: the evaluator must be on loopback.

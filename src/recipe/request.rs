@@ -60,6 +60,10 @@ pub struct MergeRequest {
     /// tensors are copied unchanged.
     #[serde(default)]
     pub input_dtype: Option<String>,
+    /// Signed webhooks on this job's state changes (validated by `webhooks`, stored apart from
+    /// the recipe; over HTTP only: `ladle merge` refuses it).
+    #[serde(default)]
+    pub notify: Option<crate::webhooks::NotifySpec>,
 }
 
 #[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
