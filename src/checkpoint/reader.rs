@@ -64,6 +64,9 @@ impl CheckpointError {
             CheckpointError::NotFound { .. } => ErrorCode::CheckpointNotFound,
             CheckpointError::Malformed { .. } => ErrorCode::CheckpointMalformed,
             CheckpointError::Changed { .. } => ErrorCode::InputChanged,
+            CheckpointError::Storage(e) if crate::storage::local::outside_roots(e).is_some() => {
+                ErrorCode::PathOutsideRoots
+            }
             CheckpointError::Storage(_) => ErrorCode::StorageError,
         }
     }

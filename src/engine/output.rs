@@ -6,9 +6,7 @@ use futures::StreamExt;
 use object_store::{ObjectStoreExt, PutPayload, WriteMultipart};
 use sha2::{Digest, Sha256};
 
-use super::manifest::MANIFEST_NAME;
 use super::{EngineError, OutputFile};
-use crate::checkpoint::INDEX_FILE_NAME;
 use crate::storage::Location;
 
 /// Files up to this size are copied with one GET and one PUT; larger ones stream.
@@ -124,26 +122,27 @@ pub(super) async fn put_small(
     Ok(file)
 }
 
-/// Whether a file of a model folder is a side file to copy (config, tokenizer, ...), not
-/// weights, not ladle's own, not hidden or a partial upload.
+/// The side files copied from the first model's folder, and only these: configs, tokenizer
+/// files, chat templates. Never weights, dotfiles, ladle's own files or the database
+/// (`ladle.db*`), whatever else the folder holds. The one list: extend it here.
+pub const SIDE_FILES: &[&str] = &[
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+];
+
+/// Whether `name` is a side file to copy (one of [`SIDE_FILES`]).
+#[cfg(test)]
 pub(super) fn is_side_file(name: &str) -> bool {
-    const WEIGHT_SUFFIXES: [&str; 8] = [
-        ".safetensors",
-        ".bin",
-        ".pt",
-        ".pth",
-        ".ckpt",
-        ".msgpack",
-        ".h5",
-        ".gguf",
-    ];
-    !(name.is_empty()
-        || name.starts_with('.')
-        || name.contains('#')
-        || name == MANIFEST_NAME
-        || name == INDEX_FILE_NAME
-        || name.ends_with(".index.json")
-        || WEIGHT_SUFFIXES.iter().any(|s| name.ends_with(s)))
+    SIDE_FILES.contains(&name)
 }
 
 /// `config.json` with `num_hidden_layers` set (and in `text_config` when present), as
@@ -176,26 +175,29 @@ pub(super) async fn copy_side_files(
     dest: &Location,
     num_hidden_layers: Option<u64>,
 ) -> Result<Vec<OutputFile>, EngineError> {
-    let listing = source
-        .store
-        .list_with_delimiter(Some(&source.path))
-        .await
-        .map_err(EngineError::store(format!("listing {}", source.url)))?;
+    // `dest` is the run's staging folder: on an error the run removes all of it.
     let mut copied = Vec::new();
-    for meta in listing.objects {
-        let Some(name) = meta.location.filename().map(str::to_string) else {
-            continue;
-        };
-        if !is_side_file(&name) {
-            continue;
-        }
+    copy_each(source, dest, num_hidden_layers, &mut copied).await?;
+    Ok(copied)
+}
+
+async fn copy_each(
+    source: &Location,
+    dest: &Location,
+    num_hidden_layers: Option<u64>,
+    copied: &mut Vec<OutputFile>,
+) -> Result<(), EngineError> {
+    for &name in SIDE_FILES {
+        let name = name.to_string();
+        let location = source.path.clone().join(name.as_str());
         let context = format!("copying {}/{name}", source.url);
-        let got = source
-            .store
-            .get(&meta.location)
-            .await
-            .map_err(EngineError::store(context.clone()))?;
-        if meta.size <= SMALL_FILE {
+        // Through the confined store: a side file linked outside the root is refused
+        // (`path_outside_roots`), never copied.
+        let got = match source.store.get(&location).await {
+            Err(object_store::Error::NotFound { .. }) => continue,
+            got => got.map_err(EngineError::store(context.clone()))?,
+        };
+        if got.meta.size <= SMALL_FILE {
             let mut bytes = got.bytes().await.map_err(EngineError::store(context))?;
             if let (Some(n), "config.json") = (num_hidden_layers, name.as_str()) {
                 bytes = with_num_hidden_layers(bytes, n);
@@ -221,7 +223,7 @@ pub(super) async fn copy_side_files(
             }
         }
     }
-    Ok(copied)
+    Ok(())
 }
 
 #[cfg(test)]
@@ -234,7 +236,7 @@ mod tests {
             "config.json",
             "tokenizer.json",
             "tokenizer.model",
-            "README.md",
+            "chat_template.jinja",
         ] {
             assert!(is_side_file(keep), "{keep}");
         }
@@ -247,6 +249,11 @@ mod tests {
             "ladle-manifest.json",
             ".hidden",
             "model.safetensors#3",
+            "ladle.db",
+            "ladle.db-wal",
+            "authorized_keys",
+            "README.md",
+            ".env",
         ] {
             assert!(!is_side_file(skip), "{skip}");
         }

@@ -21,6 +21,7 @@ class ErrorCode(StrEnum):
     OUTPUT_CONFLICT = "output_conflict"
     OUTPUT_IN_USE = "output_in_use"
     OUTPUT_NOT_EMPTY = "output_not_empty"
+    PATH_OUTSIDE_ROOTS = "path_outside_roots"
     PAYLOAD_TOO_LARGE = "payload_too_large"
     REQUEST_TIMEOUT = "request_timeout"
     SHAPE_MISMATCH = "shape_mismatch"
