@@ -71,8 +71,12 @@ error_codes! {
     IdempotencyKeyReused = "idempotency_key_reused", 409, false;
     /// Another live job already writes to the same output URL.
     OutputInUse = "output_in_use", 409, false;
-    /// The output folder already holds a different, complete soup.
+    /// The output folder already holds a different, complete soup, or another run is
+    /// publishing a different one to it (see README, "Publish protocol").
     OutputConflict = "output_conflict", 409, false;
+    /// The output folder holds files that no ladle manifest claims (set `output.overwrite` to
+    /// write beside them; ladle still never deletes or replaces them).
+    OutputNotEmpty = "output_not_empty", 409, false;
     /// The job is already finished and cannot be cancelled.
     NotCancellable = "not_cancellable", 409, false;
     /// The job was cancelled.
@@ -107,6 +111,12 @@ error_codes! {
     /// The database cannot store writes now (disk full, read-only, its file deleted or
     /// replaced, unreachable). Nothing was stored. Retryable.
     DatabaseUnavailable = "database_unavailable", 503, true;
+    /// An input checkpoint changed while it was merged (size, mtime, inode or ETag differ from
+    /// the plan); nothing was published. Retryable: the next attempt reads the new version.
+    InputChanged = "input_changed", 503, true;
+    /// The output storage is full (`ENOSPC`, `EDQUOT`, S3 "storage full"); partial files were
+    /// removed. Not retried: space must be made first.
+    StorageFull = "storage_full", 507, false;
 }
 
 impl std::fmt::Display for ErrorCode {

@@ -14,6 +14,10 @@
 //!   long enough to be killed mid-way.
 //! - `LADLE_TEST_BURN_MS=<n>`: spin a blocking-pool thread for `n` ms of wall time per chunk,
 //!   next to the merge kernels, so a merge saturates every core.
+//! - `LADLE_TEST_PAUSE_AT=<point>` with `LADLE_TEST_PAUSE_DIR=<dir>`: the first time the run
+//!   reaches that [`pause`] point it creates `<dir>/<point>.reached` and waits (up to 120 s)
+//!   until `<dir>/<point>.go` exists, so a test can change the world at an exact moment (e.g.
+//!   replace an input after a shard was written, `shard-written`).
 
 /// Where a worker can be made to die.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -71,6 +75,16 @@ pub fn crash(point: CrashPoint) {
 pub async fn chunk() {
     #[cfg(feature = "failpoints")]
     imp::chunk().await;
+}
+
+/// A named point where a test can hold the run (see the module documentation); once per
+/// process.
+#[inline]
+pub async fn pause(point: &str) {
+    #[cfg(feature = "failpoints")]
+    imp::pause(point).await;
+    #[cfg(not(feature = "failpoints"))]
+    let _ = point;
 }
 
 /// Log which hooks are armed (at worker start), and stop on a crash point nobody knows: a
@@ -150,6 +164,26 @@ mod imp {
                 x
             })
             .await;
+        }
+    }
+
+    pub(super) async fn pause(point: &str) {
+        static DONE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+        let (Ok(at), Ok(dir)) = (
+            std::env::var("LADLE_TEST_PAUSE_AT"),
+            std::env::var("LADLE_TEST_PAUSE_DIR"),
+        ) else {
+            return;
+        };
+        if at != point || DONE.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            return;
+        }
+        let dir = std::path::PathBuf::from(dir);
+        let _ = std::fs::write(dir.join(format!("{point}.reached")), b"");
+        let go = dir.join(format!("{point}.go"));
+        let start = Instant::now();
+        while !go.exists() && start.elapsed() < Duration::from_secs(120) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 

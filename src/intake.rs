@@ -40,6 +40,9 @@ pub enum IntakeError {
     Recipe(#[from] RecipeError),
     #[error(transparent)]
     Trajectory(#[from] TrajectoryError),
+    /// The output breaks an output rule (data directory, foreign files).
+    #[error(transparent)]
+    Output(crate::engine::EngineError),
     /// A URL refused by storage (`field` names it).
     #[error("{field}: {source}")]
     Storage {
@@ -55,6 +58,7 @@ impl IntakeError {
             IntakeError::Recipe(e) => e.code(),
             IntakeError::Trajectory(e) => e.code(),
             IntakeError::Storage { source, .. } => source.code(),
+            IntakeError::Output(e) => e.code(),
         }
     }
 
@@ -66,6 +70,7 @@ impl IntakeError {
             }
             IntakeError::Trajectory(TrajectoryError::Storage(_)) => Some("trajectory.uri"),
             IntakeError::Storage { field, .. } => Some(field),
+            IntakeError::Output(_) => Some("output.uri"),
         }
     }
 }
@@ -99,10 +104,13 @@ pub fn parse(
 }
 
 /// Everything after parsing: expand, validate, resolve and check, hash.
+/// `data_dir`: the service's data directory, which no output may be or lie in (the CLI has
+/// none).
 pub async fn accept(
     storage: &Storage,
     evaluator_hosts: &AllowedHosts,
     urls: Urls,
+    data_dir: Option<&Path>,
     mut req: MergeRequest,
 ) -> Result<Accepted, IntakeError> {
     // A trajectory becomes explicit models now, so the stored recipe names what is merged.
@@ -156,6 +164,9 @@ pub async fn accept(
                 .filter_map(|(i, l)| l.as_deref().map(|l| (format!("models[{i}].lora"), l))),
         );
     output::check_apart(&output_url, inputs)?;
+    crate::engine::output_rules::check(storage, &output_url, recipe.output.overwrite, data_dir)
+        .await
+        .map_err(IntakeError::Output)?;
     if urls == Urls::Normalize {
         for ((m, url), lora) in recipe.models.iter_mut().zip(models).zip(loras) {
             m.uri = url;

@@ -222,7 +222,7 @@ async fn merge_once(args: MergeArgs) -> Result<()> {
     let storage = Arc::new(Storage::new(roots, merge_s3(args.s3, Default::default()))?);
     // A greedy soup or sweep from the command line: the evaluator must be on loopback.
     let allowed = ladle::search::evaluator::AllowedHosts::default();
-    let sub = intake::accept(&storage, &allowed, Urls::Check, req)
+    let sub = intake::accept(&storage, &allowed, Urls::Check, None, req)
         .await
         .map_err(|e| anyhow::anyhow!("invalid recipe: {e}"))?
         .submission;

@@ -128,6 +128,7 @@ impl Service {
                     evaluator_hosts: settings.worker.evaluator_hosts.clone(),
                     webhooks: Arc::new(settings.webhooks.clone()),
                     shutdown: shutdown.clone(),
+                    data_dir: Some(settings.data_dir.clone()),
                 },
                 settings.body_limit,
                 settings.auth.clone(),

@@ -52,6 +52,8 @@ pub struct AppState {
     pub webhooks: Arc<crate::webhooks::WebhookConfig>,
     /// Fires when the server stops: event streams end then.
     pub shutdown: tokio_util::sync::CancellationToken,
+    /// The data directory (no output may be or lie in it).
+    pub data_dir: Option<std::path::PathBuf>,
 }
 
 /// Every documented route (all of them but the fallback).
@@ -271,8 +273,14 @@ async fn submit(
     };
     let mut req = intake::parse(&body, format, None)?;
     let notify = validate_notify(&state, req.notify.take())?;
-    let accepted =
-        intake::accept(&state.storage, &state.evaluator_hosts, Urls::Normalize, req).await?;
+    let accepted = intake::accept(
+        &state.storage,
+        &state.evaluator_hosts,
+        Urls::Normalize,
+        state.data_dir.as_deref(),
+        req,
+    )
+    .await?;
     let sub = accepted.submission;
     let recipe_json = serde_json::to_value(&sub.job)
         .map_err(|e| ApiError::new(ErrorCode::Internal, e.to_string()))?;

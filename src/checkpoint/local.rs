@@ -28,6 +28,31 @@ pub struct LocalFile {
     path: PathBuf,
     /// The size when it was opened; every read checks that the file is still this large.
     size: u64,
+    /// What `fstat` said when it was opened: the engine compares it with [`LocalFile::current`]
+    /// around every output shard (a write in place changes the size or the mtime).
+    identity: LocalIdentity,
+}
+
+/// A local file's identity as `fstat` sees it: device, inode, size, modification time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LocalIdentity {
+    pub dev: u64,
+    pub ino: u64,
+    pub size: u64,
+    /// Modification time, nanoseconds since the Unix epoch.
+    pub mtime_ns: i128,
+}
+
+impl LocalIdentity {
+    fn of(meta: &std::fs::Metadata) -> LocalIdentity {
+        use std::os::unix::fs::MetadataExt;
+        LocalIdentity {
+            dev: meta.dev(),
+            ino: meta.ino(),
+            size: meta.len(),
+            mtime_ns: i128::from(meta.mtime()) * 1_000_000_000 + i128::from(meta.mtime_nsec()),
+        }
+    }
 }
 
 impl std::fmt::Debug for LocalFile {
@@ -75,8 +100,23 @@ impl LocalFile {
 
     /// Wraps a file opened elsewhere (`path` is only used in messages).
     pub fn from_file(file: File, path: PathBuf) -> io::Result<LocalFile> {
-        let size = file.metadata()?.len();
-        Ok(LocalFile { file, path, size })
+        let meta = file.metadata()?;
+        Ok(LocalFile {
+            file,
+            path,
+            size: meta.len(),
+            identity: LocalIdentity::of(&meta),
+        })
+    }
+
+    /// The identity recorded when it was opened.
+    pub fn identity(&self) -> LocalIdentity {
+        self.identity
+    }
+
+    /// The identity now (`fstat` of the open descriptor).
+    pub fn current(&self) -> io::Result<LocalIdentity> {
+        Ok(LocalIdentity::of(&self.file.metadata()?))
     }
 
     /// The size when it was opened.
@@ -220,5 +260,24 @@ mod tests {
         std::fs::write(&other, vec![0xEEu8; 8192]).unwrap();
         std::fs::rename(&other, &path).unwrap();
         assert_eq!(&f.read(0..8192).unwrap()[..], &data[..]);
+        // The descriptor's identity did not change either (the path's did).
+        assert_eq!(f.current().unwrap(), f.identity());
+    }
+
+    #[test]
+    fn a_write_in_place_changes_the_identity() {
+        let (_dir, path, _data) = file_with(8192);
+        let f = LocalFile::open(&path).unwrap();
+        assert_eq!(f.current().unwrap(), f.identity());
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .write_all_at(&[1, 2, 3], 100)
+            .unwrap();
+        let now = f.current().unwrap();
+        assert_eq!(now.ino, f.identity().ino);
+        assert_ne!(now, f.identity());
     }
 }

@@ -4,12 +4,14 @@
 //! - [`header`]: strict parsing of one safetensors header ([`parse_header`]).
 //! - [`index`]: Hugging Face `model.safetensors.index.json` files.
 //! - [`writer`]: planning output shards (headers and offsets) so they stream in one pass.
+//! - [`identity`]: an input file's identity at plan time, checked around every shard.
 //! - [`local`]: ranged reads of a local file through one descriptor held for the job (mmap).
 //! - [`reader`]: opening a checkpoint (file, folder, or sharded folder) in object storage by
 //!   reading headers only.
 
 pub mod adapter;
 pub mod header;
+pub mod identity;
 pub mod index;
 pub mod local;
 pub mod reader;

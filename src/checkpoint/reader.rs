@@ -43,6 +43,15 @@ pub enum CheckpointError {
         /// What is wrong (usually a [`HeaderError`] message).
         reason: String,
     },
+    /// An input file changed while the job read it (size, mtime, inode or ETag differ from
+    /// what was recorded when the job was planned).
+    #[error("input {file} changed while it was being merged ({what}); nothing was published")]
+    Changed {
+        /// The file, as the job names it.
+        file: String,
+        /// What differs.
+        what: String,
+    },
     /// Object storage failed.
     #[error("storage error: {0}")]
     Storage(#[from] object_store::Error),
@@ -54,6 +63,7 @@ impl CheckpointError {
         match self {
             CheckpointError::NotFound { .. } => ErrorCode::CheckpointNotFound,
             CheckpointError::Malformed { .. } => ErrorCode::CheckpointMalformed,
+            CheckpointError::Changed { .. } => ErrorCode::InputChanged,
             CheckpointError::Storage(e) if crate::storage::local::outside_roots(e).is_some() => {
                 ErrorCode::PathOutsideRoots
             }
@@ -81,6 +91,10 @@ pub struct CheckpointFile {
     /// The file, open for the job, when it is local (see [`LocalFile`]); tensor bytes are then
     /// read through it instead of the store.
     pub local: Option<Arc<LocalFile>>,
+    /// The store's ETag when the header was read (S3 reads then carry `If-Match` on it).
+    pub etag: Option<String>,
+    /// The store's modification time when the header was read.
+    pub modified: Option<chrono::DateTime<chrono::Utc>>,
 }
 
 /// Where a tensor's bytes are.
@@ -296,11 +310,12 @@ async fn open_file(
     path: &Path,
 ) -> Result<Option<CheckpointFile>, CheckpointError> {
     let malformed = |reason: &dyn std::fmt::Display| CheckpointError::malformed(path, reason);
-    let size = match store.head(path).await {
-        Ok(meta) => meta.size,
+    let meta = match store.head(path).await {
+        Ok(meta) => meta,
         Err(object_store::Error::NotFound { .. }) => return Ok(None),
         Err(e) => return Err(e.into()),
     };
+    let size = meta.size;
     if size < 8 {
         return Err(malformed(&HeaderError::TooShort { len: size }));
     }
@@ -325,6 +340,8 @@ async fn open_file(
         size,
         header,
         local: None,
+        etag: meta.e_tag,
+        modified: Some(meta.last_modified),
     }))
 }
 

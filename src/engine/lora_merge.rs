@@ -19,7 +19,9 @@ use std::time::Instant;
 use bytes::Bytes;
 
 use super::manifest::{self, InputFile, InputRecord, MANIFEST_NAME, Manifest, OutputFile};
-use super::{Engine, EngineError, MergeOutcome, Phase, RunControl, fold, output, read_stored};
+use super::{
+    Engine, EngineError, MergeOutcome, Phase, RunControl, fold, output, publish, read_stored,
+};
 use crate::checkpoint::Checkpoint;
 use crate::checkpoint::adapter::{
     ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, Attached, ModuleKind, TargetModules, Touch,
@@ -370,13 +372,17 @@ impl Engine {
         let n_tensors = tensors.len();
         let weights = Bytes::from(safetensors_bytes(tensors));
         ctl.check()?;
-        let mut written: Vec<OutputFile> = Vec::new();
+        // Every file goes to this run's own staging folder first (see `publish`).
+        let writer = publish::Writer::of(&ctl.run_info);
+        let staging = publish::staging(&output, &writer);
+        publish::remove_dead_staging(&output, &writer).await;
         let result = async {
+            let mut written: Vec<OutputFile> = Vec::new();
             for (name, bytes) in [
                 (ADAPTER_WEIGHTS_NAME, weights),
                 (ADAPTER_CONFIG_NAME, Bytes::from(config_bytes)),
             ] {
-                let f = output::put_small(&output, name, bytes).await?;
+                let f = output::put_small(&staging, name, bytes).await?;
                 ctl.progress
                     .bytes_written
                     .fetch_add(f.size, Ordering::Relaxed);
@@ -393,58 +399,37 @@ impl Engine {
                 inputs: std::iter::once(InputRecord {
                     uri: base.0.url.clone(),
                     tensors: base.1.tensors.len(),
-                    files: base
-                        .1
-                        .files
-                        .iter()
-                        .map(|f| InputFile {
-                            path: f.path.to_string(),
-                            size: f.size,
-                        })
-                        .collect(),
+                    files: base.1.files.iter().map(InputFile::of).collect(),
                     lora: None,
                 })
                 .chain(adapters.iter().map(|a| {
                     InputRecord {
                         uri: a.url.clone(),
                         tensors: a.file.tensors.len(),
-                        files: a
-                            .file
-                            .files
-                            .iter()
-                            .map(|f| InputFile {
-                                path: f.path.to_string(),
-                                size: f.size,
-                            })
-                            .collect(),
+                        files: a.file.files.iter().map(InputFile::of).collect(),
                         lora: Some(fold::describe(a)),
                     }
                 }))
                 .collect(),
                 tensors: n_tensors,
-                files: written.clone(),
+                files: written,
                 run: ctl.run_info.clone(),
                 sparsity: None,
                 search: None,
                 nonfinite: None,
                 elapsed_s: started.elapsed().as_secs_f64(),
             };
-            manifest::publish(&output, &m).await?;
-            Ok::<_, EngineError>(m.files)
+            let recovered = publish::publish(&output, &staging, &writer, &m).await?;
+            Ok::<_, EngineError>((m.files, recovered))
         }
         .await;
-        match result {
-            Ok(files) => Ok(MergeOutcome {
-                uri: output.url.clone(),
-                files,
-                recovered: false,
-            }),
-            Err(e) => {
-                if !matches!(e, EngineError::LeaseLost) {
-                    output::delete_files(&output, &written).await;
-                }
-                Err(e)
-            }
-        }
+        // Whatever happened, what is left in the staging folder is ours alone.
+        publish::remove_staging(&staging).await;
+        let (files, recovered) = result?;
+        Ok(MergeOutcome {
+            uri: output.url.clone(),
+            files,
+            recovered,
+        })
     }
 }

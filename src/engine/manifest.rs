@@ -1,10 +1,10 @@
-//! `ladle-manifest.json`: written last, create-if-absent; its presence means the soup is
-//! complete. It records the recipe, the inputs and every output file with its SHA-256.
+//! `ladle-manifest.json`: written last, create-if-absent (see [`super::publish`]); its presence
+//! means the soup is complete. It records the recipe, the inputs (each file with its identity
+//! at plan time) and every output file with its SHA-256.
 
 use std::time::Instant;
 
-use bytes::Bytes;
-use object_store::{ObjectStoreExt, PutMode, PutOptions, PutPayload};
+use object_store::ObjectStoreExt;
 use serde::{Deserialize, Serialize};
 
 use super::{EngineError, Plan};
@@ -29,6 +29,33 @@ pub struct OutputFile {
 pub struct InputFile {
     pub path: String,
     pub size: u64,
+    /// The store's ETag when the merge was planned (S3: what reads were conditional on).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub etag: Option<String>,
+    /// The modification time when the merge was planned (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mtime: Option<String>,
+    /// A local file's inode (and device) when it was opened.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub inode: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device: Option<u64>,
+}
+
+impl InputFile {
+    /// What the merge was planned with: path, size and the identity the reads were checked against.
+    pub(super) fn of(f: &crate::checkpoint::CheckpointFile) -> Self {
+        InputFile {
+            path: f.path.to_string(),
+            size: f.size,
+            etag: f.etag.clone(),
+            mtime: f
+                .modified
+                .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Nanos, true)),
+            inode: f.local.as_ref().map(|l| l.identity().ino),
+            device: f.local.as_ref().map(|l| l.identity().dev),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -83,14 +110,7 @@ impl Manifest {
                 .map(|(loc, c)| InputRecord {
                     uri: loc.url.clone(),
                     tensors: c.tensors.len(),
-                    files: c
-                        .files
-                        .iter()
-                        .map(|f| InputFile {
-                            path: f.path.to_string(),
-                            size: f.size,
-                        })
-                        .collect(),
+                    files: c.files.iter().map(InputFile::of).collect(),
                     lora: c.lora.as_deref().map(super::fold::describe),
                 })
                 .collect(),
@@ -157,38 +177,4 @@ pub(super) async fn verify_files(folder: &Location, m: &Manifest) -> Result<(), 
         }
     }
     Ok(())
-}
-
-/// Write the manifest if absent. If another run of the same recipe already published the
-/// same files, that is success; anything else is a conflict.
-pub(super) async fn publish(folder: &Location, m: &Manifest) -> Result<(), EngineError> {
-    let loc = folder.child(MANIFEST_NAME);
-    let body = serde_json::to_vec_pretty(m)
-        .map_err(|e| EngineError::Internal(format!("serializing the manifest: {e}")))?;
-    let opts = PutOptions {
-        mode: PutMode::Create,
-        ..Default::default()
-    };
-    match loc
-        .store
-        .put_opts(&loc.path, PutPayload::from_bytes(Bytes::from(body)), opts)
-        .await
-    {
-        Ok(_) => Ok(()),
-        Err(object_store::Error::AlreadyExists { .. }) => match read(folder).await? {
-            Some(existing)
-                if existing.recipe_sha256 == m.recipe_sha256 && existing.files == m.files =>
-            {
-                Ok(())
-            }
-            _ => Err(EngineError::OutputConflict(format!(
-                "{} was published by another run with different contents",
-                loc.url
-            ))),
-        },
-        Err(e) => Err(EngineError::ObjectStore {
-            context: format!("writing {}", loc.url),
-            source: e,
-        }),
-    }
 }

@@ -14,7 +14,9 @@ mod kernel;
 mod lora_merge;
 mod manifest;
 mod output;
+pub mod output_rules;
 mod prepass;
+pub mod publish;
 mod slices;
 mod tensor_prepass;
 
@@ -26,7 +28,6 @@ use std::time::Instant;
 use async_trait::async_trait;
 use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
-use object_store::ObjectStoreExt;
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -85,6 +86,8 @@ pub enum EngineError {
     UnsupportedDtype(String),
     #[error("{0}")]
     OutputConflict(String),
+    #[error("{0}")]
+    OutputNotEmpty(String),
     #[error("merge kernel failed on tensor {tensor}: {source}")]
     Merge { tensor: String, source: MergeError },
     #[error("object storage error while {context}: {source}")]
@@ -107,6 +110,12 @@ pub enum EngineError {
 impl EngineError {
     pub fn code(&self) -> ErrorCode {
         match self {
+            EngineError::Storage(StorageError::Io { source, .. }) if is_full(source) => {
+                ErrorCode::StorageFull
+            }
+            EngineError::Storage(StorageError::ObjectStore(e)) if store_full(e) => {
+                ErrorCode::StorageFull
+            }
             EngineError::Storage(e) => e.code(),
             EngineError::Checkpoint(e) => e.code(),
             EngineError::Adapter(e) => e.code(),
@@ -114,11 +123,13 @@ impl EngineError {
             EngineError::ShapeMismatch(_) => ErrorCode::ShapeMismatch,
             EngineError::UnsupportedDtype(_) => ErrorCode::UnsupportedDtype,
             EngineError::OutputConflict(_) => ErrorCode::OutputConflict,
+            EngineError::OutputNotEmpty(_) => ErrorCode::OutputNotEmpty,
             EngineError::Merge {
                 source: MergeError::MaskMismatch { .. },
                 ..
             } => ErrorCode::ShapeMismatch,
             EngineError::Merge { .. } => ErrorCode::CheckpointMalformed,
+            EngineError::ObjectStore { source, .. } if store_full(source) => ErrorCode::StorageFull,
             EngineError::ObjectStore { source, .. }
                 if crate::storage::local::outside_roots(source).is_some() =>
             {
@@ -142,6 +153,33 @@ impl EngineError {
             None => EngineError::ObjectStore { context, source },
         }
     }
+}
+
+/// Whether an I/O error means the disk or the quota is full (`ENOSPC`, `EDQUOT`).
+fn is_full(e: &std::io::Error) -> bool {
+    e.kind() == std::io::ErrorKind::StorageFull
+        || e.kind() == std::io::ErrorKind::QuotaExceeded
+        || matches!(e.raw_os_error(), Some(28 | 122))
+}
+
+/// Whether an object store error means the storage is full: an `ENOSPC`/`EDQUOT` anywhere in
+/// its chain (the local store), or an S3 server saying so (MinIO's `XMinioStorageFull`, HTTP
+/// 507 Insufficient Storage).
+fn store_full(e: &object_store::Error) -> bool {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if let Some(io) = err.downcast_ref::<std::io::Error>()
+            && is_full(io)
+        {
+            return true;
+        }
+        cur = err.source();
+    }
+    let text = e.to_string();
+    text.contains("XMinioStorageFull")
+        || text.contains("Insufficient Storage")
+        || text.contains("No space left on device")
+        || text.contains("Disk quota exceeded")
 }
 
 /// Live progress counters, shared with the heartbeat that reports them. Updated with relaxed
@@ -401,22 +439,17 @@ impl Engine {
         if let Some(outcome) = self.existing_output(&plan).await? {
             return Ok(outcome);
         }
-        output::remove_stale_uploads(&plan.output).await;
-        let mut written: Vec<OutputFile> = Vec::new();
+        // Every file goes to this run's own staging folder first (see `publish`).
+        let writer = publish::Writer::of(&ctl.run_info);
+        let staging = publish::staging(&plan.output, &writer);
+        publish::remove_dead_staging(&plan.output, &writer).await;
         let result = self
-            .write_all(recipe, &plan, ctl, &mut written, started)
+            .write_all(recipe, &plan, ctl, &staging, &writer, started)
             .await;
-        match result {
-            Ok(outcome) => Ok(outcome),
-            Err(e) => {
-                // A lost lease means another worker may be writing the same (deterministic)
-                // files right now: leave them alone. Otherwise we still own the output.
-                if !matches!(e, EngineError::LeaseLost) {
-                    output::delete_files(&plan.output, &written).await;
-                }
-                Err(e)
-            }
-        }
+        // Whatever happened, what is left in the staging folder is ours alone (also after a
+        // lost lease: another worker writes to its own).
+        publish::remove_staging(&staging).await;
+        result
     }
 
     /// Recovery only (the reaper found the job's last attempt dead): merge nothing, only look
@@ -436,6 +469,8 @@ impl Engine {
         job_id: uuid::Uuid,
     ) -> Result<Option<MergeOutcome>, EngineError> {
         let output = self.storage.resolve(&recipe.output.uri)?;
+        // Every attempt of the job is dead now: their staging folders go.
+        publish::remove_dead_staging(&output, &publish::Writer::all_attempts_of(job_id)).await;
         let Some(existing) = manifest::read(&output).await? else {
             return Ok(None);
         };
@@ -594,15 +629,21 @@ impl Engine {
         recipe: &Recipe,
         plan: &Arc<Plan>,
         ctl: &Arc<RunControl>,
-        written: &mut Vec<OutputFile>,
+        staging: &Location,
+        writer: &publish::Writer,
         started: Instant,
     ) -> Result<MergeOutcome, EngineError> {
+        let mut written: Vec<OutputFile> = Vec::new();
+        // The inputs must be what was planned before and after every shard is read.
+        check_inputs(&plan.inputs).await?;
         for shard in &plan.shards {
             ctl.check()?;
             let file = self
-                .write_shard(plan, shard, plan.kernel.clone(), ctl)
+                .write_shard(plan, staging, shard, plan.kernel.clone(), ctl)
                 .await?;
             written.push(file);
+            crate::failpoints::pause("shard-written").await;
+            check_inputs(&plan.inputs).await?;
         }
         if plan.shards.len() > 1 {
             let mut weight_map = BTreeMap::new();
@@ -614,7 +655,7 @@ impl Engine {
                 }
             }
             let bytes = Bytes::from(index_json(total, &weight_map));
-            let f = output::put_small(&plan.output, INDEX_FILE_NAME, bytes).await?;
+            let f = output::put_small(staging, INDEX_FILE_NAME, bytes).await?;
             ctl.progress
                 .bytes_written
                 .fetch_add(f.size, Ordering::Relaxed);
@@ -622,7 +663,7 @@ impl Engine {
         }
         if let Some(folder) = &plan.inputs[0].1.folder {
             let source = plan.inputs[0].0.with_path(folder.clone());
-            for f in output::copy_side_files(&source, &plan.output, plan.num_hidden_layers).await? {
+            for f in output::copy_side_files(&source, staging, plan.num_hidden_layers).await? {
                 written.push(f);
             }
         }
@@ -630,13 +671,13 @@ impl Engine {
         ctl.progress.set_phase(Phase::Publishing);
         // Last chance to find out we may not publish: a fenced heartbeat in the worker.
         ctl.gate.may_publish().await?;
-        let mut m = Manifest::new(recipe, plan, written.clone(), started, &ctl.run_info);
+        let mut m = Manifest::new(recipe, plan, written, started, &ctl.run_info);
         m.search = ctl.progress.search();
-        manifest::publish(&plan.output, &m).await?;
+        let recovered = publish::publish(&plan.output, staging, writer, &m).await?;
         Ok(MergeOutcome {
             uri: plan.output.url.clone(),
             files: m.files,
-            recovered: false,
+            recovered,
         })
     }
 
@@ -644,12 +685,13 @@ impl Engine {
     async fn write_shard(
         &self,
         plan: &Arc<Plan>,
+        staging: &Location,
         shard: &ShardPlan,
         kernel: Arc<Kernel>,
         ctl: &Arc<RunControl>,
     ) -> Result<OutputFile, EngineError> {
         let mut sink = output::ShardSink::create(
-            &plan.output,
+            staging,
             &shard.file_name,
             self.config.part_size,
             self.config.upload_concurrency,
@@ -977,10 +1019,23 @@ pub(super) async fn read_stored(
         crate::metrics::bytes_read(bytes.len() as u64);
         return Ok((t.dtype, bytes));
     }
-    let bytes = store
-        .get_range(&file.path, range.clone())
-        .await
-        .map_err(|e| read_error(e, &file.path, name, &range))?;
+    // `If-Match` on the ETag recorded at plan time: a replaced object is never read.
+    let opts = object_store::GetOptions {
+        range: Some(object_store::GetRange::Bounded(range.clone())),
+        if_match: file.etag.clone(),
+        ..Default::default()
+    };
+    let fetched = async { store.get_opts(&file.path, opts).await?.bytes().await }.await;
+    let bytes = match fetched {
+        Ok(b) => b,
+        Err(object_store::Error::Precondition { .. }) => {
+            return Err(EngineError::from(CheckpointError::Changed {
+                file: crate::checkpoint::identity::file_name(url, &file.path),
+                what: "its ETag is no longer the one the merge was planned with".into(),
+            }));
+        }
+        Err(e) => return Err(read_error(e, &file.path, name, &range)),
+    };
     if bytes.len() as u64 != range.end - range.start {
         return Err(EngineError::from(CheckpointError::Malformed {
             file: file.path.to_string(),
@@ -993,6 +1048,21 @@ pub(super) async fn read_stored(
     }
     crate::metrics::bytes_read(bytes.len() as u64);
     Ok((t.dtype, bytes))
+}
+
+/// Every input file is still what the plan recorded (see [`crate::checkpoint::identity`]).
+async fn check_inputs(inputs: &[(Location, Checkpoint)]) -> Result<(), EngineError> {
+    for (loc, ckpt) in inputs {
+        for file in &ckpt.files {
+            crate::checkpoint::identity::check_unchanged(loc.store.as_ref(), &loc.url, file)
+                .await?;
+        }
+    }
+    Ok(())
+}
+
+fn input_file_name(loc: &Location, path: &object_store::path::Path) -> String {
+    crate::checkpoint::identity::file_name(&loc.url, path)
 }
 
 /// A local read that found the file shorter than planned is a malformed checkpoint; an I/O

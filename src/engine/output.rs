@@ -1,5 +1,5 @@
-//! Writing the output folder: streamed shards (multipart, hashed on the way out), small
-//! files, side files copied from the first model, and clean-up of a failed run.
+//! Writing a run's files into its staging folder (see [`super::publish`]): streamed shards
+//! (multipart, hashed on the way out), small files, side files copied from the first model.
 
 use bytes::Bytes;
 use futures::StreamExt;
@@ -175,15 +175,10 @@ pub(super) async fn copy_side_files(
     dest: &Location,
     num_hidden_layers: Option<u64>,
 ) -> Result<Vec<OutputFile>, EngineError> {
+    // `dest` is the run's staging folder: on an error the run removes all of it.
     let mut copied = Vec::new();
-    match copy_each(source, dest, num_hidden_layers, &mut copied).await {
-        Ok(()) => Ok(copied),
-        Err(e) => {
-            // The caller only learns of the files once all are copied: remove these here.
-            delete_files(dest, &copied).await;
-            Err(e)
-        }
-    }
+    copy_each(source, dest, num_hidden_layers, &mut copied).await?;
+    Ok(copied)
 }
 
 async fn copy_each(
@@ -229,52 +224,6 @@ async fn copy_each(
         }
     }
     Ok(())
-}
-
-/// Remove partial uploads that a killed run left in a local output folder. Object_store's
-/// local store writes every object to a staging file `<name>#<n>` and renames it when the
-/// upload completes, so a process killed mid-upload leaves that file behind for good (its
-/// listings hide such names). Only regular files named `<name>#<digits>` at the top of the
-/// output folder go. On S3 an unfinished multipart upload leaves no visible object (a bucket
-/// lifecycle rule should abort old ones).
-pub(super) async fn remove_stale_uploads(folder: &Location) {
-    let Some(dir) = url::Url::parse(&folder.url)
-        .ok()
-        .filter(|u| u.scheme() == "file")
-        .and_then(|u| u.to_file_path().ok())
-    else {
-        return;
-    };
-    let Ok(mut entries) = tokio::fs::read_dir(&dir).await else {
-        return;
-    };
-    while let Ok(Some(entry)) = entries.next_entry().await {
-        let name = entry.file_name().to_string_lossy().into_owned();
-        let staged = name.rsplit_once('#').is_some_and(|(base, n)| {
-            !base.is_empty() && !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit())
-        });
-        // `file_type` does not follow symlinks: only a regular file is removed.
-        if staged && entry.file_type().await.is_ok_and(|t| t.is_file()) {
-            match tokio::fs::remove_file(entry.path()).await {
-                Ok(()) => {
-                    tracing::info!(file = %name, "removed a partial upload of an earlier run")
-                }
-                Err(e) => {
-                    tracing::warn!(file = %name, error = %e, "could not remove a partial upload")
-                }
-            }
-        }
-    }
-}
-
-/// Best-effort removal of files a failed run wrote.
-pub(super) async fn delete_files(folder: &Location, files: &[OutputFile]) {
-    for f in files {
-        let loc = folder.child(&f.path);
-        if let Err(e) = loc.store.delete(&loc.path).await {
-            tracing::warn!(file = %loc.url, error = %e, "could not remove a partial output file");
-        }
-    }
 }
 
 #[cfg(test)]

@@ -55,6 +55,7 @@ pub fn parse_output(spec: &OutputSpec) -> Result<Output, RecipeError> {
         uri: spec.uri.clone(),
         dtype,
         max_shard_size,
+        overwrite: spec.overwrite,
     })
 }
 

@@ -143,6 +143,11 @@ pub struct OutputSpec {
     /// `"2GB"`, `"500MB"`, `"1GiB"` or a number of bytes.
     #[serde(default)]
     pub max_shard_size: Option<serde_json::Value>,
+    /// Write into a folder that holds files no ladle manifest claims (refused otherwise with
+    /// `output_not_empty`). Those files are never deleted or replaced: a name ladle needs that
+    /// is taken fails the job with `output_conflict`.
+    #[serde(default)]
+    pub overwrite: bool,
 }
 
 impl MergeRequest {

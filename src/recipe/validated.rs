@@ -48,6 +48,9 @@ pub struct Output {
     /// `None`: each tensor keeps the first model's dtype.
     pub dtype: Option<DType>,
     pub max_shard_size: u64,
+    /// Write beside files no ladle manifest claims (never over them).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub overwrite: bool,
 }
 
 /// A validated, normalized recipe: what a job stores and a worker runs.

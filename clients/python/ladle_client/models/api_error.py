@@ -36,6 +36,7 @@ class ApiError:
             | `idempotency_key_reused` | 409 | no |
             | `output_in_use` | 409 | no |
             | `output_conflict` | 409 | no |
+            | `output_not_empty` | 409 | no |
             | `not_cancellable` | 409 | no |
             | `cancelled` | 409 | no |
             | `payload_too_large` | 413 | no |
@@ -52,6 +53,8 @@ class ApiError:
             | `evaluator_unavailable` | 502 | no |
             | `database_error` | 503 | yes |
             | `database_unavailable` | 503 | yes |
+            | `input_changed` | 503 | yes |
+            | `storage_full` | 507 | no |
         message (str):
         field (None | str | Unset): The request field at fault (`models[1].uri`, `parameters.density`, `limit`), if one
             is.

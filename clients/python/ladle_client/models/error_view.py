@@ -32,6 +32,7 @@ class ErrorView:
             | `idempotency_key_reused` | 409 | no |
             | `output_in_use` | 409 | no |
             | `output_conflict` | 409 | no |
+            | `output_not_empty` | 409 | no |
             | `not_cancellable` | 409 | no |
             | `cancelled` | 409 | no |
             | `payload_too_large` | 413 | no |
@@ -48,6 +49,8 @@ class ErrorView:
             | `evaluator_unavailable` | 502 | no |
             | `database_error` | 503 | yes |
             | `database_unavailable` | 503 | yes |
+            | `input_changed` | 503 | yes |
+            | `storage_full` | 507 | no |
         message (str):
     """
 

@@ -17,11 +17,15 @@ class OutputSpec:
         uri (str):
         dtype (None | str | Unset):
         max_shard_size (Any | Unset): `"2GB"`, `"500MB"`, `"1GiB"` or a number of bytes.
+        overwrite (bool | Unset): Write into a folder that holds files no ladle manifest claims (refused otherwise with
+            `output_not_empty`). Those files are never deleted or replaced: a name ladle needs that
+            is taken fails the job with `output_conflict`.
     """
 
     uri: str
     dtype: None | str | Unset = UNSET
     max_shard_size: Any | Unset = UNSET
+    overwrite: bool | Unset = UNSET
 
     def to_dict(self) -> dict[str, Any]:
         uri = self.uri
@@ -34,6 +38,8 @@ class OutputSpec:
 
         max_shard_size = self.max_shard_size
 
+        overwrite = self.overwrite
+
         field_dict: dict[str, Any] = {}
 
         field_dict.update(
@@ -45,6 +51,8 @@ class OutputSpec:
             field_dict["dtype"] = dtype
         if max_shard_size is not UNSET:
             field_dict["max_shard_size"] = max_shard_size
+        if overwrite is not UNSET:
+            field_dict["overwrite"] = overwrite
 
         return field_dict
 
@@ -64,10 +72,13 @@ class OutputSpec:
 
         max_shard_size = d.pop("max_shard_size", UNSET)
 
+        overwrite = d.pop("overwrite", UNSET)
+
         output_spec = cls(
             uri=uri,
             dtype=dtype,
             max_shard_size=max_shard_size,
+            overwrite=overwrite,
         )
 
         return output_spec
