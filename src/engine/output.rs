@@ -1,14 +1,13 @@
 //! Writing the output folder: streamed shards (multipart, hashed on the way out), small
-//! files, side files copied from the first model, and clean-up of a failed run.
+//! files, named side files copied from the donor model ([`super::side_files`] says which),
+//! and clean-up of a failed run.
 
 use bytes::Bytes;
 use futures::StreamExt;
 use object_store::{ObjectStoreExt, PutPayload, WriteMultipart};
 use sha2::{Digest, Sha256};
 
-use super::manifest::MANIFEST_NAME;
 use super::{EngineError, OutputFile};
-use crate::checkpoint::INDEX_FILE_NAME;
 use crate::storage::Location;
 
 /// Files up to this size are copied with one GET and one PUT; larger ones stream.
@@ -124,85 +123,28 @@ pub(super) async fn put_small(
     Ok(file)
 }
 
-/// Whether a file of a model folder is a side file to copy (config, tokenizer, ...), not
-/// weights, not ladle's own, not hidden or a partial upload.
-pub(super) fn is_side_file(name: &str) -> bool {
-    const WEIGHT_SUFFIXES: [&str; 8] = [
-        ".safetensors",
-        ".bin",
-        ".pt",
-        ".pth",
-        ".ckpt",
-        ".msgpack",
-        ".h5",
-        ".gguf",
-    ];
-    !(name.is_empty()
-        || name.starts_with('.')
-        || name.contains('#')
-        || name == MANIFEST_NAME
-        || name == INDEX_FILE_NAME
-        || name.ends_with(".index.json")
-        || WEIGHT_SUFFIXES.iter().any(|s| name.ends_with(s)))
-}
-
-/// `config.json` with `num_hidden_layers` set (and in `text_config` when present), as
-/// mergekit writes it after stacking slices; unchanged when it is not a JSON object.
-fn with_num_hidden_layers(bytes: Bytes, n: u64) -> Bytes {
-    let Ok(serde_json::Value::Object(mut cfg)) =
-        serde_json::from_slice::<serde_json::Value>(&bytes)
-    else {
-        return bytes;
-    };
-    cfg.insert("num_hidden_layers".into(), n.into());
-    if let Some(serde_json::Value::Object(text)) = cfg.get_mut("text_config")
-        && text.contains_key("num_hidden_layers")
-    {
-        text.insert("num_hidden_layers".into(), n.into());
-    }
-    match serde_json::to_vec_pretty(&serde_json::Value::Object(cfg)) {
-        Ok(mut v) => {
-            v.push(b'\n');
-            Bytes::from(v)
-        }
-        Err(_) => bytes,
-    }
-}
-
-/// Copy the side files at the top level of `source` into `dest`; `num_hidden_layers` rewrites
-/// that field of `config.json` (passthrough slices change the depth).
+/// Copy the files named `names` at the top level of `source` into `dest` (a name the source
+/// lacks is skipped); `edit` may rewrite a small file on the way (`config.json`).
 pub(super) async fn copy_side_files(
     source: &Location,
     dest: &Location,
-    num_hidden_layers: Option<u64>,
+    names: &[&str],
+    edit: impl Fn(&str, Bytes) -> Bytes,
 ) -> Result<Vec<OutputFile>, EngineError> {
-    let listing = source
-        .store
-        .list_with_delimiter(Some(&source.path))
-        .await
-        .map_err(EngineError::store(format!("listing {}", source.url)))?;
     let mut copied = Vec::new();
-    for meta in listing.objects {
-        let Some(name) = meta.location.filename().map(str::to_string) else {
-            continue;
+    for &name in names {
+        let loc = source.child(name);
+        let context = format!("copying {}", loc.url);
+        let got = match loc.store.get(&loc.path).await {
+            Ok(got) => got,
+            Err(object_store::Error::NotFound { .. }) => continue,
+            Err(e) => return Err(EngineError::store(context)(e)),
         };
-        if !is_side_file(&name) {
-            continue;
-        }
-        let context = format!("copying {}/{name}", source.url);
-        let got = source
-            .store
-            .get(&meta.location)
-            .await
-            .map_err(EngineError::store(context.clone()))?;
-        if meta.size <= SMALL_FILE {
-            let mut bytes = got.bytes().await.map_err(EngineError::store(context))?;
-            if let (Some(n), "config.json") = (num_hidden_layers, name.as_str()) {
-                bytes = with_num_hidden_layers(bytes, n);
-            }
-            copied.push(put_small(dest, &name, bytes).await?);
+        if got.meta.size <= SMALL_FILE {
+            let bytes = got.bytes().await.map_err(EngineError::store(context))?;
+            copied.push(put_small(dest, name, edit(name, bytes)).await?);
         } else {
-            let mut sink = ShardSink::create(dest, &name, 16 << 20, 2).await?;
+            let mut sink = ShardSink::create(dest, name, 16 << 20, 2).await?;
             let mut stream = got.into_stream();
             let streamed = async {
                 while let Some(piece) = stream.next().await {
@@ -266,35 +208,6 @@ pub(super) async fn delete_files(folder: &Location, files: &[OutputFile]) {
         let loc = folder.child(&f.path);
         if let Err(e) = loc.store.delete(&loc.path).await {
             tracing::warn!(file = %loc.url, error = %e, "could not remove a partial output file");
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::is_side_file;
-
-    #[test]
-    fn side_files() {
-        for keep in [
-            "config.json",
-            "tokenizer.json",
-            "tokenizer.model",
-            "README.md",
-        ] {
-            assert!(is_side_file(keep), "{keep}");
-        }
-        for skip in [
-            "model.safetensors",
-            "model-00001-of-00002.safetensors",
-            "model.safetensors.index.json",
-            "pytorch_model.bin",
-            "pytorch_model.bin.index.json",
-            "ladle-manifest.json",
-            ".hidden",
-            "model.safetensors#3",
-        ] {
-            assert!(!is_side_file(skip), "{skip}");
         }
     }
 }

@@ -55,6 +55,8 @@ pub fn parse_output(spec: &OutputSpec) -> Result<Output, RecipeError> {
         uri: spec.uri.clone(),
         dtype,
         max_shard_size,
+        copy_tokenizer: spec.copy_tokenizer.unwrap_or(true),
+        write_model_card: spec.write_model_card.unwrap_or(true),
     })
 }
 

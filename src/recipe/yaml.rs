@@ -15,9 +15,10 @@
 //! them `dtype` becomes `input_dtype`, and a checkpoint in another dtype fails the job naming
 //! it (never silently computed otherwise).
 //!
-//! Model references: a URL (`file://`, `s3://`) is kept; a path is resolved against
-//! `base_dir` (the recipe file's folder) when one is given and must exist; anything else, a
-//! Hugging Face hub id included, is an error naming the field.
+//! Model references: a URL (`file://`, `s3://`) is kept; a relative path is resolved, when a
+//! `base_dir` (the recipe file's folder) is given, from the current directory first (as
+//! mergekit resolves it), then from `base_dir`, and must exist; anything else, a Hugging Face
+//! hub id included, is an error naming the field.
 
 use std::path::Path;
 
@@ -44,7 +45,13 @@ fn model_ref(v: &Value, field: &str, base_dir: Option<&Path>) -> Result<String, 
     let path = Path::new(s);
     let full = match (path.is_absolute(), base_dir) {
         (true, _) => path.to_path_buf(),
-        (false, Some(dir)) => dir.join(path),
+        // From the current directory, as mergekit resolves them; else from the recipe's
+        // folder (ladle's earlier rule).
+        (false, Some(dir)) => std::env::current_dir()
+            .ok()
+            .map(|cwd| cwd.join(path))
+            .filter(|p| p.exists())
+            .unwrap_or_else(|| dir.join(path)),
         (false, None) => {
             return Err(invalid(
                 field,
@@ -65,8 +72,9 @@ fn model_ref(v: &Value, field: &str, base_dir: Option<&Path>) -> Result<String, 
         return Err(invalid(
             field,
             format!(
-                "{s:?} is neither a local checkpoint ({} does not exist) nor a storage URL; \
-                 Hugging Face hub ids cannot be resolved by ladle",
+                "{s:?} is neither a local checkpoint (not in the current directory, and {} \
+                 does not exist) nor a storage URL; Hugging Face hub ids cannot be resolved \
+                 by ladle",
                 full.display()
             ),
         ));
