@@ -130,6 +130,20 @@ def recipes():
         "sparse_soup": {"method": "sparse_soup", "models": [{"uri": m(k)} for k in ("ft1", "ft2", "ft3")]},
         "ema": {"method": "ema", "models": [{"uri": m(k)} for k in ("ft1", "ft2", "ft3")],
                 "parameters": {"decay": 0.8}},
+        "karcher_base": {"method": "karcher", "base_model": m("base"),
+                         "models": [{"uri": m(k)} for k in ("ft1", "ft2", "ft3")]},
+        "multislerp": {"method": "multislerp", "base_model": m("base"), "models": three()},
+        "multislerp_nobase": {"method": "multislerp", "models": three(),
+                              "parameters": {"normalize_weights": False}},
+        "arcee_fusion": {"method": "arcee_fusion", "base_model": m("base"),
+                         "models": [{"uri": m("ft1")}]},
+        "ram": {"method": "ram", "base_model": m("base"),
+                "models": [{"uri": m(k)} for k in ("ft1", "ft2", "ft3")]},
+        "ramplus_tl": {"method": "ramplus_tl", "base_model": m("base"),
+                       "models": [{"uri": m(k)} for k in ("ft1", "ft2", "ft3")],
+                       "parameters": {"r": 0.2, "alpha": 0.5}, "output": {"dtype": "bfloat16"}},
+        "ties_cast_f16": {**gta("ties", {"compute_dtype": "float16"}, density=0.5),
+                          "input_dtype": "float16", "output": {"dtype": "float16"}},
     }
     for name, body in r.items():
         body.setdefault("output", {})["uri"] = f"unused-{name}"

@@ -291,6 +291,37 @@ fn cases(pack: &Path, out_root: &Path) -> Vec<Case> {
                 "parameters": {"select_topk": 0.5}, "output": out("sce")}),
             rule: Rule::SceVariance { select_topk: 0.5 },
         },
+        // Not independently reproduced in the pack (target: within 1 ulp).
+        Case {
+            name: "multislerp",
+            inputs: all.clone(),
+            recipe: gta("multislerp", "multislerp", json!({}), json!({})),
+            rule: Rule::Ulps(1.0),
+        },
+        Case {
+            name: "arcee_fusion",
+            inputs: vec!["base", "ft1"],
+            recipe: json!({"method": "arcee_fusion", "base_model": m("base"),
+                "models": [{"uri": m("base")}, {"uri": m("ft1")}],
+                "output": {"uri": url(&out_root.join("arcee_fusion"))}}),
+            rule: Rule::Ulps(1.0),
+        },
+        Case {
+            name: "ram",
+            inputs: all.clone(),
+            recipe: json!({"method": "ram", "base_model": m("base"),
+                "models": [{"uri": m("ft1")}, {"uri": m("ft2")}, {"uri": m("ft3")}],
+                "output": out("ram")}),
+            rule: Rule::Ulps(1.0),
+        },
+        Case {
+            name: "ramplus_tl",
+            inputs: all.clone(),
+            recipe: json!({"method": "ramplus_tl", "base_model": m("base"),
+                "models": [{"uri": m("ft1")}, {"uri": m("ft2")}, {"uri": m("ft3")}],
+                "output": {"uri": url(&out_root.join("ramplus_tl"))}}),
+            rule: Rule::Ulps(1.0),
+        },
     ]
 }
 
@@ -953,10 +984,52 @@ async fn manifest_counts_nonfinite_outputs() {
     );
 }
 
-/// mergekit's `dtype` for a method that computes in the checkpoints' own dtype: honoured when
-/// it is that dtype (every pack recipe), refused by name when it is another; never ignored.
+/// The pack's input `name` with every bf16 tensor cast to f16 (`f16::from_f32` of the exact
+/// f32 value: round-to-nearest-even, subnormals kept, as torch's `Tensor.to(float16)`).
+fn f16_copy(pack: &Path, name: &str, dir: &Path) -> PathBuf {
+    let src = pack.join("inputs").join(name);
+    let dst = dir.join(format!("{name}-f16"));
+    std::fs::create_dir_all(&dst).unwrap();
+    std::fs::copy(src.join("config.json"), dst.join("config.json")).unwrap();
+    let bytes = std::fs::read(src.join("model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut data: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
+    for (n, v) in st.tensors() {
+        assert_eq!(v.dtype(), safetensors::Dtype::BF16, "{n}");
+        let out: Vec<u8> = v
+            .data()
+            .chunks_exact(2)
+            .flat_map(|c| {
+                half::f16::from_f32(bf16::from_le_bytes([c[0], c[1]]).to_f32()).to_le_bytes()
+            })
+            .collect();
+        data.push((n, v.shape().to_vec(), out));
+    }
+    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = data
+        .iter()
+        .map(|(n, shape, d)| {
+            (
+                n.clone(),
+                safetensors::tensor::TensorView::new(safetensors::Dtype::F16, shape.clone(), d)
+                    .unwrap(),
+            )
+        })
+        .collect();
+    std::fs::write(
+        dst.join("model.safetensors"),
+        safetensors::serialize(views, None).unwrap(),
+    )
+    .unwrap();
+    dst
+}
+
+/// mergekit's `dtype` casts every tensor on load: `dtype: float16` over the pack's bf16 inputs
+/// gives the bytes the same recipe gives on float16 copies of the inputs, for a method that
+/// computes in its inputs' dtype (slerp), the task-arithmetic family
+/// (ties) and the four methods added from mergekit 0.1.5 (ram; ramplus_tl, which writes
+/// float32). `float32` over bf16 is exact and changes nothing but the dtype computed in.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn yaml_dtype_other_than_the_checkpoints_is_refused_by_name() {
+async fn yaml_dtype_casts_on_load() {
     let Some(pack) = pack_dir() else {
         eprintln!(
             "\n==================== SKIPPED: yaml dtype check (no conformance pack) ====================\n"
@@ -964,38 +1037,151 @@ async fn yaml_dtype_other_than_the_checkpoints_is_refused_by_name() {
         return;
     };
     let tmp = tempfile::tempdir().unwrap();
-    let dir = pack.join("slerp");
-    let yml = std::fs::read_to_string(dir.join("recipe.yml")).unwrap();
-    assert!(yml.contains("dtype: bfloat16"), "{yml}");
-    let yml = yml.replace("dtype: bfloat16", "dtype: float32");
-    let out = tmp.path().join("slerp-f32");
-    let sub = Recipe::parse_yaml(&yml, Some(&dir), Some(&url(&out))).unwrap();
+    let f16: BTreeMap<&str, PathBuf> = ["base", "ft1", "ft2", "ft3"]
+        .into_iter()
+        .map(|n| (n, f16_copy(&pack, n, tmp.path())))
+        .collect();
+    for case in ["slerp", "ties", "ram", "ramplus_tl"] {
+        let dir = pack.join(case);
+        let yml = std::fs::read_to_string(dir.join("recipe.yml")).unwrap();
+        assert!(yml.contains("dtype: bfloat16"), "{yml}");
+        let cast = yml.replace("dtype: bfloat16", "dtype: float16");
+        let out = tmp.path().join(format!("{case}-cast"));
+        let sub = Recipe::parse_yaml(&cast, Some(&dir), Some(&url(&out))).unwrap();
+        assert_eq!(
+            sub.recipe.input_dtype.map(|d| d.to_string()),
+            Some("F16".into())
+        );
+        run_submission(&sub.recipe, 1000).await;
+        // The same recipe on float16 checkpoints, no `dtype`.
+        let mut plain = yml.replace("dtype: bfloat16\n", "");
+        for (n, p) in &f16 {
+            plain = plain.replace(&format!("../inputs/{n}\n"), &format!("{}\n", p.display()));
+        }
+        let out16 = tmp.path().join(format!("{case}-f16"));
+        let sub = Recipe::parse_yaml(&plain, Some(&dir), Some(&url(&out16))).unwrap();
+        assert_eq!(sub.recipe.input_dtype, None, "{plain}");
+        run_submission(&sub.recipe, 1000).await;
+        let a = read_tensors(&out.join("model.safetensors"));
+        let b = read_tensors(&out16.join("model.safetensors"));
+        assert_eq!(a.len(), b.len(), "{case}");
+        let want_dtype = if case == "ramplus_tl" { "F32" } else { "F16" };
+        for (name, (shape, v, dt)) in &a {
+            let (s2, v2, dt2) = &b[name];
+            assert_eq!((shape, dt.as_str()), (s2, want_dtype), "{case}: {name}");
+            assert_eq!(dt, dt2, "{case}: {name}");
+            let bits = |x: &[f32]| x.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+            assert!(
+                bits(v) == bits(v2),
+                "{case}: {name} differs from the f16 inputs' merge"
+            );
+        }
+    }
+
+    // `float32` over bf16: an exact cast; linear accumulates in float32 anyway, so the tensors
+    // are the bf16 recipe's, written as float32.
+    let lin = std::fs::read_to_string(pack.join("linear/recipe.yml"))
+        .unwrap()
+        .replace("dtype: bfloat16", "dtype: float32");
+    let out = tmp.path().join("lin");
+    let sub = Recipe::parse_yaml(&lin, Some(&pack.join("linear")), Some(&url(&out))).unwrap();
     assert_eq!(
         sub.recipe.input_dtype.map(|d| d.to_string()),
         Some("F32".into())
     );
-    let storage = Arc::new(Storage::new(None, S3Settings::default()).unwrap());
-    let engine = Engine::new(storage, EngineConfig::default());
-    let err = engine
-        .run(&sub.recipe, &Arc::new(RunControl::standalone()))
-        .await
-        .unwrap_err();
-    assert_eq!(err.code().to_string(), "invalid_recipe", "{err}");
-    let msg = err.to_string();
-    assert!(msg.contains("dtype") && msg.contains("BF16"), "{msg}");
-    assert!(!out.join("ladle-manifest.json").exists());
-    assert!(!out.join("model.safetensors").exists());
-
-    // linear accumulates in float32 whatever the inputs: `dtype: float32` is honoured.
-    let lin = std::fs::read_to_string(pack.join("linear/recipe.yml"))
-        .unwrap()
-        .replace("dtype: bfloat16", "dtype: float32");
-    let sub = Recipe::parse_yaml(
-        &lin,
-        Some(&pack.join("linear")),
-        Some(&url(&tmp.path().join("lin"))),
-    )
-    .unwrap();
-    assert_eq!(sub.recipe.input_dtype, None);
     run_submission(&sub.recipe, 4096).await;
+    let got = read_tensors(&out.join("model.safetensors"));
+    let want = read_tensors(&pack.join("linear/expected/model.safetensors"));
+    for (name, (_, w, _)) in &want {
+        let (_, g, dt) = &got[name];
+        assert_eq!(dt, "F32", "{name}");
+        // bf16 of the f32 result is mergekit's bf16 output.
+        for (g, w) in g.iter().zip(w) {
+            assert_eq!(bf16::from_f32(*g).to_f32().to_bits(), w.to_bits(), "{name}");
+        }
+    }
+
+    // Another dtype name is refused by name.
+    let bad = std::fs::read_to_string(pack.join("slerp/recipe.yml"))
+        .unwrap()
+        .replace("dtype: bfloat16", "dtype: int8");
+    let err = Recipe::parse_yaml(&bad, Some(&pack.join("slerp")), Some(&url(&out)))
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(err.contains("dtype") && err.contains("int8"), "{err}");
+}
+
+/// `karcher` with a `base_model` (mergekit's meaning: the base joins the averaged models, added
+/// last) gives the bytes of `karcher` over the models followed by the base; and `int8_mask:
+/// true` (only the mask's storage type in mergekit) changes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn karcher_base_joins_last_and_int8_mask_changes_nothing() {
+    let Some(pack) = pack_dir() else {
+        eprintln!(
+            "\n==================== SKIPPED: karcher base / int8_mask (no conformance pack) ====================\n"
+        );
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let m = |n: &str| url(&pack.join("inputs").join(n));
+    let out = |n: &str| json!({"uri": url(&tmp.path().join(n))});
+    let with_base = json!({"method": "karcher", "base_model": m("base"),
+        "models": [{"uri": m("ft1")}, {"uri": m("ft2")}, {"uri": m("ft3")}],
+        "output": out("with-base")});
+    let base_last = json!({"method": "karcher",
+        "models": [{"uri": m("ft1")}, {"uri": m("ft2")}, {"uri": m("ft3")}, {"uri": m("base")}],
+        "output": out("base-last")});
+    let base_first = json!({"method": "karcher",
+        "models": [{"uri": m("base")}, {"uri": m("ft1")}, {"uri": m("ft2")}, {"uri": m("ft3")}],
+        "output": out("base-first")});
+    // Small chunks for the streamed one, the whole tensor for the others.
+    run_recipe(&with_base, 1000).await;
+    run_recipe(&base_last, 1 << 26).await;
+    run_recipe(&base_first, 1 << 26).await;
+    let read = |n: &str| std::fs::read(tmp.path().join(n).join("model.safetensors")).unwrap();
+    assert_eq!(read("with-base"), read("base-last"));
+    // The order matters to the bits somewhere (else the test above would prove little).
+    let (a, b) = (
+        read_tensors(&tmp.path().join("base-last/model.safetensors")),
+        read_tensors(&tmp.path().join("base-first/model.safetensors")),
+    );
+    let moved = a.iter().any(|(k, (_, v, _))| {
+        v.iter()
+            .zip(&b[k].1)
+            .any(|(x, y)| x.to_bits() != y.to_bits())
+    });
+    eprintln!("karcher: base first vs last differ somewhere: {moved}");
+
+    for case in ["ties", "sce"] {
+        let dir = pack.join(case);
+        let yml = std::fs::read_to_string(dir.join("recipe.yml")).unwrap();
+        let masked = if yml.contains("parameters: {") {
+            yml.replace("parameters: {", "parameters: {int8_mask: true, ")
+        } else {
+            format!("{yml}parameters:\n  int8_mask: true\n")
+        };
+        assert!(masked.contains("int8_mask: true"), "{masked}");
+        let mut bytes = Vec::new();
+        for (tag, text) in [("plain", &yml), ("int8", &masked)] {
+            let o = tmp.path().join(format!("{case}-{tag}"));
+            let sub = Recipe::parse_yaml(text, Some(&dir), Some(&url(&o)))
+                .unwrap_or_else(|e| panic!("{case} {tag}: {e}\n{text}"));
+            run_submission(&sub.recipe, 4096).await;
+            bytes.push(std::fs::read(o.join("model.safetensors")).unwrap());
+        }
+        assert_eq!(bytes[0], bytes[1], "{case}: int8_mask changed the output");
+    }
+    // It is a boolean.
+    let bad = std::fs::read_to_string(pack.join("ties/recipe.yml"))
+        .unwrap()
+        .replace(
+            "dtype: bfloat16",
+            "dtype: bfloat16\nparameters:\n  int8_mask: 3",
+        );
+    let err = Recipe::parse_yaml(&bad, Some(&pack.join("ties")), Some(&url(tmp.path())))
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(err.contains("int8_mask"), "{err}");
 }

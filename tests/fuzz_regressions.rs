@@ -101,3 +101,36 @@ fn seeds_parse_as_intended() {
         }
     }
 }
+
+/// `fuzz/` is a workspace of its own with its own `Cargo.lock`, which `cargo test` never
+/// builds, so nothing noticed when it fell behind the crate's dependencies (three times).
+/// `cargo metadata --locked` fails when the lock file would have to change.
+#[test]
+fn fuzz_lock_file_follows_the_crate() {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/Cargo.toml");
+    let out = std::process::Command::new(cargo)
+        .args(["metadata", "--locked", "--format-version", "1"])
+        .args([
+            "--filter-platform",
+            "x86_64-unknown-linux-gnu",
+            "--manifest-path",
+        ])
+        .arg(&manifest)
+        .output()
+        .expect("run cargo metadata");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if out.status.success() {
+        return;
+    }
+    assert!(
+        !stderr.contains("--locked"),
+        "fuzz/Cargo.lock is out of date: run `cargo update -w --manifest-path fuzz/Cargo.toml` \
+         (or copy the root Cargo.lock there first to keep the same versions):\n{stderr}"
+    );
+    // Anything else (no registry reachable) says nothing about the lock file.
+    eprintln!(
+        "\n==================== SKIPPED: fuzz lock file check (cargo metadata failed: {}) ====================\n",
+        stderr.trim()
+    );
+}

@@ -169,6 +169,26 @@ async fn streamed_methods_do_not_depend_on_the_chunk_size() {
             json!({"method": "karcher",
             "models": [{"uri": urls[1]}, {"uri": urls[2]}, {"uri": urls[3]}]}),
         ),
+        (
+            "multislerp",
+            json!({"method": "multislerp", "base_model": urls[0],
+            "models": [m(1, json!({})), m(2, json!({})), m(3, json!({}))]}),
+        ),
+        (
+            "arcee_fusion",
+            json!({"method": "arcee_fusion", "base_model": urls[0],
+            "models": [{"uri": urls[1]}]}),
+        ),
+        (
+            "ram",
+            json!({"method": "ram", "base_model": urls[0],
+            "models": [{"uri": urls[1]}, {"uri": urls[2]}, {"uri": urls[3]}]}),
+        ),
+        (
+            "ramplus_tl",
+            json!({"method": "ramplus_tl", "base_model": urls[0],
+            "models": [{"uri": urls[1]}, {"uri": urls[2]}, {"uri": urls[3]}]}),
+        ),
     ];
     for (name, recipe) in recipes {
         let mut outs: Vec<Tensors> = Vec::new();

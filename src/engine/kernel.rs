@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 use std::sync::Mutex;
 
 use crate::merge::radix::Band;
-use crate::merge::stream::TensorStream;
+use crate::merge::stream::{Cast, TensorStream, cast_inputs, views};
 use crate::merge::{DType, MergeError, count_nonfinite};
 use crate::methods::{ModelScope, Needs, TensorKernel};
 use crate::recipe::Recipe;
@@ -20,6 +20,9 @@ use crate::recipe::Recipe;
 #[derive(Debug)]
 pub struct Kernel {
     method: Box<dyn TensorKernel>,
+    /// Cast every float input to this dtype before the method sees it (the recipe's
+    /// `input_dtype`, mergekit's `dtype`: cast on load).
+    cast: Option<DType>,
     nonfinite: Mutex<BTreeMap<String, u64>>,
 }
 
@@ -30,8 +33,14 @@ impl Kernel {
             .kernel(&recipe.parameters, &recipe.kernel_input(num_layers))?;
         Ok(Kernel {
             method,
+            cast: recipe.input_dtype,
             nonfinite: Mutex::default(),
         })
+    }
+
+    /// The dtype every float input is cast to on load (mergekit's `dtype`), if any.
+    pub fn cast_dtype(&self) -> Option<DType> {
+        self.cast
     }
 
     /// What the method reports in the manifest (a sparse soup's `sparsity`).
@@ -62,7 +71,13 @@ impl Kernel {
         shape: &[u64],
         base_dtype: DType,
     ) -> Option<Box<dyn TensorStream>> {
-        self.method.stream(name, shape, base_dtype)
+        match self.cast.filter(|_| base_dtype.is_mergeable_float()) {
+            Some(to) => self
+                .method
+                .stream(name, shape, to)
+                .map(|inner| Box::new(Cast { inner, to }) as Box<dyn TensorStream>),
+            None => self.method.stream(name, shape, base_dtype),
+        }
     }
 
     /// Merge chunk `first..` of a streamed tensor ([`TensorStream::merge`]) and count the
@@ -100,7 +115,15 @@ impl Kernel {
         out_dtype: DType,
         out: &mut [u8],
     ) -> Result<(), MergeError> {
-        self.method.run(name, shape, inputs, out_dtype, out)?;
+        match self
+            .cast
+            .map(|to| cast_inputs(inputs, to))
+            .transpose()?
+            .flatten()
+        {
+            Some(c) => self.method.run(name, shape, &views(&c), out_dtype, out)?,
+            None => self.method.run(name, shape, inputs, out_dtype, out)?,
+        }
         let bad = count_nonfinite(out_dtype, out);
         if bad > 0 {
             let mut m = self.nonfinite.lock().unwrap_or_else(|p| p.into_inner());

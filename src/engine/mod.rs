@@ -481,9 +481,6 @@ impl Engine {
             .filter_map(|n| layer_index(n))
             .max()
             .map_or(0, |m| m + 1);
-        if let Some(want) = recipe.input_dtype {
-            check_input_dtype(recipe, &inputs, &ops, want)?;
-        }
         let mut kernel = Kernel::new(recipe, num_layers).map_err(EngineError::Internal)?;
         if let Some((specs, compute)) = kernel.model_selection() {
             // scope "model": the cut-offs over the whole model, before anything is written.
@@ -517,7 +514,11 @@ impl Engine {
                 .get(source)
                 .ok_or_else(|| EngineError::Internal(format!("tensor {source} vanished")))?;
             let dtype = match op {
-                TensorOp::Merge => recipe.output.dtype.unwrap_or(t.dtype),
+                TensorOp::Merge => recipe
+                    .output
+                    .dtype
+                    .or(recipe.method.about().output_dtype)
+                    .unwrap_or(t.dtype),
                 TensorOp::Pick { .. } if t.dtype.is_mergeable_float() => {
                     recipe.output.dtype.unwrap_or(t.dtype)
                 }
@@ -840,6 +841,22 @@ async fn produce_chunk(
         let Some((in_dtype, bytes)) = raw.into_iter().next() else {
             return Err(EngineError::Internal("no input read".into()));
         };
+        // mergekit's `dtype`: the tensor is cast on load, then scaled in that dtype.
+        let (in_dtype, bytes) = match kernel
+            .cast_dtype()
+            .filter(|to| in_dtype.is_mergeable_float() && *to != in_dtype)
+        {
+            Some(to) => {
+                let cast = crate::merge::dtype::cast(in_dtype, &bytes, to).map_err(|e| {
+                    EngineError::Merge {
+                        tensor: chunk.tensor.clone(),
+                        source: e.into(),
+                    }
+                })?;
+                (to, Bytes::from(cast))
+            }
+            None => (in_dtype, bytes),
+        };
         let out_dtype = chunk.out_dtype;
         if !in_dtype.is_mergeable_float() || (scale.is_none() && in_dtype == out_dtype) {
             return Ok((chunk, bytes));
@@ -952,40 +969,6 @@ pub(super) async fn read_elems(
     }
     crate::metrics::bytes_read(bytes.len() as u64);
     Ok((t.dtype, bytes))
-}
-
-/// `input_dtype` (mergekit YAML's `dtype` for methods that compute in the checkpoints' own
-/// dtype): every merged float tensor must have it, or the recipe cannot be honoured.
-fn check_input_dtype(
-    recipe: &Recipe,
-    inputs: &[(Location, Checkpoint)],
-    ops: &BTreeMap<String, TensorOp>,
-    want: DType,
-) -> Result<(), EngineError> {
-    for (name, op) in ops {
-        let source = match op {
-            TensorOp::Merge => name,
-            TensorOp::Pick { source, .. } => source,
-            TensorOp::CopyFirst => continue,
-        };
-        for (loc, ckpt) in inputs {
-            let Some(t) = ckpt.tensors.get(source) else {
-                continue;
-            };
-            if t.dtype.is_mergeable_float() && t.dtype != want {
-                return Err(EngineError::InvalidRecipe(format!(
-                    "dtype: the recipe computes in {want} (mergekit `dtype`), but tensor {source} \
-                     of {} is {}; ladle computes {} in the checkpoints' own dtype, so it cannot \
-                     honour another: drop `dtype` (give `out_dtype` for the output) or convert \
-                     the checkpoint",
-                    loc.url,
-                    t.dtype,
-                    recipe.method.name()
-                )));
-            }
-        }
-    }
-    Ok(())
 }
 
 /// A local read that found the file shorter than planned is a malformed checkpoint; an I/O

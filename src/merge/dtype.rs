@@ -269,6 +269,29 @@ pub fn encode_from_f32(dtype: DType, src: &[f32], dst: &mut [u8]) -> Result<(), 
     Ok(())
 }
 
+/// Casts little-endian `src` of float dtype `from` to `to` as torch's `Tensor.to` does on CPU:
+/// through f32 (exact for BF16/F16), then round-to-nearest-even, subnormals kept (torch does
+/// not flush them unless `set_flush_denormal(True)`). `from == to` copies.
+pub fn cast(from: DType, src: &[u8], to: DType) -> Result<Vec<u8>, DTypeError> {
+    if from == to {
+        return Ok(src.to_vec());
+    }
+    let n = src.len() / from.size_bytes().max(1);
+    check(from, src.len(), n)?;
+    let mut out = vec![0u8; n * to.size_bytes()];
+    let mut tmp = vec![0.0f32; n.min(crate::merge::BLOCK_ELEMS)];
+    let (fs, ts) = (from.size_bytes(), to.size_bytes());
+    for (s, d) in src
+        .chunks(crate::merge::BLOCK_ELEMS * fs)
+        .zip(out.chunks_mut(crate::merge::BLOCK_ELEMS * ts))
+    {
+        let t = &mut tmp[..s.len() / fs];
+        decode_to_f32(from, s, t)?;
+        encode_from_f32(to, t, d)?;
+    }
+    Ok(out)
+}
+
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
 fn decode_avx2(dtype: DType, src: &[u8], dst: &mut [f32]) {

@@ -7,12 +7,14 @@
 //! - [`precision`]: rounding to the compute dtype (mergekit's bf16 arithmetic).
 //! - [`gta`]: task arithmetic, TIES, breadcrumbs, DARE, DELLA (mergekit's generalized task
 //!   arithmetic), [`slerp`](mod@slerp), [`spherical`] (NuSLERP, Karcher), [`model_stock`],
-//!   [`sce`], and the keyed generator [`rng`].
+//!   [`sce`], [`multislerp`], [`arcee_fusion`], [`ram`] (RAM and RAM+), and the keyed
+//!   generator [`rng`].
 //! - [`stream`]: the contract of a per-tensor streamed method (pre-passes over the chunks,
 //!   then chunk-by-chunk merging), [`select`] (exact rank cut-offs over chunks) and
 //!   [`gta_stream`] (the GTA family streamed).
 //! - [`error`](mod@error): the error type [`MergeError`].
 
+pub mod arcee_fusion;
 pub mod blocks;
 pub mod diagnostics;
 pub mod dtype;
@@ -22,11 +24,13 @@ pub mod gta_stream;
 pub mod karcher_stream;
 pub mod linear;
 pub mod model_stock;
+pub mod multislerp;
 pub mod nearswap;
 pub mod precision;
 #[cfg(test)]
 mod properties;
 pub mod radix;
+pub mod ram;
 pub mod rng;
 pub mod sce;
 pub mod select;

@@ -259,6 +259,91 @@ mod tests {
         assert!(xs.iter().zip(&got).all(|(a, b)| same(*a, *b)));
     }
 
+    /// IEEE round-to-nearest-even of `x` to a binary format with `mant` fraction bits and
+    /// normal exponents `emin..=emax`, computed exactly in f64: gradual underflow (subnormals
+    /// kept, below half the smallest one → ±0, exactly half → ±0 by ties-to-even), overflow
+    /// past the largest finite + half an ulp → ±inf. What torch's CPU `Tensor.to` does (it
+    /// flushes nothing unless `torch.set_flush_denormal(True)`), written without `half`.
+    fn reference_rne(x: f32, mant: i32, emin: i32, emax: i32) -> f32 {
+        if !x.is_finite() || x == 0.0 {
+            return x;
+        }
+        let y = (x as f64).abs();
+        let e = ((y.to_bits() >> 52) & 0x7ff) as i32 - 1023;
+        let q = 2f64.powi(e.max(emin) - mant);
+        let v = (y / q).round_ties_even() * q;
+        let v = if v >= 2f64.powi(emax + 1) {
+            f64::INFINITY
+        } else {
+            v
+        };
+        (v as f32).copysign(x)
+    }
+
+    /// Every 16-bit pattern's value, the ties between neighbours and one f32 ulp either side
+    /// (subnormals of the format included) round as the independent reference says, through
+    /// [`Precision::round`], [`Precision::round_slice`], the encoder and [`crate::merge::dtype::cast`].
+    #[test]
+    fn sixteen_bit_rounding_matches_an_independent_reference() {
+        use crate::merge::dtype::{cast, decode_to_f32, encode_from_f32};
+        for (p, dt, mant, emin, emax, decode) in [
+            (
+                Precision::BF16,
+                DType::BF16,
+                7,
+                -126,
+                127,
+                (|h| bf16::from_bits(h).to_f32()) as fn(u16) -> f32,
+            ),
+            (
+                Precision::F16,
+                DType::F16,
+                10,
+                -14,
+                15,
+                (|h| f16::from_bits(h).to_f32()) as fn(u16) -> f32,
+            ),
+        ] {
+            let xs: Vec<f32> = hard_cases(decode)
+                .into_iter()
+                .filter(|x| !x.is_nan())
+                .collect();
+            let mut slice = xs.clone();
+            p.round_slice(&mut slice);
+            let mut enc = vec![0u8; xs.len() * 2];
+            encode_from_f32(dt, &xs, &mut enc).unwrap();
+            let mut dec = vec![0.0f32; xs.len()];
+            decode_to_f32(dt, &enc, &mut dec).unwrap();
+            let f32_bytes: Vec<u8> = xs.iter().flat_map(|x| x.to_le_bytes()).collect();
+            let cast16 = cast(DType::F32, &f32_bytes, dt).unwrap();
+            assert_eq!(cast16, enc, "{dt}");
+            for (i, &x) in xs.iter().enumerate() {
+                let want = reference_rne(x, mant, emin, emax);
+                let b = x.to_bits();
+                assert!(
+                    same(p.round(x), want),
+                    "{dt} {b:#010x}: {} vs {want}",
+                    p.round(x)
+                );
+                assert!(same(slice[i], want), "{dt} slice {b:#010x}");
+                assert!(same(dec[i], want), "{dt} encode {b:#010x}");
+            }
+        }
+        // bf16 → f16 (mergekit `dtype: float16` over bf16 checkpoints): every pattern.
+        let all: Vec<u8> = (0..=u16::MAX).flat_map(|h| h.to_le_bytes()).collect();
+        let got = cast(DType::BF16, &all, DType::F16).unwrap();
+        for h in 0..=u16::MAX {
+            let x = bf16::from_bits(h).to_f32();
+            let i = 2 * h as usize;
+            let g = f16::from_le_bytes([got[i], got[i + 1]]).to_f32();
+            if x.is_nan() {
+                assert!(g.is_nan(), "{h:#06x}");
+            } else {
+                assert!(same(g, reference_rne(x, 10, -14, 15)), "{h:#06x}: {g}");
+            }
+        }
+    }
+
     #[test]
     fn rounds_to_nearest_even() {
         let p = Precision::BF16;

@@ -54,3 +54,73 @@ pub fn run_whole(
 pub fn sum_start() -> f64 {
     std::iter::empty::<f64>().sum()
 }
+
+/// A stream whose float inputs are first cast to one dtype (mergekit's `dtype`: every tensor
+/// cast on load), whatever the checkpoints store.
+pub struct Cast {
+    pub inner: Box<dyn TensorStream>,
+    pub to: DType,
+}
+
+/// Inputs cast to one dtype, owned.
+pub type CastInputs = Vec<(DType, Vec<u8>)>;
+
+/// `inputs` with every mergeable float of another dtype cast to `to` (`None`: nothing to cast).
+pub fn cast_inputs(inputs: &[(DType, &[u8])], to: DType) -> Result<Option<CastInputs>, MergeError> {
+    if inputs
+        .iter()
+        .all(|(d, _)| *d == to || !d.is_mergeable_float())
+    {
+        return Ok(None);
+    }
+    inputs
+        .iter()
+        .map(|(d, b)| {
+            if *d == to || !d.is_mergeable_float() {
+                Ok((*d, b.to_vec()))
+            } else {
+                Ok((to, crate::merge::dtype::cast(*d, b, to)?))
+            }
+        })
+        .collect::<Result<Vec<_>, MergeError>>()
+        .map(Some)
+}
+
+/// Borrowed views of cast inputs.
+pub fn views(cast: &[(DType, Vec<u8>)]) -> Vec<(DType, &[u8])> {
+    cast.iter().map(|(d, b)| (*d, b.as_slice())).collect()
+}
+
+impl TensorStream for Cast {
+    fn align(&self) -> usize {
+        self.inner.align()
+    }
+
+    fn wants_pass(&self) -> bool {
+        self.inner.wants_pass()
+    }
+
+    fn observe(&mut self, first: u64, inputs: &[(DType, &[u8])]) -> Result<(), MergeError> {
+        match cast_inputs(inputs, self.to)? {
+            Some(c) => self.inner.observe(first, &views(&c)),
+            None => self.inner.observe(first, inputs),
+        }
+    }
+
+    fn end_pass(&mut self) {
+        self.inner.end_pass()
+    }
+
+    fn merge(
+        &self,
+        first: u64,
+        inputs: &[(DType, &[u8])],
+        out_dtype: DType,
+        out: &mut [u8],
+    ) -> Result<(), MergeError> {
+        match cast_inputs(inputs, self.to)? {
+            Some(c) => self.inner.merge(first, &views(&c), out_dtype, out),
+            None => self.inner.merge(first, inputs, out_dtype, out),
+        }
+    }
+}

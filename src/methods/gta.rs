@@ -182,6 +182,12 @@ impl MergeMethod for Gta {
             let field = format!("parameters.{key}");
             match key.as_str() {
                 "normalize" => c.normalize = common::bool_param(key, value)?,
+                // mergekit's `int8_mask` only picks the storage type of the sign-consensus
+                // mask (int8 instead of the compute dtype): the results are identical, so it
+                // is checked and not stored.
+                "int8_mask" => {
+                    common::bool_param(key, value)?;
+                }
                 "rescale" if self.sparsification != S::None => {
                     c.rescale = common::bool_param(key, value)?
                 }
@@ -222,7 +228,7 @@ impl MergeMethod for Gta {
                     c.model_defaults.insert(k.to_string(), s);
                 }
                 other => {
-                    let mut known = vec!["normalize", "lambda", "compute_dtype"];
+                    let mut known = vec!["normalize", "lambda", "compute_dtype", "int8_mask"];
                     if self.sparsification != S::None {
                         known.push("rescale");
                     }

@@ -1,4 +1,6 @@
-//! `karcher`: the Riemannian (Karcher) mean of the models on the sphere (§11.4).
+//! `karcher`: the Riemannian (Karcher) mean of the models on the sphere (§11.4). With a
+//! `base_model`, the base joins the averaged models, added last (mergekit gathers the base with
+//! the models and averages them all with equal weights).
 
 use serde::{Deserialize, Serialize};
 
@@ -6,6 +8,7 @@ use super::{
     About, BaseRule, Config, Invalid, KernelInput, MergeMethod, Needs, ParseInput, TensorKernel,
     common, invalid,
 };
+use crate::merge::stream::TensorStream;
 use crate::merge::{DType, MergeError, encode_from_f32, spherical};
 
 pub struct Karcher;
@@ -23,7 +26,7 @@ impl Config for KarcherConfig {
 
 const ABOUT: About = About {
     trajectory: true,
-    ..About::new("karcher", BaseRule::Forbidden)
+    ..About::new("karcher", BaseRule::Optional)
 };
 
 impl MergeMethod for Karcher {
@@ -93,15 +96,18 @@ impl TensorKernel for KarcherKernel {
         _shape: &[u64],
         base_dtype: DType,
     ) -> Option<Box<dyn crate::merge::stream::TensorStream>> {
-        if self.has_base {
-            return None;
-        }
-        Some(Box::new(crate::merge::karcher_stream::KarcherStream::new(
+        let stream = crate::merge::karcher_stream::KarcherStream::new(
             crate::merge::precision::Precision::of(base_dtype),
-            self.models,
+            self.models + usize::from(self.has_base),
             self.config.max_iter as usize,
             self.config.tol,
-        )))
+        );
+        let stream: Box<dyn TensorStream> = if self.has_base {
+            Box::new(BaseLast(stream))
+        } else {
+            Box::new(stream)
+        };
+        Some(stream)
     }
 
     fn run(
@@ -114,9 +120,48 @@ impl TensorKernel for KarcherKernel {
     ) -> Result<(), MergeError> {
         let (p, decoded, mut res) =
             common::decode_models(inputs, out_dtype, out, self.models, self.has_base, 1, false)?;
-        let (_, xs) = common::split_base(&decoded, self.has_base);
+        let (base, mut xs) = common::split_base(&decoded, self.has_base);
+        xs.extend(base);
         let c = &self.config;
         spherical::karcher(p, &xs, c.max_iter as usize, c.tol, &mut res);
         encode_from_f32(out_dtype, &res, out).map_err(MergeError::from)
+    }
+}
+
+/// A stream over the models then the base, fed the engine's order (base first).
+struct BaseLast<S>(S);
+
+/// `[base, x₁ … x_N]` → `[x₁ … x_N, base]`.
+fn base_last<'a>(inputs: &[(DType, &'a [u8])]) -> Vec<(DType, &'a [u8])> {
+    let mut v: Vec<(DType, &[u8])> = inputs.iter().skip(1).copied().collect();
+    v.extend(inputs.first().copied());
+    v
+}
+
+impl<S: TensorStream> TensorStream for BaseLast<S> {
+    fn align(&self) -> usize {
+        self.0.align()
+    }
+
+    fn wants_pass(&self) -> bool {
+        self.0.wants_pass()
+    }
+
+    fn observe(&mut self, first: u64, inputs: &[(DType, &[u8])]) -> Result<(), MergeError> {
+        self.0.observe(first, &base_last(inputs))
+    }
+
+    fn end_pass(&mut self) {
+        self.0.end_pass()
+    }
+
+    fn merge(
+        &self,
+        first: u64,
+        inputs: &[(DType, &[u8])],
+        out_dtype: DType,
+        out: &mut [u8],
+    ) -> Result<(), MergeError> {
+        self.0.merge(first, &base_last(inputs), out_dtype, out)
     }
 }

@@ -16,15 +16,19 @@
 //! Layering: below `recipe` (which stores a [`Method`] and its [`Parameters`]) and above the
 //! pure kernels of [`crate::merge`].
 
+pub mod arcee_fusion;
 pub mod common;
 pub mod ema;
 pub mod gta;
 pub mod karcher;
 pub mod linear;
 pub mod model_stock;
+pub mod multislerp;
 pub mod nearswap;
 pub mod nuslerp;
 pub mod passthrough;
+pub mod ram;
+pub mod ramplus_tl;
 pub mod sce;
 pub mod setting;
 pub mod slerp;
@@ -62,6 +66,10 @@ pub static REGISTRY: &[&dyn DynMethod] = &[
     &nearswap::Nearswap,
     &sparse_soup::SparseSoup,
     &ema::Ema,
+    &multislerp::Multislerp,
+    &arcee_fusion::ArceeFusion,
+    &ram::Ram,
+    &ramplus_tl::RamPlusTl,
 ];
 
 /// Whether a method takes a base model.
@@ -72,15 +80,15 @@ pub enum BaseRule {
     Forbidden,
 }
 
-/// What mergekit YAML's `dtype` means for a method.
+/// What mergekit YAML's `dtype` means for a method, besides the cast on load every method
+/// gets (`input_dtype`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum YamlDtype {
-    /// The compute dtype (the task-arithmetic family: `compute_dtype`).
+    /// Also the compute dtype (the task-arithmetic family: `compute_dtype`).
     Compute,
-    /// The inputs' dtype, except that `float32` is what the method accumulates in anyway
-    /// (the linear family): `float32` is honoured, another dtype becomes `input_dtype`.
+    /// The linear family: it accumulates in float32 whatever the inputs (only the cast).
     AccumulatesF32,
-    /// The inputs' dtype (`input_dtype`): the method computes in the checkpoints' own dtype.
+    /// The method computes in its inputs' dtype, i.e. the cast one (only the cast).
     Inputs,
 }
 
@@ -98,6 +106,9 @@ pub struct About {
     /// Takes `slices` (layer ranges of several models), and lays out its own tensors.
     pub slices: bool,
     pub yaml_dtype: YamlDtype,
+    /// The dtype the method writes when the request names none (`None`: each tensor's own).
+    /// mergekit's `arcee_fusion` and `ramplus_tl` return float32 tensors from bf16 inputs.
+    pub output_dtype: Option<DType>,
 }
 
 impl About {
@@ -111,6 +122,7 @@ impl About {
             trajectory: false,
             slices: false,
             yaml_dtype: YamlDtype::Inputs,
+            output_dtype: None,
         }
     }
 }

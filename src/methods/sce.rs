@@ -33,18 +33,27 @@ impl MergeMethod for Sce {
         let name = ABOUT.name;
         common::check_model_keys(name, cx, &[])?;
         let mut c = SceConfig { select_topk: 1.0 };
-        common::parse_globals(name, cx, &["select_topk"], |key, value, field| {
-            match key {
-                "select_topk" => {
-                    c.select_topk = value
-                        .as_f64()
-                        .filter(|x| *x > 0.0 && *x <= 1.0)
-                        .ok_or_else(|| invalid(field, "must be in (0, 1]"))?;
+        common::parse_globals(
+            name,
+            cx,
+            &["select_topk", "int8_mask"],
+            |key, value, field| {
+                match key {
+                    // mergekit's mask storage type: identical results, checked and not stored.
+                    "int8_mask" => {
+                        common::bool_param(key, value)?;
+                    }
+                    "select_topk" => {
+                        c.select_topk = value
+                            .as_f64()
+                            .filter(|x| *x > 0.0 && *x <= 1.0)
+                            .ok_or_else(|| invalid(field, "must be in (0, 1]"))?;
+                    }
+                    _ => return Ok(false),
                 }
-                _ => return Ok(false),
-            }
-            Ok(true)
-        })?;
+                Ok(true)
+            },
+        )?;
         Ok(c)
     }
 

@@ -55,9 +55,9 @@ pub struct MergeRequest {
     /// Merge once per value of one parameter, keep the best-scoring soup (needs `evaluator`).
     #[serde(default)]
     pub sweep: Option<SweepSpec>,
-    /// The dtype every merged float tensor of the checkpoints must have; another dtype fails
-    /// the job. mergekit YAML's `dtype` becomes this for the methods that compute in the
-    /// checkpoints' own dtype (all but the task-arithmetic family, which take `compute_dtype`).
+    /// Cast every float input tensor to this dtype on load (round-to-nearest-even, as torch's
+    /// `Tensor.to`), so the method computes in it: mergekit YAML's `dtype`. Integer and bool
+    /// tensors are copied unchanged.
     #[serde(default)]
     pub input_dtype: Option<String>,
     /// The text of a mergekit YAML request, as sent (never read from a JSON body): what the

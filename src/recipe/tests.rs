@@ -332,7 +332,9 @@ fn every_method_round_trips_through_its_stored_form() {
     for m in Method::all() {
         let about = m.about();
         let models = match m.name() {
-            "slerp" | "nearswap" | "passthrough" => json!([{"uri": "file:///d/a", "weight": 1}]),
+            "slerp" | "nearswap" | "passthrough" | "arcee_fusion" => {
+                json!([{"uri": "file:///d/a", "weight": 1}])
+            }
             _ => {
                 json!([{"uri": "file:///d/a", "weight": 0.6}, {"uri": "file:///d/b", "weight": 0.4}])
             }

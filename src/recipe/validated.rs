@@ -78,7 +78,7 @@ pub struct Recipe {
     /// The trajectory `models` was expanded from (the selection and what it picked).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub trajectory: Option<trajectory::Trajectory>,
-    /// The dtype the merged float tensors must have (see
+    /// The dtype every float input is cast to on load (see
     /// [`super::MergeRequest::input_dtype`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub input_dtype: Option<DType>,

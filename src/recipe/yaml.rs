@@ -9,11 +9,12 @@
 //! `parameters`/`base_model`/`residual_weight`, `tokenizer_source` other than `base`, ...) is
 //! rejected by name.
 //!
-//! `dtype` is the compute dtype of the task-arithmetic family (`compute_dtype`) and the default
-//! output dtype; `out_dtype` the output dtype. The other methods compute in their inputs'
-//! storage dtype, which is what mergekit does whenever `dtype` matches the checkpoints: for
-//! them `dtype` becomes `input_dtype`, and a checkpoint in another dtype fails the job naming
-//! it (never silently computed otherwise).
+//! `dtype` has mergekit's cast-on-load meaning: every float input tensor is cast to it
+//! (`input_dtype`, round-to-nearest-even as torch's `Tensor.to`) and the method computes in it
+//! (the task-arithmetic family also gets it as `compute_dtype`); it is the output dtype unless
+//! `out_dtype` names one, except for the methods that write their own (float32 for
+//! `arcee_fusion` and `ramplus_tl`, as mergekit). Refused: any other dtype name than
+//! float32, float16, bfloat16 (by name); integer and bool tensors are copied, never cast.
 //!
 //! Model references: a URL (`file://`, `s3://`) is kept; a relative path is resolved, when a
 //! `base_dir` (the recipe file's folder) is given, from the current directory first (as
@@ -228,26 +229,22 @@ pub fn to_request(doc: &Value, base_dir: Option<&Path>) -> Result<Value, RecipeE
             }
         }
     }
-    let role = Method::parse(&method).map_or(YamlDtype::Inputs, |m| m.about().yaml_dtype);
+    let about = Method::parse(&method).map(|m| m.about());
+    let role = about.map_or(YamlDtype::Inputs, |a| a.yaml_dtype);
+    // mergekit writes `out_dtype`, else what the method returns: the dtype it computed in
+    // (`dtype`), or its own (float32 for arcee_fusion and ramplus_tl).
+    let writes_own = about.is_some_and(|a| a.output_dtype.is_some());
     if let Some(d) = &dtype {
-        match role {
-            YamlDtype::Compute => {
-                if !parameters.contains_key("compute_dtype") {
-                    parameters.insert("compute_dtype".into(), Value::String(d.clone()));
-                }
-            }
-            // The linear family accumulates in float32 whatever the inputs: `float32` is
-            // honoured.
-            YamlDtype::AccumulatesF32 if d == "float32" => {}
-            // The other methods compute in the checkpoints' own dtype: mergekit's `dtype` is
-            // honoured when it is that dtype, and the job fails naming it otherwise.
-            YamlDtype::AccumulatesF32 | YamlDtype::Inputs => {
-                req.insert("input_dtype".into(), Value::String(d.clone()));
-            }
+        // mergekit casts every tensor to `dtype` on load, then computes in it: ladle casts the
+        // float inputs (`input_dtype`); the task-arithmetic family also takes it as its
+        // compute dtype.
+        if role == YamlDtype::Compute && !parameters.contains_key("compute_dtype") {
+            parameters.insert("compute_dtype".into(), Value::String(d.clone()));
         }
+        req.insert("input_dtype".into(), Value::String(d.clone()));
     }
     if !output.contains_key("dtype")
-        && let Some(d) = out_dtype.or(dtype)
+        && let Some(d) = out_dtype.or(dtype.filter(|_| !writes_own))
     {
         output.insert("dtype".into(), Value::String(d));
     }

@@ -2,10 +2,12 @@
 //
 // Data: the REST API (/v1/merges, /v1/analyses) and, for live updates, the event streams
 // (GET /v1/events: `event: state`, data = one list item plus "kind"; GET /v1/{merges|analyses}/{id}/events:
-// `state` (job view), `progress` ({phase, tensors_done, tensors_total, bytes_read, bytes_written}),
-// `done` (terminal view)). Streams are read with fetch() so the bearer token can be sent
-// (EventSource cannot send an Authorization header); when a stream is unavailable the page
-// polls the REST endpoints instead. The token is entered once and kept in sessionStorage.
+// `state` (job view), `progress` ({phase, tensors_done, tensors_total, bytes_read, bytes_written},
+// plus `search`), `done` (terminal view)). Streams are read with fetch() and a small SSE parser so
+// the bearer token can be sent (EventSource cannot send an Authorization header); a broken
+// stream is retried with `Last-Event-ID`, and only while it is down does the page poll the REST
+// endpoints. The header shows which is live; `window.__ladleLive` counts what came how. The
+// token is entered once and kept in sessionStorage.
 "use strict";
 
 const TOKEN_KEY = "ladle.token";
@@ -113,73 +115,178 @@ function progressLabel(p) {
 
 function methodOf(job) {
   if (job.kind === "analysis") return "analysis";
-  return (job.recipe && job.recipe.method) || "";
+  const method = (job.recipe && job.recipe.method) || "";
+  // A search is stored as the soup it searches within plus `search` (greedy, sweep).
+  const search = job.recipe && job.recipe.search && job.recipe.search.kind;
+  if (search === "greedy") return `greedy_soup (${method})`;
+  if (search) return `${search} (${method})`;
+  return method;
 }
 
 // ---------- event streams over fetch (text/event-stream) ----------
 
-// Reads an SSE stream; calls onEvent(name, data, id) per event. Resolves when the stream
-// ends, rejects when it cannot be opened (404 before the streams exist, 401, network).
-async function readEvents(path, onEvent, signal) {
-  const resp = await fetch(path, { headers: headers({ Accept: "text/event-stream" }), signal });
-  if (!resp.ok || !resp.body) throw new ApiError(resp.status, null);
-  const ctype = resp.headers.get("content-type") || "";
-  if (!ctype.startsWith("text/event-stream")) throw new Error(`not an event stream: ${ctype}`);
-  const reader = resp.body.pipeThrough(new TextDecoderStream()).getReader();
-  let buf = "";
-  for (;;) {
-    const { value, done } = await reader.read();
-    if (done) return;
-    buf += value.replace(/\r\n?/g, "\n");
-    let cut;
-    while ((cut = buf.indexOf("\n\n")) >= 0) {
-      const block = buf.slice(0, cut);
-      buf = buf.slice(cut + 2);
-      let name = "message", data = [], id = null;
-      for (const line of block.split("\n")) {
-        if (!line || line.startsWith(":")) continue;
-        const i = line.indexOf(":");
-        const field = i < 0 ? line : line.slice(0, i);
-        const val = i < 0 ? "" : line.slice(i + 1).replace(/^ /, "");
-        if (field === "event") name = val;
-        else if (field === "data") data.push(val);
-        else if (field === "id") id = val;
-      }
-      if (!data.length) continue;
-      let parsed;
-      try { parsed = JSON.parse(data.join("\n")); } catch (_) { continue; }
-      onEvent(name, parsed, id);
+// How this tab gets its updates, for the header and for tests (read over WebDriver):
+// `mode` of the view on screen ("stream", "poll", "done" once a job stream ended, "offline"),
+// and counters over the tab's life: events received over streams (by name), fallback polls,
+// stream (re)connections, and the last event id received.
+const liveStats = {
+  mode: "offline", streamEvents: 0, byEvent: {}, polls: 0, connects: 0, reconnects: 0,
+  lastEventId: null,
+};
+window.__ladleLive = liveStats;
+
+// Splits a text/event-stream into events (the WHATWG rules that matter here: `event:`,
+// `data:` (joined with newlines), `id:`, `:` comments, a blank line dispatches, CR, LF and
+// CRLF line ends, even split across chunks; `retry:` is ignored: `live` has its own backoff).
+// A small state machine fed with decoded text chunks.
+class SseParser {
+  constructor(onEvent) {
+    this.onEvent = onEvent;
+    this.buf = "";
+    this.pendingCr = false;
+    this.reset();
+  }
+  reset() { this.name = ""; this.data = []; this.id = null; }
+  push(text) {
+    if (this.pendingCr && text.startsWith("\n")) text = text.slice(1);
+    this.pendingCr = text.endsWith("\r");
+    this.buf += text;
+    const lines = this.buf.split(/\r\n|\r|\n/);
+    this.buf = lines.pop();
+    for (const line of lines) this.line(line);
+  }
+  line(line) {
+    if (line === "") {
+      if (this.data.length) this.onEvent(this.name || "message", this.data.join("\n"), this.id);
+      this.reset();
+      return;
     }
+    if (line.startsWith(":")) return;
+    const i = line.indexOf(":");
+    const field = i < 0 ? line : line.slice(0, i);
+    const val = i < 0 ? "" : line.slice(i + 1).replace(/^ /, "");
+    if (field === "event") this.name = val;
+    else if (field === "data") this.data.push(val);
+    else if (field === "id" && !val.includes("\0")) this.id = val;
   }
 }
 
-// Keeps a view live: the stream when it works, else polling. Returns a stop function.
-function live(streamPath, onEvent, poll) {
+// Reads one SSE response: `onOpen()` once the server answered with a stream, then
+// `onEvent(name, data, id)` per event whose data is JSON. Resolves "ended" when the stream
+// ends, "finished" on 204 (a resumed job stream whose job had already finished); rejects
+// when it cannot be opened (401, 404, not a stream, network) or breaks.
+async function readEvents(path, lastEventId, onOpen, onEvent, signal) {
+  const h = { Accept: "text/event-stream" };
+  if (lastEventId) h["Last-Event-ID"] = lastEventId;
+  const resp = await fetch(path, { headers: headers(h), signal, cache: "no-store" });
+  if (resp.status === 204) return "finished";
+  if (!resp.ok || !resp.body) throw new ApiError(resp.status, null);
+  const ctype = resp.headers.get("content-type") || "";
+  if (!ctype.startsWith("text/event-stream")) throw new Error(`not an event stream: ${ctype}`);
+  await onOpen();
+  const parser = new SseParser((name, data, id) => {
+    let parsed;
+    try { parsed = JSON.parse(data); } catch (_) { return; }
+    onEvent(name, parsed, id);
+  });
+  const reader = resp.body.pipeThrough(new TextDecoderStream()).getReader();
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) return "ended";
+    parser.push(value);
+  }
+}
+
+const sleep = (ms, timers) => new Promise((r) => { timers.t = setTimeout(r, ms); });
+
+// Keeps a view live from the event stream at `path`; `poll()` re-reads the view over REST.
+// - The stream is the normal path. Once it is open, `poll()` runs once (`resync`, for what
+//   changed before the stream started; the per-job streams send the job on connect and skip it).
+// - When the stream cannot be opened or breaks, the view is polled every POLL_MS while the
+//   stream is retried (1 s, doubling to 15 s), resuming with `Last-Event-ID`; once it is back,
+//   polling stops.
+// - A job stream ends after its `done` event (or answers 204 when resumed after the end): one
+//   last read, and nothing more to follow.
+// Returns a stop function.
+function live(path, onEvent, poll, { resync = true, final = null } = {}) {
   const ctl = new AbortController();
-  let stopped = false, timer = null;
+  const timers = {}, pollTimers = {};
+  let stopped = false, polling = false, lastId = null, lastName = null, failures = 0;
   const setLive = (mode) => {
+    liveStats.mode = mode;
     const l = $("#live");
-    l.textContent = mode === "stream" ? "live (event stream)" : `live (polling every ${POLL_MS / 1000} s)`;
+    l.textContent = mode === "stream" ? "live (event stream)"
+      : mode === "poll" ? `live (polling every ${POLL_MS / 1000} s; stream unavailable)`
+      : mode === "done" ? "finished (stream closed)" : "offline";
     l.className = `live ${mode}`;
+    l.dataset.mode = mode;
   };
-  const polling = async () => {
+  // One polling loop at a time: a loop stops when `round` moved on.
+  let round = 0;
+  const startPolling = () => {
+    if (polling) return;
+    polling = true;
+    const mine = ++round;
     setLive("poll");
-    while (!stopped) {
-      try { await poll(); } catch (e) { if (e.status !== 401) console.warn(e); }
-      await new Promise((r) => { timer = setTimeout(r, POLL_MS); });
-    }
+    (async () => {
+      while (mine === round && !stopped) {
+        liveStats.polls += 1;
+        try { await poll("poll"); } catch (e) { if (e.status !== 401) console.warn(e); }
+        if (mine !== round) break;
+        await sleep(POLL_MS, pollTimers);
+      }
+    })();
+  };
+  const stopPolling = () => {
+    if (polling) round += 1;
+    polling = false;
+    clearTimeout(pollTimers.t);
   };
   (async () => {
-    try {
-      setLive("stream");
-      await readEvents(streamPath, onEvent, ctl.signal);
-      // The stream ended (a job stream ends after `done`): one last refresh.
-      if (!stopped) await poll();
-    } catch (e) {
-      if (!stopped) polling();
+    while (!stopped) {
+      let outcome;
+      try {
+        outcome = await readEvents(path, lastId, async () => {
+          liveStats.connects += 1;
+          failures = 0;
+          stopPolling();
+          // Events wait in the response until this returns: the resync cannot overwrite them.
+          if (resync) { try { await poll("sync"); } catch (e) { console.warn(e); } }
+          if (!stopped) setLive("stream");
+        }, (name, data, id) => {
+          if (stopped) return;
+          if (id) { lastId = id; liveStats.lastEventId = id; }
+          lastName = name;
+          liveStats.streamEvents += 1;
+          liveStats.byEvent[name] = (liveStats.byEvent[name] || 0) + 1;
+          onEvent(name, data);
+        }, ctl.signal);
+      } catch (e) {
+        if (stopped) return;
+        outcome = e;
+      }
+      if (stopped) return;
+      if (outcome === "finished" || (final && lastName === final)) {
+        stopPolling();
+        try { await poll("sync"); } catch (e) { console.warn(e); }
+        if (!stopped) setLive("done");
+        return;
+      }
+      // Broken, ended early (server restart) or refused: poll until the stream is back.
+      if (outcome instanceof ApiError && outcome.status === 401) {
+        // The token was refused: entering another one re-opens the view.
+        stopPolling();
+        setLive("offline");
+        showTokenNeeded();
+        return;
+      }
+      startPolling();
+      failures += 1;
+      await sleep(Math.min(15000, 1000 * 2 ** (failures - 1)), timers);
+      if (!stopped) liveStats.reconnects += 1;
     }
   })();
-  return () => { stopped = true; ctl.abort(); clearTimeout(timer); };
+  return () => { stopped = true; stopPolling(); ctl.abort(); clearTimeout(timers.t); setLive("offline"); };
 }
 
 // ---------- views ----------
@@ -216,14 +323,16 @@ async function listView(params) {
     errorSlot, table);
 
   const rows = new Map();
-  const render = (job) => {
+  // `via`: how this row's latest data came ("load", "sync", "stream" or "poll"), kept on the
+  // row as data-via (tests/dashboard.rs reads it).
+  const render = (job, via) => {
     const k = job.kind || (kind === "analyses" ? "analysis" : "merge");
     if ((k === "analysis") !== (kind === "analyses")) return;
     job.kind = k;
     const old = rows.get(job.id);
     if (filter && job.state !== filter) { if (old) { old.remove(); rows.delete(job.id); } return; }
     const p = job.progress || {};
-    const tr = el("tr", { "data-id": job.id, "data-state": job.state },
+    const tr = el("tr", { "data-id": job.id, "data-state": job.state, "data-via": via },
       el("td", { class: "id" }, el("a", { href: jobRoute(job), text: job.id })),
       el("td", {}, stateBadge(job.state)),
       el("td", { text: methodOf(job) }),
@@ -240,17 +349,21 @@ async function listView(params) {
     }
     rows.set(job.id, tr);
   };
-  const refresh = async () => {
+  const refresh = async (via = "load") => {
     const q = new URLSearchParams({ limit: "100" });
     if (filter) q.set("state", filter);
     const page = await api(`/v1/${kind}?${q}`);
     errorSlot.replaceChildren();
     const seen = new Set();
-    for (const job of page.jobs) { seen.add(job.id); render(job); }
+    for (const job of page.jobs) { seen.add(job.id); render(job, via); }
     for (const [id, tr] of rows) if (!seen.has(id)) { tr.remove(); rows.delete(id); }
   };
-  try { await refresh(); } catch (e) { errorSlot.replaceChildren(errorBox(e)); }
-  stopLive = live("/v1/events", (name, data) => { if (name === "state") render(data); }, refresh);
+  try { await refresh(); } catch (e) {
+    errorSlot.replaceChildren(errorBox(e));
+    if (e.status === 401) return; // entering a token re-opens the view
+  }
+  stopLive = live("/v1/events", (name, data) => { if (name === "state") render(data, "stream"); },
+    async (via) => { await refresh(via); });
 }
 
 async function cancelJob(job) {
@@ -331,13 +444,15 @@ function filesSection(result) {
 async function jobView(kind, id) {
   const main = $("#main");
   main.replaceChildren(el("h1", { class: "mono", text: id }), el("p", { class: "muted", text: "loading…" }));
-  let job;
+  // `via`: how the data on screen came ("load", "sync", "stream" or "poll"); kept as data-via
+  // on the title and the progress label (tests/dashboard.rs reads them).
+  let job, via = "load", progressVia = "load";
   const show = () => {
     const p = job.progress || {};
     const terminal = ["succeeded", "failed", "cancelled"].includes(job.state);
     // Absent sections are null: keep them out (replaceChildren would print "null").
     main.replaceChildren(...[
-      el("h1", {}, el("span", { class: "mono", id: "job-id", text: job.id }), " ", stateBadge(job.state)),
+      el("h1", { "data-via": via }, el("span", { class: "mono", id: "job-id", text: job.id }), " ", stateBadge(job.state)),
       el("div", { class: "row" },
         el("button", { class: "danger", id: "cancel", disabled: terminal || undefined,
           onclick: async () => { await cancelJob({ ...job, kind: kind === "analyses" ? "analysis" : "merge" }); await reload(); } }, "Cancel"),
@@ -351,26 +466,74 @@ async function jobView(kind, id) {
           el("dt", { text: "started" }), el("dd", { text: when(job.started_at) }),
           el("dt", { text: "finished" }), el("dd", { text: when(job.finished_at) }),
           job.idempotency_key ? [el("dt", { text: "idempotency key" }), el("dd", { class: "mono", text: job.idempotency_key })] : null,
-          el("dt", { text: "progress" }), el("dd", {}, progressBar(p, job.state), el("div", { class: "bar-label", id: "progress-label", text: progressLabel(p) })))),
+          el("dt", { text: "progress" }), el("dd", {}, progressBar(p, job.state), el("div", { class: "bar-label", id: "progress-label", "data-via": progressVia, text: progressLabel(p) })))),
       job.error ? el("section", {}, el("h2", { text: "Error" }), errorBox(job.error)) : null,
-      evaluationsSection(job.search),
+      evaluationsSection(job.search || (job.result && job.result.search)),
       filesSection(job.result),
       kind === "analyses" && job.result ? el("section", {}, el("h2", { text: "Result" }), el("pre", { text: JSON.stringify(job.result, null, 2) })) : null,
       el("section", {}, el("h2", { text: "Recipe" }), el("pre", { id: "recipe", text: JSON.stringify(job.recipe, null, 2) })),
     ].filter(Boolean));
   };
-  const reload = async () => { job = await api(`/v1/${kind}/${id}`); show(); };
+  const reload = async (how = "load") => {
+    job = await api(`/v1/${kind}/${id}`);
+    via = progressVia = how;
+    show();
+  };
   try { await reload(); } catch (e) { main.replaceChildren(el("h1", { class: "mono", text: id }), errorBox(e)); return; }
   stopLive = live(`/v1/${kind}/${id}/events`, (name, data) => {
-    if (name === "state" || name === "done") { job = data; show(); }
-    else if (name === "progress") { job = { ...job, progress: { ...(job.progress || {}), ...data } }; show(); }
-  }, reload);
+    if (name === "state" || name === "done") { job = data; via = progressVia = "stream"; show(); }
+    else if (name === "progress") {
+      const { search, ...progress } = data;
+      job = { ...job, progress: { ...(job.progress || {}), ...progress }, search: search ?? job.search };
+      progressVia = "stream";
+      show();
+    }
+  }, reload, { resync: false, final: "done" });
+}
+
+// The stored recipe (normalized: `parameters` tagged with the method, slices naming models
+// by index, a search beside the soup it searches within) back in the form POST /v1/merges
+// takes. What cannot be carried over (a trajectory's selection: its models are kept
+// explicitly) is left to the form, which shows the validation error in place.
+function requestOf(stored) {
+  const nonEmpty = (o) => o && Object.keys(o).length ? o : undefined;
+  const { method: _tag, ...parameters } = stored.parameters || {};
+  const output = { uri: stored.output && stored.output.uri };
+  if (stored.output && stored.output.dtype) output.dtype = stored.output.dtype;
+  if (stored.output && stored.output.max_shard_size) output.max_shard_size = stored.output.max_shard_size;
+  const models = stored.models || [];
+  const req = {
+    method: stored.method,
+    models: models.map((m) => ({ uri: m.uri, weight: m.weight, parameters: nonEmpty(m.parameters) })),
+    base_model: stored.base_model || undefined,
+    parameters: nonEmpty(parameters),
+    output,
+    input_dtype: stored.input_dtype || undefined,
+  };
+  if (Array.isArray(stored.slices) && stored.slices.length) {
+    req.slices = stored.slices.map((sl) => ({ sources: sl.sources.map((src) => ({
+      uri: models[src.model] ? models[src.model].uri : String(src.model),
+      layer_range: src.layer_range, parameters: nonEmpty(src.parameters) })) }));
+    delete req.models;
+  }
+  const search = stored.search;
+  if (search && search.kind === "greedy") {
+    req.method = "greedy_soup";
+    delete req.parameters;
+    req.models = models.map((m, i) => ({ uri: m.uri,
+      score: search.scores && search.scores[i] != null ? search.scores[i] : undefined }));
+    req.evaluator = search.evaluator;
+    req.accept = search.accept;
+  } else if (search && search.kind === "sweep") {
+    req.sweep = { parameter: search.parameter, values: search.values };
+    req.evaluator = search.evaluator;
+    if (req.parameters) delete req.parameters[search.parameter];
+  }
+  return JSON.parse(JSON.stringify(req)); // drops the undefined fields
 }
 
 function resubmit(job) {
-  const recipe = { ...job.recipe };
-  delete recipe.idempotency_key;
-  sessionStorage.setItem("ladle.draft", JSON.stringify(recipe, null, 2));
+  sessionStorage.setItem("ladle.draft", JSON.stringify(requestOf(job.recipe || {}), null, 2));
   location.hash = "#/submit";
 }
 

@@ -37,10 +37,10 @@ class MergeRequest:
             slerp).
         evaluator (EvaluatorSpec | None | Unset):
         idempotency_key (None | str | Unset):
-        input_dtype (None | str | Unset): The dtype every merged float tensor of the checkpoints must have; another
-            dtype fails
-            the job. mergekit YAML's `dtype` becomes this for the methods that compute in the
-            checkpoints' own dtype (all but the task-arithmetic family, which take `compute_dtype`).
+        input_dtype (None | str | Unset): Cast every float input tensor to this dtype on load (round-to-nearest-even, as
+            torch's
+            `Tensor.to`), so the method computes in it: mergekit YAML's `dtype`. Integer and bool
+            tensors are copied unchanged.
         max_attempts (int | None | Unset):
         models (list[ModelSpec] | Unset):
         output (OutputSpec | Unset):
