@@ -166,7 +166,7 @@ fn json_recipe_gets_a_mergekit_config_that_reproduces_it() {
         r#"{"method": "dare_ties", "base_model": "base",
             "models": [{"uri": "ft1", "weight": 0.7, "parameters": {"density": 0.6}},
                        {"uri": "ft2", "weight": 0.3, "parameters": {"density": [0.2, 0.9]}}],
-            "parameters": {"seed": 42, "compute_dtype": "float32"},
+            "parameters": {"seed": 42, "compute_dtype": "float32"}, "input_dtype": "float32",
             "output": {"uri": "file:///placeholder/", "dtype": "bfloat16", "max_shard_size": 1024}}"#,
     )
     .unwrap();

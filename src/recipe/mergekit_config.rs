@@ -4,8 +4,8 @@
 //! A YAML request keeps its own text. A JSON request is written as the mergekit
 //! configuration that asks for the same merge: `method` → `merge_method`, `uri` → `model`
 //! (a `file://` URL as its path, which mergekit reads too; other URLs as they are), a model's
-//! `weight` into its `parameters`, `compute_dtype` (the task-arithmetic family) or
-//! `input_dtype` → `dtype`, `output.dtype` → `out_dtype`, a non-default
+//! `weight` into its `parameters`, `input_dtype` (the cast on load) → `dtype` (which also
+//! gives the task-arithmetic family its `compute_dtype`), `output.dtype` → `out_dtype`, a non-default
 //! `output.max_shard_size` under ladle's `output` mapping (mergekit ignores keys it does not
 //! know). `ladle merge` reads the text back into the same recipe (tested both ways).
 //! Searches (greedy soups, sweeps) have none: what they merge is chosen while they run.
@@ -97,16 +97,20 @@ fn from_json_request(req: &MergeRequest) -> Vec<(String, Value)> {
     let mut params = req.parameters.clone();
     let compute =
         Method::parse(&req.method).map(|m| m.about().yaml_dtype) == Some(YamlDtype::Compute);
-    let dtype = match (&req.input_dtype, compute) {
-        (Some(d), false) => Some(Value::String(d.clone())),
-        (None, true) => params.remove("compute_dtype"),
-        _ => None,
-    };
+    // YAML's `dtype` is the cast on load (`input_dtype`) and, for the task-arithmetic family,
+    // also the compute dtype: a `compute_dtype` equal to it goes without saying.
+    let dtype = req.input_dtype.clone();
+    if compute
+        && dtype.is_some()
+        && params.get("compute_dtype").and_then(Value::as_str) == dtype.as_deref()
+    {
+        params.remove("compute_dtype");
+    }
     if !params.is_empty() {
         top.push(("parameters".into(), Value::Object(params)));
     }
     if let Some(d) = dtype {
-        top.push(("dtype".into(), d));
+        top.push(("dtype".into(), Value::String(d)));
     }
     if let Some(d) = &req.output.dtype {
         top.push(("out_dtype".into(), Value::String(d.clone())));
@@ -245,6 +249,7 @@ mod tests {
                              "parameters": {"density": [0.5, 0.7]}},
                             {"uri": "s3://bucket/ft/", "parameters": {"weight": {"filter": "x"}}}],
                  "parameters": {"normalize": true, "compute_dtype": "float32"},
+                 "input_dtype": "float32",
                  "output": {"uri": "file:///o/", "dtype": "bfloat16", "max_shard_size": "1GB",
                             "write_model_card": false}}"#,
         )

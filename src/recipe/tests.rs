@@ -299,7 +299,10 @@ fn linear_recipe_serializes_as_before() {
     let mut v = serde_json::to_value(&s.recipe).unwrap();
     // New beside the old fields: the recipe as mergekit YAML (the soup's mergekit_config.yml).
     assert_eq!(
-        v.as_object_mut().unwrap().remove("mergekit_config").unwrap(),
+        v.as_object_mut()
+            .unwrap()
+            .remove("mergekit_config")
+            .unwrap(),
         "merge_method: linear\nmodels:\n  - model: /d/a\n    parameters:\n      weight: 2.0\n"
     );
     assert_eq!(
