@@ -16,6 +16,7 @@ use crate::api::limits::HttpLimits;
 use crate::engine::EngineConfig;
 use crate::queue::QueueConfig;
 use crate::storage::S3Settings;
+use crate::webhooks::{Secret, WebhookConfig};
 use crate::worker::WorkerConfig;
 
 #[derive(Debug, Parser)]
@@ -127,6 +128,20 @@ pub struct ServiceArgs {
     )]
     #[serde(default)]
     pub evaluator_allowed_hosts: Vec<String>,
+    /// The Standard Webhooks signing secret, `whsec_` + a base64 key of 24 to 64 bytes; jobs
+    /// may carry `notify` only when it is set. Give every process of a deployment the same.
+    #[arg(long, env = "LADLE_WEBHOOK_SECRET", hide_env_values = true)]
+    pub webhook_secret: Option<String>,
+    /// A host a webhook URL (`notify.url`) may name: an IP network, an address or an exact host
+    /// name, as `--evaluator-allowed-hosts`; repeatable (env: comma-separated) [default:
+    /// loopback only: 127.0.0.0/8, ::1, localhost].
+    #[arg(
+        long = "webhook-allowed-hosts",
+        env = "LADLE_WEBHOOK_ALLOWED_HOSTS",
+        value_delimiter = ','
+    )]
+    #[serde(default)]
+    pub webhook_allowed_hosts: Vec<String>,
     /// Also serve `/metrics`, `/healthz` and `/readyz` on this address (for `ladle worker`,
     /// which has no API port; the API serves `/metrics` on `--bind` anyway) [default: none].
     #[arg(long, env = "LADLE_METRICS_BIND")]
@@ -389,6 +404,8 @@ pub struct Settings {
     pub metrics_bind: Option<SocketAddr>,
     /// `--retain-finished`: how long finished jobs are kept (`None`: forever).
     pub retain_finished: Option<Duration>,
+    /// `--webhook-secret`, `--webhook-allowed-hosts`.
+    pub webhooks: WebhookConfig,
 }
 
 fn secs(name: &str, v: Option<f64>, default: f64) -> Result<Duration, ConfigError> {
@@ -498,6 +515,23 @@ impl Settings {
             Ok(AllowedHosts::default())
         }
         .map_err(|e| ConfigError::Invalid(format!("evaluator_allowed_hosts: {e}")))?;
+        let webhook_hosts = if !args.webhook_allowed_hosts.is_empty() {
+            AllowedHosts::parse(&args.webhook_allowed_hosts)
+        } else if !file.webhook_allowed_hosts.is_empty() {
+            AllowedHosts::parse(&file.webhook_allowed_hosts)
+        } else {
+            Ok(AllowedHosts::default())
+        }
+        .map_err(|e| ConfigError::Invalid(format!("webhook_allowed_hosts: {e}")))?;
+        let webhooks = WebhookConfig {
+            secret: args
+                .webhook_secret
+                .or(file.webhook_secret)
+                .map(|s| Secret::parse(&s))
+                .transpose()
+                .map_err(|e| ConfigError::Invalid(format!("webhook_secret: {e}")))?,
+            allowed_hosts: webhook_hosts,
+        };
         let http_defaults = HttpLimits::default();
         let http = HttpLimits {
             header_timeout: secs(
@@ -556,6 +590,7 @@ impl Settings {
                 .map(|s| crate::retention::parse_duration(&s))
                 .transpose()
                 .map_err(|e| ConfigError::Invalid(format!("retain_finished: {e}")))?,
+            webhooks,
         })
     }
 }

@@ -1,5 +1,5 @@
 //! Test-only fault injection for the process-level crash tests (`tests/crash.rs`): crash points
-//! of the worker, the engine and searches, and the per-chunk throttle the engine calls. A
+//! of the worker, the engine, searches and the webhook delivery loop, and the per-chunk throttle the engine calls. A
 //! low-level module (it depends on nothing of ladle), so the engine needs no `worker` import.
 //!
 //! Compiled in only with the `failpoints` cargo feature. No normal build has it (`cargo build`,
@@ -27,14 +27,17 @@ pub enum CrashPoint {
     Heartbeat,
     /// A search stored an evaluation's score (fenced); the next step not begun.
     AfterEvaluation,
+    /// The webhook delivery loop claimed a delivery (its lease taken); the POST not sent.
+    BeforeWebhook,
 }
 
 impl CrashPoint {
-    pub const ALL: [CrashPoint; 4] = [
+    pub const ALL: [CrashPoint; 5] = [
         CrashPoint::BeforeManifest,
         CrashPoint::AfterManifest,
         CrashPoint::Heartbeat,
         CrashPoint::AfterEvaluation,
+        CrashPoint::BeforeWebhook,
     ];
 
     /// The value `LADLE_TEST_CRASH_AT` takes.
@@ -44,6 +47,7 @@ impl CrashPoint {
             CrashPoint::AfterManifest => "after-manifest",
             CrashPoint::Heartbeat => "heartbeat",
             CrashPoint::AfterEvaluation => "after-evaluation",
+            CrashPoint::BeforeWebhook => "before-webhook",
         }
     }
 }

@@ -15,6 +15,7 @@
 //! - [`failpoints`]: test-only crash points and throttles (feature `failpoints`).
 //! - [`config`], [`service`]: settings and process wiring.
 //! - [`client`]: `ladle submit | status | list | cancel | watch`, a client of the API.
+//! - [`webhooks`]: a job's `notify`: validation, signing, the delivery loop.
 
 pub mod api;
 pub mod checkpoint;
@@ -35,4 +36,5 @@ pub mod service;
 pub mod storage;
 pub mod telemetry;
 pub mod ui;
+pub mod webhooks;
 pub mod worker;

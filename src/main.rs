@@ -277,6 +277,12 @@ async fn accept_request(
 async fn merge_once(args: MergeArgs) -> Result<()> {
     note_ignored_flags(&args);
     let req = read_request(&args)?;
+    if req.notify.is_some() {
+        bail!(
+            "invalid recipe: notify: webhooks are sent by the service (POST /v1/merges); \
+             `ladle merge` runs locally and sends none"
+        );
+    }
     let roots = (!args.allowed_roots.is_empty()).then_some(args.allowed_roots.as_slice());
     let storage = Arc::new(Storage::new(
         roots,

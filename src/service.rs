@@ -1,5 +1,5 @@
-//! Wiring of a service process: database, storage, engine, API and workers, and a graceful
-//! shutdown. `main.rs` calls this; integration tests call it too, on a random port.
+//! Wiring of a service process: database, storage, engine, API, workers and the webhook
+//! delivery loop, and a graceful shutdown. `main.rs` calls this; integration tests call it too, on a random port.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -126,6 +126,7 @@ impl Service {
                     storage: storage.clone(),
                     default_max_attempts: settings.max_attempts,
                     evaluator_hosts: settings.worker.evaluator_hosts.clone(),
+                    webhooks: Arc::new(settings.webhooks.clone()),
                     shutdown: shutdown.clone(),
                 },
                 settings.body_limit,
@@ -150,6 +151,11 @@ impl Service {
             let stop = shutdown.clone();
             tasks.push(tokio::spawn(async move {
                 crate::worker::run(q, engine, config, stop).await
+            }));
+            // Webhook deliveries go out from the processes that run jobs.
+            let (q, webhooks, stop) = (queue.clone(), settings.webhooks.clone(), shutdown.clone());
+            tasks.push(tokio::spawn(async move {
+                crate::webhooks::deliver::run(q, webhooks, stop).await
             }));
         }
         Ok(Service {

@@ -52,6 +52,7 @@ fn document_covers_every_route_and_code() {
         ("/v1/events", "get", "all_events"),
         ("/healthz", "get", "healthz"),
         ("/readyz", "get", "readyz"),
+        ("/metrics", "get", "metrics"),
         ("/openapi.json", "get", "openapi"),
         ("/docs", "get", "docs"),
         ("/docs/{asset}", "get", "docs_asset"),

@@ -26,8 +26,8 @@ use ladle::queue::postgres::PostgresQueue;
 use ladle::queue::sqlite::SqliteQueue;
 use ladle::queue::state;
 use ladle::queue::{
-    CancelOutcome, ClaimedJob, HeartbeatOutcome, Job, JobError, JobKind, JobQueue, JobState,
-    ListFilter, NewJob, QueueConfig, QueueError,
+    CancelOutcome, ClaimedJob, DeliveryOutcome, DeliveryState, HeartbeatOutcome, Job, JobError,
+    JobKind, JobQueue, JobState, ListFilter, NewJob, QueueConfig, QueueError,
 };
 use serde_json::json;
 use sqlx::error::ErrorKind;
@@ -206,6 +206,7 @@ fn job(output: &str) -> NewJob {
         recipe: json!({ "method": "linear", "output": output }),
         priority: 0,
         max_attempts: 3,
+        notify: None,
     }
 }
 
@@ -1451,6 +1452,174 @@ async fn enqueue_and_claim_once(q: &Arc<dyn JobQueue>) {
 
 // ---------------------------------------------------------------------------------------------
 // Instantiation: every scenario on every backend
+/// Webhook deliveries: the `jobs` trigger writes one row per state change that `notify.events`
+/// names (in the statement of the change), the claim leases rows to one owner at a time, an
+/// expired lease is claimed again, every record is fenced, prune takes a job's rows with it.
+async fn webhook_deliveries(h: &Harness) {
+    let hooked = |name: &str, events: serde_json::Value| NewJob {
+        notify: Some(json!({"url": "http://127.0.0.1:9/hook", "events": events})),
+        ..job(name)
+    };
+    let a = enqueue(
+        h,
+        hooked("wh-a", json!(["running", "succeeded", "cancelled"])),
+    )
+    .await;
+    assert_eq!(
+        a.notify.as_ref().map(|n| n["url"].clone()),
+        Some(json!("http://127.0.0.1:9/hook"))
+    );
+    let c = claim(h, "w").await;
+    assert_eq!(c.lease.job_id, a.id);
+    h.q.complete(&c.lease, &json!({})).await.expect("complete");
+    // Not in its events: no row.
+    let b = enqueue(h, hooked("wh-b", json!(["succeeded"]))).await;
+    assert_eq!(
+        h.q.request_cancel(b.id).await.expect("cancel"),
+        CancelOutcome::Cancelled
+    );
+    let plain = enqueue(h, job("wh-plain")).await;
+    assert_eq!(
+        h.q.request_cancel(plain.id).await.expect("cancel"),
+        CancelOutcome::Cancelled
+    );
+    assert!(h.q.deliveries(b.id).await.expect("deliveries").is_empty());
+    assert!(
+        h.q.deliveries(plain.id)
+            .await
+            .expect("deliveries")
+            .is_empty()
+    );
+
+    let lease = Duration::from_secs(30);
+    let mut got =
+        h.q.claim_deliveries("d1", lease, 10)
+            .await
+            .expect("claim deliveries");
+    got.sort_by_key(|d| d.event.as_str());
+    let events: Vec<JobState> = got.iter().map(|d| d.event).collect();
+    assert_eq!(events, vec![JobState::Running, JobState::Succeeded]);
+    assert!(
+        got.iter()
+            .all(|d| d.job_id == a.id && d.attempts == 1 && d.owner == "d1")
+    );
+    assert!(
+        got.iter()
+            .all(|d| d.id.starts_with("msg_") && d.payload.is_none())
+    );
+    assert_ne!(got[0].id, got[1].id);
+    assert!(
+        h.q.claim_deliveries("d2", lease, 10)
+            .await
+            .expect("claim")
+            .is_empty(),
+        "leased"
+    );
+
+    let (running, succeeded) = (got[0].clone(), got[1].clone());
+    let retry = DeliveryOutcome::Retry {
+        status: Some(500),
+        error: "the receiver answered 500".into(),
+        after: Duration::ZERO,
+    };
+    assert!(
+        h.q.record_delivery(&running, "{\"n\":1}", &retry)
+            .await
+            .expect("record")
+    );
+    assert!(
+        !h.q.record_delivery(&running, "{}", &retry)
+            .await
+            .expect("record"),
+        "fenced"
+    );
+    let ok = DeliveryOutcome::Delivered { status: 204 };
+    assert!(
+        h.q.record_delivery(&succeeded, "{}", &ok)
+            .await
+            .expect("record")
+    );
+    // Due again at once; the stored body comes back with it.
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let again = h.q.claim_deliveries("d2", lease, 10).await.expect("claim");
+    assert_eq!(again.len(), 1);
+    assert_eq!(
+        (again[0].id.as_str(), again[0].attempts),
+        (running.id.as_str(), 2)
+    );
+    assert_eq!(again[0].payload.as_deref(), Some("{\"n\":1}"));
+    let gave_up = DeliveryOutcome::GaveUp {
+        status: None,
+        error: "cannot connect".into(),
+    };
+    assert!(
+        h.q.record_delivery(&again[0], "{}", &gave_up)
+            .await
+            .expect("record")
+    );
+    let records = h.q.deliveries(a.id).await.expect("deliveries");
+    let summary: Vec<_> = records
+        .iter()
+        .map(|r| {
+            (
+                r.event,
+                r.state,
+                r.attempts,
+                r.last_status,
+                r.last_error.clone(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        summary,
+        vec![
+            (
+                JobState::Running,
+                DeliveryState::Failed,
+                2,
+                None,
+                Some("cannot connect".into())
+            ),
+            (
+                JobState::Succeeded,
+                DeliveryState::Delivered,
+                1,
+                Some(204),
+                None
+            ),
+        ]
+    );
+    assert!(records[1].delivered_at.is_some() && records[1].next_attempt_at.is_none());
+
+    // A lease that ran out: another owner claims the row, the first one's record is fenced.
+    let d = enqueue(h, hooked("wh-d", json!(["running"]))).await;
+    assert_eq!(claim(h, "w").await.lease.job_id, d.id);
+    let first =
+        h.q.claim_deliveries("d1", Duration::ZERO, 10)
+            .await
+            .expect("claim");
+    assert_eq!(first.len(), 1);
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let second = h.q.claim_deliveries("d2", lease, 10).await.expect("claim");
+    assert_eq!((second.len(), second[0].attempts), (1, 2));
+    assert!(
+        !h.q.record_delivery(&first[0], "{}", &ok)
+            .await
+            .expect("record")
+    );
+    assert!(
+        h.q.record_delivery(&second[0], "{}", &ok)
+            .await
+            .expect("record")
+    );
+
+    // Prune takes the rows of the jobs it deletes.
+    h.q.prune(Utc::now() + TimeDelta::days(1), 0)
+        .await
+        .expect("prune");
+    assert!(h.q.deliveries(a.id).await.expect("deliveries").is_empty());
+}
+
 // ---------------------------------------------------------------------------------------------
 
 /// Generous bound so a deadlock fails the test instead of hanging the suite.
@@ -1506,6 +1675,7 @@ conformance! {
     wake_ups => super::fast();
     wake_up_latency => super::fast();
     connect_and_migrate => super::fast();
+    webhook_deliveries => super::fast();
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -51,6 +51,9 @@ struct AnalysisRequest {
     priority: Option<i32>,
     #[serde(default)]
     max_attempts: Option<i32>,
+    /// Signed webhooks on this job's state changes.
+    #[serde(default)]
+    notify: Option<crate::webhooks::NotifySpec>,
 }
 
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
@@ -78,6 +81,7 @@ struct Validated {
     idempotency_key: Option<String>,
     priority: i32,
     max_attempts: Option<i32>,
+    notify: Option<serde_json::Value>,
 }
 
 /// Parse and validate a body; every URL is resolved against the allowed roots.
@@ -151,6 +155,7 @@ fn validate(state: &AppState, body: &[u8]) -> Result<Validated, ApiError> {
         idempotency_key: req.idempotency_key,
         priority,
         max_attempts: req.max_attempts,
+        notify: super::validate_notify(state, req.notify)?,
     })
 }
 
@@ -189,11 +194,15 @@ async fn submit(
             id,
             kind: JobKind::Analysis,
             idempotency_key: v.idempotency_key,
-            request_hash: Sha256::digest(&canonical).to_vec(),
+            request_hash: super::with_notify(
+                Sha256::digest(&canonical).to_vec(),
+                v.notify.as_ref(),
+            ),
             output_url: format!("analysis:{id}"),
             recipe: spec_json,
             priority: v.priority,
             max_attempts: v.max_attempts.unwrap_or(state.default_max_attempts),
+            notify: v.notify,
         })
         .await?;
     if enqueued.job.kind != JobKind::Analysis {
@@ -220,7 +229,8 @@ async fn get_analysis(
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
     let job = job_of_kind(&state, &id, JobKind::Analysis).await?;
-    Ok(json_response(StatusCode::OK, &JobView::from(job)))
+    let view = JobView::with_deliveries(job, state.queue.as_ref()).await?;
+    Ok(json_response(StatusCode::OK, &view))
 }
 
 /// Analysis jobs, newest first, a page at a time.

@@ -48,6 +48,8 @@ pub struct AppState {
     pub default_max_attempts: i32,
     /// Hosts an evaluator URL may name.
     pub evaluator_hosts: crate::search::evaluator::AllowedHosts,
+    /// The webhook secret (no `notify` without one) and the hosts a webhook URL may name.
+    pub webhooks: Arc<crate::webhooks::WebhookConfig>,
     /// Fires when the server stops: event streams end then.
     pub shutdown: tokio_util::sync::CancellationToken,
 }
@@ -64,6 +66,7 @@ pub(crate) fn api_routes() -> OpenApiRouter<AppState> {
         .routes(routes!(events::all_events))
         .routes(routes!(healthz))
         .routes(routes!(readyz))
+        .routes(routes!(metrics))
         .routes(routes!(openapi::openapi_json))
         .routes(routes!(openapi::docs))
         .routes(routes!(openapi::docs_asset))
@@ -76,12 +79,14 @@ pub fn openapi_document() -> serde_json::Value {
 }
 
 /// The API. `auth` guards `/v1/*` (an empty [`ApiAuth`] lets everything through); health,
-/// readiness, `/metrics` and the `/ui` page (which asks for the token itself) stay open. The
+/// readiness, `/metrics` and the `/ui` page (which asks for the token itself) stay open.
+/// Every route is in the OpenAPI document but the `/ui` dashboard's (a page for people, with
+/// its script and style sheet: not part of the API contract; the document's description names
+/// it). The
 /// access log records no headers, so tokens never reach the logs.
 pub fn router(state: AppState, body_limit: usize, auth: ApiAuth) -> Router {
     let (routes, _) = api_routes().split_for_parts();
     routes
-        .route("/metrics", axum::routing::get(metrics))
         .merge(crate::ui::routes())
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(body_limit))
@@ -112,7 +117,13 @@ pub fn router(state: AppState, body_limit: usize, auth: ApiAuth) -> Router {
     "progress": {"phase": "merging", "tensors_done": 120, "tensors_total": 291,
                  "bytes_read": 1234567890, "bytes_written": 617283945},
     "result": null, "error": null, "idempotency_key": "run-1",
-    "recipe": {"method": "linear"}
+    "recipe": {"method": "linear"},
+    "notify": {"url": "https://hooks.example.com/ladle", "events": ["running", "succeeded"],
+               "deliveries": [{"id": "msg_5f1c0b1e9d2a4c7b8e6f3a2d1c0b9a8e", "event": "running",
+                               "state": "delivered", "attempts": 1, "last_status": 200,
+                               "last_error": null, "last_attempt_at": "2026-12-03T10:00:01Z",
+                               "next_attempt_at": null, "delivered_at": "2026-12-03T10:00:01Z",
+                               "created_at": "2026-12-03T10:00:01Z"}]}
 }))]
 pub struct JobView {
     pub id: Uuid,
@@ -135,6 +146,37 @@ pub struct JobView {
     pub idempotency_key: Option<String>,
     /// The normalized recipe as stored (explicit models, resolved URLs).
     pub recipe: serde_json::Value,
+    /// The job's webhook settings, and in `GET` of the job its deliveries (absent when the
+    /// job has no `notify`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub notify: Option<NotifyView>,
+}
+
+/// A job's `notify` as its view shows it.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct NotifyView {
+    pub url: String,
+    #[schema(value_type = Vec<crate::webhooks::WebhookEvent>)]
+    pub events: Vec<JobState>,
+    /// One per event so far, oldest first (in `GET` of one job; absent in listings, event
+    /// streams and webhook bodies).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub deliveries: Option<Vec<crate::queue::DeliveryRecord>>,
+}
+
+impl JobView {
+    /// The view `GET` of one job answers: with `notify.deliveries`.
+    pub(crate) async fn with_deliveries(
+        job: Job,
+        queue: &dyn JobQueue,
+    ) -> Result<JobView, ApiError> {
+        let id = job.id;
+        let mut view = JobView::from(job);
+        if let Some(notify) = view.notify.as_mut() {
+            notify.deliveries = Some(queue.deliveries(id).await?);
+        }
+        Ok(view)
+    }
 }
 
 /// A failed (or cancelled) job's error.
@@ -176,6 +218,14 @@ impl From<Job> for JobView {
             },
             idempotency_key: j.idempotency_key,
             recipe: j.recipe,
+            notify: j
+                .notify
+                .and_then(|n| serde_json::from_value::<crate::webhooks::Notify>(n).ok())
+                .map(|n| NotifyView {
+                    url: n.url,
+                    events: n.events,
+                    deliveries: None,
+                }),
         }
     }
 }
@@ -219,7 +269,8 @@ async fn submit(
         media::BodyFormat::Json => Format::Json,
         media::BodyFormat::Yaml => Format::Yaml,
     };
-    let req = intake::parse(&body, format, None)?;
+    let mut req = intake::parse(&body, format, None)?;
+    let notify = validate_notify(&state, req.notify.take())?;
     let accepted =
         intake::accept(&state.storage, &state.evaluator_hosts, Urls::Normalize, req).await?;
     let sub = accepted.submission;
@@ -231,14 +282,44 @@ async fn submit(
             id: Uuid::now_v7(),
             kind: JobKind::Merge,
             idempotency_key: sub.idempotency_key,
-            request_hash: accepted.hash,
+            request_hash: with_notify(accepted.hash, notify.as_ref()),
             output_url: accepted.output_url,
             recipe: recipe_json,
             priority: sub.priority,
             max_attempts: sub.max_attempts.unwrap_or(state.default_max_attempts),
+            notify,
         })
         .await?;
     Ok(enqueued_response(enqueued, "merges"))
+}
+
+/// A request's `notify`, validated, as the queue stores it; refused naming `notify`.
+pub(crate) fn validate_notify(
+    state: &AppState,
+    spec: Option<crate::webhooks::NotifySpec>,
+) -> Result<Option<serde_json::Value>, ApiError> {
+    let Some(spec) = spec else { return Ok(None) };
+    state
+        .webhooks
+        .validate(&spec)
+        .map(|n| Some(n.to_json()))
+        .map_err(|e| ApiError::at(ErrorCode::InvalidRecipe, "notify", e))
+}
+
+/// The request hash with the webhook settings in it (unchanged without them), so that an
+/// idempotency key replayed with another `notify` is a different request.
+pub(crate) fn with_notify(hash: Vec<u8>, notify: Option<&serde_json::Value>) -> Vec<u8> {
+    use sha2::Digest as _;
+    match notify {
+        None => hash,
+        Some(n) => {
+            let mut h = sha2::Sha256::new();
+            h.update(&hash);
+            h.update(b"\0notify\0");
+            h.update(n.to_string().as_bytes());
+            h.finalize().to_vec()
+        }
+    }
 }
 
 /// A submit's body (or the 413 / 408 / 400 that replaces it) and its content type.
@@ -296,7 +377,8 @@ async fn get_job(
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
     let job = job_of_kind(&state, &id, JobKind::Merge).await?;
-    Ok(json_response(StatusCode::OK, &JobView::from(job)))
+    let view = JobView::with_deliveries(job, state.queue.as_ref()).await?;
+    Ok(json_response(StatusCode::OK, &view))
 }
 
 fn no_such(kind: JobKind, id: impl std::fmt::Display) -> ApiError {
@@ -469,7 +551,11 @@ struct ReadyView {
     /// The backend (`sqlite` or `postgres`), when ready.
     #[serde(skip_serializing_if = "Option::is_none")]
     database: Option<String>,
-    /// The error code (`database_error`, `database_unavailable`), when unavailable.
+    /// `reachable` (every allowed storage root answered a listing), when ready.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    storage: Option<String>,
+    /// Why not, when unavailable: `database_error` or `database_unavailable` (the database
+    /// cannot store writes), `storage_error` (an allowed storage root does not answer).
     #[serde(skip_serializing_if = "Option::is_none")]
     code: Option<ErrorCode>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -488,7 +574,7 @@ async fn healthz() -> Response {
     json_response(StatusCode::OK, &serde_json::json!({"status": "ok"}))
 }
 
-/// Readiness: the database answers.
+/// Readiness: the database can store writes and every allowed storage root answers.
 #[utoipa::path(
     get,
     path = "/readyz",
@@ -496,8 +582,12 @@ async fn healthz() -> Response {
     tag = "health",
     responses(
         (status = 200, description = "Ready.", body = ReadyView,
-            example = json!({"status": "ready", "database": "sqlite"})),
-        (status = 503, description = "The database does not answer.", body = ReadyView),
+            example = json!({"status": "ready", "database": "sqlite", "storage": "reachable"})),
+        (status = 503, description = "Not ready: the database cannot store writes (`code`: \
+            `database_error` or `database_unavailable`), or an allowed storage root does not \
+            answer (`storage_error`).", body = ReadyView,
+            example = json!({"status": "unavailable", "code": "database_unavailable",
+                             "message": "the database cannot store writes now"})),
     )
 )]
 async fn readyz(State(state): State<AppState>) -> Response {
@@ -530,7 +620,21 @@ async fn readyz(State(state): State<AppState>) -> Response {
     )
 }
 
-/// Prometheus text format; open like `/healthz` (no token), for scrapers.
+/// Prometheus metrics (text exposition format 0.0.4); open like `/healthz` (no token), for
+/// scrapers.
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    operation_id = "metrics",
+    tag = "health",
+    responses(
+        (status = 200, description = "The series (see the README's metrics table).",
+            content_type = "text/plain", body = String,
+            example = "# TYPE ladle_jobs gauge\nladle_jobs{state=\"queued\"} 0\n"),
+        (status = 503, description = "No metrics recorder in this process.",
+            content_type = "text/plain", body = String),
+    )
+)]
 async fn metrics(State(state): State<AppState>) -> Response {
     crate::metrics::render(state.queue.as_ref()).await
 }

@@ -5,6 +5,8 @@
 //! through [`super::api_routes`] is documented, and only those are served. [`document`] adds
 //! what every operation shares: the error responses (every [`ErrorCode`] under its HTTP
 //! status, an example each, from [`ErrorCode::ALL`]) and the bearer security of `/v1/*`.
+//! Every served route is documented but the `/ui` dashboard's (`/ui`, `/ui/app.js`,
+//! `/ui/style.css`): a page for people, not part of the contract (the description names it).
 //! `/docs` is Swagger UI, vendored from the npm package `swagger-ui-dist` (see
 //! `assets/swagger-ui/README.md`) and embedded in the binary: it works with no internet access.
 
@@ -26,14 +28,17 @@ use crate::error::ErrorCode;
         title = "ladle",
         description = "Merges fine-tuned checkpoints into model soups: submit a recipe, follow \
             the job (poll it or stream its events), read the manifest URL of the result. \
-            Errors are `{\"code\", \"message\"}` with a stable `code` (schema `ErrorCode`).",
+            Errors are `{\"code\", \"message\"}` with a stable `code` (schema `ErrorCode`). \
+            A job may carry `notify` (signed webhooks on its state changes, Standard Webhooks \
+            headers; see the README). Not described here: the `/ui` dashboard (an HTML page for \
+            people, with its script and style sheet).",
         license(name = "Apache-2.0")
     ),
     tags(
         (name = "merges", description = "Merge jobs: a recipe in, a soup (safetensors and a manifest) out."),
         (name = "analyses", description = "Diagnostics of a set of checkpoints as queued jobs."),
         (name = "events", description = "Server-Sent Events: live state and progress."),
-        (name = "health", description = "Liveness and readiness (no authentication)."),
+        (name = "health", description = "Liveness, readiness and metrics (no authentication)."),
         (name = "meta", description = "This document and its rendering (no authentication)."),
     ),
     components(schemas(ErrorCode, ApiError))

@@ -5,6 +5,7 @@
 //! [`Lease`] `(job_id, owner, attempt)`: a worker that lost its lease changes nothing.
 //! See `../shared/reference/QUEUE.md` §4 for the design this follows.
 
+pub mod deliveries;
 pub mod postgres;
 pub mod sqlite;
 pub mod state;
@@ -17,6 +18,7 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use crate::error::ErrorCode;
+pub use deliveries::{Delivery, DeliveryOutcome, DeliveryRecord, DeliveryState};
 
 /// Lifecycle state of a job. Stored as text with a CHECK constraint in both backends.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
@@ -127,6 +129,9 @@ pub struct NewJob {
     /// Higher runs first.
     pub priority: i32,
     pub max_attempts: i32,
+    /// The validated webhook settings (`webhooks::Notify` as JSON: `url`, `events`); each
+    /// change of the job's state to one of `events` then writes a delivery row.
+    pub notify: Option<serde_json::Value>,
 }
 
 /// A job row as the API and workers see it.
@@ -159,6 +164,8 @@ pub struct Job {
     /// stopped heartbeating with attempts exhausted). A worker claiming it merges nothing: it
     /// completes the job if this recipe's manifest is published, else fails it.
     pub recovery_only: bool,
+    /// The job's webhook settings (`url`, `events`), if it has any.
+    pub notify: Option<serde_json::Value>,
 }
 
 /// Result of [`JobQueue::enqueue`].
@@ -387,6 +394,30 @@ pub trait JobQueue: Send + Sync + 'static {
     /// Wait until new work may be available (an enqueue in this process, or a NOTIFY on
     /// Postgres) or `max` elapses, whichever is first. Polling is still the guarantee.
     async fn wait_for_work(&self, max: Duration);
+
+    /// Claim up to `limit` webhook deliveries that are due (pending, `next_attempt_at` passed,
+    /// no live lease), oldest due first, in one statement: each gets `owner` and a lease of
+    /// `lease`, and its `attempts` grows by one. Two processes never hold one row at once
+    /// (Postgres: `FOR UPDATE SKIP LOCKED`; SQLite: one writer).
+    async fn claim_deliveries(
+        &self,
+        owner: &str,
+        lease: Duration,
+        limit: u32,
+    ) -> QueueResult<Vec<Delivery>>;
+
+    /// Fenced on `(id, owner, attempts)`: record how the attempt ended (and the body it sent,
+    /// kept for the retries) and release the lease. `false` when the fence did not match (the
+    /// lease expired and another process claimed the row, or the job was pruned).
+    async fn record_delivery(
+        &self,
+        delivery: &Delivery,
+        payload: &str,
+        outcome: &DeliveryOutcome,
+    ) -> QueueResult<bool>;
+
+    /// A job's deliveries, oldest event first.
+    async fn deliveries(&self, job_id: Uuid) -> QueueResult<Vec<DeliveryRecord>>;
 }
 
 /// `(state column, count)` rows → typed counts; an unknown state is a corrupt row.

@@ -36,10 +36,13 @@ use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use uuid::Uuid;
 
+mod deliveries;
+
 use super::state;
 use super::{
-    CancelOutcome, ClaimedJob, Enqueued, HeartbeatOutcome, Job, JobError, JobKind, JobQueue,
-    JobState, Lease, ListFilter, NewJob, QueueConfig, QueueError, QueueResult,
+    CancelOutcome, ClaimedJob, Delivery, DeliveryOutcome, DeliveryRecord, Enqueued,
+    HeartbeatOutcome, Job, JobError, JobKind, JobQueue, JobState, Lease, ListFilter, NewJob,
+    QueueConfig, QueueError, QueueResult,
 };
 
 /// The embedded Postgres migrations (`migrations/postgres`).
@@ -56,7 +59,7 @@ pub const CHANGED_CHANNEL: &str = "ladle_job_changed";
 const JOB_COLUMNS: &str = "id, kind, idempotency_key, state, priority, attempts, max_attempts, \
      output_url, recipe, run_after, lease_owner, lease_expires_at, heartbeat_at, \
      cancel_requested_at, progress, result, error, errors, created_at, started_at, \
-     finished_at, updated_at, recovery_only";
+     finished_at, updated_at, recovery_only, notify";
 
 /// The fence every write after a claim carries: `$1` id, `$2` owner, `$3` attempt.
 const FENCE: &str = "id = $1 AND lease_owner = $2 AND attempts = $3 AND state = 'running'";
@@ -195,8 +198,9 @@ impl JobQueue for PostgresQueue {
     async fn enqueue(&self, job: NewJob) -> QueueResult<Enqueued> {
         let insert = format!(
             "INSERT INTO jobs (id, idempotency_key, request_hash, output_url, recipe, state, \
-                               priority, max_attempts, run_after, created_at, updated_at, kind) \
-             VALUES ($1, $2, $3, $4, $5, 'queued', $6, $7, now(), now(), now(), $8) \
+                               priority, max_attempts, run_after, created_at, updated_at, kind, \
+                               notify) \
+             VALUES ($1, $2, $3, $4, $5, 'queued', $6, $7, now(), now(), now(), $8, $9) \
              ON CONFLICT (idempotency_key) DO NOTHING \
              RETURNING {JOB_COLUMNS}"
         );
@@ -211,6 +215,7 @@ impl JobQueue for PostgresQueue {
                 .bind(job.priority)
                 .bind(job.max_attempts)
                 .bind(job.kind.as_str())
+                .bind(job.notify.as_ref())
                 .fetch_optional(&mut *tx)
                 .await;
             let output_conflict = match inserted {
@@ -603,6 +608,28 @@ impl JobQueue for PostgresQueue {
     async fn wait_for_work(&self, max: Duration) {
         let _ = tokio::time::timeout(max, self.work.notified()).await;
     }
+
+    async fn claim_deliveries(
+        &self,
+        owner: &str,
+        lease: Duration,
+        limit: u32,
+    ) -> QueueResult<Vec<Delivery>> {
+        self.claim_deliveries_impl(owner, lease, limit).await
+    }
+
+    async fn record_delivery(
+        &self,
+        delivery: &Delivery,
+        payload: &str,
+        outcome: &DeliveryOutcome,
+    ) -> QueueResult<bool> {
+        self.record_delivery_impl(delivery, payload, outcome).await
+    }
+
+    async fn deliveries(&self, job_id: Uuid) -> QueueResult<Vec<DeliveryRecord>> {
+        self.deliveries_impl(job_id).await
+    }
 }
 
 /// Wake every task waiting on `work`, or store one wake-up for the next waiter if none waits.
@@ -719,5 +746,6 @@ fn job_from_row(row: &PgRow) -> QueueResult<Job> {
         finished_at: row.try_get("finished_at")?,
         updated_at: row.try_get("updated_at")?,
         recovery_only: row.try_get("recovery_only")?,
+        notify: row.try_get("notify")?,
     })
 }

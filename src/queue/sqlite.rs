@@ -32,10 +32,13 @@ use sqlx::{ConnectOptions, Connection, Row};
 use tokio::sync::Notify;
 use uuid::Uuid;
 
+mod deliveries;
+
 use super::state;
 use super::{
-    CancelOutcome, ClaimedJob, Enqueued, HeartbeatOutcome, Job, JobError, JobKind, JobQueue,
-    JobState, Lease, ListFilter, NewJob, QueueConfig, QueueError, QueueResult,
+    CancelOutcome, ClaimedJob, Delivery, DeliveryOutcome, DeliveryRecord, Enqueued,
+    HeartbeatOutcome, Job, JobError, JobKind, JobQueue, JobState, Lease, ListFilter, NewJob,
+    QueueConfig, QueueError, QueueResult,
 };
 
 /// The embedded SQLite migrations (`migrations/sqlite`).
@@ -45,7 +48,7 @@ static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("migrations/sqlite");
 const JOB_COLUMNS: &str = "id, kind, idempotency_key, state, priority, attempts, max_attempts, \
      output_url, recipe, run_after, lease_owner, lease_expires_at, heartbeat_at, \
      cancel_requested_at, progress, result, error, errors, created_at, started_at, \
-     finished_at, updated_at, recovery_only";
+     finished_at, updated_at, recovery_only, notify";
 
 /// The fence every write after a claim carries: `?1` id, `?2` owner, `?3` attempt.
 const FENCE: &str = "id = ?1 AND lease_owner = ?2 AND attempts = ?3 AND state = 'running'";
@@ -202,10 +205,12 @@ impl JobQueue for SqliteQueue {
 
     async fn enqueue(&self, job: NewJob) -> QueueResult<Enqueued> {
         let recipe = to_json_text(&job.recipe)?;
+        let notify = job.notify.as_ref().map(to_json_text).transpose()?;
         let insert = format!(
             "INSERT INTO jobs (id, idempotency_key, request_hash, output_url, recipe, state, \
-                               priority, max_attempts, run_after, created_at, updated_at, kind) \
-             VALUES (?1, ?2, ?3, ?4, ?5, 'queued', ?6, ?7, ?8, ?8, ?8, ?9) \
+                               priority, max_attempts, run_after, created_at, updated_at, kind, \
+                               notify) \
+             VALUES (?1, ?2, ?3, ?4, ?5, 'queued', ?6, ?7, ?8, ?8, ?8, ?9, ?10) \
              ON CONFLICT (idempotency_key) DO NOTHING \
              RETURNING {JOB_COLUMNS}"
         );
@@ -221,7 +226,8 @@ impl JobQueue for SqliteQueue {
                 .bind(job.priority)
                 .bind(job.max_attempts)
                 .bind(now_ms())
-                .bind(job.kind.as_str());
+                .bind(job.kind.as_str())
+                .bind(notify.as_deref());
             let inserted = self.write_returning(query).await;
             let output_conflict = match inserted {
                 Ok(Some(row)) => {
@@ -586,6 +592,28 @@ impl JobQueue for SqliteQueue {
     async fn wait_for_work(&self, max: Duration) {
         let _ = tokio::time::timeout(max, self.work.notified()).await;
     }
+
+    async fn claim_deliveries(
+        &self,
+        owner: &str,
+        lease: Duration,
+        limit: u32,
+    ) -> QueueResult<Vec<Delivery>> {
+        self.claim_deliveries_impl(owner, lease, limit).await
+    }
+
+    async fn record_delivery(
+        &self,
+        delivery: &Delivery,
+        payload: &str,
+        outcome: &DeliveryOutcome,
+    ) -> QueueResult<bool> {
+        self.record_delivery_impl(delivery, payload, outcome).await
+    }
+
+    async fn deliveries(&self, job_id: Uuid) -> QueueResult<Vec<DeliveryRecord>> {
+        self.deliveries_impl(job_id).await
+    }
 }
 
 /// The current time as milliseconds since the Unix epoch (0 if the clock is before 1970).
@@ -723,5 +751,6 @@ fn job_from_row(row: &SqliteRow) -> QueueResult<Job> {
         finished_at: opt_time(row, "finished_at")?,
         updated_at: time("updated_at", row.try_get("updated_at")?)?,
         recovery_only: row.try_get::<i64, _>("recovery_only")? != 0,
+        notify: opt_json(row, "notify")?,
     })
 }

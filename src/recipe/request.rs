@@ -64,6 +64,10 @@ pub struct MergeRequest {
     /// soup's `mergekit_config.yml` holds ([`super::mergekit_config`]).
     #[serde(skip)]
     pub yaml_source: Option<String>,
+    /// Signed webhooks on this job's state changes (validated by `webhooks`, stored apart from
+    /// the recipe; over HTTP only: `ladle merge` refuses it).
+    #[serde(default)]
+    pub notify: Option<crate::webhooks::NotifySpec>,
 }
 
 #[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]

@@ -2,6 +2,8 @@
 
 from .analysis_request import AnalysisRequest
 from .api_error import ApiError
+from .delivery_record import DeliveryRecord
+from .delivery_state import DeliveryState
 from .error_code import ErrorCode
 from .error_view import ErrorView
 from .evaluator_spec import EvaluatorSpec
@@ -13,6 +15,8 @@ from .merge_request_parameters import MergeRequestParameters
 from .model_ref import ModelRef
 from .model_spec import ModelSpec
 from .model_spec_parameters import ModelSpecParameters
+from .notify_spec import NotifySpec
+from .notify_view import NotifyView
 from .output_spec import OutputSpec
 from .phase import Phase
 from .progress_snapshot import ProgressSnapshot
@@ -25,10 +29,13 @@ from .slice_source_spec_parameters import SliceSourceSpecParameters
 from .slice_spec import SliceSpec
 from .sweep_spec import SweepSpec
 from .trajectory_spec import TrajectorySpec
+from .webhook_event import WebhookEvent
 
 __all__ = (
     "AnalysisRequest",
     "ApiError",
+    "DeliveryRecord",
+    "DeliveryState",
     "ErrorCode",
     "ErrorView",
     "EvaluatorSpec",
@@ -40,6 +47,8 @@ __all__ = (
     "ModelRef",
     "ModelSpec",
     "ModelSpecParameters",
+    "NotifySpec",
+    "NotifyView",
     "OutputSpec",
     "Phase",
     "ProgressSnapshot",
@@ -52,4 +61,5 @@ __all__ = (
     "SliceSpec",
     "SweepSpec",
     "TrajectorySpec",
+    "WebhookEvent",
 )

@@ -9,6 +9,7 @@ from ..types import UNSET, Unset
 
 if TYPE_CHECKING:
     from ..models.model_ref import ModelRef
+    from ..models.notify_spec import NotifySpec
 
 
 T = TypeVar("T", bound="AnalysisRequest")
@@ -26,6 +27,7 @@ class AnalysisRequest:
         base_model (None | str | Unset):
         idempotency_key (None | str | Unset):
         max_attempts (int | None | Unset):
+        notify (None | NotifySpec | Unset):
         priority (int | None | Unset):
     """
 
@@ -33,10 +35,12 @@ class AnalysisRequest:
     base_model: None | str | Unset = UNSET
     idempotency_key: None | str | Unset = UNSET
     max_attempts: int | None | Unset = UNSET
+    notify: None | NotifySpec | Unset = UNSET
     priority: int | None | Unset = UNSET
 
     def to_dict(self) -> dict[str, Any]:
         from ..models.model_ref import ModelRef
+        from ..models.notify_spec import NotifySpec
 
         models = []
         for models_item_data in self.models:
@@ -65,6 +69,14 @@ class AnalysisRequest:
         else:
             max_attempts = self.max_attempts
 
+        notify: dict[str, Any] | None | Unset
+        if isinstance(self.notify, Unset):
+            notify = UNSET
+        elif isinstance(self.notify, NotifySpec):
+            notify = self.notify.to_dict()
+        else:
+            notify = self.notify
+
         priority: int | None | Unset
         if isinstance(self.priority, Unset):
             priority = UNSET
@@ -84,6 +96,8 @@ class AnalysisRequest:
             field_dict["idempotency_key"] = idempotency_key
         if max_attempts is not UNSET:
             field_dict["max_attempts"] = max_attempts
+        if notify is not UNSET:
+            field_dict["notify"] = notify
         if priority is not UNSET:
             field_dict["priority"] = priority
 
@@ -92,6 +106,7 @@ class AnalysisRequest:
     @classmethod
     def from_dict(cls, src_dict: Mapping[str, Any]) -> Self:
         from ..models.model_ref import ModelRef
+        from ..models.notify_spec import NotifySpec
 
         d = dict(src_dict)
         models = []
@@ -140,6 +155,23 @@ class AnalysisRequest:
 
         max_attempts = _parse_max_attempts(d.pop("max_attempts", UNSET))
 
+        def _parse_notify(data: object) -> None | NotifySpec | Unset:
+            if data is None:
+                return data
+            if isinstance(data, Unset):
+                return data
+            try:
+                if not isinstance(data, dict):
+                    raise TypeError()
+                notify_type_1 = NotifySpec.from_dict(data)
+
+                return notify_type_1
+            except (TypeError, ValueError, AttributeError, KeyError):
+                pass
+            return cast(None | NotifySpec | Unset, data)
+
+        notify = _parse_notify(d.pop("notify", UNSET))
+
         def _parse_priority(data: object) -> int | None | Unset:
             if data is None:
                 return data
@@ -154,6 +186,7 @@ class AnalysisRequest:
             base_model=base_model,
             idempotency_key=idempotency_key,
             max_attempts=max_attempts,
+            notify=notify,
             priority=priority,
         )
 

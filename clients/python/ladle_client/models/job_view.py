@@ -13,6 +13,7 @@ from ..types import UNSET, Unset
 
 if TYPE_CHECKING:
     from ..models.error_view import ErrorView
+    from ..models.notify_view import NotifyView
     from ..models.progress_snapshot import ProgressSnapshot
 
 
@@ -25,9 +26,13 @@ class JobView:
 
     Example:
         {'attempts': 1, 'cancel_requested': False, 'created_at': '2026-12-03T10:00:00Z', 'error': None, 'finished_at':
-            None, 'id': '019ae4a2-6c1e-7d43-9a57-3f0c2b8e1d20', 'idempotency_key': 'run-1', 'max_attempts': 3, 'progress':
-            {'bytes_read': 1234567890, 'bytes_written': 617283945, 'phase': 'merging', 'tensors_done': 120, 'tensors_total':
-            291}, 'recipe': {'method': 'linear'}, 'result': None, 'started_at': '2026-12-03T10:00:01Z', 'state': 'running'}
+            None, 'id': '019ae4a2-6c1e-7d43-9a57-3f0c2b8e1d20', 'idempotency_key': 'run-1', 'max_attempts': 3, 'notify':
+            {'deliveries': [{'attempts': 1, 'created_at': '2026-12-03T10:00:01Z', 'delivered_at': '2026-12-03T10:00:01Z',
+            'event': 'running', 'id': 'msg_5f1c0b1e9d2a4c7b8e6f3a2d1c0b9a8e', 'last_attempt_at': '2026-12-03T10:00:01Z',
+            'last_error': None, 'last_status': 200, 'next_attempt_at': None, 'state': 'delivered'}], 'events': ['running',
+            'succeeded'], 'url': 'https://hooks.example.com/ladle'}, 'progress': {'bytes_read': 1234567890, 'bytes_written':
+            617283945, 'phase': 'merging', 'tensors_done': 120, 'tensors_total': 291}, 'recipe': {'method': 'linear'},
+            'result': None, 'started_at': '2026-12-03T10:00:01Z', 'state': 'running'}
 
     Attributes:
         attempts (int):
@@ -42,6 +47,7 @@ class JobView:
         error (ErrorView | None | Unset):
         finished_at (datetime.datetime | None | Unset):
         idempotency_key (None | str | Unset):
+        notify (None | NotifyView | Unset):
         result (Any | Unset): Once succeeded: `uri` (the soup's folder; its `ladle-manifest.json` is the manifest),
             `files`, and `search` for searches; an analysis's numbers.
         search (Any | Unset): A greedy soup's trajectory so far: every evaluation, the accepted models, the best
@@ -60,6 +66,7 @@ class JobView:
     error: ErrorView | None | Unset = UNSET
     finished_at: datetime.datetime | None | Unset = UNSET
     idempotency_key: None | str | Unset = UNSET
+    notify: None | NotifyView | Unset = UNSET
     result: Any | Unset = UNSET
     search: Any | Unset = UNSET
     started_at: datetime.datetime | None | Unset = UNSET
@@ -67,6 +74,7 @@ class JobView:
 
     def to_dict(self) -> dict[str, Any]:
         from ..models.error_view import ErrorView
+        from ..models.notify_view import NotifyView
 
         attempts = self.attempts
 
@@ -106,6 +114,14 @@ class JobView:
         else:
             idempotency_key = self.idempotency_key
 
+        notify: dict[str, Any] | None | Unset
+        if isinstance(self.notify, Unset):
+            notify = UNSET
+        elif isinstance(self.notify, NotifyView):
+            notify = self.notify.to_dict()
+        else:
+            notify = self.notify
+
         result = self.result
 
         search = self.search
@@ -138,6 +154,8 @@ class JobView:
             field_dict["finished_at"] = finished_at
         if idempotency_key is not UNSET:
             field_dict["idempotency_key"] = idempotency_key
+        if notify is not UNSET:
+            field_dict["notify"] = notify
         if result is not UNSET:
             field_dict["result"] = result
         if search is not UNSET:
@@ -150,6 +168,7 @@ class JobView:
     @classmethod
     def from_dict(cls, src_dict: Mapping[str, Any]) -> Self:
         from ..models.error_view import ErrorView
+        from ..models.notify_view import NotifyView
         from ..models.progress_snapshot import ProgressSnapshot
 
         d = dict(src_dict)
@@ -212,6 +231,23 @@ class JobView:
 
         idempotency_key = _parse_idempotency_key(d.pop("idempotency_key", UNSET))
 
+        def _parse_notify(data: object) -> None | NotifyView | Unset:
+            if data is None:
+                return data
+            if isinstance(data, Unset):
+                return data
+            try:
+                if not isinstance(data, dict):
+                    raise TypeError()
+                notify_type_1 = NotifyView.from_dict(data)
+
+                return notify_type_1
+            except (TypeError, ValueError, AttributeError, KeyError):
+                pass
+            return cast(None | NotifyView | Unset, data)
+
+        notify = _parse_notify(d.pop("notify", UNSET))
+
         result = d.pop("result", UNSET)
 
         search = d.pop("search", UNSET)
@@ -245,6 +281,7 @@ class JobView:
             error=error,
             finished_at=finished_at,
             idempotency_key=idempotency_key,
+            notify=notify,
             result=result,
             search=search,
             started_at=started_at,

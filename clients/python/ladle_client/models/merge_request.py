@@ -11,6 +11,7 @@ if TYPE_CHECKING:
     from ..models.evaluator_spec import EvaluatorSpec
     from ..models.merge_request_parameters import MergeRequestParameters
     from ..models.model_spec import ModelSpec
+    from ..models.notify_spec import NotifySpec
     from ..models.output_spec import OutputSpec
     from ..models.slice_spec import SliceSpec
     from ..models.sweep_spec import SweepSpec
@@ -43,6 +44,7 @@ class MergeRequest:
             tensors are copied unchanged.
         max_attempts (int | None | Unset):
         models (list[ModelSpec] | Unset):
+        notify (None | NotifySpec | Unset):
         output (OutputSpec | Unset):
         parameters (MergeRequestParameters | Unset):
         priority (int | None | Unset):
@@ -59,6 +61,7 @@ class MergeRequest:
     input_dtype: None | str | Unset = UNSET
     max_attempts: int | None | Unset = UNSET
     models: list[ModelSpec] | Unset = UNSET
+    notify: None | NotifySpec | Unset = UNSET
     output: OutputSpec | Unset = UNSET
     parameters: MergeRequestParameters | Unset = UNSET
     priority: int | None | Unset = UNSET
@@ -68,6 +71,7 @@ class MergeRequest:
 
     def to_dict(self) -> dict[str, Any]:
         from ..models.evaluator_spec import EvaluatorSpec
+        from ..models.notify_spec import NotifySpec
         from ..models.sweep_spec import SweepSpec
         from ..models.trajectory_spec import TrajectorySpec
 
@@ -117,6 +121,14 @@ class MergeRequest:
             for models_item_data in self.models:
                 models_item = models_item_data.to_dict()
                 models.append(models_item)
+
+        notify: dict[str, Any] | None | Unset
+        if isinstance(self.notify, Unset):
+            notify = UNSET
+        elif isinstance(self.notify, NotifySpec):
+            notify = self.notify.to_dict()
+        else:
+            notify = self.notify
 
         output: dict[str, Any] | Unset = UNSET
         if not isinstance(self.output, Unset):
@@ -176,6 +188,8 @@ class MergeRequest:
             field_dict["max_attempts"] = max_attempts
         if models is not UNSET:
             field_dict["models"] = models
+        if notify is not UNSET:
+            field_dict["notify"] = notify
         if output is not UNSET:
             field_dict["output"] = output
         if parameters is not UNSET:
@@ -196,6 +210,7 @@ class MergeRequest:
         from ..models.evaluator_spec import EvaluatorSpec
         from ..models.merge_request_parameters import MergeRequestParameters
         from ..models.model_spec import ModelSpec
+        from ..models.notify_spec import NotifySpec
         from ..models.output_spec import OutputSpec
         from ..models.slice_spec import SliceSpec
         from ..models.sweep_spec import SweepSpec
@@ -275,6 +290,23 @@ class MergeRequest:
 
                 models.append(models_item)
 
+        def _parse_notify(data: object) -> None | NotifySpec | Unset:
+            if data is None:
+                return data
+            if isinstance(data, Unset):
+                return data
+            try:
+                if not isinstance(data, dict):
+                    raise TypeError()
+                notify_type_1 = NotifySpec.from_dict(data)
+
+                return notify_type_1
+            except (TypeError, ValueError, AttributeError, KeyError):
+                pass
+            return cast(None | NotifySpec | Unset, data)
+
+        notify = _parse_notify(d.pop("notify", UNSET))
+
         _output = d.pop("output", UNSET)
         output: OutputSpec | Unset
         if isinstance(_output, Unset):
@@ -350,6 +382,7 @@ class MergeRequest:
             input_dtype=input_dtype,
             max_attempts=max_attempts,
             models=models,
+            notify=notify,
             output=output,
             parameters=parameters,
             priority=priority,

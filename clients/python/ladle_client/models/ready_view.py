@@ -21,12 +21,14 @@ class ReadyView:
         code (ErrorCode | None | Unset):
         database (None | str | Unset): The backend (`sqlite` or `postgres`), when ready.
         message (None | str | Unset):
+        storage (None | str | Unset): `reachable` (every allowed storage root answered a listing), when ready.
     """
 
     status: str
     code: ErrorCode | None | Unset = UNSET
     database: None | str | Unset = UNSET
     message: None | str | Unset = UNSET
+    storage: None | str | Unset = UNSET
     additional_properties: dict[str, Any] = _attrs_field(init=False, factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -52,6 +54,12 @@ class ReadyView:
         else:
             message = self.message
 
+        storage: None | str | Unset
+        if isinstance(self.storage, Unset):
+            storage = UNSET
+        else:
+            storage = self.storage
+
         field_dict: dict[str, Any] = {}
         field_dict.update(self.additional_properties)
         field_dict.update(
@@ -65,6 +73,8 @@ class ReadyView:
             field_dict["database"] = database
         if message is not UNSET:
             field_dict["message"] = message
+        if storage is not UNSET:
+            field_dict["storage"] = storage
 
         return field_dict
 
@@ -108,11 +118,21 @@ class ReadyView:
 
         message = _parse_message(d.pop("message", UNSET))
 
+        def _parse_storage(data: object) -> None | str | Unset:
+            if data is None:
+                return data
+            if isinstance(data, Unset):
+                return data
+            return cast(None | str | Unset, data)
+
+        storage = _parse_storage(d.pop("storage", UNSET))
+
         ready_view = cls(
             status=status,
             code=code,
             database=database,
             message=message,
+            storage=storage,
         )
 
         ready_view.additional_properties = d

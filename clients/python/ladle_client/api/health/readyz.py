@@ -53,7 +53,7 @@ def sync_detailed(
     *,
     client: AuthenticatedClient | Client,
 ) -> Response[ReadyView]:
-    """Readiness: the database answers.
+    """Readiness: the database can store writes and every allowed storage root answers.
 
     Raises:
         errors.UnexpectedStatus: If the server returns an undocumented status code and Client.raise_on_unexpected_status is True.
@@ -76,7 +76,7 @@ def sync(
     *,
     client: AuthenticatedClient | Client,
 ) -> ReadyView | None:
-    """Readiness: the database answers.
+    """Readiness: the database can store writes and every allowed storage root answers.
 
     Raises:
         errors.UnexpectedStatus: If the server returns an undocumented status code and Client.raise_on_unexpected_status is True.
@@ -95,7 +95,7 @@ async def asyncio_detailed(
     *,
     client: AuthenticatedClient | Client,
 ) -> Response[ReadyView]:
-    """Readiness: the database answers.
+    """Readiness: the database can store writes and every allowed storage root answers.
 
     Raises:
         errors.UnexpectedStatus: If the server returns an undocumented status code and Client.raise_on_unexpected_status is True.
@@ -116,7 +116,7 @@ async def asyncio(
     *,
     client: AuthenticatedClient | Client,
 ) -> ReadyView | None:
-    """Readiness: the database answers.
+    """Readiness: the database can store writes and every allowed storage root answers.
 
     Raises:
         errors.UnexpectedStatus: If the server returns an undocumented status code and Client.raise_on_unexpected_status is True.

@@ -1,0 +1,11 @@
+from enum import StrEnum
+
+
+class WebhookEvent(StrEnum):
+    CANCELLED = "cancelled"
+    FAILED = "failed"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+
+    def __str__(self) -> str:
+        return str(self.value)
