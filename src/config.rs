@@ -89,8 +89,8 @@ pub struct ServiceArgs {
     /// `postgres://…` selects Postgres; `sqlite:…` SQLite [default: SQLite in the data dir].
     #[arg(long, env = "LADLE_DATABASE_URL")]
     pub database_url: Option<String>,
-    /// A URL (`file:///…`, `s3://bucket/prefix`) or path jobs may read and write; repeatable
-    /// (env: comma-separated) [default: the data dir only].
+    /// A URL (`file:///…`, `s3://bucket/prefix`) or path jobs may read and write, in addition
+    /// to the data dir (always a root); repeatable (env: comma-separated).
     #[arg(
         long = "allowed-root",
         env = "LADLE_ALLOWED_ROOTS",
@@ -454,13 +454,19 @@ impl Settings {
             .database_url
             .or(file.database_url)
             .unwrap_or_else(|| format!("sqlite://{}", data_dir.join("ladle.db").display()));
-        let allowed_roots = if !args.allowed_roots.is_empty() {
+        // The data directory is always a root (local outputs go there by default); every
+        // `--allowed-root` (or, without flags, the config file's list) adds to it.
+        let extra = if !args.allowed_roots.is_empty() {
             args.allowed_roots
-        } else if !file.allowed_roots.is_empty() {
-            file.allowed_roots
         } else {
-            vec![data_dir.display().to_string()]
+            file.allowed_roots
         };
+        let mut allowed_roots = vec![data_dir.display().to_string()];
+        for root in extra {
+            if !allowed_roots.contains(&root) {
+                allowed_roots.push(root);
+            }
+        }
         let s3 = merge_s3(args.s3, file.s3);
         let t = merge_tuning(args.tuning, file.tuning);
         let lease_ttl = secs("lease_ttl_secs", t.lease_ttl_secs, 60.0)?;
@@ -681,7 +687,11 @@ mod tests {
         let s = Settings::resolve(args, Some(&cfg)).unwrap();
         assert_eq!(s.worker.slots, 2);
         assert_eq!(s.bind.port(), 9999);
-        assert_eq!(s.allowed_roots, vec!["/tmp".to_string()]);
+        // The data directory is always a root; the file's roots add to it.
+        assert_eq!(
+            s.allowed_roots,
+            vec![s.data_dir.display().to_string(), "/tmp".to_string()]
+        );
         assert_eq!(s.s3.region.as_deref(), Some("eu-west-1"));
         let s = Settings::resolve(ServiceArgs::default(), None).unwrap();
         assert_eq!(s.bind.port(), 8080);

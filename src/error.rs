@@ -60,6 +60,9 @@ error_codes! {
     Unauthorized = "unauthorized", 401, false;
     /// A URL falls outside every configured allowed root (or escapes one via `..`/symlinks).
     StorageNotAllowed = "storage_not_allowed", 403, false;
+    /// A file or folder is reached through a symbolic link that leaves its allowed root
+    /// (names the file as the request spelled it, never the link's target).
+    PathOutsideRoots = "path_outside_roots", 403, false;
     /// No such job (or route).
     NotFound = "not_found", 404, false;
     /// The request body did not arrive within the body timeout (`--http-body-timeout-secs`).

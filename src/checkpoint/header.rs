@@ -38,13 +38,15 @@ pub enum HeaderError {
         len: u64,
     },
     /// The header length is over [`MAX_HEADER_LEN`].
-    #[error("header length {len} exceeds the limit of {MAX_HEADER_LEN} bytes")]
+    // The length is the file's first 8 bytes: never in the message (a text file posing as
+    // weights would hand its first 8 bytes back as a number).
+    #[error("the declared header length exceeds the limit of {MAX_HEADER_LEN} bytes")]
     HeaderTooLarge {
         /// The declared header length.
         len: u64,
     },
     /// `8 + N` is past the end of the file.
-    #[error("header of {header_len} bytes runs past the end of the {file_size}-byte file")]
+    #[error("the declared header length runs past the end of the {file_size}-byte file")]
     HeaderPastEof {
         /// The declared header length.
         header_len: u64,
@@ -52,7 +54,7 @@ pub enum HeaderError {
         file_size: u64,
     },
     /// The JSON bytes given are not as many as the declared header length.
-    #[error("header is {actual} bytes, but its declared length is {expected}")]
+    #[error("header is {actual} bytes, but its declared length differs")]
     HeaderLength {
         /// The declared header length.
         expected: u64,

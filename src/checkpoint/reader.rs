@@ -54,6 +54,9 @@ impl CheckpointError {
         match self {
             CheckpointError::NotFound { .. } => ErrorCode::CheckpointNotFound,
             CheckpointError::Malformed { .. } => ErrorCode::CheckpointMalformed,
+            CheckpointError::Storage(e) if crate::storage::local::outside_roots(e).is_some() => {
+                ErrorCode::PathOutsideRoots
+            }
             CheckpointError::Storage(_) => ErrorCode::StorageError,
         }
     }

@@ -116,6 +116,11 @@ impl EngineError {
                 ..
             } => ErrorCode::ShapeMismatch,
             EngineError::Merge { .. } => ErrorCode::CheckpointMalformed,
+            EngineError::ObjectStore { source, .. }
+                if crate::storage::local::outside_roots(source).is_some() =>
+            {
+                ErrorCode::PathOutsideRoots
+            }
             EngineError::ObjectStore { .. } => ErrorCode::StorageError,
             EngineError::Cancelled => ErrorCode::Cancelled,
             EngineError::LeaseLost => ErrorCode::LeaseExpired,
@@ -127,7 +132,12 @@ impl EngineError {
 
     fn store(context: impl Into<String>) -> impl FnOnce(object_store::Error) -> EngineError {
         let context = context.into();
-        move |source| EngineError::ObjectStore { context, source }
+        move |source| match crate::storage::local::outside_roots(&source) {
+            Some(o) => EngineError::Storage(StorageError::OutsideRoots {
+                path: o.path.clone(),
+            }),
+            None => EngineError::ObjectStore { context, source },
+        }
     }
 }
 
@@ -608,11 +618,11 @@ impl Engine {
             written.push(f);
         }
         // The donor: the base model, else the first model (inputs[0]), as mergekit's.
-        let donor = plan.inputs[0].1.folder.as_ref().map(|folder| Location {
-            url: plan.inputs[0].0.url.clone(),
-            store: plan.inputs[0].0.store.clone(),
-            path: folder.clone(),
-        });
+        let donor = plan.inputs[0]
+            .1
+            .folder
+            .as_ref()
+            .map(|folder| plan.inputs[0].0.with_path(folder.clone()));
         for f in side_files::write(recipe, donor.as_ref(), &plan.output, &plan.side).await? {
             written.push(f);
         }
@@ -993,9 +1003,9 @@ fn local_read_error(
 /// (tensor bytes are then read through these descriptors, see [`LocalFile`]). A file whose size
 /// differs from the one its header was read at changed in between: malformed.
 async fn open_local_files(loc: &Location, ckpt: &mut Checkpoint) -> Result<(), EngineError> {
-    if !loc.url.starts_with("file:") {
+    let Some(local) = loc.local.clone() else {
         return Ok(());
-    }
+    };
     let wanted: Vec<(usize, object_store::path::Path, u64)> = ckpt
         .files
         .iter()
@@ -1006,15 +1016,7 @@ async fn open_local_files(loc: &Location, ckpt: &mut Checkpoint) -> Result<(), E
         wanted
             .into_iter()
             .map(|(i, path, size)| {
-                let fs_path = local_fs_path(&path).ok_or_else(|| {
-                    EngineError::Internal(format!("{path} is not a local file path"))
-                })?;
-                let file = LocalFile::open(&fs_path).map_err(|source| {
-                    EngineError::Storage(StorageError::Io {
-                        path: fs_path.display().to_string(),
-                        source,
-                    })
-                })?;
+                let file = open_local_file(&local, &path)?;
                 if file.size() != size {
                     return Err(EngineError::from(CheckpointError::Malformed {
                         file: path.to_string(),
@@ -1036,15 +1038,20 @@ async fn open_local_files(loc: &Location, ckpt: &mut Checkpoint) -> Result<(), E
     Ok(())
 }
 
-/// The file system path of an object path of the local store (rooted at `/`), decoded as
-/// `object_store`'s `LocalFileSystem` decodes it.
-fn local_fs_path(path: &object_store::path::Path) -> Option<std::path::PathBuf> {
-    let mut url = url::Url::parse("file:///").ok()?;
-    url.path_segments_mut()
-        .ok()?
-        .pop_if_empty()
-        .extend(path.parts());
-    url.to_file_path().ok()
+/// Opens one local input file for the job, through the confined store's root handle (a link
+/// leaving the root is `path_outside_roots`). Blocking.
+fn open_local_file(
+    local: &crate::storage::local::LocalStore,
+    path: &object_store::path::Path,
+) -> Result<LocalFile, EngineError> {
+    let context = format!("opening file:///{path}");
+    let file = local.open_file(path).map_err(EngineError::store(context))?;
+    LocalFile::from_file(file, std::path::PathBuf::from(format!("/{path}"))).map_err(|source| {
+        EngineError::Storage(StorageError::Io {
+            path: format!("/{path}"),
+            source,
+        })
+    })
 }
 
 /// A failed ranged GET: a vanished or short object is a malformed checkpoint (not worth a

@@ -132,13 +132,31 @@ pub(super) async fn copy_side_files(
     edit: impl Fn(&str, Bytes) -> Bytes,
 ) -> Result<Vec<OutputFile>, EngineError> {
     let mut copied = Vec::new();
+    match copy_each(source, dest, names, &edit, &mut copied).await {
+        Ok(()) => Ok(copied),
+        Err(e) => {
+            // The caller only learns of the files once all are copied: remove these here.
+            delete_files(dest, &copied).await;
+            Err(e)
+        }
+    }
+}
+
+async fn copy_each(
+    source: &Location,
+    dest: &Location,
+    names: &[&str],
+    edit: &impl Fn(&str, Bytes) -> Bytes,
+    copied: &mut Vec<OutputFile>,
+) -> Result<(), EngineError> {
     for &name in names {
-        let loc = source.child(name);
-        let context = format!("copying {}", loc.url);
-        let got = match loc.store.get(&loc.path).await {
-            Ok(got) => got,
+        let location = source.path.clone().join(name);
+        let context = format!("copying {}/{name}", source.url);
+        // Through the confined store: a side file linked outside the root is refused
+        // (`path_outside_roots`), never copied.
+        let got = match source.store.get(&location).await {
             Err(object_store::Error::NotFound { .. }) => continue,
-            Err(e) => return Err(EngineError::store(context)(e)),
+            got => got.map_err(EngineError::store(context.clone()))?,
         };
         if got.meta.size <= SMALL_FILE {
             let bytes = got.bytes().await.map_err(EngineError::store(context))?;
@@ -163,7 +181,7 @@ pub(super) async fn copy_side_files(
             }
         }
     }
-    Ok(copied)
+    Ok(())
 }
 
 /// Remove partial uploads that a killed run left in a local output folder. Object_store's

@@ -113,9 +113,16 @@ impl Driver<'_> {
                 values,
                 variants,
             } => {
-                return self
+                let result = self
                     .sweep(recipe, evaluator, parameter, values, variants)
                     .await;
+                if let Err(e) = &result
+                    && !matches!(e, EngineError::LeaseLost)
+                    && let Ok(scratch) = self.scratch(recipe)
+                {
+                    remove_scratch(&scratch).await;
+                }
+                return result;
             }
             Search::Greedy {
                 evaluator,
@@ -129,7 +136,31 @@ impl Driver<'_> {
         let timeout = Duration::from_secs_f64(evaluator.timeout_s);
         let scratch = self.scratch(recipe)?;
         remove_scratch(&scratch).await;
+        let result = self
+            .greedy(recipe, evaluator, accept, scores, client, timeout, &scratch)
+            .await;
+        // A failed (or cancelled) search leaves no candidates behind; after a lost lease another
+        // worker may be using them.
+        if !matches!(result, Err(EngineError::LeaseLost)) {
+            remove_scratch(&scratch).await;
+        }
+        let chosen = result?;
+        // 3. The chosen soup, as a plain recipe, to the output.
+        self.engine.run(&chosen, self.ctl).await
+    }
 
+    /// Steps 1 and 2 of a greedy soup: the recipe of the chosen soup.
+    #[allow(clippy::too_many_arguments)]
+    async fn greedy(
+        &self,
+        recipe: &Recipe,
+        evaluator: &super::spec::Evaluator,
+        accept: &Accept,
+        scores: &[Option<f64>],
+        client: Client,
+        timeout: Duration,
+        scratch: &Location,
+    ) -> Result<Recipe, EngineError> {
         let mut record = Record {
             kind: "greedy".into(),
             accept: *accept,
@@ -147,7 +178,7 @@ impl Driver<'_> {
             timeout,
             max: evaluator.max_evaluations as usize,
             recipe,
-            scratch: &scratch,
+            scratch,
         };
 
         // 1. Every model without a supplied score, in input order: the model itself.
@@ -193,10 +224,7 @@ impl Driver<'_> {
         }
         record.done = true;
         self.publish(&record).await?;
-        remove_scratch(&scratch).await;
-        // 3. The chosen soup, as a plain recipe, to the output.
-        let chosen = soup(recipe, greedy.accepted(), recipe.output.uri.clone());
-        self.engine.run(&chosen, self.ctl).await
+        Ok(soup(recipe, greedy.accepted(), recipe.output.uri.clone()))
     }
 
     /// One merge per value, each scored; the best (the first on a tie) is written to the
@@ -449,8 +477,38 @@ pub fn scratch_root(output_uri: &str) -> Option<String> {
     Some(format!("{parent}/{SCRATCH_DIR}"))
 }
 
-/// Delete everything under a scratch folder (and, for local files, the folder itself).
+/// Delete a scratch folder and everything under it; for local files also `.ladle-scratch`
+/// itself once it is empty. Locally through the confined store's handles: nothing is followed,
+/// a link planted inside is removed as a link, its target untouched.
 pub(crate) async fn remove_scratch(loc: &Location) {
+    if let Some(local) = loc.local.clone() {
+        let path = loc.path.clone();
+        let url = loc.url.clone();
+        let removed = tokio::task::spawn_blocking(move || {
+            local.remove_tree(&path)?;
+            // `<…>/.ladle-scratch/<job>`: drop `.ladle-scratch` when this was its last folder.
+            let parts: Vec<_> = path.parts().collect();
+            if parts.len() >= 2 && parts[parts.len() - 1].as_ref() != SCRATCH_DIR {
+                let parent =
+                    object_store::path::Path::from_iter(parts[..parts.len() - 1].iter().cloned());
+                if parent.filename() == Some(SCRATCH_DIR) {
+                    local.remove_empty_dir(&parent)?;
+                }
+            } else if path.filename() == Some(SCRATCH_DIR) {
+                local.remove_empty_dir(&path)?;
+            }
+            Ok::<_, object_store::Error>(())
+        })
+        .await;
+        match removed {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(url = %url, error = %e, "could not remove the scratch folder")
+            }
+            Err(e) => tracing::warn!(url = %url, error = %e, "scratch clean-up task failed"),
+        }
+        return;
+    }
     let listed: Result<Vec<_>, _> = loc.store.list(Some(&loc.path)).try_collect().await;
     match listed {
         Ok(objects) => {
@@ -461,12 +519,5 @@ pub(crate) async fn remove_scratch(loc: &Location) {
             }
         }
         Err(e) => tracing::warn!(url = %loc.url, error = %e, "could not list the scratch folder"),
-    }
-    if let Ok(url) = url::Url::parse(&loc.url)
-        && url.scheme() == "file"
-        && let Ok(path) = url.to_file_path()
-        && path.components().any(|c| c.as_os_str() == SCRATCH_DIR)
-    {
-        let _ = tokio::fs::remove_dir_all(&path).await;
     }
 }

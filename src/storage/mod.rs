@@ -4,8 +4,14 @@
 //! whether ladle may touch it: the scheme must be `file` or `s3`, the path must not contain
 //! traversal segments (`..`, `.`, or their percent-encoded forms), and the location, after
 //! symlinks are resolved for local files, must fall under an allowed root.
+//!
+//! That check on the URL's text is only the first gate for local files: every later open,
+//! listing, write, rename and delete goes through [`local::LocalStore`], which reaches files
+//! from a directory handle of the root and refuses a symbolic link that leaves it
+//! (`path_outside_roots`), so nothing swapped in after the check can redirect ladle.
 
 pub mod list;
+pub mod local;
 pub mod probe;
 
 use std::collections::HashMap;
@@ -14,7 +20,6 @@ use std::sync::{Arc, Mutex};
 
 use object_store::ObjectStore;
 use object_store::aws::AmazonS3Builder;
-use object_store::local::LocalFileSystem;
 use object_store::path::Path;
 use url::Url;
 
@@ -41,6 +46,9 @@ pub enum StorageError {
     InvalidUri { uri: String, reason: String },
     #[error("URL {uri:?} is not allowed: {reason}")]
     NotAllowed { uri: String, reason: String },
+    /// A symbolic link on the way leaves the allowed root (`path` as the user wrote it).
+    #[error("{path} leads outside the allowed roots (through a symbolic link)")]
+    OutsideRoots { path: String },
     #[error("object storage error: {0}")]
     ObjectStore(#[from] object_store::Error),
     #[error("local file system error at {path}: {source}")]
@@ -55,6 +63,10 @@ impl StorageError {
         match self {
             StorageError::InvalidUri { .. } => ErrorCode::InvalidUri,
             StorageError::NotAllowed { .. } => ErrorCode::StorageNotAllowed,
+            StorageError::OutsideRoots { .. } => ErrorCode::PathOutsideRoots,
+            StorageError::ObjectStore(e) if local::outside_roots(e).is_some() => {
+                ErrorCode::PathOutsideRoots
+            }
             StorageError::ObjectStore(object_store::Error::NotFound { .. }) => {
                 ErrorCode::CheckpointNotFound
             }
@@ -71,6 +83,9 @@ pub struct Location {
     pub store: Arc<dyn ObjectStore>,
     /// The object path inside `store` (a file, or a folder prefix).
     pub path: Path,
+    /// The same store as `store` when the location is local (`file://`): for mapped reads
+    /// and clean-up through its handles.
+    pub local: Option<local::LocalStore>,
 }
 
 impl std::fmt::Debug for Location {
@@ -89,6 +104,17 @@ impl Location {
             url: format!("{}/{}", self.url, name),
             store: self.store.clone(),
             path: self.path.clone().join(name),
+            local: self.local.clone(),
+        }
+    }
+
+    /// Another path in the same store, under the same URL (for messages).
+    pub fn with_path(&self, path: Path) -> Location {
+        Location {
+            url: self.url.clone(),
+            store: self.store.clone(),
+            path,
+            local: self.local.clone(),
         }
     }
 }
@@ -96,8 +122,11 @@ impl Location {
 /// One allowed root, in canonical form.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Root {
-    /// A canonical absolute directory.
-    File(PathBuf),
+    /// A directory: canonical, and as configured (absolute).
+    File {
+        canonical: PathBuf,
+        written: PathBuf,
+    },
     /// A bucket and a key prefix (segments, may be empty for the whole bucket).
     S3 { bucket: String, prefix: Vec<String> },
 }
@@ -108,7 +137,8 @@ pub struct Storage {
     roots: Option<Vec<Root>>,
     s3: S3Settings,
     s3_stores: Mutex<HashMap<String, Arc<dyn ObjectStore>>>,
-    local: Arc<dyn ObjectStore>,
+    /// Every local root (`/` when unrestricted), reached by handle.
+    local: local::LocalStore,
 }
 
 impl std::fmt::Debug for Storage {
@@ -131,11 +161,21 @@ impl Storage {
                     .collect::<Result<Vec<_>, _>>()?,
             ),
         };
+        let local_roots = match &roots {
+            None => vec![PathBuf::from("/")],
+            Some(roots) => roots
+                .iter()
+                .filter_map(|r| match r {
+                    Root::File { canonical, .. } => Some(canonical.clone()),
+                    Root::S3 { .. } => None,
+                })
+                .collect(),
+        };
         Ok(Storage {
             roots,
             s3,
             s3_stores: Mutex::new(HashMap::new()),
-            local: Arc::new(LocalFileSystem::new()),
+            local: local::LocalStore::new(local_roots),
         })
     }
 
@@ -189,15 +229,34 @@ impl Storage {
         })?;
         if let Some(roots) = &self.roots {
             let inside = roots.iter().any(|r| match r {
-                Root::File(root) => canonical.starts_with(root),
+                Root::File {
+                    canonical: root, ..
+                } => canonical.starts_with(root),
                 Root::S3 { .. } => false,
             });
             if !inside {
+                // Written inside a root, but a link on the way leads out: say so, without
+                // naming where the link leads.
+                let written_inside = roots.iter().any(|r| match r {
+                    Root::File {
+                        canonical: root,
+                        written,
+                    } => path.starts_with(root) || path.starts_with(written),
+                    Root::S3 { .. } => false,
+                });
+                if written_inside {
+                    tracing::warn!(
+                        uri,
+                        "refused: a symbolic link leads outside the allowed roots"
+                    );
+                    return Err(StorageError::OutsideRoots {
+                        path: uri.to_string(),
+                    });
+                }
                 return Err(StorageError::NotAllowed {
                     uri: uri.to_string(),
                     reason: format!(
-                        "{} is outside the allowed roots ({})",
-                        canonical.display(),
+                        "outside the allowed roots ({})",
                         self.allowed_roots().join(", ")
                     ),
                 });
@@ -213,8 +272,9 @@ impl Storage {
             .unwrap_or_else(|()| uri.to_string());
         Ok(Location {
             url: url.trim_end_matches('/').to_string(),
-            store: self.local.clone(),
+            store: Arc::new(self.local.clone()),
             path: object_path,
+            local: Some(self.local.clone()),
         })
     }
 
@@ -233,7 +293,7 @@ impl Storage {
                     bucket: b,
                     prefix: p,
                 } => *b == bucket && segments.starts_with(p),
-                Root::File(_) => false,
+                Root::File { .. } => false,
             });
             if !inside {
                 return Err(StorageError::NotAllowed {
@@ -253,6 +313,7 @@ impl Storage {
                 .to_string(),
             store,
             path,
+            local: None,
         })
     }
 
@@ -305,7 +366,7 @@ fn key_segments(url: &Url) -> Vec<String> {
 
 fn root_url(root: &Root) -> String {
     match root {
-        Root::File(p) => format!("file://{}", p.display()),
+        Root::File { canonical, .. } => format!("file://{}", canonical.display()),
         Root::S3 { bucket, prefix } => format!("s3://{bucket}/{}", prefix.join("/")),
     }
 }
@@ -341,7 +402,10 @@ fn parse_root(raw: &str) -> Result<Root, StorageError> {
         path: path.display().to_string(),
         source,
     })?;
-    Ok(Root::File(canonical))
+    Ok(Root::File {
+        canonical,
+        written: path,
+    })
 }
 
 /// Reject `..`/`.` segments (also percent-encoded), encoded slashes, backslashes and NULs
@@ -368,7 +432,7 @@ fn reject_traversal(uri: &str) -> Result<(), StorageError> {
 }
 
 /// Decode `%XX` escapes; `None` on a malformed escape.
-fn percent_decode(s: &str) -> Option<Vec<u8>> {
+pub(crate) fn percent_decode(s: &str) -> Option<Vec<u8>> {
     let bytes = s.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
@@ -480,10 +544,13 @@ mod tests {
         let link = dir.path().join("escape");
         std::os::unix::fs::symlink(outside.path(), &link).unwrap();
         let s = storage(&[format!("{}", dir.path().display())]);
-        let e = s
-            .resolve(&format!("file://{}/model.safetensors", link.display()))
-            .unwrap_err();
-        assert_eq!(e.code(), ErrorCode::StorageNotAllowed, "{e}");
+        let uri = format!("file://{}/model.safetensors", link.display());
+        let e = s.resolve(&uri).unwrap_err();
+        assert_eq!(e.code(), ErrorCode::PathOutsideRoots, "{e}");
+        // The message names the file as written, never where the link leads.
+        let text = e.to_string();
+        assert!(text.contains(&uri), "{text}");
+        assert!(!text.contains(&*outside.path().to_string_lossy()), "{text}");
         // a root that is a prefix string but not a parent directory does not count
         let sibling = format!("{}-evil", dir.path().display());
         let e = s.resolve(&format!("file://{sibling}/x")).unwrap_err();

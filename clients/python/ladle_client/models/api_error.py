@@ -30,6 +30,7 @@ class ApiError:
             | `invalid_query` | 400 | no |
             | `unauthorized` | 401 | no |
             | `storage_not_allowed` | 403 | no |
+            | `path_outside_roots` | 403 | no |
             | `not_found` | 404 | no |
             | `request_timeout` | 408 | no |
             | `idempotency_key_reused` | 409 | no |

@@ -19,6 +19,7 @@ class ErrorCode(StrEnum):
     NOT_FOUND = "not_found"
     OUTPUT_CONFLICT = "output_conflict"
     OUTPUT_IN_USE = "output_in_use"
+    PATH_OUTSIDE_ROOTS = "path_outside_roots"
     PAYLOAD_TOO_LARGE = "payload_too_large"
     REQUEST_TIMEOUT = "request_timeout"
     SHAPE_MISMATCH = "shape_mismatch"

@@ -1,0 +1,921 @@
+//! The local file store: every file or folder ladle opens, lists, creates, renames or deletes on
+//! the local file system is reached from a directory handle of an allowed root, never by path.
+//!
+//! Why not `object_store`'s `LocalFileSystem`: it opens every object by its full path string,
+//! so whatever symlink sits on the way at that moment is followed (`tokenizer.json ->
+//! /etc/shadow` is read, a scratch listing walks through a planted link and its clean-up then
+//! deletes the link's target), it re-creates missing parent folders by path (an output folder
+//! swapped for a link mid-job is written through), and a root check made once on the URL's text
+//! says nothing about the later opens. [`LocalStore`] implements the same
+//! [`ObjectStore`] interface (so the engine, the manifest and the listings keep one storage
+//! interface for S3 and local files) on these rules instead:
+//!
+//! - Each root is opened once as a [`cap_std::fs::Dir`]; every operation walks from that handle,
+//!   component by component (`openat2(RESOLVE_BENEATH)` on Linux, an `O_NOFOLLOW` walk
+//!   elsewhere), so there is no window between a check and the use: what is opened is what was
+//!   checked.
+//! - A symlink is followed only while its target stays inside the same root; one that leaves it
+//!   (or any absolute link whose real target is outside) fails with [`OutsideRoots`], which
+//!   names the file as the URL spelled it, never the link target (error code
+//!   `path_outside_roots`).
+//! - Writes go to a temporary file `<name>#<digits>` created with `O_EXCL` in the target folder,
+//!   then renamed into place: a link planted at the final name is replaced, never written
+//!   through. [`PutMode::Create`] and `copy/rename_if_not_exists` never replace anything
+//!   (`renameat2(RENAME_NOREPLACE)`), so claims made with create-if-absent work as on S3.
+//! - Deletes unlink the name itself (`unlinkat`), never what a link points to; folders are
+//!   removed recursively without following links ([`LocalStore::remove_tree`]).
+//! - Listings do not descend into symlinked folders (no loops, nothing outside).
+//!
+//! Object paths are absolute file system paths without the leading `/` (as with
+//! `LocalFileSystem::new()`), so messages and manifests are unchanged. Hard links cannot be told
+//! apart from the file they link to: a hard link inside a root to a file outside it is read
+//! like any other file (see the README's Security section).
+
+use std::ffi::{OsStr, OsString};
+use std::io::{self, Read, Write};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::path::{Component, Path as FsPath, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+
+use async_trait::async_trait;
+use cap_std::fs::{Dir, OpenOptions, OpenOptionsExt};
+use futures::StreamExt;
+use futures::stream::BoxStream;
+use object_store::path::{Path, PathPart};
+use object_store::{
+    Attributes, CopyMode, CopyOptions, GetOptions, GetResult, GetResultPayload, ListResult,
+    MultipartUpload, ObjectMeta, ObjectStore, PutMode, PutMultipartOptions, PutOptions, PutPayload,
+    PutResult, RenameOptions, RenameTargetMode, UploadPart,
+};
+
+const STORE: &str = "LocalStore";
+
+/// A file reached through a symbolic link (or a folder) that leaves its allowed root.
+#[derive(Debug, thiserror::Error)]
+#[error("{path} leads outside the allowed roots (through a symbolic link)")]
+pub struct OutsideRoots {
+    /// The file as the URL names it (`file:///…`), never the link's target.
+    pub path: String,
+}
+
+/// The [`OutsideRoots`] inside an `object_store` error, if that is what it is.
+pub fn outside_roots(e: &object_store::Error) -> Option<&OutsideRoots> {
+    match e {
+        object_store::Error::PermissionDenied { source, .. } => source.downcast_ref(),
+        _ => None,
+    }
+}
+
+/// One allowed root: its canonical path and, once opened, its handle.
+struct RootDir {
+    path: PathBuf,
+    /// `path` as object path parts.
+    parts: Vec<String>,
+    dir: Mutex<Option<Arc<Dir>>>,
+}
+
+/// The confined local store (see the module documentation). Cloning shares the handles.
+#[derive(Clone)]
+pub struct LocalStore {
+    /// Outermost first: a path is served by the widest root that holds it.
+    roots: Arc<Vec<RootDir>>,
+}
+
+impl std::fmt::Debug for LocalStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LocalStore")
+            .field(
+                "roots",
+                &self.roots.iter().map(|r| &r.path).collect::<Vec<_>>(),
+            )
+            .finish()
+    }
+}
+
+impl std::fmt::Display for LocalStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "LocalStore({} roots)", self.roots.len())
+    }
+}
+
+/// A file system path as object path parts.
+fn fs_parts(path: &FsPath) -> Vec<String> {
+    path.components()
+        .filter_map(|c| match c {
+            Component::Normal(n) => Some(PathPart::from(n.as_bytes()).as_ref().to_string()),
+            _ => None,
+        })
+        .collect()
+}
+
+/// An object path part as a file name (`PathPart` percent-encodes what object keys avoid).
+fn part_name(part: &str) -> OsString {
+    match super::percent_decode(part) {
+        Some(bytes) => OsStr::from_bytes(&bytes).to_os_string(),
+        None => OsString::from(part),
+    }
+}
+
+/// `<name>#<digits>`: a temporary file of a write in progress (hidden from listings).
+pub fn is_staging_name(name: &[u8]) -> bool {
+    match name.iter().rposition(|&b| b == b'#') {
+        Some(i) => i > 0 && i + 1 < name.len() && name[i + 1..].iter().all(u8::is_ascii_digit),
+        None => false,
+    }
+}
+
+fn staging_name(name: &OsStr) -> OsString {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    let nanos = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    let mut s = name.to_os_string();
+    s.push(format!("#{}{nanos:09}{n}", std::process::id()));
+    s
+}
+
+/// Whether cap-std refused because the path would leave the root.
+fn is_escape(e: &io::Error) -> bool {
+    e.raw_os_error() == Some(rustix::io::Errno::XDEV.raw_os_error())
+        || (e.kind() == io::ErrorKind::PermissionDenied && e.raw_os_error().is_none() && {
+            let text = e.to_string();
+            text.contains("outside of the filesystem") || text.contains("an absolute path")
+        })
+}
+
+/// A resolved location: the root it is under and the path relative to that root.
+struct Rel<'a> {
+    root: &'a RootDir,
+    /// Relative to the root; empty for the root itself.
+    rel: PathBuf,
+    /// For messages: `file:///…` as the object path names it.
+    url: String,
+}
+
+impl Rel<'_> {
+    fn outside(&self) -> object_store::Error {
+        object_store::Error::PermissionDenied {
+            path: self.url.clone(),
+            source: Box::new(OutsideRoots {
+                path: self.url.clone(),
+            }),
+        }
+    }
+
+    fn io(&self, e: io::Error) -> object_store::Error {
+        if is_escape(&e) {
+            return self.outside();
+        }
+        match e.kind() {
+            io::ErrorKind::NotFound => object_store::Error::NotFound {
+                path: self.url.clone(),
+                source: Box::new(e),
+            },
+            io::ErrorKind::AlreadyExists => object_store::Error::AlreadyExists {
+                path: self.url.clone(),
+                source: Box::new(e),
+            },
+            _ => object_store::Error::Generic {
+                store: STORE,
+                source: Box::new(io::Error::new(e.kind(), format!("{}: {e}", self.url))),
+            },
+        }
+    }
+
+    fn dir(&self) -> Result<Arc<Dir>, object_store::Error> {
+        self.root.dir().map_err(|e| self.io(e))
+    }
+
+    fn name(&self) -> Result<&OsStr, object_store::Error> {
+        self.rel
+            .file_name()
+            .ok_or_else(|| object_store::Error::InvalidPath {
+                source: object_store::path::Error::EmptySegment {
+                    path: self.url.clone(),
+                },
+            })
+    }
+
+    fn parent(&self) -> PathBuf {
+        self.rel
+            .parent()
+            .map(FsPath::to_path_buf)
+            .unwrap_or_default()
+    }
+
+    /// Runs `op` on `rel` from the root's handle; when cap-std refuses because a link on the
+    /// way leaves the root, the path is canonicalised (following every link) and, if the real
+    /// target is inside the same root (an absolute link pointing back in), `op` runs again on
+    /// that path, still from the handle: whatever was swapped in between, nothing outside the
+    /// root is reached.
+    fn follow<T>(
+        &self,
+        rel: &FsPath,
+        op: impl Fn(&Dir, &FsPath) -> io::Result<T>,
+    ) -> Result<T, object_store::Error> {
+        let dir = self.dir()?;
+        match op(&dir, &dot(rel)) {
+            Err(e) if is_escape(&e) => {
+                let real = std::fs::canonicalize(self.root.path.join(rel)).map_err(|e| {
+                    if e.kind() == io::ErrorKind::NotFound {
+                        self.io(e)
+                    } else {
+                        self.outside()
+                    }
+                })?;
+                let Ok(inside) = real.strip_prefix(&self.root.path) else {
+                    tracing::warn!(path = %self.url, "refused: a symbolic link leads outside the allowed roots");
+                    return Err(self.outside());
+                };
+                op(&dir, &dot(inside)).map_err(|e| self.io(e))
+            }
+            other => other.map_err(|e| self.io(e)),
+        }
+    }
+
+    /// The folder holding this path, opened (links inside the root followed).
+    fn parent_dir(&self, create: bool) -> Result<Dir, object_store::Error> {
+        let parent = self.parent();
+        match self.follow(&parent, |d, p| d.open_dir(p)) {
+            Err(object_store::Error::NotFound { .. }) if create => {
+                self.follow(&parent, |d, p| d.create_dir_all(p))?;
+                self.follow(&parent, |d, p| d.open_dir(p))
+            }
+            other => other,
+        }
+    }
+}
+
+/// `.` for the root itself.
+fn dot(rel: &FsPath) -> PathBuf {
+    if rel.as_os_str().is_empty() {
+        PathBuf::from(".")
+    } else {
+        rel.to_path_buf()
+    }
+}
+
+impl RootDir {
+    fn dir(&self) -> io::Result<Arc<Dir>> {
+        let mut guard = self.dir.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(d) = guard.as_ref() {
+            return Ok(d.clone());
+        }
+        let d = Arc::new(Dir::open_ambient_dir(
+            &self.path,
+            cap_std::ambient_authority(),
+        )?);
+        *guard = Some(d.clone());
+        Ok(d)
+    }
+}
+
+fn read_options() -> OpenOptions {
+    let mut o = OpenOptions::new();
+    // Non-blocking so that a FIFO planted as an input cannot hang the open; the file type is
+    // checked right after.
+    o.read(true)
+        .custom_flags(rustix::fs::OFlags::NONBLOCK.bits() as i32);
+    o
+}
+
+fn create_options() -> OpenOptions {
+    let mut o = OpenOptions::new();
+    o.write(true).create_new(true).mode(0o644);
+    o
+}
+
+fn etag(m: &std::fs::Metadata) -> String {
+    let mtime = m
+        .modified()
+        .ok()
+        .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
+        .unwrap_or_default()
+        .as_micros();
+    format!("\"{:x}-{mtime:x}-{:x}\"", m.ino(), m.len())
+}
+
+fn object_meta(location: Path, m: &std::fs::Metadata) -> ObjectMeta {
+    ObjectMeta {
+        location,
+        last_modified: m
+            .modified()
+            .map(chrono::DateTime::<chrono::Utc>::from)
+            .unwrap_or_default(),
+        size: m.len(),
+        e_tag: Some(etag(m)),
+        version: None,
+    }
+}
+
+fn join(parent: &Path, name: &OsStr) -> Path {
+    parent.clone().join(PathPart::from(name.as_bytes()))
+}
+
+/// Moves `from` (in `from_dir`) to `to` (in `to_dir`); `no_replace`: fail with
+/// `AlreadyExists` rather than replace anything.
+fn rename_at(
+    from_dir: &Dir,
+    from: &OsStr,
+    to_dir: &Dir,
+    to: &OsStr,
+    no_replace: bool,
+) -> io::Result<()> {
+    if no_replace {
+        rustix::fs::renameat_with(
+            from_dir,
+            from,
+            to_dir,
+            to,
+            rustix::fs::RenameFlags::NOREPLACE,
+        )
+        .map_err(io::Error::from)
+    } else {
+        from_dir.rename(from, to_dir, to)
+    }
+}
+
+impl LocalStore {
+    /// A store over these canonical root folders (opened on first use). `/` alone: the whole
+    /// file system (the unrestricted one-shot CLI).
+    pub fn new(roots: Vec<PathBuf>) -> LocalStore {
+        let mut roots: Vec<RootDir> = roots
+            .into_iter()
+            .map(|path| RootDir {
+                parts: fs_parts(&path),
+                path,
+                dir: Mutex::new(None),
+            })
+            .collect();
+        roots.sort_by_key(|r| r.parts.len());
+        roots.dedup_by(|a, b| a.path == b.path);
+        LocalStore {
+            roots: Arc::new(roots),
+        }
+    }
+
+    fn locate(&self, location: &Path) -> Result<Rel<'_>, object_store::Error> {
+        let parts: Vec<String> = location.parts().map(|p| p.as_ref().to_string()).collect();
+        let url = format!("file:///{}", location.as_ref());
+        for root in self.roots.iter() {
+            if parts.len() >= root.parts.len() && parts.iter().zip(&root.parts).all(|(a, b)| a == b)
+            {
+                let rel: PathBuf = parts[root.parts.len()..]
+                    .iter()
+                    .map(|p| part_name(p))
+                    .collect();
+                return Ok(Rel { root, rel, url });
+            }
+        }
+        Err(object_store::Error::PermissionDenied {
+            path: url.clone(),
+            source: Box::new(OutsideRoots { path: url }),
+        })
+    }
+
+    /// Opens the regular file at `location` read-only (for mapped reads).
+    pub fn open_file(&self, location: &Path) -> Result<std::fs::File, object_store::Error> {
+        let r = self.locate(location)?;
+        open_regular(&r, &r.rel)
+    }
+
+    /// Removes `location` and everything under it without following any link (a link is
+    /// removed itself, its target untouched). A missing folder is fine.
+    pub fn remove_tree(&self, location: &Path) -> Result<(), object_store::Error> {
+        let r = self.locate(location)?;
+        let parent = match r.parent_dir(false) {
+            Err(object_store::Error::NotFound { .. }) => return Ok(()),
+            other => other?,
+        };
+        let name = r.name()?;
+        match parent.symlink_metadata(name) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(r.io(e)),
+            Ok(m) if m.is_dir() => parent.remove_dir_all(name).map_err(|e| r.io(e)),
+            Ok(_) => parent.remove_file(name).map_err(|e| r.io(e)),
+        }
+    }
+
+    /// Removes the folder at `location` if it is empty (and a real folder, not a link).
+    pub fn remove_empty_dir(&self, location: &Path) -> Result<bool, object_store::Error> {
+        let r = self.locate(location)?;
+        let parent = match r.parent_dir(false) {
+            Err(object_store::Error::NotFound { .. }) => return Ok(false),
+            other => other?,
+        };
+        let name = r.name()?;
+        match parent.symlink_metadata(name) {
+            Ok(m) if m.is_dir() => match parent.remove_dir(name) {
+                Ok(()) => Ok(true),
+                Err(_) => Ok(false),
+            },
+            _ => Ok(false),
+        }
+    }
+
+    fn list_blocking(&self, prefix: Option<&Path>) -> Vec<object_store::Result<ObjectMeta>> {
+        let base = prefix.cloned().unwrap_or_default();
+        let r = match self.locate(&base) {
+            Ok(r) => r,
+            Err(e) => return vec![Err(e)],
+        };
+        let dir = match r.follow(&r.rel, |d, p| d.open_dir(p)) {
+            Ok(d) => d,
+            Err(object_store::Error::NotFound { .. }) => return Vec::new(),
+            Err(e) => return vec![Err(e)],
+        };
+        let mut out = Vec::new();
+        walk(&r, &dir, &r.rel, &base, &mut out);
+        out
+    }
+}
+
+/// Opens a regular file (links inside the root followed); anything else is `NotFound`.
+fn open_regular(r: &Rel<'_>, rel: &FsPath) -> Result<std::fs::File, object_store::Error> {
+    let file = r
+        .follow(rel, |d, p| d.open_with(p, &read_options()))?
+        .into_std();
+    let meta = file.metadata().map_err(|e| r.io(e))?;
+    if !meta.is_file() {
+        return Err(r.io(io::Error::new(
+            io::ErrorKind::NotFound,
+            "not a regular file",
+        )));
+    }
+    Ok(file)
+}
+
+/// What a directory entry is, with links inside the root followed.
+enum Entry {
+    File(std::fs::Metadata),
+    Dir { linked: bool },
+    Other,
+}
+
+fn classify(r: &Rel<'_>, dir: &Dir, rel: &FsPath, name: &OsStr) -> object_store::Result<Entry> {
+    let lstat = match dir.symlink_metadata(name) {
+        Ok(m) => m,
+        // Gone since it was listed.
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Entry::Other),
+        Err(e) => return Err(r.io(e)),
+    };
+    let ft = lstat.file_type();
+    if ft.is_dir() {
+        return Ok(Entry::Dir { linked: false });
+    }
+    if ft.is_file() {
+        let f = dir
+            .open_with(name, &read_options())
+            .map_err(|e| r.io(e))?
+            .into_std();
+        let m = f.metadata().map_err(|e| r.io(e))?;
+        return Ok(if m.is_file() {
+            Entry::File(m)
+        } else {
+            Entry::Other
+        });
+    }
+    if ft.is_symlink() {
+        let child = Rel {
+            root: r.root,
+            rel: rel.join(name),
+            url: format!("{}/{}", r.url.trim_end_matches('/'), name.to_string_lossy()),
+        };
+        let target = child.follow(&child.rel, |d, p| d.metadata(p));
+        return match target {
+            Ok(m) if m.is_dir() => Ok(Entry::Dir { linked: true }),
+            Ok(m) if m.is_file() => Ok(Entry::File(
+                open_regular(&child, &child.rel)?
+                    .metadata()
+                    .map_err(|e| child.io(e))?,
+            )),
+            Ok(_) => Ok(Entry::Other),
+            // A dangling link is not an object.
+            Err(object_store::Error::NotFound { .. }) => Ok(Entry::Other),
+            Err(e) => Err(e),
+        };
+    }
+    Ok(Entry::Other)
+}
+
+fn walk(
+    r: &Rel<'_>,
+    dir: &Dir,
+    rel: &FsPath,
+    base: &Path,
+    out: &mut Vec<object_store::Result<ObjectMeta>>,
+) {
+    let entries = match dir.entries() {
+        Ok(e) => e,
+        Err(e) => {
+            out.push(Err(r.io(e)));
+            return;
+        }
+    };
+    for entry in entries {
+        let name = match entry {
+            Ok(e) => e.file_name(),
+            Err(e) => {
+                out.push(Err(r.io(e)));
+                continue;
+            }
+        };
+        if is_staging_name(name.as_bytes()) {
+            continue;
+        }
+        match classify(r, dir, rel, &name) {
+            Ok(Entry::File(m)) => out.push(Ok(object_meta(join(base, &name), &m))),
+            Ok(Entry::Dir { linked: false }) => match dir.open_dir(&name) {
+                Ok(sub) => walk(r, &sub, &rel.join(&name), &join(base, &name), out),
+                Err(e) => out.push(Err(r.io(e))),
+            },
+            Ok(Entry::Dir { linked: true } | Entry::Other) => {}
+            Err(e) => out.push(Err(e)),
+        }
+    }
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> object_store::Result<T> + Send + 'static,
+) -> object_store::Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| object_store::Error::JoinError { source: e })?
+}
+
+/// Writes `payload` to a new staging file beside `r`'s name; returns the folder, the staging
+/// name and the written file's metadata.
+fn stage(
+    r: &Rel<'_>,
+    write: impl FnOnce(&mut std::fs::File) -> io::Result<()>,
+) -> object_store::Result<(Dir, OsString, std::fs::Metadata)> {
+    let parent = r.parent_dir(true)?;
+    let name = r.name()?;
+    let tmp = staging_name(name);
+    let mut file = parent
+        .open_with(&tmp, &create_options())
+        .map_err(|e| r.io(e))?
+        .into_std();
+    let written = write(&mut file).and_then(|()| file.metadata());
+    match written {
+        Ok(m) => Ok((parent, tmp, m)),
+        Err(e) => {
+            let _ = parent.remove_file(&tmp);
+            Err(r.io(e))
+        }
+    }
+}
+
+/// Renames the staging file into place (or, `no_replace`, fails if the name exists).
+fn publish(r: &Rel<'_>, parent: &Dir, tmp: &OsStr, no_replace: bool) -> object_store::Result<()> {
+    let name = r.name()?;
+    rename_at(parent, tmp, parent, name, no_replace).map_err(|e| {
+        let _ = parent.remove_file(tmp);
+        r.io(e)
+    })
+}
+
+#[async_trait]
+impl ObjectStore for LocalStore {
+    async fn put_opts(
+        &self,
+        location: &Path,
+        payload: PutPayload,
+        opts: PutOptions,
+    ) -> object_store::Result<PutResult> {
+        let no_replace = match opts.mode {
+            PutMode::Overwrite => false,
+            PutMode::Create => true,
+            PutMode::Update(_) => {
+                return Err(object_store::Error::NotImplemented {
+                    operation: "put with PutMode::Update".into(),
+                    implementer: STORE.into(),
+                });
+            }
+        };
+        let this = self.clone();
+        let location = location.clone();
+        blocking(move || {
+            let r = this.locate(&location)?;
+            let (parent, tmp, meta) = stage(&r, |f| {
+                for chunk in payload.iter() {
+                    f.write_all(chunk)?;
+                }
+                Ok(())
+            })?;
+            publish(&r, &parent, &tmp, no_replace)?;
+            Ok(PutResult {
+                e_tag: Some(etag(&meta)),
+                version: None,
+                extensions: Default::default(),
+            })
+        })
+        .await
+    }
+
+    async fn put_multipart_opts(
+        &self,
+        location: &Path,
+        _opts: PutMultipartOptions,
+    ) -> object_store::Result<Box<dyn MultipartUpload>> {
+        let this = self.clone();
+        let location = location.clone();
+        blocking(move || {
+            let (parent, tmp, file) = {
+                let r = this.locate(&location)?;
+                let parent = r.parent_dir(true)?;
+                let tmp = staging_name(r.name()?);
+                let file = parent
+                    .open_with(&tmp, &create_options())
+                    .map_err(|e| r.io(e))?
+                    .into_std();
+                (parent, tmp, file)
+            };
+            Ok(Box::new(Upload {
+                store: this,
+                location,
+                state: Arc::new(UploadState {
+                    parent,
+                    tmp,
+                    file: Mutex::new(Some(file)),
+                }),
+                offset: 0,
+                open: true,
+            }) as Box<dyn MultipartUpload>)
+        })
+        .await
+    }
+
+    async fn get_opts(
+        &self,
+        location: &Path,
+        options: GetOptions,
+    ) -> object_store::Result<GetResult> {
+        let this = self.clone();
+        let location = location.clone();
+        blocking(move || {
+            let r = this.locate(&location)?;
+            let file = open_regular(&r, &r.rel)?;
+            let m = file.metadata().map_err(|e| r.io(e))?;
+            let meta = object_meta(location.clone(), &m);
+            options.check_preconditions(&meta)?;
+            let range = match options.range {
+                Some(range) => {
+                    range
+                        .as_range(meta.size)
+                        .map_err(|e| object_store::Error::Generic {
+                            store: STORE,
+                            source: Box::new(e),
+                        })?
+                }
+                None => 0..meta.size,
+            };
+            Ok(GetResult {
+                payload: GetResultPayload::File(file, PathBuf::from(&r.url)),
+                meta,
+                range,
+                attributes: Attributes::default(),
+                extensions: Default::default(),
+            })
+        })
+        .await
+    }
+
+    fn delete_stream(
+        &self,
+        locations: BoxStream<'static, object_store::Result<Path>>,
+    ) -> BoxStream<'static, object_store::Result<Path>> {
+        let this = self.clone();
+        locations
+            .map(move |location| {
+                let this = this.clone();
+                async move {
+                    let location = location?;
+                    blocking(move || {
+                        let r = this.locate(&location)?;
+                        let parent = r.parent_dir(false)?;
+                        // `unlinkat`: a link is removed itself, never its target.
+                        parent.remove_file(r.name()?).map_err(|e| r.io(e))?;
+                        Ok(location)
+                    })
+                    .await
+                }
+            })
+            .buffered(8)
+            .boxed()
+    }
+
+    fn list(&self, prefix: Option<&Path>) -> BoxStream<'static, object_store::Result<ObjectMeta>> {
+        let this = self.clone();
+        let prefix = prefix.cloned();
+        futures::stream::once(async move {
+            tokio::task::spawn_blocking(move || this.list_blocking(prefix.as_ref()))
+                .await
+                .unwrap_or_else(|e| vec![Err(object_store::Error::JoinError { source: e })])
+        })
+        .flat_map(futures::stream::iter)
+        .boxed()
+    }
+
+    async fn list_with_delimiter(&self, prefix: Option<&Path>) -> object_store::Result<ListResult> {
+        let this = self.clone();
+        let base = prefix.cloned().unwrap_or_default();
+        blocking(move || {
+            let mut result = ListResult {
+                common_prefixes: Vec::new(),
+                objects: Vec::new(),
+                extensions: Default::default(),
+            };
+            let r = this.locate(&base)?;
+            let dir = match r.follow(&r.rel, |d, p| d.open_dir(p)) {
+                Ok(d) => d,
+                Err(object_store::Error::NotFound { .. }) => return Ok(result),
+                Err(e) => return Err(e),
+            };
+            for entry in dir.entries().map_err(|e| r.io(e))? {
+                let name = entry.map_err(|e| r.io(e))?.file_name();
+                if is_staging_name(name.as_bytes()) {
+                    continue;
+                }
+                match classify(&r, &dir, &r.rel, &name)? {
+                    Entry::File(m) => result.objects.push(object_meta(join(&base, &name), &m)),
+                    Entry::Dir { .. } => result.common_prefixes.push(join(&base, &name)),
+                    Entry::Other => {}
+                }
+            }
+            result.objects.sort_by(|a, b| a.location.cmp(&b.location));
+            result.common_prefixes.sort();
+            Ok(result)
+        })
+        .await
+    }
+
+    async fn copy_opts(
+        &self,
+        from: &Path,
+        to: &Path,
+        options: CopyOptions,
+    ) -> object_store::Result<()> {
+        let no_replace = matches!(options.mode, CopyMode::Create);
+        let this = self.clone();
+        let (from, to) = (from.clone(), to.clone());
+        blocking(move || {
+            let src = this.locate(&from)?;
+            let mut input = open_regular(&src, &src.rel)?;
+            let dst = this.locate(&to)?;
+            let (parent, tmp, _) = stage(&dst, |f| {
+                let mut buf = vec![0u8; 1 << 20];
+                loop {
+                    let n = input.read(&mut buf)?;
+                    if n == 0 {
+                        return Ok(());
+                    }
+                    f.write_all(&buf[..n])?;
+                }
+            })?;
+            publish(&dst, &parent, &tmp, no_replace)
+        })
+        .await
+    }
+
+    async fn rename_opts(
+        &self,
+        from: &Path,
+        to: &Path,
+        options: RenameOptions,
+    ) -> object_store::Result<()> {
+        let no_replace = matches!(options.target_mode, RenameTargetMode::Create);
+        let this = self.clone();
+        let (from, to) = (from.clone(), to.clone());
+        blocking(move || {
+            let src = this.locate(&from)?;
+            let dst = this.locate(&to)?;
+            let src_dir = src.parent_dir(false)?;
+            let dst_dir = dst.parent_dir(true)?;
+            rename_at(&src_dir, src.name()?, &dst_dir, dst.name()?, no_replace).map_err(|e| {
+                if e.kind() == io::ErrorKind::NotFound {
+                    src.io(e)
+                } else {
+                    dst.io(e)
+                }
+            })
+        })
+        .await
+    }
+}
+
+struct UploadState {
+    parent: Dir,
+    tmp: OsString,
+    file: Mutex<Option<std::fs::File>>,
+}
+
+/// A streamed write: parts are written at their offsets into the staging file, which is
+/// renamed into place on `complete` and removed on `abort` or drop.
+struct Upload {
+    store: LocalStore,
+    location: Path,
+    state: Arc<UploadState>,
+    offset: u64,
+    open: bool,
+}
+
+impl std::fmt::Debug for Upload {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Upload")
+            .field("location", &self.location)
+            .finish()
+    }
+}
+
+fn aborted() -> object_store::Error {
+    object_store::Error::Generic {
+        store: STORE,
+        source: "the upload was already completed or aborted".into(),
+    }
+}
+
+#[async_trait]
+impl MultipartUpload for Upload {
+    fn put_part(&mut self, data: PutPayload) -> UploadPart {
+        let offset = self.offset;
+        self.offset += data.content_length() as u64;
+        let state = self.state.clone();
+        Box::pin(blocking(move || {
+            let guard = state.file.lock().unwrap_or_else(|p| p.into_inner());
+            let file = guard.as_ref().ok_or_else(aborted)?;
+            let mut at = offset;
+            for chunk in data.iter() {
+                file.write_all_at(chunk, at)
+                    .map_err(|e| object_store::Error::Generic {
+                        store: STORE,
+                        source: Box::new(e),
+                    })?;
+                at += chunk.len() as u64;
+            }
+            Ok(())
+        }))
+    }
+
+    async fn complete(&mut self) -> object_store::Result<PutResult> {
+        if !self.open {
+            return Err(aborted());
+        }
+        self.open = false;
+        let state = self.state.clone();
+        let store = self.store.clone();
+        let location = self.location.clone();
+        blocking(move || {
+            let file = state
+                .file
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .take()
+                .ok_or_else(aborted)?;
+            let r = store.locate(&location)?;
+            let meta = file.metadata().map_err(|e| r.io(e))?;
+            drop(file);
+            publish(&r, &state.parent, &state.tmp, false)?;
+            Ok(PutResult {
+                e_tag: Some(etag(&meta)),
+                version: None,
+                extensions: Default::default(),
+            })
+        })
+        .await
+    }
+
+    async fn abort(&mut self) -> object_store::Result<()> {
+        if !self.open {
+            return Err(aborted());
+        }
+        self.open = false;
+        let state = self.state.clone();
+        blocking(move || {
+            state.file.lock().unwrap_or_else(|p| p.into_inner()).take();
+            state
+                .parent
+                .remove_file(&state.tmp)
+                .map_err(|e| object_store::Error::Generic {
+                    store: STORE,
+                    source: Box::new(e),
+                })
+        })
+        .await
+    }
+}
+
+impl Drop for Upload {
+    fn drop(&mut self) {
+        if self.open {
+            let _ = self.state.parent.remove_file(&self.state.tmp);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;
