@@ -15,6 +15,13 @@
 # identical file by file; `ladle-manifest.json` is compared with `elapsed_s` (a wall time)
 # removed, so its recipe, recipe_sha256, inputs, file list and counts must match too. A recipe
 # both binaries refuse counts as identical when both fail with the same error line.
+#
+# One exception, by design: when OLD predates the mergekit output folder (its soup has no
+# `mergekit_config.yml`, NEW's has), the files NEW writes anew (`README.md`, the model card,
+# instead of a copy of the donor's; `mergekit_config.yml`; `config.json` with the output dtype;
+# `ladle-manifest.json`, whose recipe now names the method and holds the recipe text) and the
+# donor files OLD copied that NEW no longer does are listed, not compared; the tensor files and
+# every other file both wrote must still be identical. Such a recipe is "tensors-identical".
 # Exit status: 0 when every recipe matches, 1 otherwise.
 set -euo pipefail
 
@@ -75,6 +82,33 @@ for r in "${recipes[@]}"; do
   if [[ $a != "$b" ]]; then
     verdict=DIFFERENT
     detail="old: $a, new: $b"
+  elif [[ $a == ok && ! -f $WORK/old/$name/mergekit_config.yml && -f $WORK/new/$name/mergekit_config.yml ]]; then
+    verdict=tensors-identical
+    generated="./README.md ./mergekit_config.yml ./config.json ./ladle-manifest.json"
+    old_files=$(cd "$WORK/old/$name" && find . -type f | sort)
+    new_files=$(cd "$WORK/new/$name" && find . -type f | sort)
+    n=0
+    differ=""
+    by_design=""
+    for f in $(printf '%s\n%s\n' "$old_files" "$new_files" | sort -u); do
+      n=$((n + 1))
+      if [[ " $generated " == *" $f "* ]]; then
+        if [[ ! -f $WORK/old/$name/$f || ! -f $WORK/new/$name/$f ]] ||
+          [[ $(sha256sum <"$WORK/old/$name/$f") != "$(sha256sum <"$WORK/new/$name/$f")" ]]; then
+          by_design+=" ${f#./}"
+        fi
+      elif [[ ! -f $WORK/new/$name/$f && $f != *.safetensors && $f != *.index.json ]]; then
+        by_design+=" ${f#./}(no-longer-copied)"
+      elif [[ ! -f $WORK/old/$name/$f || ! -f $WORK/new/$name/$f ]] ||
+        [[ $(sha256sum <"$WORK/old/$name/$f") != "$(sha256sum <"$WORK/new/$name/$f")" ]]; then
+        differ+=" $f"
+      fi
+    done
+    detail="$n files; by design:${by_design:- none}"
+    if [[ -n $differ ]]; then
+      verdict=DIFFERENT
+      detail="differ:$differ; by design:${by_design:- none}"
+    fi
   elif [[ $a == ok ]]; then
     files=$(cd "$WORK/old/$name" && find . -type f | sort)
     if [[ $files != "$(cd "$WORK/new/$name" && find . -type f | sort)" ]]; then
@@ -101,8 +135,8 @@ for r in "${recipes[@]}"; do
   else
     detail="both $a"
   fi
-  if [[ $verdict == identical ]]; then pass=$((pass + 1)); else fail=$((fail + 1)); fi
+  if [[ $verdict == identical || $verdict == tensors-identical ]]; then pass=$((pass + 1)); else fail=$((fail + 1)); fi
   printf '%-28s %-10s %s\n' "$name" "$verdict" "$detail"
 done
-printf '\n%d recipes identical, %d different (old: %s, new: %s)\n' "$pass" "$fail" "$OLD" "$NEW"
+printf '\n%d recipes identical (tensors-identical included), %d different (old: %s, new: %s)\n' "$pass" "$fail" "$OLD" "$NEW"
 [[ $fail -eq 0 ]]

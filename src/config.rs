@@ -54,6 +54,20 @@ pub enum Command {
     /// Apply database migrations and exit.
     Migrate(ServiceArgs),
     /// Run one merge locally, without a database or server, with a progress bar.
+    #[command(
+        long_about = "Run one merge locally, without a database or server, with a progress bar.\n\n\
+RECIPE is a mergekit YAML configuration (a .yml or .yaml file: merge_method, models, base_model, \
+parameters, slices, dtype, out_dtype, ...; as mergekit-yaml takes it) or ladle's JSON recipe \
+(anything else; the body POST /v1/merges takes). Relative model paths in a YAML recipe resolve \
+from the current directory first, as mergekit resolves them, then from the recipe's folder; in \
+a JSON recipe from the recipe's folder.\n\n\
+The soup goes to OUT_DIR (a folder, as mergekit-yaml takes it) or --out (a path or a \
+file:// or s3:// URL); either replaces the recipe's output.uri. Beside the tensors it holds \
+config.json (with the output dtype), the donor's tokenizer files, the model card README.md, \
+mergekit_config.yml (the recipe text, which `ladle merge` takes back) and ladle-manifest.json.",
+        after_help = "mergekit-yaml flags that do not apply to ladle (--cuda, --lazy-unpickle, \
+--low-cpu-memory) are accepted and ignored, with one line saying so."
+    )]
     Merge(MergeArgs),
     /// Read an API token on stdin and print its SHA-256 digest (for `--api-token-sha256`).
     HashToken,
@@ -206,13 +220,51 @@ pub struct TuningArgs {
     pub chunk_elems: Option<usize>,
 }
 
+/// `ladle merge`: one merge, as `mergekit-yaml CONFIG OUT_DIR` runs one (its help text is
+/// on [`Command::Merge`]).
 #[derive(Debug, Args)]
 pub struct MergeArgs {
-    /// The recipe (JSON, as POST /v1/merges takes it).
+    /// The recipe: mergekit YAML (.yml, .yaml) or ladle's JSON.
     pub recipe: PathBuf,
+    /// Output folder (as mergekit-yaml takes it); or give --out.
+    #[arg(value_name = "OUT_DIR", conflicts_with = "out")]
+    pub out_dir: Option<PathBuf>,
     /// Output folder URL or path (overrides the recipe's `output.uri`).
     #[arg(long)]
     pub out: Option<String>,
+    /// Copy the donor's tokenizer files (the base model's, else the first model's) [default].
+    #[arg(long, overrides_with = "no_copy_tokenizer")]
+    pub copy_tokenizer: bool,
+    /// Do not copy tokenizer files.
+    #[arg(long, overrides_with = "copy_tokenizer")]
+    pub no_copy_tokenizer: bool,
+    /// Largest output shard: bytes, with mergekit's K/M/B suffixes (5B = 5·10⁹ bytes, its
+    /// default) or ladle's units ("2GB", "500MiB") [default: the recipe's, else 5GB].
+    #[arg(long, value_name = "SIZE")]
+    pub out_shard_size: Option<String>,
+    /// Write the model card README.md and mergekit_config.yml [default].
+    #[arg(long, overrides_with = "no_write_model_card")]
+    pub write_model_card: bool,
+    /// Write neither README.md nor mergekit_config.yml.
+    #[arg(long, overrides_with = "write_model_card")]
+    pub no_write_model_card: bool,
+    /// Seed of the random methods (DARE, DELLA) when the recipe gives none (ladle's keyed
+    /// generator: the same seed gives the same soup, not mergekit's torch draws).
+    #[arg(long, value_name = "N")]
+    pub random_seed: Option<u64>,
+    /// Accepted, as mergekit's: ladle checks tensor names and shapes, never architecture
+    /// names, so there is nothing more to allow.
+    #[arg(long)]
+    pub allow_crimes: bool,
+    /// Ignored (mergekit's GPU switch; ladle streams on the CPU).
+    #[arg(long, hide = true)]
+    pub cuda: bool,
+    /// Ignored (ladle maps safetensors files, it never unpickles).
+    #[arg(long, hide = true)]
+    pub lazy_unpickle: bool,
+    /// Ignored (ladle always streams in bounded memory).
+    #[arg(long, hide = true)]
+    pub low_cpu_memory: bool,
     /// Restrict reads and writes to these roots (by default a local run may touch anything
     /// the invoking user can).
     #[arg(long = "allowed-root")]
@@ -223,7 +275,50 @@ pub struct MergeArgs {
     #[command(flatten)]
     pub s3: S3Args,
     #[command(flatten)]
-    pub tuning: TuningArgs,
+    pub tuning: MergeTuning,
+}
+
+/// The engine settings of a one-shot merge (the service's others do not apply).
+#[derive(Debug, Clone, Default, Args)]
+pub struct MergeTuning {
+    /// Bytes of tensor chunks in flight [default: 64 MiB].
+    #[arg(long, env = "LADLE_INFLIGHT_BYTES")]
+    pub inflight_bytes: Option<u64>,
+    /// Elements per tensor chunk [default: 2 Mi].
+    #[arg(long, env = "LADLE_CHUNK_ELEMS")]
+    pub chunk_elems: Option<usize>,
+}
+
+impl MergeTuning {
+    pub fn engine_config(&self) -> EngineConfig {
+        engine_config(&TuningArgs {
+            inflight_bytes: self.inflight_bytes,
+            chunk_elems: self.chunk_elems,
+            ..TuningArgs::default()
+        })
+    }
+}
+
+/// A shard size as mergekit's `--out-shard-size` reads it (digits, or digits with a K, M or
+/// B suffix: ×10³, ×10⁶, ×10⁹ bytes), else as ladle's `max_shard_size` ("2GB", "1GiB").
+pub fn parse_shard_size(s: &str) -> Option<u64> {
+    let t = s.trim();
+    let split = t.len().saturating_sub(1);
+    if let (Some(num), Some(unit)) = (t.get(..split), t.get(split..)) {
+        let mult = match unit.to_ascii_lowercase().as_str() {
+            "k" => Some(1_000u64),
+            "m" => Some(1_000_000),
+            "b" => Some(1_000_000_000),
+            _ => None,
+        };
+        if let Some(mult) = mult
+            && !num.is_empty()
+            && num.bytes().all(|b| b.is_ascii_digit())
+        {
+            return num.parse::<u64>().ok()?.checked_mul(mult);
+        }
+    }
+    crate::recipe::parse_size(&serde_json::Value::String(t.to_string()))
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -11,9 +11,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use clap::Parser;
 use indicatif::{ProgressBar, ProgressStyle};
-use ladle::config::{
-    Cli, Command, LogFormat, MergeArgs, Settings, check_env, engine_config, merge_s3,
-};
+use ladle::config::{Cli, Command, LogFormat, MergeArgs, Settings, check_env, merge_s3};
 use ladle::engine::{Engine, RunControl};
 use ladle::intake::{self, Format, Urls};
 use ladle::service::{Mode, Service};
@@ -169,10 +167,11 @@ fn to_url(s: &str) -> Result<String> {
         .map_err(|()| anyhow::anyhow!("{} is not a valid local path", abs.display()))
 }
 
-/// The recipe file as a request: a `.yml` / `.yaml` file is a mergekit configuration (model
-/// paths relative to its folder), anything else ladle's JSON (relative model paths, base
-/// model, trajectory folder and slice sources are relative to the recipe's folder). `--out`
-/// sets the output.
+/// The recipe file as a request: a `.yml` / `.yaml` file is a mergekit configuration
+/// (relative model paths from the current directory first, as mergekit, then from the
+/// recipe's folder), anything else ladle's JSON (relative model paths, base model, trajectory
+/// folder and slice sources are relative to the recipe's folder). `OUT_DIR` or `--out` sets
+/// the output; mergekit-yaml's output flags become the output's options.
 fn read_request(args: &MergeArgs) -> Result<ladle::recipe::MergeRequest> {
     let body = std::fs::read(&args.recipe)
         .with_context(|| format!("reading {}", args.recipe.display()))?;
@@ -204,13 +203,79 @@ fn read_request(args: &MergeArgs) -> Result<ladle::recipe::MergeRequest> {
     if let Some(out) = &args.out {
         req.output.uri = to_url(out)?;
     }
+    if let Some(dir) = &args.out_dir {
+        req.output.uri = to_url(&dir.to_string_lossy())?;
+    }
+    if let Some(size) = &args.out_shard_size {
+        let bytes = ladle::config::parse_shard_size(size).with_context(|| {
+            format!("--out-shard-size {size:?}: expected bytes, e.g. 5B (5·10⁹), 500M or 2GB")
+        })?;
+        req.output.max_shard_size = Some(bytes.into());
+    }
+    if args.no_copy_tokenizer {
+        req.output.copy_tokenizer = Some(false);
+    }
+    if args.no_write_model_card {
+        req.output.write_model_card = Some(false);
+    }
     Ok(req)
 }
 
-/// `ladle merge RECIPE --out URL`: one merge, no database, with a progress bar; the request
+/// mergekit-yaml's flags that mean nothing to ladle: one line naming those given.
+fn note_ignored_flags(args: &MergeArgs) {
+    let ignored: Vec<&str> = [
+        (args.cuda, "--cuda"),
+        (args.lazy_unpickle, "--lazy-unpickle"),
+        (args.low_cpu_memory, "--low-cpu-memory"),
+        (args.allow_crimes, "--allow-crimes"),
+    ]
+    .into_iter()
+    .filter_map(|(given, name)| given.then_some(name))
+    .collect();
+    if !ignored.is_empty() {
+        eprintln!(
+            "note: ignoring {} (mergekit-yaml options with nothing to do in ladle: it streams on \
+             the CPU in bounded memory, reads safetensors only, and checks tensor names and \
+             shapes rather than architectures)",
+            ignored.join(", ")
+        );
+    }
+}
+
+/// Validate and check the request; `--random-seed` becomes the recipe's `seed` when it gives
+/// none and its method draws random numbers (else it is noted and dropped).
+async fn accept_request(
+    args: &MergeArgs,
+    storage: &Storage,
+    allowed: &ladle::search::evaluator::AllowedHosts,
+    req: ladle::recipe::MergeRequest,
+) -> Result<intake::Accepted> {
+    let invalid = |e: intake::IntakeError| anyhow::anyhow!("invalid recipe: {e}");
+    if let Some(seed) = args.random_seed
+        && !req.parameters.contains_key("seed")
+    {
+        let mut seeded = req.clone();
+        seeded.parameters.insert("seed".into(), seed.into());
+        match intake::accept(storage, allowed, Urls::Check, None, seeded).await {
+            Err(e) if e.field() == Some("parameters.seed") => {
+                eprintln!(
+                    "note: ignoring --random-seed: method {} draws no random numbers",
+                    req.method
+                );
+            }
+            other => return other.map_err(invalid),
+        }
+    }
+    intake::accept(storage, allowed, Urls::Check, None, req)
+        .await
+        .map_err(invalid)
+}
+
+/// `ladle merge RECIPE OUT_DIR` (or `--out URL`): one merge, no database, with a progress bar; the request
 /// goes through the same intake as `POST /v1/merges` (the URLs are checked, the recipe runs as
 /// written).
 async fn merge_once(args: MergeArgs) -> Result<()> {
+    note_ignored_flags(&args);
     let req = read_request(&args)?;
     if req.notify.is_some() {
         bail!(
@@ -219,14 +284,16 @@ async fn merge_once(args: MergeArgs) -> Result<()> {
         );
     }
     let roots = (!args.allowed_roots.is_empty()).then_some(args.allowed_roots.as_slice());
-    let storage = Arc::new(Storage::new(roots, merge_s3(args.s3, Default::default()))?);
+    let storage = Arc::new(Storage::new(
+        roots,
+        merge_s3(args.s3.clone(), Default::default()),
+    )?);
     // A greedy soup or sweep from the command line: the evaluator must be on loopback.
     let allowed = ladle::search::evaluator::AllowedHosts::default();
-    let sub = intake::accept(&storage, &allowed, Urls::Check, None, req)
-        .await
-        .map_err(|e| anyhow::anyhow!("invalid recipe: {e}"))?
+    let sub = accept_request(&args, &storage, &allowed, req)
+        .await?
         .submission;
-    let engine = Engine::new(storage, engine_config(&args.tuning));
+    let engine = Engine::new(storage, args.tuning.engine_config());
     let ctl = Arc::new(RunControl::standalone());
     let progress = ctl.progress.clone();
     let bar_done = CancellationToken::new();

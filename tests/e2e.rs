@@ -195,8 +195,13 @@ async fn scenario(database_url: &str, backend: &str) {
         "{:?}",
         files.keys()
     );
-    assert_eq!(files["config.json"], br#"{"model_type": "llama"}"#);
-    assert!(files.contains_key("tokenizer.json"));
+    // config.json anew from the first model's, with the soup's dtype (mergekit's).
+    let config: serde_json::Value = serde_json::from_slice(&files["config.json"]).unwrap();
+    assert_eq!(config["model_type"], "llama", "{config}");
+    assert!(config["dtype"].is_string(), "{config}");
+    assert_eq!(config["dtype"], config["torch_dtype"], "{config}");
+    assert_eq!(files["tokenizer.json"], br#"{"version": "1.0"}"#);
+    assert!(files.contains_key("README.md") && files.contains_key("mergekit_config.yml"));
     check_manifest(&files, &done["result"]);
     assert_soup_equal(
         &read_tensors(&files),

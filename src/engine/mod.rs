@@ -13,10 +13,12 @@ mod fold;
 mod kernel;
 mod lora_merge;
 mod manifest;
+mod model_card;
 mod output;
 pub mod output_rules;
 mod prepass;
 pub mod publish;
+pub mod side_files;
 mod slices;
 mod tensor_prepass;
 
@@ -396,8 +398,8 @@ struct Plan {
     shards: Vec<ShardPlan>,
     recipe_sha256: String,
     kernel: Arc<Kernel>,
-    /// `num_hidden_layers` to write into the copied `config.json` (passthrough slices).
-    num_hidden_layers: Option<u64>,
+    /// What `config.json` must say of the soup (dtype, depth of a slice stack).
+    side: side_files::SideInfo,
 }
 
 pub struct Engine {
@@ -555,6 +557,7 @@ impl Engine {
         }
         let kernel = Arc::new(kernel);
         let mut out_tensors = Vec::with_capacity(ops.len());
+        let mut merged_dtype = recipe.output.dtype;
         for (name, op) in &ops {
             let (ckpt, source) = match op {
                 TensorOp::Pick { input, source, .. } => (
@@ -581,6 +584,12 @@ impl Engine {
                 }
                 TensorOp::CopyFirst | TensorOp::Pick { .. } => t.dtype,
             };
+            if merged_dtype.is_none()
+                && dtype.is_mergeable_float()
+                && !matches!(op, TensorOp::CopyFirst)
+            {
+                merged_dtype = Some(dtype);
+            }
             out_tensors.push(OutTensor {
                 name: name.clone(),
                 dtype,
@@ -600,7 +609,10 @@ impl Engine {
             shards,
             recipe_sha256: hex::encode(recipe.hash()),
             kernel,
-            num_hidden_layers,
+            side: side_files::SideInfo {
+                dtype: merged_dtype,
+                num_hidden_layers,
+            },
         })
     }
 
@@ -661,11 +673,14 @@ impl Engine {
                 .fetch_add(f.size, Ordering::Relaxed);
             written.push(f);
         }
-        if let Some(folder) = &plan.inputs[0].1.folder {
-            let source = plan.inputs[0].0.with_path(folder.clone());
-            for f in output::copy_side_files(&source, staging, plan.num_hidden_layers).await? {
-                written.push(f);
-            }
+        // The donor: the base model, else the first model (inputs[0]), as mergekit's.
+        let donor = plan.inputs[0]
+            .1
+            .folder
+            .as_ref()
+            .map(|folder| plan.inputs[0].0.with_path(folder.clone()));
+        for f in side_files::write(recipe, donor.as_ref(), &plan.output, staging, &plan.side).await? {
+            written.push(f);
         }
         ctl.check()?;
         ctl.progress.set_phase(Phase::Publishing);

@@ -1,5 +1,6 @@
 //! Writing a run's files into its staging folder (see [`super::publish`]): streamed shards
-//! (multipart, hashed on the way out), small files, side files copied from the first model.
+//! (multipart, hashed on the way out), small files, named side files copied from the donor
+//! model ([`super::side_files`] says which).
 
 use bytes::Bytes;
 use futures::StreamExt;
@@ -122,74 +123,29 @@ pub(super) async fn put_small(
     Ok(file)
 }
 
-/// The side files copied from the first model's folder, and only these: configs, tokenizer
-/// files, chat templates. Never weights, dotfiles, ladle's own files or the database
-/// (`ladle.db*`), whatever else the folder holds. The one list: extend it here.
-pub const SIDE_FILES: &[&str] = &[
-    "config.json",
-    "generation_config.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "tokenizer.model",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "vocab.json",
-    "merges.txt",
-    "chat_template.jinja",
-    "chat_template.json",
-];
-
-/// Whether `name` is a side file to copy (one of [`SIDE_FILES`]).
-#[cfg(test)]
-pub(super) fn is_side_file(name: &str) -> bool {
-    SIDE_FILES.contains(&name)
-}
-
-/// `config.json` with `num_hidden_layers` set (and in `text_config` when present), as
-/// mergekit writes it after stacking slices; unchanged when it is not a JSON object.
-fn with_num_hidden_layers(bytes: Bytes, n: u64) -> Bytes {
-    let Ok(serde_json::Value::Object(mut cfg)) =
-        serde_json::from_slice::<serde_json::Value>(&bytes)
-    else {
-        return bytes;
-    };
-    cfg.insert("num_hidden_layers".into(), n.into());
-    if let Some(serde_json::Value::Object(text)) = cfg.get_mut("text_config")
-        && text.contains_key("num_hidden_layers")
-    {
-        text.insert("num_hidden_layers".into(), n.into());
-    }
-    match serde_json::to_vec_pretty(&serde_json::Value::Object(cfg)) {
-        Ok(mut v) => {
-            v.push(b'\n');
-            Bytes::from(v)
-        }
-        Err(_) => bytes,
-    }
-}
-
-/// Copy the side files at the top level of `source` into `dest`; `num_hidden_layers` rewrites
-/// that field of `config.json` (passthrough slices change the depth).
+/// Copy the files named `names` at the top level of `source` into `dest` (a name the source
+/// lacks is skipped); `edit` may rewrite a small file on the way (`config.json`).
 pub(super) async fn copy_side_files(
     source: &Location,
     dest: &Location,
-    num_hidden_layers: Option<u64>,
+    names: &[&str],
+    edit: impl Fn(&str, Bytes) -> Bytes,
 ) -> Result<Vec<OutputFile>, EngineError> {
     // `dest` is the run's staging folder: on an error the run removes all of it.
     let mut copied = Vec::new();
-    copy_each(source, dest, num_hidden_layers, &mut copied).await?;
+    copy_each(source, dest, names, &edit, &mut copied).await?;
     Ok(copied)
 }
 
 async fn copy_each(
     source: &Location,
     dest: &Location,
-    num_hidden_layers: Option<u64>,
+    names: &[&str],
+    edit: &impl Fn(&str, Bytes) -> Bytes,
     copied: &mut Vec<OutputFile>,
 ) -> Result<(), EngineError> {
-    for &name in SIDE_FILES {
-        let name = name.to_string();
-        let location = source.path.clone().join(name.as_str());
+    for &name in names {
+        let location = source.path.clone().join(name);
         let context = format!("copying {}/{name}", source.url);
         // Through the confined store: a side file linked outside the root is refused
         // (`path_outside_roots`), never copied.
@@ -198,13 +154,10 @@ async fn copy_each(
             got => got.map_err(EngineError::store(context.clone()))?,
         };
         if got.meta.size <= SMALL_FILE {
-            let mut bytes = got.bytes().await.map_err(EngineError::store(context))?;
-            if let (Some(n), "config.json") = (num_hidden_layers, name.as_str()) {
-                bytes = with_num_hidden_layers(bytes, n);
-            }
-            copied.push(put_small(dest, &name, bytes).await?);
+            let bytes = got.bytes().await.map_err(EngineError::store(context))?;
+            copied.push(put_small(dest, name, edit(name, bytes)).await?);
         } else {
-            let mut sink = ShardSink::create(dest, &name, 16 << 20, 2).await?;
+            let mut sink = ShardSink::create(dest, name, 16 << 20, 2).await?;
             let mut stream = got.into_stream();
             let streamed = async {
                 while let Some(piece) = stream.next().await {
@@ -224,38 +177,4 @@ async fn copy_each(
         }
     }
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::is_side_file;
-
-    #[test]
-    fn side_files() {
-        for keep in [
-            "config.json",
-            "tokenizer.json",
-            "tokenizer.model",
-            "chat_template.jinja",
-        ] {
-            assert!(is_side_file(keep), "{keep}");
-        }
-        for skip in [
-            "model.safetensors",
-            "model-00001-of-00002.safetensors",
-            "model.safetensors.index.json",
-            "pytorch_model.bin",
-            "pytorch_model.bin.index.json",
-            "ladle-manifest.json",
-            ".hidden",
-            "model.safetensors#3",
-            "ladle.db",
-            "ladle.db-wal",
-            "authorized_keys",
-            "README.md",
-            ".env",
-        ] {
-            assert!(!is_side_file(skip), "{skip}");
-        }
-    }
 }

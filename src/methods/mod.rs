@@ -258,11 +258,12 @@ pub trait TensorKernel: Send + Sync + fmt::Debug {
 }
 
 /// A method's validated parameters: serialized into the stored recipe as `parameters`,
-/// `{"method": TAG, ...fields}`.
+/// `{"method": NAME, ...fields}` (NAME: the method the recipe names, e.g. `ties`).
 pub trait Config:
     Serialize + DeserializeOwned + fmt::Debug + Clone + PartialEq + Send + Sync + 'static
 {
-    /// The `method` tag of the stored form (several methods may share one config).
+    /// The config's kind (several methods may share one config, e.g. `gta`). Recipes stored
+    /// before 0.x name it in `parameters.method`; they still load, and keep that form.
     const TAG: &'static str;
 }
 
@@ -309,11 +310,12 @@ impl<M: MergeMethod> DynMethod for M {
     }
 
     fn load_parameters(&self, v: serde_json::Value) -> Result<Parameters, serde_json::Error> {
-        serde_json::from_value::<M::Config>(v).map(Parameters::new)
+        serde_json::from_value::<M::Config>(v).map(|c| Parameters::named(c, self.about().name))
     }
 
     fn parse_parameters(&self, cx: &mut ParseInput<'_>) -> Result<Parameters, Invalid> {
-        self.parse(cx).map(Parameters::new)
+        self.parse(cx)
+            .map(|c| Parameters::named(c, self.about().name))
     }
 
     fn build_kernel(
@@ -428,14 +430,14 @@ impl<'de> Deserialize<'de> for Method {
 /// A method's config without its type (what [`Parameters`] holds).
 trait DynConfig: Send + Sync + fmt::Debug {
     fn tag(&self) -> &'static str;
-    fn stored(&self) -> serde_json::Result<Box<serde_json::value::RawValue>>;
+    fn stored(&self, method: &str) -> serde_json::Result<Box<serde_json::value::RawValue>>;
     fn as_any(&self) -> &dyn Any;
 }
 
-/// The stored form: the tag first, then the config's fields in declaration order.
+/// The stored form: the method's name first, then the config's fields in declaration order.
 #[derive(Serialize)]
 struct Tagged<'a, C> {
-    method: &'static str,
+    method: &'a str,
     #[serde(flatten)]
     config: &'a C,
 }
@@ -445,9 +447,9 @@ impl<C: Config> DynConfig for C {
         C::TAG
     }
 
-    fn stored(&self) -> serde_json::Result<Box<serde_json::value::RawValue>> {
+    fn stored(&self, method: &str) -> serde_json::Result<Box<serde_json::value::RawValue>> {
         serde_json::value::to_raw_value(&Tagged {
-            method: C::TAG,
+            method,
             config: self,
         })
     }
@@ -457,33 +459,57 @@ impl<C: Config> DynConfig for C {
     }
 }
 
-/// A method's validated parameters (its [`Config`]), stored as `{"method": TAG, ...}`.
+/// A method's validated parameters (its [`Config`]), stored as `{"method": NAME, ...}`: the
+/// method's name as the recipe gives it (`ties`, not the family's config kind `gta`).
 #[derive(Clone)]
-pub struct Parameters(Arc<dyn DynConfig>);
+pub struct Parameters {
+    config: Arc<dyn DynConfig>,
+    /// What the stored form's `method` says.
+    method: &'static str,
+}
 
 impl Parameters {
+    /// A config stored under its own kind ([`Config::TAG`], the method's name for every config
+    /// that one method owns).
     pub fn new<C: Config>(config: C) -> Parameters {
-        Parameters(Arc::new(config))
+        Parameters::named(config, C::TAG)
+    }
+
+    /// A config of method `method`.
+    pub fn named<C: Config>(config: C, method: &'static str) -> Parameters {
+        Parameters {
+            config: Arc::new(config),
+            method,
+        }
     }
 
     /// The config, if it is a `C`.
     pub fn get<C: Config>(&self) -> Option<&C> {
-        self.0.as_any().downcast_ref::<C>()
+        self.config.as_any().downcast_ref::<C>()
     }
 
-    /// The stored `method` tag.
+    /// The config's kind ([`Config::TAG`]).
     pub fn tag(&self) -> &'static str {
-        self.0.tag()
+        self.config.tag()
+    }
+
+    /// The stored `method`: the method's name (or, for a recipe stored by an older version,
+    /// the config kind it wrote then).
+    pub fn method(&self) -> &'static str {
+        self.method
     }
 
     fn stored_text(&self) -> Option<String> {
-        self.0.stored().ok().map(|r| r.get().to_string())
+        self.config
+            .stored(self.method)
+            .ok()
+            .map(|r| r.get().to_string())
     }
 }
 
 impl fmt::Debug for Parameters {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        fmt::Debug::fmt(&*self.0, f)
+        fmt::Debug::fmt(&*self.config, f)
     }
 }
 
@@ -496,7 +522,10 @@ impl PartialEq for Parameters {
 impl Serialize for Parameters {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         use serde::ser::Error as _;
-        self.0.stored().map_err(S::Error::custom)?.serialize(s)
+        self.config
+            .stored(self.method)
+            .map_err(S::Error::custom)?
+            .serialize(s)
     }
 }
 
@@ -507,13 +536,22 @@ impl<'de> Deserialize<'de> for Parameters {
             Some(serde_json::Value::String(s)) => s,
             _ => return Err(D::Error::missing_field("method")),
         };
+        let body = serde_json::Value::Object(map);
+        // A method's name (this version's form) ...
+        if let Some(method) = REGISTRY.iter().find(|m| m.info().name == tag) {
+            return method.load_parameters(body).map_err(D::Error::custom);
+        }
+        // ... or a config kind, as older versions stored it: loaded, and kept in that form
+        // (the recipe's hash, which recovery compares with a manifest, does not change).
         let method = REGISTRY
             .iter()
             .find(|m| m.config_tag() == tag)
             .ok_or_else(|| D::Error::custom(format!("unknown parameters kind {tag:?}")))?;
-        method
-            .load_parameters(serde_json::Value::Object(map))
-            .map_err(D::Error::custom)
+        let loaded = method.load_parameters(body).map_err(D::Error::custom)?;
+        Ok(Parameters {
+            method: method.config_tag(),
+            ..loaded
+        })
     }
 }
 

@@ -12,6 +12,7 @@
 //! - [`error`](mod@error): [`RecipeError`].
 
 pub mod error;
+pub mod mergekit_config;
 pub mod output;
 pub mod request;
 pub mod trajectory;

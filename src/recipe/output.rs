@@ -56,6 +56,8 @@ pub fn parse_output(spec: &OutputSpec) -> Result<Output, RecipeError> {
         dtype,
         max_shard_size,
         overwrite: spec.overwrite,
+        copy_tokenizer: spec.copy_tokenizer.unwrap_or(true),
+        write_model_card: spec.write_model_card.unwrap_or(true),
     })
 }
 

@@ -60,6 +60,10 @@ pub struct MergeRequest {
     /// tensors are copied unchanged.
     #[serde(default)]
     pub input_dtype: Option<String>,
+    /// The text of a mergekit YAML request, as sent (never read from a JSON body): what the
+    /// soup's `mergekit_config.yml` holds ([`super::mergekit_config`]).
+    #[serde(skip)]
+    pub yaml_source: Option<String>,
     /// Signed webhooks on this job's state changes (validated by `webhooks`, stored apart from
     /// the recipe; over HTTP only: `ladle merge` refuses it).
     #[serde(default)]
@@ -148,6 +152,14 @@ pub struct OutputSpec {
     /// is taken fails the job with `output_conflict`.
     #[serde(default)]
     pub overwrite: bool,
+    /// Copy the tokenizer files of the donor (the base model, else the first model) into the
+    /// output, as mergekit's `--copy-tokenizer` [default: true].
+    #[serde(default)]
+    pub copy_tokenizer: Option<bool>,
+    /// Write the model card `README.md` and `mergekit_config.yml`, as mergekit's
+    /// `--write-model-card` [default: true].
+    #[serde(default)]
+    pub write_model_card: Option<bool>,
 }
 
 impl MergeRequest {
@@ -166,8 +178,10 @@ impl MergeRequest {
     ) -> Result<MergeRequest, RecipeError> {
         let doc = yaml::parse(text)?;
         let req = yaml::to_request(&doc, base_dir)?;
-        serde_json::from_value(req)
-            .map_err(|e| RecipeError::Syntax(format!("invalid YAML recipe: {e}")))
+        let mut req: MergeRequest = serde_json::from_value(req)
+            .map_err(|e| RecipeError::Syntax(format!("invalid YAML recipe: {e}")))?;
+        req.yaml_source = Some(text.to_string());
+        Ok(req)
     }
 
     /// Every model URL of the request (models and their adapters, base model, trajectory

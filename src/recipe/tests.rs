@@ -296,7 +296,15 @@ fn linear_recipe_serializes_as_before() {
         "output": {"uri": "file:///d/out/"}
     }))
     .unwrap();
-    let v = serde_json::to_value(&s.recipe).unwrap();
+    let mut v = serde_json::to_value(&s.recipe).unwrap();
+    // New beside the old fields: the recipe as mergekit YAML (the soup's mergekit_config.yml).
+    assert_eq!(
+        v.as_object_mut()
+            .unwrap()
+            .remove("mergekit_config")
+            .unwrap(),
+        "merge_method: linear\nmodels:\n  - model: /d/a\n    parameters:\n      weight: 2.0\n"
+    );
     assert_eq!(
         v,
         serde_json::json!({"method": "linear",

@@ -35,6 +35,7 @@ impl Recipe {
     /// fields off and validates the merges with this; here they are refused.
     pub fn from_request(mut req: MergeRequest) -> Result<Submission, RecipeError> {
         check_no_search(&req)?;
+        let mergekit_config = super::mergekit_config::text(&req);
         let trajectory = trajectory::take_expanded(&mut req)?;
         let slices = take_slices(&mut req)?;
         let method = method(&req)?;
@@ -76,6 +77,7 @@ impl Recipe {
                 output,
                 trajectory,
                 input_dtype,
+                mergekit_config,
             },
             idempotency_key: req.idempotency_key,
             priority: req.priority.unwrap_or(0),

@@ -51,6 +51,20 @@ pub struct Output {
     /// Write beside files no ladle manifest claims (never over them).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub overwrite: bool,
+    /// Copy the donor's tokenizer files (mergekit's `--copy-tokenizer`).
+    #[serde(default = "yes", skip_serializing_if = "is_true")]
+    pub copy_tokenizer: bool,
+    /// Write `README.md` (the model card) and `mergekit_config.yml`.
+    #[serde(default = "yes", skip_serializing_if = "is_true")]
+    pub write_model_card: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn is_true(b: &bool) -> bool {
+    *b
 }
 
 /// A validated, normalized recipe: what a job stores and a worker runs.
@@ -74,6 +88,11 @@ pub struct Recipe {
     /// [`super::MergeRequest::input_dtype`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub input_dtype: Option<DType>,
+    /// The recipe as mergekit YAML ([`super::mergekit_config`]): the soup's
+    /// `mergekit_config.yml`, quoted by its model card. `None` for a search's merges and for
+    /// recipes stored before it existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mergekit_config: Option<String>,
 }
 
 /// Scheduling options that travel beside the recipe.

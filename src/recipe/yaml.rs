@@ -17,9 +17,10 @@
 //! float32, float16, bfloat16 (by name); integer and bool tensors are copied, never cast.
 //!
 //! Model references: `MODEL+LORA` (mergekit's syntax) is a model entry with a PEFT adapter
-//! folded in (`lora`). A URL (`file://`, `s3://`) is kept; a path is resolved against
-//! `base_dir` (the recipe file's folder) when one is given and must exist; anything else, a
-//! Hugging Face hub id included, is an error naming the field.
+//! folded in (`lora`). A URL (`file://`, `s3://`) is kept; a relative path is resolved, when a
+//! `base_dir` (the recipe file's folder) is given, from the current directory first (as
+//! mergekit resolves it), then from `base_dir`, and must exist; anything else, a Hugging Face
+//! hub id included, is an error naming the field.
 
 use std::path::Path;
 
@@ -46,7 +47,13 @@ fn model_ref(v: &Value, field: &str, base_dir: Option<&Path>) -> Result<String, 
     let path = Path::new(s);
     let full = match (path.is_absolute(), base_dir) {
         (true, _) => path.to_path_buf(),
-        (false, Some(dir)) => dir.join(path),
+        // From the current directory, as mergekit resolves them; else from the recipe's
+        // folder (ladle's earlier rule).
+        (false, Some(dir)) => std::env::current_dir()
+            .ok()
+            .map(|cwd| cwd.join(path))
+            .filter(|p| p.exists())
+            .unwrap_or_else(|| dir.join(path)),
         (false, None) => {
             return Err(invalid(
                 field,
@@ -67,8 +74,9 @@ fn model_ref(v: &Value, field: &str, base_dir: Option<&Path>) -> Result<String, 
         return Err(invalid(
             field,
             format!(
-                "{s:?} is neither a local checkpoint ({} does not exist) nor a storage URL; \
-                 Hugging Face hub ids cannot be resolved by ladle",
+                "{s:?} is neither a local checkpoint (not in the current directory, and {} \
+                 does not exist) nor a storage URL; Hugging Face hub ids cannot be resolved \
+                 by ladle",
                 full.display()
             ),
         ));

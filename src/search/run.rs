@@ -463,6 +463,7 @@ pub fn soup(recipe: &Recipe, set: &[usize], output: String) -> Recipe {
     r.slices = Vec::new();
     r.parameters = Parameters::new(LinearConfig { normalize: true });
     r.output.uri = output;
+    r.mergekit_config = None;
     r
 }
 

@@ -68,7 +68,11 @@ pub fn from_request(mut req: MergeRequest) -> Result<JobSubmission, RecipeError>
     let greedy = take_greedy(&mut req)?;
     let evaluator = req.evaluator.take();
     let accept = req.accept.take();
-    let sub = Recipe::from_request(req)?;
+    let mut sub = Recipe::from_request(req)?;
+    if greedy.is_some() {
+        // The models merged are chosen while the search runs.
+        sub.recipe.mergekit_config = None;
+    }
     let search = greedy
         .map(|g| g.finish(evaluator.as_ref(), accept.as_deref()))
         .transpose()?;

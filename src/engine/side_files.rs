@@ -1,0 +1,198 @@
+//! What a soup's folder holds beside its tensors, as mergekit 0.1.5 writes it:
+//!
+//! - `config.json` written anew from the donor's (the base model, else the first model):
+//!   `dtype` and `torch_dtype` set to the output dtype (transformers ≥ 4.56 reads `dtype` and
+//!   prefers it when both are there; older versions and other tools read `torch_dtype`),
+//!   `num_hidden_layers` the depth of a slice stack;
+//! - the donor's tokenizer and generation files ([`TOKENIZER_FILES`], the list mergekit's
+//!   `_copy_tokenizer` copies, plus the processor files its architectures carry along) byte for
+//!   byte, unless `output.copy_tokenizer` is false;
+//! - the model card `README.md` ([`super::model_card`]) and `mergekit_config.yml` (the recipe
+//!   text), unless `output.write_model_card` is false. An input's own `README.md` (another
+//!   model's card) and any other file of the donor folder are never copied.
+
+use bytes::Bytes;
+
+use super::output::{copy_side_files, put_small};
+use super::{EngineError, OutputFile, model_card};
+use crate::merge::DType;
+use crate::recipe::Recipe;
+use crate::storage::Location;
+
+/// The donor's files copied byte for byte (mergekit's list, in its order, then the tag-along
+/// files of its multimodal architectures).
+pub const TOKENIZER_FILES: [&str; 14] = [
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.json",
+    "tokenizer.model",
+    "added_tokens.json",
+    "merges.txt",
+    "chat_template.jinja",
+    "generation_config.json",
+    "chat_template.json",
+    "video_preprocessor_config.json",
+    "vocab.json",
+    "preprocessor_config.json",
+    "processor_config.json",
+    "normalizer.json",
+];
+
+pub const CONFIG_NAME: &str = "config.json";
+pub const MODEL_CARD_NAME: &str = "README.md";
+pub const RECIPE_NAME: &str = "mergekit_config.yml";
+
+/// What the side files need to know of the planned soup.
+pub(super) struct SideInfo {
+    /// The dtype of the merged tensors (the output dtype, else what the first merged float
+    /// tensor keeps).
+    pub dtype: Option<DType>,
+    /// The depth of a slice stack.
+    pub num_hidden_layers: Option<u64>,
+}
+
+/// Write the side files of `recipe`'s soup into `dest` (the run's staging folder of `output`,
+/// whose name titles the card); `donor` is the donor model's folder (`None` when it is a single
+/// `.safetensors` file: nothing to copy).
+pub(super) async fn write(
+    recipe: &Recipe,
+    donor: Option<&Location>,
+    output: &Location,
+    dest: &Location,
+    info: &SideInfo,
+) -> Result<Vec<OutputFile>, EngineError> {
+    let mut written = Vec::new();
+    if let Some(donor) = donor {
+        let mut names = vec![CONFIG_NAME];
+        if recipe.output.copy_tokenizer {
+            names.extend(TOKENIZER_FILES);
+        }
+        let edit = |name: &str, bytes: Bytes| {
+            if name == CONFIG_NAME {
+                rewrite_config(bytes, info)
+            } else {
+                bytes
+            }
+        };
+        written.extend(copy_side_files(donor, dest, &names, edit).await?);
+    }
+    if recipe.output.write_model_card {
+        let card = model_card::render(recipe, &folder_name(&output.url));
+        written.push(put_small(dest, MODEL_CARD_NAME, Bytes::from(card)).await?);
+        if let Some(text) = &recipe.mergekit_config {
+            written.push(put_small(dest, RECIPE_NAME, Bytes::from(text.clone())).await?);
+        }
+    }
+    Ok(written)
+}
+
+/// The last segment of a folder URL (mergekit titles the card with the output folder's name).
+fn folder_name(url: &str) -> String {
+    let local = url::Url::parse(url)
+        .ok()
+        .filter(|u| u.scheme() == "file")
+        .and_then(|u| u.to_file_path().ok());
+    if let Some(name) = local.as_deref().and_then(|p| p.file_name()) {
+        return name.to_string_lossy().into_owned();
+    }
+    url.trim_end_matches('/')
+        .rsplit('/')
+        .next()
+        .unwrap_or("")
+        .to_string()
+}
+
+/// torch's name of a dtype, as `config.json` gives it.
+fn torch_name(d: DType) -> Option<&'static str> {
+    match d {
+        DType::F64 => Some("float64"),
+        DType::F32 => Some("float32"),
+        DType::F16 => Some("float16"),
+        DType::BF16 => Some("bfloat16"),
+        _ => None,
+    }
+}
+
+/// `config.json` with the soup's dtype and depth, written as transformers writes it (keys
+/// sorted, two-space indent, a final newline); unchanged when it is not a JSON object.
+fn rewrite_config(bytes: Bytes, info: &SideInfo) -> Bytes {
+    let Ok(serde_json::Value::Object(mut cfg)) =
+        serde_json::from_slice::<serde_json::Value>(&bytes)
+    else {
+        return bytes;
+    };
+    if let Some(name) = info.dtype.and_then(torch_name) {
+        for key in ["dtype", "torch_dtype"] {
+            cfg.insert(key.into(), name.into());
+        }
+    }
+    if let Some(n) = info.num_hidden_layers {
+        cfg.insert("num_hidden_layers".into(), n.into());
+        if let Some(serde_json::Value::Object(text)) = cfg.get_mut("text_config")
+            && text.contains_key("num_hidden_layers")
+        {
+            text.insert("num_hidden_layers".into(), n.into());
+        }
+    }
+    let mut sorted: Vec<(String, serde_json::Value)> = cfg.into_iter().collect();
+    sorted.sort_by(|a, b| a.0.cmp(&b.0));
+    let cfg: serde_json::Map<String, serde_json::Value> = sorted.into_iter().collect();
+    match serde_json::to_vec_pretty(&serde_json::Value::Object(cfg)) {
+        Ok(mut v) => {
+            v.push(b'\n');
+            Bytes::from(v)
+        }
+        Err(_) => bytes,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn never_weights_dotfiles_or_ladle_files() {
+        let copied: Vec<&str> = std::iter::once(CONFIG_NAME).chain(TOKENIZER_FILES).collect();
+        for skip in [
+            "model.safetensors",
+            "model-00001-of-00002.safetensors",
+            "model.safetensors.index.json",
+            "pytorch_model.bin",
+            "ladle-manifest.json",
+            ".hidden",
+            "model.safetensors#3",
+            "ladle.db",
+            "ladle.db-wal",
+            "authorized_keys",
+            "README.md",
+            ".env",
+        ] {
+            assert!(!copied.contains(&skip), "{skip}");
+        }
+    }
+
+    #[test]
+    fn config_gets_dtype_and_depth() {
+        let info = SideInfo {
+            dtype: Some(DType::F32),
+            num_hidden_layers: Some(44),
+        };
+        let out = rewrite_config(
+            Bytes::from_static(
+                br#"{"torch_dtype": "bfloat16", "model_type": "llama", "num_hidden_layers": 40,
+                    "text_config": {"num_hidden_layers": 40}}"#,
+            ),
+            &info,
+        );
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(v["dtype"], "float32");
+        assert_eq!(v["torch_dtype"], "float32");
+        assert_eq!(v["num_hidden_layers"], 44);
+        assert_eq!(v["text_config"]["num_hidden_layers"], 44);
+        assert!(out.ends_with(b"}\n"));
+        let keep = Bytes::from_static(b"not json");
+        assert_eq!(rewrite_config(keep.clone(), &info), keep);
+        assert_eq!(folder_name("file:///x/my%20soup/"), "my soup");
+        assert_eq!(folder_name("s3://b/p/out"), "out");
+    }
+}
