@@ -448,17 +448,28 @@ fn exchange(a: &Path, b: &Path) -> std::io::Result<()> {
     .map_err(std::io::Error::from)
 }
 
-/// Waits (busy, off the runtime) until `dir` holds a file whose name starts with `prefix`, then
-/// exchanges `dir` with the link `swap` (which points outside). True if it swapped in time.
+/// Whether `dir` or a folder up to `depth` levels below it holds a file whose name starts with
+/// `prefix` (a run stages its files in `.ladle-staging/<writer>/`).
+fn holds(dir: &Path, prefix: &str, depth: usize) -> bool {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return false;
+    };
+    entries.flatten().any(|e| {
+        e.file_name().to_string_lossy().starts_with(prefix)
+            || (depth > 0
+                && e.file_type().is_ok_and(|t| t.is_dir())
+                && holds(&e.path(), prefix, depth - 1))
+    })
+}
+
+/// Waits (busy, off the runtime) until `dir` (or its staging folder) holds a file whose name
+/// starts with `prefix`, then exchanges `dir` with the link `swap` (which points outside). True
+/// if it swapped in time.
 fn swap_when(dir: PathBuf, prefix: &'static str, swap: PathBuf) -> std::thread::JoinHandle<bool> {
     std::thread::spawn(move || {
         let deadline = Instant::now() + Duration::from_secs(60);
         while Instant::now() < deadline {
-            if let Ok(entries) = std::fs::read_dir(&dir)
-                && entries
-                    .flatten()
-                    .any(|e| e.file_name().to_string_lossy().starts_with(prefix))
-            {
+            if holds(&dir, prefix, 2) {
                 return exchange(&dir, &swap).is_ok();
             }
             std::thread::yield_now();
@@ -469,7 +480,7 @@ fn swap_when(dir: PathBuf, prefix: &'static str, swap: PathBuf) -> std::thread::
 
 /// Finding 3 over HTTP, `ladle serve` as a process (its chunks throttled so the job is still
 /// running): the output folder exchanged for a link to a folder outside once its first shard
-/// appears. The job fails with `path_outside_roots`; nothing is written outside; no manifest
+/// appears (in the run's staging folder inside it). The job fails with `path_outside_roots`; nothing is written outside; no manifest
 /// anywhere. Five tries.
 async fn output_swapped_mid_job(postgres: bool) {
     let Some(w) = world(postgres, "output swapped mid-job").await else {

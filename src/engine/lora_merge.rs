@@ -402,13 +402,11 @@ impl Engine {
                     files: base.1.files.iter().map(InputFile::of).collect(),
                     lora: None,
                 })
-                .chain(adapters.iter().map(|a| {
-                    InputRecord {
-                        uri: a.url.clone(),
-                        tensors: a.file.tensors.len(),
-                        files: a.file.files.iter().map(InputFile::of).collect(),
-                        lora: Some(fold::describe(a)),
-                    }
+                .chain(adapters.iter().map(|a| InputRecord {
+                    uri: a.url.clone(),
+                    tensors: a.file.tensors.len(),
+                    files: a.file.files.iter().map(InputFile::of).collect(),
+                    lora: Some(fold::describe(a)),
                 }))
                 .collect(),
                 tensors: n_tensors,

@@ -679,7 +679,9 @@ impl Engine {
             .folder
             .as_ref()
             .map(|folder| plan.inputs[0].0.with_path(folder.clone()));
-        for f in side_files::write(recipe, donor.as_ref(), &plan.output, staging, &plan.side).await? {
+        for f in
+            side_files::write(recipe, donor.as_ref(), &plan.output, staging, &plan.side).await?
+        {
             written.push(f);
         }
         ctl.check()?;
@@ -1074,10 +1076,6 @@ async fn check_inputs(inputs: &[(Location, Checkpoint)]) -> Result<(), EngineErr
         }
     }
     Ok(())
-}
-
-fn input_file_name(loc: &Location, path: &object_store::path::Path) -> String {
-    crate::checkpoint::identity::file_name(&loc.url, path)
 }
 
 /// A local read that found the file shorter than planned is a malformed checkpoint; an I/O

@@ -152,7 +152,9 @@ mod tests {
 
     #[test]
     fn never_weights_dotfiles_or_ladle_files() {
-        let copied: Vec<&str> = std::iter::once(CONFIG_NAME).chain(TOKENIZER_FILES).collect();
+        let copied: Vec<&str> = std::iter::once(CONFIG_NAME)
+            .chain(TOKENIZER_FILES)
+            .collect();
         for skip in [
             "model.safetensors",
             "model-00001-of-00002.safetensors",

@@ -53,6 +53,7 @@ class OutputSpec:
         max_shard_size = self.max_shard_size
 
         overwrite = self.overwrite
+
         write_model_card: bool | None | Unset
         if isinstance(self.write_model_card, Unset):
             write_model_card = UNSET
@@ -105,6 +106,7 @@ class OutputSpec:
         max_shard_size = d.pop("max_shard_size", UNSET)
 
         overwrite = d.pop("overwrite", UNSET)
+
         def _parse_write_model_card(data: object) -> bool | None | Unset:
             if data is None:
                 return data
