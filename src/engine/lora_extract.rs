@@ -35,11 +35,12 @@ use std::time::Instant;
 
 use bytes::Bytes;
 
-use super::lora_merge::{OutTensor, PREFIX, encode, safetensors_bytes};
-use super::manifest::{self, InputFile, InputRecord, MANIFEST_NAME, Manifest, OutputFile};
-use super::{Engine, EngineError, MergeOutcome, Phase, RunControl, fold, output, read_elems};
+use super::lora_merge::{
+    AdapterFiles, OutTensor, PREFIX, encode, publish_adapter, published_adapter, safetensors_bytes,
+};
+use super::manifest::{InputFile, InputRecord};
+use super::{Engine, EngineError, MergeOutcome, Phase, RunControl, fold, read_elems};
 use crate::checkpoint::Checkpoint;
-use crate::checkpoint::adapter::{ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME};
 use crate::merge::lora_svd::extract;
 use crate::merge::precision::Precision;
 use crate::merge::{DType, MergeError, decode_to_f32};
@@ -190,14 +191,7 @@ fn record(loc_url: &str, ckpt: &Checkpoint) -> InputRecord {
     InputRecord {
         uri: loc_url.to_string(),
         tensors: ckpt.tensors.len(),
-        files: ckpt
-            .files
-            .iter()
-            .map(|f| InputFile {
-                path: f.path.to_string(),
-                size: f.size,
-            })
-            .collect(),
+        files: ckpt.files.iter().map(InputFile::of).collect(),
         lora: ckpt.lora.as_deref().map(fold::describe),
     }
 }
@@ -275,19 +269,8 @@ impl Engine {
             ));
         }
         let recipe_sha256 = hex::encode(recipe.hash());
-        if let Some(existing) = manifest::read(&output).await? {
-            if existing.recipe_sha256 != recipe_sha256 {
-                return Err(EngineError::OutputConflict(format!(
-                    "{} already holds a soup made from a different recipe ({MANIFEST_NAME})",
-                    output.url
-                )));
-            }
-            manifest::verify_files(&output, &existing).await?;
-            return Ok(MergeOutcome {
-                uri: output.url.clone(),
-                files: existing.files,
-                recovered: true,
-            });
+        if let Some(done) = published_adapter(&output, &recipe_sha256).await? {
+            return Ok(done);
         }
         ctl.progress
             .tensors_total
@@ -449,53 +432,22 @@ impl Engine {
             .map_err(|e| EngineError::Internal(format!("adapter config: {e}")))?;
         let n_tensors = tensors.len();
         let weights = Bytes::from(safetensors_bytes(tensors));
-        ctl.check()?;
-        let mut written: Vec<OutputFile> = Vec::new();
-        let result = async {
-            for (name, bytes) in [
-                (ADAPTER_WEIGHTS_NAME, weights),
-                (ADAPTER_CONFIG_NAME, Bytes::from(config_bytes)),
-            ] {
-                let f = output::put_small(&output, name, bytes).await?;
-                ctl.progress
-                    .bytes_written
-                    .fetch_add(f.size, Ordering::Relaxed);
-                written.push(f);
-            }
-            ctl.check()?;
-            ctl.progress.set_phase(Phase::Publishing);
-            ctl.gate.may_publish().await?;
-            let m = Manifest {
-                format: manifest::FORMAT.into(),
-                ladle_version: env!("CARGO_PKG_VERSION").into(),
-                recipe: serde_json::to_value(recipe).unwrap_or(serde_json::Value::Null),
-                recipe_sha256: recipe_sha256.clone(),
-                inputs: vec![record(&base_loc.url, &base), record(&ft_loc.url, &ft)],
-                tensors: n_tensors,
-                files: written.clone(),
-                run: ctl.run_info.clone(),
-                sparsity: None,
-                search: None,
-                nonfinite: None,
-                elapsed_s: started.elapsed().as_secs_f64(),
-            };
-            manifest::publish(&output, &m).await?;
-            Ok::<_, EngineError>(m.files)
-        }
-        .await;
-        match result {
-            Ok(files) => Ok(MergeOutcome {
-                uri: output.url.clone(),
-                files,
-                recovered: false,
-            }),
-            Err(e) => {
-                if !matches!(e, EngineError::LeaseLost) {
-                    output::delete_files(&output, &written).await;
-                }
-                Err(e)
-            }
-        }
+        let inputs = vec![record(&base_loc.url, &base), record(&ft_loc.url, &ft)];
+        let adapter = AdapterFiles {
+            weights,
+            config: Bytes::from(config_bytes),
+            tensors: n_tensors,
+        };
+        publish_adapter(
+            &output,
+            recipe,
+            recipe_sha256,
+            inputs,
+            adapter,
+            ctl,
+            started,
+        )
+        .await
     }
 }
 

@@ -33,6 +33,7 @@ use crate::merge::rng::KeyedRng;
 use crate::merge::{DType, MergeError, decode_to_f32, encode_from_f32};
 use crate::methods::lora::LoraConfig;
 use crate::recipe::{Recipe, Setting};
+use crate::storage::Location;
 
 pub(super) const PREFIX: &str = "base_model.model.";
 
@@ -202,19 +203,8 @@ impl Engine {
             adapters.push(fold::open_adapter(&self.storage, &m.uri, &base.1, None).await?);
         }
         let recipe_sha256 = hex::encode(recipe.hash());
-        if let Some(existing) = manifest::read(&output).await? {
-            if existing.recipe_sha256 != recipe_sha256 {
-                return Err(EngineError::OutputConflict(format!(
-                    "{} already holds a soup made from a different recipe ({MANIFEST_NAME})",
-                    output.url
-                )));
-            }
-            manifest::verify_files(&output, &existing).await?;
-            return Ok(MergeOutcome {
-                uri: output.url.clone(),
-                files: existing.files,
-                recovered: true,
-            });
+        if let Some(done) = published_adapter(&output, &recipe_sha256).await? {
+            return Ok(done);
         }
         // peft: one adapter is always `linear`.
         let kind = if adapters.len() == 1 {
@@ -397,62 +387,126 @@ impl Engine {
         let n_tensors = tensors.len();
         let weights = Bytes::from(safetensors_bytes(tensors));
         ctl.check()?;
-        // Every file goes to this run's own staging folder first (see `publish`).
-        let writer = publish::Writer::of(&ctl.run_info);
-        let staging = publish::staging(&output, &writer);
-        publish::remove_dead_staging(&output, &writer).await;
-        let result = async {
-            let mut written: Vec<OutputFile> = Vec::new();
-            for (name, bytes) in [
-                (ADAPTER_WEIGHTS_NAME, weights),
-                (ADAPTER_CONFIG_NAME, Bytes::from(config_bytes)),
-            ] {
-                let f = output::put_small(&staging, name, bytes).await?;
-                ctl.progress
-                    .bytes_written
-                    .fetch_add(f.size, Ordering::Relaxed);
-                written.push(f);
-            }
-            ctl.check()?;
-            ctl.progress.set_phase(Phase::Publishing);
-            ctl.gate.may_publish().await?;
-            let m = Manifest {
-                format: manifest::FORMAT.into(),
-                ladle_version: env!("CARGO_PKG_VERSION").into(),
-                recipe: serde_json::to_value(recipe).unwrap_or(serde_json::Value::Null),
-                recipe_sha256: recipe_sha256.clone(),
-                inputs: std::iter::once(InputRecord {
-                    uri: base.0.url.clone(),
-                    tensors: base.1.tensors.len(),
-                    files: base.1.files.iter().map(InputFile::of).collect(),
-                    lora: None,
-                })
-                .chain(adapters.iter().map(|a| InputRecord {
-                    uri: a.url.clone(),
-                    tensors: a.file.tensors.len(),
-                    files: a.file.files.iter().map(InputFile::of).collect(),
-                    lora: Some(fold::describe(a)),
-                }))
-                .collect(),
-                tensors: n_tensors,
-                files: written,
-                run: ctl.run_info.clone(),
-                sparsity: None,
-                search: None,
-                nonfinite: None,
-                elapsed_s: started.elapsed().as_secs_f64(),
-            };
-            let recovered = publish::publish(&output, &staging, &writer, &m).await?;
-            Ok::<_, EngineError>((m.files, recovered))
-        }
-        .await;
-        // Whatever happened, what is left in the staging folder is ours alone.
-        publish::remove_staging(&staging).await;
-        let (files, recovered) = result?;
-        Ok(MergeOutcome {
-            uri: output.url.clone(),
-            files,
-            recovered,
+        let inputs = std::iter::once(InputRecord {
+            uri: base.0.url.clone(),
+            tensors: base.1.tensors.len(),
+            files: base.1.files.iter().map(InputFile::of).collect(),
+            lora: None,
         })
+        .chain(adapters.iter().map(|a| InputRecord {
+            uri: a.url.clone(),
+            tensors: a.file.tensors.len(),
+            files: a.file.files.iter().map(InputFile::of).collect(),
+            lora: Some(fold::describe(a)),
+        }))
+        .collect();
+        let adapter = AdapterFiles {
+            weights,
+            config: Bytes::from(config_bytes),
+            tensors: n_tensors,
+        };
+        publish_adapter(
+            &output,
+            recipe,
+            recipe_sha256,
+            inputs,
+            adapter,
+            ctl,
+            started,
+        )
+        .await
     }
+}
+
+/// The output already holds a manifest: `Some` (a recovery) when it is this recipe's and all
+/// its files are there, `output_conflict` when it is another recipe's.
+pub(super) async fn published_adapter(
+    output: &Location,
+    recipe_sha256: &str,
+) -> Result<Option<MergeOutcome>, EngineError> {
+    let Some(existing) = manifest::read(output).await? else {
+        return Ok(None);
+    };
+    if existing.recipe_sha256 != recipe_sha256 {
+        return Err(EngineError::OutputConflict(format!(
+            "{} already holds a soup made from a different recipe ({MANIFEST_NAME})",
+            output.url
+        )));
+    }
+    manifest::verify_files(output, &existing).await?;
+    Ok(Some(MergeOutcome {
+        uri: output.url.clone(),
+        files: existing.files,
+        recovered: true,
+    }))
+}
+
+/// A PEFT adapter folder's two files.
+pub(super) struct AdapterFiles {
+    /// `adapter_model.safetensors`.
+    pub weights: Bytes,
+    /// `adapter_config.json`.
+    pub config: Bytes,
+    /// How many tensors `weights` holds.
+    pub tensors: usize,
+}
+
+/// Publish an adapter folder (adapter merges and extractions alike) through the publish
+/// protocol: both files into this run's staging folder, the manifest (`inputs` as recorded)
+/// last.
+pub(super) async fn publish_adapter(
+    output: &Location,
+    recipe: &Recipe,
+    recipe_sha256: String,
+    inputs: Vec<InputRecord>,
+    adapter: AdapterFiles,
+    ctl: &Arc<RunControl>,
+    started: Instant,
+) -> Result<MergeOutcome, EngineError> {
+    ctl.check()?;
+    // Every file goes to this run's own staging folder first (see `publish`).
+    let writer = publish::Writer::of(&ctl.run_info);
+    let staging = publish::staging(output, &writer);
+    publish::remove_dead_staging(output, &writer).await;
+    let result = async {
+        let mut written: Vec<OutputFile> = Vec::new();
+        for (name, bytes) in [
+            (ADAPTER_WEIGHTS_NAME, adapter.weights),
+            (ADAPTER_CONFIG_NAME, adapter.config),
+        ] {
+            let f = output::put_small(&staging, name, bytes).await?;
+            ctl.progress
+                .bytes_written
+                .fetch_add(f.size, Ordering::Relaxed);
+            written.push(f);
+        }
+        ctl.check()?;
+        ctl.progress.set_phase(Phase::Publishing);
+        ctl.gate.may_publish().await?;
+        let m = Manifest {
+            format: manifest::FORMAT.into(),
+            ladle_version: env!("CARGO_PKG_VERSION").into(),
+            recipe: serde_json::to_value(recipe).unwrap_or(serde_json::Value::Null),
+            recipe_sha256,
+            inputs,
+            tensors: adapter.tensors,
+            files: written,
+            run: ctl.run_info.clone(),
+            sparsity: None,
+            search: None,
+            nonfinite: None,
+            elapsed_s: started.elapsed().as_secs_f64(),
+        };
+        let recovered = publish::publish(output, &staging, &writer, &m).await?;
+        Ok::<_, EngineError>((m.files, recovered))
+    }
+    .await;
+    // Whatever happened, what is left in the staging folder is ours alone.
+    publish::remove_staging(&staging).await;
+    let (files, recovered) = result?;
+    Ok(MergeOutcome {
+        uri: output.url.clone(),
+        files,
+        recovered,
+    })
 }
