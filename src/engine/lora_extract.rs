@@ -36,7 +36,7 @@ use std::time::Instant;
 use bytes::Bytes;
 
 use super::lora_merge::{
-    AdapterFiles, OutTensor, PREFIX, encode, publish_adapter, published_adapter, safetensors_bytes,
+    AdapterFiles, OutTensor, PREFIX, encode, publish_adapter, published_adapter,
 };
 use super::manifest::{InputFile, InputRecord};
 use super::{Engine, EngineError, MergeOutcome, Phase, RunControl, fold, read_elems};
@@ -428,16 +428,8 @@ impl Engine {
             "fan_in_fan_out": false,
             "inference_mode": true,
         });
-        let config_bytes = serde_json::to_vec_pretty(&config_json)
-            .map_err(|e| EngineError::Internal(format!("adapter config: {e}")))?;
-        let n_tensors = tensors.len();
-        let weights = Bytes::from(safetensors_bytes(tensors));
+        let adapter = AdapterFiles::new(tensors, &config_json)?;
         let inputs = vec![record(&base_loc.url, &base), record(&ft_loc.url, &ft)];
-        let adapter = AdapterFiles {
-            weights,
-            config: Bytes::from(config_bytes),
-            tensors: n_tensors,
-        };
         publish_adapter(
             &output,
             recipe,

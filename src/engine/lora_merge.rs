@@ -381,12 +381,7 @@ impl Engine {
                 }
             }
         }
-        let config_json = new_config(&adapters, r_new)?;
-        let config_bytes = serde_json::to_vec_pretty(&config_json)
-            .map_err(|e| EngineError::Internal(format!("adapter config: {e}")))?;
-        let n_tensors = tensors.len();
-        let weights = Bytes::from(safetensors_bytes(tensors));
-        ctl.check()?;
+        let adapter = AdapterFiles::new(tensors, &new_config(&adapters, r_new)?)?;
         let inputs = std::iter::once(InputRecord {
             uri: base.0.url.clone(),
             tensors: base.1.tensors.len(),
@@ -400,11 +395,6 @@ impl Engine {
             lora: Some(fold::describe(a)),
         }))
         .collect();
-        let adapter = AdapterFiles {
-            weights,
-            config: Bytes::from(config_bytes),
-            tensors: n_tensors,
-        };
         publish_adapter(
             &output,
             recipe,
@@ -449,6 +439,19 @@ pub(super) struct AdapterFiles {
     pub config: Bytes,
     /// How many tensors `weights` holds.
     pub tensors: usize,
+}
+
+impl AdapterFiles {
+    /// `tensors` as a safetensors file and `config` as `adapter_config.json`.
+    pub fn new(tensors: Vec<OutTensor>, config: &serde_json::Value) -> Result<Self, EngineError> {
+        let config = serde_json::to_vec_pretty(config)
+            .map_err(|e| EngineError::Internal(format!("adapter config: {e}")))?;
+        Ok(AdapterFiles {
+            tensors: tensors.len(),
+            weights: Bytes::from(safetensors_bytes(tensors)),
+            config: Bytes::from(config),
+        })
+    }
 }
 
 /// Publish an adapter folder (adapter merges and extractions alike) through the publish
