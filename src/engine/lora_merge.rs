@@ -25,16 +25,17 @@ use crate::checkpoint::adapter::{
     ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, Attached, ModuleKind, TargetModules, Touch,
 };
 use crate::merge::lora_combine::{Combination, Source, cat, combine, factor_weights};
+use crate::merge::lora_svd::combine_svd;
 use crate::merge::precision::Precision;
 use crate::merge::rng::KeyedRng;
 use crate::merge::{DType, MergeError, decode_to_f32, encode_from_f32};
 use crate::methods::lora::LoraConfig;
 use crate::recipe::{Recipe, Setting};
 
-const PREFIX: &str = "base_model.model.";
+pub(super) const PREFIX: &str = "base_model.model.";
 
 /// One output tensor: name, dtype, shape, little-endian bytes.
-type OutTensor = (String, DType, Vec<u64>, Vec<u8>);
+pub(super) type OutTensor = (String, DType, Vec<u64>, Vec<u8>);
 
 fn invalid(msg: String) -> EngineError {
     EngineError::InvalidRecipe(msg)
@@ -56,7 +57,7 @@ async fn whole(att: &Attached, name: &str) -> Result<Vec<f32>, EngineError> {
     Ok(f)
 }
 
-fn encode(name: &str, dtype: DType, values: &[f32]) -> Result<Vec<u8>, EngineError> {
+pub(super) fn encode(name: &str, dtype: DType, values: &[f32]) -> Result<Vec<u8>, EngineError> {
     let mut out = vec![0u8; values.len() * dtype.size_bytes()];
     encode_from_f32(dtype, values, &mut out).map_err(|e| EngineError::Merge {
         tensor: name.to_string(),
@@ -93,7 +94,7 @@ async fn base_copy(
 }
 
 /// `safetensors` bytes of `tensors` (sorted by name), with `{"format": "pt"}` metadata.
-fn safetensors_bytes(mut tensors: Vec<OutTensor>) -> Vec<u8> {
+pub(super) fn safetensors_bytes(mut tensors: Vec<OutTensor>) -> Vec<u8> {
     tensors.sort_by(|a, b| a.0.cmp(&b.0));
     let mut header = serde_json::Map::new();
     header.insert("__metadata__".into(), serde_json::json!({"format": "pt"}));
@@ -222,6 +223,11 @@ impl Engine {
         let ranks: Vec<u64> = adapters.iter().map(|a| a.adapter.max_rank()).collect();
         let r_new = if kind == Combination::Cat {
             ranks.iter().sum()
+        } else if kind.is_svd() {
+            // peft: `svd_rank or max(adapters_ranks)`.
+            config
+                .svd_rank
+                .unwrap_or_else(|| ranks.iter().copied().max().unwrap_or(0))
         } else {
             if ranks.iter().any(|r| *r != ranks[0]) {
                 return Err(invalid(format!(
@@ -266,7 +272,7 @@ impl Engine {
                 let Some(weight) = weight_of(recipe, i, &m.module) else {
                     continue;
                 };
-                if kind != Combination::Cat && m.rank != r_new {
+                if kind != Combination::Cat && !kind.is_svd() && m.rank != r_new {
                     return Err(invalid(format!(
                         "models[{i}]: module {} has rank {} (rank_pattern), not {r_new}; \
                          {:?} needs one rank everywhere (use cat)",
@@ -305,6 +311,25 @@ impl Engine {
                 let d = recipe.output.dtype.unwrap_or(base_t.dtype);
                 let p = Precision::of(d);
                 (d, cat(&sources, n_a, n_b, r, |x| p.round(x)))
+            } else if kind.is_svd() {
+                let rngs: Vec<KeyedRng> = parts
+                    .iter()
+                    .map(|(i, ..)| KeyedRng::new(config.seed, *i, &format!("{tensor}.delta")))
+                    .collect();
+                let (density, sign) = (config.density.unwrap_or(1.0), config.sign_method());
+                let factors = combine_svd(
+                    kind,
+                    &sources,
+                    n_a,
+                    n_b,
+                    r,
+                    density,
+                    sign,
+                    &rngs,
+                    config.svd_clamp,
+                )
+                .map_err(|e| invalid(format!("models: module {}: {e}", first.module)))?;
+                (recipe.output.dtype.unwrap_or(DType::F32), factors)
             } else {
                 let (wa, wb) = factor_weights(&sources);
                 let (name_a, name_b) = (format!("{tensor}.lora_A"), format!("{tensor}.lora_B"));

@@ -11,6 +11,7 @@ pub mod analysis;
 mod buffers;
 mod fold;
 mod kernel;
+mod lora_extract;
 mod lora_merge;
 mod manifest;
 mod output;
@@ -420,6 +421,13 @@ impl Engine {
         {
             // Adapter-level merges write an adapter, not a model.
             return self.run_lora(recipe, ctl).await;
+        }
+        if recipe
+            .parameters
+            .get::<crate::methods::lora_extract::LoraExtractConfig>()
+            .is_some()
+        {
+            return self.run_lora_extract(recipe, ctl).await;
         }
         let started = Instant::now();
         ctl.progress.set_phase(Phase::Planning);

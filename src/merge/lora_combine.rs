@@ -10,7 +10,8 @@
 
 use crate::merge::rng::KeyedRng;
 
-/// peft's `combination_type`s without an SVD.
+/// peft's `combination_type`s. The `*Svd` ones apply their merge function to the full deltas
+/// `s_i·B_i@A_i` with the raw weights, then truncate with an SVD (`crate::merge::lora_svd`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Combination {
     Linear,
@@ -19,6 +20,42 @@ pub enum Combination {
     DareLinear,
     DareTies,
     MagnitudePrune,
+    Svd,
+    TiesSvd,
+    DareLinearSvd,
+    DareTiesSvd,
+    MagnitudePruneSvd,
+}
+
+impl Combination {
+    /// One of the SVD types.
+    pub fn is_svd(self) -> bool {
+        matches!(
+            self,
+            Combination::Svd
+                | Combination::TiesSvd
+                | Combination::DareLinearSvd
+                | Combination::DareTiesSvd
+                | Combination::MagnitudePruneSvd
+        )
+    }
+
+    /// The merge function is a plain weighted sum at this density (so a sum of low-rank terms
+    /// stays low-rank): `linear`, `cat`, `svd`, and the pruning types that do not prune
+    /// (density ≥ 1) without a sign election.
+    pub fn is_weighted_sum(self, density: f64) -> bool {
+        match self {
+            Combination::Linear | Combination::Cat | Combination::Svd => true,
+            Combination::DareLinear
+            | Combination::MagnitudePrune
+            | Combination::DareLinearSvd
+            | Combination::MagnitudePruneSvd => density >= 1.0,
+            Combination::Ties
+            | Combination::DareTies
+            | Combination::TiesSvd
+            | Combination::DareTiesSvd => false,
+        }
+    }
 }
 
 /// `majority_sign_method`.
@@ -171,26 +208,28 @@ pub fn combine(
     rngs: &[KeyedRng],
 ) -> Vec<f32> {
     match kind {
-        Combination::Linear | Combination::Cat => weighted_sum(&tensors, weights),
-        Combination::MagnitudePrune => {
+        Combination::Linear | Combination::Cat | Combination::Svd => {
+            weighted_sum(&tensors, weights)
+        }
+        Combination::MagnitudePrune | Combination::MagnitudePruneSvd => {
             for t in &mut tensors {
                 magnitude_prune(t, density);
             }
             weighted_sum(&tensors, weights)
         }
-        Combination::Ties => {
+        Combination::Ties | Combination::TiesSvd => {
             for t in &mut tensors {
                 magnitude_prune(t, density);
             }
             disjoint_merge(&tensors, weights, method)
         }
-        Combination::DareLinear => {
+        Combination::DareLinear | Combination::DareLinearSvd => {
             for (t, rng) in tensors.iter_mut().zip(rngs) {
                 random_prune(t, density, rng);
             }
             weighted_sum(&tensors, weights)
         }
-        Combination::DareTies => {
+        Combination::DareTies | Combination::DareTiesSvd => {
             for (t, rng) in tensors.iter_mut().zip(rngs) {
                 random_prune(t, density, rng);
             }

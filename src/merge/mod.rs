@@ -27,6 +27,7 @@ pub mod karcher_stream;
 pub mod linear;
 pub mod lora;
 pub mod lora_combine;
+pub mod lora_svd;
 pub mod model_stock;
 pub mod multislerp;
 pub mod nearswap;

@@ -1,6 +1,8 @@
 //! `lora`: adapter-level merges of PEFT LoRA adapters over one base, as peft 0.21.2's
 //! `add_weighted_adapter` (`combination`: `linear`, `cat`, `ties`, `dare_linear`,
-//! `dare_ties`, `magnitude_prune`); the output is a PEFT adapter folder. `cat` takes
+//! `dare_ties`, `magnitude_prune`, and the SVD types `svd`, `ties_svd`, `dare_linear_svd`,
+//! `dare_ties_svd`, `magnitude_prune_svd` with `svd_rank` and `svd_clamp`); the output is a
+//! PEFT adapter folder. `cat` takes
 //! per-module weights (LoRA Soups' CAT): `weight` as a list of `{"name"|"filter", "value"}`
 //! rules matched against the module path (`model.layers.0.self_attn.k_proj`); a module no rule
 //! matches is left out (weight 0); a last rule with neither is the default.
@@ -28,9 +30,31 @@ pub enum CombinationName {
     DareLinear,
     DareTies,
     MagnitudePrune,
+    Svd,
+    TiesSvd,
+    DareLinearSvd,
+    DareTiesSvd,
+    MagnitudePruneSvd,
 }
 
 impl CombinationName {
+    /// The name as a recipe writes it (`dare_ties_svd`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CombinationName::Linear => "linear",
+            CombinationName::Cat => "cat",
+            CombinationName::Ties => "ties",
+            CombinationName::DareLinear => "dare_linear",
+            CombinationName::DareTies => "dare_ties",
+            CombinationName::MagnitudePrune => "magnitude_prune",
+            CombinationName::Svd => "svd",
+            CombinationName::TiesSvd => "ties_svd",
+            CombinationName::DareLinearSvd => "dare_linear_svd",
+            CombinationName::DareTiesSvd => "dare_ties_svd",
+            CombinationName::MagnitudePruneSvd => "magnitude_prune_svd",
+        }
+    }
+
     pub fn kind(self) -> Combination {
         match self {
             CombinationName::Linear => Combination::Linear,
@@ -39,6 +63,11 @@ impl CombinationName {
             CombinationName::DareLinear => Combination::DareLinear,
             CombinationName::DareTies => Combination::DareTies,
             CombinationName::MagnitudePrune => Combination::MagnitudePrune,
+            CombinationName::Svd => Combination::Svd,
+            CombinationName::TiesSvd => Combination::TiesSvd,
+            CombinationName::DareLinearSvd => Combination::DareLinearSvd,
+            CombinationName::DareTiesSvd => Combination::DareTiesSvd,
+            CombinationName::MagnitudePruneSvd => Combination::MagnitudePruneSvd,
         }
     }
 }
@@ -59,6 +88,12 @@ pub struct LoraConfig {
     pub density: Option<f64>,
     pub majority_sign_method: SignMethodName,
     pub seed: u64,
+    /// SVD types: the new rank (default: the largest rank of the adapters, as peft).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub svd_rank: Option<u64>,
+    /// SVD types: clamp both factors at this quantile of their entries (0 ≤ q ≤ 1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub svd_clamp: Option<f64>,
 }
 
 impl LoraConfig {
@@ -76,15 +111,6 @@ impl Config for LoraConfig {
 
 const ABOUT: About = About::new("lora", BaseRule::Required);
 
-/// The SVD types of peft (not implemented yet: refused by name).
-const SVD_TYPES: [&str; 5] = [
-    "svd",
-    "ties_svd",
-    "dare_linear_svd",
-    "dare_ties_svd",
-    "magnitude_prune_svd",
-];
-
 impl MergeMethod for Lora {
     type Config = LoraConfig;
 
@@ -97,25 +123,39 @@ impl MergeMethod for Lora {
         let mut density = None;
         let mut sign = SignMethodName::Total;
         let mut seed = 0u64;
+        let mut svd_rank = None;
+        let mut svd_clamp = None;
         for (key, value) in cx.params {
             let field = format!("parameters.{key}");
             match key.as_str() {
                 "combination" => {
-                    let name = value.as_str().unwrap_or_default();
-                    if SVD_TYPES.contains(&name) {
-                        return Err(invalid(
-                            field,
-                            format!("{name:?} (an SVD type) is not supported yet"),
-                        ));
-                    }
                     combination = Some(
                         serde_json::from_value::<CombinationName>(value.clone()).map_err(|_| {
                             invalid(
                                 &field,
                                 "one of linear, cat, ties, dare_linear, dare_ties, \
-                                     magnitude_prune",
+                                 magnitude_prune, svd, ties_svd, dare_linear_svd, \
+                                 dare_ties_svd, magnitude_prune_svd",
                             )
                         })?,
+                    );
+                }
+                "svd_rank" => {
+                    svd_rank = Some(
+                        value
+                            .as_u64()
+                            .filter(|r| *r >= 1)
+                            .ok_or_else(|| invalid(&field, "must be an integer ≥ 1"))?,
+                    );
+                }
+                "svd_clamp" => {
+                    svd_clamp = Some(
+                        value
+                            .as_f64()
+                            .filter(|q| (0.0..=1.0).contains(q))
+                            .ok_or_else(|| {
+                                invalid(&field, "must be a number from 0 to 1 (a quantile)")
+                            })?,
                     );
                 }
                 "density" => {
@@ -139,25 +179,39 @@ impl MergeMethod for Lora {
                     return Err(invalid(
                         field,
                         "unknown parameter for method lora (known: combination, density, \
-                         majority_sign_method, seed)",
+                         majority_sign_method, seed, svd_rank, svd_clamp)",
                     ));
                 }
             }
         }
         let combination =
             combination.ok_or_else(|| invalid("parameters.combination", "required"))?;
-        let prunes = matches!(
+        let kind = combination.kind();
+        let prunes = !matches!(
             combination,
-            CombinationName::Ties
-                | CombinationName::DareLinear
-                | CombinationName::DareTies
-                | CombinationName::MagnitudePrune
+            CombinationName::Linear | CombinationName::Cat | CombinationName::Svd
         );
         if prunes && density.is_none() {
             return Err(invalid(
                 "parameters.density",
-                format!("combination {combination:?} needs a density"),
+                format!("combination {} needs a density", combination.as_str()),
             ));
+        }
+        if !kind.is_svd() {
+            for (key, given) in [
+                ("svd_rank", svd_rank.is_some()),
+                ("svd_clamp", svd_clamp.is_some()),
+            ] {
+                if given {
+                    return Err(invalid(
+                        format!("parameters.{key}"),
+                        format!(
+                            "only for the SVD types (combination {} has no SVD)",
+                            combination.as_str()
+                        ),
+                    ));
+                }
+            }
         }
         for m in cx.models.iter() {
             for (key, s) in &m.parameters {
@@ -185,6 +239,8 @@ impl MergeMethod for Lora {
             density,
             majority_sign_method: sign,
             seed,
+            svd_rank,
+            svd_clamp,
         })
     }
 

@@ -23,6 +23,7 @@ pub mod gta;
 pub mod karcher;
 pub mod linear;
 pub mod lora;
+pub mod lora_extract;
 pub mod model_stock;
 pub mod multislerp;
 pub mod nearswap;
@@ -72,6 +73,7 @@ pub static REGISTRY: &[&dyn DynMethod] = &[
     &ram::Ram,
     &ramplus_tl::RamPlusTl,
     &lora::Lora,
+    &lora_extract::LoraExtract,
 ];
 
 /// Whether a method takes a base model.

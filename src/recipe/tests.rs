@@ -349,6 +349,10 @@ fn every_method_round_trips_through_its_stored_form() {
             }
             "ties" => req["parameters"] = json!({"density": 0.5, "scope": "row"}),
             "lora" => req["parameters"] = json!({"combination": "ties", "density": 0.5}),
+            "lora_extract" => {
+                req["models"] = json!([{"uri": "file:///d/a"}]);
+                req["parameters"] = json!({"max_rank": 8, "include_regexes": ["self_attn"]});
+            }
             _ => {}
         }
         let s = parse(req.clone()).unwrap_or_else(|e| panic!("{}: {e}", m.name()));
