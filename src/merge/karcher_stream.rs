@@ -168,6 +168,22 @@ impl Scratch {
     }
 }
 
+/// `sums[j] += u[e]·unitsⱼ[e]` for every element in order, the `K` sums side by side in
+/// registers (independent chains; each one adds in index order).
+#[inline(always)]
+fn dots<const K: usize>(u: &[f32], units: &[f32], sums: &mut [f64]) {
+    let mut acc = [0.0f64; K];
+    acc.copy_from_slice(&sums[..K]);
+    let rows: [&[f32]; K] = std::array::from_fn(|j| &units[j * BLOCK..j * BLOCK + u.len()]);
+    for (e, x) in u.iter().enumerate() {
+        let x = *x as f64;
+        for (a, r) in acc.iter_mut().zip(&rows) {
+            *a += x * r[e] as f64;
+        }
+    }
+    sums[..K].copy_from_slice(&acc);
+}
+
 /// One finished iteration: per valid model its rounded dot product's coefficient (`None`:
 /// skipped, `θ < tol`) and dot, then the update's scalars.
 #[derive(Debug, Clone)]
@@ -480,12 +496,20 @@ impl KarcherStream {
                 if let Some(c) = cache.as_mut().filter(|_| cached > 0) {
                     c.store(g0, &sc.u[..cached]);
                 }
-                // Element by element, the models' sums side by side (independent chains).
                 let k = sums.len().min(self.valid.len());
-                for (e, x) in sc.u[..len].iter().enumerate() {
-                    let x = *x as f64;
-                    for (j, s) in sums[..k].iter_mut().enumerate() {
-                        *s += x * sc.units[j * BLOCK + e] as f64;
+                let (u, units) = (&sc.u[..len], &sc.units[..]);
+                match k {
+                    1 => dots::<1>(u, units, sums),
+                    2 => dots::<2>(u, units, sums),
+                    3 => dots::<3>(u, units, sums),
+                    4 => dots::<4>(u, units, sums),
+                    _ => {
+                        for (e, x) in u.iter().enumerate() {
+                            let x = *x as f64;
+                            for (j, s) in sums[..k].iter_mut().enumerate() {
+                                *s += x * units[j * BLOCK + e] as f64;
+                            }
+                        }
                     }
                 }
             }
