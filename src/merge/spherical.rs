@@ -225,6 +225,15 @@ impl NuslerpStream {
             _ => 0,
         }
     }
+
+    /// The vector of the element after one of vector `v` (no division per element).
+    #[inline]
+    fn next_vector(&self, v: usize) -> usize {
+        match self.shape {
+            NuslerpShape::Columns if v + 1 < self.cols => v + 1,
+            _ => 0,
+        }
+    }
 }
 
 /// The (task) vector values of one element: `x − b` rounded with a base, else `x`.
@@ -260,8 +269,8 @@ impl TensorStream for NuslerpStream {
         let norms = std::mem::take(&mut self.norms);
         let this = &*self;
         scan_spans(inputs, crate::merge::BLOCK_ELEMS, |start, blocks| {
+            let mut v = this.vector(first + start as u64);
             for e in 0..blocks[0].len() {
-                let v = this.vector(first + (start + e) as u64);
                 let (a, b) = nu_values(p, has_base, blocks, e);
                 if pass == 0 {
                     sq[0][v] += (a as f64) * (a as f64);
@@ -269,6 +278,7 @@ impl TensorStream for NuslerpStream {
                 } else {
                     cos[v] += nu_cos_term(p, a, b, norms[0][v], norms[1][v]);
                 }
+                v = this.next_vector(v);
             }
         })?;
         self.sq = sq;
@@ -333,8 +343,10 @@ impl TensorStream for NuslerpStream {
             crate::merge::BLOCK_ELEMS,
             |_| (),
             |_, start, blocks, o| {
+                let mut v = self.vector(first + start as u64);
                 for (e, o) in o.iter_mut().enumerate() {
-                    let c = &self.coefs[self.vector(first + (start + e) as u64)];
+                    let c = &self.coefs[v];
+                    v = self.next_vector(v);
                     let (a, b) = nu_values(p, has_base, blocks, e);
                     let v = nu_apply(p, c, a, b);
                     *o = if has_base {
