@@ -99,7 +99,7 @@ impl Manifest {
             run: run.clone(),
             sparsity: plan.kernel.sparsity_report(),
             search: None,
-            nonfinite: Some(plan.kernel.nonfinite_report()),
+            nonfinite: Some(plan.nonfinite_report()),
             elapsed_s: started.elapsed().as_secs_f64(),
         }
     }

@@ -349,6 +349,8 @@ enum TensorOp {
         source: String,
         scale: Option<f64>,
     },
+    /// Merge tensor `name` of a slice's inputs with its kernel ([`slices::Part`]).
+    Part { part: usize, name: String },
 }
 
 /// Everything decided before the first output byte is written.
@@ -359,8 +361,36 @@ struct Plan {
     shards: Vec<ShardPlan>,
     recipe_sha256: String,
     kernel: Arc<Kernel>,
+    /// The merged slices of a slice recipe with a method other than passthrough.
+    parts: Vec<slices::Part>,
     /// `num_hidden_layers` to write into the copied `config.json` (passthrough slices).
     num_hidden_layers: Option<u64>,
+}
+
+/// A merged tensor's inputs, kernel and the name the kernel knows it by.
+type MergeView<'a> = (&'a [(Location, Checkpoint)], &'a Arc<Kernel>, &'a str);
+
+impl Plan {
+    /// A merged tensor's inputs, kernel and the name the kernel knows it by (`None`: a copy).
+    fn merge_view<'a>(&'a self, op: &'a TensorOp, tensor: &'a str) -> Option<MergeView<'a>> {
+        match op {
+            TensorOp::Merge => Some((&self.inputs, &self.kernel, tensor)),
+            TensorOp::Part { part, name } => self
+                .parts
+                .get(*part)
+                .map(|p| (p.inputs.as_slice(), &p.kernel, name.as_str())),
+            TensorOp::CopyFirst | TensorOp::Pick { .. } => None,
+        }
+    }
+
+    /// The non-finite values written, per output tensor (see [`Kernel::nonfinite_report`]).
+    fn nonfinite_report(&self) -> serde_json::Value {
+        if self.parts.is_empty() {
+            self.kernel.nonfinite_report()
+        } else {
+            slices::nonfinite_report(&self.parts)
+        }
+    }
 }
 
 pub struct Engine {
@@ -499,8 +529,13 @@ impl Engine {
         let mut inputs = self.open_inputs(uris).await?;
         // Adapters folded into models: checked against them before anything is written.
         fold::attach_all(&self.storage, recipe, &mut inputs).await?;
+        let mut parts = Vec::new();
         let (ops, num_hidden_layers) = if recipe.method.about().slices {
             slices::plan(recipe, &inputs)?
+        } else if !recipe.slices.is_empty() {
+            let (ops, merged, layers) = slices::plan_merged(recipe, &inputs)?;
+            parts = merged;
+            (ops, Some(layers))
         } else {
             (check_compatible(&inputs)?, None)
         };
@@ -512,21 +547,30 @@ impl Engine {
             .filter_map(|n| layer_index(n))
             .max()
             .map_or(0, |m| m + 1);
-        let mut kernel = Kernel::new(recipe, num_layers).map_err(EngineError::Internal)?;
-        if let Some((specs, compute)) = kernel.model_selection() {
-            // scope "model": the cut-offs over the whole model, before anything is written.
-            progress.set_phase(Phase::Prepass);
-            let merged: Vec<String> = ops
-                .iter()
-                .filter(|(_, op)| matches!(op, TensorOp::Merge))
-                .map(|(name, _)| name.clone())
-                .collect();
-            let selections =
-                prepass::model_bands(&inputs, &merged, &specs, compute, self.config.chunk_elems)
-                    .await?;
-            kernel = kernel.with_bands(selections.iter().map(|s| s.band).collect());
-        }
-        let kernel = Arc::new(kernel);
+        let kernel = if let Some(p) = parts.first() {
+            p.kernel.clone()
+        } else {
+            let mut kernel = Kernel::new(recipe, num_layers).map_err(EngineError::Internal)?;
+            if let Some((specs, compute)) = kernel.model_selection() {
+                // scope "model": the cut-offs over the whole model, before anything is written.
+                progress.set_phase(Phase::Prepass);
+                let merged: Vec<String> = ops
+                    .iter()
+                    .filter(|(_, op)| matches!(op, TensorOp::Merge))
+                    .map(|(name, _)| name.clone())
+                    .collect();
+                let selections = prepass::model_bands(
+                    &inputs,
+                    &merged,
+                    &specs,
+                    compute,
+                    self.config.chunk_elems,
+                )
+                .await?;
+                kernel = kernel.with_bands(selections.iter().map(|s| s.band).collect());
+            }
+            Arc::new(kernel)
+        };
         let mut out_tensors = Vec::with_capacity(ops.len());
         for (name, op) in &ops {
             let (ckpt, source) = match op {
@@ -537,6 +581,14 @@ impl Engine {
                         .1,
                     source,
                 ),
+                TensorOp::Part { part, name } => (
+                    &parts
+                        .get(*part)
+                        .and_then(|p| p.inputs.first())
+                        .ok_or_else(|| EngineError::Internal("slice part out of range".into()))?
+                        .1,
+                    name,
+                ),
                 _ => (first, name),
             };
             let t = ckpt
@@ -544,7 +596,7 @@ impl Engine {
                 .get(source)
                 .ok_or_else(|| EngineError::Internal(format!("tensor {source} vanished")))?;
             let dtype = match op {
-                TensorOp::Merge => recipe
+                TensorOp::Merge | TensorOp::Part { .. } => recipe
                     .output
                     .dtype
                     .or(recipe.method.about().output_dtype)
@@ -573,6 +625,7 @@ impl Engine {
             shards,
             recipe_sha256: hex::encode(recipe.hash()),
             kernel,
+            parts,
             num_hidden_layers,
         })
     }
@@ -728,18 +781,16 @@ impl Engine {
             let numel: u64 = t.shape.iter().product();
             // A streamed tensor: its chunks start on multiples of the stream's alignment and
             // share one slot for its pre-pass statistics.
-            let align = match op {
-                TensorOp::Merge => plan
-                    .inputs
+            let view = plan.merge_view(&op, &t.name);
+            let align = view.and_then(|(inputs, kernel, name)| {
+                inputs
                     .first()
-                    .and_then(|(_, c)| c.tensors.get(&t.name))
-                    .and_then(|b| plan.kernel.stream(&t.name, &t.shape, b.dtype))
-                    .map(|s| s.align().max(1) as u64),
-                _ => None,
-            };
-            let whole = align.is_none()
-                && matches!(op, TensorOp::Merge)
-                && plan.kernel.whole_tensor(&t.name);
+                    .and_then(|(_, c)| c.tensors.get(name))
+                    .and_then(|b| kernel.stream(name, &t.shape, b.dtype))
+                    .map(|s| s.align().max(1) as u64)
+            });
+            let whole =
+                align.is_none() && view.is_some_and(|(_, kernel, name)| kernel.whole_tensor(name));
             let step = match align {
                 Some(a) => (self.config.chunk_elems as u64 / a).max(1) * a,
                 None if whole => numel.max(1),
@@ -747,12 +798,13 @@ impl Engine {
             };
             let stream = align.map(|_| Arc::new(tensor_prepass::StreamSlot::new(step)));
             let in_size: u64 = match op {
-                TensorOp::Merge => plan
-                    .inputs
-                    .iter()
-                    .filter_map(|(_, c)| c.tensors.get(&t.name))
-                    .map(|l| l.dtype.size_bytes() as u64)
-                    .sum(),
+                TensorOp::Merge | TensorOp::Part { .. } => view.map_or(0, |(inputs, _, name)| {
+                    inputs
+                        .iter()
+                        .filter_map(|(_, c)| c.tensors.get(name))
+                        .map(|l| l.dtype.size_bytes() as u64)
+                        .sum()
+                }),
                 TensorOp::CopyFirst => t.dtype.size_bytes() as u64,
                 TensorOp::Pick {
                     input, ref source, ..
@@ -766,7 +818,7 @@ impl Engine {
             // per model and an f32 result (see `kernel`).
             let out_size = t.dtype.size_bytes() as u64
                 + if whole {
-                    8 * (plan.inputs.len() as u64 + 1)
+                    8 * (view.map_or(0, |(inputs, _, _)| inputs.len()) as u64 + 1)
                 } else {
                     0
                 };
@@ -821,17 +873,29 @@ async fn produce_chunk(
         // An empty tensor: nothing to read (an empty ranged GET is invalid on S3).
         return Ok((chunk, Bytes::new()));
     }
+    // A merged slice's tensor: its own inputs and kernel, under the name its kernel knows.
+    let (merge_inputs, kernel, merge_name): (&[(Location, Checkpoint)], Arc<Kernel>, String) =
+        match &chunk.op {
+            TensorOp::Part { part, name } => {
+                let p = plan
+                    .parts
+                    .get(*part)
+                    .ok_or_else(|| EngineError::Internal("slice part out of range".into()))?;
+                (&p.inputs, p.kernel.clone(), name.clone())
+            }
+            _ => (&plan.inputs, kernel, chunk.tensor.clone()),
+        };
     // A streamed tensor's statistics first (its pre-passes, run by the first chunk to get
     // here), so that waiting chunks hold no input bytes.
     let stream = match &chunk.stream {
         Some(slot) => Some(
-            slot.get(&plan.inputs, &kernel, &chunk.tensor, &chunk.shape, &ctl)
+            slot.get(merge_inputs, &kernel, &merge_name, &chunk.shape, &ctl)
                 .await?,
         ),
         None => None,
     };
     let (sources, source_name): (&[(Location, Checkpoint)], &String) = match &chunk.op {
-        TensorOp::Merge => (&plan.inputs, &chunk.tensor),
+        TensorOp::Merge | TensorOp::Part { .. } => (merge_inputs, &merge_name),
         TensorOp::CopyFirst => (&plan.inputs[..1], &chunk.tensor),
         TensorOp::Pick { input, source, .. } => (
             plan.inputs
@@ -915,7 +979,7 @@ async fn produce_chunk(
     let name = chunk.tensor.clone();
     let shape = chunk.shape.clone();
     let first = chunk.elems.start;
-    let task_name = name.clone();
+    let task_name = merge_name.clone();
     let merged = crate::telemetry::spawn_blocking(move || {
         let inputs: Vec<(DType, &[u8])> = raw.iter().map(|(d, b)| (*d, b.as_ref())).collect();
         let mut out = pool.take(n * out_dtype.size_bytes());

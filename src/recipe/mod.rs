@@ -9,11 +9,13 @@
 //!   parameters are parsed by the method, [`crate::methods`]);
 //! - [`output`]: the output folder, dtype and shard size;
 //! - [`trajectory`]: a training run's folder instead of `models`;
+//! - `slices`: the output's layer stack (`slices`), with any method;
 //! - [`error`](mod@error): [`RecipeError`].
 
 pub mod error;
 pub mod output;
 pub mod request;
+mod slices;
 pub mod trajectory;
 pub mod validate;
 pub mod validated;

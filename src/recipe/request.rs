@@ -22,7 +22,7 @@ pub struct MergeRequest {
     pub method: String,
     #[serde(default)]
     pub models: Vec<ModelSpec>,
-    /// Layer ranges from several models, stacked (method `passthrough`).
+    /// Layer ranges from several models, stacked (any method; see `SliceSpec`).
     #[serde(default)]
     pub slices: Vec<SliceSpec>,
     /// A training run's folder and a selection of its checkpoints, instead of `models`.
@@ -97,11 +97,18 @@ impl ModelSpec {
     }
 }
 
-/// One output slice: the layers `layer_range` of its source, in order.
+/// One output slice: layers `layer_range` of its sources (passthrough: one source, copied;
+/// any other method: the sources merged layer by layer, all with the same number of layers).
 #[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SliceSpec {
     pub sources: Vec<SliceSourceSpec>,
+    /// This slice's base model (one of its sources); default: the recipe's `base_model`.
+    #[serde(default)]
+    pub base_model: Option<String>,
+    /// Parameters for this slice, before the recipe's (a source's own come first).
+    #[serde(default)]
+    pub parameters: serde_json::Map<String, serde_json::Value>,
 }
 
 #[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
@@ -174,10 +181,11 @@ impl MergeRequest {
             .flat_map(|m| std::iter::once(&mut m.uri).chain(m.lora.iter_mut()))
             .chain(self.base_model.iter_mut())
             .chain(self.trajectory.iter_mut().map(|t| &mut t.uri))
-            .chain(
-                self.slices
+            .chain(self.slices.iter_mut().flat_map(|s| {
+                s.sources
                     .iter_mut()
-                    .flat_map(|s| s.sources.iter_mut().map(|src| &mut src.uri)),
-            )
+                    .map(|src| &mut src.uri)
+                    .chain(s.base_model.iter_mut())
+            }))
     }
 }

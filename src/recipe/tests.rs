@@ -250,9 +250,11 @@ fn passthrough_slices_validate() {
             "slices[0].sources[0].parameters.weight",
         ),
         (
-            json!({"method": "linear", "slices": [{"sources": [{"uri": "file:///d/a", "layer_range": [0, 1]}]}],
-                   "output": {"uri": "file:///d/out"}}),
-            "slices",
+            req(
+                json!([{"sources": [{"uri": "file:///d/a", "layer_range": [0, 1]}],
+                        "parameters": {"weight": 1}}]),
+            ),
+            "slices[0].parameters.weight",
         ),
         (
             json!({"method": "passthrough", "models": [{"uri": "file:///d/a"}, {"uri": "file:///d/b"}],
@@ -362,4 +364,116 @@ fn every_method_round_trips_through_its_stored_form() {
         seen += 1;
     }
     assert_eq!(seen, crate::methods::REGISTRY.len());
+}
+
+#[test]
+fn merged_slices_validate_per_slice() {
+    use serde_json::json;
+    let req = |slices: serde_json::Value, params: serde_json::Value| {
+        json!({"method": "ties", "base_model": "file:///d/base", "slices": slices,
+               "parameters": params, "output": {"uri": "file:///d/out"}})
+    };
+    let src = |uri: &str, a: u64, b: u64| json!({"uri": uri, "layer_range": [a, b]});
+    let s = parse(req(
+        json!([
+            {"sources": [src("file:///d/base", 0, 2),
+                         {"uri": "file:///d/a", "layer_range": [0, 2],
+                          "parameters": {"weight": 0.5,
+                                         "density": [{"filter": "mlp", "value": 0.3}]}},
+                         src("file:///d/b", 2, 4)],
+             "parameters": {"density": 0.7}},
+            {"sources": [src("file:///d/b", 0, 1), src("file:///d/a/", 3, 4)],
+             "base_model": "file:///d/b", "parameters": {"normalize": false}}
+        ]),
+        json!({"weight": 0.25, "density": 0.9}),
+    ))
+    .unwrap();
+    let r = &s.recipe;
+    // Inputs: the base, then a and b (each once).
+    assert_eq!(r.models.len(), 2);
+    assert_eq!(r.slices[0].base, Some(0));
+    assert_eq!(
+        r.slices[0]
+            .sources
+            .iter()
+            .map(|x| x.model)
+            .collect::<Vec<_>>(),
+        [0, 1, 2]
+    );
+    assert_eq!(r.slices[1].base, Some(0));
+    assert_eq!(
+        r.slices[1]
+            .sources
+            .iter()
+            .map(|x| x.model)
+            .collect::<Vec<_>>(),
+        [2, 1]
+    );
+    let a = &r.slices[0].sources[1];
+    assert_eq!(a.weight, Some(0.5));
+    // The source's filter list falls through to the slice's density, then the recipe's.
+    let d = &a.parameters["density"];
+    assert_eq!(d.eval("model.layers.0.mlp.up_proj.weight", 0.0), Some(0.3));
+    assert_eq!(
+        d.eval("model.layers.0.self_attn.q_proj.weight", 0.0),
+        Some(0.7)
+    );
+    // b takes the recipe's weight and, in the first slice, the slice's density.
+    let cfg = |i: usize| {
+        r.slices[i]
+            .parameters
+            .as_ref()
+            .unwrap()
+            .get::<GtaConfig>()
+            .cloned()
+            .unwrap()
+    };
+    assert_eq!(cfg(0).model_defaults["density"].eval("x", 0.0), Some(0.7));
+    assert_eq!(cfg(1).model_defaults["density"].eval("x", 0.0), Some(0.9));
+    assert!(cfg(0).normalize);
+    assert!(!cfg(1).normalize);
+    let bad = [
+        (
+            req(
+                json!([{"sources": [src("file:///d/base", 0, 2), src("file:///d/a", 0, 3)]}]),
+                json!({}),
+            ),
+            "slices[0].sources[1].layer_range",
+        ),
+        (
+            req(
+                json!([{"sources": [src("file:///d/a", 0, 2), src("file:///d/b", 0, 2)]}]),
+                json!({}),
+            ),
+            "base_model",
+        ),
+        (
+            req(
+                json!([{"sources": [src("file:///d/base", 0, 2), src("file:///d/a", 0, 2)],
+                        "base_model": "file:///d/c"}]),
+                json!({}),
+            ),
+            "slices[0].base_model",
+        ),
+        (
+            req(
+                json!([{"sources": [src("file:///d/base", 0, 2),
+                                    {"uri": "file:///d/a", "layer_range": [0, 2],
+                                     "parameters": {"density": 2, "weight": 1}}]}]),
+                json!({}),
+            ),
+            "slices[0].sources[1].parameters.density",
+        ),
+        (
+            req(json!([{"sources": []}]), json!({})),
+            "slices[0].sources",
+        ),
+    ];
+    for (r, f) in bad {
+        assert_eq!(field(parse(r).unwrap_err()), f);
+    }
+    // The stored form reads back.
+    let json = serde_json::to_string(&s.recipe).unwrap();
+    let back: Recipe = serde_json::from_str(&json).unwrap();
+    assert_eq!(back, s.recipe);
 }

@@ -5,8 +5,8 @@ use std::collections::BTreeMap;
 
 use super::output::{check_apart, float_dtype, parse_output};
 use super::{
-    Ingredient, MAX_ATTEMPTS_LIMIT, MAX_MODELS, MAX_SLICE_LAYERS, MergeRequest, ModelSpec, Recipe,
-    RecipeError, Slice, SliceSource, Submission, trajectory,
+    Ingredient, MAX_ATTEMPTS_LIMIT, MAX_MODELS, MergeRequest, ModelSpec, Recipe, RecipeError,
+    Slice, Submission, slices, trajectory,
 };
 use crate::methods::{BaseRule, Method, ModelEntry, ParseInput, Setting};
 
@@ -36,11 +36,19 @@ impl Recipe {
     pub fn from_request(mut req: MergeRequest) -> Result<Submission, RecipeError> {
         check_no_search(&req)?;
         let trajectory = trajectory::take_expanded(&mut req)?;
-        let slices = take_slices(&mut req)?;
         let method = method(&req)?;
+        if !req.slices.is_empty() && !method.about().slices {
+            return Self::from_stack(req, method, trajectory);
+        }
+        let slices = if req.slices.is_empty() {
+            Vec::new()
+        } else {
+            slices::take_passthrough(&mut req)?
+        };
         check_model_count(&req)?;
         let base_model = base_model(&req, method)?;
-        let (uris, loras, mut entries) = ingredients(&req, method, base_model.as_deref())?;
+        let (uris, loras, mut entries) =
+            ingredients(&req.models, &req.parameters, method, base_model.as_deref())?;
         let parameters = method.parse_parameters(&mut ParseInput {
             params: &req.parameters,
             models: &mut entries,
@@ -58,6 +66,72 @@ impl Recipe {
                 parameters: m.parameters,
             })
             .collect();
+        Self::finish(
+            req, method, models, base_model, slices, parameters, trajectory,
+        )
+    }
+
+    /// `slices` with a method that merges them (any but passthrough): every slice is
+    /// validated as a recipe of its own ([`slices::take_merged`]); the recipe's models are
+    /// the sources' (each opened once), its parameters the first slice's.
+    fn from_stack(
+        mut req: MergeRequest,
+        method: Method,
+        trajectory: Option<trajectory::Trajectory>,
+    ) -> Result<Submission, RecipeError> {
+        if trajectory.is_some() {
+            return Err(RecipeError::invalid(
+                "trajectory",
+                "give either a trajectory or slices, not both",
+            ));
+        }
+        let base_model = base_model(&req, method)?;
+        let stack = slices::take_merged(&mut req, method, base_model.as_deref())?;
+        if stack.uris.len() > MAX_MODELS {
+            return Err(RecipeError::invalid(
+                "slices",
+                format!(
+                    "{} models named; at most {MAX_MODELS} are allowed",
+                    stack.uris.len()
+                ),
+            ));
+        }
+        let parameters = stack
+            .slices
+            .first()
+            .and_then(|s| s.parameters.clone())
+            .ok_or_else(|| RecipeError::invalid("slices", "at least one slice is required"))?;
+        let models = stack
+            .uris
+            .into_iter()
+            .map(|uri| Ingredient {
+                uri,
+                lora: None,
+                weight: 1.0,
+                parameters: BTreeMap::new(),
+            })
+            .collect();
+        Self::finish(
+            req,
+            method,
+            models,
+            base_model,
+            stack.slices,
+            parameters,
+            None,
+        )
+    }
+
+    /// The steps every recipe ends with: output, inputs apart from it, scheduling, cast.
+    fn finish(
+        req: MergeRequest,
+        method: Method,
+        models: Vec<Ingredient>,
+        base_model: Option<String>,
+        slices: Vec<Slice>,
+        parameters: crate::methods::Parameters,
+        trajectory: Option<trajectory::Trajectory>,
+    ) -> Result<Submission, RecipeError> {
         let output = parse_output(&req.output)?;
         check_apart(&output.uri, input_fields(base_model.as_deref(), &models))?;
         check_scheduling(&req)?;
@@ -180,8 +254,9 @@ fn base_model(req: &MergeRequest, method: Method) -> Result<Option<String>, Reci
 /// The models besides the base (a model naming the base is the base: mergekit lists it in
 /// both places for slerp), each with its URL and its weight and per-model settings parsed; the
 /// method's parser checks and completes them.
-fn ingredients(
-    req: &MergeRequest,
+pub(super) fn ingredients(
+    models: &[ModelSpec],
+    global: &serde_json::Map<String, serde_json::Value>,
     method: Method,
     base_model: Option<&str>,
 ) -> Result<IngredientParts, RecipeError> {
@@ -189,8 +264,7 @@ fn ingredients(
         base_model.is_some_and(|b| b.trim_end_matches('/') == uri.trim_end_matches('/'))
     };
     // A model with an adapter folded in is not the base, even at the base's URL.
-    let specs: Vec<(usize, &ModelSpec)> = req
-        .models
+    let specs: Vec<(usize, &ModelSpec)> = models
         .iter()
         .enumerate()
         .filter(|(_, m)| m.lora.is_some() || !is_base(&m.uri))
@@ -203,7 +277,7 @@ fn ingredients(
     }
     let gives_weight = |m: &ModelSpec| m.weight.is_some() || m.parameters.contains_key("weight");
     let any_weight = specs.iter().any(|(_, m)| gives_weight(m));
-    let default_weight = req.parameters.contains_key("weight");
+    let default_weight = global.contains_key("weight");
     let mut uris = Vec::with_capacity(specs.len());
     let mut loras = Vec::with_capacity(specs.len());
     let mut entries = Vec::with_capacity(specs.len());
@@ -304,95 +378,4 @@ fn check_scheduling(req: &MergeRequest) -> Result<(), RecipeError> {
         ));
     }
     Ok(())
-}
-
-/// `slices` → the models they name (unique, in order of appearance) and validated slices.
-fn take_slices(req: &mut MergeRequest) -> Result<Vec<Slice>, RecipeError> {
-    if req.slices.is_empty() {
-        return Ok(Vec::new());
-    }
-    if !Method::parse(&req.method).is_some_and(|m| m.about().slices) {
-        let stacking: Vec<&str> = Method::all()
-            .filter(|m| m.about().slices)
-            .map(Method::name)
-            .collect();
-        return Err(RecipeError::invalid(
-            "slices",
-            format!(
-                "slices are supported with method {} only, not {:?}",
-                stacking.join(", "),
-                req.method
-            ),
-        ));
-    }
-    if !req.models.is_empty() {
-        return Err(RecipeError::invalid(
-            "models",
-            "give either models or slices, not both",
-        ));
-    }
-    let specs = std::mem::take(&mut req.slices);
-    let mut total = 0u64;
-    let mut slices = Vec::with_capacity(specs.len());
-    for (i, spec) in specs.iter().enumerate() {
-        if spec.sources.len() != 1 {
-            return Err(RecipeError::invalid(
-                format!("slices[{i}].sources"),
-                "passthrough takes exactly one source per slice",
-            ));
-        }
-        let mut sources = Vec::new();
-        for (j, src) in spec.sources.iter().enumerate() {
-            let field = format!("slices[{i}].sources[{j}]");
-            if src.uri.trim().is_empty() {
-                return Err(RecipeError::invalid(
-                    format!("{field}.uri"),
-                    "must not be empty",
-                ));
-            }
-            let [a, b] = src.layer_range;
-            if a >= b || b - a > MAX_SLICE_LAYERS {
-                return Err(RecipeError::invalid(
-                    format!("{field}.layer_range"),
-                    format!("[{a}, {b}] is not a non-empty range [first, end) of layers"),
-                ));
-            }
-            total += b - a;
-            if total > MAX_SLICE_LAYERS {
-                return Err(RecipeError::invalid(
-                    "slices",
-                    format!("more than {MAX_SLICE_LAYERS} layers in all"),
-                ));
-            }
-            let mut parameters = BTreeMap::new();
-            for (key, value) in &src.parameters {
-                let pf = format!("{field}.parameters.{key}");
-                if key != "scale" {
-                    return Err(RecipeError::invalid(pf, "unknown parameter (known: scale)"));
-                }
-                parameters.insert(
-                    key.clone(),
-                    Setting::from_json(value).map_err(|e| RecipeError::invalid(&pf, e))?,
-                );
-            }
-            let model = match req
-                .models
-                .iter()
-                .position(|m| m.uri.trim_end_matches('/') == src.uri.trim_end_matches('/'))
-            {
-                Some(k) => k,
-                None => {
-                    req.models.push(ModelSpec::uri(src.uri.clone()));
-                    req.models.len() - 1
-                }
-            };
-            sources.push(SliceSource {
-                model,
-                layer_range: src.layer_range,
-                parameters,
-            });
-        }
-        slices.push(Slice { sources });
-    }
-    Ok(slices)
 }

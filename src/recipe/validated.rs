@@ -14,18 +14,32 @@ use crate::methods::linear::LinearConfig;
 use crate::methods::sparse_soup::SparseSoupConfig;
 use crate::methods::{KernelInput, Method, ModelInput, Parameters, Setting};
 
-/// A validated slice source: `model` indexes [`Recipe::models`].
+/// A validated slice source: `model` indexes the engine's inputs (the base model first when
+/// the recipe has one, then [`Recipe::models`]).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SliceSource {
     pub model: usize,
     pub layer_range: [u64; 2],
+    /// Per-model parameters: passthrough's `scale`; for a merged slice, the method's per-model
+    /// parameters other than a scalar weight (the slice's and the recipe's chained in).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub parameters: BTreeMap<String, Setting>,
+    /// A merged slice's source other than its base: its scalar weight.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weight: Option<f64>,
 }
 
+/// One output slice (see `recipe::slices`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Slice {
     pub sources: Vec<SliceSource>,
+    /// A merged slice: which of its sources is its base model.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base: Option<usize>,
+    /// A merged slice: the method's parameters for it (the slice's chained over the
+    /// recipe's); `None` for passthrough.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parameters: Option<Parameters>,
 }
 
 /// One ingredient after validation.
@@ -59,7 +73,9 @@ pub struct Recipe {
     /// The base model's URL, for the methods that need one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub base_model: Option<String>,
-    /// Passthrough's layer stack (empty: every tensor of the one model).
+    /// The output's layer stack (empty: the models' layers, merged or, for passthrough, the
+    /// one model's). With a method other than passthrough, `models` are the sources' models
+    /// and `parameters` the first slice's.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub slices: Vec<Slice>,
     pub parameters: Parameters,

@@ -3,10 +3,10 @@
 //! Parsed with `serde-saphyr` (maintained, panic-free by design, with budgets on aliases,
 //! nesting and events against "billion laughs" inputs; `serde_yaml` is archived). Supported
 //! keys: `merge_method`, `models` (`model`, `parameters`), `base_model`, `parameters`,
-//! `slices` (`sources`: `model`, `layer_range`, `parameters`), `dtype`, `out_dtype`,
+//! `slices` (`sources`: `model`, `layer_range`, `parameters`; `base_model`, `parameters`), `dtype`, `out_dtype`,
 //! `tokenizer_source: base`, and ladle's own `output` (an [`super::OutputSpec`]).
-//! Every other key mergekit knows (`tokenizer`, `chat_template`, `modules`, slice-level
-//! `parameters`/`base_model`/`residual_weight`, `tokenizer_source` other than `base`, ...) is
+//! Every other key mergekit knows (`tokenizer`, `chat_template`, `modules`, a slice's
+//! `residual_weight` (unused by mergekit 0.1.5), `tokenizer_source` other than `base`, ...) is
 //! rejected by name.
 //!
 //! `dtype` has mergekit's cast-on-load meaning: every float input tensor is cast to it
@@ -187,12 +187,29 @@ pub fn to_request(doc: &Value, base_dir: Option<&Path>) -> Result<Value, RecipeE
                     let field = format!("slices[{i}]");
                     let s = object(s, &field)?;
                     let mut sources = Vec::new();
+                    let mut slice = Map::new();
                     for (k, v) in s {
-                        if k != "sources" {
-                            return Err(invalid(
-                                format!("{field}.{k}"),
-                                "unsupported key (supported: sources)",
-                            ));
+                        match k.as_str() {
+                            "sources" => {}
+                            "base_model" => {
+                                let bf = format!("{field}.base_model");
+                                slice.insert(
+                                    "base_model".into(),
+                                    Value::String(model_ref(v, &bf, base_dir)?),
+                                );
+                                continue;
+                            }
+                            "parameters" => {
+                                object(v, &format!("{field}.parameters"))?;
+                                slice.insert("parameters".into(), v.clone());
+                                continue;
+                            }
+                            _ => {
+                                return Err(invalid(
+                                    format!("{field}.{k}"),
+                                    "unsupported key (supported: sources, base_model, parameters)",
+                                ));
+                            }
                         }
                         for (j, src) in array(v, &format!("{field}.sources"))?.iter().enumerate() {
                             let sf = format!("{field}.sources[{j}]");
@@ -224,7 +241,8 @@ pub fn to_request(doc: &Value, base_dir: Option<&Path>) -> Result<Value, RecipeE
                             sources.push(Value::Object(out));
                         }
                     }
-                    slices.push(serde_json::json!({ "sources": sources }));
+                    slice.insert("sources".into(), Value::Array(sources));
+                    slices.push(Value::Object(slice));
                 }
                 req.insert("slices".into(), Value::Array(slices));
             }

@@ -27,6 +27,7 @@ from .select_type_2 import SelectType2
 from .slice_source_spec import SliceSourceSpec
 from .slice_source_spec_parameters import SliceSourceSpecParameters
 from .slice_spec import SliceSpec
+from .slice_spec_parameters import SliceSpecParameters
 from .sweep_spec import SweepSpec
 from .trajectory_spec import TrajectorySpec
 from .webhook_event import WebhookEvent
@@ -59,6 +60,7 @@ __all__ = (
     "SliceSourceSpec",
     "SliceSourceSpecParameters",
     "SliceSpec",
+    "SliceSpecParameters",
     "SweepSpec",
     "TrajectorySpec",
     "WebhookEvent",

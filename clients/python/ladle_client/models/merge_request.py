@@ -48,7 +48,7 @@ class MergeRequest:
         output (OutputSpec | Unset):
         parameters (MergeRequestParameters | Unset):
         priority (int | None | Unset):
-        slices (list[SliceSpec] | Unset): Layer ranges from several models, stacked (method `passthrough`).
+        slices (list[SliceSpec] | Unset): Layer ranges from several models, stacked (any method; see `SliceSpec`).
         sweep (None | SweepSpec | Unset):
         trajectory (None | TrajectorySpec | Unset):
     """

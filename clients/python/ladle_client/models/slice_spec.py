@@ -1,12 +1,15 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, Self, TypeVar
+from typing import TYPE_CHECKING, Any, Self, TypeVar, cast
 
 from attrs import define as _attrs_define
 
+from ..types import UNSET, Unset
+
 if TYPE_CHECKING:
     from ..models.slice_source_spec import SliceSourceSpec
+    from ..models.slice_spec_parameters import SliceSpecParameters
 
 
 T = TypeVar("T", bound="SliceSpec")
@@ -14,19 +17,36 @@ T = TypeVar("T", bound="SliceSpec")
 
 @_attrs_define
 class SliceSpec:
-    """One output slice: the layers `layer_range` of its source, in order.
+    """One output slice: layers `layer_range` of its sources (passthrough: one source, copied;
+    any other method: the sources merged layer by layer, all with the same number of layers).
 
-    Attributes:
-        sources (list[SliceSourceSpec]):
+        Attributes:
+            sources (list[SliceSourceSpec]):
+            base_model (None | str | Unset): This slice's base model (one of its sources); default: the recipe's
+                `base_model`.
+            parameters (SliceSpecParameters | Unset): Parameters for this slice, before the recipe's (a source's own come
+                first).
     """
 
     sources: list[SliceSourceSpec]
+    base_model: None | str | Unset = UNSET
+    parameters: SliceSpecParameters | Unset = UNSET
 
     def to_dict(self) -> dict[str, Any]:
         sources = []
         for sources_item_data in self.sources:
             sources_item = sources_item_data.to_dict()
             sources.append(sources_item)
+
+        base_model: None | str | Unset
+        if isinstance(self.base_model, Unset):
+            base_model = UNSET
+        else:
+            base_model = self.base_model
+
+        parameters: dict[str, Any] | Unset = UNSET
+        if not isinstance(self.parameters, Unset):
+            parameters = self.parameters.to_dict()
 
         field_dict: dict[str, Any] = {}
 
@@ -35,12 +55,17 @@ class SliceSpec:
                 "sources": sources,
             }
         )
+        if base_model is not UNSET:
+            field_dict["base_model"] = base_model
+        if parameters is not UNSET:
+            field_dict["parameters"] = parameters
 
         return field_dict
 
     @classmethod
     def from_dict(cls, src_dict: Mapping[str, Any]) -> Self:
         from ..models.slice_source_spec import SliceSourceSpec
+        from ..models.slice_spec_parameters import SliceSpecParameters
 
         d = dict(src_dict)
         sources = []
@@ -50,8 +75,26 @@ class SliceSpec:
 
             sources.append(sources_item)
 
+        def _parse_base_model(data: object) -> None | str | Unset:
+            if data is None:
+                return data
+            if isinstance(data, Unset):
+                return data
+            return cast(None | str | Unset, data)
+
+        base_model = _parse_base_model(d.pop("base_model", UNSET))
+
+        _parameters = d.pop("parameters", UNSET)
+        parameters: SliceSpecParameters | Unset
+        if isinstance(_parameters, Unset):
+            parameters = UNSET
+        else:
+            parameters = SliceSpecParameters.from_dict(_parameters)
+
         slice_spec = cls(
             sources=sources,
+            base_model=base_model,
+            parameters=parameters,
         )
 
         return slice_spec
