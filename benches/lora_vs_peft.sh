@@ -6,7 +6,7 @@
 #   HIDDEN=4096 LAYERS=32 RANKS=16,32 RUNS=3 COMBINATIONS="svd ties_svd cat" bash benches/lora_vs_peft.sh
 #
 # 1. A virtualenv with peft 0.21.2 and torch from PyPI at $PEFT_VENV (default
-#    .venv-peft/), created if missing (PyPI's Linux torch wheel brings CUDA libraries, unused).
+#    bench-data/.venv-peft/, ignored by git), created if missing (PyPI's Linux torch wheel brings CUDA libraries, unused).
 # 2. cargo build --release --bin ladle; the inputs under $BENCH_DATA (default
 #    bench-data/lora-<HIDDEN>x<LAYERS>-<RANKS>/): a bf16 base of LAYERS layers of q_proj and
 #    v_proj (HIDDEN × HIDDEN) and one float32 adapter per rank in RANKS (benches/lora_vs_peft.py).
@@ -26,7 +26,7 @@ RANKS=${RANKS:-16,32}
 RUNS=${RUNS:-3}
 COMBINATIONS=${COMBINATIONS:-"svd cat"}
 DENSITY=${DENSITY:-0.5}
-VENV=$(realpath -m "${PEFT_VENV:-$ROOT/.venv-peft}")
+VENV=$(realpath -m "${PEFT_VENV:-$ROOT/bench-data/.venv-peft}")
 DATA=$(realpath -m "${BENCH_DATA:-$ROOT/bench-data}/lora-${HIDDEN}x${LAYERS}-${RANKS//,/-}")
 LADLE=$ROOT/target/release/ladle
 # shellcheck source=benches/lib.sh
