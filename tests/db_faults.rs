@@ -62,11 +62,19 @@ fn fill(dir: &Path) -> PathBuf {
     path
 }
 
+/// Where the soups go: beside the data directory (no output may lie inside it), an allowed
+/// root of its own.
+fn soups(data: &Path) -> std::path::PathBuf {
+    let dir = data.parent().expect("data has a parent").join("soups");
+    std::fs::create_dir_all(&dir).expect("soups folder");
+    dir
+}
+
 fn recipe(data: &Path, i: usize) -> Value {
     json!({
         "method": "linear",
         "models": [{"uri": file_url(&data.join("a"))}, {"uri": file_url(&data.join("b"))}],
-        "output": {"uri": file_url(&data.join(format!("out-{i}")))},
+        "output": {"uri": file_url(&soups(data).join(format!("out-{i}")))},
     })
 }
 
@@ -95,7 +103,8 @@ fn assert_unavailable(status: u16, v: &Value) {
 /// A service (API only) over SQLite in `data`.
 async fn sqlite_service(data: &Path) -> (ladle::service::Service, String) {
     let db = format!("sqlite://{}", data.join("ladle.db").display());
-    start(&test_settings(data, &db, vec![], None), Mode::Api).await
+    let roots = vec![soups(data).display().to_string()];
+    start(&test_settings(data, &db, roots, None), Mode::Api).await
 }
 
 /// 40 submits to a service whose data directory is full: each is either stored (202, and
@@ -223,7 +232,8 @@ async fn a_read_only_postgres_is_unavailable() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     let client = reqwest::Client::new();
-    let (service, base) = start(&test_settings(&data, &pg.url, vec![], None), Mode::Api).await;
+    let roots = vec![soups(&data).display().to_string()];
+    let (service, base) = start(&test_settings(&data, &pg.url, roots, None), Mode::Api).await;
     let (status, v) = submit(&client, &base, &recipe(&data, 0)).await;
     assert_eq!(status, 202, "{v}");
 

@@ -96,6 +96,15 @@ fn hash_ignores_scheduling_but_not_recipe() {
     .unwrap();
     assert_eq!(a.recipe.hash(), b.recipe.hash());
     assert_ne!(a.recipe.hash(), c.recipe.hash());
+    // The same merge written with its defaults spelled out: another mergekit_config text,
+    // the same hash.
+    let d = parse(
+        serde_json::json!({"method": "linear", "models": [{"uri": "file:///a", "weight": 1.0}],
+        "output": {"uri": "file:///o", "max_shard_size": 5000000000u64}}),
+    )
+    .unwrap();
+    assert_ne!(a.recipe.mergekit_config, d.recipe.mergekit_config);
+    assert_eq!(a.recipe.hash(), d.recipe.hash());
 }
 
 #[test]

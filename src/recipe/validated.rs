@@ -122,10 +122,19 @@ pub struct Submission {
 
 impl Recipe {
     /// SHA-256 of the canonical JSON form: two requests with the same hash ask for the same
-    /// merge (used to detect an idempotency key reused with another body).
+    /// merge (used to detect an idempotency key reused with another body, and a soup already
+    /// published). `mergekit_config` is left out: it is how the recipe was written (a YAML
+    /// file's text, or a JSON request's rendering, defaults spelled out or not), not what is
+    /// merged; without it the hash is the one recipes had before the field existed.
     pub fn hash(&self) -> Vec<u8> {
-        let json = serde_json::to_vec(self).unwrap_or_default();
-        Sha256::digest(&json).to_vec()
+        let json = if self.mergekit_config.is_some() {
+            let mut merge = self.clone();
+            merge.mergekit_config = None;
+            serde_json::to_vec(&merge)
+        } else {
+            serde_json::to_vec(self)
+        };
+        Sha256::digest(json.unwrap_or_default()).to_vec()
     }
 
     /// Linear weights as the kernel uses them, and the divisor when normalizing (for the
