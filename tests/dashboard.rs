@@ -155,7 +155,8 @@ async fn dashboard_in_headless_chromium() {
     };
     // Every chunk waits 200 ms in the worker (failpoints, test builds only; 8 chunks in
     // flight), so the 1024-chunk merge runs ~25 s: long enough to be seen running and be
-    // cancelled; the 3-chunk one takes well under a second more than unthrottled.
+    // cancelled; the 25-chunk one runs ~1 s, several of the 250 ms polls that stand in for
+    // notifications on SQLite (so its `running` state is seen as an event of its own).
     // SAFETY: set before the service (and any other thread of this test binary) starts.
     unsafe { std::env::set_var("LADLE_TEST_THROTTLE_MS", "200") };
     let shots = Path::new(env!("CARGO_TARGET_TMPDIR"))
@@ -165,7 +166,7 @@ async fn dashboard_in_headless_chromium() {
 
     let work = tempfile::tempdir().unwrap();
     let root = work.path().canonicalize().unwrap();
-    let small = [model(&root.join("a"), 2, 1), model(&root.join("b"), 2, 2)];
+    let small = [model(&root.join("a"), 24, 1), model(&root.join("b"), 24, 2)];
     let big = [
         model(&root.join("c"), 1024, 3),
         model(&root.join("d"), 1024, 4),
