@@ -52,41 +52,59 @@ async fn schemathesis_finds_no_5xx_and_no_nonconforming_response() {
     let settings = setup(tmp.path());
     let (service, base) = start(&settings, Mode::Serve).await;
     let report = tmp.path().join("report");
-    let out = tokio::task::spawn_blocking({
-        let base = base.clone();
-        let report = report.clone();
-        move || {
-            Command::new(&st)
-                .args(["run", &format!("{base}/openapi.json")])
-                .args([
-                    "--checks",
-                    "not_a_server_error,status_code_conformance,content_type_conformance,\
+    // CPython 3.11.7 (this machine's) can raise `SystemError: AST constructor recursion depth
+    // mismatch` inside schemathesis' own code generation (a CPython bug, not a finding about
+    // ladle): such a run is repeated, loudly, up to twice; any other failure fails at once.
+    let mut tries = 0;
+    let out = loop {
+        tries += 1;
+        let out = tokio::task::spawn_blocking({
+            let base = base.clone();
+            let report = report.clone();
+            let st = st.clone();
+            move || {
+                Command::new(&st)
+                    .args(["run", &format!("{base}/openapi.json")])
+                    .args([
+                        "--checks",
+                        "not_a_server_error,status_code_conformance,content_type_conformance,\
                      response_headers_conformance,response_schema_conformance",
-                    // Streams never end by themselves: their format is tests/events.rs's.
-                    "--exclude-path-regex",
-                    "/events$",
-                    "--max-examples",
-                    "40",
-                    "--seed",
-                    "20261203",
-                    "--workers",
-                    "2",
-                    "--request-timeout",
-                    "20",
-                    "--report",
-                    "junit",
-                    "--report-dir",
-                ])
-                .arg(&report)
-                .env("NO_COLOR", "1")
-                .output()
-                .expect("run schemathesis")
+                        // Streams never end by themselves: their format is tests/events.rs's.
+                        "--exclude-path-regex",
+                        "/events$",
+                        "--max-examples",
+                        "40",
+                        "--seed",
+                        "20261203",
+                        "--workers",
+                        "2",
+                        "--request-timeout",
+                        "20",
+                        "--report",
+                        "junit",
+                        "--report-dir",
+                    ])
+                    .arg(&report)
+                    .env("NO_COLOR", "1")
+                    .output()
+                    .expect("run schemathesis")
+            }
+        })
+        .await
+        .expect("join");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        println!("{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+        let interpreter_bug = stdout.contains("AST constructor recursion depth mismatch")
+            && !stdout.contains("Server error")
+            && !stdout.contains("does not conform");
+        if out.status.success() || !interpreter_bug || tries == 3 {
+            break out;
         }
-    })
-    .await
-    .expect("join");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    println!("{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+        eprintln!(
+            "==================== schemathesis run {tries} hit CPython's AST recursion-depth bug \
+         (not a ladle failure): running it again ===================="
+        );
+    };
     service.shutdown().await;
     assert!(
         out.status.success(),
