@@ -9,7 +9,8 @@
 //!   stacked (weighted) Aᵀ's and an SVD of the `(Σr)×(Σr)` core: never an `out × in` SVD. For
 //!   the types whose merge function is a weighted sum (`svd`; `dare_linear_svd` and
 //!   `magnitude_prune_svd` at density ≥ 1).
-//! - [`dense_svd`]: the thin SVD of a formed matrix (pruned deltas are full rank).
+//! - [`dense_svd`]: the thin SVD of a formed matrix (pruned deltas are full rank);
+//!   `lora_extract` goes through [`crate::merge::lora_rsvd`] (randomized when it can vouch for it).
 //! - [`Svd::lora`]: peft's factors `B = U_r·diag(S_r)`, `A = V_rᵀ`, rows/columns past the
 //!   available rank left zero, and [`clamp`] (`svd_clamp`: the quantile of the union of both
 //!   factors' entries, torch's linear interpolation, both clamped to `[−hi, hi]`).
@@ -104,7 +105,7 @@ fn mat_from_f32(x: &[f32], m: usize, n: usize) -> Mat<f64> {
 }
 
 /// Make each pair's sign canonical (largest |u_k| entry positive) and copy out row-major.
-fn finish(u: &Mat<f64>, s: &[f64], v: &Mat<f64>) -> Svd {
+pub(crate) fn finish(u: &Mat<f64>, s: &[f64], v: &Mat<f64>) -> Svd {
     let (m, n, p) = (u.nrows(), v.nrows(), s.len());
     let mut out = Svd {
         m,
@@ -299,7 +300,9 @@ pub fn combine_svd(
 /// `mergekit-extract-lora`'s decomposition of one task vector `t` (`m × n` row-major, already
 /// in `B@A` orientation): `rank = min(max_rank, min(m, n))`, and with `sv_epsilon > 0` at most
 /// the number of singular values above it (possibly 0); `distribute`: `A = √S·Vᵀ`, `B = U·√S`,
-/// else `A = S·Vᵀ`, `B = U`. Returns `(rank, A (rank × n), B (m × rank))`.
+/// else `A = S·Vᵀ`, `B = U`. Returns `(rank, A (rank × n), B (m × rank))`. The SVD is
+/// [`crate::merge::lora_rsvd::truncated`]'s: randomized when the rank is far below the
+/// dimensions and its accuracy check passes, else the full one.
 pub fn extract(
     t: &[f32],
     m: usize,
@@ -308,11 +311,8 @@ pub fn extract(
     sv_epsilon: f64,
     distribute: bool,
 ) -> Result<(usize, Vec<f32>, Vec<f32>), SvdFailed> {
-    let svd = dense_svd(t, m, n, max_rank)?;
-    let mut rank = svd.rank();
-    if sv_epsilon > 0.0 {
-        rank = rank.min(svd.s.iter().filter(|s| **s > sv_epsilon).count());
-    }
+    let (svd, _) = crate::merge::lora_rsvd::truncated(t, m, n, max_rank, sv_epsilon)?;
+    let rank = svd.rank();
     let (a, b) = if distribute {
         svd.split(rank, |s| (s.sqrt(), s.sqrt()))
     } else {

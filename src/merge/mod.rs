@@ -5,7 +5,8 @@
 //!   `f32` blocks, runs an elementwise kernel on them and encodes the result.
 //! - [`linear`](mod@linear): the weighted linear soup kernel ([`linear()`], [`linear_raw`]).
 //! - [`lora`](mod@lora): folding a LoRA module's `s·B·A` into a weight, chunk by chunk;
-//!   [`lora_combine`]: combining LoRA modules as peft's `add_weighted_adapter`.
+//!   [`lora_combine`]: combining LoRA modules as peft's `add_weighted_adapter`;
+//!   [`lora_svd`] and [`lora_rsvd`]: their SVDs (the randomized one for `lora_extract`).
 //! - [`precision`]: rounding to the compute dtype (mergekit's bf16 arithmetic).
 //! - [`gta`]: task arithmetic, TIES, breadcrumbs, DARE, DELLA (mergekit's generalized task
 //!   arithmetic), [`slerp`](mod@slerp), [`spherical`] (NuSLERP, Karcher), [`model_stock`],
@@ -27,6 +28,7 @@ pub mod karcher_stream;
 pub mod linear;
 pub mod lora;
 pub mod lora_combine;
+pub mod lora_rsvd;
 pub mod lora_svd;
 pub mod model_stock;
 pub mod multislerp;
