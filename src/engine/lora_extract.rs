@@ -31,22 +31,15 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::Instant;
 
-use bytes::Bytes;
-
-use super::lora_merge::{
-    AdapterFiles, OutTensor, PREFIX, encode, publish_adapter, published_adapter,
-};
-use super::manifest::{InputFile, InputRecord};
-use super::{Engine, EngineError, MergeOutcome, Phase, RunControl, fold, read_elems};
-use crate::checkpoint::Checkpoint;
+use super::lora_merge::{AdapterFiles, OutTensor, PREFIX, decode, encode, read_whole};
+use super::manifest::InputRecord;
+use super::{Engine, EngineError, MergeOutcome, Phase, RunControl, fold};
+use crate::merge::DType;
 use crate::merge::lora_svd::extract;
 use crate::merge::precision::Precision;
-use crate::merge::{DType, MergeError, decode_to_f32};
 use crate::methods::lora_extract::LoraExtractConfig;
 use crate::recipe::Recipe;
-use crate::storage::Location;
 
 const EMBED_IN: [&str; 5] = [
     "embed_tokens",
@@ -154,28 +147,6 @@ fn plan(
     Ok((out, to_save))
 }
 
-async fn whole(
-    loc: &Location,
-    ckpt: &Checkpoint,
-    name: &str,
-) -> Result<(DType, Bytes), EngineError> {
-    let t = ckpt
-        .tensors
-        .get(name)
-        .ok_or_else(|| EngineError::Internal(format!("tensor {name} vanished")))?;
-    let n: u64 = t.shape.iter().product();
-    read_elems(loc, ckpt, name, 0..n).await
-}
-
-fn decode(name: &str, d: DType, b: &[u8]) -> Result<Vec<f32>, EngineError> {
-    let mut f = vec![0f32; b.len() / d.size_bytes().max(1)];
-    decode_to_f32(d, b, &mut f).map_err(|e| EngineError::Merge {
-        tensor: name.to_string(),
-        source: MergeError::from(e),
-    })?;
-    Ok(f)
-}
-
 /// The dtype torch gives `ft − base`: the wider of the two (f32 when they differ).
 fn promoted(a: DType, b: DType) -> DType {
     if a == b { a } else { DType::F32 }
@@ -187,15 +158,6 @@ fn task_vector(ft: &[f32], base: &[f32], dtype: DType) -> Vec<f32> {
     ft.iter().zip(base).map(|(f, b)| p.round(f - b)).collect()
 }
 
-fn record(loc_url: &str, ckpt: &Checkpoint) -> InputRecord {
-    InputRecord {
-        uri: loc_url.to_string(),
-        tensors: ckpt.tensors.len(),
-        files: ckpt.files.iter().map(InputFile::of).collect(),
-        lora: ckpt.lora.as_deref().map(fold::describe),
-    }
-}
-
 impl Engine {
     /// Run a `lora_extract` recipe (see the module's text).
     pub(super) async fn run_lora_extract(
@@ -203,17 +165,13 @@ impl Engine {
         recipe: &Recipe,
         ctl: &Arc<RunControl>,
     ) -> Result<MergeOutcome, EngineError> {
-        let started = Instant::now();
-        ctl.progress.set_phase(Phase::Planning);
-        let config = recipe
-            .parameters
-            .get::<LoraExtractConfig>()
-            .ok_or_else(|| EngineError::Internal("lora_extract without its parameters".into()))?
-            .clone();
-        let output = self.storage.resolve(&recipe.output.uri)?;
-        let base_uri = recipe.base_model.as_ref().ok_or_else(|| {
-            invalid("base_model: method lora_extract needs the fine-tune's base".into())
-        })?;
+        let job = self.adapter_job::<LoraExtractConfig>(
+            recipe,
+            ctl,
+            "lora_extract",
+            "the fine-tune's base",
+        )?;
+        let (config, base_uri) = (job.config.clone(), job.base_uri);
         let ft_uri = &recipe
             .models
             .first()
@@ -268,8 +226,7 @@ impl Engine {
                     .into(),
             ));
         }
-        let recipe_sha256 = hex::encode(recipe.hash());
-        if let Some(done) = published_adapter(&output, &recipe_sha256).await? {
+        if let Some(done) = job.published().await? {
             return Ok(done);
         }
         ctl.progress
@@ -290,7 +247,7 @@ impl Engine {
                         let Some(t) = ft.tensors.get(name) else {
                             continue;
                         };
-                        let (d, b) = whole(&ft_loc, &ft, name).await?;
+                        let (d, b) = read_whole(&ft_loc, &ft, name).await?;
                         let (d, bytes) = match recipe.output.dtype {
                             Some(o) if o != d && d.is_mergeable_float() => {
                                 (o, encode(name, o, &decode(name, d, &b)?)?)
@@ -307,8 +264,8 @@ impl Engine {
                         .map(|t| t.shape.clone())
                         .ok_or_else(|| EngineError::Internal(format!("{wname} vanished")))?;
                     let ((fd, fb), (bd, bb)) = futures::try_join!(
-                        whole(&ft_loc, &ft, &wname),
-                        whole(&base_loc, &base, &wname)
+                        read_whole(&ft_loc, &ft, &wname),
+                        read_whole(&base_loc, &base, &wname)
                     )?;
                     let tv_dtype = promoted(fd, bd);
                     let out_dtype = recipe.output.dtype.unwrap_or(tv_dtype);
@@ -371,8 +328,8 @@ impl Engine {
                     ));
                     if has_bias && !transpose {
                         let ((fd, fb), (bd, bb)) = futures::try_join!(
-                            whole(&ft_loc, &ft, &bname),
-                            whole(&base_loc, &base, &bname)
+                            read_whole(&ft_loc, &ft, &bname),
+                            read_whole(&base_loc, &base, &bname)
                         )?;
                         let d = promoted(fd, bd);
                         let tb =
@@ -429,17 +386,11 @@ impl Engine {
             "inference_mode": true,
         });
         let adapter = AdapterFiles::new(tensors, &config_json)?;
-        let inputs = vec![record(&base_loc.url, &base), record(&ft_loc.url, &ft)];
-        publish_adapter(
-            &output,
-            recipe,
-            recipe_sha256,
-            inputs,
-            adapter,
-            ctl,
-            started,
-        )
-        .await
+        let inputs = vec![
+            InputRecord::of(&base_loc.url, &base),
+            InputRecord::of(&ft_loc.url, &ft),
+        ];
+        job.publish(recipe, inputs, adapter, ctl).await
     }
 }
 

@@ -18,9 +18,10 @@ use std::time::Instant;
 
 use bytes::Bytes;
 
-use super::manifest::{self, InputFile, InputRecord, MANIFEST_NAME, Manifest, OutputFile};
+use super::manifest::{self, InputRecord, MANIFEST_NAME, Manifest, OutputFile};
 use super::{
-    Engine, EngineError, MergeOutcome, Phase, RunControl, fold, output, publish, read_stored,
+    Engine, EngineError, MergeOutcome, Phase, RunControl, fold, output, publish, read_elems,
+    read_stored,
 };
 use crate::checkpoint::Checkpoint;
 use crate::checkpoint::adapter::{
@@ -44,7 +45,32 @@ fn invalid(msg: String) -> EngineError {
     EngineError::InvalidRecipe(msg)
 }
 
-async fn whole(att: &Attached, name: &str) -> Result<Vec<f32>, EngineError> {
+/// Tensor `name` of an input (a checkpoint, read as its fold when it has an adapter), whole.
+pub(super) async fn read_whole(
+    loc: &Location,
+    ckpt: &Checkpoint,
+    name: &str,
+) -> Result<(DType, Bytes), EngineError> {
+    let t = ckpt
+        .tensors
+        .get(name)
+        .ok_or_else(|| EngineError::Internal(format!("tensor {name} vanished")))?;
+    let n: u64 = t.shape.iter().product();
+    read_elems(loc, ckpt, name, 0..n).await
+}
+
+/// `b` (tensor `name`, stored as `d`) decoded to f32.
+pub(super) fn decode(name: &str, d: DType, b: &[u8]) -> Result<Vec<f32>, EngineError> {
+    let mut f = vec![0f32; b.len() / d.size_bytes().max(1)];
+    decode_to_f32(d, b, &mut f).map_err(|e| EngineError::Merge {
+        tensor: name.to_string(),
+        source: MergeError::from(e),
+    })?;
+    Ok(f)
+}
+
+/// Adapter tensor `name`, whole, decoded to f32.
+pub(super) async fn whole(att: &Attached, name: &str) -> Result<Vec<f32>, EngineError> {
     let t = att
         .file
         .tensors
@@ -52,12 +78,7 @@ async fn whole(att: &Attached, name: &str) -> Result<Vec<f32>, EngineError> {
         .ok_or_else(|| EngineError::Internal(format!("adapter tensor {name} vanished")))?;
     let n: u64 = t.shape.iter().product();
     let (d, b) = read_stored(att.store.as_ref(), &att.file.url, &att.file, name, 0..n).await?;
-    let mut f = vec![0f32; n as usize];
-    decode_to_f32(d, &b, &mut f).map_err(|e| EngineError::Merge {
-        tensor: name.to_string(),
-        source: MergeError::from(e),
-    })?;
-    Ok(f)
+    decode(name, d, &b)
 }
 
 pub(super) fn encode(name: &str, dtype: DType, values: &[f32]) -> Result<Vec<u8>, EngineError> {
@@ -80,18 +101,12 @@ async fn base_copy(
         .tensors
         .get(tensor)
         .ok_or_else(|| EngineError::Internal(format!("base tensor {tensor} vanished")))?;
-    let n: u64 = t.shape.iter().product();
-    let (d, b) = read_stored(loc.store.as_ref(), &loc.url, ckpt, tensor, 0..n).await?;
+    let (d, b) = read_whole(loc, ckpt, tensor).await?;
     let to = dtype.filter(|_| d.is_mergeable_float()).unwrap_or(d);
     let bytes = if to == d {
         b.to_vec()
     } else {
-        let mut f = vec![0f32; n as usize];
-        decode_to_f32(d, &b, &mut f).map_err(|e| EngineError::Merge {
-            tensor: tensor.to_string(),
-            source: MergeError::from(e),
-        })?;
-        encode(tensor, to, &f)?
+        encode(tensor, to, &decode(tensor, d, &b)?)?
     };
     Ok((format!("{PREFIX}{tensor}"), to, t.shape.clone(), bytes))
 }
@@ -176,19 +191,9 @@ impl Engine {
         recipe: &Recipe,
         ctl: &Arc<RunControl>,
     ) -> Result<MergeOutcome, EngineError> {
-        let started = Instant::now();
-        ctl.progress.set_phase(Phase::Planning);
-        let config = recipe
-            .parameters
-            .get::<LoraConfig>()
-            .ok_or_else(|| EngineError::Internal("lora without its parameters".into()))?
-            .clone();
-        let output = self.storage.resolve(&recipe.output.uri)?;
-        let base_uri = recipe
-            .base_model
-            .as_ref()
-            .ok_or_else(|| invalid("base_model: method lora needs the adapters' base".into()))?;
-        let mut opened = self.open_inputs(std::iter::once(base_uri)).await?;
+        let job = self.adapter_job::<LoraConfig>(recipe, ctl, "lora", "the adapters' base")?;
+        let config = job.config.clone();
+        let mut opened = self.open_inputs(std::iter::once(job.base_uri)).await?;
         let base = opened
             .pop()
             .ok_or_else(|| EngineError::Internal("base not opened".into()))?;
@@ -202,8 +207,7 @@ impl Engine {
         for m in &recipe.models {
             adapters.push(fold::open_adapter(&self.storage, &m.uri, &base.1, None).await?);
         }
-        let recipe_sha256 = hex::encode(recipe.hash());
-        if let Some(done) = published_adapter(&output, &recipe_sha256).await? {
+        if let Some(done) = job.published().await? {
             return Ok(done);
         }
         // peft: one adapter is always `linear`.
@@ -382,27 +386,75 @@ impl Engine {
             }
         }
         let adapter = AdapterFiles::new(tensors, &new_config(&adapters, r_new)?)?;
-        let inputs = std::iter::once(InputRecord {
-            uri: base.0.url.clone(),
-            tensors: base.1.tensors.len(),
-            files: base.1.files.iter().map(InputFile::of).collect(),
-            lora: None,
+        let inputs = std::iter::once(InputRecord::of(&base.0.url, &base.1))
+            .chain(adapters.iter().map(InputRecord::of_adapter))
+            .collect();
+        job.publish(recipe, inputs, adapter, ctl).await
+    }
+
+    /// The start of every run that writes an adapter (`lora`, `lora_extract`): the clock, the
+    /// method's parameters, the output folder, the base's URI (`base_is`: what the message
+    /// calls it when missing) and the recipe's hash.
+    pub(super) fn adapter_job<'r, C: crate::methods::Config + Clone>(
+        &self,
+        recipe: &'r Recipe,
+        ctl: &RunControl,
+        method: &str,
+        base_is: &str,
+    ) -> Result<AdapterJob<'r, C>, EngineError> {
+        let started = Instant::now();
+        ctl.progress.set_phase(Phase::Planning);
+        let config = recipe
+            .parameters
+            .get::<C>()
+            .ok_or_else(|| EngineError::Internal(format!("{method} without its parameters")))?
+            .clone();
+        let output = self.storage.resolve(&recipe.output.uri)?;
+        let base_uri = recipe
+            .base_model
+            .as_ref()
+            .ok_or_else(|| invalid(format!("base_model: method {method} needs {base_is}")))?;
+        Ok(AdapterJob {
+            started,
+            config,
+            output,
+            base_uri,
+            recipe_sha256: hex::encode(recipe.hash()),
         })
-        .chain(adapters.iter().map(|a| InputRecord {
-            uri: a.url.clone(),
-            tensors: a.file.tensors.len(),
-            files: a.file.files.iter().map(InputFile::of).collect(),
-            lora: Some(fold::describe(a)),
-        }))
-        .collect();
+    }
+}
+
+/// A run that writes an adapter folder, from [`Engine::adapter_job`] to [`AdapterJob::publish`].
+pub(super) struct AdapterJob<'r, C> {
+    started: Instant,
+    pub config: C,
+    output: Location,
+    pub base_uri: &'r String,
+    recipe_sha256: String,
+}
+
+impl<C> AdapterJob<'_, C> {
+    /// The output already holds this recipe's adapter: a recovery (see [`published_adapter`]).
+    pub async fn published(&self) -> Result<Option<MergeOutcome>, EngineError> {
+        published_adapter(&self.output, &self.recipe_sha256).await
+    }
+
+    /// Publish `adapter` with the manifest recording `inputs` (see [`publish_adapter`]).
+    pub async fn publish(
+        self,
+        recipe: &Recipe,
+        inputs: Vec<InputRecord>,
+        adapter: AdapterFiles,
+        ctl: &Arc<RunControl>,
+    ) -> Result<MergeOutcome, EngineError> {
         publish_adapter(
-            &output,
+            &self.output,
             recipe,
-            recipe_sha256,
+            self.recipe_sha256,
             inputs,
             adapter,
             ctl,
-            started,
+            self.started,
         )
         .await
     }
@@ -410,7 +462,7 @@ impl Engine {
 
 /// The output already holds a manifest: `Some` (a recovery) when it is this recipe's and all
 /// its files are there, `output_conflict` when it is another recipe's.
-pub(super) async fn published_adapter(
+async fn published_adapter(
     output: &Location,
     recipe_sha256: &str,
 ) -> Result<Option<MergeOutcome>, EngineError> {
@@ -457,7 +509,7 @@ impl AdapterFiles {
 /// Publish an adapter folder (adapter merges and extractions alike) through the publish
 /// protocol: both files into this run's staging folder, the manifest (`inputs` as recorded)
 /// last.
-pub(super) async fn publish_adapter(
+async fn publish_adapter(
     output: &Location,
     recipe: &Recipe,
     recipe_sha256: String,

@@ -8,6 +8,8 @@ use object_store::ObjectStoreExt;
 use serde::{Deserialize, Serialize};
 
 use super::{EngineError, Plan};
+use crate::checkpoint::Checkpoint;
+use crate::checkpoint::adapter::Attached;
 use crate::recipe::Recipe;
 use crate::storage::Location;
 
@@ -68,6 +70,28 @@ pub struct InputRecord {
     pub lora: Option<serde_json::Value>,
 }
 
+impl InputRecord {
+    /// A checkpoint read from `url` (with the adapter folded into it, if any).
+    pub(super) fn of(url: &str, ckpt: &Checkpoint) -> Self {
+        InputRecord {
+            uri: url.to_string(),
+            tensors: ckpt.tensors.len(),
+            files: ckpt.files.iter().map(InputFile::of).collect(),
+            lora: ckpt.lora.as_deref().map(super::fold::describe),
+        }
+    }
+
+    /// An adapter read as an input of its own (an adapter-level merge).
+    pub(super) fn of_adapter(att: &Attached) -> Self {
+        InputRecord {
+            uri: att.url.clone(),
+            tensors: att.file.tensors.len(),
+            files: att.file.files.iter().map(InputFile::of).collect(),
+            lora: Some(super::fold::describe(att)),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Manifest {
     pub format: String,
@@ -107,12 +131,7 @@ impl Manifest {
             inputs: plan
                 .inputs
                 .iter()
-                .map(|(loc, c)| InputRecord {
-                    uri: loc.url.clone(),
-                    tensors: c.tensors.len(),
-                    files: c.files.iter().map(InputFile::of).collect(),
-                    lora: c.lora.as_deref().map(super::fold::describe),
-                })
+                .map(|(loc, c)| InputRecord::of(&loc.url, c))
                 .collect(),
             tensors: plan.ops.len(),
             files,
