@@ -1041,3 +1041,211 @@ async fn lora_extract_matches_mergekit() {
         assert!(folded.join("model.safetensors").is_file());
     }
 }
+
+/// Dense deltas of an adapter, by base tensor name, in the weight's orientation (f64): `s·B@A`
+/// for a Linear, `s·(B@A)ᵀ` plus `base_layer − base` for an embedding, `saved − base` for a
+/// `modules_to_save` tensor. Only for adapters without rank or alpha patterns.
+fn dense_deltas(adapter: &Path, base: &Path) -> BTreeMap<String, Vec<f64>> {
+    let cfg: Value =
+        serde_json::from_slice(&std::fs::read(adapter.join("adapter_config.json")).unwrap())
+            .unwrap();
+    assert!(cfg["rank_pattern"].as_object().is_none_or(|p| p.is_empty()));
+    assert!(
+        cfg["alpha_pattern"]
+            .as_object()
+            .is_none_or(|p| p.is_empty())
+    );
+    let (r, alpha) = (
+        cfg["r"].as_f64().unwrap(),
+        cfg["lora_alpha"].as_f64().unwrap(),
+    );
+    let s = if cfg["use_rslora"] == json!(true) {
+        alpha / r.sqrt()
+    } else {
+        alpha / r
+    };
+    let t = read_values(&adapter.join("adapter_model.safetensors"));
+    let b = read_values(&base.join("model.safetensors"));
+    let mut out: BTreeMap<String, Vec<f64>> = BTreeMap::new();
+    let mut add = |name: &str, d: Vec<f64>| {
+        let e = out
+            .entry(name.to_string())
+            .or_insert_with(|| vec![0.0; d.len()]);
+        for (x, y) in e.iter_mut().zip(d) {
+            *x += y;
+        }
+    };
+    for (key, (_, shape, values)) in &t {
+        let name = key.strip_prefix("base_model.model.").unwrap();
+        let prod = |bn: &str, rank: usize| -> (Vec<f64>, usize, usize) {
+            let (_, bs, bv) = &t[bn];
+            let (n_b, n_a) = (bs[0], shape[1]);
+            let p = (0..n_b * n_a)
+                .map(|x| {
+                    let (i, j) = (x / n_a, x % n_a);
+                    s * (0..rank)
+                        .map(|k| bv[i * rank + k] as f64 * values[k * n_a + j] as f64)
+                        .sum::<f64>()
+                })
+                .collect();
+            (p, n_b, n_a)
+        };
+        if let Some(m) = name.strip_suffix(".lora_A.weight") {
+            let (p, _, _) = prod(&key.replace("lora_A", "lora_B"), shape[0]);
+            add(&format!("{m}.weight"), p);
+        } else if let Some(m) = name.strip_suffix(".lora_embedding_A") {
+            let (p, n_b, n_a) = prod(&key.replace("_A", "_B"), shape[0]);
+            // Weight (n_a × n_b) = (B@A)ᵀ.
+            let tp = (0..n_a * n_b)
+                .map(|x| p[(x % n_b) * n_a + x / n_b])
+                .collect();
+            add(&format!("{m}.weight"), tp);
+        } else if name.contains(".lora_") {
+            continue;
+        } else {
+            let target = name.replace(".base_layer.", ".");
+            let base_v = &b[&target].2;
+            add(
+                &target,
+                values
+                    .iter()
+                    .zip(base_v)
+                    .map(|(x, y)| *x as f64 - *y as f64)
+                    .collect(),
+            );
+        }
+    }
+    out
+}
+
+/// `POST /v1/analyses` with adapter folders: every norm and cosine (per tensor and in total)
+/// equals the one computed from the formed deltas `s·B·A` (and `saved − base`); an adapter
+/// mixed with a model, and adapters without their base, fail the job naming why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn analyses_of_adapters_match_the_formed_deltas_over_http() {
+    let Some(pack) = pack() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let db = format!("sqlite://{}", tmp.path().join("ladle.db").display());
+    let settings = test_settings(
+        &tmp.path().join("data"),
+        &db,
+        vec![pack.display().to_string()],
+        None,
+    );
+    let (service, base_url) = start(&settings, Mode::Serve).await;
+    let client = reqwest::Client::new();
+    let base = pack.join("inputs/base");
+    let names = ["qv_r8", "qkvo_r8_bf16", "rslora_r16", "mts_embed_r4"];
+    let dirs: Vec<PathBuf> = names
+        .iter()
+        .map(|n| pack.join("inputs/adapters").join(n))
+        .collect();
+    let analyse = |body: Value| {
+        let (client, base_url) = (client.clone(), base_url.clone());
+        async move {
+            let r = client
+                .post(format!("{base_url}/v1/analyses"))
+                .json(&body)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status().as_u16(), 202);
+            let job: Value = r.json().await.unwrap();
+            let id = job["id"].as_str().unwrap().to_string();
+            wait_job(&client, &base_url, "analyses", &id, Duration::from_secs(60)).await
+        }
+    };
+    let done = analyse(json!({
+        "models": dirs.iter().map(|d| url(d)).collect::<Vec<_>>(),
+        "base_model": url(&base),
+    }))
+    .await;
+    assert_eq!(done["state"], "succeeded", "{done}");
+    let result = &done["result"];
+    assert_eq!(result["inputs"], "adapters", "{result}");
+    let deltas: Vec<BTreeMap<String, Vec<f64>>> =
+        dirs.iter().map(|d| dense_deltas(d, &base)).collect();
+    let tensors: BTreeSet<&String> = deltas.iter().flat_map(|d| d.keys()).collect();
+    let got_tensors = result["tensors"].as_object().unwrap();
+    assert_eq!(
+        got_tensors.keys().collect::<BTreeSet<_>>(),
+        tensors.clone(),
+        "tensors"
+    );
+    let n = names.len();
+    let mut total = vec![vec![0f64; n]; n];
+    let check = |what: &str, g: &[Vec<f64>], got: &Value| {
+        for i in 0..n {
+            let norm = g[i][i].sqrt();
+            let gn = got["norms"][i].as_f64().unwrap();
+            assert!(
+                (gn - norm).abs() <= 1e-9 * norm.max(1e-30),
+                "{what}: norm {i}: {gn} vs {norm}"
+            );
+            for j in 0..n {
+                let d = g[i][i].sqrt() * g[j][j].sqrt();
+                let c = &got["cosine"][i][j];
+                if d == 0.0 {
+                    assert!(c.is_null(), "{what}: cosine {i},{j}: {c}");
+                } else {
+                    let want = g[i][j] / d;
+                    let c = c.as_f64().unwrap();
+                    assert!(
+                        (c - want).abs() <= 1e-9,
+                        "{what}: cosine {i},{j}: {c} vs {want}"
+                    );
+                }
+            }
+        }
+    };
+    let mut some_cross = false;
+    for t in &tensors {
+        let zero = vec![0f64; deltas.iter().find_map(|d| d.get(*t)).unwrap().len()];
+        let ds: Vec<&Vec<f64>> = deltas.iter().map(|d| d.get(*t).unwrap_or(&zero)).collect();
+        let g: Vec<Vec<f64>> = (0..n)
+            .map(|i| {
+                (0..n)
+                    .map(|j| ds[i].iter().zip(ds[j]).map(|(x, y)| x * y).sum())
+                    .collect()
+            })
+            .collect();
+        some_cross |= g[0][1] != 0.0;
+        for i in 0..n {
+            for j in 0..n {
+                total[i][j] += g[i][j];
+            }
+        }
+        check(t, &g, &got_tensors[*t]);
+    }
+    assert!(some_cross, "the adapters share modules");
+    check("totals", &total, &result["totals"]);
+    // Ranks per tensor: the adapter's where it has a LoRA module, null elsewhere.
+    let q0 = &got_tensors["model.layers.0.self_attn.q_proj.weight"]["ranks"];
+    assert_eq!(q0, &json!([8, 8, 16, 4]), "{q0}");
+    assert_eq!(
+        got_tensors["lm_head.weight"]["ranks"],
+        json!([null, null, null, null])
+    );
+    // An adapter with a model, and adapters without a base: the job fails, saying why.
+    let mixed =
+        analyse(json!({"models": [url(&dirs[0]), url(&base)], "base_model": url(&base)})).await;
+    assert_eq!(mixed["state"], "failed", "{mixed}");
+    assert_eq!(mixed["error"]["code"], "invalid_recipe", "{mixed}");
+    assert!(
+        mixed["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("models[1]"),
+        "{mixed}"
+    );
+    let no_base = analyse(json!({"models": [url(&dirs[0]), url(&dirs[1])]})).await;
+    assert_eq!(no_base["state"], "failed", "{no_base}");
+    assert!(
+        no_base["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("base_model"),
+        "{no_base}"
+    );
+    service.shutdown().await;
+}

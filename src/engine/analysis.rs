@@ -6,6 +6,9 @@
 //! the tensor). Integer and bool tensors are skipped and listed in the result. A chunk's ranged
 //! reads run concurrently; its statistics are computed on the blocking pool; at most a few
 //! chunks (bounded by `inflight_bytes`) are in flight, and chunk results are folded in order.
+//!
+//! Models that are PEFT adapter folders are analysed from their factors instead
+//! ([`super::adapter_analysis`]).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -64,6 +67,18 @@ pub async fn run(
         return Err(EngineError::InvalidRecipe(
             "models: an analysis needs at least one model".into(),
         ));
+    }
+    let adapters = super::adapter_analysis::adapters_among(engine, &spec.models).await;
+    if let Some(first) = adapters.iter().position(|a| *a) {
+        if let Some(i) = adapters.iter().position(|a| !*a) {
+            return Err(EngineError::InvalidRecipe(format!(
+                "models[{i}]: models[{first}] is a PEFT adapter and models[{i}] is not; an \
+                 analysis compares adapters with adapters or models with models (fold an \
+                 adapter into its base, {{\"uri\": base, \"lora\": adapter}} in a merge, to \
+                 compare it with a model)"
+            )));
+        }
+        return super::adapter_analysis::run(engine, &spec, ctl).await;
     }
     let n = spec.models.len();
     let reference = if spec.base_model.is_some() {

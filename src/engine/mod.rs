@@ -7,6 +7,7 @@
 //! after the caller's [`PublishGate`] confirms the job is still ours. Used by the worker (one
 //! job from the queue) and by the one-shot `ladle merge` command alike.
 
+mod adapter_analysis;
 pub mod analysis;
 mod buffers;
 mod fold;

@@ -6,7 +6,8 @@
 //! - [`linear`](mod@linear): the weighted linear soup kernel ([`linear()`], [`linear_raw`]).
 //! - [`lora`](mod@lora): folding a LoRA module's `s·B·A` into a weight, chunk by chunk;
 //!   [`lora_combine`]: combining LoRA modules as peft's `add_weighted_adapter`;
-//!   [`lora_svd`] and [`lora_rsvd`]: their SVDs (the randomized one for `lora_extract`).
+//!   [`lora_svd`] and [`lora_rsvd`]: their SVDs (the randomized one for `lora_extract`);
+//!   [`lora_gram`]: inner products of LoRA deltas from their factors (analyses).
 //! - [`precision`]: rounding to the compute dtype (mergekit's bf16 arithmetic).
 //! - [`gta`]: task arithmetic, TIES, breadcrumbs, DARE, DELLA (mergekit's generalized task
 //!   arithmetic), [`slerp`](mod@slerp), [`spherical`] (NuSLERP, Karcher), [`model_stock`],
@@ -28,6 +29,7 @@ pub mod karcher_stream;
 pub mod linear;
 pub mod lora;
 pub mod lora_combine;
+pub mod lora_gram;
 pub mod lora_rsvd;
 pub mod lora_svd;
 pub mod model_stock;

@@ -359,10 +359,22 @@ pub async fn wait_terminal(
     id: &str,
     timeout: Duration,
 ) -> serde_json::Value {
+    wait_job(client, base, "merges", id, timeout).await
+}
+
+/// Poll `GET {base}/v1/{kind}/{id}` (`kind`: `merges` or `analyses`) until the job is
+/// terminal; its JSON.
+pub async fn wait_job(
+    client: &reqwest::Client,
+    base: &str,
+    kind: &str,
+    id: &str,
+    timeout: Duration,
+) -> serde_json::Value {
     let deadline = Instant::now() + timeout;
     loop {
         let v: serde_json::Value = client
-            .get(format!("{base}/v1/merges/{id}"))
+            .get(format!("{base}/v1/{kind}/{id}"))
             .send()
             .await
             .expect("get")
