@@ -1249,3 +1249,72 @@ async fn analyses_of_adapters_match_the_formed_deltas_over_http() {
     );
     service.shutdown().await;
 }
+
+/// The manifest records every adapter it read: its URL, `r`, `lora_alpha`, `use_rslora`, and
+/// per module the rank, alpha and scaling in effect (`rank_pattern`/`alpha_pattern` applied,
+/// `alpha/√r` with rsLoRA), for a fold and for an adapter-level merge.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn manifest_records_each_adapters_ranks_and_scalings() {
+    let Some(pack) = pack() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let base = pack.join("inputs/base");
+    let adapters = pack.join("inputs/adapters");
+    let manifest = |out: &Path| -> Value {
+        serde_json::from_slice(&std::fs::read(out.join("ladle-manifest.json")).unwrap()).unwrap()
+    };
+    // A fold of pattern_r4: r 4, alpha 8; rank_pattern {v_proj: 6, layers.1.mlp.down_proj: 2},
+    // alpha_pattern {o_proj: 2, model.layers.0.self_attn.q_proj: 16}.
+    let out = tmp.path().join("fold");
+    let recipe = fold_recipe(&base, &adapters.join("pattern_r4"), &out, "float32");
+    let sub = Recipe::parse_json(&serde_json::to_vec(&recipe).unwrap()).unwrap();
+    run(&sub.recipe, 4096).await.unwrap();
+    let m = manifest(&out);
+    let lora = &m["inputs"][0]["lora"];
+    assert_eq!(
+        lora["uri"],
+        url(&adapters.join("pattern_r4")).trim_end_matches('/')
+    );
+    assert_eq!(
+        (&lora["r"], &lora["lora_alpha"]),
+        (&json!(4), &json!(8.0)),
+        "{lora}"
+    );
+    assert_eq!(lora["use_rslora"], false);
+    let modules = &lora["modules"];
+    let expect = [
+        ("model.layers.0.self_attn.q_proj", 4, 16.0, 4.0),
+        ("model.layers.1.self_attn.q_proj", 4, 8.0, 2.0),
+        ("model.layers.0.self_attn.v_proj", 6, 8.0, 8.0 / 6.0),
+        ("model.layers.0.self_attn.o_proj", 4, 2.0, 0.5),
+        ("model.layers.0.mlp.down_proj", 4, 8.0, 2.0),
+        ("model.layers.1.mlp.down_proj", 2, 8.0, 4.0),
+    ];
+    for (module, r, alpha, scaling) in expect {
+        let e = &modules[module];
+        assert_eq!(e["r"], json!(r), "{module}: {e}");
+        assert_eq!(e["alpha"], json!(alpha), "{module}: {e}");
+        assert_eq!(e["scaling"], json!(scaling), "{module}: {e}");
+    }
+    assert_eq!(modules.as_object().unwrap().len(), 8, "{modules}");
+    // An adapter-level merge: the base (no adapter), then each adapter with its record; the
+    // rsLoRA one scales by alpha/√r = 8/4.
+    let out = tmp.path().join("merged");
+    let recipe = json!({"method": "lora",
+        "base_model": url(&base),
+        "models": [{"uri": url(&adapters.join("qv_r8")), "parameters": {"weight": 0.5}},
+                   {"uri": url(&adapters.join("rslora_r16")), "parameters": {"weight": 0.5}}],
+        "parameters": {"combination": "cat"},
+        "output": {"uri": url(&out)}});
+    let sub = Recipe::parse_json(&serde_json::to_vec(&recipe).unwrap()).unwrap();
+    run(&sub.recipe, 4096).await.unwrap();
+    let m = manifest(&out);
+    let inputs = m["inputs"].as_array().unwrap();
+    assert_eq!(inputs.len(), 3, "{m}");
+    assert!(inputs[0].get("lora").is_none(), "{}", inputs[0]);
+    let q = "model.layers.0.self_attn.q_proj";
+    assert_eq!(inputs[1]["lora"]["modules"][q]["scaling"], json!(2.0));
+    assert_eq!(inputs[1]["lora"]["modules"][q]["r"], json!(8));
+    assert_eq!(inputs[2]["lora"]["use_rslora"], true);
+    assert_eq!(inputs[2]["lora"]["modules"][q]["r"], json!(16));
+    assert_eq!(inputs[2]["lora"]["modules"][q]["scaling"], json!(2.0));
+}
