@@ -9,8 +9,9 @@
 //! inside a slowly decaying spectrum: the check must fail); `flat`: Gaussian entries (a random
 //! full-rank delta, no gap: the check must fail).
 //!
-//! `cargo run --example lora_extract_svd -- [dim] [ranks] [kinds] [runs]`, e.g.
-//! `cargo run --example lora_extract_svd -- 4096 16,64 gap,decay,flat 3` (the defaults).
+//! `cargo run --release --example lora_extract_svd -- [dim] [ranks] [kinds] [runs]`, e.g.
+//! `cargo run --release --example lora_extract_svd -- 4096 16,64 gap,decay,flat 3` (the
+//! defaults; in a debug build faer runs with debug assertions and is far slower).
 
 use std::time::Instant;
 
