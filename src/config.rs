@@ -60,7 +60,9 @@ RECIPE is a mergekit YAML configuration (a .yml or .yaml file: merge_method, mod
 parameters, slices, dtype, out_dtype, ...; as mergekit-yaml takes it) or ladle's JSON recipe \
 (anything else; the body POST /v1/merges takes). Relative model paths in a YAML recipe resolve \
 from the current directory first, as mergekit resolves them, then from the recipe's folder; in \
-a JSON recipe from the recipe's folder.\n\n\
+a JSON recipe from the recipe's folder. A reference that is no local path but reads as \
+org/name or org/name@revision is a Hugging Face hub id, resolved offline from the local cache \
+(--hf-cache; ladle never downloads).\n\n\
 The soup goes to OUT_DIR (a folder, as mergekit-yaml takes it) or --out (a path or a \
 file:// or s3:// URL); either replaces the recipe's output.uri. Beside the tensors it holds \
 config.json (with the output dtype), the donor's tokenizer files, the model card README.md, \
@@ -98,6 +100,12 @@ pub struct ServiceArgs {
     )]
     #[serde(default)]
     pub allowed_roots: Vec<String>,
+    /// A local Hugging Face hub cache (the layout huggingface_hub writes): model references
+    /// `org/name[@revision]` resolve to its snapshots, offline, and it becomes an allowed
+    /// root. Unset: hub ids are refused (`model_not_cached`); the service never reads
+    /// `$HF_HOME` on its own [default: none].
+    #[arg(long, env = "LADLE_HF_CACHE", value_name = "DIR")]
+    pub hf_cache: Option<PathBuf>,
     /// Merge jobs run at once by this process [default: 1].
     #[arg(long, env = "LADLE_WORKERS")]
     pub workers: Option<usize>,
@@ -269,6 +277,11 @@ pub struct MergeArgs {
     /// the invoking user can).
     #[arg(long = "allowed-root")]
     pub allowed_roots: Vec<String>,
+    /// The Hugging Face hub cache model references `org/name[@revision]` resolve from,
+    /// offline (an allowed root too when --allowed-root restricts the run) [default:
+    /// huggingface_hub's: $HF_HUB_CACHE, else $HF_HOME/hub, else ~/.cache/huggingface/hub].
+    #[arg(long, env = "LADLE_HF_CACHE", value_name = "DIR")]
+    pub hf_cache: Option<PathBuf>,
     /// No progress bar.
     #[arg(long)]
     pub quiet: bool,
@@ -388,6 +401,8 @@ pub struct Settings {
     pub data_dir: PathBuf,
     pub database_url: String,
     pub allowed_roots: Vec<String>,
+    /// `--hf-cache`: where hub ids resolve (also in `allowed_roots`); `None`: refused.
+    pub hf_cache: Option<PathBuf>,
     pub s3: S3Settings,
     pub queue: QueueConfig,
     pub worker: WorkerConfig,
@@ -461,8 +476,18 @@ impl Settings {
         } else {
             file.allowed_roots
         };
+        // A configured Hugging Face cache is a root too (its snapshots link into its blobs).
+        let hf_cache = args
+            .hf_cache
+            .or(file.hf_cache)
+            .map(|d| std::path::absolute(&d))
+            .transpose()
+            .map_err(|e| ConfigError::Invalid(format!("hf_cache: {e}")))?;
         let mut allowed_roots = vec![data_dir.display().to_string()];
-        for root in extra {
+        for root in extra
+            .into_iter()
+            .chain(hf_cache.iter().map(|d| d.display().to_string()))
+        {
             if !allowed_roots.contains(&root) {
                 allowed_roots.push(root);
             }
@@ -569,6 +594,7 @@ impl Settings {
             data_dir,
             database_url,
             allowed_roots,
+            hf_cache,
             s3,
             queue: QueueConfig {
                 lease_ttl,
@@ -693,6 +719,13 @@ mod tests {
             vec![s.data_dir.display().to_string(), "/tmp".to_string()]
         );
         assert_eq!(s.s3.region.as_deref(), Some("eu-west-1"));
+        assert_eq!(s.hf_cache, None);
+        // A configured Hugging Face cache is an allowed root.
+        std::fs::write(&cfg, "hf_cache = \"/srv/hf/hub\"\n").unwrap();
+        let s = Settings::resolve(ServiceArgs::default(), Some(&cfg)).unwrap();
+        assert_eq!(s.hf_cache.as_deref(), Some(Path::new("/srv/hf/hub")));
+        assert_eq!(s.allowed_roots[1], "/srv/hf/hub");
+        assert!(known_env_vars().contains(&"LADLE_HF_CACHE".to_string()));
         let s = Settings::resolve(ServiceArgs::default(), None).unwrap();
         assert_eq!(s.bind.port(), 8080);
         assert!(s.database_url.starts_with("sqlite://"));

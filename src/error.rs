@@ -87,6 +87,10 @@ error_codes! {
     UnsupportedMediaType = "unsupported_media_type", 415, false;
     /// A checkpoint URL names nothing that exists (no file, no `model.safetensors`, no index).
     CheckpointNotFound = "checkpoint_not_found", 422, false;
+    /// A model named by a Hugging Face hub id (`org/name[@revision]`) is not in the local
+    /// cache (model, revision or snapshot missing), or no cache is configured; names the model
+    /// and revision. ladle never downloads.
+    ModelNotCached = "model_not_cached", 422, false;
     /// A checkpoint exists but its bytes lie: header, offsets, index, truncation.
     CheckpointMalformed = "checkpoint_malformed", 422, false;
     /// A LoRA adapter folder is refused: missing or bad `adapter_config.json`, an adapter type

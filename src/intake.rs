@@ -87,7 +87,7 @@ pub struct Accepted {
 
 /// Parse a body into a request, not validated yet. `base_dir` (the recipe file's folder)
 /// resolves a YAML recipe's relative model paths; over HTTP there is none, and model
-/// references must be storage URLs.
+/// references are storage URLs or hub ids (resolved by storage from its Hugging Face cache).
 pub fn parse(
     body: &[u8],
     format: Format,

@@ -16,6 +16,7 @@ use ladle::engine::{Engine, RunControl};
 use ladle::intake::{self, Format, Urls};
 use ladle::service::{Mode, Service};
 use ladle::storage::Storage;
+use ladle::storage::hf_cache::{HfCache, HubRef};
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
@@ -195,7 +196,12 @@ fn read_request(args: &MergeArgs) -> Result<ladle::recipe::MergeRequest> {
         let mut req = intake::parse(&body, Format::Json, None).map_err(invalid)?;
         for uri in req.uris_mut() {
             if !uri.contains("://") {
-                *uri = to_url(&parent.join(&*uri).to_string_lossy())?;
+                let local = parent.join(&*uri);
+                // Not a local path but shaped as `org/name[@rev]`: a hub id, from the cache.
+                if !local.exists() && HubRef::parse(uri).is_some() {
+                    continue;
+                }
+                *uri = to_url(&local.to_string_lossy())?;
             }
         }
         req
@@ -250,7 +256,7 @@ async fn accept_request(
     allowed: &ladle::search::evaluator::AllowedHosts,
     req: ladle::recipe::MergeRequest,
 ) -> Result<intake::Accepted> {
-    let invalid = |e: intake::IntakeError| anyhow::anyhow!("invalid recipe: {e}");
+    let invalid = |e: intake::IntakeError| anyhow::anyhow!("refused [{}]: {e}", e.code());
     if let Some(seed) = args.random_seed
         && !req.parameters.contains_key("seed")
     {
@@ -271,6 +277,32 @@ async fn accept_request(
         .map_err(invalid)
 }
 
+/// The storage of a one-shot merge: unrestricted unless `--allowed-root` is given (then a
+/// `--hf-cache` / `LADLE_HF_CACHE` is a root too; huggingface_hub's default cache, used when
+/// none is configured, is not). Hub ids resolve from the configured cache, else the default.
+fn local_storage(args: &MergeArgs) -> Result<Storage> {
+    let mut roots = args.allowed_roots.clone();
+    if !roots.is_empty()
+        && let Some(dir) = &args.hf_cache
+    {
+        roots.push(
+            std::path::absolute(dir)
+                .with_context(|| format!("--hf-cache {}", dir.display()))?
+                .display()
+                .to_string(),
+        );
+    }
+    let cache = match args.hf_cache.clone().or_else(HfCache::default_dir) {
+        Some(dir) => Some(
+            HfCache::new(&dir)
+                .with_context(|| format!("the Hugging Face cache {}", dir.display()))?,
+        ),
+        None => None,
+    };
+    let roots = (!roots.is_empty()).then_some(roots.as_slice());
+    Ok(Storage::new(roots, merge_s3(args.s3.clone(), Default::default()))?.with_hf_cache(cache))
+}
+
 /// `ladle merge RECIPE OUT_DIR` (or `--out URL`): one merge, no database, with a progress bar; the request
 /// goes through the same intake as `POST /v1/merges` (the URLs are checked, the recipe runs as
 /// written).
@@ -283,11 +315,7 @@ async fn merge_once(args: MergeArgs) -> Result<()> {
              `ladle merge` runs locally and sends none"
         );
     }
-    let roots = (!args.allowed_roots.is_empty()).then_some(args.allowed_roots.as_slice());
-    let storage = Arc::new(Storage::new(
-        roots,
-        merge_s3(args.s3.clone(), Default::default()),
-    )?);
+    let storage = Arc::new(local_storage(&args)?);
     // A greedy soup or sweep from the command line: the evaluator must be on loopback.
     let allowed = ladle::search::evaluator::AllowedHosts::default();
     let sub = accept_request(&args, &storage, &allowed, req)

@@ -33,6 +33,11 @@ pub enum ServiceError {
     Queue(#[from] queue::QueueError),
     #[error(transparent)]
     Storage(#[from] crate::storage::StorageError),
+    #[error("cannot use the Hugging Face cache {path}: {source}")]
+    HfCache {
+        path: String,
+        source: std::io::Error,
+    },
     #[error(
         "refusing to serve the API on {addr} without authentication: it is not a loopback \
          address. Give token digests (--api-token-sha256, LADLE_API_TOKEN_SHA256 or \
@@ -85,10 +90,19 @@ impl Service {
             source,
         })?;
         let queue = queue::connect(&settings.database_url, settings.queue.clone(), true).await?;
-        let storage = Arc::new(Storage::new(
-            Some(&settings.allowed_roots),
-            settings.s3.clone(),
-        )?);
+        let hf_cache = match &settings.hf_cache {
+            None => None,
+            Some(dir) => Some(crate::storage::hf_cache::HfCache::new(dir).map_err(|source| {
+                ServiceError::HfCache {
+                    path: dir.display().to_string(),
+                    source,
+                }
+            })?),
+        };
+        let storage = Arc::new(
+            Storage::new(Some(&settings.allowed_roots), settings.s3.clone())?
+                .with_hf_cache(hf_cache),
+        );
         crate::metrics::install();
         let shutdown = CancellationToken::new();
         let mut tasks = Vec::new();

@@ -239,7 +239,8 @@ fn json_response(status: StatusCode, body: &impl Serialize) -> Response {
 /// Submit a merge.
 ///
 /// JSON (the recipe) or mergekit YAML (`Content-Type: application/yaml`, plus ladle's
-/// `output: {uri: …}`; model references must be storage URLs over HTTP).
+/// `output: {uri: …}`; over HTTP, model references are storage URLs or, when the server has a
+/// Hugging Face cache (`--hf-cache`), hub ids `org/name[@revision]`).
 #[utoipa::path(
     post,
     path = "/v1/merges",

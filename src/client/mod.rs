@@ -164,8 +164,9 @@ impl Client {
     }
 }
 
-/// A YAML recipe's model references that are paths, not storage URLs (nothing the server can
-/// open: it has no recipe folder).
+/// A YAML recipe's model references that are paths, neither storage URLs nor hub ids
+/// (`org/name[@revision]`, which a server with a Hugging Face cache resolves): nothing the
+/// server can open, it has no recipe folder.
 fn yaml_paths(text: &str) -> Result<Vec<String>, ClientError> {
     let doc: Value = serde_saphyr::from_str(text)
         .map_err(|e| ClientError::Local(format!("the recipe is not valid YAML: {e}")))?;
@@ -182,7 +183,7 @@ fn yaml_paths(text: &str) -> Result<Vec<String>, ClientError> {
     Ok(refs
         .into_iter()
         .filter_map(Value::as_str)
-        .filter(|s| !s.contains("://"))
+        .filter(|s| !s.contains("://") && crate::storage::hf_cache::HubRef::parse(s).is_none())
         .map(str::to_string)
         .collect())
 }
@@ -200,8 +201,9 @@ async fn submit(client: &Client, recipe: &std::path::Path, wait: bool) -> Result
             return Err(ClientError::Local(format!(
                 "{}: model {p:?} is a path; the server cannot resolve paths of your machine \
                  (over HTTP there is no recipe folder). Name every model by a storage URL the \
-                 server may read (file:///abs/path/ on the server's filesystem, s3://bucket/…), \
-                 or run `ladle merge {}` locally",
+                 server may read (file:///abs/path/ on the server's filesystem, s3://bucket/…, \
+                 or a hub id org/name when the server has a Hugging Face cache), or run \
+                 `ladle merge {}` locally",
                 recipe.display(),
                 recipe.display()
             )));
@@ -420,5 +422,7 @@ mod tests {
         assert_eq!(yaml_paths(text).ok(), Some(vec!["./ft-a".to_string()]));
         let text = "merge_method: passthrough\nslices:\n  - sources:\n      - model: /abs/ft\n        layer_range: [0, 2]\n";
         assert_eq!(yaml_paths(text).ok(), Some(vec!["/abs/ft".to_string()]));
+        let text = "merge_method: linear\nmodels:\n  - model: org/name@v1\n  - model: ft/a/b\n";
+        assert_eq!(yaml_paths(text).ok(), Some(vec!["ft/a/b".to_string()]));
     }
 }

@@ -7,12 +7,14 @@
 //! Differences from mergekit, by design: the models are listed in recipe order (base, models,
 //! slice sources; mergekit iterates a Python set, whose order changes from run to run), and a
 //! model is a hub id only when ladle read it from a Hugging Face cache snapshot of that id
-//! (`…/models--org--name/snapshots/<rev>/`): mergekit asks the hub over the network.
+//! (`…/models--org--name/snapshots/<rev>/`, see [`crate::storage::hf_cache`]), shown without
+//! its `@revision` as mergekit shows it: mergekit asks the hub over the network.
 
 use serde_json::Value;
 
 use crate::recipe::Recipe;
 use crate::recipe::mergekit_config::model_path;
+use crate::storage::hf_cache::HubRef;
 
 /// mergekit's display name and reference link of each of its methods (`method_md`): mergekit's
 /// own text, for the card; a method mergekit lacks shows its name.
@@ -93,7 +95,13 @@ pub fn render(recipe: &Recipe, name: &str) -> String {
         .chain(recipe.models.iter().map(|m| &m.uri))
         .map(String::as_str)
         .collect();
-    let hub = |m: &str| hub_id(m, &urls);
+    // A hub id is shown without its revision (mergekit's `model.model.path`).
+    let shown = |m: &String| hub_id(m, &urls).map_or_else(|| m.clone(), str::to_string);
+    let written = Written {
+        base: written.base.as_ref().map(shown),
+        models: written.models.iter().map(shown).collect(),
+    };
+    let hub = |m: &str| hub_id(m, &urls).is_some();
     // mergekit names no base for slerp (its `base_model` is the t = 0 end).
     let base = written.base.as_deref().filter(|_| method != "slerp");
     let mut listed: Vec<&str> = Vec::new();
@@ -214,22 +222,16 @@ fn written_models(recipe: &Recipe) -> Written {
     }
 }
 
-/// `org/name` read from a Hugging Face cache snapshot of that repository.
-fn hub_id(written: &str, urls: &[&str]) -> bool {
-    let Some((org, repo)) = written.split_once('/') else {
-        return false;
-    };
-    let shaped = |s: &str| {
-        !s.is_empty()
-            && !s.starts_with('.')
-            && s.chars()
-                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
-    };
-    if !shaped(org) || !shaped(repo) {
-        return false;
-    }
-    let marker = format!("/models--{org}--{repo}/snapshots/");
-    urls.iter().any(|u| u.contains(&marker))
+/// The hub id (`org/name`, without a revision) of `written` when ladle read it from a
+/// Hugging Face cache: the recipe names it as a hub id (resolved from the cache when the job
+/// ran) or by its cache snapshot's URL (`…/models--org--name/snapshots/<commit>`, as the
+/// service stores it).
+fn hub_id<'a>(written: &'a str, urls: &[&str]) -> Option<&'a str> {
+    let repo = HubRef::parse(written)?.repo;
+    let marker = format!("/{}/snapshots/", HubRef::parse(repo)?.folder_name());
+    urls.iter()
+        .any(|u| HubRef::parse(u).is_some_and(|h| h.repo == repo) || u.contains(&marker))
+        .then_some(repo)
 }
 
 #[cfg(test)]
@@ -238,11 +240,14 @@ mod tests {
 
     #[test]
     fn hub_ids_only_from_a_cache_snapshot() {
-        let urls = ["file:///hf/hub/models--org--name/snapshots/abc/"];
-        assert!(hub_id("org/name", &urls));
-        assert!(!hub_id("org/other", &urls));
-        assert!(!hub_id("/abs/path", &urls));
-        assert!(!hub_id("a/b/c", &urls));
+        let urls = ["file:///hf/hub/models--org--name/snapshots/abc/", "org/kept@v2"];
+        assert_eq!(hub_id("org/name", &urls), Some("org/name"));
+        assert_eq!(hub_id("org/name@main", &urls), Some("org/name"));
+        assert_eq!(hub_id("org/kept@v2", &urls), Some("org/kept"));
+        assert_eq!(hub_id("org/kept", &urls), Some("org/kept"));
+        assert_eq!(hub_id("org/other", &urls), None);
+        assert_eq!(hub_id("/abs/path", &urls), None);
+        assert_eq!(hub_id("a/b/c", &urls), None);
         assert_eq!(
             method_md("ties"),
             "[TIES](https://arxiv.org/abs/2306.01708)"

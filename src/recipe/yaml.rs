@@ -19,8 +19,11 @@
 //! Model references: `MODEL+LORA` (mergekit's syntax) is a model entry with a PEFT adapter
 //! folded in (`lora`). A URL (`file://`, `s3://`) is kept; a relative path is resolved, when a
 //! `base_dir` (the recipe file's folder) is given, from the current directory first (as
-//! mergekit resolves it), then from `base_dir`, and must exist; anything else, a Hugging Face
-//! hub id included, is an error naming the field.
+//! mergekit resolves it), then from `base_dir`. A reference that is no existing local path
+//! but has the shape of a Hugging Face hub id (`org/name`, `org/name@revision`) is kept as
+//! written: storage resolves it from the local cache ([`crate::storage::hf_cache`]), as
+//! mergekit treats a path that does not exist as a hub id. Anything else is an error naming
+//! the field.
 
 use std::path::Path;
 
@@ -29,6 +32,7 @@ use serde_json::{Map, Value};
 use super::RecipeError;
 use crate::merge::DType;
 use crate::methods::{Method, YamlDtype};
+use crate::storage::hf_cache::HubRef;
 
 fn invalid(field: impl Into<String>, message: impl Into<String>) -> RecipeError {
     RecipeError::Invalid {
@@ -44,6 +48,7 @@ fn model_ref(v: &Value, field: &str, base_dir: Option<&Path>) -> Result<String, 
     if s.contains("://") {
         return Ok(s.to_string());
     }
+    let hub_id = HubRef::parse(s).is_some();
     let path = Path::new(s);
     let full = match (path.is_absolute(), base_dir) {
         (true, _) => path.to_path_buf(),
@@ -54,16 +59,22 @@ fn model_ref(v: &Value, field: &str, base_dir: Option<&Path>) -> Result<String, 
             .map(|cwd| cwd.join(path))
             .filter(|p| p.exists())
             .unwrap_or_else(|| dir.join(path)),
+        // Over HTTP there is no recipe folder: a hub id, or nothing.
+        (false, None) if hub_id => return Ok(s.to_string()),
         (false, None) => {
             return Err(invalid(
                 field,
                 format!(
-                    "{s:?} is not a storage URL; a relative path needs a recipe file \
-                     (ladle merge recipe.yml), and Hugging Face hub ids are not supported"
+                    "{s:?} is neither a storage URL nor a Hugging Face hub id \
+                     (org/name[@revision]); a relative path needs a recipe file (ladle merge \
+                     recipe.yml)"
                 ),
             ));
         }
     };
+    if hub_id && !full.exists() {
+        return Ok(s.to_string());
+    }
     // `..` segments are refused by storage: resolve them (the path must exist anyway).
     let full = full.canonicalize().unwrap_or(full);
     let url = if full.is_dir() {
@@ -75,8 +86,8 @@ fn model_ref(v: &Value, field: &str, base_dir: Option<&Path>) -> Result<String, 
             field,
             format!(
                 "{s:?} is neither a local checkpoint (not in the current directory, and {} \
-                 does not exist) nor a storage URL; Hugging Face hub ids cannot be resolved \
-                 by ladle",
+                 does not exist) nor a storage URL nor a Hugging Face hub id \
+                 (org/name[@revision])",
                 full.display()
             ),
         ));
@@ -357,8 +368,23 @@ mod tests {
             e("merge_method: linear\ntokenizer_source: union\n"),
             "tokenizer_source"
         );
+        // Not a local path, shaped as a hub id: kept as written (storage resolves it); an
+        // existing local folder of that shape (`inputs/ft1`) is the folder, as in mergekit.
+        let v = to_request(
+            &parse("merge_method: linear\nmodels:\n  - model: org/some-hub-model@v1\n  - model: inputs/ft1\n").unwrap(),
+            Some(dir.path()),
+        )
+        .unwrap();
+        assert_eq!(v["models"][0]["uri"], "org/some-hub-model@v1");
+        assert!(v["models"][1]["uri"].as_str().unwrap().starts_with("file:///"));
+        let v = to_request(
+            &parse("merge_method: linear\nmodels:\n  - model: org/m\n").unwrap(),
+            None,
+        )
+        .unwrap();
+        assert_eq!(v["models"][0]["uri"], "org/m");
         assert_eq!(
-            e("merge_method: linear\nmodels:\n  - model: org/some-hub-model\n"),
+            e("merge_method: linear\nmodels:\n  - model: a/b/not-there\n"),
             "models[0].model"
         );
         assert_eq!(e("models: []\n"), "merge_method");

@@ -9,7 +9,12 @@
 //! listing, write, rename and delete goes through [`local::LocalStore`], which reaches files
 //! from a directory handle of the root and refuses a symbolic link that leaves it
 //! (`path_outside_roots`), so nothing swapped in after the check can redirect ladle.
+//!
+//! A model reference shaped as a Hugging Face hub id (`org/name`, `org/name@revision`: no
+//! scheme) is looked up in the configured local cache ([`hf_cache`]) and resolves to its
+//! snapshot folder, which then passes the same checks as any `file://` URL.
 
+pub mod hf_cache;
 pub mod list;
 pub mod local;
 pub mod probe;
@@ -51,6 +56,10 @@ pub enum StorageError {
     OutsideRoots { path: String },
     #[error("object storage error: {0}")]
     ObjectStore(#[from] object_store::Error),
+    /// A hub id the local Hugging Face cache does not hold (model, revision or snapshot), or
+    /// no cache is configured. ladle never downloads.
+    #[error("{model}: {reason}")]
+    ModelNotCached { model: String, reason: String },
     #[error("local file system error at {path}: {source}")]
     Io {
         path: String,
@@ -64,6 +73,7 @@ impl StorageError {
             StorageError::InvalidUri { .. } => ErrorCode::InvalidUri,
             StorageError::NotAllowed { .. } => ErrorCode::StorageNotAllowed,
             StorageError::OutsideRoots { .. } => ErrorCode::PathOutsideRoots,
+            StorageError::ModelNotCached { .. } => ErrorCode::ModelNotCached,
             StorageError::ObjectStore(e) if local::outside_roots(e).is_some() => {
                 ErrorCode::PathOutsideRoots
             }
@@ -139,6 +149,8 @@ pub struct Storage {
     s3_stores: Mutex<HashMap<String, Arc<dyn ObjectStore>>>,
     /// Every local root (`/` when unrestricted), reached by handle.
     local: local::LocalStore,
+    /// Where hub ids are looked up (`None`: they are refused, `model_not_cached`).
+    hf_cache: Option<hf_cache::HfCache>,
 }
 
 impl std::fmt::Debug for Storage {
@@ -176,7 +188,20 @@ impl Storage {
             s3,
             s3_stores: Mutex::new(HashMap::new()),
             local: local::LocalStore::new(local_roots),
+            hf_cache: None,
         })
+    }
+
+    /// Resolve hub ids from `cache` (it is not made an allowed root here: the service adds a
+    /// configured cache to its roots, `config::Settings`).
+    pub fn with_hf_cache(mut self, cache: Option<hf_cache::HfCache>) -> Self {
+        self.hf_cache = cache;
+        self
+    }
+
+    /// The Hugging Face cache hub ids are looked up in, if any.
+    pub fn hf_cache(&self) -> Option<&hf_cache::HfCache> {
+        self.hf_cache.as_ref()
     }
 
     /// The allowed roots as URLs (for `/readyz` and error messages).
@@ -187,8 +212,12 @@ impl Storage {
         }
     }
 
-    /// Resolve a URL a job names. Checks syntax, scheme, traversal and allowed roots.
+    /// Resolve a URL a job names. Checks syntax, scheme, traversal and allowed roots. A hub
+    /// id (`org/name[@revision]`) is its cache snapshot's folder (messages name the id).
     pub fn resolve(&self, uri: &str) -> Result<Location, StorageError> {
+        if let Some(hub) = hf_cache::HubRef::parse(uri) {
+            return self.resolve_hub(uri, &hub);
+        }
         let invalid = |reason: &str| StorageError::InvalidUri {
             uri: uri.to_string(),
             reason: reason.to_string(),
@@ -205,6 +234,25 @@ impl Storage {
                 "scheme {other:?} is not supported (use file:// or s3://)"
             ))),
         }
+    }
+
+    fn resolve_hub(&self, uri: &str, hub: &hf_cache::HubRef<'_>) -> Result<Location, StorageError> {
+        let cache = self
+            .hf_cache
+            .as_ref()
+            .ok_or_else(|| StorageError::ModelNotCached {
+                model: uri.to_string(),
+                reason: "not a storage URL, so read as a Hugging Face hub id; no Hugging Face \
+                         cache is configured (--hf-cache, LADLE_HF_CACHE or the config key \
+                         hf_cache), and ladle never downloads models"
+                    .into(),
+            })?;
+        let dir = cache.snapshot(uri, hub)?;
+        let url = Url::from_directory_path(&dir).map_err(|()| StorageError::InvalidUri {
+            uri: uri.to_string(),
+            reason: "the cache snapshot is not an absolute local path".into(),
+        })?;
+        self.resolve_file(uri, &url)
     }
 
     fn resolve_file(&self, uri: &str, url: &Url) -> Result<Location, StorageError> {

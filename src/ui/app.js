@@ -568,7 +568,7 @@ function submitView() {
     el("h1", { text: "Submit a merge" }),
     el("form", { id: "submit-form", onsubmit: send },
       el("div", { class: "row" }, el("label", {}, "Format ", type),
-        el("span", { class: "muted", text: "Paste a recipe as POST /v1/merges takes it (YAML: model references must be storage URLs; add output: {uri: …})." })),
+        el("span", { class: "muted", text: "Paste a recipe as POST /v1/merges takes it (YAML: model references are storage URLs or hub ids; add output: {uri: …})." })),
       area,
       result,
       el("div", { class: "row" }, el("button", { class: "primary", type: "submit", id: "submit" }, "Submit"))));
