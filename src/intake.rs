@@ -141,6 +141,12 @@ pub async fn accept(
         .as_deref()
         .map(|b| resolve("base_model".into(), b))
         .transpose()?;
+    let tokenizer = recipe
+        .output
+        .tokenizer_source
+        .as_deref()
+        .map(|t| resolve("tokenizer_source".into(), t))
+        .transpose()?;
     let output_url = resolve("output.uri".into(), &recipe.output.uri)?;
     if let Some(search) = &job.search {
         evaluator_hosts
@@ -162,6 +168,11 @@ pub async fn accept(
                 .iter()
                 .enumerate()
                 .filter_map(|(i, l)| l.as_deref().map(|l| (format!("models[{i}].lora"), l))),
+        )
+        .chain(
+            tokenizer
+                .as_deref()
+                .map(|t| ("tokenizer_source".to_string(), t)),
         );
     output::check_apart(&output_url, inputs)?;
     crate::engine::output_rules::check(storage, &output_url, recipe.output.overwrite, data_dir)
@@ -173,6 +184,7 @@ pub async fn accept(
             m.lora = lora;
         }
         recipe.base_model = base;
+        recipe.output.tokenizer_source = tokenizer;
         recipe.output.uri = output_url.clone();
     }
     let hash = job.hash();

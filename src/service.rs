@@ -90,15 +90,16 @@ impl Service {
             source,
         })?;
         let queue = queue::connect(&settings.database_url, settings.queue.clone(), true).await?;
-        let hf_cache = match &settings.hf_cache {
-            None => None,
-            Some(dir) => Some(crate::storage::hf_cache::HfCache::new(dir).map_err(|source| {
-                ServiceError::HfCache {
-                    path: dir.display().to_string(),
-                    source,
-                }
-            })?),
-        };
+        let hf_cache =
+            match &settings.hf_cache {
+                None => None,
+                Some(dir) => Some(crate::storage::hf_cache::HfCache::new(dir).map_err(
+                    |source| ServiceError::HfCache {
+                        path: dir.display().to_string(),
+                        source,
+                    },
+                )?),
+            };
         let storage = Arc::new(
             Storage::new(Some(&settings.allowed_roots), settings.s3.clone())?
                 .with_hf_cache(hf_cache),

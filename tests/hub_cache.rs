@@ -6,7 +6,6 @@
 
 mod common;
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -91,7 +90,10 @@ const HUB_RECIPE: &str = "merge_method: task_arithmetic\nbase_model: org/base\nm
 fn path_recipe(cache: &Path) -> String {
     let snap = |repo: &str, commit: &str| {
         cache
-            .join(format!("models--{}/snapshots/{commit}", repo.replace('/', "--")))
+            .join(format!(
+                "models--{}/snapshots/{commit}",
+                repo.replace('/', "--")
+            ))
             .display()
             .to_string()
     };
@@ -137,24 +139,6 @@ fn failed_with(run: &Output, code: &str) -> String {
     err
 }
 
-fn tensor_digests(dir: &Path) -> BTreeMap<String, String> {
-    std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
-        .map(|p| {
-            (
-                p.file_name().unwrap().to_string_lossy().into_owned(),
-                hex::encode(Sha256::digest(std::fs::read(&p).unwrap())),
-            )
-        })
-        .collect()
-}
-
-fn json(path: &Path) -> serde_json::Value {
-    serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
-}
-
 /// The card's front matter: its `base_model` lists the hub ids, without revisions.
 fn check_card(soup: &Path, recipe_text: &str) {
     let card = std::fs::read_to_string(soup.join("README.md")).unwrap();
@@ -191,21 +175,36 @@ fn ladle_merge_resolves_hub_ids_from_the_cache() {
         &[],
         &["merge", "hub.yml", "soup", "--quiet", "--hf-cache", cache_s],
     ));
-    ok(&ladle(&root, &home, &[], &["merge", "paths.yml", "by-path", "--quiet"]));
+    ok(&ladle(
+        &root,
+        &home,
+        &[],
+        &["merge", "paths.yml", "by-path", "--quiet"],
+    ));
     let soup = root.join("soup");
     let want = tensor_digests(&root.join("by-path"));
     assert_eq!(tensor_digests(&soup), want);
     // main and v2 are different snapshots: swapping them changes the soup.
     std::fs::write(
         root.join("swapped.yml"),
-        HUB_RECIPE.replace("weight: 0.3", "weight: 0.x").replace("weight: 0.7", "weight: 0.3").replace("weight: 0.x", "weight: 0.7"),
+        HUB_RECIPE
+            .replace("weight: 0.3", "weight: 0.x")
+            .replace("weight: 0.7", "weight: 0.3")
+            .replace("weight: 0.x", "weight: 0.7"),
     )
     .unwrap();
     ok(&ladle(
         &root,
         &home,
         &[],
-        &["merge", "swapped.yml", "swapped", "--quiet", "--hf-cache", cache_s],
+        &[
+            "merge",
+            "swapped.yml",
+            "swapped",
+            "--quiet",
+            "--hf-cache",
+            cache_s,
+        ],
     ));
     assert_ne!(tensor_digests(&root.join("swapped")), want);
 
@@ -215,7 +214,7 @@ fn ladle_merge_resolves_hub_ids_from_the_cache() {
         HUB_RECIPE
     );
     check_card(&soup, HUB_RECIPE);
-    let manifest = json(&soup.join("ladle-manifest.json"));
+    let manifest = read_json(&soup.join("ladle-manifest.json"));
     assert_eq!(manifest["recipe"]["base_model"], "org/base");
     assert_eq!(manifest["recipe"]["models"][1]["uri"], "org/ft@v2");
     let inputs: Vec<&str> = manifest["inputs"]
@@ -224,13 +223,9 @@ fn ladle_merge_resolves_hub_ids_from_the_cache() {
         .iter()
         .map(|i| i["uri"].as_str().unwrap())
         .collect();
-    for (i, (repo, commit)) in [
-        ("base", BASE_MAIN),
-        ("ft", FT_MAIN),
-        ("ft", FT_V2),
-    ]
-    .iter()
-    .enumerate()
+    for (i, (repo, commit)) in [("base", BASE_MAIN), ("ft", FT_MAIN), ("ft", FT_V2)]
+        .iter()
+        .enumerate()
     {
         assert!(
             inputs[i].ends_with(&format!("/models--org--{repo}/snapshots/{commit}")),
@@ -238,7 +233,7 @@ fn ladle_merge_resolves_hub_ids_from_the_cache() {
         );
     }
     // The donor's side files come through the snapshot's links.
-    assert_eq!(json(&soup.join("config.json"))["seed"], 1);
+    assert_eq!(read_json(&soup.join("config.json"))["seed"], 1);
     assert_eq!(
         std::fs::read(soup.join("tokenizer.json")).unwrap(),
         br#"{"v": 1}"#
@@ -248,7 +243,14 @@ fn ladle_merge_resolves_hub_ids_from_the_cache() {
         &root,
         &home,
         &[],
-        &["merge", "soup/mergekit_config.yml", "again", "--quiet", "--hf-cache", cache_s],
+        &[
+            "merge",
+            "soup/mergekit_config.yml",
+            "again",
+            "--quiet",
+            "--hf-cache",
+            cache_s,
+        ],
     ));
     assert_eq!(tensor_digests(&root.join("again")), want);
 
@@ -273,9 +275,9 @@ fn ladle_merge_resolves_hub_ids_from_the_cache() {
         &root,
         &home,
         &[("HF_HOME", &root.join("hf-home"))],
-        &["merge", "hub.yml", "hf-home", "--quiet"],
+        &["merge", "hub.yml", "from-hf-home", "--quiet"],
     ));
-    assert_eq!(tensor_digests(&root.join("hf-home")), want);
+    assert_eq!(tensor_digests(&root.join("from-hf-home")), want);
 
     // A JSON recipe: a hub id with a commit as its revision.
     std::fs::write(
@@ -290,13 +292,27 @@ fn ladle_merge_resolves_hub_ids_from_the_cache() {
         &root,
         &home,
         &[],
-        &["merge", "r.json", "--out", "json-soup", "--quiet", "--hf-cache", cache_s],
+        &[
+            "merge",
+            "r.json",
+            "--out",
+            "json-soup",
+            "--quiet",
+            "--hf-cache",
+            cache_s,
+        ],
     ));
     let text = std::fs::read_to_string(root.join("json-soup/mergekit_config.yml")).unwrap();
-    assert!(text.contains(&format!("  - model: org/ft@{FT_V2}\n")), "{text}");
+    assert!(
+        text.contains(&format!("  - model: org/ft@{FT_V2}\n")),
+        "{text}"
+    );
     assert!(text.contains("  - model: org/base\n"), "{text}");
     let card = std::fs::read_to_string(root.join("json-soup/README.md")).unwrap();
-    assert!(card.starts_with("---\nbase_model:\n- org/ft\n- org/base\n"), "{card}");
+    assert!(
+        card.starts_with("---\nbase_model:\n- org/ft\n- org/base\n"),
+        "{card}"
+    );
 
     // A local folder of the same shape is the folder (as mergekit reads it).
     let local = root.join("org/base");
@@ -308,9 +324,16 @@ fn ladle_merge_resolves_hub_ids_from_the_cache() {
         &root,
         &home,
         &[],
-        &["merge", "hub.yml", "local-base", "--quiet", "--hf-cache", cache_s],
+        &[
+            "merge",
+            "hub.yml",
+            "local-base",
+            "--quiet",
+            "--hf-cache",
+            cache_s,
+        ],
     ));
-    let manifest = json(&root.join("local-base/ladle-manifest.json"));
+    let manifest = read_json(&root.join("local-base/ladle-manifest.json"));
     assert!(
         manifest["recipe"]["base_model"]
             .as_str()
@@ -338,7 +361,10 @@ fn ladle_merge_resolves_hub_ids_from_the_cache() {
         &[],
         "model_not_cached",
     );
-    assert!(err.contains("org/missing is not in the Hugging Face cache"), "{err}");
+    assert!(
+        err.contains("org/missing is not in the Hugging Face cache"),
+        "{err}"
+    );
     assert!(err.contains("ladle never downloads"), "{err}");
     let err = refuse(
         "no-rev",
@@ -362,7 +388,10 @@ fn ladle_merge_resolves_hub_ids_from_the_cache() {
     assert!(err.contains("has no snapshot"), "{err}");
     // No cache configured and none at the default place (an empty home).
     let err = refuse("no-cache", HUB_RECIPE, &[], &[], "model_not_cached");
-    assert!(err.contains("org/ft is not in the Hugging Face cache"), "{err}");
+    assert!(
+        err.contains("org/ft is not in the Hugging Face cache"),
+        "{err}"
+    );
     // A snapshot link out of the cache, without naming where it leads.
     let err = refuse(
         "evil",
@@ -398,7 +427,14 @@ fn ladle_merge_resolves_hub_ids_from_the_cache() {
             &root,
             &home,
             &[("HF_HUB_CACHE", &cache)],
-            &["merge", "hub.yml", "soups/d", "--quiet", "--allowed-root", &allowed],
+            &[
+                "merge",
+                "hub.yml",
+                "soups/d",
+                "--quiet",
+                "--allowed-root",
+                &allowed,
+            ],
         ),
         "storage_not_allowed",
     );
@@ -406,7 +442,7 @@ fn ladle_merge_resolves_hub_ids_from_the_cache() {
 }
 
 /// A service with `hf_cache` set as a config file sets it.
-fn settings(root: &Path, hf_cache: Option<&Path>) -> Settings {
+fn service_settings(root: &Path, hf_cache: Option<&Path>) -> Settings {
     let data = root.join(format!("data-{}", hf_cache.is_some()));
     let config = root.join(format!("ladle-{}.toml", hf_cache.is_some()));
     let text = match hf_cache {
@@ -451,10 +487,15 @@ async fn the_service_resolves_hub_ids_from_a_configured_cache() {
     std::fs::write(root.join("paths.yml"), path_recipe(&cache)).unwrap();
     let home = root.join("home");
     std::fs::create_dir_all(&home).unwrap();
-    ok(&ladle(&root, &home, &[], &["merge", "paths.yml", "by-path", "--quiet"]));
+    ok(&ladle(
+        &root,
+        &home,
+        &[],
+        &["merge", "paths.yml", "by-path", "--quiet"],
+    ));
     let want = tensor_digests(&root.join("by-path"));
 
-    let settings = settings(&root, Some(&cache));
+    let settings = service_settings(&root, Some(&cache));
     assert!(
         settings
             .allowed_roots
@@ -464,7 +505,12 @@ async fn the_service_resolves_hub_ids_from_a_configured_cache() {
     );
     let (service, base) = start(&settings, Mode::Serve).await;
     let client = reqwest::Client::new();
-    let out = |name: &str| format!("output:\n  uri: {}\n", file_url(&root.join("soups").join(name)));
+    let out = |name: &str| {
+        format!(
+            "output:\n  uri: {}\n",
+            file_url(&root.join("soups").join(name))
+        )
+    };
 
     // YAML naming hub ids.
     let text = format!("{HUB_RECIPE}{}", out("yaml"));
@@ -496,14 +542,16 @@ async fn the_service_resolves_hub_ids_from_a_configured_cache() {
         "{recipe}"
     );
 
-    // JSON naming hub ids.
+    // JSON naming hub ids, its tokenizer from one of them, with one of mergekit's templates.
     let body = serde_json::json!({
         "method": "task_arithmetic",
         "base_model": "org/base",
         "models": [{"uri": "org/ft", "weight": 0.3}, {"uri": "org/ft@v2", "weight": 0.7}],
         "input_dtype": "float32",
         "parameters": {"compute_dtype": "float32"},
-        "output": {"uri": file_url(&root.join("soups/json"))}
+        "tokenizer_source": "org/ft@v2",
+        "chat_template": "chatml",
+        "output": {"uri": file_url(&root.join("soups/json")), "dtype": "float32"}
     });
     let (status, job) = submit(&client, &base, &body).await;
     assert_eq!(status, 202, "{job}");
@@ -512,7 +560,27 @@ async fn the_service_resolves_hub_ids_from_a_configured_cache() {
     assert_eq!(done["state"], "succeeded", "{done}");
     assert_eq!(tensor_digests(&root.join("soups/json")), want);
     let card = std::fs::read_to_string(root.join("soups/json/README.md")).unwrap();
-    assert!(card.starts_with("---\nbase_model:\n- org/base\n- org/ft\n"), "{card}");
+    assert!(
+        card.starts_with("---\nbase_model:\n- org/base\n- org/ft\n"),
+        "{card}"
+    );
+    assert_eq!(
+        std::fs::read(root.join("soups/json/tokenizer.json")).unwrap(),
+        br#"{"v": 20}"#
+    );
+    assert_eq!(
+        std::fs::read_to_string(root.join("soups/json/chat_template.jinja")).unwrap(),
+        ladle::recipe::tokenizer::CHAT_TEMPLATES[1].1
+    );
+    let recipe = &done["recipe"];
+    let recipe = recipe.get("recipe").unwrap_or(recipe);
+    assert!(
+        recipe["output"]["tokenizer_source"]
+            .as_str()
+            .unwrap()
+            .ends_with(&format!("/models--org--ft/snapshots/{FT_V2}")),
+        "{recipe}"
+    );
 
     // Refused at submission: 4xx with the code, the field, the model and the revision.
     let refused = |text: String, code: &'static str, status: u16| {
@@ -525,15 +593,26 @@ async fn the_service_resolves_hub_ids_from_a_configured_cache() {
         }
     };
     let err = refused(
-        format!("{}{}", HUB_RECIPE.replace("org/ft@v2", "org/missing"), out("m")),
+        format!(
+            "{}{}",
+            HUB_RECIPE.replace("org/ft@v2", "org/missing"),
+            out("m")
+        ),
         "model_not_cached",
         422,
     )
     .await;
     assert_eq!(err["field"], "models[1].uri", "{err}");
-    assert!(err["message"].as_str().unwrap().contains("org/missing"), "{err}");
+    assert!(
+        err["message"].as_str().unwrap().contains("org/missing"),
+        "{err}"
+    );
     let err = refused(
-        format!("{}{}", HUB_RECIPE.replace("org/ft@v2", "org/ft@v9"), out("r")),
+        format!(
+            "{}{}",
+            HUB_RECIPE.replace("org/ft@v2", "org/ft@v9"),
+            out("r")
+        ),
         "model_not_cached",
         422,
     )
@@ -546,7 +625,11 @@ async fn the_service_resolves_hub_ids_from_a_configured_cache() {
         "{err}"
     );
     let err = refused(
-        format!("{}{}", HUB_RECIPE.replace("org/ft@v2", "org/evil"), out("e")),
+        format!(
+            "{}{}",
+            HUB_RECIPE.replace("org/ft@v2", "org/evil"),
+            out("e")
+        ),
         "path_outside_roots",
         403,
     )
@@ -561,7 +644,7 @@ async fn the_service_resolves_hub_ids_from_a_configured_cache() {
     service.shutdown().await;
 
     // A service without a configured cache refuses hub ids, whatever $HF_HOME holds.
-    let settings = settings(&root, None);
+    let settings = service_settings(&root, None);
     assert!(settings.hf_cache.is_none());
     let (service, base) = start(&settings, Mode::Serve).await;
     let (status, err) = post_yaml(&base, &format!("{HUB_RECIPE}{}", out("none"))).await;

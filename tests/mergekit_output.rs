@@ -6,13 +6,11 @@
 
 mod common;
 
-use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::{Command, Output};
 
 use common::*;
 use ladle::service::Mode;
-use sha2::{Digest, Sha256};
 
 const LADLE: &str = env!("CARGO_BIN_EXE_ladle");
 const CARDS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/mergekit_card");
@@ -63,25 +61,6 @@ fn ok(run: &Output) {
     );
 }
 
-/// SHA-256 of every tensor file of a soup.
-fn tensor_digests(dir: &Path) -> BTreeMap<String, String> {
-    std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
-        .map(|p| {
-            (
-                p.file_name().unwrap().to_string_lossy().into_owned(),
-                hex::encode(Sha256::digest(std::fs::read(&p).unwrap())),
-            )
-        })
-        .collect()
-}
-
-fn json(path: &Path) -> serde_json::Value {
-    serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
-}
-
 #[test]
 fn yaml_recipe_writes_mergekits_output_folder_and_reads_it_back() {
     let dir = models();
@@ -106,7 +85,7 @@ fn yaml_recipe_writes_mergekits_output_folder_and_reads_it_back() {
             std::fs::read(dir.path().join(&recipe)).unwrap()
         );
         // config.json anew from the base's, with the output dtype (ties: `dtype: float32`).
-        let config = json(&soup.join("config.json"));
+        let config = read_json(&soup.join("config.json"));
         let dtype = if case == "ties" {
             "float32"
         } else {
@@ -128,7 +107,7 @@ fn yaml_recipe_writes_mergekits_output_folder_and_reads_it_back() {
             );
         }
         assert!(!soup.join("LICENSE").exists());
-        let manifest = json(&soup.join("ladle-manifest.json"));
+        let manifest = read_json(&soup.join("ladle-manifest.json"));
         let listed: Vec<&str> = manifest["files"]
             .as_array()
             .unwrap()
@@ -187,7 +166,7 @@ fn json_recipe_gets_a_mergekit_config_that_reproduces_it() {
     let card = std::fs::read_to_string(soup.join("README.md")).unwrap();
     assert!(card.contains(&format!("```yaml\n{text}\n```\n")), "{card}");
     assert!(card.contains("[DARE TIES](https://arxiv.org/abs/2311.03099) merge method using /"));
-    assert_eq!(json(&soup.join("config.json"))["dtype"], "bfloat16");
+    assert_eq!(read_json(&soup.join("config.json"))["dtype"], "bfloat16");
     // From another directory: the paths are absolute. Several shards: the same files.
     let elsewhere = tempfile::tempdir().unwrap();
     let again = elsewhere.path().join("again");
@@ -331,7 +310,7 @@ fn relative_paths_from_the_current_directory_then_the_recipe_folder() {
         dir.path(),
         &["merge", "recipes/r.yml", "soup", "--quiet"],
     ));
-    let manifest = json(&dir.path().join("soup/ladle-manifest.json"));
+    let manifest = read_json(&dir.path().join("soup/ladle-manifest.json"));
     let base_url = file_url(&dir.path().join("base").canonicalize().unwrap());
     assert_eq!(
         manifest["recipe"]["models"][0]["uri"]
@@ -430,4 +409,192 @@ async fn stored_and_listed_recipe_name_the_method() {
         assert!(text.starts_with("merge_method: ties\n"), "{text}");
         service.shutdown().await;
     }
+}
+
+/// `tokenizer_source: <model>` (also spelled `model:<path>`): that model's tokenizer files
+/// instead of the donor's, whatever `--no-copy-tokenizer` says; `chat_template` (one of
+/// mergekit's names, or a Jinja template) written as `chat_template.jinja`, the tokenizer's own
+/// template left out; the tensors unchanged; refusals by name.
+#[test]
+fn tokenizer_source_and_chat_template() {
+    let dir = models();
+    let d = dir.path();
+    std::fs::write(d.join("base/chat_template.jinja"), "{{ base }}").unwrap();
+    let tok = d.join("tok");
+    std::fs::create_dir_all(&tok).unwrap();
+    std::fs::write(tok.join("tokenizer.json"), br#"{"v": 77}"#).unwrap();
+    std::fs::write(
+        tok.join("tokenizer_config.json"),
+        br#"{"chat_template": "{{ tok }}", "b": 2}"#,
+    )
+    .unwrap();
+    std::fs::write(tok.join("chat_template.jinja"), "{{ tok }}").unwrap();
+    std::fs::write(tok.join("special_tokens_map.json"), br#"{"eos": 1}"#).unwrap();
+    let ties = std::fs::read_to_string(Path::new(CARDS).join("ties.yml")).unwrap();
+    let run = |name: &str, extra_yaml: &str, flags: &[&str]| {
+        std::fs::write(d.join(format!("{name}.yml")), format!("{ties}{extra_yaml}")).unwrap();
+        let recipe = format!("{name}.yml");
+        let mut args = vec!["merge", recipe.as_str(), name, "--quiet"];
+        args.extend(flags);
+        ladle(d, &args)
+    };
+    ok(&run("plain", "", &[]));
+    let plain = d.join("plain");
+    assert_eq!(
+        std::fs::read(plain.join("chat_template.jinja")).unwrap(),
+        b"{{ base }}"
+    );
+    let chatml = std::fs::read(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/assets/chat_templates/chatml.jinja"
+    ))
+    .unwrap();
+    for (name, source) in [("with-tok", "tok"), ("with-tok-prefixed", "model:tok")] {
+        ok(&run(
+            name,
+            &format!("tokenizer_source: {source}\nchat_template: chatml\n"),
+            &[],
+        ));
+        let soup = d.join(name);
+        assert_eq!(tensor_digests(&soup), tensor_digests(&plain), "{name}");
+        assert_eq!(
+            std::fs::read(soup.join("tokenizer.json")).unwrap(),
+            br#"{"v": 77}"#
+        );
+        assert_eq!(
+            read_json(&soup.join("tokenizer_config.json")),
+            serde_json::json!({"b": 2})
+        );
+        assert_eq!(
+            std::fs::read(soup.join("special_tokens_map.json")).unwrap(),
+            br#"{"eos": 1}"#
+        );
+        assert_eq!(
+            std::fs::read(soup.join("chat_template.jinja")).unwrap(),
+            chatml
+        );
+        // config.json is still the donor's; the donor's generation_config is not the
+        // tokenizer's (the tokenizer source has none).
+        assert_eq!(read_json(&soup.join("config.json"))["seed"], 1);
+        assert!(!soup.join("generation_config.json").exists());
+        let manifest = read_json(&soup.join("ladle-manifest.json"));
+        assert!(
+            manifest["recipe"]["output"]["chat_template"]
+                .as_str()
+                .is_some_and(|t| t.as_bytes() == chatml),
+            "{manifest}"
+        );
+    }
+    // The recipe text goes back in with its tokenizer options.
+    ok(&ladle(
+        d,
+        &[
+            "merge",
+            "with-tok/mergekit_config.yml",
+            "tok-again",
+            "--quiet",
+        ],
+    ));
+    assert_eq!(
+        std::fs::read(d.join("tok-again/chat_template.jinja")).unwrap(),
+        chatml
+    );
+    // A tokenizer source is written even with --no-copy-tokenizer; a Jinja template as text.
+    let own = "{% for m in messages %}{{ m['content'] }}\n{% endfor %}";
+    ok(&run(
+        "own",
+        &format!(
+            "tokenizer_source: ./tok\nchat_template: |-\n  {}\n",
+            own.replace('\n', "\n  ")
+        ),
+        &["--no-copy-tokenizer"],
+    ));
+    assert_eq!(
+        std::fs::read_to_string(d.join("own/chat_template.jinja")).unwrap(),
+        own
+    );
+    assert_eq!(
+        std::fs::read(d.join("own/tokenizer.json")).unwrap(),
+        br#"{"v": 77}"#
+    );
+    // The donor's tokenizer with another template: its own template files left out.
+    ok(&run("donor-tpl", "chat_template: llama3\n", &[]));
+    let soup = d.join("donor-tpl");
+    assert_eq!(
+        std::fs::read(soup.join("tokenizer.json")).unwrap(),
+        std::fs::read(d.join("base/tokenizer.json")).unwrap()
+    );
+    assert!(
+        std::fs::read_to_string(soup.join("chat_template.jinja"))
+            .unwrap()
+            .contains("<|start_header_id|>")
+    );
+    // Refused by name.
+    for (name, extra, flags, want) in [
+        ("r1", "chat_template: vicuna\n", &[][..], "chat_template"),
+        ("r2", "chat_template: auto\n", &[], "chat_template"),
+        (
+            "r3",
+            "chat_template: chatml\n",
+            &["--no-copy-tokenizer"],
+            "chat_template",
+        ),
+        ("r4", "tokenizer_source: union\n", &[], "tokenizer_source"),
+        (
+            "r5",
+            "tokenizer_source: ./missing\n",
+            &[],
+            "tokenizer_source",
+        ),
+    ] {
+        let out = run(name, extra, flags);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{name}");
+        assert!(err.contains(&format!("{want}:")), "{name}: {err}");
+        assert!(!d.join(name).join("model.safetensors").exists(), "{name}");
+    }
+    // A folder without a tokenizer: the job fails before anything is written.
+    std::fs::create_dir_all(d.join("empty")).unwrap();
+    let out = run("r6", "tokenizer_source: ./empty\n", &[]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("[invalid_recipe]") && err.contains("holds no tokenizer"),
+        "{err}"
+    );
+    // A JSON recipe: its mergekit_config.yml names them, and reproduces the soup.
+    std::fs::write(
+        d.join("t.json"),
+        r#"{"method": "linear", "models": [{"uri": "ft1", "weight": 1.0}, {"uri": "ft2", "weight": 1.0}],
+            "tokenizer_source": "tok", "chat_template": "mistral",
+            "output": {"uri": "file:///placeholder/"}}"#,
+    )
+    .unwrap();
+    ok(&ladle(
+        d,
+        &["merge", "t.json", "--out", "json-tok", "--quiet"],
+    ));
+    let text = std::fs::read_to_string(d.join("json-tok/mergekit_config.yml")).unwrap();
+    assert!(text.contains("\nchat_template: mistral\n"), "{text}");
+    assert!(text.contains("\ntokenizer_source: /"), "{text}");
+    ok(&ladle(
+        d,
+        &[
+            "merge",
+            "json-tok/mergekit_config.yml",
+            "json-again",
+            "--quiet",
+        ],
+    ));
+    for f in ["tokenizer.json", "chat_template.jinja"] {
+        assert_eq!(
+            std::fs::read(d.join("json-tok").join(f)).unwrap(),
+            std::fs::read(d.join("json-again").join(f)).unwrap(),
+            "{f}"
+        );
+    }
+    assert_eq!(
+        tensor_digests(&d.join("json-tok")),
+        tensor_digests(&d.join("json-again"))
+    );
 }

@@ -673,6 +673,7 @@ impl Engine {
             side: side_files::SideInfo {
                 dtype: merged_dtype,
                 num_hidden_layers,
+                tokenizer: side_files::tokenizer_source(&self.storage, recipe).await?,
             },
             parts,
         })

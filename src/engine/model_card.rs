@@ -240,7 +240,10 @@ mod tests {
 
     #[test]
     fn hub_ids_only_from_a_cache_snapshot() {
-        let urls = ["file:///hf/hub/models--org--name/snapshots/abc/", "org/kept@v2"];
+        let urls = [
+            "file:///hf/hub/models--org--name/snapshots/abc/",
+            "org/kept@v2",
+        ];
         assert_eq!(hub_id("org/name", &urls), Some("org/name"));
         assert_eq!(hub_id("org/name@main", &urls), Some("org/name"));
         assert_eq!(hub_id("org/kept@v2", &urls), Some("org/kept"));

@@ -6,18 +6,26 @@
 //!   `num_hidden_layers` the depth of a slice stack;
 //! - the donor's tokenizer and generation files ([`TOKENIZER_FILES`], the list mergekit's
 //!   `_copy_tokenizer` copies, plus the processor files its architectures carry along) byte for
-//!   byte, unless `output.copy_tokenizer` is false;
+//!   byte, unless `output.copy_tokenizer` is false; with `tokenizer_source` those of that
+//!   model instead, always (mergekit writes the tokenizer a recipe names whatever
+//!   `--copy-tokenizer` says);
+//! - with `chat_template`, that template as `chat_template.jinja` (where transformers 5's
+//!   `save_pretrained`, which mergekit calls, writes it), the tokenizer's own template left
+//!   out (`chat_template.jinja`, `chat_template.json`, the `chat_template` key of
+//!   `tokenizer_config.json`);
 //! - the model card `README.md` ([`super::model_card`]) and `mergekit_config.yml` (the recipe
 //!   text), unless `output.write_model_card` is false. An input's own `README.md` (another
 //!   model's card) and any other file of the donor folder are never copied.
 
 use bytes::Bytes;
 
+use object_store::ObjectStoreExt;
+
 use super::output::{copy_side_files, put_small};
 use super::{EngineError, OutputFile, model_card};
 use crate::merge::DType;
 use crate::recipe::Recipe;
-use crate::storage::Location;
+use crate::storage::{Location, Storage};
 
 /// The donor's files copied byte for byte (mergekit's list, in its order, then the tag-along
 /// files of its multimodal architectures).
@@ -49,6 +57,41 @@ pub(super) struct SideInfo {
     pub dtype: Option<DType>,
     /// The depth of a slice stack.
     pub num_hidden_layers: Option<u64>,
+    /// The folder the tokenizer files come from instead of the donor (`tokenizer_source`).
+    pub tokenizer: Option<Location>,
+}
+
+/// The tokenizer files a tokenizer source must hold one of (what transformers loads a
+/// tokenizer from, and mergekit's test for a tokenizer it can copy).
+const TOKENIZER_MARKERS: [&str; 3] = ["tokenizer_config.json", "tokenizer.json", "tokenizer.model"];
+
+/// The chat template file transformers ≥ 4.43 writes (and mergekit 0.1.5, through
+/// transformers 5's `save_pretrained`, writes a recipe's `chat_template` into).
+pub const CHAT_TEMPLATE_NAME: &str = "chat_template.jinja";
+
+/// The recipe's `tokenizer_source` resolved, checked to hold a tokenizer (before anything is
+/// merged).
+pub(super) async fn tokenizer_source(
+    storage: &Storage,
+    recipe: &Recipe,
+) -> Result<Option<Location>, EngineError> {
+    let Some(uri) = &recipe.output.tokenizer_source else {
+        return Ok(None);
+    };
+    let folder = storage.resolve(uri)?;
+    for name in TOKENIZER_MARKERS {
+        match folder.store.head(&folder.path.clone().join(name)).await {
+            Ok(_) => return Ok(Some(folder)),
+            Err(object_store::Error::NotFound { .. }) => {}
+            Err(e) => {
+                return Err(EngineError::store(format!("reading {}/{name}", folder.url))(e));
+            }
+        }
+    }
+    Err(EngineError::InvalidRecipe(format!(
+        "tokenizer_source: {uri} holds no tokenizer (none of {})",
+        TOKENIZER_MARKERS.join(", ")
+    )))
 }
 
 /// Write the side files of `recipe`'s soup into `dest` (the run's staging folder of `output`,
@@ -62,19 +105,36 @@ pub(super) async fn write(
     info: &SideInfo,
 ) -> Result<Vec<OutputFile>, EngineError> {
     let mut written = Vec::new();
+    let template = recipe.output.chat_template.as_deref();
+    // A chat template replaces the tokenizer's own (in `tokenizer_config.json`, or a
+    // `chat_template.jinja` / processor `chat_template.json` of the donor).
+    let tokenizer_names: Vec<&str> = TOKENIZER_FILES
+        .into_iter()
+        .filter(|n| template.is_none() || !matches!(*n, CHAT_TEMPLATE_NAME | "chat_template.json"))
+        .collect();
+    let edit = |name: &str, bytes: Bytes| match name {
+        CONFIG_NAME => rewrite_config(bytes, info),
+        "tokenizer_config.json" if template.is_some() => without_chat_template(bytes),
+        _ => bytes,
+    };
+    // The tokenizer: from `tokenizer_source` whenever it is given (as mergekit writes the
+    // tokenizer a recipe names), else the donor's when copying.
+    let from_donor = recipe.output.copy_tokenizer && info.tokenizer.is_none();
     if let Some(donor) = donor {
         let mut names = vec![CONFIG_NAME];
-        if recipe.output.copy_tokenizer {
-            names.extend(TOKENIZER_FILES);
+        if from_donor {
+            names.extend(&tokenizer_names);
         }
-        let edit = |name: &str, bytes: Bytes| {
-            if name == CONFIG_NAME {
-                rewrite_config(bytes, info)
-            } else {
-                bytes
-            }
-        };
         written.extend(copy_side_files(donor, dest, &names, edit).await?);
+    }
+    if let Some(source) = &info.tokenizer {
+        written.extend(copy_side_files(source, dest, &tokenizer_names, edit).await?);
+    }
+    if let Some(text) = template
+        && (info.tokenizer.is_some() || (from_donor && donor.is_some()))
+    {
+        let bytes = Bytes::from(text.to_string());
+        written.push(put_small(dest, CHAT_TEMPLATE_NAME, bytes).await?);
     }
     if recipe.output.write_model_card {
         let card = model_card::render(recipe, &folder_name(&output.url));
@@ -110,6 +170,27 @@ fn torch_name(d: DType) -> Option<&'static str> {
         DType::F16 => Some("float16"),
         DType::BF16 => Some("bfloat16"),
         _ => None,
+    }
+}
+
+/// `tokenizer_config.json` without its `chat_template` key (a recipe's template goes to
+/// `chat_template.jinja`, which transformers prefers, as transformers 5's `save_pretrained`
+/// moves it); byte for byte when it has none or is not a JSON object.
+fn without_chat_template(bytes: Bytes) -> Bytes {
+    let Ok(serde_json::Value::Object(mut cfg)) =
+        serde_json::from_slice::<serde_json::Value>(&bytes)
+    else {
+        return bytes;
+    };
+    if cfg.remove("chat_template").is_none() {
+        return bytes;
+    }
+    match serde_json::to_vec_pretty(&serde_json::Value::Object(cfg)) {
+        Ok(mut v) => {
+            v.push(b'\n');
+            Bytes::from(v)
+        }
+        Err(_) => bytes,
     }
 }
 
@@ -178,6 +259,7 @@ mod tests {
         let info = SideInfo {
             dtype: Some(DType::F32),
             num_hidden_layers: Some(44),
+            tokenizer: None,
         };
         let out = rewrite_config(
             Bytes::from_static(
@@ -196,5 +278,10 @@ mod tests {
         assert_eq!(rewrite_config(keep.clone(), &info), keep);
         assert_eq!(folder_name("file:///x/my%20soup/"), "my soup");
         assert_eq!(folder_name("s3://b/p/out"), "out");
+        let tok = Bytes::from_static(br#"{"chat_template": "x", "eos_token": "</s>"}"#);
+        let v: serde_json::Value = serde_json::from_slice(&without_chat_template(tok)).unwrap();
+        assert_eq!(v, serde_json::json!({"eos_token": "</s>"}));
+        let plain = Bytes::from_static(br#"{"eos_token": "</s>"}"#);
+        assert_eq!(without_chat_template(plain.clone()), plain);
     }
 }

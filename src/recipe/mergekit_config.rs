@@ -5,7 +5,8 @@
 //! configuration that asks for the same merge: `method` → `merge_method`, `uri` → `model`
 //! (a `file://` URL as its path, which mergekit reads too; other URLs as they are), a model's
 //! `weight` into its `parameters`, `input_dtype` (the cast on load) → `dtype` (which also
-//! gives the task-arithmetic family its `compute_dtype`), `output.dtype` → `out_dtype`, a non-default
+//! gives the task-arithmetic family its `compute_dtype`), `output.dtype` → `out_dtype`,
+//! `tokenizer_source` (its path) and `chat_template` as they are, a non-default
 //! `output.max_shard_size` under ladle's `output` mapping (mergekit ignores keys it does not
 //! know). `ladle merge` reads the text back into the same recipe (tested both ways).
 //! Searches (greedy soups, sweeps) have none: what they merge is chosen while they run.
@@ -114,6 +115,12 @@ fn from_json_request(req: &MergeRequest) -> Vec<(String, Value)> {
     }
     if let Some(d) = &req.output.dtype {
         top.push(("out_dtype".into(), Value::String(d.clone())));
+    }
+    if let Some(t) = &req.tokenizer_source {
+        top.push(("tokenizer_source".into(), Value::String(model_path(t))));
+    }
+    if let Some(t) = &req.chat_template {
+        top.push(("chat_template".into(), Value::String(t.clone())));
     }
     if let Some(size) = &req.output.max_shard_size {
         top.push((

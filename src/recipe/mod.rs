@@ -10,6 +10,7 @@
 //! - [`output`]: the output folder, dtype and shard size;
 //! - [`trajectory`]: a training run's folder instead of `models`;
 //! - `slices`: the output's layer stack (`slices`), with any method;
+//! - [`tokenizer`]: `tokenizer_source` and `chat_template` (mergekit's built-in templates);
 //! - [`error`](mod@error): [`RecipeError`].
 
 pub mod error;
@@ -17,6 +18,7 @@ pub mod mergekit_config;
 pub mod output;
 pub mod request;
 mod slices;
+pub mod tokenizer;
 pub mod trajectory;
 pub mod validate;
 pub mod validated;

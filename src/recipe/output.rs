@@ -58,6 +58,8 @@ pub fn parse_output(spec: &OutputSpec) -> Result<Output, RecipeError> {
         overwrite: spec.overwrite,
         copy_tokenizer: spec.copy_tokenizer.unwrap_or(true),
         write_model_card: spec.write_model_card.unwrap_or(true),
+        tokenizer_source: None,
+        chat_template: None,
     })
 }
 

@@ -60,6 +60,16 @@ pub struct MergeRequest {
     /// tensors are copied unchanged.
     #[serde(default)]
     pub input_dtype: Option<String>,
+    /// The model (a URL, or a hub id) whose tokenizer files the soup gets instead of the
+    /// donor's: mergekit YAML's `tokenizer_source: <model>`. Written even with
+    /// `output.copy_tokenizer: false`, as mergekit writes the tokenizer a recipe names.
+    #[serde(default)]
+    pub tokenizer_source: Option<String>,
+    /// The soup's chat template, written as `chat_template.jinja`: one of mergekit's
+    /// templates by name (`alpaca`, `chatml`, `exaone`, `llama3`, `mistral`) or a Jinja
+    /// template (mergekit YAML's `chat_template`).
+    #[serde(default)]
+    pub chat_template: Option<String>,
     /// The text of a mergekit YAML request, as sent (never read from a JSON body): what the
     /// soup's `mergekit_config.yml` holds ([`super::mergekit_config`]).
     #[serde(skip)]
@@ -191,14 +201,15 @@ impl MergeRequest {
         Ok(req)
     }
 
-    /// Every model URL of the request (models and their adapters, base model, trajectory
-    /// folder, slice sources),
+    /// Every model URL of the request (models and their adapters, base model, tokenizer
+    /// source, trajectory folder, slice sources),
     /// for the CLI to make relative paths absolute.
     pub fn uris_mut(&mut self) -> impl Iterator<Item = &mut String> {
         self.models
             .iter_mut()
             .flat_map(|m| std::iter::once(&mut m.uri).chain(m.lora.iter_mut()))
             .chain(self.base_model.iter_mut())
+            .chain(self.tokenizer_source.iter_mut())
             .chain(self.trajectory.iter_mut().map(|t| &mut t.uri))
             .chain(self.slices.iter_mut().flat_map(|s| {
                 s.sources

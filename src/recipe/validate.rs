@@ -133,8 +133,9 @@ impl Recipe {
         trajectory: Option<trajectory::Trajectory>,
     ) -> Result<Submission, RecipeError> {
         let mergekit_config = super::mergekit_config::text(&req);
-        let output = parse_output(&req.output)?;
+        let mut output = parse_output(&req.output)?;
         check_apart(&output.uri, input_fields(base_model.as_deref(), &models))?;
+        tokenizer_options(&req, method, &mut output)?;
         check_scheduling(&req)?;
         let input_dtype = req
             .input_dtype
@@ -158,6 +159,58 @@ impl Recipe {
             max_attempts: req.max_attempts,
         })
     }
+}
+
+/// `tokenizer_source` (a model, not empty, apart from the output) and `chat_template` (its
+/// text), for the methods that write a model folder (not the LoRA ones: an adapter has no
+/// tokenizer).
+fn tokenizer_options(
+    req: &MergeRequest,
+    method: Method,
+    output: &mut super::Output,
+) -> Result<(), RecipeError> {
+    let adapter = matches!(method.name(), "lora" | "lora_extract");
+    for (field, given) in [
+        ("tokenizer_source", req.tokenizer_source.is_some()),
+        ("chat_template", req.chat_template.is_some()),
+    ] {
+        if adapter && given {
+            return Err(RecipeError::invalid(
+                field,
+                format!(
+                    "method {} writes a LoRA adapter, which has no tokenizer",
+                    method.name()
+                ),
+            ));
+        }
+    }
+    if let Some(source) = &req.tokenizer_source {
+        if source.trim().is_empty() {
+            return Err(RecipeError::invalid(
+                "tokenizer_source",
+                "must not be empty (a model's URL or hub id)",
+            ));
+        }
+        check_apart(
+            &output.uri,
+            [("tokenizer_source".to_string(), source.as_str())],
+        )?;
+        output.tokenizer_source = Some(source.clone());
+    }
+    output.chat_template = req
+        .chat_template
+        .as_deref()
+        .map(super::tokenizer::chat_template)
+        .transpose()?;
+    if output.chat_template.is_some() && !output.copy_tokenizer && output.tokenizer_source.is_none()
+    {
+        return Err(RecipeError::invalid(
+            "chat_template",
+            "no tokenizer is written to hold it (output.copy_tokenizer is false, \
+             --no-copy-tokenizer, and no tokenizer_source)",
+        ));
+    }
+    Ok(())
 }
 
 /// The search fields, which only the search layer takes (it removes them before validating

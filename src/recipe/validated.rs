@@ -71,6 +71,12 @@ pub struct Output {
     /// Write `README.md` (the model card) and `mergekit_config.yml`.
     #[serde(default = "yes", skip_serializing_if = "is_true")]
     pub write_model_card: bool,
+    /// The model whose tokenizer files are written instead of the donor's (its URL).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokenizer_source: Option<String>,
+    /// The chat template written as `chat_template.jinja` (the text a name stands for).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chat_template: Option<String>,
 }
 
 fn yes() -> bool {

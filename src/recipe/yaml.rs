@@ -4,10 +4,10 @@
 //! nesting and events against "billion laughs" inputs; `serde_yaml` is archived). Supported
 //! keys: `merge_method`, `models` (`model`, `parameters`), `base_model`, `parameters`,
 //! `slices` (`sources`: `model`, `layer_range`, `parameters`; `base_model`, `parameters`), `dtype`, `out_dtype`,
-//! `tokenizer_source: base`, and ladle's own `output` (an [`super::OutputSpec`]).
-//! Every other key mergekit knows (`tokenizer`, `chat_template`, `modules`, a slice's
-//! `residual_weight` (unused by mergekit 0.1.5), `tokenizer_source` other than `base`, ...) is
-//! rejected by name.
+//! `tokenizer_source` (`base`, or a model: a path, URL or hub id, also spelled `model:<path>`),
+//! `chat_template` ([`super::tokenizer`]), and ladle's own `output` (an [`super::OutputSpec`]).
+//! Every other key mergekit knows (`tokenizer`, `modules`, a slice's `residual_weight` (unused
+//! by mergekit 0.1.5), `tokenizer_source: union`, ...) is rejected by name.
 //!
 //! `dtype` has mergekit's cast-on-load meaning: every float input tensor is cast to it
 //! (`input_dtype`, round-to-nearest-even as torch's `Tensor.to`) and the method computes in it
@@ -270,22 +270,45 @@ pub fn to_request(doc: &Value, base_dir: Option<&Path>) -> Result<Value, RecipeE
             }
             "dtype" => dtype = Some(dtype_name(value, "dtype")?),
             "out_dtype" => out_dtype = Some(dtype_name(value, "out_dtype")?),
-            "tokenizer_source" => {
-                // The first input's side files (tokenizer included) are always copied, and the
-                // base model comes first; any other source would need tokenizer merging.
-                if value.as_str() != Some("base") {
+            "tokenizer_source" => match value.as_str() {
+                // The donor's files (the base model, else the first model): the default.
+                Some("base") => {}
+                Some("union") => {
                     return Err(invalid(
                         "tokenizer_source",
-                        "only `base` is supported (tokenizer merging is not)",
+                        "`union` (a tokenizer merged from every model's, with new embedding \
+                         rows) is not supported; use `base` or a model",
                     ));
                 }
+                // A model (mergekit: a path or hub id; `model:<path>` spelled out too): its
+                // tokenizer files instead of the donor's.
+                Some(s) => {
+                    let model = Value::String(s.strip_prefix("model:").unwrap_or(s).to_string());
+                    req.insert(
+                        "tokenizer_source".into(),
+                        Value::String(model_ref(&model, "tokenizer_source", base_dir)?),
+                    );
+                }
+                None => {
+                    return Err(invalid(
+                        "tokenizer_source",
+                        "expected `base` or a model (a path, storage URL or hub id)",
+                    ));
+                }
+            },
+            "chat_template" => {
+                let text = value
+                    .as_str()
+                    .ok_or_else(|| invalid("chat_template", "expected a template name or text"))?;
+                req.insert("chat_template".into(), Value::String(text.to_string()));
             }
             "output" => output = object(value, "output")?.clone(),
             other => {
                 return Err(invalid(
                     other,
                     "mergekit option not supported by ladle (supported: merge_method, models, \
-                     base_model, parameters, slices, dtype, out_dtype, tokenizer_source: base)",
+                     base_model, parameters, slices, dtype, out_dtype, tokenizer_source, \
+                     chat_template)",
                 ));
             }
         }
@@ -361,9 +384,35 @@ mod tests {
             other => panic!("{other:?}"),
         };
         assert_eq!(
-            e("merge_method: linear\nchat_template: x\n"),
+            e("merge_method: linear\nchat_template: [x]\n"),
             "chat_template"
         );
+        assert_eq!(
+            e("merge_method: linear\ntokenizer: {source: union}\n"),
+            "tokenizer"
+        );
+        let v = to_request(
+            &parse(
+                "merge_method: linear\ntokenizer_source: model:inputs/ft1\nchat_template: chatml\n",
+            )
+            .unwrap(),
+            Some(dir.path()),
+        )
+        .unwrap();
+        assert!(
+            v["tokenizer_source"]
+                .as_str()
+                .unwrap()
+                .ends_with("/inputs/ft1/"),
+            "{v}"
+        );
+        assert_eq!(v["chat_template"], "chatml");
+        let v = to_request(
+            &parse("merge_method: linear\ntokenizer_source: org/tok\n").unwrap(),
+            None,
+        )
+        .unwrap();
+        assert_eq!(v["tokenizer_source"], "org/tok");
         assert_eq!(
             e("merge_method: linear\ntokenizer_source: union\n"),
             "tokenizer_source"
@@ -376,7 +425,12 @@ mod tests {
         )
         .unwrap();
         assert_eq!(v["models"][0]["uri"], "org/some-hub-model@v1");
-        assert!(v["models"][1]["uri"].as_str().unwrap().starts_with("file:///"));
+        assert!(
+            v["models"][1]["uri"]
+                .as_str()
+                .unwrap()
+                .starts_with("file:///")
+        );
         let v = to_request(
             &parse("merge_method: linear\nmodels:\n  - model: org/m\n").unwrap(),
             None,

@@ -85,7 +85,8 @@ fn valid_revision(s: &str) -> bool {
         && s.len() <= MAX_REVISION_LEN
         && s.chars()
             .all(|c| c.is_ascii_alphanumeric() || "-_./".contains(c))
-        && s.split('/').all(|seg| !seg.is_empty() && seg != "." && seg != "..")
+        && s.split('/')
+            .all(|seg| !seg.is_empty() && seg != "." && seg != "..")
 }
 
 /// A full commit hash, as huggingface_hub's `REGEX_COMMIT_HASH`.
@@ -376,15 +377,16 @@ mod tests {
         std::fs::write(outside.path().join("secret"), b"s").unwrap();
         std::os::unix::fs::symlink(
             outside.path().join("secret"),
-            repo.join("snapshots").join(commit).join("model.safetensors"),
+            repo.join("snapshots")
+                .join(commit)
+                .join("model.safetensors"),
         )
         .unwrap();
         let e = err("org/m");
         assert_eq!(e.code(), ErrorCode::PathOutsideRoots);
         assert!(e.to_string().contains("model.safetensors"), "{e}");
         assert!(
-            !e.to_string()
-                .contains(&*outside.path().to_string_lossy()),
+            !e.to_string().contains(&*outside.path().to_string_lossy()),
             "{e}"
         );
     }

@@ -414,3 +414,27 @@ pub async fn submit(
     let status = r.status().as_u16();
     (status, r.json().await.unwrap_or(serde_json::Value::Null))
 }
+
+/// SHA-256 (hex) of every `.safetensors` file of a folder, by file name.
+pub fn tensor_digests(dir: &Path) -> std::collections::BTreeMap<String, String> {
+    use sha2::Digest as _;
+    std::fs::read_dir(dir)
+        .expect("read_dir")
+        .map(|e| e.expect("dir entry").path())
+        .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
+        .map(|p| {
+            (
+                p.file_name()
+                    .expect("file name")
+                    .to_string_lossy()
+                    .into_owned(),
+                hex::encode(sha2::Sha256::digest(std::fs::read(&p).expect("read"))),
+            )
+        })
+        .collect()
+}
+
+/// A JSON file's value.
+pub fn read_json(path: &Path) -> serde_json::Value {
+    serde_json::from_slice(&std::fs::read(path).expect("read")).expect("json")
+}

@@ -17,6 +17,7 @@ class ErrorCode(StrEnum):
     INVALID_RECIPE = "invalid_recipe"
     INVALID_URI = "invalid_uri"
     LEASE_EXPIRED = "lease_expired"
+    MODEL_NOT_CACHED = "model_not_cached"
     NOT_CANCELLABLE = "not_cancellable"
     NOT_FOUND = "not_found"
     OUTPUT_CONFLICT = "output_conflict"

@@ -38,6 +38,7 @@ class ErrorView:
             | `payload_too_large` | 413 | no |
             | `unsupported_media_type` | 415 | no |
             | `checkpoint_not_found` | 422 | no |
+            | `model_not_cached` | 422 | no |
             | `checkpoint_malformed` | 422 | no |
             | `invalid_adapter` | 422 | no |
             | `shape_mismatch` | 422 | no |

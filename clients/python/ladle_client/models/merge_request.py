@@ -36,6 +36,10 @@ class MergeRequest:
         accept (None | str | Unset): Greedy soup's accept rule: `">="` (the paper, default) or `">"`.
         base_model (None | str | Unset): The pre-trained model the task vectors are taken against (`t = 0` end for
             slerp).
+        chat_template (None | str | Unset): The soup's chat template, written as `chat_template.jinja`: one of
+            mergekit's
+            templates by name (`alpaca`, `chatml`, `exaone`, `llama3`, `mistral`) or a Jinja
+            template (mergekit YAML's `chat_template`).
         evaluator (EvaluatorSpec | None | Unset):
         idempotency_key (None | str | Unset):
         input_dtype (None | str | Unset): Cast every float input tensor to this dtype on load (round-to-nearest-even, as
@@ -50,12 +54,17 @@ class MergeRequest:
         priority (int | None | Unset):
         slices (list[SliceSpec] | Unset): Layer ranges from several models, stacked (any method; see `SliceSpec`).
         sweep (None | SweepSpec | Unset):
+        tokenizer_source (None | str | Unset): The model (a URL, or a hub id) whose tokenizer files the soup gets
+            instead of the
+            donor's: mergekit YAML's `tokenizer_source: <model>`. Written even with
+            `output.copy_tokenizer: false`, as mergekit writes the tokenizer a recipe names.
         trajectory (None | TrajectorySpec | Unset):
     """
 
     method: str
     accept: None | str | Unset = UNSET
     base_model: None | str | Unset = UNSET
+    chat_template: None | str | Unset = UNSET
     evaluator: EvaluatorSpec | None | Unset = UNSET
     idempotency_key: None | str | Unset = UNSET
     input_dtype: None | str | Unset = UNSET
@@ -67,6 +76,7 @@ class MergeRequest:
     priority: int | None | Unset = UNSET
     slices: list[SliceSpec] | Unset = UNSET
     sweep: None | SweepSpec | Unset = UNSET
+    tokenizer_source: None | str | Unset = UNSET
     trajectory: None | TrajectorySpec | Unset = UNSET
 
     def to_dict(self) -> dict[str, Any]:
@@ -88,6 +98,12 @@ class MergeRequest:
             base_model = UNSET
         else:
             base_model = self.base_model
+
+        chat_template: None | str | Unset
+        if isinstance(self.chat_template, Unset):
+            chat_template = UNSET
+        else:
+            chat_template = self.chat_template
 
         evaluator: dict[str, Any] | None | Unset
         if isinstance(self.evaluator, Unset):
@@ -159,6 +175,12 @@ class MergeRequest:
         else:
             sweep = self.sweep
 
+        tokenizer_source: None | str | Unset
+        if isinstance(self.tokenizer_source, Unset):
+            tokenizer_source = UNSET
+        else:
+            tokenizer_source = self.tokenizer_source
+
         trajectory: dict[str, Any] | None | Unset
         if isinstance(self.trajectory, Unset):
             trajectory = UNSET
@@ -178,6 +200,8 @@ class MergeRequest:
             field_dict["accept"] = accept
         if base_model is not UNSET:
             field_dict["base_model"] = base_model
+        if chat_template is not UNSET:
+            field_dict["chat_template"] = chat_template
         if evaluator is not UNSET:
             field_dict["evaluator"] = evaluator
         if idempotency_key is not UNSET:
@@ -200,6 +224,8 @@ class MergeRequest:
             field_dict["slices"] = slices
         if sweep is not UNSET:
             field_dict["sweep"] = sweep
+        if tokenizer_source is not UNSET:
+            field_dict["tokenizer_source"] = tokenizer_source
         if trajectory is not UNSET:
             field_dict["trajectory"] = trajectory
 
@@ -236,6 +262,15 @@ class MergeRequest:
             return cast(None | str | Unset, data)
 
         base_model = _parse_base_model(d.pop("base_model", UNSET))
+
+        def _parse_chat_template(data: object) -> None | str | Unset:
+            if data is None:
+                return data
+            if isinstance(data, Unset):
+                return data
+            return cast(None | str | Unset, data)
+
+        chat_template = _parse_chat_template(d.pop("chat_template", UNSET))
 
         def _parse_evaluator(data: object) -> EvaluatorSpec | None | Unset:
             if data is None:
@@ -356,6 +391,15 @@ class MergeRequest:
 
         sweep = _parse_sweep(d.pop("sweep", UNSET))
 
+        def _parse_tokenizer_source(data: object) -> None | str | Unset:
+            if data is None:
+                return data
+            if isinstance(data, Unset):
+                return data
+            return cast(None | str | Unset, data)
+
+        tokenizer_source = _parse_tokenizer_source(d.pop("tokenizer_source", UNSET))
+
         def _parse_trajectory(data: object) -> None | TrajectorySpec | Unset:
             if data is None:
                 return data
@@ -377,6 +421,7 @@ class MergeRequest:
             method=method,
             accept=accept,
             base_model=base_model,
+            chat_template=chat_template,
             evaluator=evaluator,
             idempotency_key=idempotency_key,
             input_dtype=input_dtype,
@@ -388,6 +433,7 @@ class MergeRequest:
             priority=priority,
             slices=slices,
             sweep=sweep,
+            tokenizer_source=tokenizer_source,
             trajectory=trajectory,
         )
 

@@ -121,7 +121,8 @@ def sync_detailed(
     """Submit a merge.
 
      JSON (the recipe) or mergekit YAML (`Content-Type: application/yaml`, plus ladle's
-    `output: {uri: …}`; model references must be storage URLs over HTTP).
+    `output: {uri: …}`; over HTTP, model references are storage URLs or, when the server has a
+    Hugging Face cache (`--hf-cache`), hub ids `org/name[@revision]`).
 
     Args:
         body (MergeRequest): A request body as sent to `POST /v1/merges` (and the one-shot CLI).
@@ -157,7 +158,8 @@ def sync(
     """Submit a merge.
 
      JSON (the recipe) or mergekit YAML (`Content-Type: application/yaml`, plus ladle's
-    `output: {uri: …}`; model references must be storage URLs over HTTP).
+    `output: {uri: …}`; over HTTP, model references are storage URLs or, when the server has a
+    Hugging Face cache (`--hf-cache`), hub ids `org/name[@revision]`).
 
     Args:
         body (MergeRequest): A request body as sent to `POST /v1/merges` (and the one-shot CLI).
@@ -188,7 +190,8 @@ async def asyncio_detailed(
     """Submit a merge.
 
      JSON (the recipe) or mergekit YAML (`Content-Type: application/yaml`, plus ladle's
-    `output: {uri: …}`; model references must be storage URLs over HTTP).
+    `output: {uri: …}`; over HTTP, model references are storage URLs or, when the server has a
+    Hugging Face cache (`--hf-cache`), hub ids `org/name[@revision]`).
 
     Args:
         body (MergeRequest): A request body as sent to `POST /v1/merges` (and the one-shot CLI).
@@ -222,7 +225,8 @@ async def asyncio(
     """Submit a merge.
 
      JSON (the recipe) or mergekit YAML (`Content-Type: application/yaml`, plus ladle's
-    `output: {uri: …}`; model references must be storage URLs over HTTP).
+    `output: {uri: …}`; over HTTP, model references are storage URLs or, when the server has a
+    Hugging Face cache (`--hf-cache`), hub ids `org/name[@revision]`).
 
     Args:
         body (MergeRequest): A request body as sent to `POST /v1/merges` (and the one-shot CLI).
