@@ -691,6 +691,8 @@ fn an_input_renamed_over_or_written_in_place_mid_merge_is_input_changed() {
         f["inode"].as_u64().is_some() && f["mtime"].is_string(),
         "{m}"
     );
+    // Input URLs keep their leading `/` (finding 10: they once came out as `file://tmp/…`).
+    assert_eq!(m["inputs"][1]["uri"], file_url(&models[1]), "{m}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -165,7 +165,7 @@ impl Engine {
         recipe: &Recipe,
         ctl: &Arc<RunControl>,
     ) -> Result<MergeOutcome, EngineError> {
-        let job = self.adapter_job::<LoraExtractConfig>(
+        let mut job = self.adapter_job::<LoraExtractConfig>(
             recipe,
             ctl,
             "lora_extract",

@@ -191,7 +191,7 @@ impl Engine {
         recipe: &Recipe,
         ctl: &Arc<RunControl>,
     ) -> Result<MergeOutcome, EngineError> {
-        let job = self.adapter_job::<LoraConfig>(recipe, ctl, "lora", "the adapters' base")?;
+        let mut job = self.adapter_job::<LoraConfig>(recipe, ctl, "lora", "the adapters' base")?;
         let config = job.config.clone();
         let mut opened = self.open_inputs(std::iter::once(job.base_uri)).await?;
         let base = opened
@@ -435,7 +435,10 @@ pub(super) struct AdapterJob<'r, C> {
 
 impl<C> AdapterJob<'_, C> {
     /// The output already holds this recipe's adapter: a recovery (see [`published_adapter`]).
-    pub async fn published(&self) -> Result<Option<MergeOutcome>, EngineError> {
+    /// Called once the inputs are checked: from here on the output folder is held by one
+    /// directory handle (see `Location::pinned`), through which `publish` writes.
+    pub async fn published(&mut self) -> Result<Option<MergeOutcome>, EngineError> {
+        self.output = self.output.pinned(true)?;
         published_adapter(&self.output, &self.recipe_sha256).await
     }
 

@@ -509,7 +509,13 @@ impl Engine {
         searched: bool,
         job_id: uuid::Uuid,
     ) -> Result<Option<MergeOutcome>, EngineError> {
-        let output = self.storage.resolve(&recipe.output.uri)?;
+        // Held by one handle, not created: a missing folder holds no soup.
+        let output = match self.storage.resolve(&recipe.output.uri)?.pinned(false) {
+            Err(StorageError::ObjectStore(object_store::Error::NotFound { .. })) => {
+                return Ok(None);
+            }
+            other => other?,
+        };
         // Every attempt of the job is dead now: their staging folders go.
         publish::remove_dead_staging(&output, &publish::Writer::all_attempts_of(job_id)).await;
         let Some(existing) = manifest::read(&output).await? else {
@@ -663,6 +669,10 @@ impl Engine {
             &BTreeMap::new(),
         )
         .map_err(|e| EngineError::Internal(format!("planning output shards: {e}")))?;
+        // The output folder is opened once, now, and every write, rename and removal of this
+        // run goes through that handle (`Location::pinned`): a folder swapped for a link or
+        // moved while the job runs does not redirect anything.
+        let output = output.pinned(true)?;
         Ok(Plan {
             inputs,
             output,

@@ -58,7 +58,7 @@ pub async fn check(
                 .collect(),
             None => HashSet::new(),
         };
-        foreign = foreign_files(&output, &claimed).await?;
+        foreign = foreign_files(&output, output_uri, &claimed).await?;
         if foreign.is_empty() {
             return Ok(());
         }
@@ -97,6 +97,7 @@ fn check_not_data_dir(output: &Location, uri: &str, data_dir: &FsPath) -> Result
 /// folders do not account for.
 async fn foreign_files(
     output: &Location,
+    output_uri: &str,
     claimed: &HashSet<String>,
 ) -> Result<Vec<String>, EngineError> {
     let store: &dyn ObjectStore = output.store.as_ref();
@@ -107,7 +108,23 @@ async fn foreign_files(
         let next = match listing.try_next().await {
             Ok(n) => n,
             Err(object_store::Error::NotFound { .. }) => None,
-            Err(e) => return Err(EngineError::Storage(StorageError::ObjectStore(e))),
+            Err(e) => match crate::storage::local::outside_entry(&e, &output.path) {
+                // A link in the folder that leads out of the roots is not ladle's: named as
+                // the folder's entry, never by where it leads (the listing goes on).
+                Some(Some(entry)) => {
+                    foreign.push(entry);
+                    if foreign.len() >= NAMED {
+                        break;
+                    }
+                    continue;
+                }
+                Some(None) => {
+                    return Err(EngineError::Storage(StorageError::OutsideRoots {
+                        path: output_uri.trim_end_matches('/').to_string(),
+                    }));
+                }
+                None => return Err(EngineError::Storage(StorageError::ObjectStore(e))),
+            },
         };
         let Some(meta) = next else { break };
         let full = meta.location.to_string();
@@ -165,5 +182,30 @@ mod tests {
         // a claim (a publication under way) defers to the engine
         std::fs::write(out.join(CLAIM_NAME), b"{}").unwrap();
         check(&s, &url(&out), false, None).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_link_out_of_the_roots_is_a_foreign_entry_named_as_written() {
+        let tmp = tempfile::tempdir().unwrap();
+        let base = std::fs::canonicalize(tmp.path()).unwrap();
+        let (root, outside) = (base.join("root"), base.join("outside"));
+        std::fs::create_dir_all(outside.join("secret-dir")).unwrap();
+        std::fs::write(outside.join("secret-dir/key"), b"k").unwrap();
+        let out = root.join("out");
+        std::fs::create_dir_all(out.join("sub")).unwrap();
+        std::os::unix::fs::symlink(outside.join("secret-dir"), out.join("sub/to dir")).unwrap();
+        std::os::unix::fs::symlink(outside.join("secret-dir/key"), out.join("key")).unwrap();
+        let s = storage(&root);
+        let e = check(&s, &format!("file://{}", out.display()), false, None)
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), crate::error::ErrorCode::OutputNotEmpty, "{e}");
+        let text = e.to_string();
+        assert!(
+            text.contains("sub/to dir") && text.contains("key"),
+            "{text}"
+        );
+        assert!(!text.contains("secret-dir"), "{text}");
+        assert!(!text.contains(&*outside.to_string_lossy()), "{text}");
     }
 }

@@ -25,6 +25,10 @@
 //! 5. Once a manifest is out the claim has done its work and is removed; every run removes its
 //!    own staging folder, whether it succeeded or failed.
 //!
+//! Locally, every step goes through the output folder's directory handle, taken once when the
+//! job is planned (`Location::pinned`): the output swapped for a link (or moved) mid-job
+//! changes nothing about where the files go.
+//!
 //! A claim without a manifest is a publication that died half-way: a run of the same recipe
 //! (same key) completes it; any other run gets `output_conflict` until someone clears the
 //! folder.
@@ -393,8 +397,32 @@ async fn holds_same_bytes(loc: &Location, f: &OutputFile) -> Result<(), EngineEr
 }
 
 /// Remove a staging folder and everything in it (best effort): this run's own, or one of a
-/// writer known dead. Local folders are removed too (and `.ladle-staging` once empty).
+/// writer known dead. Locally through the output's held handle, following nothing: the folder
+/// goes with its partial uploads (`<name>#<digits>`, hidden from listings), a link inside is
+/// removed as a link, and `.ladle-staging` goes too once it is empty.
 pub(super) async fn remove_staging(staging: &Location) {
+    if let Some(local) = staging.local.clone() {
+        let path = staging.path.clone();
+        let removed = tokio::task::spawn_blocking(move || {
+            local.remove_tree(&path)?;
+            let parts: Vec<_> = path.parts().collect();
+            if parts.len() >= 2 && parts[parts.len() - 2].as_ref() == STAGING_DIR {
+                let parent =
+                    object_store::path::Path::from_iter(parts[..parts.len() - 1].iter().cloned());
+                local.remove_empty_dir(&parent)?;
+            }
+            Ok::<_, object_store::Error>(())
+        })
+        .await;
+        match removed {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(url = %staging.url, error = %e, "could not remove a staging folder")
+            }
+            Err(e) => tracing::warn!(url = %staging.url, error = %e, "staging clean-up failed"),
+        }
+        return;
+    }
     let listed: Result<Vec<_>, _> = staging.store.list(Some(&staging.path)).try_collect().await;
     match listed {
         Ok(objects) => {
@@ -408,33 +436,6 @@ pub(super) async fn remove_staging(staging: &Location) {
             }
         }
         Err(e) => tracing::warn!(url = %staging.url, error = %e, "could not list a staging folder"),
-    }
-    if let Some(dir) = local_dir(staging) {
-        tokio::task::spawn_blocking(move || remove_local_staging(&dir))
-            .await
-            .ok();
-    }
-}
-
-/// A local staging folder: partial uploads object_store's local store left behind (files
-/// named `<name>#<digits>`, hidden from its listings) go too; then the folder and, if it is now
-/// empty, `.ladle-staging`. Nothing here follows a symlink: only regular files are removed and
-/// `remove_dir` removes nothing but an empty folder.
-fn remove_local_staging(dir: &std::path::Path) {
-    if let Ok(entries) = std::fs::read_dir(dir) {
-        for entry in entries.flatten() {
-            let name = entry.file_name().to_string_lossy().into_owned();
-            let partial = name.rsplit_once('#').is_some_and(|(base, n)| {
-                !base.is_empty() && !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit())
-            });
-            if partial && entry.file_type().is_ok_and(|t| t.is_file()) {
-                let _ = std::fs::remove_file(entry.path());
-            }
-        }
-    }
-    let _ = std::fs::remove_dir(dir);
-    if let Some(parent) = dir.parent() {
-        let _ = std::fs::remove_dir(parent);
     }
 }
 
@@ -456,14 +457,6 @@ pub(super) async fn remove_dead_staging(output: &Location, writer: &Writer) {
             remove_staging(&root.child(&name)).await;
         }
     }
-}
-
-/// The local folder of a `file://` location.
-fn local_dir(loc: &Location) -> Option<std::path::PathBuf> {
-    url::Url::parse(&loc.url)
-        .ok()
-        .filter(|u| u.scheme() == "file")
-        .and_then(|u| u.to_file_path().ok())
 }
 
 #[cfg(test)]

@@ -362,9 +362,35 @@ pub async fn expand(storage: &Storage, req: &mut MergeRequest) -> Result<(), Tra
         return Ok(());
     };
     let loc = storage.resolve(&spec.uri)?;
-    let folders = list::subfolders(&loc, MAX_SCANNED).await.map_err(|e| {
-        RecipeError::invalid("trajectory.uri", format!("cannot list {}: {e}", loc.url))
-    })?;
+    // Messages name the folder as the request wrote it (never a resolved path); the store's
+    // detail goes to the log.
+    let written = spec.uri.trim_end_matches('/');
+    let folders = match list::subfolders(&loc, MAX_SCANNED).await {
+        Ok(f) => f,
+        Err(list::ListError::Outside { entry }) => {
+            let path = match entry {
+                Some(entry) => format!("{written}/{entry}"),
+                None => written.to_string(),
+            };
+            tracing::warn!(trajectory = %path, "refused: a symbolic link leads outside the allowed roots");
+            return Err(StorageError::OutsideRoots { path }.into());
+        }
+        Err(e @ list::ListError::TooMany { .. }) => {
+            return Err(RecipeError::invalid(
+                "trajectory.uri",
+                format!("cannot list {written}: {e}"),
+            )
+            .into());
+        }
+        Err(e) => {
+            tracing::warn!(trajectory = %loc.url, error = %e, "listing a trajectory folder failed");
+            return Err(RecipeError::invalid(
+                "trajectory.uri",
+                format!("cannot list {written} (the folder could not be read)"),
+            )
+            .into());
+        }
+    };
     let picked = select(&folders, &spec.select)?;
     let mut models = Vec::with_capacity(picked.len());
     for c in &picked {

@@ -29,23 +29,47 @@ pub enum ListError {
     Store(#[from] object_store::Error),
     #[error("more than {max} subfolders; point at a narrower folder")]
     TooMany { max: usize },
+    /// An entry of the folder (`entry`, relative to it: `checkpoint-3` or
+    /// `checkpoint-3/model.safetensors`; `None`: the folder itself) is a symbolic link that
+    /// leaves the allowed roots. The whole listing is refused: leaving the entry out would
+    /// silently change which checkpoints a selection picks.
+    #[error("a symbolic link in the folder leads outside the allowed roots")]
+    Outside { entry: Option<String> },
 }
 
 fn prefix(path: &Path) -> Option<&Path> {
     (!path.as_ref().is_empty()).then_some(path)
 }
 
+/// A listing error of `listed` (a folder in `loc`'s store): the link out named by the entry's
+/// own name (never the resolved path), anything else as it is.
+fn listing_error(listed: &Path, e: object_store::Error) -> ListError {
+    match crate::storage::local::outside_entry(&e, listed) {
+        Some(entry) => ListError::Outside { entry },
+        None => ListError::Store(e),
+    }
+}
+
 /// The immediate subfolders of `loc` (objects directly in it are ignored), sorted by name, each
 /// with whether it holds a safetensors checkpoint.
 pub async fn subfolders(loc: &Location, max: usize) -> Result<Vec<Folder>, ListError> {
-    let listing = loc.store.list_with_delimiter(prefix(&loc.path)).await?;
+    let listing = loc
+        .store
+        .list_with_delimiter(prefix(&loc.path))
+        .await
+        .map_err(|e| listing_error(&loc.path, e))?;
     if listing.common_prefixes.len() > max {
         return Err(ListError::TooMany { max });
     }
     let mut folders: Vec<Folder> = futures::stream::iter(listing.common_prefixes)
         .map(|sub| async move {
             let name = sub.filename().unwrap_or_default().to_string();
-            let inner = loc.store.list_with_delimiter(Some(&sub)).await?;
+            let inner = loc
+                .store
+                .list_with_delimiter(Some(&sub))
+                .await
+                // Named from the listed folder: `<subfolder>/<file>`.
+                .map_err(|e| listing_error(&loc.path, e))?;
             let has_checkpoint = inner.objects.iter().any(|o| {
                 matches!(o.location.filename(), Some(f) if f == SINGLE_FILE_NAME || f == INDEX_FILE_NAME)
             });
@@ -119,5 +143,52 @@ mod tests {
             subfolders(&loc, 2).await,
             Err(ListError::TooMany { max: 2 })
         ));
+    }
+
+    /// A checkpoint folder, or a file in one, linked out of the roots: the listing is refused
+    /// naming the entry (decoded, relative to the listed folder), never the link's target.
+    #[tokio::test]
+    async fn a_link_out_refuses_the_listing_naming_the_entry() {
+        let tmp = tempfile::tempdir().unwrap();
+        let base = std::fs::canonicalize(tmp.path()).unwrap();
+        let (root, outside) = (base.join("root"), base.join("outside"));
+        let run = root.join("run");
+        std::fs::create_dir_all(run.join("checkpoint-1")).unwrap();
+        std::fs::write(run.join("checkpoint-1/model.safetensors"), b"x").unwrap();
+        std::fs::create_dir_all(outside.join("private")).unwrap();
+        std::fs::write(outside.join("private/model.safetensors"), b"p").unwrap();
+        let storage =
+            super::super::Storage::new(Some(&[root.display().to_string()]), Default::default())
+                .unwrap();
+        let loc = storage
+            .resolve(&format!("file://{}", run.display()))
+            .unwrap();
+        std::os::unix::fs::symlink(outside.join("private"), run.join("step 2")).unwrap();
+        match subfolders(&loc, 10).await {
+            Err(ListError::Outside { entry }) => assert_eq!(entry.as_deref(), Some("step 2")),
+            other => panic!("{other:?}"),
+        }
+        std::fs::remove_file(run.join("step 2")).unwrap();
+        std::fs::create_dir_all(run.join("step 2")).unwrap();
+        std::os::unix::fs::symlink(
+            outside.join("private/model.safetensors"),
+            run.join("step 2/model.safetensors"),
+        )
+        .unwrap();
+        match subfolders(&loc, 10).await {
+            Err(ListError::Outside { entry }) => {
+                assert_eq!(entry.as_deref(), Some("step 2/model.safetensors"))
+            }
+            other => panic!("{other:?}"),
+        }
+        // A link that stays inside the root is a checkpoint like any other.
+        std::fs::remove_file(run.join("step 2/model.safetensors")).unwrap();
+        std::os::unix::fs::symlink(
+            "../checkpoint-1/model.safetensors",
+            run.join("step 2/model.safetensors"),
+        )
+        .unwrap();
+        let got = subfolders(&loc, 10).await.unwrap();
+        assert!(got.iter().all(|f| f.has_checkpoint), "{got:?}");
     }
 }

@@ -25,6 +25,10 @@
 //! - Deletes unlink the name itself (`unlinkat`), never what a link points to; folders are
 //!   removed recursively without following links ([`LocalStore::remove_tree`]).
 //! - Listings do not descend into symlinked folders (no loops, nothing outside).
+//! - A job's output folder is held: [`LocalStore::pin_dir`] opens it once, when the job is
+//!   planned, and gives a store over that one handle, so every write, rename and removal of the
+//!   job stays in the folder that was opened, whatever is moved or swapped in at its name later
+//!   (and no link leaves that folder).
 //!
 //! Object paths are absolute file system paths without the leading `/` (as with
 //! `LocalFileSystem::new()`), so messages and manifests are unchanged. Hard links cannot be told
@@ -69,12 +73,33 @@ pub fn outside_roots(e: &object_store::Error) -> Option<&OutsideRoots> {
     }
 }
 
+/// For an [`OutsideRoots`] met while listing the folder `listed`: `Some(Some(entry))`, the
+/// entry that leads out, relative to `listed` and decoded (`sub/file`); `Some(None)`, the
+/// folder itself; `None` for any other error.
+pub fn outside_entry(e: &object_store::Error, listed: &Path) -> Option<Option<String>> {
+    let o = outside_roots(e)?;
+    let folder = format!("file:///{listed}");
+    let rest = o.path.strip_prefix(&folder).unwrap_or(&o.path);
+    let rest = rest.trim_matches('/');
+    if rest.is_empty() {
+        return Some(None);
+    }
+    let decoded: Vec<String> = rest
+        .split('/')
+        .map(|p| part_name(p).to_string_lossy().into_owned())
+        .collect();
+    Some(Some(decoded.join("/")))
+}
+
 /// One allowed root: its canonical path and, once opened, its handle.
 struct RootDir {
     path: PathBuf,
     /// `path` as object path parts.
     parts: Vec<String>,
     dir: Mutex<Option<Arc<Dir>>>,
+    /// A folder opened once and held ([`LocalStore::pin_dir`]): `path` is only where it was
+    /// when opened; nothing is ever looked up by path again, and no link leaves the handle.
+    pinned: bool,
 }
 
 /// The confined local store (see the module documentation). Cloning shares the handles.
@@ -219,6 +244,10 @@ impl Rel<'_> {
     ) -> Result<T, object_store::Error> {
         let dir = self.dir()?;
         match op(&dir, &dot(rel)) {
+            Err(e) if is_escape(&e) && self.root.pinned => {
+                tracing::warn!(path = %self.url, "refused: a symbolic link leads out of the held folder");
+                Err(self.outside())
+            }
             Err(e) if is_escape(&e) => {
                 let real = std::fs::canonicalize(self.root.path.join(rel)).map_err(|e| {
                     if e.kind() == io::ErrorKind::NotFound {
@@ -349,6 +378,7 @@ impl LocalStore {
                 parts: fs_parts(&path),
                 path,
                 dir: Mutex::new(None),
+                pinned: false,
             })
             .collect();
         roots.sort_by_key(|r| r.parts.len());
@@ -374,6 +404,35 @@ impl LocalStore {
         Err(object_store::Error::PermissionDenied {
             path: url.clone(),
             source: Box::new(OutsideRoots { path: url }),
+        })
+    }
+
+    /// A store over the one folder at `location`, opened now (from this store's handles, so
+    /// under the same rules) and held: every later operation on a path under `location` goes
+    /// through that handle, wherever the folder is moved to or whatever is put at its name
+    /// meanwhile (an output folder exchanged for a link is not followed: the writes stay in
+    /// the folder that was opened). `create`: make the folder (and missing parents) first.
+    /// Paths outside `location` are refused (`path_outside_roots`).
+    pub fn pin_dir(
+        &self,
+        location: &Path,
+        create: bool,
+    ) -> Result<LocalStore, object_store::Error> {
+        let r = self.locate(location)?;
+        let opened = match r.follow(&r.rel, |d, p| d.open_dir(p)) {
+            Err(object_store::Error::NotFound { .. }) if create => {
+                r.follow(&r.rel, |d, p| d.create_dir_all(p))?;
+                r.follow(&r.rel, |d, p| d.open_dir(p))?
+            }
+            other => other?,
+        };
+        Ok(LocalStore {
+            roots: Arc::new(vec![RootDir {
+                path: r.root.path.join(&r.rel),
+                parts: location.parts().map(|p| p.as_ref().to_string()).collect(),
+                dir: Mutex::new(Some(Arc::new(opened))),
+                pinned: true,
+            }]),
         })
     }
 
@@ -456,7 +515,14 @@ enum Entry {
     Other,
 }
 
-fn classify(r: &Rel<'_>, dir: &Dir, rel: &FsPath, name: &OsStr) -> object_store::Result<Entry> {
+/// `base`: the object path of `dir` (`rel` under the root), for the child's name in messages.
+fn classify(
+    r: &Rel<'_>,
+    dir: &Dir,
+    rel: &FsPath,
+    base: &Path,
+    name: &OsStr,
+) -> object_store::Result<Entry> {
     let lstat = match dir.symlink_metadata(name) {
         Ok(m) => m,
         // Gone since it was listed.
@@ -483,7 +549,7 @@ fn classify(r: &Rel<'_>, dir: &Dir, rel: &FsPath, name: &OsStr) -> object_store:
         let child = Rel {
             root: r.root,
             rel: rel.join(name),
-            url: format!("{}/{}", r.url.trim_end_matches('/'), name.to_string_lossy()),
+            url: format!("file:///{}", join(base, name)),
         };
         let target = child.follow(&child.rel, |d, p| d.metadata(p));
         return match target {
@@ -527,7 +593,7 @@ fn walk(
         if is_staging_name(name.as_bytes()) {
             continue;
         }
-        match classify(r, dir, rel, &name) {
+        match classify(r, dir, rel, base, &name) {
             Ok(Entry::File(m)) => out.push(Ok(object_meta(join(base, &name), &m))),
             Ok(Entry::Dir { linked: false }) => match dir.open_dir(&name) {
                 Ok(sub) => walk(r, &sub, &rel.join(&name), &join(base, &name), out),
@@ -741,7 +807,7 @@ impl ObjectStore for LocalStore {
                 if is_staging_name(name.as_bytes()) {
                     continue;
                 }
-                match classify(&r, &dir, &r.rel, &name)? {
+                match classify(&r, &dir, &r.rel, &base, &name)? {
                     Entry::File(m) => result.objects.push(object_meta(join(&base, &name), &m)),
                     Entry::Dir { .. } => result.common_prefixes.push(join(&base, &name)),
                     Entry::Other => {}

@@ -118,6 +118,32 @@ impl Location {
         }
     }
 
+    /// This folder held by one directory handle, taken now ([`local::LocalStore::pin_dir`]):
+    /// the returned location (and every [`Location::child`] of it) creates, renames, lists and
+    /// removes through that handle only, so the folder cannot be swapped for a link (or moved)
+    /// underneath a job. `create`: make the folder if it is missing. An S3 location is
+    /// returned as it is (objects have no folders to swap).
+    pub fn pinned(&self, create: bool) -> Result<Location, StorageError> {
+        let Some(local) = &self.local else {
+            return Ok(self.clone());
+        };
+        let held =
+            local
+                .pin_dir(&self.path, create)
+                .map_err(|e| match local::outside_roots(&e) {
+                    Some(o) => StorageError::OutsideRoots {
+                        path: o.path.clone(),
+                    },
+                    None => StorageError::ObjectStore(e),
+                })?;
+        Ok(Location {
+            url: self.url.clone(),
+            store: Arc::new(held.clone()),
+            path: self.path.clone(),
+            local: Some(held),
+        })
+    }
+
     /// Another path in the same store, under the same URL (for messages).
     pub fn with_path(&self, path: Path) -> Location {
         Location {

@@ -179,6 +179,110 @@ async fn writes_replace_planted_links_and_refuse_swapped_folders() {
     assert_eq!(names, vec![OsString::from("secret.txt")]);
 }
 
+/// A held folder (`pin_dir`): exchanged for a link out (and for a link into the same root)
+/// mid-job, every write, rename, listing and removal still goes to the folder that was opened;
+/// nothing is written where the link leads, and nothing outside the folder is reachable.
+#[tokio::test]
+async fn a_held_folder_keeps_its_writes_whatever_is_swapped_in() {
+    let (_t, root, outside, s) = setup();
+    let out = root.join("out");
+    // Created by the pin, parents too.
+    let held = s.pin_dir(&obj(&out.join("soup")), true).unwrap();
+    let soup = out.join("soup");
+    assert!(soup.is_dir());
+    held.put(
+        &obj(&soup.join(".ladle-staging/j-1/model.safetensors")),
+        PutPayload::from_static(b"w1"),
+    )
+    .await
+    .unwrap();
+    let mut upload = WriteMultipart::new_with_chunk_size(
+        held.put_multipart(&obj(&soup.join(".ladle-staging/j-1/model-2.safetensors")))
+            .await
+            .unwrap(),
+        4,
+    );
+    upload.write(b"shard two");
+    // Swapped atomically for a link out of the root.
+    symlink(&outside, root.join("swap")).unwrap();
+    rustix::fs::renameat_with(
+        rustix::fs::CWD,
+        soup.as_path(),
+        rustix::fs::CWD,
+        root.join("swap").as_path(),
+        rustix::fs::RenameFlags::EXCHANGE,
+    )
+    .unwrap();
+    assert!(std::fs::symlink_metadata(&soup).unwrap().is_symlink());
+    upload.finish().await.unwrap();
+    for name in ["model.safetensors", "model-2.safetensors"] {
+        held.rename_if_not_exists(
+            &obj(&soup.join(".ladle-staging/j-1").join(name)),
+            &obj(&soup.join(name)),
+        )
+        .await
+        .unwrap();
+    }
+    held.put_opts(
+        &obj(&soup.join("ladle-manifest.json")),
+        PutPayload::from_static(b"{}"),
+        PutOptions::from(PutMode::Create),
+    )
+    .await
+    .unwrap();
+    held.remove_tree(&obj(&soup.join(".ladle-staging/j-1")))
+        .unwrap();
+    assert!(
+        held.remove_empty_dir(&obj(&soup.join(".ladle-staging")))
+            .unwrap()
+    );
+    let listed: Vec<ObjectMeta> = held.list(Some(&obj(&soup))).try_collect_vec().await;
+    assert_eq!(listed.len(), 3, "{listed:?}");
+    // Nothing where the link leads; the opened folder (now at `swap`) holds it all.
+    let mut names: Vec<_> = std::fs::read_dir(&outside)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    names.sort();
+    assert_eq!(names, vec![OsString::from("secret.txt")]);
+    let mut moved: Vec<_> = std::fs::read_dir(root.join("swap"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    moved.sort();
+    assert_eq!(
+        moved,
+        [
+            "ladle-manifest.json",
+            "model-2.safetensors",
+            "model.safetensors"
+        ]
+    );
+    assert_eq!(
+        std::fs::read(root.join("swap/model-2.safetensors")).unwrap(),
+        b"shard two"
+    );
+    // Only paths under the held folder are served; a link in it that leaves it is refused,
+    // even one that stays inside the root.
+    let e = held.get(&obj(&root.join("m/x"))).await.unwrap_err();
+    assert!(outside_roots(&e).is_some(), "{e}");
+    std::fs::write(root.join("m/inside.json"), b"{}").unwrap();
+    symlink(root.join("m/inside.json"), root.join("swap/abs.json")).unwrap();
+    symlink("../m/inside.json", root.join("swap/rel.json")).unwrap();
+    for name in ["abs.json", "rel.json"] {
+        let e = held.get(&obj(&soup.join(name))).await.unwrap_err();
+        assert!(outside_roots(&e).is_some(), "{name}: {e}");
+    }
+    // Not created on request: a missing folder is `NotFound`.
+    assert!(matches!(
+        s.pin_dir(&obj(&root.join("nope")), false),
+        Err(object_store::Error::NotFound { .. })
+    ));
+    // A folder that is a link out cannot be held.
+    let e = s.pin_dir(&obj(&soup), false).unwrap_err();
+    assert!(outside_roots(&e).is_some(), "{e}");
+}
+
 #[tokio::test]
 async fn create_modes_never_replace() {
     let (_t, root, _o, s) = setup();
