@@ -23,7 +23,7 @@
 
 use crate::merge::precision::{Precision, bf16_round};
 use crate::merge::radix::Band;
-use crate::merge::rng::KeyedRng;
+use crate::merge::rng::{KeyedRng, threshold};
 use crate::merge::sparsification::Sparsification;
 
 /// Per-model parameters for one tensor.
@@ -363,121 +363,10 @@ pub fn random_at(delta: &mut [f32], first: u64, density: f64, p: Precision, rng:
     if density >= 1.0 {
         return;
     }
-    let keep_p = p.scalar(density) as f64;
+    let t = threshold(p.scalar(density) as f64);
+    // Branch-free: a kept/dropped branch at probability ~½ mispredicts every other element.
     for (e, x) in delta.iter_mut().enumerate() {
-        if !rng.keep(first + e as u64, keep_p) {
-            *x = 0.0;
-        }
-    }
-}
-
-/// DELLA's magnitude-ranked drop, per row of `row_len` elements: keep probability
-/// `(density − ε) + 2ε·rank_norm`, ranks held in the compute precision (bf16 rounds ranks
-/// above 256, as mergekit).
-pub fn della(
-    delta: &mut [f32],
-    row_len: usize,
-    density: f64,
-    epsilon: f64,
-    p: Precision,
-    rng: &KeyedRng,
-) {
-    della_at(delta, 0, row_len, density, epsilon, p, rng)
-}
-
-/// [`della`] on whole rows starting at element `first` of a tensor (a multiple of `row_len`).
-pub fn della_at(
-    delta: &mut [f32],
-    first: u64,
-    row_len: usize,
-    density: f64,
-    epsilon: f64,
-    p: Precision,
-    rng: &KeyedRng,
-) {
-    if density >= 1.0 {
-        return;
-    }
-    if density <= 0.0 {
-        delta.fill(0.0);
-        return;
-    }
-    let row_len = row_len.max(1);
-    // `(density − ε) + tensor`: a Python float meets the tensor at f32 precision.
-    let low = (density - epsilon) as f32;
-    let eps = epsilon as f32;
-    let mut ranker = Ranker::default();
-    let mut rank: Vec<u32> = vec![0; row_len];
-    for (r, row) in delta.chunks_mut(row_len).enumerate() {
-        let d = row.len();
-        ranker.ranks(row, &mut rank[..d]);
-        let max_rank = p.round(d as f32);
-        let span = p.round(max_rank - 1.0);
-        for (j, x) in row.iter_mut().enumerate() {
-            let rr = p.round(rank[j] as f32);
-            let norm = if span > 0.0 {
-                p.round(p.round(rr - 1.0) / span).clamp(0.0, 1.0)
-            } else {
-                0.0
-            };
-            let prob = p.round(low + p.round(p.round(norm * 2.0) * eps));
-            let e = first + (r * row_len + j) as u64;
-            if !rng.keep(e, prob as f64) {
-                *x = 0.0;
-            }
-        }
-    }
-}
-
-/// Ascending ranks (1-based) by `(|δ|, index)`, as a stable sort on `|δ|.total_cmp` gives
-/// them: for magnitudes (sign cleared) `total_cmp` orders like the bits, so a stable LSD radix
-/// sort of the keys (a byte at a time, skipping bytes every key shares, e.g. the zero low half
-/// of bf16 values) gives that order in linear time. Scratch reused from row to row.
-#[derive(Debug, Default)]
-struct Ranker {
-    keys: Vec<u32>,
-    idx: Vec<u32>,
-    tmp_keys: Vec<u32>,
-    tmp_idx: Vec<u32>,
-}
-
-impl Ranker {
-    fn ranks(&mut self, row: &[f32], rank: &mut [u32]) {
-        let d = row.len();
-        self.keys.clear();
-        self.keys
-            .extend(row.iter().map(|x| crate::merge::radix::key(*x)));
-        self.idx.clear();
-        self.idx.extend(0..d as u32);
-        self.tmp_keys.resize(d, 0);
-        self.tmp_idx.resize(d, 0);
-        for shift in [0u32, 8, 16, 24] {
-            let mut count = [0u32; 256];
-            for k in &self.keys {
-                count[((k >> shift) & 0xff) as usize] += 1;
-            }
-            if count.iter().any(|&c| c as usize == d) {
-                continue; // every key has the same byte here: the pass would not move anything
-            }
-            let mut pos = [0u32; 256];
-            let mut sum = 0u32;
-            for (p, c) in pos.iter_mut().zip(&count) {
-                *p = sum;
-                sum += c;
-            }
-            for (k, i) in self.keys.iter().zip(&self.idx) {
-                let b = ((k >> shift) & 0xff) as usize;
-                let at = pos[b] as usize;
-                pos[b] += 1;
-                self.tmp_keys[at] = *k;
-                self.tmp_idx[at] = *i;
-            }
-            std::mem::swap(&mut self.keys, &mut self.tmp_keys);
-            std::mem::swap(&mut self.idx, &mut self.tmp_idx);
-        }
-        for (p, &i) in self.idx.iter().enumerate() {
-            rank[i as usize] = p as u32 + 1;
-        }
+        *x = std::hint::select_unpredictable(rng.bits(first + e as u64) < t, *x, 0.0);
     }
 }
 
@@ -512,7 +401,9 @@ pub fn sparsify(delta: &mut [f32], m: &ModelParams, cfg: &Config, row_len: usize
         Sparsification::Magnitude => magnitude(delta, m.density),
         Sparsification::MagnitudeOutliers => magnitude_outliers(delta, m.density, m.gamma),
         Sparsification::Random => random(delta, m.density, p, rng),
-        Sparsification::DellaMagprune => della(delta, row_len, m.density, m.epsilon, p, rng),
+        Sparsification::DellaMagprune => {
+            crate::merge::della::della(delta, row_len, m.density, m.epsilon, p, rng)
+        }
     }
     if cfg.rescale {
         rescale_l1(l1, delta, p);
@@ -710,66 +601,6 @@ mod tests {
         // Expected keep rates: ≈ 0.1 + 0.8·0.125 = 0.2 and ≈ 0.8.
         assert!((low - 0.2).abs() < 0.05, "{low}");
         assert!((high - 0.8).abs() < 0.05, "{high}");
-    }
-
-    /// DELLA's ranks by one sort of `bits << 32 | index` equal those of the stable sort by
-    /// `|δ|.total_cmp` it replaced, ties, zeros of both signs and NaN included.
-    #[test]
-    fn della_ranks_match_a_stable_sort() {
-        let mut s = 0xdead_beef_1234_5678u64;
-        let mut next = || {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            s
-        };
-        for round in 0..50 {
-            let row = 1 + (next() % 300) as usize;
-            let n = row * (1 + (next() % 4) as usize);
-            let d: Vec<f32> = (0..n)
-                .map(|_| match next() % 13 {
-                    0 => 0.0,
-                    1 => -0.0,
-                    2 => f32::NAN,
-                    3 => -f32::NAN,
-                    _ => ((next() % 9) as f32 - 4.0) * 0.125,
-                })
-                .collect();
-            let p = if round % 2 == 0 {
-                Precision::BF16
-            } else {
-                Precision::F32
-            };
-            let rng = KeyedRng::new(5, 1, "w");
-            let mut got = d.clone();
-            della_at(&mut got, 4096, row, 0.5, 0.2, p, &rng);
-            // The reference: the former stable sort, then the same keep rule.
-            let mut want = d.clone();
-            let (low, eps) = ((0.5f64 - 0.2) as f32, 0.2f32);
-            for (r, rw) in want.chunks_mut(row).enumerate() {
-                let mut order: Vec<usize> = (0..rw.len()).collect();
-                order.sort_by(|&a, &b| rw[a].abs().total_cmp(&rw[b].abs()));
-                let mut rank = vec![0u32; rw.len()];
-                for (pos, &i) in order.iter().enumerate() {
-                    rank[i] = pos as u32 + 1;
-                }
-                let span = p.round(p.round(rw.len() as f32) - 1.0);
-                for (j, x) in rw.iter_mut().enumerate() {
-                    let rr = p.round(rank[j] as f32);
-                    let norm = if span > 0.0 {
-                        p.round(p.round(rr - 1.0) / span).clamp(0.0, 1.0)
-                    } else {
-                        0.0
-                    };
-                    let prob = p.round(low + p.round(p.round(norm * 2.0) * eps));
-                    if !rng.keep(4096 + (r * row + j) as u64, prob as f64) {
-                        *x = 0.0;
-                    }
-                }
-            }
-            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-            assert_eq!(bits(&got), bits(&want), "round {round}");
-        }
     }
 
     /// The tiled combination equals the per-element one bit for bit (signed zeros, NaN, ±∞,

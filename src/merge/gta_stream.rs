@@ -21,6 +21,7 @@
 use rayon::prelude::*;
 
 use crate::merge::blocks::{map_spans, scan_spans};
+use crate::merge::della::{DellaKeep, della_at};
 use crate::merge::dtype::DType;
 use crate::merge::error::MergeError;
 use crate::merge::gta::{self, Config, ModelParams, combine, task_vector};
@@ -38,8 +39,8 @@ enum Mask {
     Keep,
     /// DARE.
     Random,
-    /// DELLA, per row.
-    Della,
+    /// DELLA, per row (its keep table for the tensor's rows).
+    Della(DellaKeep),
     /// TIES / breadcrumbs per row (`per_row`).
     RowBand,
     /// TIES / breadcrumbs over the tensor: `Top(m[0]) \ Top(m[1])`; `tops` are `None` until
@@ -118,7 +119,9 @@ impl GtaStream {
                     match cfg.sparsification {
                         Sparsification::None => Mask::Keep,
                         Sparsification::Random => Mask::Random,
-                        Sparsification::DellaMagprune => Mask::Della,
+                        Sparsification::DellaMagprune => {
+                            Mask::Della(DellaKeep::new(row_len, m.density, m.epsilon, p))
+                        }
                         Sparsification::Magnitude | Sparsification::MagnitudeOutliers
                             if cfg.per_row =>
                         {
@@ -161,7 +164,7 @@ impl GtaStream {
             .collect();
         let row_local = models
             .iter()
-            .any(|m| matches!(m.mask, Mask::Della | Mask::RowBand));
+            .any(|m| matches!(m.mask, Mask::Della(_) | Mask::RowBand));
         let span = if row_local {
             (TIE_BLOCK / row_len).max(1) * row_len
         } else {
@@ -194,7 +197,7 @@ impl GtaStream {
     fn row_local(&self) -> bool {
         self.models
             .iter()
-            .any(|m| matches!(m.mask, Mask::Della | Mask::RowBand))
+            .any(|m| matches!(m.mask, Mask::Della(_) | Mask::RowBand))
     }
 
     /// Whether a tie pass (tables, or a mask norm still missing) is needed.
@@ -233,7 +236,7 @@ impl Shared {
         match &m.mask {
             Mask::Keep => {}
             Mask::Random => gta::random_at(d, first, ms.density, p, &m.rng),
-            Mask::Della => gta::della_at(d, first, self.row_len, ms.density, ms.epsilon, p, &m.rng),
+            Mask::Della(keep) => della_at(d, first, keep, &m.rng),
             Mask::RowBand => {
                 for row in d.chunks_mut(self.row_len) {
                     if self.cfg.sparsification == Sparsification::Magnitude {
@@ -255,9 +258,7 @@ impl Shared {
                     let k = mag_key(*x);
                     let in_a = a.holds(k, &mut seen[0]);
                     let in_b = b.holds(k, &mut seen[1]);
-                    if !in_a || in_b {
-                        *x = 0.0;
-                    }
+                    *x = std::hint::select_unpredictable(in_a & !in_b, *x, 0.0);
                 }
             }
             Mask::Band { .. } => return false,

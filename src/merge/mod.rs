@@ -10,7 +10,7 @@
 //!   [`lora_gram`]: inner products of LoRA deltas from their factors (analyses).
 //! - [`precision`]: rounding to the compute dtype (mergekit's bf16 arithmetic).
 //! - [`gta`]: task arithmetic, TIES, breadcrumbs, DARE, DELLA (mergekit's generalized task
-//!   arithmetic), [`slerp`](mod@slerp), [`spherical`] (NuSLERP, Karcher), [`model_stock`],
+//!   arithmetic; DELLA's ranked drop in [`della`](mod@della)), [`slerp`](mod@slerp), [`spherical`] (NuSLERP, Karcher), [`model_stock`],
 //!   [`sce`], [`multislerp`], [`arcee_fusion`], [`ram`] (RAM and RAM+), and the keyed
 //!   generator [`rng`].
 //! - [`stream`]: the contract of a per-tensor streamed method (pre-passes over the chunks,
@@ -20,6 +20,7 @@
 
 pub mod arcee_fusion;
 pub mod blocks;
+pub mod della;
 pub mod diagnostics;
 pub mod dtype;
 pub mod error;

@@ -36,7 +36,7 @@ impl Precision {
     }
 
     /// Round an f32 result to this precision (round-to-nearest-even), back in f32.
-    #[inline]
+    #[inline(always)]
     pub fn round(self, x: f32) -> f32 {
         match self {
             Precision::F32 => x,

@@ -34,17 +34,38 @@ impl KeyedRng {
         }
     }
 
+    /// The 53 random bits of element `e`: [`KeyedRng::uniform`] is `bits(e) · 2⁻⁵³`.
+    #[inline(always)]
+    pub fn bits(&self, e: u64) -> u64 {
+        fmix(self.key ^ e.wrapping_mul(PHI).wrapping_add(PHI)) >> 11
+    }
+
     /// Uniform in `[0, 1)` for element `e`.
     #[inline]
     pub fn uniform(&self, e: u64) -> f64 {
-        let u = fmix(self.key ^ e.wrapping_mul(PHI).wrapping_add(PHI));
-        (u >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
+        self.bits(e) as f64 * (1.0 / (1u64 << 53) as f64)
     }
 
-    /// Bernoulli(p) for element `e`.
+    /// Bernoulli(p) for element `e`: `uniform(e) < p`.
     #[inline]
     pub fn keep(&self, e: u64, p: f64) -> bool {
-        self.uniform(e) < p
+        self.bits(e) < threshold(p)
+    }
+}
+
+/// The integer form of `uniform(e) < p`: `bits(e) < threshold(p)` for every `e`, so a loop
+/// deciding many draws against one probability converts it once. `bits · 2⁻⁵³` is exact in
+/// f64 (`bits < 2⁵³`) and so is `p · 2⁵³` (a power-of-two scaling), hence
+/// `bits · 2⁻⁵³ < p ⟺ bits < p · 2⁵³ ⟺ bits < ⌈p · 2⁵³⌉` for an integer `bits`.
+#[inline]
+pub fn threshold(p: f64) -> u64 {
+    const ONE: u64 = 1 << 53;
+    if p.is_nan() || p <= 0.0 {
+        0
+    } else if p >= 1.0 {
+        ONE
+    } else {
+        (p * ONE as f64).ceil() as u64
     }
 }
 
@@ -67,5 +88,46 @@ mod tests {
         }
         let mean = (0..n).map(|e| a.uniform(e)).sum::<f64>() / n as f64;
         assert!((mean - 0.5).abs() < 0.005);
+    }
+
+    /// `bits < threshold(p)` decides exactly as the float comparison `uniform < p`, at and
+    /// around every probability's boundary, for the extreme and special probabilities too.
+    #[test]
+    fn threshold_equals_the_float_comparison() {
+        let a = KeyedRng::new(7, 2, "t");
+        let unit = 1.0 / (1u64 << 53) as f64;
+        let mut ps = vec![
+            0.0,
+            -0.0,
+            -1.0,
+            1.0,
+            1.5,
+            f64::NAN,
+            f64::INFINITY,
+            f64::NEG_INFINITY,
+            f64::MIN_POSITIVE,
+            5e-324,
+            unit,
+            1.0 - unit,
+            0.5,
+            0.1,
+            0.3f32 as f64,
+        ];
+        for e in 0..2000u64 {
+            ps.push(a.uniform(e)); // exactly on a draw
+            ps.push(a.uniform(e) + unit / 2.0);
+            ps.push(f64::from_bits(a.uniform(e).to_bits().wrapping_sub(1)));
+        }
+        for (i, &p) in ps.iter().enumerate() {
+            for e in 0..200u64 {
+                let e = e.wrapping_mul(i as u64 + 1);
+                assert_eq!(a.keep(e, p), a.uniform(e) < p, "p {p:e} e {e}");
+            }
+            // The draws that sit on the boundary itself.
+            for e in 0..2000u64 {
+                let u = a.uniform(e);
+                assert_eq!(a.bits(e) < threshold(p), u < p, "p {p:e} e {e}");
+            }
+        }
     }
 }

@@ -11,7 +11,9 @@
 //! ```
 //! The variance top-k is exact with ties broken by index (the higher index first), as TIES.
 
-use crate::merge::blocks::{map_spans, scan_spans};
+use rayon::prelude::*;
+
+use crate::merge::blocks::{TASK_ELEMS, map_spans, scan_spans};
 use crate::merge::dtype::DType;
 use crate::merge::error::MergeError;
 use crate::merge::gta::keep_rank_band;
@@ -21,7 +23,7 @@ use crate::merge::select::{TIE_BLOCK, TieTable, Top, mag_key, top_from};
 use crate::merge::stream::{TensorStream, sum_start};
 
 /// The population variance over the models of one element's task-vector values.
-#[inline]
+#[inline(always)]
 fn variance(p: Precision, vals: &[f32]) -> f32 {
     let m = vals.len();
     let mean = vals.iter().map(|t| *t as f64).sum::<f64>() / m as f64;
@@ -50,7 +52,7 @@ fn weights(p: Precision, sums: &[f64], n: usize) -> Vec<f32> {
 }
 
 /// One output element from the (selected) task-vector values and the weights.
-#[inline]
+#[inline(always)]
 fn element(p: Precision, b: f32, vals: &[f32], w: &[f32]) -> f32 {
     let s: f32 = vals.iter().sum();
     let majority = if s >= 0.0 { 1.0f32 } else { -1.0 };
@@ -192,7 +194,7 @@ impl SceStream {
     }
 
     /// The task-vector values of element `e` into `vals`.
-    #[inline]
+    #[inline(always)]
     fn values(&self, blocks: &[&[f32]], e: usize, vals: &mut [f32]) {
         let base = blocks[0][e];
         let xs = if self.has_base { &blocks[1..] } else { blocks };
@@ -202,12 +204,42 @@ impl SceStream {
     }
 
     /// Whether element with variance `var` keeps its values (`seen`: ties before it).
-    #[inline]
+    #[inline(always)]
     fn keeps(&self, var: f32, seen: &mut u64) -> bool {
         match self.top {
             Top::Everything if self.select_topk >= 1.0 => true,
             top => top.holds(mag_key(var), seen) && var != 0.0,
         }
+    }
+}
+
+impl SceStream {
+    /// The per-element variances of one chunk, computed in parallel tasks of [`TASK_ELEMS`].
+    fn variances(&self, inputs: &[(DType, &[u8])]) -> Result<Vec<f32>, MergeError> {
+        let (d0, b0) = inputs[0];
+        let n = b0.len() / d0.size_bytes().max(1);
+        let mut vars = vec![0.0f32; n];
+        vars.par_chunks_mut(TASK_ELEMS)
+            .enumerate()
+            .try_for_each(|(t, out)| {
+                let a = t * TASK_ELEMS;
+                let b = a + out.len();
+                let sub: Vec<(DType, &[u8])> = inputs
+                    .iter()
+                    .map(|(d, bytes)| {
+                        let sz = d.size_bytes();
+                        (*d, bytes.get(a * sz..b * sz).unwrap_or_default())
+                    })
+                    .collect();
+                let mut vals = vec![0.0f32; self.models];
+                scan_spans(&sub, TIE_BLOCK, |start, blocks| {
+                    for (e, v) in out[start..start + blocks[0].len()].iter_mut().enumerate() {
+                        self.values(blocks, e, &mut vals);
+                        *v = variance(self.p, &vals);
+                    }
+                })
+            })?;
+        Ok(vars)
     }
 }
 
@@ -223,63 +255,61 @@ impl TensorStream for SceStream {
     fn observe(&mut self, first: u64, inputs: &[(DType, &[u8])]) -> Result<(), MergeError> {
         self.check(inputs)?;
         let p = self.p;
-        let mut vals = vec![0.0f32; self.models];
         let stage = self.stage;
-        if stage == Stage::Histogram && self.high.is_empty() {
-            self.high = radix::histogram();
+        if stage == Stage::Done {
+            return Ok(());
         }
-        let mut high = std::mem::take(&mut self.high);
-        let mut low = std::mem::take(&mut self.low);
-        let mut table = std::mem::take(&mut self.table);
-        let mut sums = std::mem::take(&mut self.sums);
-        let mut nonzero = self.nonzero;
-        let mut seen = self.seen;
-        let this = &*self;
-        let first = first as usize;
-        scan_spans(inputs, TIE_BLOCK, |start, blocks| {
-            let len = blocks[0].len();
-            let mut vars = [0.0f32; TIE_BLOCK];
-            for (e, var) in vars.iter_mut().enumerate().take(len) {
-                if stage != Stage::Weights || this.select_topk < 1.0 {
-                    this.values(blocks, e, &mut vals);
-                    *var = variance(p, &vals);
+        // The variances, in parallel (elementwise, so the same bits whatever the split); what
+        // depends on order (tie counts, the f64 sums) then runs over them in index order.
+        let selecting = self.select_topk < 1.0;
+        let vars = if selecting {
+            self.variances(inputs)?
+        } else {
+            Vec::new()
+        };
+        match stage {
+            Stage::Histogram => {
+                if self.high.is_empty() {
+                    self.high = radix::histogram();
+                }
+                radix::accumulate_high(&mut self.high, &vars);
+                self.nonzero += vars.iter().filter(|v| **v != 0.0).count();
+            }
+            Stage::Low => {
+                if let Some(at) = self.located {
+                    radix::accumulate_low(&mut self.low, at.bucket, &vars);
                 }
             }
-            let vars = &vars[..len];
-            match stage {
-                Stage::Histogram => {
-                    radix::accumulate_high(&mut high, vars);
-                    nonzero += vars.iter().filter(|v| **v != 0.0).count();
-                }
-                Stage::Low => {
-                    if let Some(at) = this.located {
-                        radix::accumulate_low(&mut low, at.bucket, vars);
+            Stage::Weights => {
+                let first = first as usize;
+                if selecting
+                    && let Top::Cut { key, drop } = self.top
+                    && drop > 0
+                {
+                    for (b, block) in vars.chunks(TIE_BLOCK).enumerate() {
+                        let at = first + b * TIE_BLOCK;
+                        self.table.push(at, key, block.iter().map(|v| mag_key(*v)));
                     }
                 }
-                Stage::Weights => {
-                    if let Top::Cut { key, drop } = this.top
-                        && drop > 0
-                    {
-                        table.push(first + start, key, vars.iter().map(|v| mag_key(*v)));
-                    }
-                    for (e, &var) in vars.iter().enumerate() {
+                let mut vals = vec![0.0f32; self.models];
+                let mut sums = std::mem::take(&mut self.sums);
+                let mut seen = self.seen;
+                let this = &*self;
+                scan_spans(inputs, TIE_BLOCK, |start, blocks| {
+                    for e in 0..blocks[0].len() {
                         this.values(blocks, e, &mut vals);
-                        let keep = this.select_topk >= 1.0 || this.keeps(var, &mut seen);
+                        let keep = !selecting || this.keeps(vars[start + e], &mut seen);
                         for (s, v) in sums.iter_mut().zip(&vals) {
                             let v = if keep { *v } else { 0.0 };
                             *s += p.round(v * v) as f64;
                         }
                     }
-                }
-                Stage::Done => {}
+                })?;
+                self.sums = sums;
+                self.seen = seen;
             }
-        })?;
-        self.high = high;
-        self.low = low;
-        self.table = table;
-        self.sums = sums;
-        self.nonzero = nonzero;
-        self.seen = seen;
+            Stage::Done => {}
+        }
         Ok(())
     }
 
