@@ -3,7 +3,8 @@
 //! tokenizer's own).
 //!
 //! `chat_template` is one of mergekit's built-in names (`alpaca`, `chatml`, `exaone`,
-//! `llama3`, `mistral`: its own template files, `assets/chat_templates/`) or a Jinja template;
+//! `llama3`, `mistral`; ladle's own renderings of those formats, `assets/chat_templates/`, whose
+//! text may differ from mergekit's files) or a Jinja template;
 //! mergekit's rule tells them apart: a string under 256 characters with no line break and no
 //! `{` that names a built-in template is that template; otherwise a string of at least 20
 //! characters holding a `{` is a template; anything else is refused. `auto` (mergekit picks the
@@ -11,7 +12,7 @@
 
 use super::RecipeError;
 
-/// mergekit 0.1.5's built-in chat templates, by name.
+/// Templates for mergekit 0.1.5's built-in names (ladle's own text of each format).
 pub const CHAT_TEMPLATES: [(&str, &str); 5] = [
     (
         "alpaca",
