@@ -6,6 +6,32 @@ use serde::Deserialize;
 
 use super::{RecipeError, trajectory, yaml};
 
+/// A `base_model` as a request may write it: a URL, or an object with its `uri`.
+#[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
+#[serde(untagged)]
+pub enum BaseModelRef {
+    Uri(String),
+    Object(BaseModelObject),
+}
+
+/// `{"uri": …}`: the object form of a `base_model`.
+#[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct BaseModelObject {
+    pub uri: String,
+}
+
+/// Reads either form of [`BaseModelRef`] into the URL it names.
+fn base_model_ref<'de, D>(d: D) -> Result<Option<String>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    Ok(Option::<BaseModelRef>::deserialize(d)?.map(|r| match r {
+        BaseModelRef::Uri(u) => u,
+        BaseModelRef::Object(o) => o.uri,
+    }))
+}
+
 /// A request body as sent to `POST /v1/merges` (and the one-shot CLI).
 #[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -31,8 +57,10 @@ pub struct MergeRequest {
     /// What [`trajectory::expand`] listed and picked (never read from a request body).
     #[serde(skip)]
     pub expanded_trajectory: Option<trajectory::Trajectory>,
-    /// The pre-trained model the task vectors are taken against (`t = 0` end for slerp).
-    #[serde(default)]
+    /// The pre-trained model the task vectors are taken against (`t = 0` end for slerp): a
+    /// URL, or `{"uri": …}` like every model reference.
+    #[serde(default, deserialize_with = "base_model_ref")]
+    #[schema(value_type = Option<BaseModelRef>)]
     pub base_model: Option<String>,
     #[serde(default)]
     pub parameters: serde_json::Map<String, serde_json::Value>,
@@ -118,7 +146,8 @@ impl ModelSpec {
 pub struct SliceSpec {
     pub sources: Vec<SliceSourceSpec>,
     /// This slice's base model (one of its sources); default: the recipe's `base_model`.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "base_model_ref")]
+    #[schema(value_type = Option<BaseModelRef>)]
     pub base_model: Option<String>,
     /// Parameters for this slice, before the recipe's (a source's own come first).
     #[serde(default)]

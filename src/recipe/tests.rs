@@ -121,6 +121,14 @@ fn base_model_methods_validate_every_parameter() {
     assert_eq!(s.recipe.models[1].weight, 0.3);
     assert!(!s.recipe.models[1].parameters.contains_key("weight"));
     assert!(gta(&s).normalize && !gta(&s).rescale);
+    // The object form of a model reference names the same base; an unknown key is refused.
+    let mut r = req("ties", two.clone(), json!({}));
+    r["base_model"] = json!({"uri": "file:///d/base"});
+    let o = parse(r.clone()).unwrap();
+    assert_eq!(o.recipe.base_model.as_deref(), Some("file:///d/base"));
+    assert_eq!(o.recipe.hash(), s.recipe.hash());
+    r["base_model"] = json!({"uri": "file:///d/base", "lora": "x"});
+    assert!(parse(r).is_err());
     // Missing base model.
     let mut r = req("ties", two.clone(), json!({}));
     r.as_object_mut().unwrap().remove("base_model");

@@ -2,6 +2,7 @@
 
 from .analysis_request import AnalysisRequest
 from .api_error import ApiError
+from .base_model_object import BaseModelObject
 from .delivery_record import DeliveryRecord
 from .delivery_state import DeliveryState
 from .error_code import ErrorCode
@@ -35,6 +36,7 @@ from .webhook_event import WebhookEvent
 __all__ = (
     "AnalysisRequest",
     "ApiError",
+    "BaseModelObject",
     "DeliveryRecord",
     "DeliveryState",
     "ErrorCode",

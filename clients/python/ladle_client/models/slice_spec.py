@@ -8,6 +8,7 @@ from attrs import define as _attrs_define
 from ..types import UNSET, Unset
 
 if TYPE_CHECKING:
+    from ..models.base_model_object import BaseModelObject
     from ..models.slice_source_spec import SliceSourceSpec
     from ..models.slice_spec_parameters import SliceSpecParameters
 
@@ -22,25 +23,28 @@ class SliceSpec:
 
         Attributes:
             sources (list[SliceSourceSpec]):
-            base_model (None | str | Unset): This slice's base model (one of its sources); default: the recipe's
-                `base_model`.
+            base_model (BaseModelObject | None | str | Unset):
             parameters (SliceSpecParameters | Unset): Parameters for this slice, before the recipe's (a source's own come
                 first).
     """
 
     sources: list[SliceSourceSpec]
-    base_model: None | str | Unset = UNSET
+    base_model: BaseModelObject | None | str | Unset = UNSET
     parameters: SliceSpecParameters | Unset = UNSET
 
     def to_dict(self) -> dict[str, Any]:
+        from ..models.base_model_object import BaseModelObject
+
         sources = []
         for sources_item_data in self.sources:
             sources_item = sources_item_data.to_dict()
             sources.append(sources_item)
 
-        base_model: None | str | Unset
+        base_model: dict[str, Any] | None | str | Unset
         if isinstance(self.base_model, Unset):
             base_model = UNSET
+        elif isinstance(self.base_model, BaseModelObject):
+            base_model = self.base_model.to_dict()
         else:
             base_model = self.base_model
 
@@ -64,6 +68,7 @@ class SliceSpec:
 
     @classmethod
     def from_dict(cls, src_dict: Mapping[str, Any]) -> Self:
+        from ..models.base_model_object import BaseModelObject
         from ..models.slice_source_spec import SliceSourceSpec
         from ..models.slice_spec_parameters import SliceSpecParameters
 
@@ -75,12 +80,22 @@ class SliceSpec:
 
             sources.append(sources_item)
 
-        def _parse_base_model(data: object) -> None | str | Unset:
+        def _parse_base_model(data: object) -> BaseModelObject | None | str | Unset:
             if data is None:
                 return data
             if isinstance(data, Unset):
                 return data
-            return cast(None | str | Unset, data)
+            try:
+                if not isinstance(data, dict):
+                    raise TypeError()
+                componentsschemas_base_model_ref_type_1 = BaseModelObject.from_dict(
+                    data
+                )
+
+                return componentsschemas_base_model_ref_type_1
+            except (TypeError, ValueError, AttributeError, KeyError):
+                pass
+            return cast(BaseModelObject | None | str | Unset, data)
 
         base_model = _parse_base_model(d.pop("base_model", UNSET))
 
