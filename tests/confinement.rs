@@ -526,14 +526,16 @@ fn holds(dir: &Path, prefix: &str, depth: usize) -> bool {
     })
 }
 
-/// Waits (busy, off the runtime) until `dir` (or its staging folder) holds a file whose name
-/// starts with `prefix`, then exchanges `dir` with the link `swap` (which points outside). True
-/// if it swapped in time.
+/// Waits (busy, off the runtime) until the staging folder of `dir` (`.ladle-staging/<attempt>/`)
+/// holds a file whose name starts with `prefix`, then exchanges `dir` with the link `swap`
+/// (which points outside). Only staged files count, so the swap falls while the job is still
+/// writing, never after it published. True if it swapped in time.
 fn swap_when(dir: PathBuf, prefix: &'static str, swap: PathBuf) -> std::thread::JoinHandle<bool> {
     std::thread::spawn(move || {
         let deadline = Instant::now() + Duration::from_secs(60);
+        let staging = dir.join(".ladle-staging");
         while Instant::now() < deadline {
-            if holds(&dir, prefix, 2) {
+            if holds(&staging, prefix, 1) {
                 return exchange(&dir, &swap).is_ok();
             }
             std::thread::yield_now();
