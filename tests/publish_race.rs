@@ -92,10 +92,18 @@ impl Tally {
         }
     }
 
+    /// Straight to the process's stderr: libtest captures `eprintln!` of a passing test, so
+    /// the counts would otherwise never show (`--nocapture` or not, CI logs keep them).
     fn report(&self, what: &str) {
-        eprintln!(
+        use std::io::Write as _;
+        let _ = writeln!(
+            std::io::stderr(),
             "publish race ({what}): runs={} published={} conflicts={} recoveries={} corrupted={}",
-            self.runs, self.published, self.conflicts, self.recoveries, self.corrupted
+            self.runs,
+            self.published,
+            self.conflicts,
+            self.recoveries,
+            self.corrupted
         );
     }
 }
