@@ -23,6 +23,7 @@ use metrics::{
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tokio_util::sync::CancellationToken;
 
+use crate::api::limits::HttpLimits;
 use crate::error::ErrorCode;
 use crate::queue::{Job, JobKind, JobQueue, JobState};
 use crate::storage::Storage;
@@ -283,11 +284,14 @@ async fn scrape(State(p): State<Probed>) -> Response {
 }
 
 /// `--metrics-bind` of a process: `/metrics`, plus `/healthz` and `/readyz` (the database
-/// and every allowed storage root answer) for a worker's probes. Runs until `shutdown`.
+/// and every allowed storage root answer) for a worker's probes. Served with the API's HTTP
+/// limits (`limits`: header, idle and body timeouts, connection cap; `api::limits`), so a
+/// slow or silent client is closed here as on the API port. Runs until `shutdown`.
 pub async fn serve(
     bind: SocketAddr,
     queue: Arc<dyn JobQueue>,
     storage: Arc<Storage>,
+    limits: HttpLimits,
     shutdown: CancellationToken,
 ) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
     let listener = tokio::net::TcpListener::bind(bind).await?;
@@ -297,14 +301,7 @@ pub async fn serve(
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(ready))
         .with_state(Probed { queue, storage });
-    let task = tokio::spawn(async move {
-        let served = axum::serve(listener, app)
-            .with_graceful_shutdown(async move { shutdown.cancelled().await })
-            .await;
-        if let Err(e) = served {
-            tracing::error!(error = %e, "metrics listener failed");
-        }
-    });
+    let task = tokio::spawn(crate::api::limits::serve(listener, app, limits, shutdown));
     tracing::info!(%local, "metrics listening");
     Ok((local, task))
 }

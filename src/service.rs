@@ -109,10 +109,15 @@ impl Service {
         let mut tasks = Vec::new();
         let (mut addr, mut metrics_addr) = (None, None);
         if let Some(bind) = settings.metrics_bind {
-            let (local, task) =
-                crate::metrics::serve(bind, queue.clone(), storage.clone(), shutdown.clone())
-                    .await
-                    .map_err(|source| ServiceError::Bind { addr: bind, source })?;
+            let (local, task) = crate::metrics::serve(
+                bind,
+                queue.clone(),
+                storage.clone(),
+                settings.http.clone(),
+                shutdown.clone(),
+            )
+            .await
+            .map_err(|source| ServiceError::Bind { addr: bind, source })?;
             metrics_addr = Some(local);
             tasks.push(task);
         }

@@ -1,6 +1,7 @@
 //! The HTTP server's limits (`src/api/limits.rs`) against slow, silent and greedy clients, over
-//! real sockets to the real service: slowloris heads, slow bodies, silent and idle keep-alive
-//! connections, the connection cap, an early 413, and content types matched exactly.
+//! real sockets to the real service: slowloris heads (on the API port and on a worker's
+//! `--metrics-bind` port), slow bodies, silent and idle keep-alive connections, the connection
+//! cap, an early 413, and content types matched exactly.
 
 mod common;
 
@@ -78,9 +79,34 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 /// within 100 ms the whole time.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn slowloris_heads_are_closed_while_healthz_answers() {
-    const N: usize = 200;
     let header = Duration::from_secs(2);
     let (_dir, service, addr) = server(header.as_secs_f64(), 30.0, 1024).await;
+    slowloris(addr, header, "API port").await;
+    service.shutdown().await;
+}
+
+/// The same attack on a worker-only process's `--metrics-bind` listener (its `/healthz`,
+/// `/readyz` and `/metrics`): it is served with the same limits, so the same holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn slowloris_on_the_worker_metrics_port_is_closed_too() {
+    let header = Duration::from_secs(2);
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let db = format!("sqlite://{}", data.join("ladle.db").display());
+    let mut settings = test_settings(&data, &db, vec![], None);
+    settings.http.header_timeout = header;
+    settings.metrics_bind = Some("127.0.0.1:0".parse().unwrap());
+    let (service, _) = start(&settings, Mode::Worker).await;
+    assert!(service.addr.is_none(), "a worker serves no API");
+    let addr = service.metrics_addr.expect("the metrics listener");
+    slowloris(addr, header, "worker --metrics-bind").await;
+    service.shutdown().await;
+}
+
+/// 200 slowloris connections to `addr`, `/healthz` probed meanwhile; the figures go to
+/// stderr uncaptured, and every connection must close at the header timeout.
+async fn slowloris(addr: SocketAddr, header: Duration, what: &str) {
+    const N: usize = 200;
     let mut lorises = tokio::task::JoinSet::new();
     for _ in 0..N {
         lorises.spawn(async move {
@@ -130,7 +156,7 @@ async fn slowloris_heads_are_closed_while_healthz_answers() {
     closed.sort();
     probes.sort();
     let fig = format!(
-        "slowloris: {N} connections, header timeout {:.0} ms: closed after median {:.0} ms, \
+        "slowloris ({what}): {N} connections, header timeout {:.0} ms: closed after median {:.0} ms, \
          max {:.0} ms; /healthz meanwhile: {} probes, median {:.1} ms, p95 {:.1} ms, max {:.1} ms",
         ms(header),
         ms(percentile(&closed, 0.5)),
@@ -156,7 +182,6 @@ async fn slowloris_heads_are_closed_while_healthz_answers() {
         probes[probes.len() - 1] < Duration::from_millis(100),
         "healthz slower than 100 ms: {fig}"
     );
-    service.shutdown().await;
 }
 
 /// A connection that sends nothing, and a keep-alive connection idle after a response, are
