@@ -614,13 +614,16 @@ fn merge_with_change(
     )
 }
 
-/// Nothing was published: no manifest, no file at all under the output.
+/// Nothing was published, and nothing is left: the output folder (which the run made) is
+/// gone, not even left empty.
 fn assert_nothing_published(out: &Path) {
-    if !out.exists() {
-        return;
-    }
     let files: Vec<String> = walk_files(out);
     assert!(files.is_empty(), "left in the output: {files:?}");
+    assert!(
+        std::fs::symlink_metadata(out).is_err(),
+        "the output folder {} was left behind",
+        out.display()
+    );
 }
 
 fn walk_files(dir: &Path) -> Vec<String> {
@@ -824,6 +827,7 @@ fn a_full_output_disk_is_storage_full_and_leaves_nothing() {
     assert!(err.contains("[storage_full]"), "{err}");
     let left = walk_files(&disk);
     assert!(left.is_empty(), "partial files left: {left:?}");
+    assert!(!out.exists(), "the output folder was left behind, empty");
     eprintln!("storage_full: {}", err.trim());
 }
 

@@ -669,9 +669,11 @@ impl Engine {
             &BTreeMap::new(),
         )
         .map_err(|e| EngineError::Internal(format!("planning output shards: {e}")))?;
-        // The output folder is opened once, now, and every write, rename and removal of this
-        // run goes through that handle (`Location::pinned`): a folder swapped for a link or
-        // moved while the job runs does not redirect anything.
+        let tokenizer = side_files::tokenizer_source(&self.storage, recipe).await?;
+        // The output folder is opened once, now (the last step that can fail), and every write,
+        // rename and removal of this run goes through that handle (`Location::pinned`): a folder
+        // swapped for a link or moved while the job runs does not redirect anything. A folder
+        // made here goes again if the run leaves it empty (`storage/local/made.rs`).
         let output = output.pinned(true)?;
         Ok(Plan {
             inputs,
@@ -683,7 +685,7 @@ impl Engine {
             side: side_files::SideInfo {
                 dtype: merged_dtype,
                 num_hidden_layers,
-                tokenizer: side_files::tokenizer_source(&self.storage, recipe).await?,
+                tokenizer,
             },
             parts,
         })

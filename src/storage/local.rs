@@ -107,6 +107,9 @@ struct RootDir {
 pub struct LocalStore {
     /// Outermost first: a path is served by the widest root that holds it.
     roots: Arc<Vec<RootDir>>,
+    /// A held folder that [`LocalStore::pin_dir`] made: removed when the last clone goes,
+    /// if it is empty then (see `made.rs`).
+    made: Option<Arc<made::MadeDir>>,
 }
 
 impl std::fmt::Debug for LocalStore {
@@ -385,6 +388,7 @@ impl LocalStore {
         roots.dedup_by(|a, b| a.path == b.path);
         LocalStore {
             roots: Arc::new(roots),
+            made: None,
         }
     }
 
@@ -411,20 +415,19 @@ impl LocalStore {
     /// under the same rules) and held: every later operation on a path under `location` goes
     /// through that handle, wherever the folder is moved to or whatever is put at its name
     /// meanwhile (an output folder exchanged for a link is not followed: the writes stay in
-    /// the folder that was opened). `create`: make the folder (and missing parents) first.
-    /// Paths outside `location` are refused (`path_outside_roots`).
+    /// the folder that was opened). `create`: make the folder (and missing parents) first; a
+    /// folder made here is removed again, through its parent's handle, when the last clone of
+    /// the returned store goes, if it is empty then (a run that failed before publishing: see
+    /// `made.rs`). Paths outside `location` are refused (`path_outside_roots`).
     pub fn pin_dir(
         &self,
         location: &Path,
         create: bool,
     ) -> Result<LocalStore, object_store::Error> {
         let r = self.locate(location)?;
-        let opened = match r.follow(&r.rel, |d, p| d.open_dir(p)) {
-            Err(object_store::Error::NotFound { .. }) if create => {
-                r.follow(&r.rel, |d, p| d.create_dir_all(p))?;
-                r.follow(&r.rel, |d, p| d.open_dir(p))?
-            }
-            other => other?,
+        let (opened, made) = match r.follow(&r.rel, |d, p| d.open_dir(p)) {
+            Err(object_store::Error::NotFound { .. }) if create => make_dir(&r)?,
+            other => (other?, None),
         };
         Ok(LocalStore {
             roots: Arc::new(vec![RootDir {
@@ -433,6 +436,7 @@ impl LocalStore {
                 dir: Mutex::new(Some(Arc::new(opened))),
                 pinned: true,
             }]),
+            made: made.map(Arc::new),
         })
     }
 
@@ -491,6 +495,28 @@ impl LocalStore {
         walk(&r, &dir, &r.rel, &base, &mut out);
         out
     }
+}
+
+/// Makes the missing folder `r` (parents too) and opens it; the [`made::MadeDir`] when this
+/// call made it (not when another writer made it meanwhile, nor for a root itself).
+fn make_dir(r: &Rel<'_>) -> Result<(Dir, Option<made::MadeDir>), object_store::Error> {
+    let Ok(name) = r.name() else {
+        r.follow(&r.rel, |d, p| d.create_dir_all(p))?;
+        return Ok((r.follow(&r.rel, |d, p| d.open_dir(p))?, None));
+    };
+    let parent = r.parent_dir(true)?;
+    let made = match parent.create_dir(name) {
+        Ok(()) => true,
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => false,
+        Err(e) => return Err(r.io(e)),
+    };
+    let opened = r.follow(&r.rel, |d, p| d.open_dir(p))?;
+    let made = if made {
+        made::MadeDir::of(parent, name, &opened, &r.url)
+    } else {
+        None
+    };
+    Ok((opened, made))
 }
 
 /// Opens a regular file (links inside the root followed); anything else is `NotFound`.
@@ -983,5 +1009,6 @@ impl Drop for Upload {
     }
 }
 
+mod made;
 #[cfg(test)]
 mod tests;

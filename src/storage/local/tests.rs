@@ -357,3 +357,50 @@ fn staging_names() {
     assert!(!is_staging_name(b"a#b1"));
     assert!(is_staging_name(staging_name(OsStr::new("x")).as_bytes()));
 }
+
+/// A folder `pin_dir` made goes again with the last clone of its held store, if it is empty
+/// then; one holding a file, one that was there before, and one moved away (another folder put
+/// at its name) stay.
+#[tokio::test]
+async fn a_made_folder_left_empty_goes_with_its_handle() {
+    let (_t, root, _o, s) = setup();
+    // Made, a file staged and its staging removed: gone once the last clone goes.
+    let soup = root.join("out/soup");
+    let held = s.pin_dir(&obj(&soup), true).unwrap();
+    let clone = held.clone();
+    held.put(
+        &obj(&soup.join(".ladle-staging/j-1/x.safetensors")),
+        PutPayload::from_static(b"x"),
+    )
+    .await
+    .unwrap();
+    held.remove_tree(&obj(&soup.join(".ladle-staging")))
+        .unwrap();
+    drop(held);
+    assert!(soup.is_dir(), "removed while a clone still holds it");
+    drop(clone);
+    assert!(!soup.exists(), "a made folder left empty stayed");
+    assert!(root.join("out").is_dir(), "a parent made on the way stays");
+    // Made, a file published in it: stays.
+    let held = s.pin_dir(&obj(&soup), true).unwrap();
+    held.put(
+        &obj(&soup.join("ladle-manifest.json")),
+        PutPayload::from_static(b"{}"),
+    )
+    .await
+    .unwrap();
+    drop(held);
+    assert!(soup.join("ladle-manifest.json").is_file());
+    // There before: stays, even empty.
+    let before = root.join("before");
+    std::fs::create_dir(&before).unwrap();
+    drop(s.pin_dir(&obj(&before), true).unwrap());
+    assert!(before.is_dir());
+    // Made, moved away, another empty folder put at its name: neither is removed.
+    let moved = root.join("moved");
+    let held = s.pin_dir(&obj(&moved), true).unwrap();
+    std::fs::rename(&moved, root.join("moved-away")).unwrap();
+    std::fs::create_dir(&moved).unwrap();
+    drop(held);
+    assert!(moved.is_dir() && root.join("moved-away").is_dir());
+}
