@@ -833,6 +833,10 @@ async fn cancel_running_job(rig: Rig) {
         "output not cleaned: {:?}",
         files_in(&out)
     );
+    assert!(
+        !out.exists(),
+        "the output folder the job made was left, empty"
+    );
     assert!(w.is_running());
     stop_clean(&mut w).await;
     rig.finish().await;
