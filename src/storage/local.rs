@@ -108,8 +108,8 @@ pub struct LocalStore {
     /// Outermost first: a path is served by the widest root that holds it.
     roots: Arc<Vec<RootDir>>,
     /// A held folder that [`LocalStore::pin_dir`] made: removed when the last clone goes,
-    /// if it is empty then (see `made.rs`).
-    made: Option<Arc<made::MadeDir>>,
+    /// if it is empty then (see `made.rs`). Held only for that drop, never read.
+    _made: Option<Arc<made::MadeDir>>,
 }
 
 impl std::fmt::Debug for LocalStore {
@@ -388,7 +388,7 @@ impl LocalStore {
         roots.dedup_by(|a, b| a.path == b.path);
         LocalStore {
             roots: Arc::new(roots),
-            made: None,
+            _made: None,
         }
     }
 
@@ -436,7 +436,7 @@ impl LocalStore {
                 dir: Mutex::new(Some(Arc::new(opened))),
                 pinned: true,
             }]),
-            made: made.map(Arc::new),
+            _made: made.map(Arc::new),
         })
     }
 
