@@ -85,7 +85,9 @@ pub struct ServiceArgs {
     /// Address the HTTP API listens on [default: 127.0.0.1:8080].
     #[arg(long, env = "LADLE_BIND")]
     pub bind: Option<SocketAddr>,
-    /// Folder for the default SQLite database and local outputs [default: ./ladle-data].
+    /// Folder for the SQLite database (by default) and the service's own files; always an
+    /// allowed root, but never an output (outputs go under another `--allowed-root`)
+    /// [default: ./ladle-data].
     #[arg(long, env = "LADLE_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
     /// `postgres://…` selects Postgres; `sqlite:…` SQLite [default: SQLite in the data dir].
@@ -170,6 +172,12 @@ pub struct ServiceArgs {
     /// HTTP connections served at once; more wait in the listen backlog [default: 1024].
     #[arg(long, env = "LADLE_HTTP_MAX_CONNECTIONS")]
     pub http_max_connections: Option<usize>,
+    /// Retry a job that failed with `storage_full` (a full output disk or quota), with the
+    /// usual backoff and attempt limit, for storage that frees space by itself [default: off:
+    /// space must be made first].
+    #[arg(long, env = "LADLE_RETRY_STORAGE_FULL")]
+    #[serde(default)]
+    pub retry_storage_full: bool,
     #[command(flatten)]
     #[serde(flatten)]
     pub s3: S3Args,
@@ -469,8 +477,9 @@ impl Settings {
             .database_url
             .or(file.database_url)
             .unwrap_or_else(|| format!("sqlite://{}", data_dir.join("ladle.db").display()));
-        // The data directory is always a root (local outputs go there by default); every
-        // `--allowed-root` (or, without flags, the config file's list) adds to it.
+        // The data directory is always a root (the service's own files; never an output, see
+        // `engine::output_rules`); every `--allowed-root` (or, without flags, the config
+        // file's list) adds to it.
         let extra = if !args.allowed_roots.is_empty() {
             args.allowed_roots
         } else {
@@ -608,6 +617,7 @@ impl Settings {
                 poll_interval: secs("poll_secs", t.poll_secs, 5.0)?,
                 shutdown_grace: secs("shutdown_grace_secs", t.shutdown_grace_secs, 30.0)?,
                 evaluator_hosts,
+                retry_storage_full: args.retry_storage_full || file.retry_storage_full,
             },
             engine: engine_config(&t),
             max_attempts,
@@ -729,6 +739,79 @@ mod tests {
         let s = Settings::resolve(ServiceArgs::default(), None).unwrap();
         assert_eq!(s.bind.port(), 8080);
         assert!(s.database_url.starts_with("sqlite://"));
+    }
+
+    /// `--allowed-root X` (and `LADLE_ALLOWED_ROOTS`, which clap reads into the same field)
+    /// adds to the data directory, which stays a root, first; the flag's list replaces the
+    /// config file's.
+    #[test]
+    fn allowed_root_flag_keeps_the_data_dir_a_root() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = dir.path().join("ladle.toml");
+        std::fs::write(&cfg, "allowed_roots = [\"/from-file\"]\n").unwrap();
+        let data = dir.path().join("data");
+        let args = ServiceArgs {
+            data_dir: Some(data.clone()),
+            allowed_roots: vec!["/srv/models".into(), "s3://bucket/soups".into()],
+            ..Default::default()
+        };
+        let s = Settings::resolve(args, Some(&cfg)).unwrap();
+        assert_eq!(
+            s.allowed_roots,
+            vec![
+                data.display().to_string(),
+                "/srv/models".to_string(),
+                "s3://bucket/soups".to_string()
+            ]
+        );
+        // The data directory given again as a root is listed once.
+        let args = ServiceArgs {
+            data_dir: Some(data.clone()),
+            allowed_roots: vec![data.display().to_string()],
+            ..Default::default()
+        };
+        let s = Settings::resolve(args, None).unwrap();
+        assert_eq!(s.allowed_roots, vec![data.display().to_string()]);
+        // Through the command line as `ladle serve` parses it.
+        let cli = Cli::try_parse_from([
+            "ladle",
+            "serve",
+            "--data-dir",
+            &data.display().to_string(),
+            "--allowed-root",
+            "/srv/models",
+        ])
+        .unwrap();
+        let Command::Serve(args) = cli.command else {
+            panic!("`ladle serve` parsed as another command");
+        };
+        let s = Settings::resolve(args, None).unwrap();
+        assert_eq!(
+            s.allowed_roots,
+            vec![data.display().to_string(), "/srv/models".to_string()]
+        );
+    }
+
+    #[test]
+    fn retry_storage_full_from_flag_or_file() {
+        let s = Settings::resolve(ServiceArgs::default(), None).unwrap();
+        assert!(!s.worker.retry_storage_full, "off by default");
+        let args = ServiceArgs {
+            retry_storage_full: true,
+            ..Default::default()
+        };
+        assert!(
+            Settings::resolve(args, None)
+                .unwrap()
+                .worker
+                .retry_storage_full
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = dir.path().join("ladle.toml");
+        std::fs::write(&cfg, "retry_storage_full = true\n").unwrap();
+        let s = Settings::resolve(ServiceArgs::default(), Some(&cfg)).unwrap();
+        assert!(s.worker.retry_storage_full);
+        assert!(known_env_vars().contains(&"LADLE_RETRY_STORAGE_FULL".to_string()));
     }
 
     #[test]

@@ -9,7 +9,8 @@
 //! `output_conflict` or ended as a recovery of the identical recipe. The counts are printed.
 //!
 //! Faults: inputs that change mid-merge (`input_changed`: rename-replace, write in place, S3
-//! ETag), a full output disk (`storage_full`, on a small tmpfs), and the output rules at submit.
+//! ETag), a full output disk (`storage_full`, on a small tmpfs; retried only with
+//! `retry_storage_full`), and the output rules at submit.
 //! One file (longer than most) so that the suite links one test binary for all of it.
 
 mod common;
@@ -782,34 +783,44 @@ async fn an_s3_input_whose_etag_changes_mid_merge_is_input_changed() {
     eprintln!("input_changed (S3 ETag): {}", err.trim());
 }
 
+/// A 256 KiB tmpfs at `root/small-disk`, unmounted on drop; `None` (after a loud SKIP line
+/// naming `what`) where no tmpfs can be mounted (not root).
+struct SmallDisk(PathBuf);
+
+impl SmallDisk {
+    fn mount(root: &Path, what: &str) -> Option<SmallDisk> {
+        let disk = root.join("small-disk");
+        std::fs::create_dir_all(&disk).unwrap();
+        let mounted = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=256k", "tmpfs"])
+            .arg(&disk)
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !mounted {
+            loud_skip(what, "cannot mount a tmpfs (needs root; CI runs as root)");
+            return None;
+        }
+        Some(SmallDisk(disk))
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
 #[test]
 fn a_full_output_disk_is_storage_full_and_leaves_nothing() {
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path().canonicalize().unwrap();
     // 6 tensors of 256×64 f32 per model: a 384 KiB soup on a 256 KiB file system.
     let models = write_models(&root, 256);
-    let disk = root.join("small-disk");
-    std::fs::create_dir_all(&disk).unwrap();
-    let mounted = Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=256k", "tmpfs"])
-        .arg(&disk)
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if !mounted {
-        loud_skip(
-            "the storage_full test",
-            "cannot mount a tmpfs (needs root; CI runs as root)",
-        );
+    let Some(small) = SmallDisk::mount(&root, "the storage_full test") else {
         return;
-    }
-    struct Unmount(PathBuf);
-    impl Drop for Unmount {
-        fn drop(&mut self) {
-            let _ = Command::new("umount").arg(&self.0).status();
-        }
-    }
-    let _unmount = Unmount(disk.clone());
+    };
+    let disk = small.0.clone();
     let out = disk.join("soup");
     let rp = root.join("recipe-full.json");
     std::fs::write(
@@ -829,6 +840,52 @@ fn a_full_output_disk_is_storage_full_and_leaves_nothing() {
     assert!(left.is_empty(), "partial files left: {left:?}");
     assert!(!out.exists(), "the output folder was left behind, empty");
     eprintln!("storage_full: {}", err.trim());
+}
+
+/// In the service: a job that fills its output disk fails with `storage_full` on its first
+/// attempt, unless `retry_storage_full` is set, when it is retried (with the usual backoff)
+/// up to its `max_attempts`. Nothing is left on the disk either way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn storage_full_is_retried_only_when_configured() {
+    use ladle::service::Mode;
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().canonicalize().unwrap();
+    let models = write_models(&root, 256);
+    let Some(small) = SmallDisk::mount(&root, "the retry_storage_full test") else {
+        return;
+    };
+    let client = reqwest::Client::new();
+    for retry in [false, true] {
+        let data = root.join(format!("data-{retry}"));
+        let db = format!("sqlite://{}", data.join("ladle.db").display());
+        std::fs::create_dir_all(&data).unwrap();
+        let mut settings = test_settings(&data, &db, vec![root.display().to_string()], None);
+        settings.worker.retry_storage_full = retry;
+        let (svc, base) = start(&settings, Mode::Serve).await;
+        let out = small.0.join(format!("soup-{retry}"));
+        let mut body = recipe(&models, 2.0, &file_url(&out));
+        body["max_attempts"] = 2.into();
+        let (status, v) = submit(&client, &base, &body).await;
+        assert_eq!(status, 202, "{v}");
+        let done = wait_terminal(
+            &client,
+            &base,
+            v["id"].as_str().unwrap(),
+            Duration::from_secs(60),
+        )
+        .await;
+        assert_eq!(done["state"], "failed", "{done}");
+        assert_eq!(done["error"]["code"], "storage_full", "{done}");
+        let attempts = if retry { 2 } else { 1 };
+        assert_eq!(
+            done["attempts"], attempts,
+            "retry_storage_full={retry}: {done}"
+        );
+        let left = walk_files(&small.0);
+        assert!(left.is_empty(), "partial files left: {left:?}");
+        assert!(!out.exists(), "the output folder was left behind, empty");
+        svc.shutdown().await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

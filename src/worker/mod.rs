@@ -39,6 +39,8 @@ pub struct WorkerConfig {
     pub shutdown_grace: Duration,
     /// Hosts an evaluator URL may name (checked again before every search).
     pub evaluator_hosts: AllowedHosts,
+    /// `--retry-storage-full`: a `storage_full` failure is retried (it is not by default).
+    pub retry_storage_full: bool,
 }
 
 impl Default for WorkerConfig {
@@ -50,6 +52,7 @@ impl Default for WorkerConfig {
             poll_interval: Duration::from_secs(5),
             shutdown_grace: Duration::from_secs(30),
             evaluator_hosts: AllowedHosts::default(),
+            retry_storage_full: false,
         }
     }
 }
@@ -298,7 +301,9 @@ impl Slot {
                 let err = JobError {
                     code,
                     message: e.to_string(),
-                    retryable: code.retryable(),
+                    retryable: code.retryable()
+                        || (code == crate::error::ErrorCode::StorageFull
+                            && self.config.retry_storage_full),
                 };
                 self.finish_failed(&lease, &err).await
             }
