@@ -142,14 +142,11 @@ where
         .try_for_each(|(t, chunk)| task(t, chunk))
 }
 
-/// Decodes spans of `span` elements of `inputs` in order and hands each to
-/// `f(first, blocks)` on the calling thread (a pre-pass whose sums must follow index order).
-pub fn scan_spans<F>(inputs: &[(DType, &[u8])], span: usize, mut f: F) -> Result<(), MergeError>
-where
-    F: FnMut(usize, &[&[f32]]),
-{
+/// Checks that every input is a mergeable float holding as many elements as the first;
+/// returns that number.
+fn validate_inputs(inputs: &[(DType, &[u8])]) -> Result<usize, MergeError> {
     let Some((d0, b0)) = inputs.first() else {
-        return Ok(());
+        return Ok(0);
     };
     let n = b0.len() / d0.size_bytes().max(1);
     for (index, (dtype, bytes)) in inputs.iter().enumerate() {
@@ -166,6 +163,16 @@ where
             });
         }
     }
+    Ok(n)
+}
+
+/// Decodes spans of `span` elements of `inputs` in order and hands each to
+/// `f(first, blocks)` on the calling thread (a pre-pass whose sums must follow index order).
+pub fn scan_spans<F>(inputs: &[(DType, &[u8])], span: usize, mut f: F) -> Result<(), MergeError>
+where
+    F: FnMut(usize, &[&[f32]]),
+{
+    let n = validate_inputs(inputs)?;
     let span = span.max(1);
     let width = span.min(n.max(1));
     let mut scratch = vec![0.0f32; inputs.len() * width];
@@ -185,6 +192,63 @@ where
         start += len;
     }
     Ok(())
+}
+
+/// The parallel half of an order-dependent pre-pass: computes `k` `f32` values per element
+/// of `inputs` into `values` (element `e`'s values at `values[e·k .. e·k + k]`), in tasks of
+/// about [`TASK_ELEMS`] elements run on the current rayon pool. `f` gets
+/// blocks of at most [`BLOCK_ELEMS`] decoded elements starting at element `first` and must
+/// write all `k · len` values of `out`. The caller then folds `values` in index order on its
+/// own thread (sums whose bits depend on the order of their terms), so only that fold is
+/// sequential: decoding, rounding and division, the costly part, use every core.
+///
+/// Each task starts with a scratch state `init()` that `f` may use (`f(state, first, blocks,
+/// out)`). `values` is resized to `n · k` and may be reused between calls (no zeroing of what
+/// it already holds).
+pub fn par_values<S, I, F>(
+    inputs: &[(DType, &[u8])],
+    k: usize,
+    values: &mut Vec<f32>,
+    init: I,
+    f: F,
+) -> Result<(), MergeError>
+where
+    I: Fn() -> S + Sync,
+    F: Fn(&mut S, usize, &[&[f32]], &mut [f32]) + Sync,
+{
+    let n = validate_inputs(inputs)?;
+    let k = k.max(1);
+    values.resize(n * k, 0.0);
+    let values = &mut values[..n * k];
+    let task = |t: usize, out: &mut [f32]| -> Result<(), MergeError> {
+        let first = t * TASK_ELEMS;
+        let len = out.len() / k;
+        let width = BLOCK_ELEMS.min(len.max(1));
+        let mut scratch = vec![0.0f32; inputs.len() * width];
+        let mut state = init();
+        for (b, out_block) in out.chunks_mut(BLOCK_ELEMS * k).enumerate() {
+            let start = first + b * BLOCK_ELEMS;
+            let blen = out_block.len() / k;
+            for ((dtype, bytes), dst) in inputs.iter().zip(scratch.chunks_mut(width)) {
+                let sz = dtype.size_bytes();
+                decode_to_f32(
+                    *dtype,
+                    &bytes[start * sz..(start + blen) * sz],
+                    &mut dst[..blen],
+                )?;
+            }
+            let blocks: Vec<&[f32]> = scratch.chunks(width).map(|c| &c[..blen]).collect();
+            f(&mut state, start, &blocks, out_block);
+        }
+        Ok(())
+    };
+    if n <= TASK_ELEMS {
+        return task(0, values);
+    }
+    values
+        .par_chunks_mut(TASK_ELEMS * k)
+        .enumerate()
+        .try_for_each(|(t, out)| task(t, out))
 }
 
 /// One scratch: `k` input blocks followed by the output block.

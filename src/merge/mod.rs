@@ -49,7 +49,7 @@ pub mod sparsification;
 pub mod spherical;
 pub mod stream;
 
-pub use blocks::{BLOCK_ELEMS, TASK_ELEMS, map_blocks, map_spans, scan_spans};
+pub use blocks::{BLOCK_ELEMS, TASK_ELEMS, map_blocks, map_spans, par_values, scan_spans};
 pub use dtype::{DType, DTypeError, count_nonfinite, decode_to_f32, encode_from_f32};
 pub use error::MergeError;
 pub use linear::{linear, linear_raw};

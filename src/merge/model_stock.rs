@@ -10,7 +10,7 @@
 //! products accumulate in f64 here and round once (torch: f32 in its own order), which moves a
 //! bf16 scalar by one ulp at most now and then (conformance tolerance: 4 ulps).
 
-use crate::merge::blocks::{map_spans, scan_spans};
+use crate::merge::blocks::{map_spans, par_values};
 use crate::merge::dtype::DType;
 use crate::merge::error::MergeError;
 use crate::merge::precision::Precision;
@@ -115,6 +115,8 @@ pub struct ModelStockStream {
     sq: Vec<f64>,
     dot: Vec<f64>,
     coef: Option<(f32, f32)>,
+    /// Reused buffer of per-element pre-pass values.
+    values: Vec<f32>,
 }
 
 impl ModelStockStream {
@@ -129,6 +131,7 @@ impl ModelStockStream {
             sq: vec![sum_start(); models],
             dot: vec![sum_start(); pairs],
             coef: None,
+            values: Vec::new(),
         }
     }
 
@@ -167,30 +170,73 @@ impl TensorStream for ModelStockStream {
         let p = self.p;
         let m = self.models;
         let has_base = self.has_base;
-        let (mut sq, mut dot) = (std::mem::take(&mut self.sq), std::mem::take(&mut self.dot));
-        let mut o = vec![0.0f32; m];
-        scan_spans(inputs, crate::merge::BLOCK_ELEMS, |_, blocks| {
-            let (base, xs) = if has_base {
-                (blocks[0], &blocks[1..])
-            } else {
-                (blocks[0], blocks)
-            };
-            for (e, b) in base.iter().enumerate() {
-                for (oi, x) in o.iter_mut().zip(xs) {
-                    *oi = p.round(x[e] - b);
+        // Per element, in parallel: the offsets `o_i`, then the rounded products `r(o_i·o_j)`
+        // (pairs in order); then every sum in index order on this thread.
+        let k = m + self.dot.len();
+        let mut values = std::mem::take(&mut self.values);
+        let pairs = self.dot.len();
+        par_values(
+            inputs,
+            k,
+            &mut values,
+            || vec![0.0f32; k * crate::merge::BLOCK_ELEMS],
+            |cols, _, blocks, out| {
+                let len = blocks[0].len();
+                let (base, xs) = if has_base {
+                    (blocks[0], &blocks[1..])
+                } else {
+                    (blocks[0], blocks)
+                };
+                // Column by column (vectorized): `o_i = r(x_i − b)`, then `r(o_i·o_j)`.
+                let (o, d) = cols.split_at_mut(m * crate::merge::BLOCK_ELEMS);
+                for (oi, x) in o.chunks_mut(crate::merge::BLOCK_ELEMS).zip(xs) {
+                    let oi = &mut oi[..len];
+                    for ((v, x), b) in oi.iter_mut().zip(x.iter()).zip(base) {
+                        *v = x - b;
+                    }
+                    p.round_slice(oi);
                 }
-                let mut k = 0;
+                let mut q = 0;
                 for i in 0..m {
-                    sq[i] += (o[i] as f64) * (o[i] as f64);
                     for j in i + 1..m {
-                        dot[k] += p.round(o[i] * o[j]) as f64;
-                        k += 1;
+                        let dq = &mut d[q * crate::merge::BLOCK_ELEMS..][..len];
+                        let oi = &o[i * crate::merge::BLOCK_ELEMS..][..len];
+                        let oj = &o[j * crate::merge::BLOCK_ELEMS..][..len];
+                        for ((v, x), y) in dq.iter_mut().zip(oi).zip(oj) {
+                            *v = x * y;
+                        }
+                        p.round_slice(dq);
+                        q += 1;
                     }
                 }
+                let col = |c: usize, e: usize| cols[c * crate::merge::BLOCK_ELEMS + e];
+                for (e, v) in out.chunks_exact_mut(k).enumerate() {
+                    for (c, v) in v.iter_mut().enumerate().take(m + pairs) {
+                        *v = col(c, e);
+                    }
+                }
+            },
+        )?;
+        if m == 2 {
+            let (mut s0, mut s1, mut d) = (self.sq[0], self.sq[1], self.dot[0]);
+            for v in values.chunks_exact(3) {
+                s0 += (v[0] as f64) * (v[0] as f64);
+                s1 += (v[1] as f64) * (v[1] as f64);
+                d += v[2] as f64;
             }
-        })?;
-        self.sq = sq;
-        self.dot = dot;
+            (self.sq[0], self.sq[1], self.dot[0]) = (s0, s1, d);
+        } else {
+            for v in values.chunks_exact(k) {
+                let (o, d) = v.split_at(m);
+                for (s, x) in self.sq.iter_mut().zip(o) {
+                    *s += (*x as f64) * (*x as f64);
+                }
+                for (s, x) in self.dot.iter_mut().zip(d) {
+                    *s += *x as f64;
+                }
+            }
+        }
+        self.values = values;
         Ok(())
     }
 
@@ -200,6 +246,7 @@ impl TensorStream for ModelStockStream {
         let dots: Vec<f32> = self.dot.iter().map(|d| p.round(*d as f32)).collect();
         self.coef = Some(interpolation(p, &norms, &dots));
         self.pass_done = true;
+        self.values = Vec::new();
     }
 
     fn merge(
@@ -231,12 +278,31 @@ impl TensorStream for ModelStockStream {
             out_dtype,
             out,
             crate::merge::BLOCK_ELEMS,
-            |_| (),
-            |_, _, blocks, o| {
+            |_| vec![0.0f32; crate::merge::BLOCK_ELEMS],
+            |u, _, blocks, o| {
+                // `element` across the block, one rounding step at a time.
                 let (base, xs) = self.split(blocks);
-                for (e, o) in o.iter_mut().enumerate() {
-                    *o = element(p, xs, e, base[e], t, omt);
+                let u = &mut u[..o.len()];
+                o.fill(0.0);
+                for x in xs {
+                    for (a, v) in o.iter_mut().zip(x.iter()) {
+                        *a += v;
+                    }
+                    p.round_slice(o);
                 }
+                let nf = xs.len() as f32;
+                o.iter_mut().for_each(|a| *a /= nf);
+                p.round_slice(o);
+                o.iter_mut().for_each(|a| *a *= t);
+                p.round_slice(o);
+                for (v, b) in u.iter_mut().zip(base) {
+                    *v = omt * b;
+                }
+                p.round_slice(u);
+                for (a, v) in o.iter_mut().zip(u.iter()) {
+                    *a += v;
+                }
+                p.round_slice(o);
             },
         )
     }

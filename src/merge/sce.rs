@@ -13,7 +13,7 @@
 
 use rayon::prelude::*;
 
-use crate::merge::blocks::{TASK_ELEMS, map_spans, scan_spans};
+use crate::merge::blocks::{TASK_ELEMS, map_spans, par_values, scan_spans};
 use crate::merge::dtype::DType;
 use crate::merge::error::MergeError;
 use crate::merge::gta::keep_rank_band;
@@ -29,6 +29,79 @@ fn variance(p: Precision, vals: &[f32]) -> f32 {
     let mean = vals.iter().map(|t| *t as f64).sum::<f64>() / m as f64;
     let v = vals.iter().map(|t| (*t as f64 - mean).powi(2)).sum::<f64>() / m as f64;
     p.round(v as f32)
+}
+
+/// One block's task-vector values, model by model, and (when asked) their per-element
+/// variances: the same bits as [`variance`] element by element (the same operations in the
+/// same order, f64 sums starting from `-0.0` as `Iterator::sum`), computed across the block so
+/// that the loops vectorize.
+struct Cols {
+    models: usize,
+    tv: Vec<f32>,
+    var: Vec<f32>,
+    mean: Vec<f64>,
+    acc: Vec<f64>,
+}
+
+impl Cols {
+    fn new(models: usize) -> Cols {
+        Cols {
+            models,
+            tv: vec![0.0; models * TIE_BLOCK],
+            var: vec![0.0; TIE_BLOCK],
+            mean: vec![0.0; TIE_BLOCK],
+            acc: vec![0.0; TIE_BLOCK],
+        }
+    }
+
+    /// Model `i`'s values over the block last filled (`len` elements).
+    #[inline(always)]
+    fn tv(&self, i: usize, len: usize) -> &[f32] {
+        &self.tv[i * TIE_BLOCK..i * TIE_BLOCK + len]
+    }
+
+    /// `τ_i = r(x_i − b)` of a block of at most [`TIE_BLOCK`] elements (`blocks`: the base,
+    /// else the first model standing in for it, then the models), and their variances when
+    /// `with_var`.
+    fn fill(&mut self, p: Precision, has_base: bool, blocks: &[&[f32]], with_var: bool) {
+        let len = blocks[0].len();
+        let base = blocks[0];
+        let xs = if has_base { &blocks[1..] } else { blocks };
+        for (i, x) in xs.iter().enumerate().take(self.models) {
+            let t = &mut self.tv[i * TIE_BLOCK..i * TIE_BLOCK + len];
+            for ((t, x), b) in t.iter_mut().zip(x.iter()).zip(base) {
+                *t = x - b;
+            }
+            p.round_slice(t);
+        }
+        if !with_var {
+            return;
+        }
+        let m = self.models as f64;
+        let mean = &mut self.mean[..len];
+        mean.fill(sum_start());
+        for i in 0..self.models {
+            let t = &self.tv[i * TIE_BLOCK..i * TIE_BLOCK + len];
+            for (mu, t) in mean.iter_mut().zip(t) {
+                *mu += *t as f64;
+            }
+        }
+        mean.iter_mut().for_each(|mu| *mu /= m);
+        let acc = &mut self.acc[..len];
+        acc.fill(sum_start());
+        for i in 0..self.models {
+            let t = &self.tv[i * TIE_BLOCK..i * TIE_BLOCK + len];
+            for ((a, t), mu) in acc.iter_mut().zip(t).zip(mean.iter()) {
+                let d = *t as f64 - mu;
+                *a += d * d;
+            }
+        }
+        let var = &mut self.var[..len];
+        for (v, a) in var.iter_mut().zip(acc.iter()) {
+            *v = (a / m) as f32;
+        }
+        p.round_slice(var);
+    }
 }
 
 /// The number of variances the selection keeps.
@@ -146,8 +219,8 @@ pub struct SceStream {
     nonzero: usize,
     top: Top,
     table: TieTable,
-    /// Ties seen so far in the weights pass.
-    seen: u64,
+    /// Reused buffer of the weights pass's per-element values.
+    values: Vec<f32>,
     sums: Vec<f64>,
     w: Vec<f32>,
 }
@@ -167,7 +240,7 @@ impl SceStream {
             nonzero: 0,
             top: Top::Everything,
             table: TieTable::default(),
-            seen: 0,
+            values: Vec::new(),
             sums: vec![sum_start(); models],
             w: Vec::new(),
         };
@@ -191,16 +264,6 @@ impl SceStream {
             });
         }
         Ok(())
-    }
-
-    /// The task-vector values of element `e` into `vals`.
-    #[inline(always)]
-    fn values(&self, blocks: &[&[f32]], e: usize, vals: &mut [f32]) {
-        let base = blocks[0][e];
-        let xs = if self.has_base { &blocks[1..] } else { blocks };
-        for (v, x) in vals.iter_mut().zip(xs) {
-            *v = self.p.round(x[e] - base);
-        }
     }
 
     /// Whether element with variance `var` keeps its values (`seen`: ties before it).
@@ -231,12 +294,11 @@ impl SceStream {
                         (*d, bytes.get(a * sz..b * sz).unwrap_or_default())
                     })
                     .collect();
-                let mut vals = vec![0.0f32; self.models];
+                let mut cols = Cols::new(self.models);
                 scan_spans(&sub, TIE_BLOCK, |start, blocks| {
-                    for (e, v) in out[start..start + blocks[0].len()].iter_mut().enumerate() {
-                        self.values(blocks, e, &mut vals);
-                        *v = variance(self.p, &vals);
-                    }
+                    let len = blocks[0].len();
+                    cols.fill(self.p, self.has_base, blocks, true);
+                    out[start..start + len].copy_from_slice(&cols.var[..len]);
                 })
             })?;
         Ok(vars)
@@ -291,22 +353,40 @@ impl TensorStream for SceStream {
                         self.table.push(at, key, block.iter().map(|v| mag_key(*v)));
                     }
                 }
-                let mut vals = vec![0.0f32; self.models];
-                let mut sums = std::mem::take(&mut self.sums);
-                let mut seen = self.seen;
+                // Per element, in parallel: each model's `r(τ²)` (0 where the selection
+                // drops the element; each block's tie count from the table just filled);
+                // then the f64 sums in index order on this thread.
+                let m = self.models;
+                let mut values = std::mem::take(&mut self.values);
                 let this = &*self;
-                scan_spans(inputs, TIE_BLOCK, |start, blocks| {
-                    for e in 0..blocks[0].len() {
-                        this.values(blocks, e, &mut vals);
+                let init = || Cols::new(m);
+                par_values(inputs, m, &mut values, init, |cols, start, blocks, out| {
+                    let len = blocks[0].len();
+                    cols.fill(p, this.has_base, blocks, false);
+                    let mut seen = this.table.before((first + start) as u64);
+                    for e in 0..len {
                         let keep = !selecting || this.keeps(vars[start + e], &mut seen);
-                        for (s, v) in sums.iter_mut().zip(&vals) {
-                            let v = if keep { *v } else { 0.0 };
-                            *s += p.round(v * v) as f64;
+                        for i in 0..m {
+                            let v = if keep { cols.tv(i, len)[e] } else { 0.0 };
+                            out[e * m + i] = p.round(v * v);
                         }
                     }
                 })?;
-                self.sums = sums;
-                self.seen = seen;
+                if m == 2 {
+                    let (mut s0, mut s1) = (self.sums[0], self.sums[1]);
+                    for v in values.chunks_exact(2) {
+                        s0 += v[0] as f64;
+                        s1 += v[1] as f64;
+                    }
+                    (self.sums[0], self.sums[1]) = (s0, s1);
+                } else {
+                    for v in values.chunks_exact(m) {
+                        for (s, x) in self.sums.iter_mut().zip(v) {
+                            *s += *x as f64;
+                        }
+                    }
+                }
+                self.values = values;
             }
             Stage::Done => {}
         }
@@ -339,6 +419,7 @@ impl TensorStream for SceStream {
             }
             Stage::Weights => {
                 self.w = weights(p, &self.sums, n as usize);
+                self.values = Vec::new();
                 self.stage = Stage::Done;
             }
             Stage::Done => {}
@@ -358,8 +439,10 @@ impl TensorStream for SceStream {
         }
         let p = self.p;
         let m = self.models;
+        let selecting = self.select_topk > 0.0 && self.select_topk < 1.0;
         let init = |task_first: usize| {
             (
+                Cols::new(m),
                 vec![0.0f32; m],
                 self.table.before(first + task_first as u64),
             )
@@ -370,19 +453,19 @@ impl TensorStream for SceStream {
             out,
             TIE_BLOCK,
             init,
-            |(vals, seen), _, blocks, o| {
+            |(cols, vals, seen), _, blocks, o| {
+                let len = o.len();
+                cols.fill(p, self.has_base, blocks, selecting);
                 for (e, o) in o.iter_mut().enumerate() {
-                    self.values(blocks, e, vals);
                     let keep = if self.select_topk >= 1.0 {
                         true
                     } else if self.select_topk <= 0.0 {
                         false
                     } else {
-                        let var = variance(p, vals);
-                        self.keeps(var, seen)
+                        self.keeps(cols.var[e], seen)
                     };
-                    if !keep {
-                        vals.iter_mut().for_each(|v| *v = 0.0);
+                    for (i, v) in vals.iter_mut().enumerate() {
+                        *v = if keep { cols.tv(i, len)[e] } else { 0.0 };
                     }
                     *o = element(p, blocks[0][e], vals, &self.w);
                 }
@@ -394,6 +477,78 @@ impl TensorStream for SceStream {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The block variances of [`Cols`] equal [`variance`] element by element, bit for bit,
+    /// for 1 to 4 models, with and without a base, in every precision, over values that
+    /// include signed zeros, ties, infinities, NaN and huge magnitudes (NaN compared as NaN).
+    #[test]
+    fn block_variances_equal_the_scalar_ones() {
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        let special = [
+            0.0f32,
+            -0.0,
+            1.0,
+            -1.0,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::NAN,
+            3e38,
+            -3e38,
+            1e-40,
+        ];
+        for p in [Precision::BF16, Precision::F16, Precision::F32] {
+            for models in 1..=4 {
+                for has_base in [false, true] {
+                    let k = models + usize::from(has_base);
+                    let len = TIE_BLOCK - 3;
+                    let blocks: Vec<Vec<f32>> = (0..k)
+                        .map(|_| {
+                            (0..len)
+                                .map(|_| {
+                                    let r = next();
+                                    if r % 7 == 0 {
+                                        special[(r >> 8) as usize % special.len()]
+                                    } else {
+                                        p.round(
+                                            ((r >> 11) as f64 / (1u64 << 53) as f64 * 8.0 - 4.0)
+                                                as f32,
+                                        )
+                                    }
+                                })
+                                .collect()
+                        })
+                        .collect();
+                    let views: Vec<&[f32]> = blocks.iter().map(|b| b.as_slice()).collect();
+                    let mut cols = Cols::new(models);
+                    cols.fill(p, has_base, &views, true);
+                    let xs = if has_base { &views[1..] } else { &views[..] };
+                    for e in 0..len {
+                        let vals: Vec<f32> =
+                            xs.iter().map(|x| p.round(x[e] - views[0][e])).collect();
+                        for (i, v) in vals.iter().enumerate() {
+                            assert_eq!(cols.tv(i, len)[e].to_bits(), v.to_bits());
+                        }
+                        let want = variance(p, &vals);
+                        // A NaN's sign and payload after f64 arithmetic are not specified
+                        // (the compiler may swap the operands of an addition); only NaN-ness
+                        // is compared there.
+                        let same = cols.var[e].to_bits() == want.to_bits()
+                            || (cols.var[e].is_nan() && want.is_nan());
+                        assert!(
+                            same,
+                            "{p:?} models {models} base {has_base} element {e}: {vals:?}"
+                        );
+                    }
+                }
+            }
+        }
+    }
 
     fn views(raw: &[Vec<u8>], dt: DType, a: usize, e: usize) -> Vec<(DType, &[u8])> {
         let sz = dt.size_bytes();

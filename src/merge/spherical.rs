@@ -5,7 +5,7 @@
 //! tensor at f32 precision; a 0-dim f32 tensor meeting a bf16 tensor is rounded to bf16 first,
 //! except as the right operand of `*` or `/`; reductions accumulate (here in f64) and round once.
 
-use crate::merge::blocks::{map_spans, scan_spans};
+use crate::merge::blocks::{map_spans, par_values};
 use crate::merge::dtype::DType;
 use crate::merge::error::MergeError;
 use crate::merge::precision::Precision;
@@ -69,8 +69,8 @@ fn nu_apply(p: Precision, c: &NuCoef, a: f32, b: f32) -> f32 {
 
 /// One term of the cosine: the product of the normalized elements.
 #[inline]
-fn nu_cos_term(p: Precision, a: f32, b: f32, n0: f32, n1: f32) -> f64 {
-    p.round(p.round(a / n0) * p.round(b / n1)) as f64
+fn nu_cos_term(p: Precision, a: f32, b: f32, n0: f32, n1: f32) -> f32 {
+    p.round(p.round(a / n0) * p.round(b / n1))
 }
 
 /// mergekit's `nuslerp` on one vector pair (already task vectors when there is a base):
@@ -82,7 +82,7 @@ pub fn nuslerp_vec(p: Precision, t: f64, v0: &[f32], v1: &[f32], out: &mut [f32]
     let cos = p.round(
         v0.iter()
             .zip(v1)
-            .map(|(a, b)| nu_cos_term(p, *a, *b, n0, n1))
+            .map(|(a, b)| nu_cos_term(p, *a, *b, n0, n1) as f64)
             .sum::<f64>() as f32,
     );
     let c = nu_coef(p, t, cos);
@@ -174,6 +174,8 @@ pub struct NuslerpStream {
     cos: Vec<f64>,
     norms: [Vec<f32>; 2],
     coefs: Vec<NuCoef>,
+    /// Reused buffer of per-element pre-pass values.
+    values: Vec<f32>,
 }
 
 impl NuslerpStream {
@@ -203,6 +205,7 @@ impl NuslerpStream {
             cos: vec![sum_start(); vectors],
             norms: [Vec::new(), Vec::new()],
             coefs: Vec::new(),
+            values: Vec::new(),
         }
     }
 
@@ -236,14 +239,38 @@ impl NuslerpStream {
     }
 }
 
-/// The (task) vector values of one element: `x − b` rounded with a base, else `x`.
-#[inline]
-fn nu_values(p: Precision, has_base: bool, blocks: &[&[f32]], e: usize) -> (f32, f32) {
-    if has_base {
-        let b = blocks[0][e];
-        (p.round(blocks[1][e] - b), p.round(blocks[2][e] - b))
-    } else {
-        (blocks[0][e], blocks[1][e])
+/// One block's (task) vector values of both models, `a` and `b` (as [`nu_values`], across
+/// the block so that the loops vectorize).
+struct NuCols {
+    a: Vec<f32>,
+    b: Vec<f32>,
+}
+
+impl NuCols {
+    fn new() -> NuCols {
+        NuCols {
+            a: vec![0.0; crate::merge::BLOCK_ELEMS],
+            b: vec![0.0; crate::merge::BLOCK_ELEMS],
+        }
+    }
+
+    fn fill(&mut self, p: Precision, has_base: bool, blocks: &[&[f32]]) {
+        let len = blocks[0].len();
+        let (a, b) = (&mut self.a[..len], &mut self.b[..len]);
+        if has_base {
+            let base = blocks[0];
+            for ((a, x), y) in a.iter_mut().zip(blocks[1]).zip(base) {
+                *a = x - y;
+            }
+            for ((b, x), y) in b.iter_mut().zip(blocks[2]).zip(base) {
+                *b = x - y;
+            }
+            p.round_slice(a);
+            p.round_slice(b);
+        } else {
+            a.copy_from_slice(blocks[0]);
+            b.copy_from_slice(blocks[1]);
+        }
     }
 }
 
@@ -264,26 +291,75 @@ impl TensorStream for NuslerpStream {
         let p = self.p;
         let has_base = self.has_base;
         let pass = self.pass;
-        let mut sq = std::mem::take(&mut self.sq);
-        let mut cos = std::mem::take(&mut self.cos);
-        let norms = std::mem::take(&mut self.norms);
+        // The per-element values in parallel (pass 0: both task-vector values; pass 1: the
+        // rounded cosine term), then the sums in index order on this thread.
+        let k = if pass == 0 { 2 } else { 1 };
+        let mut values = std::mem::take(&mut self.values);
         let this = &*self;
-        scan_spans(inputs, crate::merge::BLOCK_ELEMS, |start, blocks| {
-            let mut v = this.vector(first + start as u64);
-            for e in 0..blocks[0].len() {
-                let (a, b) = nu_values(p, has_base, blocks, e);
+        par_values(
+            inputs,
+            k,
+            &mut values,
+            NuCols::new,
+            |cols, start, blocks, out| {
+                let len = blocks[0].len();
+                cols.fill(p, has_base, blocks);
+                let (a, b) = (&mut cols.a[..len], &mut cols.b[..len]);
                 if pass == 0 {
-                    sq[0][v] += (a as f64) * (a as f64);
-                    sq[1][v] += (b as f64) * (b as f64);
+                    for (o, (a, b)) in out.chunks_exact_mut(2).zip(a.iter().zip(b.iter())) {
+                        o[0] = *a;
+                        o[1] = *b;
+                    }
+                } else if this.shape == NuslerpShape::Flatten {
+                    // `r(r(a/n0)·r(b/n1))` across the block (the same operations as
+                    // `nu_cos_term`, one rounding step at a time).
+                    let (n0, n1) = (this.norms[0][0], this.norms[1][0]);
+                    a.iter_mut().for_each(|x| *x /= n0);
+                    p.round_slice(a);
+                    b.iter_mut().for_each(|x| *x /= n1);
+                    p.round_slice(b);
+                    a.iter_mut().zip(b.iter()).for_each(|(x, y)| *x *= y);
+                    p.round_slice(a);
+                    out.copy_from_slice(a);
                 } else {
-                    cos[v] += nu_cos_term(p, a, b, norms[0][v], norms[1][v]);
+                    let mut v = this.vector(first + start as u64);
+                    for (o, (a, b)) in out.iter_mut().zip(a.iter().zip(b.iter())) {
+                        *o = nu_cos_term(p, *a, *b, this.norms[0][v], this.norms[1][v]);
+                        v = this.next_vector(v);
+                    }
                 }
-                v = this.next_vector(v);
+            },
+        )?;
+        let mut v = self.vector(first);
+        if pass == 0 {
+            let [sq0, sq1] = &mut self.sq;
+            if self.shape == NuslerpShape::Flatten {
+                let (mut s0, mut s1) = (sq0[0], sq1[0]);
+                for ab in values.chunks_exact(2) {
+                    s0 += (ab[0] as f64) * (ab[0] as f64);
+                    s1 += (ab[1] as f64) * (ab[1] as f64);
+                }
+                (sq0[0], sq1[0]) = (s0, s1);
+            } else {
+                for ab in values.chunks_exact(2) {
+                    sq0[v] += (ab[0] as f64) * (ab[0] as f64);
+                    sq1[v] += (ab[1] as f64) * (ab[1] as f64);
+                    v = if v + 1 < self.cols { v + 1 } else { 0 };
+                }
             }
-        })?;
-        self.sq = sq;
-        self.cos = cos;
-        self.norms = norms;
+        } else if self.shape == NuslerpShape::Flatten {
+            let mut c = self.cos[0];
+            for t in &values {
+                c += *t as f64;
+            }
+            self.cos[0] = c;
+        } else {
+            for t in &values {
+                self.cos[v] += *t as f64;
+                v = if v + 1 < self.cols { v + 1 } else { 0 };
+            }
+        }
+        self.values = values;
         Ok(())
     }
 
@@ -300,6 +376,7 @@ impl TensorStream for NuslerpStream {
                 .iter()
                 .map(|c| nu_coef(p, self.t, p.round(*c as f32)))
                 .collect();
+            self.values = Vec::new();
         }
         self.pass += 1;
     }
@@ -341,19 +418,46 @@ impl TensorStream for NuslerpStream {
             out_dtype,
             out,
             crate::merge::BLOCK_ELEMS,
-            |_| (),
-            |_, start, blocks, o| {
-                let mut v = self.vector(first + start as u64);
-                for (e, o) in o.iter_mut().enumerate() {
-                    let c = &self.coefs[v];
-                    v = self.next_vector(v);
-                    let (a, b) = nu_values(p, has_base, blocks, e);
-                    let v = nu_apply(p, c, a, b);
-                    *o = if has_base {
-                        p.round(blocks[0][e] + v)
+            |_| NuCols::new(),
+            |cols, start, blocks, o| {
+                let len = o.len();
+                cols.fill(p, has_base, blocks);
+                let (a, b) = (&mut cols.a[..len], &mut cols.b[..len]);
+                if self.shape == NuslerpShape::Flatten {
+                    // `nu_apply` across the block, one rounding step at a time.
+                    let c = &self.coefs[0];
+                    let (ca, cb) = if c.lerp {
+                        (c.one_minus, c.tf)
                     } else {
-                        v
+                        (c.s0, c.s1)
                     };
+                    a.iter_mut().for_each(|x| *x *= ca);
+                    p.round_slice(a);
+                    b.iter_mut().for_each(|x| *x *= cb);
+                    p.round_slice(b);
+                    for ((o, a), b) in o.iter_mut().zip(a.iter()).zip(b.iter()) {
+                        *o = a + b;
+                    }
+                    p.round_slice(o);
+                    if !c.lerp {
+                        o.iter_mut().for_each(|x| *x /= c.sin_theta);
+                        p.round_slice(o);
+                    }
+                } else {
+                    let mut v = self.vector(first + start as u64);
+                    for ((o, a), b) in o.iter_mut().zip(a.iter()).zip(b.iter()) {
+                        let c = &self.coefs[v];
+                        v = self.next_vector(v);
+                        *o = nu_apply(p, c, *a, *b);
+                    }
+                }
+                if has_base {
+                    // `b + v` in this order, as the scalar kernel adds them.
+                    #[allow(clippy::assign_op_pattern)]
+                    for (o, x) in o.iter_mut().zip(blocks[0]) {
+                        *o = x + *o;
+                    }
+                    p.round_slice(o);
                 }
             },
         )
