@@ -865,15 +865,7 @@ async fn storage_full_is_retried_only_when_configured() {
         let out = small.0.join(format!("soup-{retry}"));
         let mut body = recipe(&models, 2.0, &file_url(&out));
         body["max_attempts"] = 2.into();
-        let (status, v) = submit(&client, &base, &body).await;
-        assert_eq!(status, 202, "{v}");
-        let done = wait_terminal(
-            &client,
-            &base,
-            v["id"].as_str().unwrap(),
-            Duration::from_secs(60),
-        )
-        .await;
+        let done = submit_and_wait(&client, &base, &body).await;
         assert_eq!(done["state"], "failed", "{done}");
         assert_eq!(done["error"]["code"], "storage_full", "{done}");
         let attempts = if retry { 2 } else { 1 };
@@ -926,15 +918,7 @@ async fn output_rules_at_submit() {
     // overwrite: written beside them, never over them: config.json is taken → conflict.
     let mut body = recipe(&models, 2.0, &file_url(&out));
     body["output"]["overwrite"] = true.into();
-    let (status, v) = submit(&client, &base, &body).await;
-    assert_eq!(status, 202, "{v}");
-    let done = wait_terminal(
-        &client,
-        &base,
-        v["id"].as_str().unwrap(),
-        Duration::from_secs(60),
-    )
-    .await;
+    let done = submit_and_wait(&client, &base, &body).await;
     assert_eq!(done["error"]["code"], "output_conflict", "{done}");
     assert_eq!(std::fs::read(out.join("notes.txt")).unwrap(), b"keep me");
     assert_eq!(
@@ -945,15 +929,7 @@ async fn output_rules_at_submit() {
     std::fs::remove_file(out.join("config.json")).unwrap();
     let mut body = recipe(&models, 3.0, &file_url(&out));
     body["output"]["overwrite"] = true.into();
-    let (status, v) = submit(&client, &base, &body).await;
-    assert_eq!(status, 202, "{v}");
-    let done = wait_terminal(
-        &client,
-        &base,
-        v["id"].as_str().unwrap(),
-        Duration::from_secs(60),
-    )
-    .await;
+    let done = submit_and_wait(&client, &base, &body).await;
     assert_eq!(done["state"], "succeeded", "{done}");
     assert_eq!(std::fs::read(out.join("notes.txt")).unwrap(), b"keep me");
     assert!(out.join(MANIFEST).is_file());
@@ -961,4 +937,21 @@ async fn output_rules_at_submit() {
     let (status, v) = submit(&client, &base, &body).await;
     assert!(status == 202 || status == 200, "{status}: {v}");
     svc.shutdown().await;
+}
+
+/// Submit `body`, expect 202, and wait (60 s at most) for the job to end; returns the job.
+async fn submit_and_wait(
+    client: &reqwest::Client,
+    base: &str,
+    body: &serde_json::Value,
+) -> serde_json::Value {
+    let (status, v) = submit(client, base, body).await;
+    assert_eq!(status, 202, "{v}");
+    wait_terminal(
+        client,
+        base,
+        v["id"].as_str().unwrap(),
+        Duration::from_secs(60),
+    )
+    .await
 }
