@@ -247,12 +247,8 @@ async fn reads_through_links(postgres: bool) {
             err["message"].as_str().unwrap_or_default().contains(bad),
             "{bad}: {err}"
         );
-        // Nothing half-written: no soup, no staged file.
-        assert!(
-            tree(&out).iter().all(|f| f.ends_with('/')),
-            "{bad}: {:?}",
-            tree(&out)
-        );
+        // Refused while planning: nothing written, not even the output folder.
+        assert!(!out.exists(), "{bad}: {:?}", tree(&out));
     }
     // Analyses over a linked model answer nothing about the private weights.
     for bad in ["weights", "shard", "folder-link"] {
@@ -706,10 +702,17 @@ fn one_shot_merge_is_confined_too() {
             .to_string(),
         )
         .unwrap();
+        // A run that gets as far as writing a shard says so in the pause folder, and goes on
+        // at once (the go-ahead is there already; see `src/failpoints.rs`).
+        let pause = base.join(format!("pause-{first}"));
+        std::fs::create_dir_all(&pause).unwrap();
+        std::fs::write(pause.join("shard-written.go"), b"").unwrap();
         Command::new(LADLE)
             .args(["merge", "--quiet", "--allowed-root"])
             .arg(&root)
             .arg(&recipe)
+            .env("LADLE_TEST_PAUSE_AT", "shard-written")
+            .env("LADLE_TEST_PAUSE_DIR", &pause)
             .output()
             .unwrap()
     };
@@ -719,13 +722,17 @@ fn one_shot_merge_is_confined_too() {
         let err = String::from_utf8_lossy(&o.stderr).into_owned();
         assert!(!o.status.success(), "{bad}: {err}");
         assert!(err.contains("outside the allowed roots"), "{bad}: {err}");
+        assert!(err.contains(bad), "{bad}: names the file: {err}");
         assert!(!err.contains("very-secret"), "{err}");
         assert!(!err.contains(&*outside.to_string_lossy()), "{err}");
+        // Refused while planning, before anything was written: no shard was ever staged (the
+        // run never reached the pause after the first shard), and no output folder was made.
+        let reached = base.join(format!("pause-{bad}/shard-written.reached"));
         assert!(
-            tree(&out).iter().all(|f| f.ends_with('/')),
-            "{:?}",
-            tree(&out)
+            !reached.exists(),
+            "{bad}: a shard was staged before the refusal"
         );
+        assert!(!out.exists(), "{bad}: {:?}", tree(&out));
     }
     // A relative link inside the root works.
     std::fs::create_dir_all(root.join("inside")).unwrap();
@@ -737,6 +744,8 @@ fn one_shot_merge_is_confined_too() {
     let out = root.join("out-inside");
     let o = run("inside", &out);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // The pause point works (so its absence above means something).
+    assert!(base.join("pause-inside/shard-written.reached").exists());
     assert!(out.join("ladle-manifest.json").exists());
     assert_eq!(std::fs::read(outside.join("shadow")).unwrap(), SECRET);
 }
@@ -790,6 +799,153 @@ async fn invalid_files_leak_no_bytes() {
             !text.contains("16-byte") && !text.contains(" 16 "),
             "{bad}: {text}"
         );
+    }
+    service.shutdown().await;
+}
+
+/// Issue 11: a file inside the root that fails validation is never quoted back. Every header,
+/// index and adapter below carries a marker in its tensor names, dtypes, keys or values; each
+/// job fails with its stable code, and the marker is in no part of the answer (the detail is
+/// only logged).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn invalid_files_quote_none_of_their_contents() {
+    const MARK: &str = "SECRET-7f3a";
+    let Some(w) = world(false, "no quoted contents").await else {
+        return;
+    };
+    let (service, base) = start(&w.settings, Mode::Serve).await;
+    let r = &w.root;
+    model(&r.join("m2"), 2);
+    let m2 = file_url(&r.join("m2"));
+    // A safetensors file of a header written by hand and `data` zero bytes.
+    let st = |header: &str, data: usize| {
+        let mut out = (header.len() as u64).to_le_bytes().to_vec();
+        out.extend_from_slice(header.as_bytes());
+        out.resize(out.len() + data, 0);
+        out
+    };
+    let mut cases: Vec<(String, Value, &str)> = Vec::new();
+    // Checkpoints whose header fails validation.
+    let headers = [
+        format!(r#"{{"{MARK}.w":{{"dtype":"{MARK}","shape":[4],"data_offsets":[0,16]}}}}"#),
+        format!(r#"{{"w":{{"dtype":"F32","shape":[4],"data_offsets":[0,16],"{MARK}":1}}}}"#),
+        format!(
+            r#"{{"{MARK}.a":{{"dtype":"F32","shape":[4],"data_offsets":[0,16]}},"{MARK}.b":{{"dtype":"F32","shape":[2],"data_offsets":[8,16]}}}}"#
+        ),
+        format!(
+            r#"{{"{MARK}":{{"dtype":"F32","shape":[4],"data_offsets":[0,16]}},"{MARK}":{{"dtype":"F32","shape":[4],"data_offsets":[0,16]}}}}"#
+        ),
+        format!(r#"{{"{MARK}": [1,"#),
+        format!(r#"{{"__metadata__":{{"{MARK}":{{"x":1}}}}}}"#),
+        format!(r#"{{"{MARK}":{{"dtype":"F16","shape":[4],"data_offsets":[0,16]}}}}"#),
+        format!(r#"{{"{MARK}":{{"dtype":"F32","shape":[4],"data_offsets":[0,32]}}}}"#),
+    ];
+    for (i, h) in headers.iter().enumerate() {
+        let dir = r.join(format!("header-{i}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("model.safetensors"), st(h, 16)).unwrap();
+        let out = r.join(format!("out-header-{i}"));
+        let recipe = linear(&[file_url(&dir), m2.clone()], &out);
+        cases.push((format!("header {i}"), recipe, "checkpoint_malformed"));
+    }
+    // Sharded checkpoints whose index fails validation (or names what is not there).
+    let indexes = [
+        json!({"weight_map": {MARK: format!("../{MARK}.safetensors")}}).to_string(),
+        format!(r#"{{"weight_map": {{"{MARK}": 1}}}}"#),
+        format!(r#"{{"weight_map": {{"{MARK}": "#),
+        json!({"weight_map": {"a.w": "model-00001-of-00002.safetensors",
+            "b.w": "model-00002-of-00002.safetensors",
+            MARK: "model-00001-of-00002.safetensors"}})
+        .to_string(),
+        json!({"weight_map": {"a.w": "model-00001-of-00002.safetensors",
+            "b.w": format!("{MARK}.safetensors")}})
+        .to_string(),
+    ];
+    for (i, index) in indexes.iter().enumerate() {
+        let dir = r.join(format!("index-{i}"));
+        write_sharded(&dir, &tensors(3), 2);
+        std::fs::write(dir.join("model.safetensors.index.json"), index).unwrap();
+        let out = r.join(format!("out-index-{i}"));
+        let recipe = linear(&[file_url(&dir), m2.clone()], &out);
+        cases.push((format!("index {i}"), recipe, "checkpoint_malformed"));
+    }
+    // Adapters (folded into m2) whose config or tensors fail validation.
+    let lora = |name: &str, shape: &[usize]| RawTensor {
+        name: name.to_string(),
+        ..f32_tensor("x", shape, 5)
+    };
+    let good_config = r#"{"r":2,"lora_alpha":4,"target_modules":["a"]}"#.to_string();
+    let good_weights = vec![
+        lora("base_model.model.a.lora_A.weight", &[2, 4]),
+        lora("base_model.model.a.lora_B.weight", &[8, 2]),
+    ];
+    let adapters = [
+        (format!(r#"{{"peft_type":"{MARK}"}}"#), good_weights.clone()),
+        (
+            format!(
+                r#"{{"r":2,"lora_alpha":4,"target_modules":["a"],"rank_pattern":{{"{MARK}":0}}}}"#
+            ),
+            good_weights.clone(),
+        ),
+        (
+            format!(r#"{{"r":"{MARK}","lora_alpha":4}}"#),
+            good_weights.clone(),
+        ),
+        (format!(r#"{{"{MARK}": [1,"#), good_weights.clone()),
+        (
+            good_config.clone(),
+            vec![
+                lora(&format!("{MARK}.lora_A.weight"), &[2, 4]),
+                lora(&format!("{MARK}.lora_B.weight"), &[8, 2]),
+            ],
+        ),
+        (
+            good_config.clone(),
+            vec![
+                lora(&format!("base_model.model.{MARK}.lora_A.weight"), &[2, 4]),
+                lora(&format!("base_model.model.{MARK}.lora_B.weight"), &[8, 2]),
+            ],
+        ),
+        (
+            good_config.clone(),
+            vec![lora(&format!("base_model.model.{MARK}.weight"), &[16])],
+        ),
+    ];
+    for (i, (config, weights)) in adapters.iter().enumerate() {
+        let dir = r.join(format!("adapter-{i}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("adapter_config.json"), config).unwrap();
+        std::fs::write(
+            dir.join("adapter_model.safetensors"),
+            safetensors_bytes(weights),
+        )
+        .unwrap();
+        let out = r.join(format!("out-adapter-{i}"));
+        let recipe = json!({
+            "method": "linear",
+            "models": [{"uri": m2, "lora": file_url(&dir), "weight": 1.0}, {"uri": m2, "weight": 1.0}],
+            "output": {"uri": file_url(&out)},
+        });
+        cases.push((format!("adapter {i}"), recipe, "invalid_adapter"));
+    }
+
+    for (name, recipe, code) in &cases {
+        let (status, v) = submit(&w.client, &base, recipe).await;
+        let answer = if status == 202 {
+            let id = v["id"].as_str().unwrap();
+            wait_terminal(&w.client, &base, id, Duration::from_secs(60)).await
+        } else {
+            v
+        };
+        let err = if answer["error"].is_object() {
+            &answer["error"]
+        } else {
+            &answer
+        };
+        assert_eq!(err["code"], *code, "{name}: {answer}");
+        let text = answer.to_string();
+        assert!(!text.contains(MARK), "{name}: {text}");
+        assert!(!text.contains("7f3a"), "{name}: {text}");
     }
     service.shutdown().await;
 }

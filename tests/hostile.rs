@@ -4,7 +4,8 @@
 //! s3s-fs (a loud SKIPPED line without it).
 //!
 //! - Checkpoints that lie: each fails its job with `checkpoint_malformed` naming the file (and
-//!   the tensor, where one is at fault), is not retried, writes nothing at the output URL, and
+//!   the tensor by its position, where one is at fault: never by its name, nor quoting anything
+//!   else of the file), is not retried, writes nothing at the output URL, and
 //!   the service keeps serving. NaN and infinity are values like any other: that job succeeds.
 //! - Requests that lie: each gets a 4xx with a precise code at submit time and queues nothing.
 
@@ -168,7 +169,7 @@ async fn lying_checkpoints(db: Db) {
             br#"{"w":{"dtype":"F32","shape":[4,4],"data_offsets":[0,64]},"b":{"dtype":"F32","shape":[4],"data_offsets":[64,80]}}"#,
             &data[..70],
         ),
-        vec!["model.safetensors", "\"b\"", "past the"],
+        vec!["model.safetensors", "tensor 2 of the header", "past the"],
     );
     // Overlapping tensors.
     case(
@@ -177,7 +178,7 @@ async fn lying_checkpoints(db: Db) {
             br#"{"w":{"dtype":"F32","shape":[4,4],"data_offsets":[0,64]},"b":{"dtype":"F32","shape":[4],"data_offsets":[48,64]}}"#,
             &data,
         ),
-        vec!["model.safetensors", "\"w\"", "\"b\"", "overlap"],
+        vec!["model.safetensors", "tensors 1 and 2 of the header overlap"],
     );
     // dtype and shape disagree with the offsets.
     case(
@@ -186,7 +187,7 @@ async fn lying_checkpoints(db: Db) {
             br#"{"w":{"dtype":"F16","shape":[4,4],"data_offsets":[0,64]},"b":{"dtype":"F32","shape":[4],"data_offsets":[64,80]}}"#,
             &data,
         ),
-        vec!["model.safetensors", "\"w\"", "needs 32 bytes"],
+        vec!["model.safetensors", "tensor 1 of the header", "data_offsets span"],
     );
     // Reversed offsets.
     case(
@@ -195,7 +196,7 @@ async fn lying_checkpoints(db: Db) {
             br#"{"w":{"dtype":"F32","shape":[0],"data_offsets":[64,0]},"b":{"dtype":"F32","shape":[4],"data_offsets":[64,80]}}"#,
             &data,
         ),
-        vec!["model.safetensors", "\"w\""],
+        vec!["model.safetensors", "tensor 1 of the header", "end before"],
     );
     // A shape whose byte size overflows 64 bits.
     case(
@@ -204,7 +205,7 @@ async fn lying_checkpoints(db: Db) {
             br#"{"w":{"dtype":"F32","shape":[4294967296,4294967296],"data_offsets":[0,64]},"b":{"dtype":"F32","shape":[4],"data_offsets":[64,80]}}"#,
             &data,
         ),
-        vec!["model.safetensors", "\"w\"", "overflows"],
+        vec!["model.safetensors", "tensor 1 of the header", "overflows"],
     );
     // An unknown dtype.
     case(
@@ -213,7 +214,7 @@ async fn lying_checkpoints(db: Db) {
             br#"{"w":{"dtype":"F31","shape":[4,4],"data_offsets":[0,64]},"b":{"dtype":"F32","shape":[4],"data_offsets":[64,80]}}"#,
             &data,
         ),
-        vec!["model.safetensors", "\"w\"", "F31"],
+        vec!["model.safetensors", "tensor 1 of the header has an unknown dtype"],
     );
     // Header JSON that is not UTF-8.
     case(
@@ -231,7 +232,10 @@ async fn lying_checkpoints(db: Db) {
             br#"{"w":{"dtype":"F32","shape":[4,4],"data_offsets":[0,64]},"b":{"dtype":"F32","shape":[4],"data_offsets":[64,80]},"w":{"dtype":"F32","shape":[4],"data_offsets":[64,80]}}"#,
             &data,
         ),
-        vec!["model.safetensors", "\"w\"", "more than once"],
+        vec![
+            "model.safetensors",
+            "tensor 3 of the header has the name of an earlier tensor",
+        ],
     );
     // An empty tensor name (found in the fuzz corpus: it parsed, then failed the job as
     // `internal` when the output was planned).
@@ -241,7 +245,10 @@ async fn lying_checkpoints(db: Db) {
             br#"{"":{"dtype":"F32","shape":[4,4],"data_offsets":[0,64]},"b":{"dtype":"F32","shape":[4],"data_offsets":[64,80]}}"#,
             &data,
         ),
-        vec!["model.safetensors", "tensor name \"\" is reserved"],
+        vec![
+            "model.safetensors",
+            "tensor 1 of the header has a reserved or empty name",
+        ],
     );
     // Not JSON at all, and JSON of the wrong shape.
     case(
@@ -255,7 +262,7 @@ async fn lying_checkpoints(db: Db) {
             br#"{"w":{"dtype":"F32","shape":[4,4],"data_offsets":[0,64],"extra":1},"b":{"dtype":"F32","shape":[4],"data_offsets":[64,80]}}"#,
             &data,
         ),
-        vec!["model.safetensors", "\"w\"", "extra"],
+        vec!["model.safetensors", "tensor 1 of the header", "wrong shape"],
     );
     // A truncated object: the header still parses, the last tensor's bytes are missing.
     let mut b = good_bytes.clone();
@@ -264,7 +271,7 @@ async fn lying_checkpoints(db: Db) {
     case(
         "truncated",
         b,
-        vec!["model.safetensors", "\"w\"", "past the"],
+        vec!["model.safetensors", "of the header ends", "past the"],
     );
     // A shard index naming a shard that does not exist.
     let sharded = root.join("missing-shard");
@@ -277,7 +284,7 @@ async fn lying_checkpoints(db: Db) {
     cases.push(BadCase {
         name: "missing-shard",
         uri: file_url(&sharded),
-        needles: vec!["model-00002-of-00002.safetensors", "does not exist"],
+        needles: vec!["model.safetensors.index.json", "does not exist"],
     });
     // An index and its shards that disagree (the index places `b` in the wrong shard).
     let disagree = root.join("index-disagrees");
@@ -296,7 +303,7 @@ async fn lying_checkpoints(db: Db) {
     cases.push(BadCase {
         name: "index-disagrees",
         uri: file_url(&disagree),
-        needles: vec!["\"b\""],
+        needles: vec!["model.safetensors.index.json", "does not hold"],
     });
 
     // The same lies on S3: a valid object overwritten by a truncated one, and a lying header.
@@ -312,7 +319,7 @@ async fn lying_checkpoints(db: Db) {
         cases.push(BadCase {
             name: "s3-truncated",
             uri: format!("s3://{BUCKET}/hostile/truncated/"),
-            needles: vec!["hostile/truncated/model.safetensors", "\"w\""],
+            needles: vec!["hostile/truncated/model.safetensors", "past the"],
         });
         let mut b = good_bytes.clone();
         b[..8].copy_from_slice(&(4u64 << 30).to_le_bytes());

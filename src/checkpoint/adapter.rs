@@ -5,7 +5,9 @@
 //! name); [`Adapter::build`] matches the adapter's tensors against the base checkpoint's
 //! (names, ranks, shapes) and says, per base tensor, what a fold does to it ([`Touch`]).
 //! Everything here is checked before anything is written; every failure is an
-//! [`AdapterError`] (code `invalid_adapter`) naming the file and the field.
+//! [`AdapterError`] (code `invalid_adapter`) naming the file and the field. Messages never
+//! quote a refused adapter's bytes (tensor names, config keys and values, JSON parser text):
+//! tensors are named by position, pattern entries by number, and the detail goes to the log.
 //!
 //! Tensor names: `base_model.model.<module>.lora_A.weight` `(r, in)` and `.lora_B.weight`
 //! `(out, r)` for a Linear; `.lora_embedding_A` `(r, num_embeddings)` / `.lora_embedding_B`
@@ -54,10 +56,54 @@ impl AdapterError {
         }
     }
 
+    /// Like [`AdapterError::new`], with `detail` (which may quote the refused files) logged.
+    pub fn logged(
+        file: &str,
+        field: impl Into<String>,
+        message: impl Into<String>,
+        detail: &dyn fmt::Debug,
+    ) -> AdapterError {
+        let e = AdapterError::new(file, field, message);
+        tracing::warn!(file = %e.file, field = %e.field, message = %e.message, ?detail, "adapter refused");
+        e
+    }
+
     pub fn code(&self) -> ErrorCode {
         ErrorCode::InvalidAdapter
     }
 }
+
+/// The `peft_type`s peft knows: a refusal may name one of these (ladle's list, not the
+/// file's bytes); anything else is "an unknown type".
+const PEFT_TYPES: [&str; 27] = [
+    "PROMPT_TUNING",
+    "MULTITASK_PROMPT_TUNING",
+    "P_TUNING",
+    "PREFIX_TUNING",
+    "ADALORA",
+    "BOFT",
+    "ADAPTION_PROMPT",
+    "IA3",
+    "LOHA",
+    "LOKR",
+    "OFT",
+    "POLY",
+    "LN_TUNING",
+    "VERA",
+    "FOURIERFT",
+    "XLORA",
+    "HRA",
+    "VBLORA",
+    "CPT",
+    "BONE",
+    "RANDLORA",
+    "TRAINABLE_TOKENS",
+    "C3A",
+    "SHIRA",
+    "MISS",
+    "ROAD",
+    "GRALORA",
+];
 
 /// A JSON object's entries in document order (peft's `rank_pattern`: the first matching key
 /// wins, in the dict's order).
@@ -135,8 +181,10 @@ fn pattern_matches(key: &str, module: &str) -> bool {
 impl AdapterConfig {
     /// Parse and check `adapter_config.json` (`file` names it in errors).
     pub fn parse(bytes: &[u8], file: &str) -> Result<AdapterConfig, AdapterError> {
-        let raw: serde_json::Value = serde_json::from_slice(bytes)
-            .map_err(|e| AdapterError::new(file, ADAPTER_CONFIG_NAME, format!("not JSON: {e}")))?;
+        let raw: serde_json::Value = serde_json::from_slice(bytes).map_err(|e| {
+            let what = crate::checkpoint::header::json_what(&e);
+            AdapterError::logged(file, ADAPTER_CONFIG_NAME, what, &e.to_string())
+        })?;
         let obj = raw.as_object().ok_or_else(|| {
             AdapterError::new(file, ADAPTER_CONFIG_NAME, "expected a JSON object")
         })?;
@@ -145,17 +193,23 @@ impl AdapterConfig {
             None | Some(serde_json::Value::Null) => {}
             Some(serde_json::Value::String(t)) if t == "LORA" => {}
             Some(serde_json::Value::String(t)) => {
-                return Err(AdapterError::new(
+                let kind = match PEFT_TYPES.iter().find(|k| **k == t.as_str()) {
+                    Some(k) => format!("{k} adapters are"),
+                    None => "an unknown adapter type is".to_string(),
+                };
+                return Err(AdapterError::logged(
                     file,
                     "peft_type",
-                    format!("{t} adapters are not supported (only LoRA: peft_type \"LORA\")"),
+                    format!("{kind} not supported (only LoRA: peft_type \"LORA\")"),
+                    t,
                 ));
             }
             Some(other) => {
-                return Err(AdapterError::new(
+                return Err(AdapterError::logged(
                     file,
                     "peft_type",
-                    format!("expected a string, got {other}"),
+                    "expected a string",
+                    other,
                 ));
             }
         }
@@ -183,7 +237,7 @@ impl AdapterConfig {
             .chain(["r", "lora_alpha", "use_rslora", "lora_bias"])
             .find(|f| msg.contains(&format!("`{f}`")))
             .unwrap_or(ADAPTER_CONFIG_NAME);
-            AdapterError::new(file, field, msg)
+            AdapterError::logged(file, field, "has the wrong type or value", &msg)
         })?;
         config.raw = obj.clone();
         if config.r == 0 {
@@ -210,12 +264,13 @@ impl AdapterConfig {
                 "adapters on parameters (not modules) are not supported",
             ));
         }
-        for (k, r) in &config.rank_pattern.0 {
+        for (i, (k, r)) in config.rank_pattern.0.iter().enumerate() {
             if *r == 0 {
-                return Err(AdapterError::new(
+                return Err(AdapterError::logged(
                     file,
-                    format!("rank_pattern.{k}"),
-                    "must be a positive integer",
+                    "rank_pattern",
+                    format!("entry {}: must be a positive integer", i + 1),
+                    k,
                 ));
             }
         }
@@ -234,12 +289,13 @@ impl AdapterConfig {
                 config.alpha_pattern.0.iter().map(|(k, _)| k).collect(),
             ),
         ] {
-            for k in keys {
+            for (i, k) in keys.into_iter().enumerate() {
                 if regex::Regex::new(k).is_err() {
-                    return Err(AdapterError::new(
+                    return Err(AdapterError::logged(
                         file,
-                        format!("{field}.{k}"),
-                        "not a valid regular expression",
+                        field,
+                        format!("entry {}: not a valid regular expression", i + 1),
+                        k,
                     ));
                 }
             }
@@ -247,10 +303,11 @@ impl AdapterConfig {
         if let Some(TargetModules::Regex(re)) = &config.target_modules
             && regex::Regex::new(re).is_err()
         {
-            return Err(AdapterError::new(
+            return Err(AdapterError::logged(
                 file,
                 "target_modules",
                 "not a valid regular expression",
+                re,
             ));
         }
         Ok(config)
@@ -363,16 +420,29 @@ impl Adapter {
         base: &dyn Fn(&str) -> Option<Meta<'a>>,
         file: &str,
     ) -> Result<Adapter, AdapterError> {
-        let err = |field: &str, message: String| AdapterError::new(file, field, message);
+        // Tensors are named by their position in the file (in name order), never by name:
+        // the names are the refused file's bytes (they go to the log).
+        let mut pos: BTreeMap<&'a str, usize> = BTreeMap::new();
+        let nth = |pos: &BTreeMap<&'a str, usize>, name: &str| {
+            let i = pos.get(name).copied().unwrap_or(0);
+            format!("tensor {i} of {ADAPTER_WEIGHTS_NAME} (in name order)")
+        };
+        let err = |field: &str, message: String, detail: &dyn fmt::Debug| {
+            AdapterError::logged(file, field, message, detail)
+        };
         let mut a_of: BTreeMap<String, (String, ModuleKind, Meta<'a>)> = BTreeMap::new();
         let mut b_of: BTreeMap<String, (String, ModuleKind, Meta<'a>)> = BTreeMap::new();
         let mut base_layer: BTreeMap<String, (String, Meta<'a>)> = BTreeMap::new();
         let mut replace: BTreeMap<String, (String, Meta<'a>)> = BTreeMap::new();
         for (name, meta) in tensors {
+            let at = pos.len() + 1;
+            pos.insert(name, at);
+            let this = nth(&pos, name);
             let Some(rest) = name.strip_prefix(PREFIX) else {
                 return Err(err(
-                    name,
-                    format!("tensor names of a PEFT adapter start with {PREFIX:?}"),
+                    "tensors",
+                    format!("{this}: tensor names of a PEFT adapter start with {PREFIX:?}"),
+                    &name,
                 ));
             };
             let lora = [
@@ -388,7 +458,11 @@ impl Adapter {
             });
             if let Some((module, is_a, kind)) = lora {
                 if !meta.0.is_mergeable_float() {
-                    return Err(err(name, format!("dtype {} is not a float", meta.0)));
+                    return Err(err(
+                        "tensors",
+                        format!("{this}: a lora_A or lora_B tensor that is not a float"),
+                        &(name, meta.0),
+                    ));
                 }
                 let into = if is_a { &mut a_of } else { &mut b_of };
                 into.insert(module, (name.to_string(), kind, meta));
@@ -396,15 +470,18 @@ impl Adapter {
                 base_layer.insert(module.to_string(), (name.to_string(), meta));
             } else if rest.contains("lora_magnitude_vector") {
                 return Err(err(
-                    name,
-                    "a DoRA magnitude vector: DoRA adapters are not supported".into(),
+                    "tensors",
+                    format!("{this}: a DoRA magnitude vector: DoRA adapters are not supported"),
+                    &name,
                 ));
             } else if rest.contains(".lora_") || rest.contains("ia3_") {
                 return Err(err(
-                    name,
-                    "not a tensor of a plain LoRA adapter (lora_A / lora_B / lora_embedding_A / \
-                     lora_embedding_B)"
-                        .into(),
+                    "tensors",
+                    format!(
+                        "{this}: not a tensor of a plain LoRA adapter (lora_A / lora_B / \
+                         lora_embedding_A / lora_embedding_B)"
+                    ),
+                    &name,
                 ));
             } else {
                 replace.insert(rest.to_string(), (name.to_string(), meta));
@@ -414,28 +491,38 @@ impl Adapter {
         for (module, (b_name, _, _)) in &b_of {
             if !a_of.contains_key(module) {
                 return Err(err(
-                    &b_name.replace("lora_B", "lora_A"),
-                    format!("missing: module {module} has lora_B but no lora_A"),
+                    "lora_A",
+                    format!("missing: the lora_B {} has no lora_A", nth(&pos, b_name)),
+                    module,
                 ));
             }
         }
         for (module, (a_name, kind, a_meta)) in &a_of {
-            let field_b = a_name
-                .replace("lora_A", "lora_B")
-                .replace("embedding_A", "embedding_B");
+            let this = nth(&pos, a_name);
             let Some((b_name, b_kind, b_meta)) = b_of.get(module) else {
                 return Err(err(
-                    &field_b,
-                    format!("missing: module {module} has lora_A but no lora_B"),
+                    "lora_B",
+                    format!("missing: the lora_A {this} has no lora_B"),
+                    module,
                 ));
             };
             if b_kind != kind {
-                return Err(err(b_name, "lora_A and lora_B of different kinds".into()));
+                return Err(err(
+                    "tensors",
+                    format!(
+                        "{this} and {}: lora_A and lora_B of different kinds",
+                        nth(&pos, b_name)
+                    ),
+                    module,
+                ));
             }
             if !config.targets(module) {
                 return Err(err(
                     "target_modules",
-                    format!("module {module} has LoRA tensors but target_modules does not name it"),
+                    format!(
+                        "the module of {this} has LoRA tensors but target_modules does not name it"
+                    ),
+                    module,
                 ));
             }
             let weight_name = format!("{module}.weight");
@@ -443,24 +530,29 @@ impl Adapter {
                 return Err(err(
                     "target_modules",
                     format!(
-                        "module {module} is not in the base model (no tensor {weight_name}): the \
-                         adapter was trained on another architecture"
+                        "the module of {this} is not in the base model: the adapter was trained \
+                         on another architecture"
                     ),
+                    &weight_name,
                 ));
             };
             let rank = config.rank_of(module);
             let (a_shape, b_shape) = (a_meta.1, b_meta.1);
             if a_shape.len() != 2 || b_shape.len() != 2 {
-                return Err(err(a_name, "lora_A and lora_B must be matrices".into()));
+                return Err(err(
+                    "tensors",
+                    format!("{this}: lora_A and lora_B must be matrices"),
+                    &(a_shape, b_shape),
+                ));
             }
             if a_shape[0] != rank || b_shape[1] != rank {
                 return Err(err(
                     "r",
                     format!(
-                        "the config gives module {module} rank {rank} (r / rank_pattern), its \
-                         tensors have rank {} (lora_A {:?}, lora_B {:?})",
-                        a_shape[0], a_shape, b_shape
+                        "the rank of the tensors of {this} (lora_A and its lora_B) is not the one \
+                         the config gives their module (r / rank_pattern)"
                     ),
+                    &(module, rank, a_shape, b_shape),
                 ));
             }
             // (out, in) of a Linear; (num_embeddings, dim) of an Embedding.
@@ -470,19 +562,25 @@ impl Adapter {
             };
             if base_shape != want {
                 return Err(err(
-                    a_name,
+                    "tensors",
                     format!(
-                        "lora_A {a_shape:?} and lora_B {b_shape:?} make a delta of shape {want:?}, \
-                         but the base's {weight_name} is {base_shape:?}"
+                        "{this}: lora_A and its lora_B make a delta whose shape is not the base \
+                         weight's"
                     ),
+                    &(a_shape, b_shape, &weight_name, base_shape),
                 ));
             }
             let weight_from_adapter = match base_layer.remove(module) {
                 Some((name, (dtype, shape))) => {
                     if shape != base_shape || !dtype.is_mergeable_float() {
                         return Err(err(
-                            &name,
-                            format!("shape {shape:?} ({dtype}), the base's is {base_shape:?}"),
+                            "tensors",
+                            format!(
+                                "{}: a base_layer copy whose shape or dtype does not fit the base \
+                                 weight",
+                                nth(&pos, &name)
+                            ),
+                            &(&name, shape, dtype, base_shape),
                         ));
                     }
                     Some(name)
@@ -506,18 +604,24 @@ impl Adapter {
         }
         if let Some((module, (name, _))) = base_layer.into_iter().next() {
             return Err(err(
-                &name,
-                format!("a base_layer copy of module {module}, which has no LoRA tensors"),
+                "tensors",
+                format!(
+                    "{}: a base_layer copy of a module that has no LoRA tensors",
+                    nth(&pos, &name)
+                ),
+                &module,
             ));
         }
         for (tensor, (name, (dtype, shape))) in replace {
+            let this = nth(&pos, &name);
             let module = tensor.strip_suffix(".weight").unwrap_or(&tensor);
             if !config.saves(module) {
                 return Err(err(
                     "modules_to_save",
                     format!(
-                        "tensor {name} replaces a base tensor, but modules_to_save does not name {module}"
+                        "{this} replaces a base tensor, but modules_to_save does not name its module"
                     ),
+                    &name,
                 ));
             }
             match base(&tensor) {
@@ -525,26 +629,35 @@ impl Adapter {
                     if bs == shape && bd.is_mergeable_float() == dtype.is_mergeable_float() => {}
                 Some((_, bs)) => {
                     return Err(err(
-                        &name,
-                        format!("shape {shape:?} ({dtype}), the base's {tensor} is {bs:?}"),
+                        "tensors",
+                        format!(
+                            "{this}: its shape or dtype does not fit the base tensor it replaces"
+                        ),
+                        &(&name, shape, dtype, bs),
                     ));
                 }
                 None => {
                     return Err(err(
                         "modules_to_save",
-                        format!("tensor {name}: the base model has no tensor {tensor}"),
+                        format!("{this}: the base model has no tensor it could replace"),
+                        &(&name, &tensor),
                     ));
                 }
             }
             if touched.contains_key(&tensor) {
-                return Err(err(&name, format!("{tensor} is both LoRA'd and saved")));
+                return Err(err(
+                    "tensors",
+                    format!("{this} replaces a base tensor that a LoRA module also changes"),
+                    &(&name, &tensor),
+                ));
             }
             touched.insert(tensor, Touch::Replace(name));
         }
         if touched.is_empty() {
-            return Err(err(
+            return Err(AdapterError::new(
+                file,
                 ADAPTER_WEIGHTS_NAME,
-                "holds no LoRA tensors".to_string(),
+                "holds no LoRA tensors",
             ));
         }
         Ok(Adapter { config, touched })
@@ -628,6 +741,18 @@ mod tests {
         let e = config(r#"{"peft_type":"IA3","target_modules":["k_proj"]}"#).unwrap_err();
         assert_eq!(e.field, "peft_type");
         assert!(e.message.contains("IA3"), "{e}");
+        // A type peft does not know is not quoted back.
+        let e = config(r#"{"peft_type":"SECRET-7f3a"}"#).unwrap_err();
+        assert_eq!(e.field, "peft_type");
+        assert!(!e.to_string().contains("SECRET"), "{e}");
+        let e = config(r#"{"r":2,"lora_alpha":8,"rank_pattern":{"SECRET-7f3a":0}}"#).unwrap_err();
+        assert_eq!(e.field, "rank_pattern");
+        assert!(!e.to_string().contains("SECRET"), "{e}");
+        let e = config(r#"{"r":"SECRET-7f3a","lora_alpha":8}"#).unwrap_err();
+        assert!(e.message.contains("wrong type"), "{e}");
+        assert!(!e.to_string().contains("SECRET"), "{e}");
+        let e = config(r#"{"SECRET-7f3a": [1,"#).unwrap_err();
+        assert!(!e.to_string().contains("SECRET"), "{e}");
         let e = config(r#"{"peft_type":"LORA","r":8,"lora_alpha":8,"use_dora":true}"#).unwrap_err();
         assert_eq!(e.field, "use_dora");
         assert!(e.to_string().contains("DoRA"));
@@ -668,6 +793,13 @@ mod tests {
         )
         .unwrap_err();
         assert!(missing_b.field.contains("lora_B"), "{missing_b}");
+        assert!(
+            missing_b
+                .message
+                .contains("tensor 1 of adapter_model.safetensors"),
+            "{missing_b}"
+        );
+        assert!(!missing_b.to_string().contains("m.q"), "{missing_b}");
         let wrong = [3u64, 3];
         let bad_shape = Adapter::build(
             c,

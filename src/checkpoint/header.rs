@@ -7,8 +7,11 @@
 //!
 //! The parser trusts nothing: duplicate names (which `serde_json` maps would silently collapse),
 //! unknown dtypes, unknown keys, sizes that disagree with the shape, offsets out of the file and
-//! overlapping tensors are all errors that name the tensor. It never panics and never allocates
-//! much more than the header itself (shape rank is bounded).
+//! overlapping tensors are all errors that name the tensor by its position in the header
+//! (`tensor 3 of the header`). Messages never quote the file: no tensor names, dtype strings,
+//! keys, values or JSON parser text (a file posing as weights, a text file say, would have its
+//! bytes handed back); those stay in the error's fields for the log. It never panics and never
+//! allocates much more than the header itself (shape rank is bounded).
 
 use std::cell::RefCell;
 use std::collections::BTreeMap;
@@ -68,51 +71,62 @@ pub enum HeaderError {
         valid_up_to: u64,
     },
     /// Invalid JSON, or JSON of the wrong shape (unknown key, wrong type, ...).
-    #[error("invalid {}: {message}", .context.as_deref().unwrap_or("header"))]
+    #[error("invalid {}: {what}", .context.as_deref().unwrap_or("header"))]
     Json {
-        /// What was being read: `tensor "name"`, `__metadata__`, `index`, or none for the header.
+        /// What was being read: `tensor 3 of the header`, `__metadata__`, `index`, or none for
+        /// the header (ladle's words, never the file's).
         context: Option<String>,
-        /// The JSON parser's message (with line and column).
+        /// What is wrong, in general terms and with a position (ladle's words).
+        what: String,
+        /// The JSON parser's message: it may quote the file, so it is for the log only.
         message: String,
     },
     /// A tensor name appears twice.
-    #[error("tensor {name:?} appears more than once")]
+    #[error("tensor {index} of the header has the name of an earlier tensor")]
     DuplicateTensor {
-        /// The name.
+        /// The name (for the log only: it is the file's bytes).
         name: String,
+        /// The tensor's position (1-based, in the header's order).
+        index: usize,
     },
     /// A dtype name ladle does not know.
-    #[error("tensor {name:?} has unknown dtype {dtype:?}")]
+    #[error("tensor {index} of the header has an unknown dtype")]
     UnknownDtype {
-        /// The tensor.
+        /// The tensor (log only).
         name: String,
-        /// The dtype as written.
+        /// The dtype as written (log only).
         dtype: String,
+        /// The tensor's position (1-based, in the header's order).
+        index: usize,
     },
     /// `data_offsets` end before they begin.
-    #[error("tensor {name:?} has data_offsets [{begin}, {end}] that end before they begin")]
+    #[error("tensor {index} of the header has data_offsets that end before they begin")]
     OffsetsReversed {
-        /// The tensor.
+        /// The tensor (log only).
         name: String,
         /// First offset.
         begin: u64,
         /// Second offset.
         end: u64,
+        /// The tensor's position (1-based, in the header's order).
+        index: usize,
     },
     /// The byte size of the shape does not fit in 64 bits.
-    #[error("tensor {name:?} has shape {shape:?} whose size in bytes overflows")]
+    #[error("tensor {index} of the header has a shape whose size in bytes overflows")]
     SizeOverflow {
-        /// The tensor.
+        /// The tensor (log only).
         name: String,
         /// Its shape.
         shape: Vec<u64>,
+        /// The tensor's position (1-based, in the header's order).
+        index: usize,
     },
     /// `shape × dtype size` differs from `end − begin`.
     #[error(
-        "tensor {name:?}: shape {shape:?} of {dtype} needs {expected} bytes, but data_offsets span {actual}"
+        "tensor {index} of the header: the bytes its shape and dtype need differ from what its data_offsets span"
     )]
     SizeMismatch {
-        /// The tensor.
+        /// The tensor (log only).
         name: String,
         /// Its shape.
         shape: Vec<u64>,
@@ -122,24 +136,32 @@ pub enum HeaderError {
         expected: u64,
         /// Bytes the offsets span.
         actual: u64,
+        /// The tensor's position (1-based, in the header's order).
+        index: usize,
     },
     /// A tensor's data ends past the end of the data section.
-    #[error("tensor {name:?} ends at data offset {end}, past the {data_len}-byte data section")]
+    #[error("tensor {index} of the header ends past the {data_len}-byte data section")]
     OutOfBounds {
-        /// The tensor.
+        /// The tensor (log only).
         name: String,
         /// Its end offset.
         end: u64,
         /// Size of the data section.
         data_len: u64,
+        /// The tensor's position (1-based, in the header's order).
+        index: usize,
     },
     /// Two tensors share bytes.
-    #[error("tensors {first:?} and {second:?} overlap")]
+    #[error("tensors {first_index} and {second_index} of the header overlap")]
     Overlap {
-        /// The tensor starting first.
+        /// The tensor starting first (log only).
         first: String,
-        /// The tensor starting inside it.
+        /// The tensor starting inside it (log only).
         second: String,
+        /// Their positions (1-based, in the header's order).
+        first_index: usize,
+        /// See `first_index`.
+        second_index: usize,
     },
     /// A shard index is larger than [`crate::checkpoint::index::MAX_INDEX_LEN`].
     #[error("index is {len} bytes, over the limit of {max} bytes")]
@@ -150,20 +172,20 @@ pub enum HeaderError {
         max: u64,
     },
     /// A shard index names a file that is not a plain `*.safetensors` file name.
-    #[error(
-        "index places tensor {tensor:?} in {file:?}, which is not a plain *.safetensors file name"
-    )]
+    #[error("index places a tensor in a file that is not a plain *.safetensors file name")]
     InvalidShardName {
-        /// The tensor.
+        /// The tensor (log only).
         tensor: String,
-        /// The file name as written.
+        /// The file name as written (log only).
         file: String,
     },
     /// A tensor has a reserved or empty name (on input, or to write).
-    #[error("tensor name {name:?} is reserved")]
+    #[error("tensor {index} of the header has a reserved or empty name")]
     ReservedName {
-        /// The name.
+        /// The name (log only).
         name: String,
+        /// The tensor's position (1-based, in the header's order).
+        index: usize,
     },
 }
 
@@ -172,6 +194,30 @@ impl HeaderError {
     pub fn code(&self) -> ErrorCode {
         ErrorCode::CheckpointMalformed
     }
+
+    /// A JSON error of `context`: its position and kind for the message, the parser's text
+    /// (which may quote the file) for the log.
+    pub(crate) fn json(context: Option<String>, e: &serde_json::Error) -> HeaderError {
+        HeaderError::Json {
+            context,
+            what: json_what(e),
+            message: e.to_string(),
+        }
+    }
+}
+
+/// What is wrong with some JSON, in ladle's words: the kind of error and where (never the
+/// parser's text, which quotes the input).
+pub(crate) fn json_what(e: &serde_json::Error) -> String {
+    let kind = match e.classify() {
+        serde_json::error::Category::Syntax => "not valid JSON",
+        serde_json::error::Category::Eof => "JSON that ends too early",
+        serde_json::error::Category::Data => {
+            "JSON of the wrong shape (an unknown or duplicate key, a missing field or a wrong type)"
+        }
+        serde_json::error::Category::Io => "unreadable JSON",
+    };
+    format!("{kind} at line {}, column {}", e.line(), e.column())
 }
 
 /// One tensor of a header. Offsets are relative to the data section.
@@ -276,6 +322,8 @@ pub fn parse_header(json: &[u8], header_len: u64, file_size: u64) -> Result<Head
     let raw = parse_raw(text)?;
 
     let mut metadata = None;
+    // Each tensor with its position in the header (1-based): messages name tensors by it,
+    // never by the file's bytes.
     let mut tensors = Vec::with_capacity(raw.len());
     for (name, entry) in raw {
         match entry {
@@ -283,31 +331,39 @@ pub fn parse_header(json: &[u8], header_len: u64, file_size: u64) -> Result<Head
                 if metadata.replace(m).is_some() {
                     return Err(HeaderError::Json {
                         context: Some(METADATA_KEY.to_string()),
+                        what: "appears more than once".to_string(),
                         message: "appears more than once".to_string(),
                     });
                 }
             }
             // An empty name cannot be written back (see `writer`): refuse it here, on input.
             RawEntry::Tensor(_) if name.is_empty() => {
-                return Err(HeaderError::ReservedName { name });
+                let index = tensors.len() + 1;
+                return Err(HeaderError::ReservedName { name, index });
             }
-            RawEntry::Tensor(t) => tensors.push((name, t)),
+            RawEntry::Tensor(t) => {
+                let index = tensors.len() + 1;
+                tensors.push((name, index, t));
+            }
         }
     }
-    tensors.sort_by(|a, b| a.0.cmp(&b.0));
+    tensors.sort_by(|a, b| a.0.cmp(&b.0).then(a.1.cmp(&b.1)));
     for pair in tensors.windows(2) {
         if pair[0].0 == pair[1].0 {
             return Err(HeaderError::DuplicateTensor {
                 name: pair[0].0.clone(),
+                index: pair[1].1,
             });
         }
     }
 
     let mut out = Vec::with_capacity(tensors.len());
-    for (name, raw) in tensors {
-        out.push(validate_tensor(name, raw, data_len)?);
+    let mut positions = BTreeMap::new();
+    for (name, index, raw) in tensors {
+        positions.insert(name.clone(), index);
+        out.push(validate_tensor(name, index, raw, data_len)?);
     }
-    check_overlaps(&out)?;
+    check_overlaps(&out, &positions)?;
 
     Ok(Header {
         header_len,
@@ -316,16 +372,27 @@ pub fn parse_header(json: &[u8], header_len: u64, file_size: u64) -> Result<Head
     })
 }
 
-fn validate_tensor(name: String, raw: RawTensor, data_len: u64) -> Result<TensorInfo, HeaderError> {
+fn validate_tensor(
+    name: String,
+    index: usize,
+    raw: RawTensor,
+    data_len: u64,
+) -> Result<TensorInfo, HeaderError> {
     let Some(dtype) = DType::parse(&raw.dtype) else {
         return Err(HeaderError::UnknownDtype {
             name,
             dtype: raw.dtype,
+            index,
         });
     };
     let (begin, end) = raw.data_offsets;
     if begin > end {
-        return Err(HeaderError::OffsetsReversed { name, begin, end });
+        return Err(HeaderError::OffsetsReversed {
+            name,
+            begin,
+            end,
+            index,
+        });
     }
     // Exact: a zero dimension makes the tensor empty whatever the other dimensions are.
     let numel = if raw.shape.contains(&0) {
@@ -338,6 +405,7 @@ fn validate_tensor(name: String, raw: RawTensor, data_len: u64) -> Result<Tensor
         return Err(HeaderError::SizeOverflow {
             name,
             shape: raw.shape,
+            index,
         });
     };
     if expected != end - begin {
@@ -347,6 +415,7 @@ fn validate_tensor(name: String, raw: RawTensor, data_len: u64) -> Result<Tensor
             dtype,
             expected,
             actual: end - begin,
+            index,
         });
     }
     if end > data_len {
@@ -354,6 +423,7 @@ fn validate_tensor(name: String, raw: RawTensor, data_len: u64) -> Result<Tensor
             name,
             end,
             data_len,
+            index,
         });
     }
     Ok(TensorInfo {
@@ -365,7 +435,10 @@ fn validate_tensor(name: String, raw: RawTensor, data_len: u64) -> Result<Tensor
 }
 
 /// Rejects any two tensors whose non-empty byte ranges intersect. Empty tensors own no bytes.
-fn check_overlaps(tensors: &[TensorInfo]) -> Result<(), HeaderError> {
+fn check_overlaps(
+    tensors: &[TensorInfo],
+    positions: &BTreeMap<String, usize>,
+) -> Result<(), HeaderError> {
     let mut order: Vec<&TensorInfo> = tensors.iter().filter(|t| t.byte_len() > 0).collect();
     order.sort_by_key(|t| t.data_offsets);
     // The tensor reaching furthest so far; sorted by begin, any later tensor starting before
@@ -375,9 +448,12 @@ fn check_overlaps(tensors: &[TensorInfo]) -> Result<(), HeaderError> {
         if let Some(f) = furthest
             && t.data_offsets.0 < f.data_offsets.1
         {
+            let at = |t: &TensorInfo| positions.get(&t.name).copied().unwrap_or(0);
             return Err(HeaderError::Overlap {
                 first: f.name.clone(),
                 second: t.name.clone(),
+                first_index: at(f),
+                second_index: at(t),
             });
         }
         if furthest.is_none_or(|f| t.data_offsets.1 > f.data_offsets.1) {
@@ -411,10 +487,7 @@ fn parse_raw(text: &str) -> Result<Vec<(String, RawEntry)>, HeaderError> {
     let result = HeaderSeed { context: &context }
         .deserialize(&mut de)
         .and_then(|v| de.end().map(|()| v));
-    result.map_err(|e| HeaderError::Json {
-        context: context.into_inner(),
-        message: e.to_string(),
-    })
+    result.map_err(|e| HeaderError::json(context.into_inner(), &e))
 }
 
 struct HeaderSeed<'a> {
@@ -438,13 +511,16 @@ impl<'de> Visitor<'de> for HeaderSeed<'_> {
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
         let mut entries = Vec::new();
+        let mut tensors = 0usize;
         while let Some(key) = map.next_key::<String>()? {
             if key == METADATA_KEY {
                 self.context.replace(Some(METADATA_KEY.to_string()));
                 let m = map.next_value::<StrictStringMap>()?;
                 entries.push((key, RawEntry::Metadata(m.0)));
             } else {
-                self.context.replace(Some(format!("tensor {key:?}")));
+                tensors += 1;
+                self.context
+                    .replace(Some(format!("tensor {tensors} of the header")));
                 let t = map.next_value::<RawTensor>()?;
                 entries.push((key, RawEntry::Tensor(t)));
             }
@@ -708,10 +784,17 @@ mod tests {
         let json = r#"{"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4], "extra": 1}}"#;
         let err = parse_json(json, 4).unwrap_err();
         assert!(
-            matches!(&err, HeaderError::Json { context: Some(c), message } if c == "tensor \"w\"" && message.contains("extra")),
+            matches!(&err, HeaderError::Json { context: Some(c), message, .. } if c == "tensor 1 of the header" && message.contains("extra")),
             "{err:?}"
         );
-        assert!(err.to_string().contains("tensor \"w\""), "{err}");
+        // The message names the tensor by position and quotes nothing of the file.
+        let text = err.to_string();
+        assert!(text.contains("tensor 1 of the header"), "{text}");
+        assert!(
+            text.contains("wrong shape") && text.contains("at line 1, column"),
+            "{text}"
+        );
+        assert!(!text.contains("extra") && !text.contains("\"w\""), "{text}");
         // A key repeated inside an entry.
         let json =
             r#"{"w": {"dtype": "F32", "dtype": "F16", "shape": [1], "data_offsets": [0, 4]}}"#;
@@ -725,7 +808,8 @@ mod tests {
         assert_eq!(
             parse_json(json, 8),
             Err(HeaderError::DuplicateTensor {
-                name: "w".to_string()
+                name: "w".to_string(),
+                index: 2
             })
         );
         // Same name spelled with an escape.
@@ -746,9 +830,12 @@ mod tests {
                 parse_json(&json, 8),
                 Err(HeaderError::UnknownDtype {
                     name: "w".to_string(),
-                    dtype: d.to_string()
+                    dtype: d.to_string(),
+                    index: 1
                 })
             );
+            let text = parse_json(&json, 8).unwrap_err().to_string();
+            assert_eq!(text, "tensor 1 of the header has an unknown dtype");
         }
     }
 
@@ -829,7 +916,9 @@ mod tests {
             parse_json(json, 8),
             Err(HeaderError::Overlap {
                 first: "a".to_string(),
-                second: "b".to_string()
+                second: "b".to_string(),
+                first_index: 1,
+                second_index: 2
             })
         );
         // Contained in a long tensor that is not the immediately preceding one.
@@ -883,9 +972,10 @@ mod tests {
         );
         let e = HeaderError::Json {
             context: None,
+            what: "w".into(),
             message: "m".into(),
         };
-        assert_eq!(e.to_string(), "invalid header: m");
+        assert_eq!(e.to_string(), "invalid header: w");
     }
 
     #[test]

@@ -39,10 +39,8 @@ pub fn parse_index(bytes: &[u8]) -> Result<ShardIndex, HeaderError> {
             max: MAX_INDEX_LEN,
         });
     }
-    let raw: RawIndex = serde_json::from_slice(bytes).map_err(|e| HeaderError::Json {
-        context: Some("index".to_string()),
-        message: e.to_string(),
-    })?;
+    let raw: RawIndex = serde_json::from_slice(bytes)
+        .map_err(|e| HeaderError::json(Some("index".to_string()), &e))?;
     let weight_map = raw.weight_map.0;
     for (tensor, file) in &weight_map {
         if !is_plain_shard_name(file) {

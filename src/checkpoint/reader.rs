@@ -36,9 +36,11 @@ pub enum CheckpointError {
         url: String,
     },
     /// A file exists but its bytes are wrong (header, index, missing shard, disagreement).
+    /// The reason never quotes the file (see [`HeaderError`]); the detail goes to the log.
     #[error("malformed checkpoint file {file}: {reason}")]
     Malformed {
-        /// The file at fault (object store path).
+        /// The file at fault, as the job names it (its checkpoint's URL, plus the file name
+        /// when the URL names a folder).
         file: String,
         /// What is wrong (usually a [`HeaderError`] message).
         reason: String,
@@ -71,9 +73,18 @@ impl CheckpointError {
         }
     }
 
-    fn malformed(file: &Path, reason: impl ToString) -> Self {
+    /// File `file` of the checkpoint at `url` is malformed: `reason` (ladle's words) goes into
+    /// the message, `detail` (which may quote the file: tensor names, keys) to the log only.
+    fn malformed(
+        url: &str,
+        file: &Path,
+        reason: impl std::fmt::Display,
+        detail: &dyn std::fmt::Debug,
+    ) -> Self {
+        let file = crate::checkpoint::identity::file_name(url, file);
+        tracing::warn!(%file, %reason, ?detail, "malformed checkpoint file");
         CheckpointError::Malformed {
-            file: file.to_string(),
+            file,
             reason: reason.to_string(),
         }
     }
@@ -172,7 +183,7 @@ pub async fn open_checkpoint(
     };
     let is_file = path.filename().is_some_and(|f| f.ends_with(".safetensors"));
     if is_file {
-        let file = open_file(store, path).await?.ok_or_else(not_found)?;
+        let file = open_file(store, path, url).await?.ok_or_else(not_found)?;
         return assemble(url, vec![file], None, None);
     }
 
@@ -180,26 +191,33 @@ pub async fn open_checkpoint(
     match store.get(&index_path).await {
         Ok(got) => {
             if got.meta.size > MAX_INDEX_LEN {
-                return Err(CheckpointError::malformed(
-                    &index_path,
-                    HeaderError::IndexTooLarge {
-                        len: got.meta.size,
-                        max: MAX_INDEX_LEN,
-                    },
-                ));
+                let e = HeaderError::IndexTooLarge {
+                    len: got.meta.size,
+                    max: MAX_INDEX_LEN,
+                };
+                return Err(CheckpointError::malformed(url, &index_path, &e, &e));
             }
             let bytes = got.bytes().await?;
-            let index =
-                parse_index(&bytes).map_err(|e| CheckpointError::malformed(&index_path, e))?;
+            let index = parse_index(&bytes)
+                .map_err(|e| CheckpointError::malformed(url, &index_path, &e, &e))?;
             let shard_names: BTreeSet<&str> =
                 index.weight_map.values().map(String::as_str).collect();
+            let count = shard_names.len();
             let paths: Vec<Path> = shard_names.iter().map(|n| path.clone().join(*n)).collect();
-            let files: Vec<CheckpointFile> = futures::stream::iter(paths)
-                .map(|p| async move {
-                    open_file(store, &p).await?.ok_or_else(|| {
+            let index_path = &index_path;
+            let files: Vec<CheckpointFile> = futures::stream::iter(paths.into_iter().enumerate())
+                .map(|(i, p)| async move {
+                    // The shard's name is the index's bytes: the message names the index.
+                    open_file(store, &p, url).await?.ok_or_else(|| {
                         CheckpointError::malformed(
+                            url,
+                            index_path,
+                            format!(
+                                "names a shard that does not exist (shard {} of {count}, in name \
+                                 order)",
+                                i + 1
+                            ),
                             &p,
-                            format!("shard named by {INDEX_FILE_NAME} does not exist"),
                         )
                     })
                 })
@@ -215,12 +233,14 @@ pub async fn open_checkpoint(
                 url,
                 files,
                 Some(path.clone()),
-                Some((&index_path, weight_map)),
+                Some((index_path, weight_map)),
             )
         }
         Err(object_store::Error::NotFound { .. }) => {
             let single = path.clone().join(SINGLE_FILE_NAME);
-            let file = open_file(store, &single).await?.ok_or_else(not_found)?;
+            let file = open_file(store, &single, url)
+                .await?
+                .ok_or_else(not_found)?;
             assemble(url, vec![file], Some(path.clone()), None)
         }
         Err(e) => Err(e.into()),
@@ -244,20 +264,20 @@ fn assemble(
                     Some(p) if *p == f.path => {}
                     Some(p) => {
                         return Err(CheckpointError::malformed(
+                            url,
                             &f.path,
                             format!(
-                                "holds tensor {:?}, which {INDEX_FILE_NAME} places in {p}",
-                                t.name
+                                "holds a tensor that {INDEX_FILE_NAME} places in another shard"
                             ),
+                            &(&t.name, p),
                         ));
                     }
                     None => {
                         return Err(CheckpointError::malformed(
+                            url,
                             &f.path,
-                            format!(
-                                "holds tensor {:?}, which {INDEX_FILE_NAME} does not list",
-                                t.name
-                            ),
+                            format!("holds a tensor that {INDEX_FILE_NAME} does not list"),
+                            &t.name,
                         ));
                     }
                 }
@@ -268,8 +288,10 @@ fn assemble(
                     .map(|g| g.path.to_string())
                     .unwrap_or_default();
                 return Err(CheckpointError::malformed(
+                    url,
                     &f.path,
-                    format!("tensor {:?} is also in {other}", t.name),
+                    "holds a tensor that another shard also holds",
+                    &(&t.name, other),
                 ));
             }
             tensors.insert(
@@ -288,8 +310,10 @@ fn assemble(
         for (name, shard) in map {
             if !tensors.contains_key(*name) {
                 return Err(CheckpointError::malformed(
+                    url,
                     index_path,
-                    format!("lists tensor {name:?} in {shard}, whose header does not hold it"),
+                    "lists a tensor in a shard whose header does not hold it",
+                    &(name, shard),
                 ));
             }
         }
@@ -308,8 +332,9 @@ fn assemble(
 async fn open_file(
     store: &dyn ObjectStore,
     path: &Path,
+    url: &str,
 ) -> Result<Option<CheckpointFile>, CheckpointError> {
-    let malformed = |reason: &dyn std::fmt::Display| CheckpointError::malformed(path, reason);
+    let malformed = |e: &HeaderError| CheckpointError::malformed(url, path, e, e);
     let meta = match store.head(path).await {
         Ok(meta) => meta,
         Err(object_store::Error::NotFound { .. }) => return Ok(None),
@@ -321,9 +346,8 @@ async fn open_file(
     }
     let first8 = store.get_range(path, 0..8).await.map_err(vanished)?;
     if first8.len() != 8 {
-        return Err(malformed(
-            &"the store returned a short read of the header length",
-        ));
+        let reason = "the store returned a short read of the header length";
+        return Err(CheckpointError::malformed(url, path, reason, &first8.len()));
     }
     let n = parse_header_len(&first8, size).map_err(|e| malformed(&e))?;
     let json = if n == 0 {
@@ -332,7 +356,8 @@ async fn open_file(
         store.get_range(path, 8..8 + n).await.map_err(vanished)?
     };
     if json.len() as u64 != n {
-        return Err(malformed(&"the store returned a short read of the header"));
+        let reason = "the store returned a short read of the header";
+        return Err(CheckpointError::malformed(url, path, reason, &json.len()));
     }
     let header = parse_header(&json, n, size).map_err(|e| malformed(&e))?;
     Ok(Some(CheckpointFile {
@@ -526,8 +551,10 @@ mod tests {
         let e = open_checkpoint(&store, &folder, "u").await.unwrap_err();
         match &e {
             CheckpointError::Malformed { file, reason } => {
-                assert_eq!(file, &format!("m/{}", files[1]));
+                // Named by the index (the shard's name is the index's bytes).
+                assert_eq!(file, &format!("u/{INDEX_FILE_NAME}"));
                 assert!(reason.contains("does not exist"), "{reason}");
+                assert!(!reason.contains(files[1].as_str()), "{reason}");
             }
             other => panic!("{other:?}"),
         }
@@ -552,7 +579,7 @@ mod tests {
             .unwrap();
         let e = open_checkpoint(&store, &folder, "u").await.unwrap_err();
         assert!(
-            matches!(&e, CheckpointError::Malformed { file, reason } if file == "x/model.safetensors.index.json" && reason.contains("ghost")),
+            matches!(&e, CheckpointError::Malformed { file, reason } if file == "u/model.safetensors.index.json" && reason.contains("does not hold") && !reason.contains("ghost")),
             "{e:?}"
         );
 
@@ -567,7 +594,7 @@ mod tests {
             .unwrap();
         let e = open_checkpoint(&store, &folder, "u").await.unwrap_err();
         assert!(
-            matches!(&e, CheckpointError::Malformed { reason, .. } if reason.contains("layer.0.b") && reason.contains("does not list")),
+            matches!(&e, CheckpointError::Malformed { reason, .. } if !reason.contains("layer.0.b") && reason.contains("does not list")),
             "{e:?}"
         );
 
@@ -581,7 +608,7 @@ mod tests {
             .unwrap();
         let e = open_checkpoint(&store, &folder, "u").await.unwrap_err();
         assert!(
-            matches!(&e, CheckpointError::Malformed { reason, .. } if reason.contains("embed")),
+            matches!(&e, CheckpointError::Malformed { reason, .. } if !reason.contains("embed") && (reason.contains("another shard") || reason.contains("does not hold"))),
             "{e:?}"
         );
 
@@ -647,7 +674,7 @@ mod tests {
         store.put(&p, f.into()).await.unwrap();
         let e = open_checkpoint(&store, &p, "u").await.unwrap_err();
         assert!(
-            matches!(&e, CheckpointError::Malformed { file, reason } if file == "bad.safetensors" && reason.contains("past the end")),
+            matches!(&e, CheckpointError::Malformed { file, reason } if file == "u/bad.safetensors" && reason.contains("past the end")),
             "{e:?}"
         );
         // Shorter than 8 bytes.
@@ -670,7 +697,7 @@ mod tests {
         store.put(&p, f.into()).await.unwrap();
         let e = open_checkpoint(&store, &p, "u").await.unwrap_err();
         assert!(
-            matches!(&e, CheckpointError::Malformed { reason, .. } if reason.contains("\"w\"")),
+            matches!(&e, CheckpointError::Malformed { reason, .. } if reason.contains("tensor 1 of the header") && !reason.contains("\"w\"")),
             "{e:?}"
         );
     }

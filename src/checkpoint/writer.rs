@@ -79,18 +79,21 @@ pub fn plan_shards(
 ) -> Result<Vec<ShardPlan>, HeaderError> {
     let mut seen = HashSet::with_capacity(tensors.len());
     let mut sizes = Vec::with_capacity(tensors.len());
-    for t in tensors {
+    for (i, t) in tensors.iter().enumerate() {
+        let index = i + 1;
         if t.name.is_empty() || t.name == METADATA_KEY {
             return Err(HeaderError::ReservedName {
                 name: t.name.clone(),
+                index,
             });
         }
         if !seen.insert(t.name.as_str()) {
             return Err(HeaderError::DuplicateTensor {
                 name: t.name.clone(),
+                index,
             });
         }
-        sizes.push(byte_size(t)?);
+        sizes.push(byte_size(t, index)?);
     }
 
     // Group consecutive tensors into shards.
@@ -115,7 +118,7 @@ pub fn plan_shards(
         }
         current = current
             .checked_add(size)
-            .ok_or_else(|| overflow(&tensors[i]))?;
+            .ok_or_else(|| overflow(&tensors[i], i + 1))?;
     }
     if start < tensors.len() || groups.is_empty() {
         groups.push(start..tensors.len());
@@ -140,14 +143,16 @@ pub fn plan_shards(
     Ok(plans)
 }
 
-fn overflow(t: &OutTensor) -> HeaderError {
+/// `index`: the tensor's position (1-based) in the list being planned.
+fn overflow(t: &OutTensor, index: usize) -> HeaderError {
     HeaderError::SizeOverflow {
         name: t.name.clone(),
         shape: t.shape.clone(),
+        index,
     }
 }
 
-fn byte_size(t: &OutTensor) -> Result<u64, HeaderError> {
+fn byte_size(t: &OutTensor, index: usize) -> Result<u64, HeaderError> {
     let numel = if t.shape.contains(&0) {
         Some(0)
     } else {
@@ -155,7 +160,7 @@ fn byte_size(t: &OutTensor) -> Result<u64, HeaderError> {
     };
     numel
         .and_then(|n| n.checked_mul(t.dtype.size_bytes() as u64))
-        .ok_or_else(|| overflow(t))
+        .ok_or_else(|| overflow(t, index))
 }
 
 /// Serializes one header as the safetensors crate does: `__metadata__` first, then each tensor
@@ -199,8 +204,8 @@ fn plan_one(
 ) -> Result<ShardPlan, HeaderError> {
     let mut offsets = Vec::with_capacity(tensors.len());
     let mut end: u64 = 0;
-    for (t, &size) in tensors.iter().zip(sizes) {
-        let next = end.checked_add(size).ok_or_else(|| overflow(t))?;
+    for (i, (t, &size)) in tensors.iter().zip(sizes).enumerate() {
+        let next = end.checked_add(size).ok_or_else(|| overflow(t, i + 1))?;
         offsets.push((end, next));
         end = next;
     }
@@ -209,10 +214,7 @@ fn plan_one(
         tensors,
         offsets: &offsets,
     })
-    .map_err(|e| HeaderError::Json {
-        context: None,
-        message: e.to_string(),
-    })?;
+    .map_err(|e| HeaderError::json(None, &e))?;
     let padded = json.len().next_multiple_of(8);
     if padded as u64 > MAX_HEADER_LEN {
         return Err(HeaderError::HeaderTooLarge { len: padded as u64 });
@@ -228,6 +230,7 @@ fn plan_one(
         .ok_or_else(|| HeaderError::SizeOverflow {
             name: file_name.clone(),
             shape: Vec::new(),
+            index: tensors.len(),
         })?;
     let planned = tensors
         .iter()
@@ -349,7 +352,7 @@ mod tests {
         let plan = &plan_shards(&tensors, None, &meta).unwrap()[0];
         let mut datas: Vec<Vec<u8>> = Vec::new();
         for x in &tensors {
-            datas.push(vec![0u8; byte_size(x).unwrap() as usize]);
+            datas.push(vec![0u8; byte_size(x, 0).unwrap() as usize]);
         }
         let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
             .iter()
@@ -498,7 +501,10 @@ mod tests {
         let dup = vec![t("a", DType::U8, &[1]), t("a", DType::U8, &[2])];
         assert_eq!(
             plan_shards(&dup, None, &none),
-            Err(HeaderError::DuplicateTensor { name: "a".into() })
+            Err(HeaderError::DuplicateTensor {
+                name: "a".into(),
+                index: 2
+            })
         );
         for name in ["", "__metadata__"] {
             assert!(matches!(

@@ -670,6 +670,8 @@ impl Engine {
         )
         .map_err(|e| EngineError::Internal(format!("planning output shards: {e}")))?;
         let tokenizer = side_files::tokenizer_source(&self.storage, recipe).await?;
+        // Side files linked out of the roots are refused now, before anything is written.
+        side_files::check_sources(recipe, donor(&inputs).as_ref(), tokenizer.as_ref()).await?;
         // The output folder is opened once, now (the last step that can fail), and every write,
         // rename and removal of this run goes through that handle (`Location::pinned`): a folder
         // swapped for a link or moved while the job runs does not redirect anything. A folder
@@ -748,12 +750,7 @@ impl Engine {
                 .fetch_add(f.size, Ordering::Relaxed);
             written.push(f);
         }
-        // The donor: the base model, else the first model (inputs[0]), as mergekit's.
-        let donor = plan.inputs[0]
-            .1
-            .folder
-            .as_ref()
-            .map(|folder| plan.inputs[0].0.with_path(folder.clone()));
+        let donor = donor(&plan.inputs);
         for f in
             side_files::write(recipe, donor.as_ref(), &plan.output, staging, &plan.side).await?
         {
@@ -916,6 +913,15 @@ impl Engine {
         }
         Ok(chunks)
     }
+}
+
+/// The folder side files are copied from: the base model's, else the first model's
+/// (inputs[0]), as mergekit's; `None` when that input is a single `.safetensors` file.
+fn donor(inputs: &[(Location, Checkpoint)]) -> Option<Location> {
+    let (loc, ckpt) = inputs.first()?;
+    ckpt.folder
+        .as_ref()
+        .map(|folder| loc.with_path(folder.clone()))
 }
 
 /// One unit of streaming work: a range of elements of one output tensor.

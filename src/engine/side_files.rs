@@ -94,6 +94,67 @@ pub(super) async fn tokenizer_source(
     )))
 }
 
+/// Which side files are copied from where: `config.json` (and, when copying the tokenizer,
+/// the tokenizer files) from the donor, the tokenizer files from `tokenizer_source`.
+fn sources<'a>(
+    recipe: &Recipe,
+    donor: Option<&'a Location>,
+    tokenizer: Option<&'a Location>,
+) -> Vec<(&'a Location, Vec<&'static str>)> {
+    let template = recipe.output.chat_template.as_deref();
+    // A chat template replaces the tokenizer's own (in `tokenizer_config.json`, or a
+    // `chat_template.jinja` / processor `chat_template.json` of the donor).
+    let tokenizer_names: Vec<&'static str> = TOKENIZER_FILES
+        .into_iter()
+        .filter(|n| template.is_none() || !matches!(*n, CHAT_TEMPLATE_NAME | "chat_template.json"))
+        .collect();
+    // The tokenizer: from `tokenizer_source` whenever it is given (as mergekit writes the
+    // tokenizer a recipe names), else the donor's when copying.
+    let from_donor = recipe.output.copy_tokenizer && tokenizer.is_none();
+    let mut out = Vec::new();
+    if let Some(donor) = donor {
+        let mut names = vec![CONFIG_NAME];
+        if from_donor {
+            names.extend(&tokenizer_names);
+        }
+        out.push((donor, names));
+    }
+    if let Some(source) = tokenizer {
+        out.push((source, tokenizer_names));
+    }
+    out
+}
+
+/// Before anything is written (at plan time): every side file that will be copied from a
+/// local folder is opened once through the confined store, so that one linked out of the
+/// roots is refused (`path_outside_roots`, naming it as the recipe's folder gives it) before a
+/// shard is staged or the output folder made. The copy later goes through the same store.
+pub(super) async fn check_sources(
+    recipe: &Recipe,
+    donor: Option<&Location>,
+    tokenizer: Option<&Location>,
+) -> Result<(), EngineError> {
+    for (source, names) in sources(recipe, donor, tokenizer) {
+        let Some(local) = source.local.clone() else {
+            continue;
+        };
+        let folder = source.path.clone();
+        let url = source.url.clone();
+        tokio::task::spawn_blocking(move || {
+            for name in names {
+                match local.open_file(&folder.clone().join(name)) {
+                    Ok(_) | Err(object_store::Error::NotFound { .. }) => {}
+                    Err(e) => return Err(EngineError::store(format!("opening {url}/{name}"))(e)),
+                }
+            }
+            Ok(())
+        })
+        .await
+        .map_err(|e| EngineError::Internal(format!("side file check failed: {e}")))??;
+    }
+    Ok(())
+}
+
 /// Write the side files of `recipe`'s soup into `dest` (the run's staging folder of `output`,
 /// whose name titles the card); `donor` is the donor model's folder (`None` when it is a single
 /// `.safetensors` file: nothing to copy).
@@ -106,29 +167,14 @@ pub(super) async fn write(
 ) -> Result<Vec<OutputFile>, EngineError> {
     let mut written = Vec::new();
     let template = recipe.output.chat_template.as_deref();
-    // A chat template replaces the tokenizer's own (in `tokenizer_config.json`, or a
-    // `chat_template.jinja` / processor `chat_template.json` of the donor).
-    let tokenizer_names: Vec<&str> = TOKENIZER_FILES
-        .into_iter()
-        .filter(|n| template.is_none() || !matches!(*n, CHAT_TEMPLATE_NAME | "chat_template.json"))
-        .collect();
     let edit = |name: &str, bytes: Bytes| match name {
         CONFIG_NAME => rewrite_config(bytes, info),
         "tokenizer_config.json" if template.is_some() => without_chat_template(bytes),
         _ => bytes,
     };
-    // The tokenizer: from `tokenizer_source` whenever it is given (as mergekit writes the
-    // tokenizer a recipe names), else the donor's when copying.
     let from_donor = recipe.output.copy_tokenizer && info.tokenizer.is_none();
-    if let Some(donor) = donor {
-        let mut names = vec![CONFIG_NAME];
-        if from_donor {
-            names.extend(&tokenizer_names);
-        }
-        written.extend(copy_side_files(donor, dest, &names, edit).await?);
-    }
-    if let Some(source) = &info.tokenizer {
-        written.extend(copy_side_files(source, dest, &tokenizer_names, edit).await?);
+    for (source, names) in sources(recipe, donor, info.tokenizer.as_ref()) {
+        written.extend(copy_side_files(source, dest, &names, edit).await?);
     }
     if let Some(text) = template
         && (info.tokenizer.is_some() || (from_donor && donor.is_some()))
