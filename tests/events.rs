@@ -6,6 +6,8 @@
 //! the stream; `Last-Event-ID` after the end answers 204; `GET /v1/events` carries every
 //! state change with `kind`. It also prints the latency from the worker's write (the row's
 //! `updated_at`, which is each event's id) to the event's arrival here: median and p99.
+//! [`analysis_stream_auth_and_shutdown`]: an analysis's stream, streams behind a token, and
+//! streams that end (not hang) when the server shuts down.
 
 mod common;
 
@@ -204,6 +206,13 @@ async fn scenario(database_url: &str, backend: &str, jobs: usize) -> (Vec<i64>, 
             .await
             .expect("json");
         assert_eq!(done, &got, "{backend}: done carries the job view");
+        // At the end everything planned was read (a fresh merge reads every planned byte).
+        let p = &done["progress"];
+        assert!(
+            p["bytes_read"].as_u64().unwrap_or_default() > 0,
+            "{backend}: {p}"
+        );
+        assert_eq!(p["bytes_read"], p["bytes_total"], "{backend}: {p}");
         // States in order, each once: queued (on connect, unless the worker was quicker), running,
         // succeeded.
         let states: Vec<&str> = events
@@ -227,17 +236,29 @@ async fn scenario(database_url: &str, backend: &str, jobs: usize) -> (Vec<i64>, 
                 "tensors_done",
                 "tensors_total",
                 "bytes_read",
+                "bytes_total",
                 "bytes_written",
             ] {
                 assert!(p.data[field].is_u64(), "{backend}: {field} in {}", p.data);
             }
             assert_eq!(p.data["tensors_total"], 20);
+            // Planned at planning: both models' 20 f32 tensors of 3 × 1024, read once (linear
+            // has no pre-pass); what was read so far never passes it.
+            let (read, total) = (
+                p.data["bytes_read"].as_u64().unwrap_or_default(),
+                p.data["bytes_total"].as_u64().unwrap_or_default(),
+            );
+            assert_eq!(total, 2 * 20 * 3 * 1024 * 4, "{backend}: {}", p.data);
+            assert!(read <= total, "{backend}: {}", p.data);
             let d = p.data["tensors_done"].as_u64().unwrap_or_default();
             assert!(d >= last_done, "{backend}: progress went backwards");
             last_done = d;
+            // The server sends a stream's progress events at least 250 ms apart; 10 ms of
+            // slack for when each one reaches this reader.
             assert!(
-                p.at_ms - last_ms >= 100 || last_ms == 0,
-                "at most 4 per second"
+                p.at_ms - last_ms >= 240 || last_ms == 0,
+                "{backend}: at most 4 per second: {} ms after the previous",
+                p.at_ms - last_ms
             );
             last_ms = p.at_ms;
         }
@@ -364,4 +385,181 @@ async fn events_postgres_across_processes() {
     };
     let (s, p) = scenario(&db.url, "postgres", 4).await;
     report("postgres", s, p);
+}
+
+const TOKEN: &str = "events-test-token-41c9";
+
+/// GET `path` with `auth` as the Authorization header (none when `None`).
+async fn get_as(client: &reqwest::Client, url: &str, auth: Option<&str>) -> reqwest::Response {
+    let mut rb = client.get(url);
+    if let Some(a) = auth {
+        rb = rb.header("authorization", a);
+    }
+    rb.send().await.expect("get")
+}
+
+/// `GET /v1/analyses/{id}/events` of an analysis run by a `ladle worker` child (throttled):
+/// queued, running, succeeded, then `done` with the job's view. The server has a token: the
+/// streams refuse a request without it or with a wrong one (401 `unauthorized`, a JSON body,
+/// no stream) and serve one with it. At shutdown, open streams end: the reader sees the end
+/// of the stream within seconds, and the shutdown itself finishes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn analysis_stream_auth_and_shutdown() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let root = tmp.path().to_path_buf();
+    for m in 0..2u64 {
+        let tensors: Vec<RawTensor> = (0..8)
+            .map(|t| f32_tensor(&format!("layers.{t}.w"), &[4, 256], m * 100 + t))
+            .collect();
+        write_sharded(&root.join(format!("m{m}")), &tensors, 1);
+    }
+    let db = format!("sqlite://{}", root.join("ladle.db").display());
+    let mut settings = test_settings(
+        &root.join("api"),
+        &db,
+        vec![root.display().to_string()],
+        None,
+    );
+    settings.auth = ladle::api::ApiAuth::new(vec![ladle::api::auth::token_digest(TOKEN)]);
+    let (service, base) = start(&settings, Mode::Api).await;
+    let client = reqwest::Client::new();
+    let bearer = format!("Bearer {TOKEN}");
+
+    let r = client
+        .post(format!("{base}/v1/analyses"))
+        .header("authorization", &bearer)
+        .json(&serde_json::json!({"models": [file_url(&root.join("m0")), file_url(&root.join("m1"))]}))
+        .send()
+        .await
+        .expect("post");
+    assert_eq!(r.status(), 202);
+    let job: serde_json::Value = r.json().await.expect("json");
+    let id = job["id"].as_str().expect("id").to_string();
+
+    // No token, a wrong one: 401 with the error body, for the job's stream and the global one.
+    for auth in [None, Some("Bearer wrong-token")] {
+        for path in [
+            format!("/v1/analyses/{id}/events"),
+            "/v1/events".to_string(),
+        ] {
+            let r = get_as(&client, &format!("{base}{path}"), auth).await;
+            assert_eq!(r.status(), 401, "{path} {auth:?}");
+            assert!(
+                r.headers()["content-type"]
+                    .to_str()
+                    .unwrap_or_default()
+                    .starts_with("application/json")
+            );
+            let body: serde_json::Value = r.json().await.expect("json");
+            assert_eq!(body["code"], "unauthorized", "{path}: {body}");
+        }
+    }
+
+    // With it: the stream, queued first.
+    let r = get_as(
+        &client,
+        &format!("{base}/v1/analyses/{id}/events"),
+        Some(&bearer),
+    )
+    .await;
+    assert_eq!(r.status(), 200);
+    assert!(
+        r.headers()["content-type"]
+            .to_str()
+            .unwrap_or_default()
+            .starts_with("text/event-stream")
+    );
+    let reader = tokio::spawn(read_stream(r, Duration::from_secs(90), |_| false));
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let env: BTreeMap<String, String> = [
+        ("LADLE_DATABASE_URL", db.clone()),
+        ("LADLE_DATA_DIR", root.join("worker").display().to_string()),
+        ("LADLE_ALLOWED_ROOTS", root.display().to_string()),
+        ("LADLE_WORKERS", "1".into()),
+        ("LADLE_POLL_SECS", "0.2".into()),
+        ("LADLE_CHUNK_ELEMS", "1024".into()),
+        ("LADLE_INFLIGHT_BYTES", "1".into()),
+        ("LADLE_TEST_THROTTLE_MS", "200".into()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
+    let mut worker = LadleProc::spawn("events-analysis", &["worker"], &env, &root.join("logs"));
+    let events = reader
+        .await
+        .expect("reader")
+        .expect("the analysis stream ends");
+    let states: Vec<&str> = events
+        .iter()
+        .filter(|e| e.event == "state")
+        .map(|e| e.data["state"].as_str().unwrap_or_default())
+        .collect();
+    assert_eq!(states, ["queued", "running", "succeeded"], "{events:?}");
+    let done = events.last().expect("events");
+    assert_eq!(done.event, "done");
+    assert_eq!(done.data["state"], "succeeded");
+    let view: serde_json::Value =
+        get_as(&client, &format!("{base}/v1/analyses/{id}"), Some(&bearer))
+            .await
+            .json()
+            .await
+            .expect("json");
+    assert_eq!(done.data, view, "done carries the analysis's view");
+    assert!(view["result"].is_object(), "{view}");
+    worker.sigterm();
+    let _ = worker.wait_exit(Duration::from_secs(20)).await;
+
+    // Streams open at shutdown (a queued merge's, nothing runs it now, and the global one) end.
+    let body = serde_json::json!({
+        "method": "linear",
+        "models": [{"uri": file_url(&root.join("m0"))}, {"uri": file_url(&root.join("m1"))}],
+        "output": {"uri": file_url(&root.join("soup"))},
+    });
+    let r = client
+        .post(format!("{base}/v1/merges"))
+        .header("authorization", &bearer)
+        .json(&body)
+        .send()
+        .await
+        .expect("post");
+    assert_eq!(r.status(), 202);
+    let merge: serde_json::Value = r.json().await.expect("json");
+    let mut readers = Vec::new();
+    for path in [
+        format!(
+            "/v1/merges/{}/events",
+            merge["id"].as_str().unwrap_or_default()
+        ),
+        "/v1/events".to_string(),
+    ] {
+        let r = get_as(&client, &format!("{base}{path}"), Some(&bearer)).await;
+        assert_eq!(r.status(), 200, "{path}");
+        readers.push((
+            path,
+            tokio::spawn(read_stream(r, Duration::from_secs(15), |_| false)),
+        ));
+    }
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let stopped = Instant::now();
+    tokio::time::timeout(Duration::from_secs(15), service.shutdown())
+        .await
+        .expect("the shutdown does not wait on open streams forever");
+    for (path, reader) in readers {
+        let events = reader
+            .await
+            .expect("reader")
+            .unwrap_or_else(|| panic!("{path}: the stream hung after the shutdown"));
+        if path.starts_with("/v1/merges/") {
+            assert_eq!(events.first().map(|e| e.event.as_str()), Some("state"));
+            assert!(
+                events.iter().all(|e| e.event != "done"),
+                "{path}: {events:?}"
+            );
+        }
+    }
+    assert!(
+        stopped.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        stopped.elapsed()
+    );
 }

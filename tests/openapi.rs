@@ -105,6 +105,32 @@ fn document_covers_every_route_and_code() {
     assert!(doc["components"]["securitySchemes"]["bearer"].is_object());
 }
 
+/// The error body's `request_id` and the `x-request-id` header are in the contract: the
+/// schema has the property (with an example), and every response of every operation names
+/// the shared header.
+#[test]
+fn document_describes_the_request_id() {
+    let doc = ladle::api::openapi_document();
+    let error = &doc["components"]["schemas"]["ApiError"];
+    assert_eq!(error["properties"]["request_id"]["type"], "string");
+    assert!(error["example"]["request_id"].is_string());
+    let header = &doc["components"]["headers"]["RequestId"];
+    assert_eq!(header["schema"]["type"], "string");
+    let mut responses = 0;
+    for (path, item) in doc["paths"].as_object().expect("paths") {
+        for (method, op) in item.as_object().expect("path item") {
+            for (status, response) in op["responses"].as_object().expect("responses") {
+                assert_eq!(
+                    response["headers"]["x-request-id"]["$ref"], "#/components/headers/RequestId",
+                    "{method} {path} {status}"
+                );
+                responses += 1;
+            }
+        }
+    }
+    assert!(responses > 40, "{responses} responses");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn server_serves_the_document_and_docs_offline() {
     let tmp = tempfile::tempdir().expect("tmp");
@@ -156,5 +182,12 @@ async fn server_serves_the_document_and_docs_offline() {
         .await
         .expect("get");
     assert_eq!(r.status(), 404);
+    // As documented: the header on the response, its value in the error body.
+    let id = r.headers()["x-request-id"]
+        .to_str()
+        .expect("ascii")
+        .to_string();
+    let body: serde_json::Value = r.json().await.expect("json");
+    assert_eq!(body["request_id"], id.as_str());
     service.shutdown().await;
 }

@@ -227,6 +227,7 @@ fn storage_error(retryable: bool) -> JobError {
         },
         message: "simulated failure".to_string(),
         retryable,
+        attempt: None,
     }
 }
 

@@ -1,6 +1,6 @@
-//! The one place errors become HTTP responses: `{"code", "message", "field"?}` with the status
-//! of the code in [`crate::error::ErrorCode`]; `field` names the request field at fault when
-//! one is.
+//! The one place errors become HTTP responses: `{"code", "message", "field"?, "request_id"?}`
+//! with the status of the code in [`crate::error::ErrorCode`]; `field` names the request field
+//! at fault when one is; `request_id` is the request's `x-request-id`.
 
 use axum::Json;
 use axum::http::StatusCode;
@@ -15,13 +15,23 @@ use crate::storage::StorageError;
 
 /// Every error body: a stable code and a message for people.
 #[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
-#[schema(example = json!({"code": "invalid_recipe", "message": "models[0].weight: must be finite"}))]
+#[schema(example = json!({
+    "code": "invalid_recipe",
+    "message": "models[0].weight: must be finite",
+    "field": "models[0].weight",
+    "request_id": "0193a4f2-7c1e-7b40-9d2a-5f0c3e8b1a66"
+}))]
 pub struct ApiError {
     pub code: ErrorCode,
     pub message: String,
     /// The request field at fault (`models[1].uri`, `parameters.density`, `limit`), if one is.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub field: Option<String>,
+    /// The request's id, the same as its `x-request-id` response header (the client's own
+    /// when it sent a sane one, else generated): the key to the request's server log lines.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
+    pub request_id: Option<String>,
 }
 
 impl ApiError {
@@ -30,6 +40,7 @@ impl ApiError {
             code,
             message: message.into(),
             field: None,
+            request_id: None,
         }
     }
 
@@ -40,6 +51,7 @@ impl ApiError {
             code,
             message: format!("{field}: {message}"),
             field: Some(field),
+            request_id: None,
         }
     }
 }
@@ -48,7 +60,7 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = StatusCode::from_u16(self.code.http_status())
             .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-        let body = if status.is_server_error() {
+        let mut body = if status.is_server_error() {
             // The detail (database or storage messages, paths) goes to the log only: a 5xx
             // body says which code failed and nothing about the internals.
             tracing::error!(code = %self.code, message = %self.message, "request failed");
@@ -56,18 +68,10 @@ impl IntoResponse for ApiError {
         } else {
             self
         };
-        (status, Json(with_request_id(&body))).into_response()
+        // The request's id (when inside one), so a user's report finds its log lines.
+        body.request_id = crate::telemetry::request_id();
+        (status, Json(body)).into_response()
     }
-}
-
-/// The error body plus `request_id` (the `x-request-id` of the request, when inside one), so
-/// a user's report finds the request's log lines.
-fn with_request_id(body: &ApiError) -> serde_json::Value {
-    let mut value = serde_json::to_value(body).unwrap_or_else(|_| serde_json::json!({}));
-    if let (Some(obj), Some(id)) = (value.as_object_mut(), crate::telemetry::request_id()) {
-        obj.insert("request_id".into(), serde_json::Value::String(id));
-    }
-    value
 }
 
 /// What a 5xx body says: the kind of failure, never its detail.
@@ -88,6 +92,7 @@ impl From<RecipeError> for ApiError {
             code: e.code(),
             message: e.to_string(),
             field: e.field().map(str::to_string),
+            request_id: None,
         }
     }
 }
@@ -98,6 +103,7 @@ impl From<IntakeError> for ApiError {
             code: e.code(),
             message: e.to_string(),
             field: e.field().map(str::to_string),
+            request_id: None,
         }
     }
 }

@@ -10,7 +10,7 @@
 //! - `event: state`, data: the job view (the JSON of `GET /v1/merges/{id}`), on connect and on
 //!   every state change;
 //! - `event: progress`, data: the view's `progress` (`phase`, `tensors_done`, `tensors_total`,
-//!   `bytes_read`, `bytes_written`) plus `search` when the job searches, while it runs, only
+//!   `bytes_read`, `bytes_total`, `bytes_written`) plus `search` when the job searches, while it runs, only
 //!   when it moved, at most 4 per second;
 //! - `event: done`, data: the terminal job view; then the stream ends.
 //!

@@ -117,7 +117,7 @@ pub fn router(state: AppState, body_limit: usize, auth: ApiAuth) -> Router {
     "max_attempts": 3, "cancel_requested": false, "created_at": "2026-12-03T10:00:00Z",
     "started_at": "2026-12-03T10:00:01Z", "finished_at": null,
     "progress": {"phase": "merging", "tensors_done": 120, "tensors_total": 291,
-                 "bytes_read": 1234567890, "bytes_written": 617283945},
+                 "bytes_read": 1234567890, "bytes_total": 1963140608, "bytes_written": 617283945},
     "result": null, "error": null, "idempotency_key": "run-1",
     "recipe": {"method": "linear"},
     "notify": {"url": "https://hooks.example.com/ladle", "events": ["running", "succeeded"],
@@ -181,11 +181,17 @@ impl JobView {
     }
 }
 
-/// A failed (or cancelled) job's error.
+/// A failed (or cancelled) job's error, or while a job waits for its retry, its last one.
 #[derive(Debug, Serialize, utoipa::ToSchema)]
+#[schema(example = json!({"code": "storage_error", "message": "reading s3://ft/a/model.safetensors: connection reset",
+                          "retryable": true, "attempt": 2}))]
 pub struct ErrorView {
     pub code: ErrorCode,
     pub message: String,
+    /// Whether the queue retries a job failing this way (up to `max_attempts`, with backoff).
+    pub retryable: bool,
+    /// The attempt (1-based) that failed.
+    pub attempt: i32,
 }
 
 impl From<Job> for JobView {
@@ -216,6 +222,9 @@ impl From<Job> for JobView {
                 j.error.map(|e| ErrorView {
                     code: e.code,
                     message: e.message,
+                    retryable: e.retryable,
+                    // Every stored error names its attempt; the count is the fallback.
+                    attempt: e.attempt.unwrap_or(j.attempts),
                 })
             },
             idempotency_key: j.idempotency_key,

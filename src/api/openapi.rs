@@ -4,7 +4,9 @@
 //! and the types' `ToSchema` derives, collected by `utoipa_axum`'s router: a route registered
 //! through [`super::api_routes`] is documented, and only those are served. [`document`] adds
 //! what every operation shares: the error responses (every [`ErrorCode`] under its HTTP
-//! status, an example each, from [`ErrorCode::ALL`]) and the bearer security of `/v1/*`.
+//! status, an example each, from [`ErrorCode::ALL`]), the `x-request-id` header of every
+//! response ([`REQUEST_ID_HEADER`], set by [`crate::telemetry::access_log`] on all routes) and
+//! the bearer security of `/v1/*`.
 //! Every served route is documented but the `/ui` dashboard's (`/ui`, `/ui/app.js`,
 //! `/ui/style.css`): a page for people, not part of the contract (the description names it).
 //! `/docs` is Swagger UI, vendored from the npm package `swagger-ui-dist` (see
@@ -28,7 +30,8 @@ use crate::error::ErrorCode;
         title = "ladle",
         description = "Merges fine-tuned checkpoints into model soups: submit a recipe, follow \
             the job (poll it or stream its events), read the manifest URL of the result. \
-            Errors are `{\"code\", \"message\"}` with a stable `code` (schema `ErrorCode`). \
+            Errors are `{\"code\", \"message\"}` with a stable `code` (schema `ErrorCode`) \
+            and the request's `request_id`; every response carries it as `x-request-id`. \
             A job may carry `notify` (signed webhooks on its state changes, Standard Webhooks \
             headers; see the README). Not described here: the `/ui` dashboard (an HTML page for \
             people, with its script and style sheet).",
@@ -82,6 +85,20 @@ const METHODS: [&str; 8] = [
     "get", "put", "post", "delete", "options", "head", "patch", "trace",
 ];
 
+/// The name of the shared response header under `components/headers`.
+const REQUEST_ID_HEADER: &str = "RequestId";
+
+fn request_id_header() -> Value {
+    json!({
+        "description": "The request's id: the client's `x-request-id` when it sent 1 to 128 \
+            visible ASCII characters without quotes or backslashes, else a generated UUIDv7. \
+            Error bodies repeat it as `request_id`; the server's log lines of the request \
+            carry it.",
+        "required": true,
+        "schema": {"type": "string", "example": "0193a4f2-7c1e-7b40-9d2a-5f0c3e8b1a66"},
+    })
+}
+
 fn error_ref() -> Value {
     json!({"$ref": "#/components/schemas/ApiError"})
 }
@@ -96,7 +113,11 @@ fn error_response(status: u16, codes: &[ErrorCode]) -> Value {
         };
         examples.insert(
             code.as_str().to_string(),
-            json!({"value": {"code": code.as_str(), "message": message}}),
+            json!({"value": {
+                "code": code.as_str(),
+                "message": message,
+                "request_id": "0193a4f2-7c1e-7b40-9d2a-5f0c3e8b1a66",
+            }}),
         );
     }
     let names: Vec<String> = codes.iter().map(|c| format!("`{c}`")).collect();
@@ -143,10 +164,23 @@ pub fn document(api: utoipa::openapi::OpenApi) -> Value {
                         // Any other status (a limit, a proxy) still carries an error body.
                         responses.entry("default").or_insert_with(|| {
                             json!({
-                                "description": "Any other error: `{\"code\", \"message\"}`.",
+                                "description": "Any other error: `{\"code\", \"message\", \"request_id\"}`.",
                                 "content": {"application/json": {"schema": error_ref()}},
                             })
                         });
+                    }
+                    // Every response of every route carries the request id.
+                    for response in responses.values_mut().filter_map(Value::as_object_mut) {
+                        if let Some(headers) = response
+                            .entry("headers")
+                            .or_insert_with(|| json!({}))
+                            .as_object_mut()
+                        {
+                            headers.insert(
+                                "x-request-id".into(),
+                                json!({"$ref": format!("#/components/headers/{REQUEST_ID_HEADER}")}),
+                            );
+                        }
                     }
                 }
                 if v1 && let Some(op) = op.as_object_mut() {
@@ -156,6 +190,10 @@ pub fn document(api: utoipa::openapi::OpenApi) -> Value {
         }
     }
     if let Some(components) = doc.get_mut("components").and_then(Value::as_object_mut) {
+        components.insert(
+            "headers".into(),
+            json!({REQUEST_ID_HEADER: request_id_header()}),
+        );
         components.insert(
             "securitySchemes".into(),
             json!({"bearer": {

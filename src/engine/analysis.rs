@@ -111,6 +111,12 @@ pub async fn run(
     ctl.progress
         .tensors_total
         .store(analysed.len() as u64, Ordering::Relaxed);
+    let planned: u64 = analysed
+        .iter()
+        .flat_map(|(name, _)| inputs.iter().filter_map(|(_, c)| c.tensors.get(name)))
+        .map(|t| t.len())
+        .sum();
+    ctl.progress.bytes_total.store(planned, Ordering::Relaxed);
     ctl.progress.set_phase(super::Phase::Merging);
 
     // Bytes one element costs in flight: its raw bytes in every input plus an f32 copy each.

@@ -193,6 +193,9 @@ pub struct Progress {
     pub tensors_done: AtomicU64,
     pub tensors_total: AtomicU64,
     pub bytes_read: AtomicU64,
+    /// The input bytes planned to be read so far: the merge pass's reads, set at planning,
+    /// plus each pre-pass's when it starts (so `bytes_read` never passes it).
+    pub bytes_total: AtomicU64,
     pub bytes_written: AtomicU64,
     /// The current [`Phase`] (its `u8` code; 0: not started).
     phase: AtomicU8,
@@ -250,6 +253,13 @@ pub struct ProgressSnapshot {
     pub tensors_done: u64,
     pub tensors_total: u64,
     pub bytes_read: u64,
+    /// Input bytes planned to be read: every tensor the merge reads, of every input it reads
+    /// it from, plus one more read of a tensor's inputs per pre-pass (added when the pass
+    /// starts, so it can grow while the job runs). `bytes_read` never passes it, and equals
+    /// it when a merge ends having read everything (not when it kept a previous attempt's
+    /// output).
+    #[serde(default)]
+    pub bytes_total: u64,
     pub bytes_written: u64,
 }
 
@@ -260,6 +270,7 @@ impl Progress {
             tensors_done: self.tensors_done.load(Ordering::Relaxed),
             tensors_total: self.tensors_total.load(Ordering::Relaxed),
             bytes_read: self.bytes_read.load(Ordering::Relaxed),
+            bytes_total: self.bytes_total.load(Ordering::Relaxed),
             bytes_written: self.bytes_written.load(Ordering::Relaxed),
         }
     }
@@ -424,6 +435,30 @@ impl Plan {
         }
     }
 
+    /// The input bytes the merge pass reads: every source of every op, whole.
+    fn read_bytes(&self) -> u64 {
+        let whole = |inputs: &[(Location, Checkpoint)], name: &str| -> u64 {
+            inputs
+                .iter()
+                .filter_map(|(_, c)| c.tensors.get(name))
+                .map(|t| t.len())
+                .sum()
+        };
+        self.ops
+            .iter()
+            .map(|(tensor, op)| match op {
+                TensorOp::CopyFirst => whole(self.inputs.get(..1).unwrap_or_default(), tensor),
+                TensorOp::Pick { input, source, .. } => whole(
+                    self.inputs.get(*input..*input + 1).unwrap_or_default(),
+                    source,
+                ),
+                TensorOp::Merge | TensorOp::Part { .. } => self
+                    .merge_view(op, tensor)
+                    .map_or(0, |(inputs, _, name)| whole(inputs, name)),
+            })
+            .sum()
+    }
+
     /// The non-finite values written, per output tensor (see [`Kernel::nonfinite_report`]).
     fn nonfinite_report(&self) -> serde_json::Value {
         if self.parts.is_empty() {
@@ -476,6 +511,9 @@ impl Engine {
         ctl.progress
             .tensors_total
             .store(plan.ops.len() as u64, Ordering::Relaxed);
+        ctl.progress
+            .bytes_total
+            .store(plan.read_bytes(), Ordering::Relaxed);
         ctl.progress.set_phase(Phase::Merging);
         if let Some(outcome) = self.existing_output(&plan).await? {
             return Ok(outcome);

@@ -73,7 +73,15 @@ async fn prepare(
         .and_then(|(_, c)| c.tensors.get(name))
         .map(|t| t.shape.iter().product())
         .ok_or_else(|| EngineError::Internal(format!("tensor {name} missing from the base")))?;
+    let pass_bytes: u64 = inputs
+        .iter()
+        .filter_map(|(_, c)| c.tensors.get(name))
+        .map(|t| t.len())
+        .sum();
     while stream.wants_pass() {
+        ctl.progress
+            .bytes_total
+            .fetch_add(pass_bytes, std::sync::atomic::Ordering::Relaxed);
         let ranges: Vec<std::ops::Range<u64>> = (0..n)
             .step_by(step as usize)
             .map(|s| s..(s + step).min(n))

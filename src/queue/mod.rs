@@ -110,6 +110,10 @@ pub struct JobError {
     pub message: String,
     #[serde(default)]
     pub retryable: bool,
+    /// The attempt that failed, as the queue stored it ([`state::error_entry`]); `None` in an
+    /// error a worker reports (the queue takes the attempt from the lease).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attempt: Option<i32>,
 }
 
 /// A job to insert.

@@ -170,8 +170,7 @@ pub fn can_transition(from: JobState, to: JobState) -> bool {
 }
 
 /// The JSON stored in a job's `error` column and appended to its `errors` history:
-/// `{code, message, retryable, attempt}`. It deserializes as a [`JobError`] (the extra
-/// `attempt` field is ignored).
+/// `{code, message, retryable, attempt}`. It deserializes as a [`JobError`] (with `attempt`).
 pub fn error_entry(error: &JobError, attempt: i32) -> serde_json::Value {
     serde_json::json!({
         "code": error.code,
@@ -187,6 +186,7 @@ pub fn lease_expired_error() -> JobError {
         code: ErrorCode::LeaseExpired,
         message: LEASE_EXPIRED_MESSAGE.to_string(),
         retryable: true,
+        attempt: None,
     }
 }
 
@@ -342,12 +342,19 @@ mod tests {
             code: ErrorCode::StorageError,
             message: "boom".into(),
             retryable: true,
+            attempt: None,
         };
         let v = error_entry(&e, 2);
         assert_eq!(v["attempt"], 2);
         assert_eq!(v["code"], "storage_error");
         let back: JobError = serde_json::from_value(v).unwrap();
-        assert_eq!(back, e);
+        assert_eq!(
+            back,
+            JobError {
+                attempt: Some(2),
+                ..e
+            }
+        );
         assert_eq!(lease_expired_error().code.as_str(), "lease_expired");
     }
 }

@@ -165,6 +165,7 @@ impl Slot {
                         code: crate::error::ErrorCode::InvalidRecipe,
                         message: format!("stored recipe cannot be read: {e}"),
                         retryable: false,
+                        attempt: None,
                     };
                     return self.finish_failed(&lease, &err).await;
                 }
@@ -304,6 +305,7 @@ impl Slot {
                     retryable: code.retryable()
                         || (code == crate::error::ErrorCode::StorageFull
                             && self.config.retry_storage_full),
+                    attempt: None,
                 };
                 self.finish_failed(&lease, &err).await
             }
@@ -339,6 +341,7 @@ impl Slot {
             code: crate::error::ErrorCode::LeaseExpired,
             message: crate::queue::state::LEASE_EXPIRED_MESSAGE.to_string(),
             retryable: true,
+            attempt: None,
         });
         err.message = format!("{} (recovery run: {why})", err.message);
         err.retryable = false;

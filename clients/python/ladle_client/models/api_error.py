@@ -17,7 +17,8 @@ class ApiError:
     """Every error body: a stable code and a message for people.
 
     Example:
-        {'code': 'invalid_recipe', 'message': 'models[0].weight: must be finite'}
+        {'code': 'invalid_recipe', 'field': 'models[0].weight', 'message': 'models[0].weight: must be finite',
+            'request_id': '0193a4f2-7c1e-7b40-9d2a-5f0c3e8b1a66'}
 
     Attributes:
         code (ErrorCode): Stable error codes (never renamed). A request's error gets the HTTP status below; a failed
@@ -59,11 +60,14 @@ class ApiError:
         message (str):
         field (None | str | Unset): The request field at fault (`models[1].uri`, `parameters.density`, `limit`), if one
             is.
+        request_id (str | Unset): The request's id, the same as its `x-request-id` response header (the client's own
+            when it sent a sane one, else generated): the key to the request's server log lines.
     """
 
     code: ErrorCode
     message: str
     field: None | str | Unset = UNSET
+    request_id: str | Unset = UNSET
     additional_properties: dict[str, Any] = _attrs_field(init=False, factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -77,6 +81,8 @@ class ApiError:
         else:
             field = self.field
 
+        request_id = self.request_id
+
         field_dict: dict[str, Any] = {}
         field_dict.update(self.additional_properties)
         field_dict.update(
@@ -87,6 +93,8 @@ class ApiError:
         )
         if field is not UNSET:
             field_dict["field"] = field
+        if request_id is not UNSET:
+            field_dict["request_id"] = request_id
 
         return field_dict
 
@@ -106,10 +114,13 @@ class ApiError:
 
         field = _parse_field(d.pop("field", UNSET))
 
+        request_id = d.pop("request_id", UNSET)
+
         api_error = cls(
             code=code,
             message=message,
             field=field,
+            request_id=request_id,
         )
 
         api_error.additional_properties = d

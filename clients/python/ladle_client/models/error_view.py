@@ -13,9 +13,14 @@ T = TypeVar("T", bound="ErrorView")
 
 @_attrs_define
 class ErrorView:
-    """A failed (or cancelled) job's error.
+    """A failed (or cancelled) job's error, or while a job waits for its retry, its last one.
+
+    Example:
+        {'attempt': 2, 'code': 'storage_error', 'message': 'reading s3://ft/a/model.safetensors: connection reset',
+            'retryable': True}
 
     Attributes:
+        attempt (int): The attempt (1-based) that failed.
         code (ErrorCode): Stable error codes (never renamed). A request's error gets the HTTP status below; a failed
             job's `error.code` uses the same codes.
 
@@ -53,23 +58,32 @@ class ErrorView:
             | `input_changed` | 503 | yes |
             | `storage_full` | 507 | no |
         message (str):
+        retryable (bool): Whether the queue retries a job failing this way (up to `max_attempts`, with backoff).
     """
 
+    attempt: int
     code: ErrorCode
     message: str
+    retryable: bool
     additional_properties: dict[str, Any] = _attrs_field(init=False, factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
+        attempt = self.attempt
+
         code = self.code.value
 
         message = self.message
+
+        retryable = self.retryable
 
         field_dict: dict[str, Any] = {}
         field_dict.update(self.additional_properties)
         field_dict.update(
             {
+                "attempt": attempt,
                 "code": code,
                 "message": message,
+                "retryable": retryable,
             }
         )
 
@@ -78,13 +92,19 @@ class ErrorView:
     @classmethod
     def from_dict(cls, src_dict: Mapping[str, Any]) -> Self:
         d = dict(src_dict)
+        attempt = d.pop("attempt")
+
         code = ErrorCode(d.pop("code"))
 
         message = d.pop("message")
 
+        retryable = d.pop("retryable")
+
         error_view = cls(
+            attempt=attempt,
             code=code,
             message=message,
+            retryable=retryable,
         )
 
         error_view.additional_properties = d

@@ -30,9 +30,9 @@ class JobView:
             {'deliveries': [{'attempts': 1, 'created_at': '2026-12-03T10:00:01Z', 'delivered_at': '2026-12-03T10:00:01Z',
             'event': 'running', 'id': 'msg_5f1c0b1e9d2a4c7b8e6f3a2d1c0b9a8e', 'last_attempt_at': '2026-12-03T10:00:01Z',
             'last_error': None, 'last_status': 200, 'next_attempt_at': None, 'state': 'delivered'}], 'events': ['running',
-            'succeeded'], 'url': 'https://hooks.example.com/ladle'}, 'progress': {'bytes_read': 1234567890, 'bytes_written':
-            617283945, 'phase': 'merging', 'tensors_done': 120, 'tensors_total': 291}, 'recipe': {'method': 'linear'},
-            'result': None, 'started_at': '2026-12-03T10:00:01Z', 'state': 'running'}
+            'succeeded'], 'url': 'https://hooks.example.com/ladle'}, 'progress': {'bytes_read': 1234567890, 'bytes_total':
+            1963140608, 'bytes_written': 617283945, 'phase': 'merging', 'tensors_done': 120, 'tensors_total': 291},
+            'recipe': {'method': 'linear'}, 'result': None, 'started_at': '2026-12-03T10:00:01Z', 'state': 'running'}
 
     Attributes:
         attempts (int):

@@ -22,6 +22,11 @@ class ProgressSnapshot:
             bytes_written (int):
             tensors_done (int):
             tensors_total (int):
+            bytes_total (int | Unset): Input bytes planned to be read: every tensor the merge reads, of every input it reads
+                it from, plus one more read of a tensor's inputs per pre-pass (added when the pass
+                starts, so it can grow while the job runs). `bytes_read` never passes it, and equals
+                it when a merge ends having read everything (not when it kept a previous attempt's
+                output).
             phase (None | Phase | Unset):
     """
 
@@ -29,6 +34,7 @@ class ProgressSnapshot:
     bytes_written: int
     tensors_done: int
     tensors_total: int
+    bytes_total: int | Unset = UNSET
     phase: None | Phase | Unset = UNSET
     additional_properties: dict[str, Any] = _attrs_field(init=False, factory=dict)
 
@@ -40,6 +46,8 @@ class ProgressSnapshot:
         tensors_done = self.tensors_done
 
         tensors_total = self.tensors_total
+
+        bytes_total = self.bytes_total
 
         phase: None | str | Unset
         if isinstance(self.phase, Unset):
@@ -59,6 +67,8 @@ class ProgressSnapshot:
                 "tensors_total": tensors_total,
             }
         )
+        if bytes_total is not UNSET:
+            field_dict["bytes_total"] = bytes_total
         if phase is not UNSET:
             field_dict["phase"] = phase
 
@@ -74,6 +84,8 @@ class ProgressSnapshot:
         tensors_done = d.pop("tensors_done")
 
         tensors_total = d.pop("tensors_total")
+
+        bytes_total = d.pop("bytes_total", UNSET)
 
         def _parse_phase(data: object) -> None | Phase | Unset:
             if data is None:
@@ -97,6 +109,7 @@ class ProgressSnapshot:
             bytes_written=bytes_written,
             tensors_done=tensors_done,
             tensors_total=tensors_total,
+            bytes_total=bytes_total,
             phase=phase,
         )
 
