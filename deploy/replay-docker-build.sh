@@ -32,17 +32,6 @@ mkdir -p "$cwd"
 say() { echo "replay: $*"; }
 fail() { echo "replay: FAILED: $*" >&2; exit 1; }
 
-# A `.dockerignore` pattern that names a path copied here would make Docker send less than
-# this replay copies; ours only names build outputs and local data, and this says so if not.
-if [[ -f "$CONTEXT/.dockerignore" ]]; then
-  while read -r pat; do
-    case "$pat" in ''|'#'*) continue ;; esac
-    for p in Cargo.toml Cargo.lock build.rs src migrations benches; do
-      [[ "$p" == $pat || "$p" == $pat/* ]] && fail ".dockerignore pattern '$pat' excludes $p"
-    done
-  done < "$CONTEXT/.dockerignore"
-fi
-
 # `COPY SRC… DEST` as Docker does it for the build context: a folder's contents go into DEST,
 # a file goes into DEST/ (DEST ending in / or several sources) or becomes DEST.
 copy() {
@@ -111,6 +100,31 @@ while IFS= read -r raw || [[ -n "$raw" ]]; do
   logical=""
 done < "$DOCKERFILE"
 [[ $stage -ge 1 ]] || fail "no FROM in $DOCKERFILE"
+
+# A `.dockerignore` pattern that names a path the stage copies would make Docker send less
+# than this replay copies; ours only names build outputs and local data, and this says so if
+# not. The paths are the stage's own COPY sources (Cargo.toml, benches, assets, src, …).
+copied=()
+for ins in "${instructions[@]}"; do
+  read -r op rest <<<"$ins"
+  if [[ "${op^^}" == COPY ]]; then
+    read -r -a srcs <<<"$rest"
+    for src in "${srcs[@]:0:${#srcs[@]}-1}"; do
+      [[ "$src" == --* ]] || copied+=("${src%/}")
+    done
+  fi
+done
+if [[ -f "$CONTEXT/.dockerignore" ]]; then
+  while read -r pat; do
+    case "$pat" in ''|'#'*) continue ;; esac
+    pat=${pat%/}
+    for p in "${copied[@]}"; do
+      # shellcheck disable=SC2053 # $pat is a glob on purpose
+      [[ "$p" == $pat || "$p" == $pat/* ]] && fail ".dockerignore pattern '$pat' excludes $p (the Dockerfile copies it)"
+      [[ "$pat" == "$p"/* ]] && fail ".dockerignore pattern '$pat' excludes part of $p (the Dockerfile copies it)"
+    done
+  done < "$CONTEXT/.dockerignore"
+fi
 
 say "Dockerfile $DOCKERFILE, context $CONTEXT, folder $WORK, CARGO_TARGET_DIR $CARGO_TARGET_DIR"
 for ins in "${instructions[@]}"; do
