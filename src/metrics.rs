@@ -47,6 +47,17 @@ pub fn install() -> Option<&'static PrometheusHandle> {
                 Ok(handle) => {
                     describe();
                     gauge!("ladle_build_info", "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+                    // The unlabeled series exist from the start, at 0: an alert on a rate of
+                    // lease losses sees a series before the first loss.
+                    for name in [
+                        "ladle_lease_losses_total",
+                        "ladle_self_fences_total",
+                        "ladle_jobs_pruned_total",
+                        "ladle_scratch_folders_removed_total",
+                    ] {
+                        counter!(name).increment(0);
+                    }
+                    gauge!("ladle_worker_slots_busy").increment(0.0);
                     Some(handle)
                 }
                 Err(e) => {
