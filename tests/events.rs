@@ -7,7 +7,8 @@
 //! state change with `kind`. It also prints the latency from the worker's write (the row's
 //! `updated_at`, which is each event's id) to the event's arrival here: median and p99.
 //! [`analysis_stream_auth_and_shutdown`]: an analysis's stream, streams behind a token, and
-//! streams that end (not hang) when the server shuts down.
+//! streams that end (not hang) when the server shuts down. [`bytes_total_counts_the_pre_passes`]:
+//! a TIES merge's `bytes_total` includes its pre-passes' reads.
 
 mod common;
 
@@ -562,4 +563,53 @@ async fn analysis_stream_auth_and_shutdown() {
         "{:?}",
         stopped.elapsed()
     );
+}
+
+/// `bytes_total` counts the pre-passes: a TIES merge (its sign and magnitude cut-offs read
+/// each tensor's inputs again before the merge pass) of tensors larger than a chunk ends with
+/// `bytes_read == bytes_total`, and both exceed one read of every input.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn bytes_total_counts_the_pre_passes() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let root = tmp.path().to_path_buf();
+    let (tensors, elems) = (4u64, 16 * 1024u64);
+    for m in 0..3u64 {
+        let t: Vec<RawTensor> = (0..tensors)
+            .map(|t| f32_tensor(&format!("layers.{t}.w"), &[16, 1024], m * 100 + t))
+            .collect();
+        write_sharded(&root.join(format!("m{m}")), &t, 1);
+    }
+    let db = format!("sqlite://{}", root.join("ladle.db").display());
+    let settings = test_settings(
+        &root.join("data"),
+        &db,
+        vec![root.display().to_string()],
+        None,
+    );
+    let (service, base) = start(&settings, Mode::Serve).await;
+    let client = reqwest::Client::new();
+    let body = serde_json::json!({
+        "method": "ties",
+        "base_model": {"uri": file_url(&root.join("m0"))},
+        "models": [
+            {"uri": file_url(&root.join("m1")), "parameters": {"weight": 0.5, "density": 0.5}},
+            {"uri": file_url(&root.join("m2")), "parameters": {"weight": 0.5, "density": 0.5}},
+        ],
+        "output": {"uri": file_url(&root.join("soup"))},
+    });
+    let (status, job) = submit(&client, &base, &body).await;
+    assert_eq!(status, 202, "{job}");
+    let id = job["id"].as_str().expect("id");
+    let done = wait_terminal(&client, &base, id, Duration::from_secs(60)).await;
+    assert_eq!(done["state"], "succeeded", "{done}");
+    let p = &done["progress"];
+    let (read, total) = (
+        p["bytes_read"].as_u64().unwrap_or_default(),
+        p["bytes_total"].as_u64().unwrap_or_default(),
+    );
+    let one_pass = 3 * tensors * elems * 4;
+    println!("ties: bytes_read {read}, bytes_total {total}, one read of every input {one_pass}");
+    assert_eq!(read, total, "{p}");
+    assert!(total > one_pass, "pre-passes counted: {p}");
+    service.shutdown().await;
 }
