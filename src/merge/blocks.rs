@@ -119,15 +119,7 @@ where
         for (b, out_block) in chunk.chunks_mut(span * osz).enumerate() {
             let start = first + b * span;
             let blen = out_block.len() / osz;
-            for ((dtype, bytes), dst) in inputs.iter().zip(ins.chunks_mut(width)) {
-                let sz = dtype.size_bytes();
-                decode_to_f32(
-                    *dtype,
-                    &bytes[start * sz..(start + blen) * sz],
-                    &mut dst[..blen],
-                )?;
-            }
-            let blocks: Vec<&[f32]> = ins.chunks(width).map(|c| &c[..blen]).collect();
+            let blocks = decode_span(inputs, start, blen, ins, width)?;
             let o = &mut outs[..blen];
             f(&mut state, start, &blocks, o);
             encode_from_f32(out_dtype, o, out_block)?;
@@ -179,15 +171,7 @@ where
     let mut start = 0;
     while start < n {
         let len = span.min(n - start);
-        for ((dtype, bytes), dst) in inputs.iter().zip(scratch.chunks_mut(width)) {
-            let sz = dtype.size_bytes();
-            decode_to_f32(
-                *dtype,
-                &bytes[start * sz..(start + len) * sz],
-                &mut dst[..len],
-            )?;
-        }
-        let blocks: Vec<&[f32]> = scratch.chunks(width).map(|c| &c[..len]).collect();
+        let blocks = decode_span(inputs, start, len, &mut scratch, width)?;
         f(start, &blocks);
         start += len;
     }
@@ -229,15 +213,7 @@ where
         for (b, out_block) in out.chunks_mut(BLOCK_ELEMS * k).enumerate() {
             let start = first + b * BLOCK_ELEMS;
             let blen = out_block.len() / k;
-            for ((dtype, bytes), dst) in inputs.iter().zip(scratch.chunks_mut(width)) {
-                let sz = dtype.size_bytes();
-                decode_to_f32(
-                    *dtype,
-                    &bytes[start * sz..(start + blen) * sz],
-                    &mut dst[..blen],
-                )?;
-            }
-            let blocks: Vec<&[f32]> = scratch.chunks(width).map(|c| &c[..blen]).collect();
+            let blocks = decode_span(inputs, start, blen, &mut scratch, width)?;
             f(&mut state, start, &blocks, out_block);
         }
         Ok(())
@@ -249,6 +225,28 @@ where
         .par_chunks_mut(TASK_ELEMS * k)
         .enumerate()
         .try_for_each(|(t, out)| task(t, out))
+}
+
+/// Decodes elements `start .. start + len` of every input into its own `width`-element slice
+/// of `scratch` (input `i` at `scratch[i·width ..]`) and returns the decoded blocks, one per
+/// input, each `len` long. The inputs must hold at least `start + len` elements (checked by
+/// the callers' validation).
+fn decode_span<'s>(
+    inputs: &[(DType, &[u8])],
+    start: usize,
+    len: usize,
+    scratch: &'s mut [f32],
+    width: usize,
+) -> Result<Vec<&'s [f32]>, MergeError> {
+    for ((dtype, bytes), dst) in inputs.iter().zip(scratch.chunks_mut(width)) {
+        let sz = dtype.size_bytes();
+        decode_to_f32(
+            *dtype,
+            &bytes[start * sz..(start + len) * sz],
+            &mut dst[..len],
+        )?;
+    }
+    Ok(scratch.chunks(width).map(|c| &c[..len]).collect())
 }
 
 /// One scratch: `k` input blocks followed by the output block.
@@ -274,13 +272,8 @@ where
     for (b, out_block) in out.chunks_mut(BLOCK_ELEMS * osz).enumerate() {
         let start = first + b * BLOCK_ELEMS;
         let len = out_block.len() / osz;
-        for ((dtype, bytes), dst) in inputs.iter().zip(ins.chunks_mut(BLOCK_ELEMS)) {
-            let sz = dtype.size_bytes();
-            // In bounds: `validate` checked every input holds exactly `n` elements.
-            let src = &bytes[start * sz..(start + len) * sz];
-            decode_to_f32(*dtype, src, &mut dst[..len])?;
-        }
-        let blocks: Vec<&[f32]> = ins.chunks(BLOCK_ELEMS).map(|c| &c[..len]).collect();
+        // In bounds: `validate` checked every input holds exactly `n` elements.
+        let blocks = decode_span(inputs, start, len, ins, BLOCK_ELEMS)?;
         let out_f32 = &mut outs[..len];
         f(&blocks, out_f32);
         encode_from_f32(out_dtype, out_f32, out_block)?;

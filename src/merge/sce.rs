@@ -64,6 +64,25 @@ impl Cols {
     /// else the first model standing in for it, then the models), and their variances when
     /// `with_var`.
     fn fill(&mut self, p: Precision, has_base: bool, blocks: &[&[f32]], with_var: bool) {
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU supports AVX2 (checked just above).
+            unsafe { self.fill_avx2(p, has_base, blocks, with_var) };
+            return;
+        }
+        self.fill_inner(p, has_base, blocks, with_var)
+    }
+
+    /// [`Cols::fill`] compiled for AVX2: the same operations (IEEE arithmetic, no fused
+    /// multiply-add), four f64 lanes instead of two.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    fn fill_avx2(&mut self, p: Precision, has_base: bool, blocks: &[&[f32]], with_var: bool) {
+        self.fill_inner(p, has_base, blocks, with_var)
+    }
+
+    #[inline(always)]
+    fn fill_inner(&mut self, p: Precision, has_base: bool, blocks: &[&[f32]], with_var: bool) {
         let len = blocks[0].len();
         let base = blocks[0];
         let xs = if has_base { &blocks[1..] } else { blocks };
@@ -266,12 +285,13 @@ impl SceStream {
         Ok(())
     }
 
-    /// Whether element with variance `var` keeps its values (`seen`: ties before it).
-    #[inline(always)]
-    fn keeps(&self, var: f32, seen: &mut u64) -> bool {
-        match self.top {
-            Top::Everything if self.select_topk >= 1.0 => true,
-            top => top.holds(mag_key(var), seen) && var != 0.0,
+    /// Per element of a block of variances (`0 < select_topk < 1`): all ones when it keeps
+    /// its values (among the selected variances, and not 0), else 0; `seen` counts the ties
+    /// before the block and advances past it.
+    fn keep_mask(&self, vars: &[f32], seen: &mut u64, keep: &mut [u32]) {
+        self.top.mask_block(vars, seen, keep);
+        for (k, v) in keep.iter_mut().zip(vars) {
+            *k &= u32::from(*v != 0.0).wrapping_neg();
         }
     }
 }
@@ -359,16 +379,28 @@ impl TensorStream for SceStream {
                 let m = self.models;
                 let mut values = std::mem::take(&mut self.values);
                 let this = &*self;
-                let init = || Cols::new(m);
-                par_values(inputs, m, &mut values, init, |cols, start, blocks, out| {
+                let init = || (Cols::new(m), vec![0u32; TIE_BLOCK], vec![0.0f32; TIE_BLOCK]);
+                par_values(inputs, m, &mut values, init, |state, start, blocks, out| {
+                    let (cols, keep, sq) = state;
                     let len = blocks[0].len();
                     cols.fill(p, this.has_base, blocks, false);
-                    let mut seen = this.table.before((first + start) as u64);
-                    for e in 0..len {
-                        let keep = !selecting || this.keeps(vars[start + e], &mut seen);
-                        for i in 0..m {
-                            let v = if keep { cols.tv(i, len)[e] } else { 0.0 };
-                            out[e * m + i] = p.round(v * v);
+                    let keep = &mut keep[..len];
+                    if selecting {
+                        let mut seen = this.table.before((first + start) as u64);
+                        this.keep_mask(&vars[start..start + len], &mut seen, keep);
+                    } else {
+                        keep.fill(u32::MAX);
+                    }
+                    let sq = &mut sq[..len];
+                    for i in 0..m {
+                        // `r(v²)`, v the value or +0.0 where the selection drops it.
+                        for ((q, t), k) in sq.iter_mut().zip(cols.tv(i, len)).zip(keep.iter()) {
+                            let v = f32::from_bits(t.to_bits() & k);
+                            *q = v * v;
+                        }
+                        p.round_slice(sq);
+                        for (e, q) in sq.iter().enumerate() {
+                            out[e * m + i] = *q;
                         }
                     }
                 })?;
@@ -443,7 +475,7 @@ impl TensorStream for SceStream {
         let init = |task_first: usize| {
             (
                 Cols::new(m),
-                vec![0.0f32; m],
+                Vote::new(),
                 self.table.before(first + task_first as u64),
             )
         };
@@ -453,24 +485,134 @@ impl TensorStream for SceStream {
             out,
             TIE_BLOCK,
             init,
-            |(cols, vals, seen), _, blocks, o| {
-                let len = o.len();
+            |(cols, vote, seen), _, blocks, o| {
                 cols.fill(p, self.has_base, blocks, selecting);
-                for (e, o) in o.iter_mut().enumerate() {
-                    let keep = if self.select_topk >= 1.0 {
-                        true
-                    } else if self.select_topk <= 0.0 {
-                        false
-                    } else {
-                        self.keeps(cols.var[e], seen)
-                    };
-                    for (i, v) in vals.iter_mut().enumerate() {
-                        *v = if keep { cols.tv(i, len)[e] } else { 0.0 };
-                    }
-                    *o = element(p, blocks[0][e], vals, &self.w);
+                let keep = &mut vote.keep[..o.len()];
+                if self.select_topk >= 1.0 {
+                    keep.fill(u32::MAX);
+                } else if self.select_topk <= 0.0 {
+                    keep.fill(0);
+                } else {
+                    self.keep_mask(&cols.var[..o.len()], seen, keep);
                 }
+                vote.merge(p, cols, blocks[0], &self.w, o);
             },
         )
+    }
+}
+
+/// The sign vote and weighted mean of [`element`] across one block of at most [`TIE_BLOCK`]
+/// elements: per element the same operations in the same order (the f32 sums over the models
+/// in model order, a rounding after each product and at the end), so the same bits, with the
+/// loops over the elements vectorizable. A model that does not vote adds `+0.0` to the sums,
+/// which leaves them unchanged: they start at `+0.0` and a sum of round-to-nearest additions
+/// is `−0.0` only when every term is, so neither ever holds `−0.0`.
+struct Vote {
+    /// Per element: all ones when the element keeps its values, else 0.
+    keep: Vec<u32>,
+    sum: Vec<f32>,
+    acc: Vec<f32>,
+    div: Vec<f32>,
+    prod: Vec<f32>,
+}
+
+impl Vote {
+    fn new() -> Vote {
+        Vote {
+            keep: vec![0; TIE_BLOCK],
+            sum: vec![0.0; TIE_BLOCK],
+            acc: vec![0.0; TIE_BLOCK],
+            div: vec![0.0; TIE_BLOCK],
+            prod: vec![0.0; TIE_BLOCK],
+        }
+    }
+
+    /// `o[e] = element(p, base[e], [keep[e] ? τ_i[e] : 0 for each model i], w)`, the block's
+    /// task-vector values in `cols` (last filled, overwritten) and its `keep` flags in
+    /// `self.keep`.
+    fn merge(&mut self, p: Precision, cols: &mut Cols, base: &[f32], w: &[f32], o: &mut [f32]) {
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU supports AVX2 (checked just above).
+            unsafe { self.merge_avx2(p, cols, base, w, o) };
+            return;
+        }
+        self.merge_inner(p, cols, base, w, o)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    fn merge_avx2(
+        &mut self,
+        p: Precision,
+        cols: &mut Cols,
+        base: &[f32],
+        w: &[f32],
+        o: &mut [f32],
+    ) {
+        self.merge_inner(p, cols, base, w, o)
+    }
+
+    #[inline(always)]
+    fn merge_inner(
+        &mut self,
+        p: Precision,
+        cols: &mut Cols,
+        base: &[f32],
+        w: &[f32],
+        o: &mut [f32],
+    ) {
+        let len = o.len();
+        let keep = &self.keep[..len];
+        let sum = &mut self.sum[..len];
+        sum.fill(std::iter::empty::<f32>().sum());
+        for i in 0..cols.models {
+            let t = &mut cols.tv[i * TIE_BLOCK..i * TIE_BLOCK + len];
+            for ((t, k), s) in t.iter_mut().zip(keep).zip(sum.iter_mut()) {
+                // A dropped value becomes +0.0 (the bits cleared), branch-free.
+                *t = f32::from_bits(t.to_bits() & k);
+                *s += *t;
+            }
+        }
+        let acc = &mut self.acc[..len];
+        let div = &mut self.div[..len];
+        acc.fill(0.0);
+        div.fill(0.0);
+        let prod = &mut self.prod[..len];
+        for (i, wi) in w.iter().enumerate().take(cols.models) {
+            let t = &cols.tv[i * TIE_BLOCK..i * TIE_BLOCK + len];
+            for (q, t) in prod.iter_mut().zip(t) {
+                *q = t * wi;
+            }
+            p.round_slice(prod);
+            let wb = wi.to_bits();
+            for ((((a, d), q), t), s) in acc
+                .iter_mut()
+                .zip(div.iter_mut())
+                .zip(prod.iter())
+                .zip(t)
+                .zip(sum.iter())
+            {
+                // `t != 0 && signum(t) == majority`, majority `+1` iff `s >= 0` (NaN: −1);
+                // a model that does not vote adds +0.0.
+                let up = *s >= 0.0;
+                let votes = (up & (*t > 0.0)) | (!up & (*t < 0.0));
+                let m = u32::from(votes).wrapping_neg();
+                *a += f32::from_bits(q.to_bits() & m);
+                *d += f32::from_bits(wb & m);
+            }
+        }
+        p.round_slice(div);
+        div.iter_mut().for_each(|d| *d = d.max(1e-6));
+        p.round_slice(acc);
+        for (a, d) in acc.iter_mut().zip(div.iter()) {
+            *a /= d;
+        }
+        p.round_slice(acc);
+        for ((o, a), b) in o.iter_mut().zip(acc.iter()).zip(base) {
+            *o = b + a;
+        }
+        p.round_slice(o);
     }
 }
 
@@ -483,13 +625,37 @@ mod tests {
     /// include signed zeros, ties, infinities, NaN and huge magnitudes (NaN compared as NaN).
     #[test]
     fn block_variances_equal_the_scalar_ones() {
-        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
-        let mut next = move || {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            seed
-        };
+        each_case(
+            0x9e37_79b9_7f4a_7c15,
+            TIE_BLOCK - 3,
+            |p, models, has_base, views| {
+                let len = views[0].len();
+                let mut cols = Cols::new(models);
+                cols.fill(p, has_base, &views, true);
+                let xs = if has_base { &views[1..] } else { &views[..] };
+                for e in 0..len {
+                    let vals: Vec<f32> = xs.iter().map(|x| p.round(x[e] - views[0][e])).collect();
+                    for (i, v) in vals.iter().enumerate() {
+                        assert_eq!(cols.tv(i, len)[e].to_bits(), v.to_bits());
+                    }
+                    let want = variance(p, &vals);
+                    // A NaN's sign and payload after f64 arithmetic are not specified
+                    // (the compiler may swap the operands of an addition); only NaN-ness
+                    // is compared there.
+                    let same = cols.var[e].to_bits() == want.to_bits()
+                        || (cols.var[e].is_nan() && want.is_nan());
+                    assert!(
+                        same,
+                        "{p:?} models {models} base {has_base} element {e}: {vals:?}"
+                    );
+                }
+            },
+        );
+    }
+
+    /// `k` blocks of `len` values of precision `p` in [−4, 4), one in seven a special value
+    /// (signed zeros, ±1, infinities, NaN, huge magnitudes, a subnormal); `seed` advances.
+    fn sample_blocks(p: Precision, k: usize, len: usize, seed: &mut u64) -> Vec<Vec<f32>> {
         let special = [
             0.0f32,
             -0.0,
@@ -502,49 +668,74 @@ mod tests {
             -3e38,
             1e-40,
         ];
+        let mut next = || {
+            *seed ^= *seed << 13;
+            *seed ^= *seed >> 7;
+            *seed ^= *seed << 17;
+            *seed
+        };
+        (0..k)
+            .map(|_| {
+                (0..len)
+                    .map(|_| {
+                        let r = next();
+                        if r % 7 == 0 {
+                            special[(r >> 8) as usize % special.len()]
+                        } else {
+                            p.round(((r >> 11) as f64 / (1u64 << 53) as f64 * 8.0 - 4.0) as f32)
+                        }
+                    })
+                    .collect()
+            })
+            .collect()
+    }
+
+    /// The block vote of [`Vote::merge`] equals [`element`] element by element, bit for bit,
+    /// for 1 to 4 models, with and without a base, in every precision, with elements kept and
+    /// dropped, over weights that include 0, negative and tiny values.
+    #[test]
+    fn block_vote_equals_the_scalar_element() {
+        each_case(
+            0x2545_f491_4f6c_dd1d,
+            TIE_BLOCK - 5,
+            |p, models, has_base, views| {
+                let len = views[0].len();
+                let choices = [0.5f32, 0.0, -0.25, 1e-7, 0.3, 1.0];
+                let w: Vec<f32> = (0..models)
+                    .map(|i| p.round(choices[(i + models) % choices.len()]))
+                    .collect();
+                let mut cols = Cols::new(models);
+                cols.fill(p, has_base, &views, false);
+                let tv: Vec<Vec<f32>> = (0..models).map(|i| cols.tv(i, len).to_vec()).collect();
+                let mut vote = Vote::new();
+                for (e, keep) in vote.keep[..len].iter_mut().enumerate() {
+                    *keep = if e % 5 != 0 { u32::MAX } else { 0 };
+                }
+                let mut got = vec![0.0f32; len];
+                vote.merge(p, &mut cols, views[0], &w, &mut got);
+                for (e, g) in got.iter().enumerate() {
+                    let vals: Vec<f32> = tv
+                        .iter()
+                        .map(|t| if e % 5 != 0 { t[e] } else { 0.0 })
+                        .collect();
+                    let want = element(p, views[0][e], &vals, &w);
+                    let same = g.to_bits() == want.to_bits() || (g.is_nan() && want.is_nan());
+                    assert!(same, "{p:?} models {models} base {has_base} element {e}");
+                }
+            },
+        );
+    }
+
+    /// Runs `f(p, models, has_base, blocks)` for every precision, 1 to 4 models, with and
+    /// without a base, on [`sample_blocks`] of `len` values (the base's block first).
+    fn each_case(mut seed: u64, len: usize, mut f: impl FnMut(Precision, usize, bool, &[&[f32]])) {
         for p in [Precision::BF16, Precision::F16, Precision::F32] {
             for models in 1..=4 {
                 for has_base in [false, true] {
                     let k = models + usize::from(has_base);
-                    let len = TIE_BLOCK - 3;
-                    let blocks: Vec<Vec<f32>> = (0..k)
-                        .map(|_| {
-                            (0..len)
-                                .map(|_| {
-                                    let r = next();
-                                    if r % 7 == 0 {
-                                        special[(r >> 8) as usize % special.len()]
-                                    } else {
-                                        p.round(
-                                            ((r >> 11) as f64 / (1u64 << 53) as f64 * 8.0 - 4.0)
-                                                as f32,
-                                        )
-                                    }
-                                })
-                                .collect()
-                        })
-                        .collect();
+                    let blocks = sample_blocks(p, k, len, &mut seed);
                     let views: Vec<&[f32]> = blocks.iter().map(|b| b.as_slice()).collect();
-                    let mut cols = Cols::new(models);
-                    cols.fill(p, has_base, &views, true);
-                    let xs = if has_base { &views[1..] } else { &views[..] };
-                    for e in 0..len {
-                        let vals: Vec<f32> =
-                            xs.iter().map(|x| p.round(x[e] - views[0][e])).collect();
-                        for (i, v) in vals.iter().enumerate() {
-                            assert_eq!(cols.tv(i, len)[e].to_bits(), v.to_bits());
-                        }
-                        let want = variance(p, &vals);
-                        // A NaN's sign and payload after f64 arithmetic are not specified
-                        // (the compiler may swap the operands of an addition); only NaN-ness
-                        // is compared there.
-                        let same = cols.var[e].to_bits() == want.to_bits()
-                            || (cols.var[e].is_nan() && want.is_nan());
-                        assert!(
-                            same,
-                            "{p:?} models {models} base {has_base} element {e}: {vals:?}"
-                        );
-                    }
+                    f(p, models, has_base, &views);
                 }
             }
         }

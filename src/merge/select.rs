@@ -55,6 +55,41 @@ impl Top {
     }
 }
 
+impl Top {
+    /// [`Top::holds`] over a block of values (keys `mag_key(x)`), as masks: `out[e]` all ones
+    /// when element `e` is in, else 0; `seen` advances past the block's ties. The same result
+    /// as calling `holds` element by element, but the running tie count matters only in a
+    /// block where the `drop`-th tie falls: before it every tie is out, after it every tie is
+    /// in, so other blocks are decided by one comparison per element (vectorizable).
+    pub fn mask_block(&self, xs: &[f32], seen: &mut u64, out: &mut [u32]) {
+        let out = &mut out[..xs.len()];
+        let mask = |b: bool| u32::from(b).wrapping_neg();
+        match *self {
+            Top::Nothing => out.fill(0),
+            Top::Everything => out.fill(u32::MAX),
+            Top::Cut { key: c, drop } => {
+                let s = *seen;
+                let tied = xs.iter().filter(|x| mag_key(**x) == c).count() as u64;
+                if s >= drop {
+                    for (o, x) in out.iter_mut().zip(xs) {
+                        *o = mask(mag_key(*x) >= c);
+                    }
+                } else if s + tied <= drop {
+                    for (o, x) in out.iter_mut().zip(xs) {
+                        *o = mask(mag_key(*x) > c);
+                    }
+                } else {
+                    let mut s = s;
+                    for (o, x) in out.iter_mut().zip(xs) {
+                        *o = mask(self.holds(mag_key(*x), &mut s));
+                    }
+                }
+                *seen = s + tied;
+            }
+        }
+    }
+}
+
 /// The ranks from the top that a band `lo..hi` (ascending ranks over `n`) is made of: `Top` sizes
 /// `(n − lo, n − hi)`, with `lo ≥ hi` meaning nothing.
 pub fn top_sizes(lo: usize, hi: usize, n: usize) -> (u64, u64) {
@@ -127,6 +162,42 @@ pub fn mag_key(x: f32) -> u32 {
 
 #[cfg(test)]
 mod tests {
+    /// [`Top::mask_block`] equals [`Top::holds`] element by element, and advances `seen` the
+    /// same, for cut-offs before, inside and after a block's ties, in blocks of any length.
+    #[test]
+    fn block_masks_equal_element_holds() {
+        use super::*;
+        let vals: Vec<f32> = (0..1000)
+            .map(|i| [0.5f32, -0.5, 0.25, 1.0, -0.0, 0.5][(i * 7 + i / 3) % 6])
+            .collect();
+        let c = mag_key(0.5);
+        for top in [
+            Top::Nothing,
+            Top::Everything,
+            Top::Cut { key: c, drop: 0 },
+            Top::Cut { key: c, drop: 37 },
+            Top::Cut { key: c, drop: 200 },
+            Top::Cut { key: c, drop: 5000 },
+            Top::Cut {
+                key: mag_key(0.25),
+                drop: 3,
+            },
+        ] {
+            for block in [1usize, 64, 100, 1000] {
+                let (mut s1, mut s2) = (0u64, 0u64);
+                for xs in vals.chunks(block) {
+                    let mut got = vec![7u32; xs.len()];
+                    top.mask_block(xs, &mut s1, &mut got);
+                    for (x, g) in xs.iter().zip(&got) {
+                        let want = u32::from(top.holds(mag_key(*x), &mut s2)).wrapping_neg();
+                        assert_eq!(*g, want, "{top:?} block {block}");
+                    }
+                    assert_eq!(s1, s2, "{top:?} block {block}");
+                }
+            }
+        }
+    }
+
     use super::*;
     use crate::merge::gta::keep_rank_band;
     use crate::merge::precision::bf16_round;
