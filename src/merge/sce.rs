@@ -631,8 +631,8 @@ mod tests {
             |p, models, has_base, views| {
                 let len = views[0].len();
                 let mut cols = Cols::new(models);
-                cols.fill(p, has_base, &views, true);
-                let xs = if has_base { &views[1..] } else { &views[..] };
+                cols.fill(p, has_base, views, true);
+                let xs = if has_base { &views[1..] } else { views };
                 for e in 0..len {
                     let vals: Vec<f32> = xs.iter().map(|x| p.round(x[e] - views[0][e])).collect();
                     for (i, v) in vals.iter().enumerate() {
@@ -705,7 +705,7 @@ mod tests {
                     .map(|i| p.round(choices[(i + models) % choices.len()]))
                     .collect();
                 let mut cols = Cols::new(models);
-                cols.fill(p, has_base, &views, false);
+                cols.fill(p, has_base, views, false);
                 let tv: Vec<Vec<f32>> = (0..models).map(|i| cols.tv(i, len).to_vec()).collect();
                 let mut vote = Vote::new();
                 for (e, keep) in vote.keep[..len].iter_mut().enumerate() {
