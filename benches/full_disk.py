@@ -22,9 +22,12 @@ mnt = f"/tmp/ladle-full-disk-{port}"
 os.makedirs(mnt, exist_ok=True)
 subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", mnt], check=True)
 try:
+    # Inputs and outputs beside the data directory, in a root of their own (outputs inside the
+    # data directory are refused, `storage_not_allowed`).
     data = mnt + "/data"
-    for m in ["a", "b"]: os.makedirs(f"{data}/{m}", exist_ok=True)
-    p = subprocess.Popen([binary, "api", "--bind", f"127.0.0.1:{port}", "--data-dir", data],
+    for m in ["a", "b"]: os.makedirs(f"{mnt}/{m}", exist_ok=True)
+    p = subprocess.Popen([binary, "api", "--bind", f"127.0.0.1:{port}", "--data-dir", data,
+                          "--allowed-root", mnt],
                          stderr=open(f"{mnt}.log", "w"), env={**os.environ, "NO_COLOR": "1"})
     base = f"http://127.0.0.1:{port}"
     def req(method, path, body=None):
@@ -36,8 +39,8 @@ try:
     for _ in range(100):
         try: req("GET", "/healthz"); break
         except Exception: time.sleep(0.1)
-    def recipe(i): return {"method": "linear", "models": [{"uri": f"file://{data}/a/"}, {"uri": f"file://{data}/b/"}],
-                           "output": {"uri": f"file://{data}/out-{i}/"}}
+    def recipe(i): return {"method": "linear", "models": [{"uri": f"file://{mnt}/a/"}, {"uri": f"file://{mnt}/b/"}],
+                           "output": {"uri": f"file://{mnt}/out-{i}/"}}
     print("before filling:", req("POST", "/v1/merges", recipe(0))[0])
     fd = os.open(mnt + "/filler", os.O_WRONLY | os.O_CREAT)
     for n in [65536, 512, 1]:
