@@ -97,7 +97,7 @@ pub fn della_at(delta: &mut [f32], first: u64, keep: &DellaKeep, rng: &KeyedRng)
         } => (*len, thresholds),
     };
     let mut ranker = Ranker::default();
-    let mut rank: Vec<u32> = vec![0; len];
+    let mut masks = vec![0u32; len];
     for (r, row) in delta.chunks_mut(len).enumerate() {
         let d = row.len();
         let short;
@@ -116,21 +116,26 @@ pub fn della_at(delta: &mut [f32], first: u64, keep: &DellaKeep, rng: &KeyedRng)
             short = self::thresholds(d, *density, *epsilon, *p);
             &short
         };
-        let rank = &mut rank[..d];
-        ranker.ranks(row, rank);
         let e0 = first + (r * len) as u64;
-        // Branch-free, as DARE's draw (see `gta::random_at`).
-        for (j, (x, &rk)) in row.iter_mut().zip(rank.iter()).enumerate() {
-            let keep = rng.bits(e0 + j as u64) < table[rk as usize - 1];
-            *x = std::hint::select_unpredictable(keep, *x, 0.0);
+        // In ascending order: the order's i-th index has rank i + 1, so its threshold is
+        // `table[i]`. The draws go to a mask first, then the mask to the row: a drop written
+        // in place (only where an element is dropped) compiles to a branch that mispredicts
+        // about every other element.
+        let masks = &mut masks[..d];
+        for (&j, t) in ranker.order(row).iter().zip(table) {
+            let j = j as usize;
+            masks[j] = u32::from(rng.bits(e0 + j as u64) < *t).wrapping_neg();
+        }
+        for (x, m) in row.iter_mut().zip(masks.iter()) {
+            *x = f32::from_bits(x.to_bits() & m);
         }
     }
 }
 
-/// Ascending ranks (1-based) by `(|δ|, index)`, as a stable sort on `|δ|.total_cmp` gives
-/// them: for magnitudes (sign cleared) `total_cmp` orders like the bits, so a stable LSD radix
-/// sort of the keys (a byte at a time, skipping bytes every key shares, e.g. the zero low half
-/// of bf16 values) gives that order in linear time. Scratch reused from row to row.
+/// The ascending order by `(|δ|, index)` (the element indices, rank 1 first), as a stable
+/// sort on `|δ|.total_cmp` gives it: for magnitudes (sign cleared) `total_cmp` orders like
+/// the bits, so a stable LSD radix sort of the keys (a byte at a time, skipping bytes every
+/// key shares, e.g. the zero low half of bf16 values) gives that order in linear time. Scratch reused from row to row.
 #[derive(Debug, Default)]
 struct Ranker {
     keys: Vec<u32>,
@@ -140,7 +145,7 @@ struct Ranker {
 }
 
 impl Ranker {
-    fn ranks(&mut self, row: &[f32], rank: &mut [u32]) {
+    fn order(&mut self, row: &[f32]) -> &[u32] {
         let d = row.len();
         self.keys.clear();
         self.keys.extend(row.iter().map(|x| radix::key(*x)));
@@ -148,13 +153,19 @@ impl Ranker {
         self.idx.extend(0..d as u32);
         self.tmp_keys.resize(d, 0);
         self.tmp_idx.resize(d, 0);
+        // Bytes every key shares (e.g. the zero low half of bf16 values) need no pass: a pass
+        // over them would not move anything.
+        let (any, all) = self
+            .keys
+            .iter()
+            .fold((0u32, u32::MAX), |(o, a), k| (o | k, a & k));
         for shift in [0u32, 8, 16, 24] {
+            if ((any ^ all) >> shift) & 0xff == 0 {
+                continue;
+            }
             let mut count = [0u32; 256];
             for k in &self.keys {
                 count[((k >> shift) & 0xff) as usize] += 1;
-            }
-            if count.iter().any(|&c| c as usize == d) {
-                continue; // every key has the same byte here: the pass would not move anything
             }
             let mut pos = [0u32; 256];
             let mut sum = 0u32;
@@ -172,9 +183,7 @@ impl Ranker {
             std::mem::swap(&mut self.keys, &mut self.tmp_keys);
             std::mem::swap(&mut self.idx, &mut self.tmp_idx);
         }
-        for (p, &i) in self.idx.iter().enumerate() {
-            rank[i as usize] = p as u32 + 1;
-        }
+        &self.idx
     }
 }
 

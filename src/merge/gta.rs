@@ -366,7 +366,8 @@ pub fn random_at(delta: &mut [f32], first: u64, density: f64, p: Precision, rng:
     let t = threshold(p.scalar(density) as f64);
     // Branch-free: a kept/dropped branch at probability ~½ mispredicts every other element.
     for (e, x) in delta.iter_mut().enumerate() {
-        *x = std::hint::select_unpredictable(rng.bits(first + e as u64) < t, *x, 0.0);
+        let keep = rng.bits(first + e as u64) < t;
+        *x = f32::from_bits(x.to_bits() & u32::from(keep).wrapping_neg());
     }
 }
 

@@ -258,7 +258,7 @@ impl Shared {
                     let k = mag_key(*x);
                     let in_a = a.holds(k, &mut seen[0]);
                     let in_b = b.holds(k, &mut seen[1]);
-                    *x = std::hint::select_unpredictable(in_a & !in_b, *x, 0.0);
+                    *x = f32::from_bits(x.to_bits() & u32::from(in_a & !in_b).wrapping_neg());
                 }
             }
             Mask::Band { .. } => return false,
