@@ -5,6 +5,7 @@
 #
 #   bash benches/vs_mergekit.sh
 #   RUNS=5 MK_RUNS=1 METHODS="linear ties" BENCH_DATA=/mnt/fast/bench bash benches/vs_mergekit.sh
+#   SKIP_BUILD=1 LADLE=/path/to/ladle bash benches/vs_mergekit.sh   # a binary built before
 #
 # 1. A virtualenv with mergekit 0.1.5 from PyPI at $MERGEKIT_VENV (default .venv-mergekit/),
 #    created if missing. PyPI's Linux torch wheel brings CUDA libraries (a few GB to download);
@@ -33,7 +34,7 @@ RUNS=${RUNS:-3}
 MK_RUNS=${MK_RUNS:-1}
 COMPARE=${COMPARE:-1}
 METHODS=${METHODS:-"linear ties dare_ties della breadcrumbs task_arithmetic sce slerp nuslerp model_stock karcher"}
-LADLE=$ROOT/target/release/ladle
+LADLE=${LADLE:-$ROOT/target/release/ladle}
 WORK=$DATA/vs-mergekit
 # shellcheck source=benches/lib.sh
 source "$ROOT/benches/lib.sh"
@@ -46,8 +47,10 @@ if [[ ! -x $VENV/bin/mergekit-yaml ]]; then
   "$VENV/bin/pip" install -q mergekit==0.1.5
 fi
 log "mergekit $("$VENV/bin/python" -c 'import importlib.metadata as m; print(m.version("mergekit"), "torch", m.version("torch"))')"
-log "cargo build --release"
-cargo build --release
+if [[ ${SKIP_BUILD:-} != 1 ]]; then
+  log "cargo build --release"
+  cargo build --release
+fi
 MODELS=3
 ensure_inputs
 B=$DATA/ft-1 F2=$DATA/ft-2 F3=$DATA/ft-3

@@ -7,6 +7,7 @@
 //! - deliveries are signed, carry the job's view, and follow `events` (a job whose events do
 //!   not include what happened gets nothing); `GET` of the job lists them under
 //!   `notify.deliveries`; `ladle_webhook_calls_total` counts them;
+//! - a receiver answering 307 (to another receiver) then 200: not followed, retried;
 //! - a receiver answering 500 then 200 gets the same delivery (id and body) twice, seconds
 //!   apart, and the view shows the failed attempt, then the success;
 //! - a disallowed host, plain http to a non-loopback host, an unknown event, or a server
@@ -130,6 +131,8 @@ struct Inbox {
     got: Arc<Mutex<Vec<Got>>>,
     /// Statuses to answer, in order; 200 once it is empty.
     script: Arc<Mutex<VecDeque<u16>>>,
+    /// The `location` of a 3xx answer.
+    location: Arc<Mutex<Option<String>>>,
 }
 
 struct Receiver {
@@ -190,7 +193,8 @@ async fn receive(
     axum::extract::State(inbox): axum::extract::State<Inbox>,
     headers: axum::http::HeaderMap,
     body: bytes::Bytes,
-) -> axum::http::StatusCode {
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
     let h = |name: &str| {
         headers
             .get(name)
@@ -208,7 +212,14 @@ async fn receive(
         at: chrono::Utc::now().timestamp(),
         answered,
     });
-    axum::http::StatusCode::from_u16(answered).unwrap_or(axum::http::StatusCode::OK)
+    let status = axum::http::StatusCode::from_u16(answered).unwrap_or(axum::http::StatusCode::OK);
+    let location = inbox.location.lock().unwrap().clone();
+    match location {
+        Some(to) if status.is_redirection() => {
+            (status, [(axum::http::header::LOCATION, to)]).into_response()
+        }
+        _ => status.into_response(),
+    }
 }
 
 /// Every check a receiver makes: the signature (independently), a whole-seconds timestamp
@@ -508,6 +519,58 @@ async fn deliveries_and_retries(pg: bool) {
     assert_eq!(
         (d["attempts"].clone(), d["last_status"].clone()),
         (json!(2), json!(200))
+    );
+
+    // A 307 pointing elsewhere is a failed attempt, not followed: the other receiver gets
+    // nothing, and the retry goes to the notify URL again.
+    let trap = Receiver::start(&[]).await;
+    let redirecting = Receiver::start(&[307]).await;
+    *redirecting.inbox.location.lock().unwrap() = Some(trap.url());
+    let r = submit_ok(
+        &client,
+        &base,
+        &recipe(
+            &models,
+            &root.join("out-r"),
+            json!({"url": redirecting.url(), "events": ["succeeded"]}),
+        ),
+    )
+    .await;
+    let redirected = wait_view(
+        &client,
+        &base,
+        &r,
+        Duration::from_secs(60),
+        "r's redirected attempt",
+        |v| v["notify"]["deliveries"][0]["last_status"] == 307,
+    )
+    .await;
+    let d = &redirected["notify"]["deliveries"][0];
+    assert_eq!(d["state"], "pending", "{d}");
+    assert!(
+        d["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("redirects are not followed")),
+        "{d}"
+    );
+    wait_view(
+        &client,
+        &base,
+        &r,
+        Duration::from_secs(30),
+        "r delivered on retry",
+        |v| v["notify"]["deliveries"][0]["state"] == "delivered",
+    )
+    .await;
+    let got = redirecting.got();
+    assert_eq!(
+        got.iter().map(|g| g.answered).collect::<Vec<_>>(),
+        [307, 200]
+    );
+    assert!(
+        trap.got().is_empty(),
+        "the redirect was followed: {:#?}",
+        trap.got()
     );
 
     let metrics = client
