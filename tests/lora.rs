@@ -1318,3 +1318,70 @@ async fn manifest_records_each_adapters_ranks_and_scalings() {
     assert_eq!(inputs[2]["lora"]["modules"][q]["r"], json!(16));
     assert_eq!(inputs[2]["lora"]["modules"][q]["scaling"], json!(2.0));
 }
+
+/// A JSON recipe of ladle's written as mergekit YAML (block style; values as JSON, which is
+/// YAML): `merge_method`, `base_model` and each model as its URL (`model+lora` for a fold),
+/// `parameters` per model and global.
+fn as_mergekit_yaml(recipe: &Value) -> String {
+    let flow = |v: &Value| serde_json::to_string(v).unwrap();
+    let uri = |m: &Value| match m.get("uri") {
+        Some(u) => u.as_str().unwrap().to_string(),
+        None => m.as_str().unwrap().to_string(),
+    };
+    let mut y = format!(
+        "merge_method: {}\nbase_model: {}\nmodels:\n",
+        recipe["method"].as_str().unwrap(),
+        uri(&recipe["base_model"])
+    );
+    for m in recipe["models"].as_array().unwrap() {
+        let lora = m.get("lora").map(|l| format!("+{}", l.as_str().unwrap()));
+        y += &format!("  - model: {}{}\n", uri(m), lora.unwrap_or_default());
+        if let Some(p) = m.get("parameters") {
+            y += &format!("    parameters: {}\n", flow(p));
+        }
+    }
+    y += &format!("parameters: {}\n", flow(&recipe["parameters"]));
+    y
+}
+
+/// The adapter-level methods from mergekit YAML (`merge_method: lora`, `lora_extract`) write
+/// the same bytes as their JSON recipes: `ties` and `dare_ties` combinations of three adapters
+/// (negative weights, density, majority sign, seed) and an extraction from a fine-tune.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lora_methods_from_yaml_equal_their_json() {
+    let Some(pack) = pack() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let mut recipes = Vec::new();
+    for case in ["awa_ties_total", "awa_dare_ties_d1"] {
+        let (_, spec) = read_case(&pack, case);
+        let out = tmp.path().join(format!("{case}-json"));
+        recipes.push((case, lora_recipe(&pack, &spec, &out)));
+    }
+    let (dir, spec) = read_case(&pack, "extract_full_r8");
+    let out = tmp.path().join("extract_full_r8-json");
+    recipes.push(("extract_full_r8", extract_recipe(&dir, &spec, &out)));
+    for (case, recipe) in recipes {
+        let json_out = tmp.path().join(format!("{case}-json"));
+        let sub = Recipe::parse_json(&serde_json::to_vec(&recipe).unwrap())
+            .unwrap_or_else(|e| panic!("{case}: {e}"));
+        run(&sub.recipe, 4096)
+            .await
+            .unwrap_or_else(|e| panic!("{case} (JSON): [{}] {e}", e.code()));
+        let yaml = as_mergekit_yaml(&recipe);
+        let yaml_out = tmp.path().join(format!("{case}-yaml"));
+        let sub = Recipe::parse_yaml(&yaml, Some(tmp.path()), Some(&url(&yaml_out)))
+            .unwrap_or_else(|e| panic!("{case}: {e}\n{yaml}"));
+        assert_eq!(sub.recipe.method.name(), recipe["method"], "{case}");
+        run(&sub.recipe, 4096)
+            .await
+            .unwrap_or_else(|e| panic!("{case} (YAML): [{}] {e}\n{yaml}", e.code()));
+        for file in ["adapter_model.safetensors", "adapter_config.json"] {
+            let a = std::fs::read(json_out.join(file)).unwrap();
+            let b = std::fs::read(yaml_out.join(file)).unwrap();
+            assert!(
+                a == b,
+                "{case}: {file} differs between JSON and YAML\n{yaml}"
+            );
+        }
+    }
+}
