@@ -147,7 +147,14 @@ pub async fn accept(
         .as_deref()
         .map(|t| resolve("tokenizer_source".into(), t))
         .transpose()?;
-    let output_url = resolve("output.uri".into(), &recipe.output.uri)?;
+    // An output is written, so it is a storage URL; `org/name` is not read as a hub id here.
+    let output_url = storage
+        .resolve_storage(&recipe.output.uri)
+        .map(|loc| loc.url)
+        .map_err(|source| IntakeError::Storage {
+            field: "output.uri".into(),
+            source,
+        })?;
     if let Some(search) = &job.search {
         evaluator_hosts
             .check(&search.evaluator().url)

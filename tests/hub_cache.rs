@@ -638,6 +638,18 @@ async fn the_service_resolves_hub_ids_from_a_configured_cache() {
         !err["message"].as_str().unwrap().contains("outside/private"),
         "{err}"
     );
+    // An output shaped like a hub id is not one (outputs are written: storage URLs only).
+    let err = refused(
+        format!("{HUB_RECIPE}output:\n  uri: org/soup\n"),
+        "invalid_uri",
+        400,
+    )
+    .await;
+    assert_eq!(err["field"], "output.uri", "{err}");
+    assert!(
+        err["message"].as_str().unwrap().contains("org/soup"),
+        "{err}"
+    );
     for name in ["m", "r", "e"] {
         assert!(!root.join("soups").join(name).exists(), "{name}");
     }

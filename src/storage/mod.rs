@@ -244,6 +244,12 @@ impl Storage {
         if let Some(hub) = hf_cache::HubRef::parse(uri) {
             return self.resolve_hub(uri, &hub);
         }
+        self.resolve_storage(uri)
+    }
+
+    /// [`Storage::resolve`] of a URL that must name storage (`file://`, `s3://`), never a
+    /// Hugging Face hub id: an output, which is written (a hub id is read from the cache only).
+    pub fn resolve_storage(&self, uri: &str) -> Result<Location, StorageError> {
         let invalid = |reason: &str| StorageError::InvalidUri {
             uri: uri.to_string(),
             reason: reason.to_string(),
