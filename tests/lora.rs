@@ -373,7 +373,10 @@ async fn service_folds_and_refuses_over_http() {
 }
 
 /// Decoded values of every tensor: name → (dtype, shape, f32 values).
-fn read_values(path: &Path) -> BTreeMap<String, (String, Vec<usize>, Vec<f32>)> {
+/// Tensors by name: dtype, shape, values as f32.
+type Values = BTreeMap<String, (String, Vec<usize>, Vec<f32>)>;
+
+fn read_values(path: &Path) -> Values {
     read_raw(path)
         .into_iter()
         .map(|(n, (dt, shape, bytes))| {
@@ -829,15 +832,22 @@ async fn svd_rank_and_clamp_match_peft_given_its_signs() {
     );
 }
 
-/// DARE SVD types at density < 1 (peft's torch masks cannot be reproduced): per module, the
-/// relative distance `‖P − P1‖_F/‖P1‖_F` of the product from the density-1 product (the `_d1`
-/// case's expected output) within `[min − 3·std, max + 3·std]` of peft's over 16 seeds (the
-/// pack's acceptance rule); the same seed gives the same adapter.
+/// The DARE cases at density < 1 by the pack's acceptance rule (peft's masks come from torch's
+/// RNG and cannot be reproduced): the same seed gives the same adapter; each module's product
+/// lies within `[min − 3·std, max + 3·std]` of its distance from the density-1 product over
+/// peft's 16 seeds; for the factor types (`dare_linear`, `dare_ties`) every output element
+/// equals, within 1e-6 relative, the outcome of some subset of kept adapters, and where one
+/// adapter alone has a module its kept fraction is within `5·sqrt(d(1−d)/n) + 1/n` of `d`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn dare_svd_types_are_within_peft_spread() {
+async fn dare_types_are_within_peft_spread() {
     let Some(pack) = pack() else { return };
     let tmp = tempfile::tempdir().unwrap();
-    for case in ["awa_dare_linear_svd", "awa_dare_ties_svd"] {
+    for case in [
+        "awa_dare_linear",
+        "awa_dare_ties",
+        "awa_dare_linear_svd",
+        "awa_dare_ties_svd",
+    ] {
         let (_, spec) = read_case(&pack, case);
         let (d1_dir, _) = read_case(&pack, &format!("{case}_d1"));
         let out = tmp.path().join(case);
@@ -867,8 +877,105 @@ async fn dare_svd_types_are_within_peft_spread() {
                 "{case}: {m}: distance {dist:.4} outside [{lo:.4} − 3·{sd:.4}, {hi:.4} + 3·{sd:.4}]"
             );
         }
+        if !case.ends_with("_svd") {
+            dare_factors_are_subset_outcomes(&pack, case, &spec, &out);
+        }
         eprintln!("{case}: {} modules within peft's spread", got.len());
     }
+}
+
+/// The factor-type DARE rule of the pack (README §3): per module and factor, the adapters
+/// having it, their factors `t_i` and weights (`ws_i = w_i·s_i`; A: `sqrt|ws_i|·sign ws_i`,
+/// B: `sqrt|ws_i|`, as f32); a kept value is `t_i / d`. `dare_linear`: `Σ t'_i·a_i`;
+/// `dare_ties`: the sign elected on the unweighted `t'_i` (`total` or `frequency`, `≥ 0` is
+/// `+`), the mean of the kept `t'_i·a_i` over their count (at least 1).
+fn dare_factors_are_subset_outcomes(pack: &Path, case: &str, spec: &Value, out: &Path) {
+    let op = &spec["operation"];
+    let d = op["density"].as_f64().unwrap() as f32;
+    let ties = op["combination_type"] == "dare_ties";
+    let frequency = op["majority_sign_method"] == "frequency";
+    let got = read_values(&out.join("adapter_model.safetensors"));
+    let adapters: Vec<(f64, Values)> = spec["inputs"]["adapters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip(op["weights"].as_array().unwrap())
+        .map(|(a, w)| {
+            let dir = pack
+                .join("inputs/adapters")
+                .join(a["name"].as_str().unwrap());
+            let config: Value =
+                serde_json::from_slice(&std::fs::read(dir.join("adapter_config.json")).unwrap())
+                    .unwrap();
+            assert_eq!(config["use_rslora"], false, "{case}: scope of this check");
+            assert_eq!(config["rank_pattern"], json!({}), "{case}");
+            assert_eq!(config["alpha_pattern"], json!({}), "{case}");
+            let s = config["lora_alpha"].as_f64().unwrap() / config["r"].as_f64().unwrap();
+            let ws = w.as_f64().unwrap() * s;
+            (ws, read_values(&dir.join("adapter_model.safetensors")))
+        })
+        .collect();
+    let tol = 5.0 * ((d * (1.0 - d)) as f64).sqrt();
+    let (mut checked, mut single) = (0usize, 0usize);
+    for (name, (_, _, values)) in &got {
+        let is_a = name.ends_with(".lora_A.weight");
+        let having: Vec<(f32, &Vec<f32>)> = adapters
+            .iter()
+            .filter_map(|(ws, tensors)| {
+                let a = (ws.abs().sqrt() * if is_a { ws.signum() } else { 1.0 }) as f32;
+                tensors.get(name).map(|(_, _, t)| (a, t))
+            })
+            .collect();
+        assert!(!having.is_empty(), "{case}: {name} in no input");
+        for (e, g) in values.iter().enumerate() {
+            let outcome = |subset: usize| -> f32 {
+                let kept: Vec<(f32, f32)> = having
+                    .iter()
+                    .enumerate()
+                    .map(|(i, (a, t))| (if subset >> i & 1 == 1 { t[e] / d } else { 0.0 }, *a))
+                    .collect();
+                if !ties {
+                    return kept.iter().fold(0.0f32, |acc, (v, a)| acc + v * a);
+                }
+                let vote: f32 = if frequency {
+                    kept.iter()
+                        .map(|(v, _)| if *v == 0.0 { 0.0 } else { v.signum() })
+                        .sum()
+                } else {
+                    kept.iter().map(|(v, _)| v).sum()
+                };
+                let up = vote >= 0.0;
+                let votes = |v: f32| v != 0.0 && (v > 0.0) == up;
+                let sum = kept.iter().fold(0.0f32, |acc, (v, a)| {
+                    acc + if votes(*v) { v * a } else { 0.0 }
+                });
+                let count = kept.iter().filter(|(v, _)| votes(*v)).count();
+                sum / count.max(1) as f32
+            };
+            let near = |w: f32| (g - w).abs() <= 1e-6 * w.abs().max(g.abs()) || g == &w;
+            assert!(
+                (0..1usize << having.len()).any(|s| near(outcome(s))),
+                "{case}: {name}[{e}] = {g} is no subset's outcome"
+            );
+            checked += 1;
+        }
+        if let [(_, t)] = having.as_slice() {
+            let nonzero: Vec<usize> = (0..t.len()).filter(|&e| t[e] != 0.0).collect();
+            let n = nonzero.len() as f64;
+            let kept = nonzero.iter().filter(|&&e| values[e] != 0.0).count() as f64;
+            let frac = kept / n;
+            assert!(
+                (frac - d as f64).abs() <= tol / n.sqrt() + 1.0 / n,
+                "{case}: {name}: kept fraction {frac:.4} for density {d}"
+            );
+            single += 1;
+        }
+    }
+    assert!(
+        single > 0,
+        "{case}: no module of one adapter to count masks on"
+    );
+    eprintln!("{case}: {checked} elements are subset outcomes; kept fractions of {single} factors");
 }
 
 /// The recipe of a `mergekit-extract-lora` case: its CLI options as `lora_extract`
