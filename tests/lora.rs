@@ -330,7 +330,7 @@ async fn service_folds_and_refuses_over_http() {
         &read_raw(&pack.join("cases/fold_rslora_r16/expected/f32/model.safetensors")),
     );
     let bad = tmp.path().join("out/bad");
-    let (status, job) = submit(
+    let failed = submit_and_wait(
         &client,
         &base_url,
         &fold_recipe(
@@ -339,14 +339,6 @@ async fn service_folds_and_refuses_over_http() {
             &bad,
             "bfloat16",
         ),
-    )
-    .await;
-    assert_eq!(status, 202, "{job}");
-    let failed = wait_terminal(
-        &client,
-        &base_url,
-        job["id"].as_str().unwrap(),
-        Duration::from_secs(60),
     )
     .await;
     assert_eq!(failed["state"], "failed", "{failed}");
@@ -358,6 +350,27 @@ async fn service_folds_and_refuses_over_http() {
             .contains("DoRA"),
         "{failed}"
     );
+    // An adapter given as a model (its folder, or its weights file) fails the job with
+    // `invalid_adapter` saying how to use it, instead of not found or merged as weights.
+    let adapter = pack.join("inputs/adapters/qv_r8");
+    let weights = url::Url::from_file_path(adapter.join("adapter_model.safetensors")).unwrap();
+    for (i, model) in [url(&adapter), weights.to_string()].iter().enumerate() {
+        let failed = submit_and_wait(
+            &client,
+            &base_url,
+            &json!({"method": "linear",
+                    "models": [{"uri": url(&base)}, {"uri": model}],
+                    "output": {"uri": url(&tmp.path().join(format!("out/adapter{i}")))}}),
+        )
+        .await;
+        assert_eq!(failed["error"]["code"], "invalid_adapter", "{failed}");
+        let message = failed["error"]["message"].as_str().unwrap_or_default();
+        assert!(
+            message.contains("is a LoRA adapter, not a model"),
+            "{failed}"
+        );
+        assert!(!tmp.path().join(format!("out/adapter{i}")).exists());
+    }
     // An adapter outside the allowed roots is refused at intake, naming the field.
     let (status, body) = submit(
         &client,
@@ -372,10 +385,23 @@ async fn service_folds_and_refuses_over_http() {
     service.shutdown().await;
 }
 
-/// Decoded values of every tensor: name → (dtype, shape, f32 values).
+/// Submit over HTTP (202 asserted) and wait for the job's terminal view.
+async fn submit_and_wait(client: &reqwest::Client, base_url: &str, body: &Value) -> Value {
+    let (status, job) = submit(client, base_url, body).await;
+    assert_eq!(status, 202, "{job}");
+    wait_terminal(
+        client,
+        base_url,
+        job["id"].as_str().unwrap(),
+        Duration::from_secs(60),
+    )
+    .await
+}
+
 /// Tensors by name: dtype, shape, values as f32.
 type Values = BTreeMap<String, (String, Vec<usize>, Vec<f32>)>;
 
+/// Decoded values of every tensor: name → (dtype, shape, f32 values).
 fn read_values(path: &Path) -> Values {
     read_raw(path)
         .into_iter()

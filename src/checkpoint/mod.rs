@@ -20,5 +20,7 @@ pub mod writer;
 pub use header::{Header, HeaderError, MAX_HEADER_LEN, TensorInfo, parse_header, parse_header_len};
 pub use index::{INDEX_FILE_NAME, MAX_INDEX_LEN, ShardIndex, index_json, parse_index};
 pub use local::{LocalFile, LocalReadError};
-pub use reader::{Checkpoint, CheckpointError, CheckpointFile, TensorLoc, open_checkpoint};
+pub use reader::{
+    Checkpoint, CheckpointError, CheckpointFile, TensorLoc, open_checkpoint, open_model,
+};
 pub use writer::{OutTensor, PlannedTensor, ShardPlan, plan_shards};

@@ -54,18 +54,31 @@ pub enum CheckpointError {
         /// What differs.
         what: String,
     },
+    /// A PEFT adapter where a model is expected: a folder holding `adapter_config.json` and no
+    /// checkpoint, or a `.safetensors` file of LoRA factors (averaging A and B matrices
+    /// element by element is wrong math, so it is refused rather than merged).
+    #[error(
+        "{url} is a LoRA adapter, not a model: fold it into its base model with \"lora\" \
+         (YAML `model+adapter`), or combine adapters with \"method\": \"lora\""
+    )]
+    Adapter {
+        /// The reference, as the job names it.
+        url: String,
+    },
     /// Object storage failed.
     #[error("storage error: {0}")]
     Storage(#[from] object_store::Error),
 }
 
 impl CheckpointError {
-    /// `checkpoint_not_found`, `checkpoint_malformed` or `storage_error`.
+    /// `checkpoint_not_found`, `checkpoint_malformed`, `input_changed`, `invalid_adapter`,
+    /// `path_outside_roots` or `storage_error`.
     pub fn code(&self) -> ErrorCode {
         match self {
             CheckpointError::NotFound { .. } => ErrorCode::CheckpointNotFound,
             CheckpointError::Malformed { .. } => ErrorCode::CheckpointMalformed,
             CheckpointError::Changed { .. } => ErrorCode::InputChanged,
+            CheckpointError::Adapter { .. } => ErrorCode::InvalidAdapter,
             CheckpointError::Storage(e) if crate::storage::local::outside_roots(e).is_some() => {
                 ErrorCode::PathOutsideRoots
             }
@@ -245,6 +258,43 @@ pub async fn open_checkpoint(
         }
         Err(e) => Err(e.into()),
     }
+}
+
+/// [`open_checkpoint`] of a model (an ingredient or a base model): a PEFT adapter given there
+/// is refused by name ([`CheckpointError::Adapter`]) instead of being not found (a folder with
+/// `adapter_config.json`) or merged as weights (a file of `lora_A` / `lora_B` factors).
+pub async fn open_model(
+    store: &dyn ObjectStore,
+    path: &Path,
+    url: &str,
+) -> Result<Checkpoint, CheckpointError> {
+    let adapter = || CheckpointError::Adapter {
+        url: url.to_string(),
+    };
+    match open_checkpoint(store, path, url).await {
+        Err(CheckpointError::NotFound { .. })
+            if store
+                .head(
+                    &path
+                        .clone()
+                        .join(crate::checkpoint::adapter::ADAPTER_CONFIG_NAME),
+                )
+                .await
+                .is_ok() =>
+        {
+            Err(adapter())
+        }
+        Ok(c) if c.tensors.keys().any(|n| is_lora_factor(n)) => Err(adapter()),
+        other => other,
+    }
+}
+
+/// Whether a tensor name is one of peft's LoRA factors.
+fn is_lora_factor(name: &str) -> bool {
+    name.contains(".lora_A.")
+        || name.contains(".lora_B.")
+        || name.ends_with(".lora_embedding_A")
+        || name.ends_with(".lora_embedding_B")
 }
 
 /// Builds the tensor map, checking that no tensor is in two files and, for a sharded

@@ -12,7 +12,7 @@ use super::{
     prepass, side_files, slices,
 };
 use crate::checkpoint::{
-    Checkpoint, CheckpointError, LocalFile, OutTensor, ShardPlan, open_checkpoint, plan_shards,
+    Checkpoint, CheckpointError, LocalFile, OutTensor, ShardPlan, open_model, plan_shards,
 };
 use crate::recipe::{Recipe, layer_index};
 use crate::storage::{Location, StorageError};
@@ -114,7 +114,7 @@ impl Engine {
             .collect::<Result<Vec<_>, _>>()?;
         futures::stream::iter(locations)
             .map(|loc| async move {
-                let mut ckpt = open_checkpoint(loc.store.as_ref(), &loc.path, &loc.url).await?;
+                let mut ckpt = open_model(loc.store.as_ref(), &loc.path, &loc.url).await?;
                 open_local_files(&loc, &mut ckpt).await?;
                 Ok::<_, EngineError>((loc, ckpt))
             })
