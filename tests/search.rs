@@ -32,6 +32,8 @@ enum Behaviour {
     NanScore,
     /// Sleep longer than any timeout the tests use.
     Hang,
+    /// Score after 400 ms (a search slow enough for progress events between evaluations).
+    Slow,
 }
 
 #[derive(Clone)]
@@ -91,6 +93,7 @@ async fn evaluate(State(ev): State<Evaluator>, body: axum::Json<Value>) -> Respo
         Behaviour::FailFirst if count == 1 => {
             return (StatusCode::INTERNAL_SERVER_ERROR, "warming up").into_response();
         }
+        Behaviour::Slow => tokio::time::sleep(Duration::from_millis(400)).await,
         Behaviour::FailFirst | Behaviour::Score => {}
     }
     let url = url::Url::parse(body["checkpoint"].as_str().unwrap_or_default()).unwrap();
@@ -469,6 +472,71 @@ async fn greedy_picks_the_known_set(w: &World) {
     assert_eq!(bodies[3]["recipe"]["weights"], json!([0.5, 0.5]));
 }
 
+/// The job's event stream carries the search record while the search runs: `progress`
+/// events whose `search.evaluations` grow one by one (never shrink), then `done` with all six.
+async fn progress_events_carry_the_search(w: &World) {
+    let (url, _ev) = start_evaluator(Behaviour::Slow).await;
+    let r = w.root();
+    let models = vec![
+        (constant_model(&r.join("e0"), 1.0), None),
+        (constant_model(&r.join("e1"), 3.0), None),
+        (constant_model(&r.join("e2"), 0.0), None),
+        (constant_model(&r.join("e3"), 8.0), Some(-6.0)),
+    ];
+    let body = greedy_body(&models, &r.join("out/events"), json!({"url": url}));
+    let (status, v) = submit(&w.client, &w.base, &body).await;
+    assert_eq!(status, 202, "{v}");
+    let id = v["id"].as_str().unwrap();
+    // The stream ends after its `done` event.
+    let text = w
+        .client
+        .get(format!("{}/v1/merges/{id}/events", w.base))
+        .timeout(Duration::from_secs(120))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let mut seen = Vec::new();
+    let mut done = None;
+    for block in text.split("\n\n") {
+        let field = |name: &str| {
+            block
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .map(|v| v.trim().to_string())
+        };
+        let (Some(event), Some(data)) = (field("event:"), field("data:")) else {
+            continue;
+        };
+        let data: Value = serde_json::from_str(&data).unwrap();
+        match event.as_str() {
+            "progress" => {
+                if let Some(e) = data["search"]["evaluations"].as_array() {
+                    seen.push(e.len());
+                }
+            }
+            "done" => done = Some(data),
+            _ => {}
+        }
+    }
+    assert!(
+        seen.iter().any(|n| *n > 0),
+        "no progress event carried evaluations: {seen:?}\n{text}"
+    );
+    assert!(seen.windows(2).all(|w| w[0] <= w[1]), "{seen:?}");
+    let done = done.unwrap_or_else(|| panic!("no done event:\n{text}"));
+    assert_eq!(done["state"], "succeeded", "{done}");
+    assert_eq!(
+        done["result"]["search"]["evaluations"]
+            .as_array()
+            .map(Vec::len),
+        Some(6),
+        "{done}"
+    );
+}
+
 /// Values 1, 3, 2, 2: individual −1, −1, 0, 0; order 2, 3, 0, 1. {2,3}: mean 2 → 0, a tie
 /// with the best: `>=` takes it, `>` does not. `>=`: then {2,3,0} 5/3 and {2,3,1} 7/3, both
 /// −1/3, rejected → {2,3}. `>`: {2,0} 1.5 and {2,1} 2.5, both −0.5, rejected → {2}.
@@ -690,6 +758,7 @@ async fn all(postgres: bool) {
     };
     bad_requests(&w).await;
     greedy_picks_the_known_set(&w).await;
+    progress_events_carry_the_search(&w).await;
     accept_rules_differ_on_a_tie(&w).await;
     evaluator_failures(&w).await;
     sweep_keeps_the_best_value(&w).await;
