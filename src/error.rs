@@ -96,6 +96,9 @@ error_codes! {
     /// A LoRA adapter folder is refused: missing or bad `adapter_config.json`, an adapter type
     /// other than LoRA (DoRA, IA3, …), tensors that disagree with the config or the base.
     InvalidAdapter = "invalid_adapter", 422, false;
+    /// A model's tokenizer cannot be read to build the soup's (`tokenizer_source: union`, the
+    /// `tokenizer` section, `chat_template: auto`): names the file.
+    InvalidTokenizer = "invalid_tokenizer", 422, false;
     /// The ingredients disagree on tensor names or shapes.
     ShapeMismatch = "shape_mismatch", 422, false;
     /// A tensor has a dtype the requested method cannot combine.

@@ -147,6 +147,18 @@ pub async fn accept(
         .as_deref()
         .map(|t| resolve("tokenizer_source".into(), t))
         .transpose()?;
+    // A built tokenizer's models (its source, the tokens' sources).
+    let tokenizer_models = recipe
+        .output
+        .tokenizer
+        .as_mut()
+        .map(|t| {
+            t.uris_mut()
+                .map(|u| resolve("tokenizer".into(), u))
+                .collect::<Result<Vec<_>, _>>()
+        })
+        .transpose()?
+        .unwrap_or_default();
     // An output is written, so it is a storage URL; `org/name` is not read as a hub id here.
     let output_url = storage
         .resolve_storage(&recipe.output.uri)
@@ -180,6 +192,11 @@ pub async fn accept(
             tokenizer
                 .as_deref()
                 .map(|t| ("tokenizer_source".to_string(), t)),
+        )
+        .chain(
+            tokenizer_models
+                .iter()
+                .map(|t| ("tokenizer".to_string(), t.as_str())),
         );
     output::check_apart(&output_url, inputs)?;
     crate::engine::output_rules::check(storage, &output_url, recipe.output.overwrite, data_dir)
@@ -192,6 +209,11 @@ pub async fn accept(
         }
         recipe.base_model = base;
         recipe.output.tokenizer_source = tokenizer;
+        if let Some(t) = recipe.output.tokenizer.as_mut() {
+            for (u, resolved) in t.uris_mut().zip(tokenizer_models) {
+                *u = resolved;
+            }
+        }
         recipe.output.uri = output_url.clone();
     }
     let hash = job.hash();

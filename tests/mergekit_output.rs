@@ -7,12 +7,11 @@
 mod common;
 
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Output;
 
 use common::*;
 use ladle::service::Mode;
 
-const LADLE: &str = env!("CARGO_BIN_EXE_ladle");
 const CARDS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/mergekit_card");
 
 /// A checkpoint folder as the hub has them: bf16 tensors, config, tokenizer, its own card and
@@ -45,14 +44,6 @@ fn models() -> tempfile::TempDir {
     dir
 }
 
-fn ladle(cwd: &Path, args: &[&str]) -> Output {
-    Command::new(LADLE)
-        .current_dir(cwd)
-        .args(args)
-        .output()
-        .unwrap()
-}
-
 fn ok(run: &Output) {
     assert!(
         run.status.success(),
@@ -68,7 +59,7 @@ fn yaml_recipe_writes_mergekits_output_folder_and_reads_it_back() {
         let recipe = format!("{case}.yml");
         std::fs::copy(Path::new(CARDS).join(&recipe), dir.path().join(&recipe)).unwrap();
         let soup = dir.path().join(format!("out-{case}/soup"));
-        let run = ladle(
+        let run = ladle_in(
             dir.path(),
             &["merge", &recipe, &format!("out-{case}/soup"), "--quiet"],
         );
@@ -126,7 +117,7 @@ fn yaml_recipe_writes_mergekits_output_folder_and_reads_it_back() {
         // and gives the same tensors.
         let again = format!("out-{case}/again");
         let config_path = format!("out-{case}/soup/mergekit_config.yml");
-        ok(&ladle(
+        ok(&ladle_in(
             dir.path(),
             &["merge", &config_path, &again, "--quiet"],
         ));
@@ -150,7 +141,7 @@ fn json_recipe_gets_a_mergekit_config_that_reproduces_it() {
     )
     .unwrap();
     let soup = dir.path().join("soup");
-    ok(&ladle(
+    ok(&ladle_in(
         dir.path(),
         &["merge", "recipe.json", "--out", "soup", "--quiet"],
     ));
@@ -171,7 +162,7 @@ fn json_recipe_gets_a_mergekit_config_that_reproduces_it() {
     let elsewhere = tempfile::tempdir().unwrap();
     let again = elsewhere.path().join("again");
     let config_path = soup.join("mergekit_config.yml");
-    ok(&ladle(
+    ok(&ladle_in(
         elsewhere.path(),
         &[
             "merge",
@@ -194,7 +185,7 @@ fn mergekit_yaml_flags() {
     )
     .unwrap();
     // Flags that do not apply: accepted, one line says so.
-    let run = ladle(
+    let run = ladle_in(
         dir.path(),
         &[
             "merge",
@@ -228,7 +219,7 @@ fn mergekit_yaml_flags() {
     );
     assert!(dir.path().join("a/README.md").is_file());
     // No tokenizer, no card; small shards (mergekit's K suffix: ×1000 bytes).
-    let run = ladle(
+    let run = ladle_in(
         dir.path(),
         &[
             "merge",
@@ -256,11 +247,11 @@ fn mergekit_yaml_flags() {
     // DARE takes the seed: another seed, other tensors.
     let dare = "merge_method: dare_linear\nbase_model: ./base\nmodels:\n  - model: ./ft1\n    parameters: {weight: 1.0, density: 0.5}\n";
     std::fs::write(dir.path().join("dare.yml"), dare).unwrap();
-    ok(&ladle(
+    ok(&ladle_in(
         dir.path(),
         &["merge", "dare.yml", "d1", "--quiet", "--random-seed", "1"],
     ));
-    ok(&ladle(
+    ok(&ladle_in(
         dir.path(),
         &["merge", "dare.yml", "d2", "--quiet", "--random-seed", "2"],
     ));
@@ -269,10 +260,10 @@ fn mergekit_yaml_flags() {
         tensor_digests(&dir.path().join("d2"))
     );
     // OUT_DIR and --out are one or the other.
-    let both = ladle(dir.path(), &["merge", "ties.yml", "x", "--out", "y"]);
+    let both = ladle_in(dir.path(), &["merge", "ties.yml", "x", "--out", "y"]);
     assert!(!both.status.success());
     // --help: YAML and JSON recipes, the one-shot options only.
-    let help = ladle(dir.path(), &["merge", "--help"]);
+    let help = ladle_in(dir.path(), &["merge", "--help"]);
     ok(&help);
     let help = String::from_utf8_lossy(&help.stdout);
     for want in [
@@ -306,7 +297,7 @@ fn relative_paths_from_the_current_directory_then_the_recipe_folder() {
     std::fs::create_dir_all(dir.path().join("recipes")).unwrap();
     let text = "merge_method: linear\nmodels:\n  - model: ./base\n    parameters: {weight: 1.0}\n  - model: ./ft1\n    parameters: {weight: 1.0}\n";
     std::fs::write(dir.path().join("recipes/r.yml"), text).unwrap();
-    ok(&ladle(
+    ok(&ladle_in(
         dir.path(),
         &["merge", "recipes/r.yml", "soup", "--quiet"],
     ));
@@ -327,7 +318,7 @@ fn relative_paths_from_the_current_directory_then_the_recipe_folder() {
     .unwrap();
     let elsewhere = tempfile::tempdir().unwrap();
     let recipe = dir.path().join("r2.yml");
-    ok(&ladle(
+    ok(&ladle_in(
         elsewhere.path(),
         &["merge", recipe.to_str().unwrap(), "soup", "--quiet"],
     ));
@@ -436,7 +427,7 @@ fn tokenizer_source_and_chat_template() {
         let recipe = format!("{name}.yml");
         let mut args = vec!["merge", recipe.as_str(), name, "--quiet"];
         args.extend(flags);
-        ladle(d, &args)
+        ladle_in(d, &args)
     };
     ok(&run("plain", "", &[]));
     let plain = d.join("plain");
@@ -486,7 +477,7 @@ fn tokenizer_source_and_chat_template() {
         );
     }
     // The recipe text goes back in with its tokenizer options.
-    ok(&ladle(
+    ok(&ladle_in(
         d,
         &[
             "merge",
@@ -532,14 +523,19 @@ fn tokenizer_source_and_chat_template() {
     // Refused by name.
     for (name, extra, flags, want) in [
         ("r1", "chat_template: vicuna\n", &[][..], "chat_template"),
-        ("r2", "chat_template: auto\n", &[], "chat_template"),
         (
             "r3",
             "chat_template: chatml\n",
             &["--no-copy-tokenizer"],
             "chat_template",
         ),
-        ("r4", "tokenizer_source: union\n", &[], "tokenizer_source"),
+        // These stand-ins' tokenizer.json is no tokenizer: refused naming the file.
+        (
+            "r4",
+            "tokenizer_source: union\n",
+            &[],
+            "base/tokenizer.json",
+        ),
         (
             "r5",
             "tokenizer_source: ./missing\n",
@@ -570,14 +566,14 @@ fn tokenizer_source_and_chat_template() {
             "output": {"uri": "file:///placeholder/"}}"#,
     )
     .unwrap();
-    ok(&ladle(
+    ok(&ladle_in(
         d,
         &["merge", "t.json", "--out", "json-tok", "--quiet"],
     ));
     let text = std::fs::read_to_string(d.join("json-tok/mergekit_config.yml")).unwrap();
     assert!(text.contains("\nchat_template: mistral\n"), "{text}");
     assert!(text.contains("\ntokenizer_source: /"), "{text}");
-    ok(&ladle(
+    ok(&ladle_in(
         d,
         &[
             "merge",

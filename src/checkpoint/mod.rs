@@ -5,6 +5,7 @@
 //! - [`index`]: Hugging Face `model.safetensors.index.json` files.
 //! - [`writer`]: planning output shards (headers and offsets) so they stream in one pass.
 //! - [`identity`]: an input file's identity at plan time, checked around every shard.
+//! - [`permuted`]: embedding rows seen on a soup's vocabulary (data; `engine::permute`).
 //! - [`local`]: ranged reads of a local file through one descriptor held for the job (mmap).
 //! - [`reader`]: opening a checkpoint (file, folder, or sharded folder) in object storage by
 //!   reading headers only.
@@ -14,6 +15,7 @@ pub mod header;
 pub mod identity;
 pub mod index;
 pub mod local;
+pub mod permuted;
 pub mod reader;
 pub mod writer;
 

@@ -162,6 +162,8 @@ pub struct Checkpoint {
     /// A LoRA adapter folded into this checkpoint (a model entry's `lora`): its tensors read
     /// as the fold (`engine::fold`).
     pub lora: Option<Arc<super::adapter::Attached>>,
+    /// Its embedding rows permuted onto a tokenizer built for the soup (`engine::permute`).
+    pub permuted: Option<Arc<super::permuted::Permuted>>,
 }
 
 impl Checkpoint {
@@ -374,6 +376,7 @@ fn assemble(
         tensors,
         folder,
         lora: None,
+        permuted: None,
     })
 }
 

@@ -13,6 +13,9 @@ pub enum EngineError {
     Checkpoint(#[from] CheckpointError),
     #[error(transparent)]
     Adapter(#[from] crate::checkpoint::adapter::AdapterError),
+    /// A model's tokenizer files cannot be used to build the soup's (`invalid_tokenizer`).
+    #[error(transparent)]
+    Tokenizer(#[from] super::vocab::TokenizerError),
     #[error("{0}")]
     InvalidRecipe(String),
     #[error("{0}")]
@@ -54,6 +57,7 @@ impl EngineError {
             EngineError::Storage(e) => e.code(),
             EngineError::Checkpoint(e) => e.code(),
             EngineError::Adapter(e) => e.code(),
+            EngineError::Tokenizer(_) => ErrorCode::InvalidTokenizer,
             EngineError::InvalidRecipe(_) => ErrorCode::InvalidRecipe,
             EngineError::ShapeMismatch(_) => ErrorCode::ShapeMismatch,
             EngineError::UnsupportedDtype(_) => ErrorCode::UnsupportedDtype,

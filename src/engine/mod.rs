@@ -20,6 +20,8 @@ mod manifest;
 mod model_card;
 mod output;
 pub mod output_rules;
+mod permute;
+mod permuted_read;
 mod plan;
 mod prepass;
 pub mod publish;
@@ -28,6 +30,7 @@ mod run;
 pub mod side_files;
 mod slices;
 mod tensor_prepass;
+mod vocab;
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;

@@ -9,7 +9,7 @@ use futures::{StreamExt, TryStreamExt};
 
 use super::{
     Engine, EngineError, Kernel, MANIFEST_NAME, MergeOutcome, Phase, Progress, fold, manifest,
-    prepass, side_files, slices,
+    permute, prepass, side_files, slices,
 };
 use crate::checkpoint::{
     Checkpoint, CheckpointError, LocalFile, OutTensor, ShardPlan, open_model, plan_shards,
@@ -138,6 +138,10 @@ impl Engine {
         let mut inputs = self.open_inputs(uris).await?;
         // Adapters folded into models: checked against them before anything is written.
         fold::attach_all(&self.storage, recipe, &mut inputs).await?;
+        // A tokenizer built for the soup: the embedding rows permuted onto it (read through the
+        // checkpoints from now on), before the tensors are checked against each other.
+        let built =
+            permute::attach(&self.storage, recipe, &mut inputs, self.config.chunk_elems).await?;
         let mut parts = Vec::new();
         let (ops, num_hidden_layers) = if recipe.method.about().slices {
             slices::plan(recipe, &inputs)?
@@ -235,8 +239,17 @@ impl Engine {
         )
         .map_err(|e| EngineError::Internal(format!("planning output shards: {e}")))?;
         let tokenizer = side_files::tokenizer_source(&self.storage, recipe).await?;
+        // `chat_template: auto`: the most common template among the inputs.
+        let chat_template = side_files::chat_template(recipe, &inputs).await?;
+        let side = side_files::SideInfo {
+            dtype: merged_dtype,
+            num_hidden_layers,
+            tokenizer,
+            chat_template,
+            built,
+        };
         // Side files linked out of the roots are refused now, before anything is written.
-        side_files::check_sources(recipe, donor(&inputs).as_ref(), tokenizer.as_ref()).await?;
+        side_files::check_sources(recipe, &side, donor(&inputs).as_ref()).await?;
         // The output folder is opened once, now (the last step that can fail), and every write,
         // rename and removal of this run goes through that handle (`Location::pinned`): a folder
         // swapped for a link or moved while the job runs does not redirect anything. A folder
@@ -249,11 +262,7 @@ impl Engine {
             shards,
             recipe_sha256: hex::encode(recipe.hash()),
             kernel,
-            side: side_files::SideInfo {
-                dtype: merged_dtype,
-                num_hidden_layers,
-                tokenizer,
-            },
+            side,
             parts,
         })
     }

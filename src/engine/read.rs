@@ -17,6 +17,12 @@ pub(super) async fn read_elems(
     name: &str,
     elems: std::ops::Range<u64>,
 ) -> Result<(DType, Bytes), EngineError> {
+    // Embedding rows permuted onto a tokenizer built for the soup.
+    if let Some(p) = &ckpt.permuted
+        && p.table.dtypes.contains_key(name)
+    {
+        return super::permuted_read::read(p, name, elems).await;
+    }
     match &ckpt.lora {
         // A model with an adapter folded in reads as the fold.
         Some(att) => fold::read(loc, ckpt, att, name, elems).await,

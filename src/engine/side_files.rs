@@ -59,6 +59,11 @@ pub(super) struct SideInfo {
     pub num_hidden_layers: Option<u64>,
     /// The folder the tokenizer files come from instead of the donor (`tokenizer_source`).
     pub tokenizer: Option<Location>,
+    /// The chat template written (`chat_template`, with `auto` resolved; `None`: the
+    /// tokenizer keeps its own).
+    pub chat_template: Option<String>,
+    /// A tokenizer built for the soup (`output.tokenizer`).
+    pub built: Option<super::permute::Built>,
 }
 
 /// The tokenizer files a tokenizer source must hold one of (what transformers loads a
@@ -95,13 +100,16 @@ pub(super) async fn tokenizer_source(
 }
 
 /// Which side files are copied from where: `config.json` (and, when copying the tokenizer,
-/// the tokenizer files) from the donor, the tokenizer files from `tokenizer_source`.
+/// the tokenizer files) from the donor, the tokenizer files from `tokenizer_source`; with a
+/// built tokenizer, the source tokenizer's files other than the two rewritten
+/// ([`BUILT_FILES`]).
 fn sources<'a>(
     recipe: &Recipe,
+    info: &'a SideInfo,
     donor: Option<&'a Location>,
-    tokenizer: Option<&'a Location>,
 ) -> Vec<(&'a Location, Vec<&'static str>)> {
-    let template = recipe.output.chat_template.as_deref();
+    let template = info.chat_template.as_deref();
+    let tokenizer = info.tokenizer.as_ref();
     // A chat template replaces the tokenizer's own (in `tokenizer_config.json`, or a
     // `chat_template.jinja` / processor `chat_template.json` of the donor).
     let tokenizer_names: Vec<&'static str> = TOKENIZER_FILES
@@ -110,7 +118,7 @@ fn sources<'a>(
         .collect();
     // The tokenizer: from `tokenizer_source` whenever it is given (as mergekit writes the
     // tokenizer a recipe names), else the donor's when copying.
-    let from_donor = recipe.output.copy_tokenizer && tokenizer.is_none();
+    let from_donor = recipe.output.copy_tokenizer && tokenizer.is_none() && info.built.is_none();
     let mut out = Vec::new();
     if let Some(donor) = donor {
         let mut names = vec![CONFIG_NAME];
@@ -121,9 +129,118 @@ fn sources<'a>(
     }
     if let Some(source) = tokenizer {
         out.push((source, tokenizer_names));
+    } else if let Some(built) = &info.built {
+        let names = BUILT_FILES
+            .into_iter()
+            .filter(|n| template.is_none() || *n != CHAT_TEMPLATE_NAME)
+            .collect();
+        out.push((&built.source, names));
     }
     out
 }
+
+/// What a built tokenizer's folder holds beside the two files rewritten (`tokenizer.json`,
+/// `tokenizer_config.json`): what transformers' `save_pretrained` writes of a fast tokenizer.
+const BUILT_FILES: [&str; 2] = ["special_tokens_map.json", CHAT_TEMPLATE_NAME];
+
+/// `chat_template: auto` (mergekit's `_set_chat_template`): each input's template (its
+/// `chat_template.jinja`, else the `chat_template` of its `tokenizer_config.json`: a string,
+/// or the `default` of a list of named ones; inputs without a tokenizer have none), stripped;
+/// the most common one, the first of them in the recipe's order (base first) on a tie.
+/// `None` when no input has one (the tokenizer keeps its own). Any other `chat_template` is
+/// its text already.
+pub(super) async fn chat_template(
+    recipe: &Recipe,
+    inputs: &[(Location, crate::checkpoint::Checkpoint)],
+) -> Result<Option<String>, EngineError> {
+    let Some(written) = recipe.output.chat_template.as_deref() else {
+        return Ok(None);
+    };
+    if written != crate::recipe::tokenizer::AUTO {
+        return Ok(Some(written.to_string()));
+    }
+    let mut seen: Vec<(String, usize)> = Vec::new();
+    let mut urls = std::collections::HashSet::new();
+    for (loc, ckpt) in inputs {
+        let Some(folder) = ckpt.folder.as_ref().map(|f| loc.with_path(f.clone())) else {
+            continue;
+        };
+        if !urls.insert(folder.url.clone()) {
+            continue;
+        }
+        if let Some(t) = model_template(&folder).await?
+            && !t.trim().is_empty()
+        {
+            let t = t.trim().to_string();
+            match seen.iter_mut().find(|(s, _)| *s == t) {
+                Some((_, n)) => *n += 1,
+                None => seen.push((t, 1)),
+            }
+        }
+    }
+    let best = seen.iter().map(|(_, n)| *n).max();
+    Ok(seen
+        .into_iter()
+        .find(|(_, n)| Some(*n) == best)
+        .map(|(t, _)| t))
+}
+
+/// One model folder's chat template as transformers loads it (see [`chat_template`]).
+async fn model_template(folder: &Location) -> Result<Option<String>, EngineError> {
+    let url = folder.url.trim_end_matches('/').to_string();
+    let read = |name: &'static str| {
+        let path = folder.path.clone().join(name);
+        let url = url.clone();
+        let context = format!("reading {url}/{name}");
+        async move {
+            match folder.store.get(&path).await {
+                Ok(g) if g.meta.size > MAX_TEMPLATE_FILE => {
+                    Err(EngineError::Tokenizer(super::vocab::TokenizerError {
+                        file: format!("{url}/{name}"),
+                        reason: format!("{} bytes, more than {MAX_TEMPLATE_FILE}", g.meta.size),
+                    }))
+                }
+                Ok(g) => g
+                    .bytes()
+                    .await
+                    .map(Some)
+                    .map_err(EngineError::store(context)),
+                Err(object_store::Error::NotFound { .. }) => Ok(None),
+                Err(e) => Err(EngineError::store(context)(e)),
+            }
+        }
+    };
+    let config = read("tokenizer_config.json").await?;
+    let has_tokenizer = config.is_some()
+        || read("tokenizer.json").await?.is_some()
+        || read("tokenizer.model").await?.is_some();
+    if !has_tokenizer {
+        return Ok(None);
+    }
+    if let Some(b) = read(CHAT_TEMPLATE_NAME).await? {
+        return Ok(Some(String::from_utf8_lossy(&b).into_owned()));
+    }
+    let Some(b) = config else { return Ok(None) };
+    let cfg: serde_json::Value = serde_json::from_slice(&b).map_err(|e| {
+        EngineError::Tokenizer(super::vocab::TokenizerError {
+            file: format!("{url}/tokenizer_config.json"),
+            reason: format!("not valid JSON: {e}"),
+        })
+    })?;
+    Ok(match cfg.get("chat_template") {
+        Some(serde_json::Value::String(t)) => Some(t.clone()),
+        Some(serde_json::Value::Array(named)) => named
+            .iter()
+            .find(|t| t.get("name").and_then(|n| n.as_str()) == Some("default"))
+            .and_then(|t| t.get("template"))
+            .and_then(|t| t.as_str())
+            .map(str::to_string),
+        _ => None,
+    })
+}
+
+/// The largest tokenizer file read for its chat template.
+const MAX_TEMPLATE_FILE: u64 = 64 << 20;
 
 /// Before anything is written (at plan time): every side file that will be copied from a
 /// local folder is opened once through the confined store, so that one linked out of the
@@ -131,10 +248,10 @@ fn sources<'a>(
 /// shard is staged or the output folder made. The copy later goes through the same store.
 pub(super) async fn check_sources(
     recipe: &Recipe,
+    info: &SideInfo,
     donor: Option<&Location>,
-    tokenizer: Option<&Location>,
 ) -> Result<(), EngineError> {
-    for (source, names) in sources(recipe, donor, tokenizer) {
+    for (source, names) in sources(recipe, info, donor) {
         let Some(local) = source.local.clone() else {
             continue;
         };
@@ -166,18 +283,21 @@ pub(super) async fn write(
     info: &SideInfo,
 ) -> Result<Vec<OutputFile>, EngineError> {
     let mut written = Vec::new();
-    let template = recipe.output.chat_template.as_deref();
+    let template = info.chat_template.as_deref();
     let edit = |name: &str, bytes: Bytes| match name {
         CONFIG_NAME => rewrite_config(bytes, info),
         "tokenizer_config.json" if template.is_some() => without_chat_template(bytes),
         _ => bytes,
     };
     let from_donor = recipe.output.copy_tokenizer && info.tokenizer.is_none();
-    for (source, names) in sources(recipe, donor, info.tokenizer.as_ref()) {
+    for (source, names) in sources(recipe, info, donor) {
         written.extend(copy_side_files(source, dest, &names, edit).await?);
     }
+    if let Some(built) = &info.built {
+        written.extend(write_built(built, dest, template.is_some()).await?);
+    }
     if let Some(text) = template
-        && (info.tokenizer.is_some() || (from_donor && donor.is_some()))
+        && (info.tokenizer.is_some() || info.built.is_some() || (from_donor && donor.is_some()))
     {
         let bytes = Bytes::from(text.to_string());
         written.push(put_small(dest, CHAT_TEMPLATE_NAME, bytes).await?);
@@ -190,6 +310,47 @@ pub(super) async fn write(
         }
     }
     Ok(written)
+}
+
+/// A built tokenizer's two rewritten files (the source's `tokenizer_config.json` when it has
+/// one, without its template when the recipe gives one).
+async fn write_built(
+    built: &super::permute::Built,
+    dest: &Location,
+    own_template: bool,
+) -> Result<Vec<OutputFile>, EngineError> {
+    let mut out = Vec::new();
+    let json = |v: &serde_json::Value| -> Result<Bytes, EngineError> {
+        let mut bytes = serde_json::to_vec_pretty(v)
+            .map_err(|e| EngineError::Internal(format!("writing the tokenizer: {e}")))?;
+        bytes.push(b'\n');
+        Ok(Bytes::from(bytes))
+    };
+    let name = super::permute::TOKENIZER_JSON;
+    out.push(put_small(dest, name, json(&built.tokenizer_json)?).await?);
+    let name = super::permute::TOKENIZER_CONFIG;
+    let path = built.source.path.clone().join(name);
+    let context = format!("reading {}/{name}", built.source.url.trim_end_matches('/'));
+    let cfg = match built.source.store.get(&path).await {
+        Ok(g) => Some(g.bytes().await.map_err(EngineError::store(context))?),
+        Err(object_store::Error::NotFound { .. }) => None,
+        Err(e) => return Err(EngineError::store(context)(e)),
+    };
+    if let Some(bytes) = cfg {
+        let bytes = if own_template {
+            without_chat_template(bytes)
+        } else {
+            bytes
+        };
+        let v: serde_json::Value = serde_json::from_slice(&bytes).map_err(|e| {
+            EngineError::Tokenizer(super::vocab::TokenizerError {
+                file: format!("{}/{name}", built.source.url.trim_end_matches('/')),
+                reason: format!("not valid JSON: {e}"),
+            })
+        })?;
+        out.push(put_small(dest, name, json(&built.tokenizer_config(v))?).await?);
+    }
+    Ok(out)
 }
 
 /// The last segment of a folder URL (mergekit titles the card with the output folder's name).
@@ -253,6 +414,9 @@ fn rewrite_config(bytes: Bytes, info: &SideInfo) -> Bytes {
             cfg.insert(key.into(), name.into());
         }
     }
+    if let Some(built) = &info.built {
+        cfg.insert("vocab_size".into(), built.vocab_size.into());
+    }
     if let Some(n) = info.num_hidden_layers {
         cfg.insert("num_hidden_layers".into(), n.into());
         if let Some(serde_json::Value::Object(text)) = cfg.get_mut("text_config")
@@ -306,6 +470,8 @@ mod tests {
             dtype: Some(DType::F32),
             num_hidden_layers: Some(44),
             tokenizer: None,
+            chat_template: None,
+            built: None,
         };
         let out = rewrite_config(
             Bytes::from_static(

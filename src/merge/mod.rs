@@ -9,6 +9,7 @@
 //!   [`lora_svd`] and [`lora_rsvd`]: their SVDs (the randomized one for `lora_extract`);
 //!   [`lora_gram`]: inner products of LoRA deltas from their factors (analyses).
 //! - [`precision`]: rounding to the compute dtype (mergekit's bf16 arithmetic).
+//! - [`embed_rows`]: embedding rows made from others on a soup's vocabulary (means, padding).
 //! - [`gta`]: task arithmetic, TIES, breadcrumbs, DARE, DELLA (mergekit's generalized task
 //!   arithmetic; DELLA's ranked drop in [`della`](mod@della)), [`slerp`](mod@slerp), [`spherical`] (NuSLERP, Karcher), [`model_stock`],
 //!   [`sce`], [`multislerp`], [`arcee_fusion`], [`ram`] (RAM and RAM+), and the keyed
@@ -23,6 +24,7 @@ pub mod blocks;
 pub mod della;
 pub mod diagnostics;
 pub mod dtype;
+pub mod embed_rows;
 pub mod error;
 pub mod gta;
 pub mod gta_stream;

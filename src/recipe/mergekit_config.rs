@@ -6,7 +6,8 @@
 //! (a `file://` URL as its path, which mergekit reads too; other URLs as they are), a model's
 //! `weight` into its `parameters`, `input_dtype` (the cast on load) → `dtype` (which also
 //! gives the task-arithmetic family its `compute_dtype`), `output.dtype` → `out_dtype`,
-//! `tokenizer_source` (its path) and `chat_template` as they are, a non-default
+//! `tokenizer_source` (its path), the `tokenizer` section (its models as paths) and
+//! `chat_template` as they are, a non-default
 //! `output.max_shard_size` under ladle's `output` mapping (mergekit ignores keys it does not
 //! know). `ladle merge` reads the text back into the same recipe (tested both ways).
 //! Searches (greedy soups, sweeps) have none: what they merge is chosen while they run.
@@ -119,6 +120,9 @@ fn from_json_request(req: &MergeRequest) -> Vec<(String, Value)> {
     if let Some(t) = &req.tokenizer_source {
         top.push(("tokenizer_source".into(), Value::String(model_path(t))));
     }
+    if let Some(t) = &req.tokenizer {
+        top.push(("tokenizer".into(), tokenizer_yaml(t)));
+    }
     if let Some(t) = &req.chat_template {
         top.push(("chat_template".into(), Value::String(t.clone())));
     }
@@ -144,6 +148,54 @@ fn from_json_request(req: &MergeRequest) -> Vec<(String, Value)> {
         }
     }
     top
+}
+
+/// A request's `tokenizer` as mergekit's section: model references as paths, `tokens` a
+/// mapping by token (written in key order, as every mapping here).
+fn tokenizer_yaml(t: &Value) -> Value {
+    let path = |v: &Value| match v.as_str() {
+        Some(s) if s != "union" && s != "base" => Value::String(model_path(s)),
+        _ => v.clone(),
+    };
+    let Some(obj) = t.as_object() else {
+        return t.clone();
+    };
+    let mut out = obj.clone();
+    if let Some(source) = obj.get("source") {
+        out.insert("source".into(), path(source));
+    }
+    let entries: Vec<(String, Map<String, Value>)> = match obj.get("tokens") {
+        Some(Value::Array(items)) => items
+            .iter()
+            .filter_map(|i| {
+                let mut e = i.as_object()?.clone();
+                let token = e.remove("token")?.as_str()?.to_string();
+                Some((token, e))
+            })
+            .collect(),
+        Some(Value::Object(m)) => m
+            .iter()
+            .map(|(k, v)| (k.clone(), v.as_object().cloned().unwrap_or_default()))
+            .collect(),
+        _ => Vec::new(),
+    };
+    if obj.contains_key("tokens") {
+        let mut tokens = Map::new();
+        for (token, mut e) in entries {
+            match e.get_mut("source") {
+                Some(Value::Object(src)) => {
+                    if let Some(m) = src.get("model").cloned() {
+                        src.insert("model".into(), path(&m));
+                    }
+                }
+                Some(src) => *src = path(src),
+                None => {}
+            }
+            tokens.insert(token, Value::Object(e));
+        }
+        out.insert("tokens".into(), Value::Object(tokens));
+    }
+    Value::Object(out)
 }
 
 /// Block YAML: mappings and lists of mappings as blocks, lists of scalars in flow style,

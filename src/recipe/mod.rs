@@ -10,7 +10,8 @@
 //! - [`output`]: the output folder, dtype and shard size;
 //! - [`trajectory`]: a training run's folder instead of `models`;
 //! - `slices`: the output's layer stack (`slices`), with any method;
-//! - [`tokenizer`]: `tokenizer_source` and `chat_template` (mergekit's built-in templates);
+//! - [`tokenizer`]: `tokenizer_source`, the `tokenizer` section and `chat_template` (mergekit's
+//!   built-in templates, `auto`); `yaml_tokenizer`: their YAML form;
 //! - [`error`](mod@error): [`RecipeError`].
 
 pub mod error;
@@ -23,6 +24,7 @@ pub mod trajectory;
 pub mod validate;
 pub mod validated;
 pub mod yaml;
+mod yaml_tokenizer;
 
 pub use error::RecipeError;
 pub use output::{DEFAULT_MAX_SHARD_SIZE, MIN_SHARD_SIZE, parse_size, same_or_nested};

@@ -60,6 +60,7 @@ pub fn parse_output(spec: &OutputSpec) -> Result<Output, RecipeError> {
         write_model_card: spec.write_model_card.unwrap_or(true),
         tokenizer_source: None,
         chat_template: None,
+        tokenizer: None,
     })
 }
 

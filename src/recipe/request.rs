@@ -98,6 +98,13 @@ pub struct MergeRequest {
     /// template (mergekit YAML's `chat_template`).
     #[serde(default)]
     pub chat_template: Option<String>,
+    /// A tokenizer built for the soup (mergekit YAML's `tokenizer` section, and
+    /// `tokenizer_source: union`): `{"source": "union" | "base" | <model>, "tokens": {<token>:
+    /// {"source": <model> | {"kind": "zero"} | {"kind": "model_token", "model": …, "token" |
+    /// "token_id": …}, "force": bool}}, "pad_to_multiple_of": n}`; `tokens` may be a list of
+    /// `{"token": …, …}` entries to keep their order (the ids of new tokens follow it).
+    #[serde(default)]
+    pub tokenizer: Option<serde_json::Value>,
     /// The text of a mergekit YAML request, as sent (never read from a JSON body): what the
     /// soup's `mergekit_config.yml` holds ([`super::mergekit_config`]).
     #[serde(skip)]

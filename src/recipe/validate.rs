@@ -161,17 +161,23 @@ impl Recipe {
     }
 }
 
-/// `tokenizer_source` (a model, not empty, apart from the output) and `chat_template` (its
-/// text), for the methods that write a model folder (not the LoRA ones: an adapter has no
-/// tokenizer).
+/// `tokenizer_source` (a model, not empty, apart from the output), the `tokenizer` section (a
+/// tokenizer built for the soup; its shape, [`super::tokenizer::tokenizer_section`]) and
+/// `chat_template` (its text, or `auto`), for the methods that write a model folder (not the
+/// LoRA ones: an adapter has no tokenizer).
+///
+/// A section that only names `base` or a model (no `tokens`, no `pad_to_multiple_of`) is
+/// that `tokenizer_source`; mergekit refuses `tokenizer_source` and `tokenizer` together.
 fn tokenizer_options(
     req: &MergeRequest,
     method: Method,
     output: &mut super::Output,
 ) -> Result<(), RecipeError> {
+    use super::tokenizer::VocabSource;
     let adapter = matches!(method.name(), "lora" | "lora_extract");
     for (field, given) in [
         ("tokenizer_source", req.tokenizer_source.is_some()),
+        ("tokenizer", req.tokenizer.is_some()),
         ("chat_template", req.chat_template.is_some()),
     ] {
         if adapter && given {
@@ -184,7 +190,34 @@ fn tokenizer_options(
             ));
         }
     }
-    if let Some(source) = &req.tokenizer_source {
+    let mut source = req.tokenizer_source.clone();
+    if let Some(section) = &req.tokenizer {
+        if source.is_some() {
+            return Err(RecipeError::invalid(
+                "tokenizer",
+                "give tokenizer_source or a tokenizer section, not both (as mergekit)",
+            ));
+        }
+        let spec = super::tokenizer::tokenizer_section(section)?;
+        match &spec.source {
+            VocabSource::Base if spec.tokens.is_empty() && spec.pad_to_multiple_of.is_none() => {}
+            VocabSource::Model(m)
+                if spec.tokens.is_empty() && spec.pad_to_multiple_of.is_none() =>
+            {
+                source = Some(m.clone());
+            }
+            _ => {
+                let mut spec = spec;
+                let named: Vec<(String, &str)> = spec
+                    .uris_mut()
+                    .map(|u| ("tokenizer".to_string(), u.as_str()))
+                    .collect();
+                check_apart(&output.uri, named)?;
+                output.tokenizer = Some(spec);
+            }
+        }
+    }
+    if let Some(source) = &source {
         if source.trim().is_empty() {
             return Err(RecipeError::invalid(
                 "tokenizer_source",
@@ -202,7 +235,10 @@ fn tokenizer_options(
         .as_deref()
         .map(super::tokenizer::chat_template)
         .transpose()?;
-    if output.chat_template.is_some() && !output.copy_tokenizer && output.tokenizer_source.is_none()
+    if output.chat_template.is_some()
+        && !output.copy_tokenizer
+        && output.tokenizer_source.is_none()
+        && output.tokenizer.is_none()
     {
         return Err(RecipeError::invalid(
             "chat_template",

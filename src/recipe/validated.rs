@@ -77,6 +77,9 @@ pub struct Output {
     /// The chat template written as `chat_template.jinja` (the text a name stands for).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub chat_template: Option<String>,
+    /// A tokenizer built for the soup, the embedding rows permuted onto its vocabulary.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokenizer: Option<super::tokenizer::TokenizerSpec>,
 }
 
 fn yes() -> bool {

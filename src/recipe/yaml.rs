@@ -4,10 +4,11 @@
 //! nesting and events against "billion laughs" inputs; `serde_yaml` is archived). Supported
 //! keys: `merge_method`, `models` (`model`, `parameters`), `base_model`, `parameters`,
 //! `slices` (`sources`: `model`, `layer_range`, `parameters`; `base_model`, `parameters`), `dtype`, `out_dtype`,
-//! `tokenizer_source` (`base`, or a model: a path, URL or hub id, also spelled `model:<path>`),
-//! `chat_template` ([`super::tokenizer`]), and ladle's own `output` (an [`super::OutputSpec`]).
-//! Every other key mergekit knows (`tokenizer`, `modules`, a slice's `residual_weight` (unused
-//! by mergekit 0.1.5), `tokenizer_source: union`, ...) is rejected by name.
+//! `tokenizer_source` (`base`, `union`, or a model: a path, URL or hub id, also spelled
+//! `model:<path>`), the `tokenizer` section (`source`, `tokens`, `pad_to_multiple_of`; its
+//! `tokens` kept in the order written), `chat_template` ([`super::tokenizer`]), and ladle's own
+//! `output` (an [`super::OutputSpec`]). Every other key mergekit knows (`modules`, a slice's
+//! `residual_weight` (unused by mergekit 0.1.5), ...) is rejected by name.
 //!
 //! `dtype` has mergekit's cast-on-load meaning: every float input tensor is cast to it
 //! (`input_dtype`, round-to-nearest-even as torch's `Tensor.to`) and the method computes in it
@@ -34,14 +35,18 @@ use crate::merge::DType;
 use crate::methods::{Method, YamlDtype};
 use crate::storage::hf_cache::HubRef;
 
-fn invalid(field: impl Into<String>, message: impl Into<String>) -> RecipeError {
+pub(super) fn invalid(field: impl Into<String>, message: impl Into<String>) -> RecipeError {
     RecipeError::Invalid {
         field: field.into(),
         message: message.into(),
     }
 }
 
-fn model_ref(v: &Value, field: &str, base_dir: Option<&Path>) -> Result<String, RecipeError> {
+pub(super) fn model_ref(
+    v: &Value,
+    field: &str,
+    base_dir: Option<&Path>,
+) -> Result<String, RecipeError> {
     let s = v
         .as_str()
         .ok_or_else(|| invalid(field, "expected a path or a storage URL"))?;
@@ -120,7 +125,7 @@ fn split_lora(v: &Value, field: &str) -> Result<(Value, Option<Value>), RecipeEr
     }
 }
 
-fn object<'a>(v: &'a Value, field: &str) -> Result<&'a Map<String, Value>, RecipeError> {
+pub(super) fn object<'a>(v: &'a Value, field: &str) -> Result<&'a Map<String, Value>, RecipeError> {
     v.as_object()
         .ok_or_else(|| invalid(field, "expected a mapping"))
 }
@@ -273,12 +278,14 @@ pub fn to_request(doc: &Value, base_dir: Option<&Path>) -> Result<Value, RecipeE
             "tokenizer_source" => match value.as_str() {
                 // The donor's files (the base model, else the first model): the default.
                 Some("base") => {}
+                // A tokenizer with every model's tokens, built for the soup: the section's
+                // `source: union` with nothing else (as mergekit plans it).
                 Some("union") => {
-                    return Err(invalid(
+                    super::yaml_tokenizer::set_tokenizer(
+                        &mut req,
+                        serde_json::json!({"source": "union"}),
                         "tokenizer_source",
-                        "`union` (a tokenizer merged from every model's, with new embedding \
-                         rows) is not supported; use `base` or a model",
-                    ));
+                    )?;
                 }
                 // A model (mergekit: a path or hub id; `model:<path>` spelled out too): its
                 // tokenizer files instead of the donor's.
@@ -292,10 +299,14 @@ pub fn to_request(doc: &Value, base_dir: Option<&Path>) -> Result<Value, RecipeE
                 None => {
                     return Err(invalid(
                         "tokenizer_source",
-                        "expected `base` or a model (a path, storage URL or hub id)",
+                        "expected `base`, `union` or a model (a path, storage URL or hub id)",
                     ));
                 }
             },
+            "tokenizer" => {
+                let section = super::yaml_tokenizer::section(value, base_dir)?;
+                super::yaml_tokenizer::set_tokenizer(&mut req, section, "tokenizer")?;
+            }
             "chat_template" => {
                 let text = value
                     .as_str()
@@ -308,7 +319,7 @@ pub fn to_request(doc: &Value, base_dir: Option<&Path>) -> Result<Value, RecipeE
                     other,
                     "mergekit option not supported by ladle (supported: merge_method, models, \
                      base_model, parameters, slices, dtype, out_dtype, tokenizer_source, \
-                     chat_template)",
+                     tokenizer, chat_template)",
                 ));
             }
         }
@@ -359,8 +370,10 @@ fn dtype_name(v: &Value, field: &str) -> Result<String, RecipeError> {
 
 /// Parse YAML text (bounded by serde-saphyr's default budgets) into a JSON value.
 pub fn parse(text: &str) -> Result<Value, RecipeError> {
-    serde_saphyr::from_str::<Value>(text)
-        .map_err(|e| RecipeError::Syntax(format!("invalid YAML recipe: {e}")))
+    let mut doc = serde_saphyr::from_str::<Value>(text)
+        .map_err(|e| RecipeError::Syntax(format!("invalid YAML recipe: {e}")))?;
+    super::yaml_tokenizer::order_tokens(text, &mut doc)?;
+    Ok(doc)
 }
 
 #[cfg(test)]
@@ -387,10 +400,51 @@ mod tests {
             e("merge_method: linear\nchat_template: [x]\n"),
             "chat_template"
         );
+        assert_eq!(e("merge_method: linear\ntokenizer: [union]\n"), "tokenizer");
         assert_eq!(
-            e("merge_method: linear\ntokenizer: {source: union}\n"),
-            "tokenizer"
+            e("merge_method: linear\ntokenizer_source: union\ntokenizer: {source: base}\n"),
+            "tokenizer_source"
         );
+        // The section: its models resolved, `tokens` a list in the order written.
+        let v = to_request(
+            &parse(
+                "merge_method: linear\ntokenizer:\n  source: inputs/ft1\n  tokens:\n    zz: {source: inputs/ft1, force: true}\n    aa:\n      source: {kind: model_token, model: inputs/base, token_id: 3}\n    mm: {source: {kind: zero}}\n  pad_to_multiple_of: 64\n",
+            )
+            .unwrap(),
+            Some(dir.path()),
+        )
+        .unwrap();
+        let t = &v["tokenizer"];
+        assert!(
+            t["source"].as_str().unwrap().ends_with("/inputs/ft1/"),
+            "{v}"
+        );
+        let names: Vec<&str> = t["tokens"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["token"].as_str().unwrap())
+            .collect();
+        assert_eq!(names, ["zz", "aa", "mm"], "{v}");
+        assert!(
+            t["tokens"][0]["source"]
+                .as_str()
+                .unwrap()
+                .ends_with("/inputs/ft1/")
+        );
+        assert!(
+            t["tokens"][1]["source"]["model"]
+                .as_str()
+                .unwrap()
+                .ends_with("/inputs/base/")
+        );
+        assert_eq!(t["pad_to_multiple_of"], 64);
+        let v = to_request(
+            &parse("merge_method: linear\ntokenizer_source: union\n").unwrap(),
+            None,
+        )
+        .unwrap();
+        assert_eq!(v["tokenizer"], serde_json::json!({"source": "union"}));
         let v = to_request(
             &parse(
                 "merge_method: linear\ntokenizer_source: model:inputs/ft1\nchat_template: chatml\n",
@@ -413,10 +467,6 @@ mod tests {
         )
         .unwrap();
         assert_eq!(v["tokenizer_source"], "org/tok");
-        assert_eq!(
-            e("merge_method: linear\ntokenizer_source: union\n"),
-            "tokenizer_source"
-        );
         // Not a local path, shaped as a hub id: kept as written (storage resolves it); an
         // existing local folder of that shape (`inputs/ft1`) is the folder, as in mergekit.
         let v = to_request(

@@ -390,6 +390,7 @@ pub async fn wait_job(
     }
 }
 
+pub mod compare;
 /// The real `ladle` binary as child processes, throw-away Postgres databases, a chaos proxy.
 pub mod procs;
 pub mod soup;
@@ -432,6 +433,15 @@ pub fn tensor_digests(dir: &Path) -> std::collections::BTreeMap<String, String> 
             )
         })
         .collect()
+}
+
+/// Runs the `ladle` binary in `cwd` and waits for it.
+pub fn ladle_in(cwd: &Path, args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_ladle"))
+        .current_dir(cwd)
+        .args(args)
+        .output()
+        .expect("run ladle")
 }
 
 /// A JSON file's value.

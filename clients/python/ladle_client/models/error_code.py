@@ -15,6 +15,7 @@ class ErrorCode(StrEnum):
     INVALID_ADAPTER = "invalid_adapter"
     INVALID_QUERY = "invalid_query"
     INVALID_RECIPE = "invalid_recipe"
+    INVALID_TOKENIZER = "invalid_tokenizer"
     INVALID_URI = "invalid_uri"
     LEASE_EXPIRED = "lease_expired"
     MODEL_NOT_CACHED = "model_not_cached"

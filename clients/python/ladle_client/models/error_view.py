@@ -46,6 +46,7 @@ class ErrorView:
             | `model_not_cached` | 422 | no |
             | `checkpoint_malformed` | 422 | no |
             | `invalid_adapter` | 422 | no |
+            | `invalid_tokenizer` | 422 | no |
             | `shape_mismatch` | 422 | no |
             | `unsupported_dtype` | 422 | no |
             | `evaluator_failed` | 422 | no |

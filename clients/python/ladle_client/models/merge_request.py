@@ -54,6 +54,11 @@ class MergeRequest:
         priority (int | None | Unset):
         slices (list[SliceSpec] | Unset): Layer ranges from several models, stacked (any method; see `SliceSpec`).
         sweep (None | SweepSpec | Unset):
+        tokenizer (Any | Unset): A tokenizer built for the soup (mergekit YAML's `tokenizer` section, and
+            `tokenizer_source: union`): `{"source": "union" | "base" | <model>, "tokens": {<token>:
+            {"source": <model> | {"kind": "zero"} | {"kind": "model_token", "model": …, "token" |
+            "token_id": …}, "force": bool}}, "pad_to_multiple_of": n}`; `tokens` may be a list of
+            `{"token": …, …}` entries to keep their order (the ids of new tokens follow it).
         tokenizer_source (None | str | Unset): The model (a URL, or a hub id) whose tokenizer files the soup gets
             instead of the
             donor's: mergekit YAML's `tokenizer_source: <model>`. Written even with
@@ -76,6 +81,7 @@ class MergeRequest:
     priority: int | None | Unset = UNSET
     slices: list[SliceSpec] | Unset = UNSET
     sweep: None | SweepSpec | Unset = UNSET
+    tokenizer: Any | Unset = UNSET
     tokenizer_source: None | str | Unset = UNSET
     trajectory: None | TrajectorySpec | Unset = UNSET
 
@@ -178,6 +184,8 @@ class MergeRequest:
         else:
             sweep = self.sweep
 
+        tokenizer = self.tokenizer
+
         tokenizer_source: None | str | Unset
         if isinstance(self.tokenizer_source, Unset):
             tokenizer_source = UNSET
@@ -227,6 +235,8 @@ class MergeRequest:
             field_dict["slices"] = slices
         if sweep is not UNSET:
             field_dict["sweep"] = sweep
+        if tokenizer is not UNSET:
+            field_dict["tokenizer"] = tokenizer
         if tokenizer_source is not UNSET:
             field_dict["tokenizer_source"] = tokenizer_source
         if trajectory is not UNSET:
@@ -405,6 +415,8 @@ class MergeRequest:
 
         sweep = _parse_sweep(d.pop("sweep", UNSET))
 
+        tokenizer = d.pop("tokenizer", UNSET)
+
         def _parse_tokenizer_source(data: object) -> None | str | Unset:
             if data is None:
                 return data
@@ -447,6 +459,7 @@ class MergeRequest:
             priority=priority,
             slices=slices,
             sweep=sweep,
+            tokenizer=tokenizer,
             tokenizer_source=tokenizer_source,
             trajectory=trajectory,
         )
