@@ -7,9 +7,13 @@
 //! ladle yet). The pack is found at `$LADLE_CONFORMANCE_DIR` or `/work/shared/conformance`;
 //! without it the test prints a loud SKIPPED line.
 
+mod common;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+
+use common::compare::{bf16_ulp as ulp, dir_url as url, read_f32_tensors as read_tensors};
 
 use half::bf16;
 use ladle::engine::{Engine, EngineConfig, RunControl};
@@ -22,38 +26,6 @@ fn pack_dir() -> Option<PathBuf> {
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from("/work/shared/conformance"));
     p.join("expected.json").exists().then_some(p)
-}
-
-fn url(p: &Path) -> String {
-    url::Url::from_directory_path(p).unwrap().to_string()
-}
-
-/// Tensors of a safetensors file, decoded to f32 (bf16/f16/f32 inputs).
-fn read_tensors(path: &Path) -> BTreeMap<String, (Vec<u64>, Vec<f32>, String)> {
-    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let mut out = BTreeMap::new();
-    for (name, view) in st.tensors() {
-        let data = view.data();
-        let values: Vec<f32> = match view.dtype() {
-            safetensors::Dtype::BF16 => data
-                .chunks_exact(2)
-                .map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32())
-                .collect(),
-            safetensors::Dtype::F16 => data
-                .chunks_exact(2)
-                .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
-                .collect(),
-            safetensors::Dtype::F32 => data
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect(),
-            d => panic!("{name}: unexpected dtype {d:?}"),
-        };
-        let shape = view.shape().iter().map(|x| *x as u64).collect();
-        out.insert(name, (shape, values, format!("{:?}", view.dtype())));
-    }
-    out
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -323,13 +295,6 @@ fn cases(pack: &Path, out_root: &Path) -> Vec<Case> {
             rule: Rule::Ulps(1.0),
         },
     ]
-}
-
-fn ulp(m: f32) -> f64 {
-    if m == 0.0 || !m.is_finite() {
-        return f64::MIN_POSITIVE;
-    }
-    2f64.powi((m.abs() as f64).log2().floor() as i32 - 7)
 }
 
 /// Elements whose `|δ|` sits in a tie group cut by a selection boundary (ascending ranks).

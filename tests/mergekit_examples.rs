@@ -10,11 +10,17 @@
 //! Where the inputs of an output element are not named (passthrough and slices renumber
 //! layers), its ulps are the output's own (stricter).
 
+mod common;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use half::{bf16, f16};
+use common::compare::{
+    F32Tensors as Tensors, bf16_ulp as ulp, dir_url as url, read_f32_tensors as read_tensors,
+};
+
+use half::f16;
 use ladle::engine::{Engine, EngineConfig, RunControl};
 use ladle::recipe::Recipe;
 use ladle::storage::{S3Settings, Storage};
@@ -22,48 +28,6 @@ use serde_json::Value;
 
 fn data_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/mergekit_examples")
-}
-
-fn url(p: &Path) -> String {
-    url::Url::from_directory_path(p).unwrap().to_string()
-}
-
-type Tensors = BTreeMap<String, (Vec<u64>, Vec<f32>, String)>;
-
-/// Tensors of a safetensors file, decoded to f32.
-fn read_tensors(path: &Path) -> Tensors {
-    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let mut out = BTreeMap::new();
-    for (name, view) in st.tensors() {
-        let data = view.data();
-        let values: Vec<f32> = match view.dtype() {
-            safetensors::Dtype::BF16 => data
-                .chunks_exact(2)
-                .map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32())
-                .collect(),
-            safetensors::Dtype::F16 => data
-                .chunks_exact(2)
-                .map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32())
-                .collect(),
-            safetensors::Dtype::F32 => data
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect(),
-            d => panic!("{name}: unexpected dtype {d:?}"),
-        };
-        let shape = view.shape().iter().map(|x| *x as u64).collect();
-        out.insert(name, (shape, values, format!("{:?}", view.dtype())));
-    }
-    out
-}
-
-/// The spacing of bf16 numbers at `|m|` (the pack's unit).
-fn ulp(m: f32) -> f64 {
-    if m == 0.0 || !m.is_finite() {
-        return f64::MIN_POSITIVE;
-    }
-    2f64.powi((m.abs() as f64).log2().floor() as i32 - 7)
 }
 
 /// mergekit's depth of a tensor in a 40-layer stand-in: `layer / 39`, 0 outside the layers.
