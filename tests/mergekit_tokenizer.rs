@@ -7,7 +7,9 @@
 //! conformance pack's rules (bit-identical for task arithmetic, within 1 bf16 ulp for slerp),
 //! `config.json`'s `vocab_size`, the vocabulary (every token's id), the new tokens' settings and
 //! the chat template. Then the refusals: a tokenizer that cannot be read, a token source that
-//! is not one of the models, `tokenizer_source` with a section; nothing written.
+//! is not one of the models, `tokenizer_source` with a section; nothing written. A JSON
+//! recipe's `tokenizer` (relative paths made absolute by `ladle merge`) and the
+//! `mergekit_config.yml` it gets, read back.
 
 mod common;
 
@@ -343,5 +345,60 @@ fn auto_template_on_the_donors_tokenizer() {
     assert_eq!(
         std::fs::read(soup.join("tokenizer_config.json")).unwrap(),
         std::fs::read(tmp.path().join("none/tokenizer_config.json")).unwrap()
+    );
+}
+
+/// The same tokenizer as a JSON recipe (`"tokenizer"`, relative paths from the recipe's
+/// folder): mergekit's tensors and vocabulary; its `mergekit_config.yml` names the section
+/// and gives the same soup back.
+#[test]
+fn json_tokenizer_section_and_its_mergekit_config() {
+    let tmp = tempfile::tempdir().unwrap();
+    for m in ["base", "ft1", "ft2"] {
+        let to = tmp.path().join("inputs").join(m);
+        std::fs::create_dir_all(&to).unwrap();
+        for f in std::fs::read_dir(data_dir().join("inputs").join(m)).unwrap() {
+            let f = f.unwrap().path();
+            std::fs::copy(&f, to.join(f.file_name().unwrap())).unwrap();
+        }
+    }
+    std::fs::write(
+        tmp.path().join("r.json"),
+        r#"{"method": "task_arithmetic", "base_model": "inputs/base",
+            "models": [{"uri": "inputs/ft1", "weight": 0.6}, {"uri": "inputs/ft2", "weight": 0.4}],
+            "input_dtype": "bfloat16", "parameters": {"compute_dtype": "bfloat16"},
+            "tokenizer": {"source": "inputs/ft1", "pad_to_multiple_of": 1},
+            "output": {"uri": "file:///placeholder/", "dtype": "bfloat16"}}"#,
+    )
+    .unwrap();
+    let out = ladle_in(tmp.path(), &["merge", "r.json", "soup", "--quiet"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let failures = compare("model-source", 0.0, &tmp.path().join("soup"));
+    assert!(failures.is_empty(), "failures:\n{}", failures.join("\n"));
+    let text = std::fs::read_to_string(tmp.path().join("soup/mergekit_config.yml")).unwrap();
+    assert!(
+        text.contains("\ntokenizer:\n  pad_to_multiple_of: 1\n  source: /"),
+        "{text}"
+    );
+    let again = ladle_in(
+        tmp.path(),
+        &["merge", "soup/mergekit_config.yml", "again", "--quiet"],
+    );
+    assert!(
+        again.status.success(),
+        "{}",
+        String::from_utf8_lossy(&again.stderr)
+    );
+    assert_eq!(
+        tensor_digests(&tmp.path().join("soup")),
+        tensor_digests(&tmp.path().join("again"))
+    );
+    assert_eq!(
+        read_json(&tmp.path().join("soup/tokenizer.json")),
+        read_json(&tmp.path().join("again/tokenizer.json"))
     );
 }

@@ -238,7 +238,7 @@ impl MergeRequest {
     }
 
     /// Every model URL of the request (models and their adapters, base model, tokenizer
-    /// source, trajectory folder, slice sources),
+    /// source, the tokenizer section's models, trajectory folder, slice sources),
     /// for the CLI to make relative paths absolute.
     pub fn uris_mut(&mut self) -> impl Iterator<Item = &mut String> {
         self.models
@@ -246,6 +246,7 @@ impl MergeRequest {
             .flat_map(|m| std::iter::once(&mut m.uri).chain(m.lora.iter_mut()))
             .chain(self.base_model.iter_mut())
             .chain(self.tokenizer_source.iter_mut())
+            .chain(self.tokenizer.iter_mut().flat_map(tokenizer_uris))
             .chain(self.trajectory.iter_mut().map(|t| &mut t.uri))
             .chain(self.slices.iter_mut().flat_map(|s| {
                 s.sources
@@ -253,5 +254,48 @@ impl MergeRequest {
                     .map(|src| &mut src.uri)
                     .chain(s.base_model.iter_mut())
             }))
+    }
+}
+
+/// The model references of a request's `tokenizer` object: its `source` (unless `union` or
+/// `base`) and each token's `source` (a model, or the `model` of a `model_token`).
+fn tokenizer_uris(t: &mut serde_json::Value) -> Vec<&mut String> {
+    use serde_json::Value;
+    let Some(obj) = t.as_object_mut() else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for (key, value) in obj.iter_mut() {
+        match value {
+            Value::String(s) if key == "source" && !matches!(s.as_str(), "union" | "base") => {
+                out.push(s)
+            }
+            Value::Array(items) if key == "tokens" => {
+                out.extend(
+                    items
+                        .iter_mut()
+                        .filter_map(|e| token_uri(e.get_mut("source")?)),
+                );
+            }
+            Value::Object(m) if key == "tokens" => {
+                out.extend(
+                    m.values_mut()
+                        .filter_map(|e| token_uri(e.get_mut("source")?)),
+                );
+            }
+            _ => {}
+        }
+    }
+    out
+}
+
+fn token_uri(source: &mut serde_json::Value) -> Option<&mut String> {
+    match source {
+        serde_json::Value::String(s) => Some(s),
+        serde_json::Value::Object(o) => match o.get_mut("model")? {
+            serde_json::Value::String(s) => Some(s),
+            _ => None,
+        },
+        _ => None,
     }
 }
