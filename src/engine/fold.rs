@@ -178,10 +178,7 @@ pub(super) async fn read(
     name: &str,
     elems: std::ops::Range<u64>,
 ) -> Result<(DType, Bytes), EngineError> {
-    let t = ckpt
-        .tensors
-        .get(name)
-        .ok_or_else(|| EngineError::Internal(format!("tensor {name} missing from {}", loc.url)))?;
+    let t = super::read::tensor_entry(ckpt, name, &loc.url)?;
     let to = ckpt.read_dtype(t);
     let merge_err = |source| EngineError::Merge {
         tensor: name.to_string(),

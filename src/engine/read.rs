@@ -4,7 +4,7 @@
 use bytes::Bytes;
 
 use super::{EngineError, fold};
-use crate::checkpoint::{Checkpoint, CheckpointError, LocalReadError};
+use crate::checkpoint::{Checkpoint, CheckpointError, LocalReadError, TensorLoc};
 use crate::merge::DType;
 use crate::storage::{Location, StorageError};
 
@@ -30,6 +30,18 @@ pub(super) async fn read_elems(
     }
 }
 
+/// The header entry of tensor `name` of `ckpt` (planned, so its absence is a bug; `url` names
+/// the checkpoint).
+pub(super) fn tensor_entry<'a>(
+    ckpt: &'a Checkpoint,
+    name: &str,
+    url: &str,
+) -> Result<&'a TensorLoc, EngineError> {
+    ckpt.tensors
+        .get(name)
+        .ok_or_else(|| EngineError::Internal(format!("tensor {name} missing from {url}")))
+}
+
 /// [`read_elems`] of the stored bytes (`url` names the checkpoint in messages).
 pub(super) async fn read_stored(
     store: &dyn object_store::ObjectStore,
@@ -38,10 +50,7 @@ pub(super) async fn read_stored(
     name: &str,
     elems: std::ops::Range<u64>,
 ) -> Result<(DType, Bytes), EngineError> {
-    let t = ckpt
-        .tensors
-        .get(name)
-        .ok_or_else(|| EngineError::Internal(format!("tensor {name} missing from {url}")))?;
+    let t = tensor_entry(ckpt, name, url)?;
     let size = t.dtype.size_bytes() as u64;
     let range = t.start + elems.start * size..t.start + elems.end * size;
     let file = &ckpt.files[t.file];

@@ -325,7 +325,7 @@ async fn produce_chunk(
         }
         let name = chunk.tensor.clone();
         let n = (chunk.elems.end - chunk.elems.start) as usize;
-        let converted = crate::telemetry::spawn_blocking(move || {
+        let converted = merge_task(name, move || {
             let mut buf = pool.take(n * out_dtype.size_bytes());
             let out = buf.as_mut_slice();
             // `tensor * scale` in the source dtype (a Python float acts at f32 precision).
@@ -344,14 +344,9 @@ async fn produce_chunk(
                     None => o.copy_from_slice(b[0]),
                 },
             )?;
-            Ok::<_, MergeError>(buf.into_bytes())
+            Ok(buf.into_bytes())
         })
-        .await
-        .map_err(|e| EngineError::Internal(format!("merge task panicked: {e}")))?
-        .map_err(|source| EngineError::Merge {
-            tensor: name,
-            source,
-        })?;
+        .await?;
         return Ok((chunk, converted));
     }
     let out_dtype = chunk.out_dtype;
@@ -360,7 +355,7 @@ async fn produce_chunk(
     let shape = chunk.shape.clone();
     let first = chunk.elems.start;
     let task_name = merge_name.clone();
-    let merged = crate::telemetry::spawn_blocking(move || {
+    let merged = merge_task(name, move || {
         let inputs: Vec<(DType, &[u8])> = raw.iter().map(|(d, b)| (*d, b.as_ref())).collect();
         let mut out = pool.take(n * out_dtype.size_bytes());
         match &stream {
@@ -377,13 +372,19 @@ async fn produce_chunk(
         // The inputs (mapped file ranges) are released before the output travels on.
         drop(inputs);
         drop(raw);
-        Ok::<_, MergeError>(out.into_bytes())
+        Ok(out.into_bytes())
     })
-    .await
-    .map_err(|e| EngineError::Internal(format!("merge task panicked: {e}")))?
-    .map_err(|source| EngineError::Merge {
-        tensor: name,
-        source,
-    })?;
+    .await?;
     Ok((chunk, merged))
+}
+
+/// Runs a chunk's kernel on the blocking pool (in the job's span); its error names `tensor`.
+async fn merge_task<F>(tensor: String, f: F) -> Result<Bytes, EngineError>
+where
+    F: FnOnce() -> Result<Bytes, MergeError> + Send + 'static,
+{
+    crate::telemetry::spawn_blocking(f)
+        .await
+        .map_err(|e| EngineError::Internal(format!("merge task panicked: {e}")))?
+        .map_err(|source| EngineError::Merge { tensor, source })
 }
