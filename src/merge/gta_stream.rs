@@ -10,13 +10,20 @@
 //! - TIES / breadcrumbs over the tensor: pass 1, a histogram of the high 16 bits of `|δ|`; for
 //!   f32 / f16 compute precision pass 2, the low 16 bits inside the cut-off's bucket (bf16
 //!   magnitudes have zero low bits, so pass 1 is exact); then, when elements tied at a cut-off
-//!   are split, a pass counting the tied ones before every [`TIE_BLOCK`] ([`select`]);
+//!   are split, a pass counting the tied ones before every [`TIE_BLOCK`] ([`select`]). With bf16
+//!   compute precision over several chunks that pass is usually not needed: the first chunk's
+//!   histogram guesses each cut-off's bucket, and pass 1 counts per block the keys of
+//!   [`TALLY_WIDTH`] buckets around it ([`BandTally`]); when the cut-off falls inside, its tie
+//!   table is those counts' prefix sums (the same table), else the tie pass runs as before;
 //! - rescale: `‖δ‖₁` in the first pass, `‖mask(δ)‖₁` in the first pass that knows the mask.
 //!
 //! Memory: 512 KiB per histogram (one or two per model, during the passes that need them),
-//! tie tables of 8 bytes per 4,096 elements per split cut-off, one span of scratch per task.
+//! tie tables of 8 bytes per 4,096 elements per split cut-off, during pass 1 a tally of 130
+//! bytes per 4,096 elements per cut-off (at most [`TALLY_BUDGET`] per tensor, else no tally),
+//! one span of scratch per task.
 //!
 //! [`select`]: crate::merge::select
+//! [`TALLY_WIDTH`]: crate::merge::select::TALLY_WIDTH
 
 use rayon::prelude::*;
 
@@ -28,7 +35,7 @@ use crate::merge::gta::{self, Config, ModelParams, combine, task_vector};
 use crate::merge::precision::Precision;
 use crate::merge::radix;
 use crate::merge::rng::KeyedRng;
-use crate::merge::select::{TIE_BLOCK, TieTable, Top, mag_key, top_from, top_sizes};
+use crate::merge::select::{BandTally, TIE_BLOCK, TieTable, Top, mag_key, top_from, top_sizes};
 use crate::merge::sparsification::Sparsification;
 use crate::merge::stream::{TensorStream, sum_start};
 
@@ -49,6 +56,8 @@ enum Mask {
         m: [u64; 2],
         tops: [Option<Top>; 2],
         tables: [TieTable; 2],
+        /// Tables already built from the first pass's [`BandTally`] (no tie pass for them).
+        tallied: [bool; 2],
     },
 }
 
@@ -77,6 +86,8 @@ struct Model {
     located: [Option<radix::Located>; 2],
     /// Ties seen so far in a sequential pass.
     pass_seen: [u64; 2],
+    /// Per-block key counts around each cut-off's guessed bucket, during the first pass.
+    tally: [Option<BandTally>; 2],
 }
 
 /// The settings every model's pass shares.
@@ -87,6 +98,8 @@ struct Shared {
     row_len: usize,
     span: usize,
     pass: Pass,
+    /// Whether the first pass tallies keys around the cut-offs ([`BandTally`]).
+    tally: bool,
 }
 
 /// One tensor's GTA merge, streamed ([`TensorStream`]).
@@ -143,6 +156,7 @@ impl GtaStream {
                                 m: [a, b],
                                 tops: [trivial(a), trivial(b)],
                                 tables: Default::default(),
+                                tallied: [false; 2],
                             }
                         }
                     }
@@ -159,6 +173,7 @@ impl GtaStream {
                     low: Default::default(),
                     located: [None; 2],
                     pass_seen: [0; 2],
+                    tally: [None, None],
                 }
             })
             .collect();
@@ -178,6 +193,7 @@ impl GtaStream {
                 row_len,
                 span,
                 pass: Pass::Done,
+                tally: false,
             },
             weights,
             models,
@@ -186,6 +202,19 @@ impl GtaStream {
             |m| matches!(&m.mask, Mask::Band { tops, .. } if tops.iter().any(Option::is_none)),
         );
         let rescaled = cfg.rescale && s.models.iter().any(|m| !matches!(m.mask, Mask::Keep));
+        // bf16 keys have zero low bits, so a bucket's count is a key's count (BandTally).
+        let cuts = s
+            .models
+            .iter()
+            .map(|m| match &m.mask {
+                Mask::Band { tops, .. } => tops.iter().filter(|t| t.is_none()).count() as u64,
+                _ => 0,
+            })
+            .sum::<u64>();
+        s.shared.tally = p == Precision::BF16
+            && !s.row_local()
+            && cuts > 0
+            && cuts * BandTally::bytes_for(n) <= TALLY_BUDGET;
         s.shared.pass = if unresolved || rescaled {
             Pass::First
         } else {
@@ -203,8 +232,7 @@ impl GtaStream {
     /// Whether a tie pass (tables, or a mask norm still missing) is needed.
     fn needs_ties(&self) -> bool {
         self.models.iter().any(|m| {
-            let tables = matches!(&m.mask, Mask::Band { tops, .. }
-                if tops.iter().any(|t| t.is_some_and(|t| t.counts_ties())));
+            let tables = untallied(&m.mask).iter().any(|t| *t);
             let norm = self.shared.cfg.rescale && !matches!(m.mask, Mask::Keep) && !m.after_done;
             tables || norm
         })
@@ -293,11 +321,16 @@ impl Shared {
             Pass::Ties => (false, false, false, true, rescale && !m.after_done),
             Pass::Done => return Ok(()),
         };
-        let has_tables = matches!(&m.mask, Mask::Band { tops, .. }
-            if tops.iter().any(|t| t.is_some_and(|t| t.counts_ties())));
+        let untallied = untallied(&m.mask);
+        let has_tables = untallied.iter().any(|t| *t);
         if !(want_l1 || want_high || want_low || want_after || (want_tables && has_tables)) {
             return Ok(());
         }
+        // The first chunk of the first pass guesses the cut-offs' buckets from its own
+        // histogram, then tallies its blocks again; later chunks tally as they go.
+        let n_here = base.1.len() / base.0.size_bytes().max(1);
+        let guess = want_high && self.tally && first == 0 && (n_here as u64) < self.n;
+        let tallying = want_high && self.tally && !guess && m.tally.iter().any(Option::is_some);
         if want_high && m.high.is_empty() {
             m.high = radix::histogram();
         }
@@ -317,6 +350,11 @@ impl Shared {
             if want_high {
                 radix::accumulate_high(&mut m.high, d);
             }
+            if tallying {
+                for t in m.tally.iter_mut().flatten() {
+                    t.push_block(d);
+                }
+            }
             if want_low {
                 for t in 0..2 {
                     if let Some(at) = m.located[t] {
@@ -328,6 +366,7 @@ impl Shared {
                 for t in 0..2 {
                     if let Some(Top::Cut { key, drop }) = tops[t]
                         && drop > 0
+                        && untallied[t]
                     {
                         tables[t].push(at as usize, key, d.iter().map(|v| mag_key(*v)));
                     }
@@ -346,7 +385,36 @@ impl Shared {
                 m.after_sum = s;
             }
         })?;
+        if guess && let Mask::Band { m: ms, tops, .. } = &m.mask {
+            for t in 0..2 {
+                if tops[t].is_none() {
+                    m.tally[t] = BandTally::around(&m.high, ms[t], n_here as u64, self.n);
+                }
+            }
+            let tally = &mut m.tally;
+            scan_spans(&[base, x], self.span, |_, blocks| {
+                let d = &mut d[..blocks[0].len()];
+                task_vector(blocks[0], blocks[1], p, d);
+                for t in tally.iter_mut().flatten() {
+                    t.push_block(d);
+                }
+            })?;
+        }
         Ok(())
+    }
+}
+
+/// Bytes of [`BandTally`] one tensor's stream may hold (over every model's cut-offs); a larger
+/// tensor takes the tie pass instead.
+const TALLY_BUDGET: u64 = 64 << 20;
+
+/// Per cut-off of a band mask: whether its tie table still has to be built by a tie pass.
+fn untallied(mask: &Mask) -> [bool; 2] {
+    match mask {
+        Mask::Band { tops, tallied, .. } => {
+            [0, 1].map(|t| tops[t].is_some_and(|c| c.counts_ties()) && !tallied[t])
+        }
+        _ => [false; 2],
     }
 }
 
@@ -395,7 +463,14 @@ impl TensorStream for GtaStream {
                     m.after_done = true;
                 }
             }
-            let Mask::Band { m: ms, tops, .. } = &mut m.mask else {
+            let tally = std::mem::take(&mut m.tally);
+            let Mask::Band {
+                m: ms,
+                tops,
+                tables,
+                tallied,
+            } = &mut m.mask
+            else {
                 continue;
             };
             match pass {
@@ -406,6 +481,14 @@ impl TensorStream for GtaStream {
                         }
                         if p == Precision::BF16 {
                             tops[t] = top_from(&m.high, None, ms[t], n);
+                            if let (Some(Top::Cut { key, drop }), Some(tally)) =
+                                (tops[t], &tally[t])
+                                && drop > 0
+                                && let Some(table) = tally.table(key)
+                            {
+                                tables[t] = table;
+                                tallied[t] = true;
+                            }
                         } else {
                             m.located[t] = radix::locate(&m.high, ms[t]);
                             m.low[t] = radix::histogram();
@@ -563,24 +646,47 @@ mod tests {
         }
     }
 
-    /// The whole-tensor kernel against the stream over chunks of every aligned size.
-    fn check(cfg: Config, models: &[ModelParams], n: usize, row_len: usize, seed: u64, odd: bool) {
+    /// The whole-tensor kernel against the stream over chunks of every aligned size; the
+    /// number of pre-passes each chunking took (1, 3 blocks per chunk, one chunk).
+    fn check(
+        cfg: Config,
+        models: &[ModelParams],
+        n: usize,
+        row_len: usize,
+        seed: u64,
+        odd: bool,
+    ) -> Vec<usize> {
         let mut rng = Rng(seed | 1);
         let p = cfg.precision;
-        let dt = dtype_of(p);
         let base = rng.tensor(n, p, None, odd);
         let xs: Vec<Vec<f32>> = models
             .iter()
             .map(|_| rng.tensor(n, p, Some(&base), odd))
             .collect();
+        check_on(cfg, models, row_len, &base, &xs, seed)
+    }
+
+    /// [`check`] on given tensors.
+    fn check_on(
+        cfg: Config,
+        models: &[ModelParams],
+        row_len: usize,
+        base: &[f32],
+        xs: &[Vec<f32>],
+        seed: u64,
+    ) -> Vec<usize> {
+        let p = cfg.precision;
+        let dt = dtype_of(p);
+        let n = base.len();
         let refs: Vec<&[f32]> = xs.iter().map(|x| x.as_slice()).collect();
         let mut want = vec![0.0f32; n];
-        gta::merge_tensor(&base, &refs, models, &cfg, row_len, "t", &mut want);
+        gta::merge_tensor(base, &refs, models, &cfg, row_len, "t", &mut want);
         let want = encode(dt, &want);
-        let raw: Vec<Vec<u8>> = std::iter::once(&base)
-            .chain(xs.iter())
+        let raw: Vec<Vec<u8>> = std::iter::once(base)
+            .chain(xs.iter().map(|x| x.as_slice()))
             .map(|v| encode(dt, v))
             .collect();
+        let mut passes = Vec::new();
         let s0 = GtaStream::new(cfg, models, n as u64, row_len, "t");
         let align = s0.align();
         for chunk_blocks in [1usize, 3, usize::MAX] {
@@ -592,7 +698,9 @@ mod tests {
             let mut s = s0.clone();
             let sz = dt.size_bytes();
             let view = |a: usize, b: usize| views(&raw, dt, a, b);
+            let mut count = 0;
             while s.wants_pass() {
+                count += 1;
                 let mut a = 0;
                 while a < n {
                     let b = (a + chunk).min(n);
@@ -617,6 +725,65 @@ mod tests {
             let mut got2 = vec![0u8; n * sz];
             run_whole(&mut whole, &view(0, n), dt, &mut got2).unwrap();
             assert!(got2 == want, "whole: {cfg:?} n {n}");
+            passes.push(count);
+        }
+        passes
+    }
+
+    /// bf16 TIES and breadcrumbs over several chunks build their tie tables in the histogram
+    /// pass when the first chunk's guess holds the cut-offs (one pre-pass), and fall back to the
+    /// tie pass when it does not (a first chunk unlike the rest); the same bits either way.
+    #[test]
+    fn first_pass_tallies_or_falls_back() {
+        use Sparsification as S;
+        let p = Precision::BF16;
+        let ms = [
+            ModelParams {
+                weight: 0.5,
+                density: 0.5,
+                gamma: 0.01,
+                epsilon: 0.15,
+            },
+            ModelParams {
+                weight: 0.3,
+                density: 0.3,
+                gamma: 0.1,
+                epsilon: 0.1,
+            },
+        ];
+        let n = 12 * TIE_BLOCK + 77;
+        let mut rng = Rng(0x9e37_79b9);
+        let base = rng.tensor(n, p, None, false);
+        let xs: Vec<Vec<f32>> = (0..2)
+            .map(|_| rng.tensor(n, p, Some(&base), false))
+            .collect();
+        // The first 3 blocks' deltas 64 times larger: a guess from them misses the cut-offs.
+        let skewed: Vec<Vec<f32>> = xs
+            .iter()
+            .map(|x| {
+                x.iter()
+                    .zip(&base)
+                    .enumerate()
+                    .map(|(e, (v, b))| {
+                        if e < 3 * TIE_BLOCK {
+                            p.round(b + (v - b) * 64.0)
+                        } else {
+                            *v
+                        }
+                    })
+                    .collect()
+            })
+            .collect();
+        for s in [S::Magnitude, S::MagnitudeOutliers] {
+            let c = cfg(s, true, p, false, false);
+            // Chunks of 1 and 3 blocks: one pass; the whole tensor as one chunk: the tie pass.
+            assert_eq!(check_on(c, &ms, 4096, &base, &xs, 1), [1, 1, 2], "{s:?}");
+            // The guess from a skewed first chunk of 1 or 3 blocks misses: the tie pass.
+            assert_eq!(
+                check_on(c, &ms, 4096, &base, &skewed, 2),
+                [2, 2, 2],
+                "{s:?}"
+            );
         }
     }
 

@@ -154,6 +154,79 @@ impl TieTable {
     }
 }
 
+impl TieTable {
+    /// The table of a cut-off from per-block tie counts in index order (`counts[b]`: the
+    /// elements of block `b` equal to the cut-off).
+    pub fn from_counts(counts: impl Iterator<Item = u64>) -> TieTable {
+        let mut t = TieTable::default();
+        for c in counts {
+            t.before.push(t.seen);
+            t.seen += c;
+        }
+        t
+    }
+}
+
+/// Keys (high 16 bits) a [`BandTally`] counts per block: a guess of a cut-off's bucket ± 32.
+pub const TALLY_WIDTH: u32 = 64;
+
+/// Per-[`TIE_BLOCK`] counts of the keys in a band of [`TALLY_WIDTH`] buckets (high 16 bits of
+/// [`mag_key`]), taken in the pass that builds the histogram, before the cut-off is known:
+/// when the cut-off's bucket falls in the band and its low 16 bits are zero (bf16 values),
+/// its [`TieTable`] follows without another pass ([`BandTally::table`]). The band is guessed
+/// from the tensor's first chunk. Memory: `2 · (TALLY_WIDTH + 1)` bytes per block.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BandTally {
+    lo: u32,
+    counts: Vec<u16>,
+}
+
+impl BandTally {
+    /// Bytes a tally takes for `n` elements.
+    pub fn bytes_for(n: u64) -> u64 {
+        n.div_ceil(TIE_BLOCK as u64) * 2 * (TALLY_WIDTH as u64 + 1)
+    }
+
+    /// A tally of the band around the bucket holding the `m`-th largest key among the elements
+    /// `high` counts, scaled from `seen` elements to `n` (`None` when it has no such rank).
+    pub fn around(high: &[u64], m: u64, seen: u64, n: u64) -> Option<BandTally> {
+        if seen == 0 || n == 0 {
+            return None;
+        }
+        let r = ((m as u128 * seen as u128).div_ceil(n as u128) as u64).clamp(1, seen);
+        let at = radix::locate(high, r)?;
+        Some(BandTally {
+            lo: at.bucket.saturating_sub(TALLY_WIDTH / 2),
+            counts: Vec::new(),
+        })
+    }
+
+    /// Count the next block of the tensor (index order, whole blocks but the last).
+    pub fn push_block(&mut self, xs: &[f32]) {
+        let w = TALLY_WIDTH as usize + 1;
+        let at = self.counts.len();
+        self.counts.resize(at + w, 0);
+        let row = &mut self.counts[at..at + w];
+        for x in xs {
+            let i = ((mag_key(*x) >> 16).wrapping_sub(self.lo)).min(TALLY_WIDTH);
+            row[i as usize] += 1;
+        }
+    }
+
+    /// The [`TieTable`] of the cut-off `cut` when the band holds it and its low 16 bits are
+    /// zero (so the bucket's count is the count of elements equal to it).
+    pub fn table(&self, cut: u32) -> Option<TieTable> {
+        let i = (cut >> 16).wrapping_sub(self.lo);
+        if cut & 0xffff != 0 || i >= TALLY_WIDTH {
+            return None;
+        }
+        let w = TALLY_WIDTH as usize + 1;
+        Some(TieTable::from_counts(
+            self.counts.chunks(w).map(|b| u64::from(b[i as usize])),
+        ))
+    }
+}
+
 /// The key of a magnitude as [`radix`] orders it.
 #[inline]
 pub fn mag_key(x: f32) -> u32 {
@@ -316,5 +389,42 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// A tally's table is the one a tie pass builds, for every cut-off of its band, and it has
+    /// none outside the band or for keys with low bits.
+    #[test]
+    fn tally_tables_equal_tie_pass_tables() {
+        use super::*;
+        // bf16-like magnitudes spread over ~200 buckets, with a partial last block.
+        let n = 5 * TIE_BLOCK + 123;
+        let vals: Vec<f32> = (0..n)
+            .map(|i| {
+                let b = 0x3c00u32 + ((i as u32).wrapping_mul(2_654_435_761) >> 24) % 200;
+                let x = f32::from_bits(b << 16);
+                if i % 3 == 0 { -x } else { x }
+            })
+            .collect();
+        let mut high = radix::histogram();
+        radix::accumulate_high(&mut high, &vals[..TIE_BLOCK]);
+        let m = (n / 2) as u64;
+        let mut tally = BandTally::around(&high, m, TIE_BLOCK as u64, n as u64).unwrap();
+        for b in vals.chunks(TIE_BLOCK) {
+            tally.push_block(b);
+        }
+        let lo = tally.lo;
+        for bucket in lo.saturating_sub(3)..lo + TALLY_WIDTH + 3 {
+            let cut = bucket << 16;
+            let mut want = TieTable::default();
+            want.push(0, cut, vals.iter().map(|x| mag_key(*x)));
+            let inside = bucket >= lo && bucket < lo + TALLY_WIDTH;
+            assert_eq!(
+                tally.table(cut),
+                inside.then_some(want),
+                "bucket {bucket:#x}"
+            );
+            assert_eq!(tally.table(cut | 1), None);
+        }
+        assert_eq!(BandTally::around(&high, m, 0, n as u64), None);
     }
 }
