@@ -117,6 +117,11 @@ impl Slot {
             if let Err(e) = self.queue.reap_expired().await {
                 warn!(error = %e, "reaping expired leases failed");
             }
+            // A shutdown that arrived while reaping: claim nothing more (a claim now would
+            // only be handed back, counted as an attempt).
+            if self.shutdown.is_cancelled() {
+                break;
+            }
             // The lease starts in the database no earlier than this.
             let asked = Instant::now();
             match self.queue.claim(&self.owner).await {
