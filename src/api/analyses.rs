@@ -21,6 +21,7 @@ use super::{
 use crate::engine::analysis::AnalysisSpec;
 use crate::error::ErrorCode;
 use crate::queue::{JobKind, NewJob};
+use crate::recipe::request::{ModelRef, ModelRefObject, optional_model_ref};
 use crate::recipe::{MAX_ATTEMPTS_LIMIT, MAX_MODELS};
 
 /// Fewest models an analysis compares.
@@ -41,9 +42,11 @@ pub fn routes() -> OpenApiRouter<AppState> {
                           "base_model": "file:///data/base/"}))]
 struct AnalysisRequest {
     /// `"uri"` or `{"uri": "…"}` each (2 to 128).
-    #[schema(value_type = Vec<AnalysisModel>)]
+    #[schema(value_type = Vec<ModelRef>)]
     models: Vec<serde_json::Value>,
-    #[serde(default)]
+    /// The models' base (needed for adapters): a URL, or `{"uri": …}`.
+    #[serde(default, deserialize_with = "optional_model_ref")]
+    #[schema(value_type = Option<ModelRef>)]
     base_model: Option<String>,
     #[serde(default)]
     idempotency_key: Option<String>,
@@ -54,21 +57,6 @@ struct AnalysisRequest {
     /// Signed webhooks on this job's state changes.
     #[serde(default)]
     notify: Option<crate::webhooks::NotifySpec>,
-}
-
-#[derive(Debug, Deserialize, utoipa::ToSchema)]
-#[serde(deny_unknown_fields)]
-struct ModelRef {
-    uri: String,
-}
-
-/// One model of an analysis: its URL, or `{"uri": …}`.
-#[derive(Deserialize, utoipa::ToSchema)]
-#[serde(untagged)]
-#[allow(dead_code)] // the schema of `models`: they are parsed by hand (see `validate`)
-enum AnalysisModel {
-    Uri(String),
-    Ref(ModelRef),
 }
 
 fn invalid(field: &str, message: impl std::fmt::Display) -> ApiError {
@@ -106,7 +94,7 @@ fn validate(state: &AppState, body: &[u8]) -> Result<Validated, ApiError> {
         let uri = match m {
             serde_json::Value::String(s) => s,
             obj @ serde_json::Value::Object(_) => {
-                serde_json::from_value::<ModelRef>(obj)
+                serde_json::from_value::<ModelRefObject>(obj)
                     .map_err(|e| invalid(&format!("models[{i}]"), e))?
                     .uri
             }

@@ -6,30 +6,39 @@ use serde::Deserialize;
 
 use super::{RecipeError, trajectory, yaml};
 
-/// A `base_model` as a request may write it: a URL, or an object with its `uri`.
+/// A model reference as a request may write it (a `base_model`, a model of an analysis): a
+/// URL, or an object with its `uri`.
 #[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
 #[serde(untagged)]
-pub enum BaseModelRef {
+pub enum ModelRef {
     Uri(String),
-    Object(BaseModelObject),
+    Object(ModelRefObject),
 }
 
-/// `{"uri": …}`: the object form of a `base_model`.
+/// `{"uri": …}`: the object form of a `ModelRef`.
 #[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-pub struct BaseModelObject {
+pub struct ModelRefObject {
     pub uri: String,
 }
 
-/// Reads either form of [`BaseModelRef`] into the URL it names.
-fn base_model_ref<'de, D>(d: D) -> Result<Option<String>, D::Error>
+impl ModelRef {
+    /// The URL it names.
+    pub fn into_uri(self) -> String {
+        match self {
+            ModelRef::Uri(u) => u,
+            ModelRef::Object(o) => o.uri,
+        }
+    }
+}
+
+/// Reads either form of an optional [`ModelRef`] into the URL it names (serde's
+/// `deserialize_with`).
+pub fn optional_model_ref<'de, D>(d: D) -> Result<Option<String>, D::Error>
 where
     D: serde::Deserializer<'de>,
 {
-    Ok(Option::<BaseModelRef>::deserialize(d)?.map(|r| match r {
-        BaseModelRef::Uri(u) => u,
-        BaseModelRef::Object(o) => o.uri,
-    }))
+    Ok(Option::<ModelRef>::deserialize(d)?.map(ModelRef::into_uri))
 }
 
 /// A request body as sent to `POST /v1/merges` (and the one-shot CLI).
@@ -59,8 +68,8 @@ pub struct MergeRequest {
     pub expanded_trajectory: Option<trajectory::Trajectory>,
     /// The pre-trained model the task vectors are taken against (`t = 0` end for slerp): a
     /// URL, or `{"uri": …}` like every model reference.
-    #[serde(default, deserialize_with = "base_model_ref")]
-    #[schema(value_type = Option<BaseModelRef>)]
+    #[serde(default, deserialize_with = "optional_model_ref")]
+    #[schema(value_type = Option<ModelRef>)]
     pub base_model: Option<String>,
     #[serde(default)]
     pub parameters: serde_json::Map<String, serde_json::Value>,
@@ -153,8 +162,8 @@ impl ModelSpec {
 pub struct SliceSpec {
     pub sources: Vec<SliceSourceSpec>,
     /// This slice's base model (one of its sources); default: the recipe's `base_model`.
-    #[serde(default, deserialize_with = "base_model_ref")]
-    #[schema(value_type = Option<BaseModelRef>)]
+    #[serde(default, deserialize_with = "optional_model_ref")]
+    #[schema(value_type = Option<ModelRef>)]
     pub base_model: Option<String>,
     /// Parameters for this slice, before the recipe's (a source's own come first).
     #[serde(default)]

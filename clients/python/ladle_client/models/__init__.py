@@ -2,7 +2,6 @@
 
 from .analysis_request import AnalysisRequest
 from .api_error import ApiError
-from .base_model_object import BaseModelObject
 from .delivery_record import DeliveryRecord
 from .delivery_state import DeliveryState
 from .error_code import ErrorCode
@@ -13,7 +12,7 @@ from .job_view import JobView
 from .list_view import ListView
 from .merge_request import MergeRequest
 from .merge_request_parameters import MergeRequestParameters
-from .model_ref import ModelRef
+from .model_ref_object import ModelRefObject
 from .model_spec import ModelSpec
 from .model_spec_parameters import ModelSpecParameters
 from .notify_spec import NotifySpec
@@ -36,7 +35,6 @@ from .webhook_event import WebhookEvent
 __all__ = (
     "AnalysisRequest",
     "ApiError",
-    "BaseModelObject",
     "DeliveryRecord",
     "DeliveryState",
     "ErrorCode",
@@ -47,7 +45,7 @@ __all__ = (
     "ListView",
     "MergeRequest",
     "MergeRequestParameters",
-    "ModelRef",
+    "ModelRefObject",
     "ModelSpec",
     "ModelSpecParameters",
     "NotifySpec",

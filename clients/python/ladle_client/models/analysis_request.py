@@ -8,7 +8,7 @@ from attrs import define as _attrs_define
 from ..types import UNSET, Unset
 
 if TYPE_CHECKING:
-    from ..models.model_ref import ModelRef
+    from ..models.model_ref_object import ModelRefObject
     from ..models.notify_spec import NotifySpec
 
 
@@ -23,37 +23,39 @@ class AnalysisRequest:
         {'base_model': 'file:///data/base/', 'models': ['file:///data/ft-a/', {'uri': 'file:///data/ft-b/'}]}
 
     Attributes:
-        models (list[ModelRef | str]): `"uri"` or `{"uri": "…"}` each (2 to 128).
-        base_model (None | str | Unset):
+        models (list[ModelRefObject | str]): `"uri"` or `{"uri": "…"}` each (2 to 128).
+        base_model (ModelRefObject | None | str | Unset):
         idempotency_key (None | str | Unset):
         max_attempts (int | None | Unset):
         notify (None | NotifySpec | Unset):
         priority (int | None | Unset):
     """
 
-    models: list[ModelRef | str]
-    base_model: None | str | Unset = UNSET
+    models: list[ModelRefObject | str]
+    base_model: ModelRefObject | None | str | Unset = UNSET
     idempotency_key: None | str | Unset = UNSET
     max_attempts: int | None | Unset = UNSET
     notify: None | NotifySpec | Unset = UNSET
     priority: int | None | Unset = UNSET
 
     def to_dict(self) -> dict[str, Any]:
-        from ..models.model_ref import ModelRef
+        from ..models.model_ref_object import ModelRefObject
         from ..models.notify_spec import NotifySpec
 
         models = []
         for models_item_data in self.models:
             models_item: dict[str, Any] | str
-            if isinstance(models_item_data, ModelRef):
+            if isinstance(models_item_data, ModelRefObject):
                 models_item = models_item_data.to_dict()
             else:
                 models_item = models_item_data
             models.append(models_item)
 
-        base_model: None | str | Unset
+        base_model: dict[str, Any] | None | str | Unset
         if isinstance(self.base_model, Unset):
             base_model = UNSET
+        elif isinstance(self.base_model, ModelRefObject):
+            base_model = self.base_model.to_dict()
         else:
             base_model = self.base_model
 
@@ -105,7 +107,7 @@ class AnalysisRequest:
 
     @classmethod
     def from_dict(cls, src_dict: Mapping[str, Any]) -> Self:
-        from ..models.model_ref import ModelRef
+        from ..models.model_ref_object import ModelRefObject
         from ..models.notify_spec import NotifySpec
 
         d = dict(src_dict)
@@ -113,27 +115,35 @@ class AnalysisRequest:
         _models = d.pop("models")
         for models_item_data in _models:
 
-            def _parse_models_item(data: object) -> ModelRef | str:
+            def _parse_models_item(data: object) -> ModelRefObject | str:
                 try:
                     if not isinstance(data, dict):
                         raise TypeError()
-                    componentsschemas_analysis_model_type_1 = ModelRef.from_dict(data)
+                    componentsschemas_model_ref_type_1 = ModelRefObject.from_dict(data)
 
-                    return componentsschemas_analysis_model_type_1
+                    return componentsschemas_model_ref_type_1
                 except (TypeError, ValueError, AttributeError, KeyError):
                     pass
-                return cast(ModelRef | str, data)
+                return cast(ModelRefObject | str, data)
 
             models_item = _parse_models_item(models_item_data)
 
             models.append(models_item)
 
-        def _parse_base_model(data: object) -> None | str | Unset:
+        def _parse_base_model(data: object) -> ModelRefObject | None | str | Unset:
             if data is None:
                 return data
             if isinstance(data, Unset):
                 return data
-            return cast(None | str | Unset, data)
+            try:
+                if not isinstance(data, dict):
+                    raise TypeError()
+                componentsschemas_model_ref_type_1 = ModelRefObject.from_dict(data)
+
+                return componentsschemas_model_ref_type_1
+            except (TypeError, ValueError, AttributeError, KeyError):
+                pass
+            return cast(ModelRefObject | None | str | Unset, data)
 
         base_model = _parse_base_model(d.pop("base_model", UNSET))
 

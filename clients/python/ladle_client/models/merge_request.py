@@ -8,9 +8,9 @@ from attrs import define as _attrs_define
 from ..types import UNSET, Unset
 
 if TYPE_CHECKING:
-    from ..models.base_model_object import BaseModelObject
     from ..models.evaluator_spec import EvaluatorSpec
     from ..models.merge_request_parameters import MergeRequestParameters
+    from ..models.model_ref_object import ModelRefObject
     from ..models.model_spec import ModelSpec
     from ..models.notify_spec import NotifySpec
     from ..models.output_spec import OutputSpec
@@ -35,7 +35,7 @@ class MergeRequest:
         method (str): The merge method (`linear`, `task_arithmetic`, `ties`, …, `greedy_soup`; see the README). Example:
             linear.
         accept (None | str | Unset): Greedy soup's accept rule: `">="` (the paper, default) or `">"`.
-        base_model (BaseModelObject | None | str | Unset):
+        base_model (ModelRefObject | None | str | Unset):
         chat_template (None | str | Unset): The soup's chat template, written as `chat_template.jinja`: one of
             mergekit's
             templates by name (`alpaca`, `chatml`, `exaone`, `llama3`, `mistral`) or a Jinja
@@ -68,7 +68,7 @@ class MergeRequest:
 
     method: str
     accept: None | str | Unset = UNSET
-    base_model: BaseModelObject | None | str | Unset = UNSET
+    base_model: ModelRefObject | None | str | Unset = UNSET
     chat_template: None | str | Unset = UNSET
     evaluator: EvaluatorSpec | None | Unset = UNSET
     idempotency_key: None | str | Unset = UNSET
@@ -86,8 +86,8 @@ class MergeRequest:
     trajectory: None | TrajectorySpec | Unset = UNSET
 
     def to_dict(self) -> dict[str, Any]:
-        from ..models.base_model_object import BaseModelObject
         from ..models.evaluator_spec import EvaluatorSpec
+        from ..models.model_ref_object import ModelRefObject
         from ..models.notify_spec import NotifySpec
         from ..models.sweep_spec import SweepSpec
         from ..models.trajectory_spec import TrajectorySpec
@@ -103,7 +103,7 @@ class MergeRequest:
         base_model: dict[str, Any] | None | str | Unset
         if isinstance(self.base_model, Unset):
             base_model = UNSET
-        elif isinstance(self.base_model, BaseModelObject):
+        elif isinstance(self.base_model, ModelRefObject):
             base_model = self.base_model.to_dict()
         else:
             base_model = self.base_model
@@ -246,9 +246,9 @@ class MergeRequest:
 
     @classmethod
     def from_dict(cls, src_dict: Mapping[str, Any]) -> Self:
-        from ..models.base_model_object import BaseModelObject
         from ..models.evaluator_spec import EvaluatorSpec
         from ..models.merge_request_parameters import MergeRequestParameters
+        from ..models.model_ref_object import ModelRefObject
         from ..models.model_spec import ModelSpec
         from ..models.notify_spec import NotifySpec
         from ..models.output_spec import OutputSpec
@@ -268,7 +268,7 @@ class MergeRequest:
 
         accept = _parse_accept(d.pop("accept", UNSET))
 
-        def _parse_base_model(data: object) -> BaseModelObject | None | str | Unset:
+        def _parse_base_model(data: object) -> ModelRefObject | None | str | Unset:
             if data is None:
                 return data
             if isinstance(data, Unset):
@@ -276,14 +276,12 @@ class MergeRequest:
             try:
                 if not isinstance(data, dict):
                     raise TypeError()
-                componentsschemas_base_model_ref_type_1 = BaseModelObject.from_dict(
-                    data
-                )
+                componentsschemas_model_ref_type_1 = ModelRefObject.from_dict(data)
 
-                return componentsschemas_base_model_ref_type_1
+                return componentsschemas_model_ref_type_1
             except (TypeError, ValueError, AttributeError, KeyError):
                 pass
-            return cast(BaseModelObject | None | str | Unset, data)
+            return cast(ModelRefObject | None | str | Unset, data)
 
         base_model = _parse_base_model(d.pop("base_model", UNSET))
 

@@ -8,7 +8,7 @@ from attrs import define as _attrs_define
 from ..types import UNSET, Unset
 
 if TYPE_CHECKING:
-    from ..models.base_model_object import BaseModelObject
+    from ..models.model_ref_object import ModelRefObject
     from ..models.slice_source_spec import SliceSourceSpec
     from ..models.slice_spec_parameters import SliceSpecParameters
 
@@ -23,17 +23,17 @@ class SliceSpec:
 
         Attributes:
             sources (list[SliceSourceSpec]):
-            base_model (BaseModelObject | None | str | Unset):
+            base_model (ModelRefObject | None | str | Unset):
             parameters (SliceSpecParameters | Unset): Parameters for this slice, before the recipe's (a source's own come
                 first).
     """
 
     sources: list[SliceSourceSpec]
-    base_model: BaseModelObject | None | str | Unset = UNSET
+    base_model: ModelRefObject | None | str | Unset = UNSET
     parameters: SliceSpecParameters | Unset = UNSET
 
     def to_dict(self) -> dict[str, Any]:
-        from ..models.base_model_object import BaseModelObject
+        from ..models.model_ref_object import ModelRefObject
 
         sources = []
         for sources_item_data in self.sources:
@@ -43,7 +43,7 @@ class SliceSpec:
         base_model: dict[str, Any] | None | str | Unset
         if isinstance(self.base_model, Unset):
             base_model = UNSET
-        elif isinstance(self.base_model, BaseModelObject):
+        elif isinstance(self.base_model, ModelRefObject):
             base_model = self.base_model.to_dict()
         else:
             base_model = self.base_model
@@ -68,7 +68,7 @@ class SliceSpec:
 
     @classmethod
     def from_dict(cls, src_dict: Mapping[str, Any]) -> Self:
-        from ..models.base_model_object import BaseModelObject
+        from ..models.model_ref_object import ModelRefObject
         from ..models.slice_source_spec import SliceSourceSpec
         from ..models.slice_spec_parameters import SliceSpecParameters
 
@@ -80,7 +80,7 @@ class SliceSpec:
 
             sources.append(sources_item)
 
-        def _parse_base_model(data: object) -> BaseModelObject | None | str | Unset:
+        def _parse_base_model(data: object) -> ModelRefObject | None | str | Unset:
             if data is None:
                 return data
             if isinstance(data, Unset):
@@ -88,14 +88,12 @@ class SliceSpec:
             try:
                 if not isinstance(data, dict):
                     raise TypeError()
-                componentsschemas_base_model_ref_type_1 = BaseModelObject.from_dict(
-                    data
-                )
+                componentsschemas_model_ref_type_1 = ModelRefObject.from_dict(data)
 
-                return componentsschemas_base_model_ref_type_1
+                return componentsschemas_model_ref_type_1
             except (TypeError, ValueError, AttributeError, KeyError):
                 pass
-            return cast(BaseModelObject | None | str | Unset, data)
+            return cast(ModelRefObject | None | str | Unset, data)
 
         base_model = _parse_base_model(d.pop("base_model", UNSET))
 

@@ -5,12 +5,13 @@ from typing import Any, Self, TypeVar
 
 from attrs import define as _attrs_define
 
-T = TypeVar("T", bound="ModelRef")
+T = TypeVar("T", bound="ModelRefObject")
 
 
 @_attrs_define
-class ModelRef:
-    """
+class ModelRefObject:
+    """`{"uri": …}`: the object form of a `ModelRef`.
+
     Attributes:
         uri (str):
     """
@@ -35,8 +36,8 @@ class ModelRef:
         d = dict(src_dict)
         uri = d.pop("uri")
 
-        model_ref = cls(
+        model_ref_object = cls(
             uri=uri,
         )
 
-        return model_ref
+        return model_ref_object
