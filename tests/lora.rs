@@ -442,6 +442,18 @@ fn assert_factors_equal(case: &str, got: &Path, want: &Path) {
 }
 
 fn lora_recipe(pack: &Path, case: &Value, out: &Path) -> Value {
+    lora_recipe_at(pack, case, out, |name| {
+        url(&pack.join("inputs/adapters").join(name))
+    })
+}
+
+/// [`lora_recipe`] with each adapter at `adapter_uri(name)`.
+fn lora_recipe_at(
+    pack: &Path,
+    case: &Value,
+    out: &Path,
+    adapter_uri: impl Fn(&str) -> String,
+) -> Value {
     let inputs = &case["inputs"];
     let op = &case["operation"];
     let models: Vec<Value> = inputs["adapters"]
@@ -451,7 +463,7 @@ fn lora_recipe(pack: &Path, case: &Value, out: &Path) -> Value {
         .zip(op["weights"].as_array().unwrap())
         .map(|(a, w)| {
             let name = a["name"].as_str().unwrap();
-            json!({"uri": url(&pack.join("inputs/adapters").join(name)), "parameters": {"weight": w}})
+            json!({"uri": adapter_uri(name), "parameters": {"weight": w}})
         })
         .collect();
     let mut params = json!({"combination": op["combination_type"]});
@@ -1179,24 +1191,7 @@ async fn lora_extract_matches_mergekit() {
 /// for a Linear, `s·(B@A)ᵀ` plus `base_layer − base` for an embedding, `saved − base` for a
 /// `modules_to_save` tensor. Only for adapters without rank or alpha patterns.
 fn dense_deltas(adapter: &Path, base: &Path) -> BTreeMap<String, Vec<f64>> {
-    let cfg: Value =
-        serde_json::from_slice(&std::fs::read(adapter.join("adapter_config.json")).unwrap())
-            .unwrap();
-    assert!(cfg["rank_pattern"].as_object().is_none_or(|p| p.is_empty()));
-    assert!(
-        cfg["alpha_pattern"]
-            .as_object()
-            .is_none_or(|p| p.is_empty())
-    );
-    let (r, alpha) = (
-        cfg["r"].as_f64().unwrap(),
-        cfg["lora_alpha"].as_f64().unwrap(),
-    );
-    let s = if cfg["use_rslora"] == json!(true) {
-        alpha / r.sqrt()
-    } else {
-        alpha / r
-    };
+    let s = adapter_scaling(adapter);
     let t = read_values(&adapter.join("adapter_model.safetensors"));
     let b = read_values(&base.join("model.safetensors"));
     let mut out: BTreeMap<String, Vec<f64>> = BTreeMap::new();
@@ -1275,18 +1270,7 @@ async fn analyses_of_adapters_match_the_formed_deltas_over_http() {
         .collect();
     let analyse = |body: Value| {
         let (client, base_url) = (client.clone(), base_url.clone());
-        async move {
-            let r = client
-                .post(format!("{base_url}/v1/analyses"))
-                .json(&body)
-                .send()
-                .await
-                .unwrap();
-            assert_eq!(r.status().as_u16(), 202);
-            let job: Value = r.json().await.unwrap();
-            let id = job["id"].as_str().unwrap().to_string();
-            wait_job(&client, &base_url, "analyses", &id, Duration::from_secs(60)).await
-        }
+        async move { analyse_over_http(&client, &base_url, &body).await }
     };
     let done = analyse(json!({
         "models": dirs.iter().map(|d| url(d)).collect::<Vec<_>>(),
@@ -1516,5 +1500,401 @@ async fn lora_methods_from_yaml_equal_their_json() {
                 "{case}: {file} differs between JSON and YAML\n{yaml}"
             );
         }
+    }
+}
+
+/// Copy the pack's adapter folder `name` to `s3://BUCKET/adapters/<name>/`; its URI.
+async fn put_adapter(s3: &S3Server, pack: &Path, name: &str) -> String {
+    use object_store::ObjectStoreExt;
+    let store = s3.store();
+    let dir = pack.join("inputs/adapters").join(name);
+    for file in ["adapter_config.json", "adapter_model.safetensors"] {
+        let key = object_store::path::Path::from(format!("adapters/{name}/{file}"));
+        store
+            .put(&key, std::fs::read(dir.join(file)).unwrap().into())
+            .await
+            .unwrap();
+    }
+    format!("s3://{BUCKET}/adapters/{name}/")
+}
+
+/// `POST /v1/analyses` and wait for the job's terminal view.
+async fn analyse_over_http(client: &reqwest::Client, base_url: &str, body: &Value) -> Value {
+    let r = client
+        .post(format!("{base_url}/v1/analyses"))
+        .json(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 202);
+    let job: Value = r.json().await.unwrap();
+    let id = job["id"].as_str().unwrap().to_string();
+    wait_job(client, base_url, "analyses", &id, Duration::from_secs(60)).await
+}
+
+/// Adapters on S3 (s3s-fs) like any input, over HTTP: a fold of an S3 adapter into a local
+/// base is bit-identical to peft's; `method: lora` over S3 adapters gives peft's factors
+/// (`awa_cat`, exact) and products (`awa_ties_svd`, within the case's tolerance); an analysis
+/// of adapters, half of them on S3 (the base given as `{"uri": …}`), gives the numbers of the
+/// same analysis over local folders.
+async fn adapters_on_s3(database_url: &str, backend: &str) {
+    let Some(pack) = pack() else { return };
+    let Some(s3) = S3Server::start() else {
+        loud_skip(
+            &format!("LoRA adapters on S3 ({backend})"),
+            "s3s-fs not installed: run .ci/run or `cargo install s3s-fs@0.14.1 --features binary --locked`",
+        );
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    std::fs::create_dir_all(&out).unwrap();
+    let mut on_s3 = BTreeMap::new();
+    for name in [
+        "qv_r8",
+        "all_r16",
+        "pattern_r4",
+        "rslora_r16",
+        "mts_embed_r4",
+    ] {
+        on_s3.insert(name, put_adapter(&s3, &pack, name).await);
+    }
+    let roots = vec![
+        pack.display().to_string(),
+        out.display().to_string(),
+        format!("s3://{BUCKET}/"),
+    ];
+    let settings = test_settings(&tmp.path().join("data"), database_url, roots, Some(&s3));
+    let (service, base_url) = start(&settings, Mode::Serve).await;
+    let client = reqwest::Client::new();
+    let base = pack.join("inputs/base");
+
+    // A fold: the model local, its adapter on S3.
+    let folded = out.join("fold");
+    let recipe = json!({"method": "passthrough",
+        "models": [{"uri": url(&base), "lora": on_s3["rslora_r16"]}],
+        "output": {"uri": url(&folded), "dtype": "float32"}});
+    let done = submit_and_wait(&client, &base_url, &recipe).await;
+    assert_eq!(done["state"], "succeeded", "{done}");
+    assert_identical(
+        "fold of an S3 adapter",
+        &read_raw(&folded.join("model.safetensors")),
+        &read_raw(&pack.join("cases/fold_rslora_r16/expected/f32/model.safetensors")),
+    );
+
+    // method lora over adapters on S3.
+    for case in ["awa_cat", "awa_ties_svd"] {
+        let (dir, spec) = read_case(&pack, case);
+        let dest = out.join(case);
+        let recipe = lora_recipe_at(&pack, &spec, &dest, |n| on_s3[n].clone());
+        let done = submit_and_wait(&client, &base_url, &recipe).await;
+        assert_eq!(done["state"], "succeeded", "{case}: {done}");
+        let (got, want) = (
+            dest.join("adapter_model.safetensors"),
+            dir.join("expected/adapter_model.safetensors"),
+        );
+        if case == "awa_cat" {
+            assert_factors_equal(case, &got, &want);
+        } else {
+            let tol = svd_tolerance(&spec);
+            for (m, e) in product_errors(case, &got, &want) {
+                assert!(e <= tol, "{case}: {m}: {e:.3e} > {tol:.0e}");
+            }
+        }
+        assert_config(
+            case,
+            &dest.join("adapter_config.json"),
+            &dir.join("expected/adapter_config.json"),
+        );
+        let manifest = read_json(&dest.join("ladle-manifest.json"));
+        assert_eq!(
+            manifest["inputs"][1]["lora"]["uri"],
+            on_s3[spec["inputs"]["adapters"][0]["name"].as_str().unwrap()].trim_end_matches('/'),
+            "{case}: {manifest}"
+        );
+    }
+
+    // An analysis of adapters, two of four on S3, against the same analysis of local folders.
+    let names = ["qv_r8", "qkvo_r8_bf16", "rslora_r16", "mts_embed_r4"];
+    let local: Vec<String> = names
+        .iter()
+        .map(|n| url(&pack.join("inputs/adapters").join(n)))
+        .collect();
+    let mixed: Vec<String> = names
+        .iter()
+        .zip(&local)
+        .enumerate()
+        .map(|(i, (n, l))| {
+            if i % 2 == 0 {
+                on_s3[n].clone()
+            } else {
+                l.clone()
+            }
+        })
+        .collect();
+    let mut results = Vec::new();
+    // The base as a URL, then as `{"uri": …}` (both forms of a model reference).
+    for (models, base_model) in [
+        (&local, json!(url(&base))),
+        (&mixed, json!({"uri": url(&base)})),
+    ] {
+        let done = analyse_over_http(
+            &client,
+            &base_url,
+            &json!({"models": models, "base_model": base_model}),
+        )
+        .await;
+        assert_eq!(done["state"], "succeeded", "{done}");
+        results.push(done["result"].clone());
+    }
+    assert_eq!(results[1]["inputs"], "adapters", "{}", results[1]);
+    assert!(
+        results[1]["models"][0]
+            .as_str()
+            .unwrap()
+            .starts_with("s3://"),
+        "{}",
+        results[1]
+    );
+    let n_tensors = results[0]["tensors"].as_object().unwrap().len();
+    assert!(n_tensors > 0, "{}", results[0]);
+    for key in ["tensors", "totals"] {
+        assert_eq!(results[1][key], results[0][key], "{key}");
+    }
+    service.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn adapters_on_s3_sqlite() {
+    let db = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", db.path().join("ladle.db").display());
+    adapters_on_s3(&url, "sqlite").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn adapters_on_s3_postgres() {
+    match PgDb::create().await {
+        Some(db) => adapters_on_s3(&db.url, "postgres").await,
+        None => loud_skip(
+            "LoRA adapters on S3 on Postgres",
+            "set LADLE_TEST_POSTGRES_URL",
+        ),
+    }
+}
+
+/// An adapter's scaling `lora_alpha / r` (`/ √r` with rsLoRA); no per-module patterns.
+fn adapter_scaling(adapter: &Path) -> f64 {
+    let cfg = read_json(&adapter.join("adapter_config.json"));
+    assert!(cfg["rank_pattern"].as_object().is_none_or(|p| p.is_empty()));
+    assert!(
+        cfg["alpha_pattern"]
+            .as_object()
+            .is_none_or(|p| p.is_empty())
+    );
+    let (r, alpha) = (
+        cfg["r"].as_f64().unwrap(),
+        cfg["lora_alpha"].as_f64().unwrap(),
+    );
+    if cfg["use_rslora"] == json!(true) {
+        alpha / r.sqrt()
+    } else {
+        alpha / r
+    }
+}
+
+/// LoRA Soups CAT with per-module weights given by `filter` rules (substrings, the first match
+/// winning), a `name` rule, and a default rule (neither, last), over HTTP. Each module's
+/// product `B_new@A_new` equals `Σ_i w_i(m)·s_i·B_i@A_i` computed here from the input adapters
+/// and a weight table written out by hand (1e-6 relative, the pack's soups tolerance); a
+/// module an adapter has but no rule of its list matches leaves that adapter out of it (its
+/// block absent: the others start at row 0); a module no adapter's rule matches is not in the
+/// output, and folding the output leaves the base's weight of it unchanged. A gradient as a
+/// rule's value is refused at intake.
+async fn cat_weight_rules(database_url: &str) {
+    let Some(pack) = pack() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    std::fs::create_dir_all(&out).unwrap();
+    let settings = test_settings(
+        &tmp.path().join("data"),
+        database_url,
+        vec![pack.display().to_string(), out.display().to_string()],
+        None,
+    );
+    let (service, base_url) = start(&settings, Mode::Serve).await;
+    let client = reqwest::Client::new();
+    let base = pack.join("inputs/base");
+    let adapters = ["qkvo_r8_bf16", "rslora_r16", "qv_up_r8"];
+    let dirs: Vec<PathBuf> = adapters
+        .iter()
+        .map(|n| pack.join("inputs/adapters").join(n))
+        .collect();
+    let rules = [
+        json!([{"filter": "layers.1.", "value": 0.25},
+               {"filter": "q_proj", "value": 0.9},
+               {"filter": "v_proj", "value": -0.4}]),
+        json!([{"name": "model.layers.1.self_attn.q_proj", "value": 1.1},
+               {"filter": "k_proj", "value": 0.6},
+               {"filter": "layers.1.self_attn.o", "value": -0.3},
+               {"filter": "q_proj", "value": 0.5}]),
+        json!([{"filter": "mlp", "value": 0.7}, {"value": -0.15}]),
+    ];
+    // What those rules give, by hand (None: the adapter lacks the module or no rule matches).
+    let n = None;
+    let table: [(&str, [Option<f64>; 3]); 10] = [
+        (
+            "model.layers.0.self_attn.q_proj",
+            [Some(0.9), Some(0.5), Some(-0.15)],
+        ),
+        ("model.layers.0.self_attn.k_proj", [n, Some(0.6), n]),
+        (
+            "model.layers.0.self_attn.v_proj",
+            [Some(-0.4), n, Some(-0.15)],
+        ),
+        ("model.layers.0.self_attn.o_proj", [n, n, n]),
+        ("model.layers.0.mlp.up_proj", [n, n, Some(0.7)]),
+        (
+            "model.layers.1.self_attn.q_proj",
+            [Some(0.25), Some(1.1), Some(-0.15)],
+        ),
+        (
+            "model.layers.1.self_attn.k_proj",
+            [Some(0.25), Some(0.6), n],
+        ),
+        (
+            "model.layers.1.self_attn.v_proj",
+            [Some(0.25), n, Some(-0.15)],
+        ),
+        (
+            "model.layers.1.self_attn.o_proj",
+            [Some(0.25), Some(-0.3), n],
+        ),
+        ("model.layers.1.mlp.up_proj", [n, n, Some(0.7)]),
+    ];
+    let models: Vec<Value> = dirs
+        .iter()
+        .zip(&rules)
+        .map(|(d, r)| json!({"uri": url(d), "parameters": {"weight": r}}))
+        .collect();
+    let soup = out.join("soup");
+    let recipe = json!({"method": "lora", "base_model": url(&base), "models": models,
+        "parameters": {"combination": "cat"},
+        "output": {"uri": url(&soup), "dtype": "float32"}});
+    let done = submit_and_wait(&client, &base_url, &recipe).await;
+    assert_eq!(done["state"], "succeeded", "{done}");
+    let cfg = read_json(&soup.join("adapter_config.json"));
+    assert_eq!((&cfg["r"], &cfg["lora_alpha"]), (&json!(32), &json!(32)));
+    assert_eq!(cfg["use_rslora"], false);
+    let inputs: Vec<_> = dirs
+        .iter()
+        .map(|d| {
+            let r = read_json(&d.join("adapter_config.json"))["r"]
+                .as_u64()
+                .unwrap();
+            let prods = products(&d.join("adapter_model.safetensors"));
+            (adapter_scaling(d), r as usize, prods)
+        })
+        .collect();
+    let got = products(&soup.join("adapter_model.safetensors"));
+    let factors = read_values(&soup.join("adapter_model.safetensors"));
+    let expected_modules: BTreeSet<&str> = table
+        .iter()
+        .filter(|(_, w)| w.iter().any(Option::is_some))
+        .map(|(m, _)| *m)
+        .collect();
+    assert_eq!(
+        got.keys().map(String::as_str).collect::<BTreeSet<_>>(),
+        expected_modules,
+        "modules of the soup"
+    );
+    for (module, weights) in &table {
+        let Some((_, p)) = got.get(*module) else {
+            continue;
+        };
+        let mut want = vec![0f64; p.len()];
+        let mut rank = 0;
+        for ((s, r, prods), w) in inputs.iter().zip(weights) {
+            let Some(w) = w else { continue };
+            let (_, pi) = &prods[*module];
+            for (x, y) in want.iter_mut().zip(pi) {
+                *x += w * s * y;
+            }
+            rank += r;
+        }
+        let max = want.iter().fold(0f64, |a, x| a.max(x.abs()));
+        let err = p
+            .iter()
+            .zip(&want)
+            .fold(0f64, |a, (x, y)| a.max((x - y).abs()));
+        assert!(
+            max > 0.0 && err <= 1e-6 * max,
+            "{module}: {err:e} vs max {max:e}"
+        );
+        // The blocks of the adapters kept start at row 0; the rest of the 32 rows are zero.
+        let (_, shape, a) = &factors[&format!("base_model.model.{module}.lora_A.weight")];
+        let nonzero_rows = a
+            .chunks(shape[1])
+            .map(|row| row.iter().any(|x| *x != 0.0))
+            .collect::<Vec<_>>();
+        assert_eq!(
+            nonzero_rows,
+            (0..32).map(|k| k < rank).collect::<Vec<_>>(),
+            "{module}: lora_A rows"
+        );
+    }
+    // Folding the soup: layer 0's o_proj (no rule matched) is the base's, bit for bit; q_proj not.
+    let folded = out.join("folded");
+    let done = submit_and_wait(
+        &client,
+        &base_url,
+        &fold_recipe(&base, &soup, &folded, "bfloat16"),
+    )
+    .await;
+    assert_eq!(done["state"], "succeeded", "{done}");
+    let (f, b) = (
+        read_raw(&folded.join("model.safetensors")),
+        read_raw(&base.join("model.safetensors")),
+    );
+    let o = "model.layers.0.self_attn.o_proj.weight";
+    assert_eq!(f[o], b[o], "{o}");
+    let q = "model.layers.0.self_attn.q_proj.weight";
+    assert_ne!(f[q], b[q], "{q}");
+    // A gradient as a rule's value (one number per module is all a weight can be) is refused
+    // at intake, naming the rule.
+    let mut bad = recipe.clone();
+    bad["models"][2]["parameters"]["weight"][1]["value"] = json!([0.1, 0.9]);
+    bad["output"]["uri"] = json!(url(&out.join("never")));
+    let (status, body) = submit(&client, &base_url, &bad).await;
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (400, Some("invalid_recipe")),
+        "{body}"
+    );
+    assert_eq!(
+        body["field"], "models[2].parameters.weight[1].value",
+        "{body}"
+    );
+    assert!(!out.join("never").exists());
+    service.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cat_weight_rules_sqlite() {
+    let db = tempfile::tempdir().unwrap();
+    cat_weight_rules(&format!(
+        "sqlite://{}",
+        db.path().join("ladle.db").display()
+    ))
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cat_weight_rules_postgres() {
+    match PgDb::create().await {
+        Some(db) => cat_weight_rules(&db.url).await,
+        None => loud_skip(
+            "LoRA cat weight rules on Postgres",
+            "set LADLE_TEST_POSTGRES_URL",
+        ),
     }
 }

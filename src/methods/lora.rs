@@ -12,6 +12,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::setting::Value;
 use super::{
     About, BaseRule, Config, Invalid, KernelInput, MergeMethod, ParseInput, Setting, TensorKernel,
     invalid,
@@ -217,7 +218,19 @@ impl MergeMethod for Lora {
             for (key, s) in &m.parameters {
                 let field = format!("models[{}].parameters.{key}", m.index);
                 match (key.as_str(), s) {
-                    ("weight", Setting::Filters(_)) if combination == CombinationName::Cat => {}
+                    ("weight", Setting::Filters(rules)) if combination == CombinationName::Cat => {
+                        // A module's weight is one number: a gradient (mergekit's layer
+                        // interpolation) in a rule would silently give its first anchor.
+                        if let Some(i) = rules
+                            .iter()
+                            .position(|r| !matches!(r.value, Value::Scalar(_)))
+                        {
+                            return Err(invalid(
+                                format!("{field}[{i}].value"),
+                                "a per-module weight is a number (no gradient)",
+                            ));
+                        }
+                    }
                     ("weight", _) => {
                         return Err(invalid(
                             field,
