@@ -2,6 +2,7 @@
 
   python lora_vs_peft.py make DIR HIDDEN LAYERS RANKS      # base + adapters (seeded)
   python lora_vs_peft.py peft DIR COMBINATION OUT [DENSITY] # peft's add_weighted_adapter
+  python lora_vs_peft.py compare LADLE_OUT PEFT_OUT         # the two outputs' products
 
 The base is a stack of LAYERS decoder layers holding only q_proj and v_proj (HIDDEN × HIDDEN,
 bf16, no bias): the shapes of a 7B Llama's attention projections without the rest of the model
@@ -112,8 +113,36 @@ def peft_run(d, combination, out, density):
     print(f"merge_s={t2 - t1:.3f} total_s={t3 - t0:.3f} threads={torch.get_num_threads()}")
 
 
+def compare(ladle_out, peft_out):
+    """Per module, max|P_ladle - P_peft| / max|P_peft| of the loaded deltas `s·B@A` (float64);
+    prints the worst over the modules as `product_rel_diff=…`."""
+    import glob
+
+    from safetensors.torch import load_file
+
+    def deltas(d):
+        [f] = glob.glob(f"{d}/**/adapter_model.safetensors", recursive=True)
+        cfg = json.load(open(os.path.join(os.path.dirname(f), "adapter_config.json")))
+        r, alpha = cfg["r"], cfg["lora_alpha"]
+        s = alpha / r**0.5 if cfg.get("use_rslora") else alpha / r
+        t = load_file(f)
+        out = {}
+        for k, a in t.items():
+            if k.endswith(".lora_A.weight"):
+                b = t[k.replace("lora_A", "lora_B")]
+                out[k[: -len(".lora_A.weight")]] = s * (b.double() @ a.double())
+        return out
+
+    got, want = deltas(ladle_out), deltas(peft_out)
+    assert sorted(got) == sorted(want), (sorted(got)[:3], sorted(want)[:3])
+    worst = max(((got[m] - want[m]).abs().max() / want[m].abs().max()).item() for m in want)
+    print(f"product_rel_diff={worst:.2e} modules={len(want)}")
+
+
 if __name__ == "__main__":
-    if sys.argv[1] == "make":
+    if sys.argv[1] == "compare":
+        compare(sys.argv[2], sys.argv[3])
+    elif sys.argv[1] == "make":
         make(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), [int(r) for r in sys.argv[5].split(",")])
     else:
         peft_run(

@@ -5,6 +5,11 @@
 #   bash benches/lora_vs_peft.sh
 #   HIDDEN=4096 LAYERS=32 RANKS=16,32 RUNS=3 COMBINATIONS="svd ties_svd cat" bash benches/lora_vs_peft.sh
 #
+# RANKS may repeat a rank (`32,32`): linear, ties, dare_linear, dare_ties and magnitude_prune
+# need adapters of one rank (peft refuses others, so does ladle). The ladle binary is
+# $LADLE (default: release/ladle under $CARGO_TARGET_DIR, else target/); SKIP_BUILD=1 skips
+# the build.
+#
 # 1. A virtualenv with peft 0.21.2 and torch from PyPI at $PEFT_VENV (default
 #    bench-data/.venv-peft/, ignored by git), created if missing (PyPI's Linux torch wheel brings CUDA libraries, unused).
 # 2. cargo build --release --bin ladle; the inputs under $BENCH_DATA (default
@@ -15,7 +20,10 @@
 #      ladle merge recipe.json --out OUT --quiet           (equal weights 1/n)
 #      python lora_vs_peft.py peft DIR COMBINATION OUT     (load + add_weighted_adapter + save)
 #    peft's own timer of add_weighted_adapter alone is reported too (merge_s).
-# 4. A table: medians, the ratio peft/ladle on the whole job and on peft's merge call alone.
+# 4. A table: each run's wall clock, medians (wall clock, peak RSS), the ratio peft/ladle on
+#    the whole job and on peft's merge call alone, and the last run's outputs compared
+#    (`lora_vs_peft.py compare`: per module max|P_ladle − P_peft| / max|P_peft| of the loaded
+#    products, the worst module; "random" for DARE below density 1).
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -28,7 +36,7 @@ COMBINATIONS=${COMBINATIONS:-"svd cat"}
 DENSITY=${DENSITY:-0.5}
 VENV=$(realpath -m "${PEFT_VENV:-$ROOT/bench-data/.venv-peft}")
 DATA=$(realpath -m "${BENCH_DATA:-$ROOT/bench-data}/lora-${HIDDEN}x${LAYERS}-${RANKS//,/-}")
-LADLE=$ROOT/target/release/ladle
+LADLE=${LADLE:-${CARGO_TARGET_DIR:-$ROOT/target}/release/ladle}
 # shellcheck source=benches/lib.sh
 source "$ROOT/benches/lib.sh"
 
@@ -87,11 +95,18 @@ for comb in $COMBINATIONS; do
     pm+=("$(sed -n 's/.*merge_s=\([0-9.]*\).*/\1/p' "$DATA/peft.log")")
     log "$comb run $i: ladle ${lw[-1]} s $(kib_to_mib "${lr[-1]}") MiB; peft ${pw[-1]} s (merge ${pm[-1]} s) $(kib_to_mib "${pr[-1]}") MiB"
   done
+  # The last run's outputs: the products s·B@A per module against peft's (DARE below density 1
+  # draws other masks than torch's: not comparable).
+  diff=random
+  if [[ $comb != dare* ]] || awk -v d="$DENSITY" 'BEGIN { exit !(d >= 1) }'; then
+    diff=$("$PY" benches/lora_vs_peft.py compare "$DATA/out-ladle" "$DATA/out-peft" 2>&1 | sed -n 's/.*product_rel_diff=\([^ ]*\).*/\1/p')
+  fi
+  log "$comb: max |P_ladle - P_peft| / max |P_peft| over the modules: $diff"
   ml=$(median "${lw[@]}") mp=$(median "${pw[@]}") mm=$(median "${pm[@]}")
-  rows+=("| \`$comb\` | $ml | $(kib_to_mib "$(median "${lr[@]}")") | $mp | $mm | $(kib_to_mib "$(median "${pr[@]}")") | $(ratio "$mp" "$ml") | $(ratio "$mm" "$ml") |")
+  rows+=("| \`$comb\` | ${lw[*]} | $ml | $(kib_to_mib "$(median "${lr[@]}")") | ${pw[*]} | $mp | $mm | $(kib_to_mib "$(median "${pr[@]}")") | $(ratio "$mp" "$ml") | $(ratio "$mm" "$ml") | $diff |")
 done
 echo
 echo "HIDDEN=$HIDDEN LAYERS=$LAYERS RANKS=$RANKS RUNS=$RUNS ($n_adapters adapters, q_proj + v_proj), $(nproc) CPUs"
-echo "| combination | ladle s | ladle MiB | peft s (job) | peft s (add_weighted_adapter) | peft MiB | peft/ladle (job) | peft merge/ladle job |"
-echo "|---|---|---|---|---|---|---|---|"
+echo "| combination | ladle s (each) | ladle s | ladle MiB | peft s (job, each) | peft s (job) | peft s (add_weighted_adapter) | peft MiB | peft/ladle (job) | peft merge/ladle job | product diff |"
+echo "|---|---|---|---|---|---|---|---|---|---|---|"
 printf '%s\n' "${rows[@]}"
