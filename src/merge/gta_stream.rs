@@ -282,11 +282,16 @@ impl Shared {
                 if a == Top::Everything && b == Top::Nothing {
                     return true;
                 }
-                for x in d.iter_mut() {
-                    let k = mag_key(*x);
-                    let in_a = a.holds(k, &mut seen[0]);
-                    let in_b = b.holds(k, &mut seen[1]);
-                    *x = f32::from_bits(x.to_bits() & u32::from(in_a & !in_b).wrapping_neg());
+                // Block masks (vectorizable) rather than `holds` element by element: the same
+                // membership, the running tie counts used only where a cut-off's ties split.
+                let (mut in_a, mut in_b) = ([0u32; TIE_BLOCK], [0u32; TIE_BLOCK]);
+                for block in d.chunks_mut(TIE_BLOCK) {
+                    let len = block.len();
+                    a.mask_block(block, &mut seen[0], &mut in_a);
+                    b.mask_block(block, &mut seen[1], &mut in_b);
+                    for ((x, ia), ib) in block.iter_mut().zip(&in_a[..len]).zip(&in_b[..len]) {
+                        *x = f32::from_bits(x.to_bits() & ia & !ib);
+                    }
                 }
             }
             Mask::Band { .. } => return false,
