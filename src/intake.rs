@@ -4,9 +4,13 @@
 //! `Recipe::from_request`) → resolve and check every URL under the allowed roots → check the
 //! evaluator's host → hash.
 //!
-//! The API stores the resolved URLs (the job reads exactly what was checked); the CLI checks
-//! them the same way but runs the recipe as written, so its manifest records the user's URLs
-//! ([`Urls`]).
+//! The recipe is kept, stored and run as written: a URL reached through a symbolic link inside
+//! an allowed root, or a hub id (which names a cache snapshot), is shown as the request spelled
+//! it in the stored job, the manifest, events and messages. The resolved places serve only
+//! for the checks (the output apart from its inputs, the output rules) and as the output's
+//! key, [`Accepted::output_key`], which keeps one queued or running job per output folder
+//! however it is spelled. A worker resolves the URLs again when the job runs, under the same
+//! rules, and reaches every file by handle from its root (`storage::local`).
 
 use std::path::Path;
 
@@ -23,15 +27,6 @@ pub enum Format {
     Json,
     /// mergekit YAML (with ladle's `output` mapping).
     Yaml,
-}
-
-/// What intake does with the URLs it resolved.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Urls {
-    /// Store the normalized URLs (the API: the stored job names what was checked).
-    Normalize,
-    /// Only check them (the CLI: the recipe runs, and is recorded, as written).
-    Check,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -79,8 +74,9 @@ impl IntakeError {
 #[derive(Debug, Clone)]
 pub struct Accepted {
     pub submission: JobSubmission,
-    /// The output folder's resolved URL (what the queue keeps unique among live jobs).
-    pub output_url: String,
+    /// The output folder's resolved URL, links followed (what the queue keeps unique among
+    /// live jobs); never shown: messages name `output.uri` as written.
+    pub output_key: String,
     /// [`spec::JobSpec::hash`] of the job as it will be stored.
     pub hash: Vec<u8>,
 }
@@ -109,32 +105,29 @@ pub fn parse(
 pub async fn accept(
     storage: &Storage,
     evaluator_hosts: &AllowedHosts,
-    urls: Urls,
     data_dir: Option<&Path>,
     mut req: MergeRequest,
 ) -> Result<Accepted, IntakeError> {
     // A trajectory becomes explicit models now, so the stored recipe names what is merged.
     trajectory::expand(storage, &mut req).await?;
-    let mut submission = spec::from_request(req)?;
-    let job = &mut submission.job;
-    let recipe = &mut job.recipe;
-    // Every URL must resolve under an allowed root.
+    let submission = spec::from_request(req)?;
+    let job = &submission.job;
+    let recipe = &job.recipe;
+    // Every URL must resolve under an allowed root; the resolved URL is for the checks only.
     let resolve = |field: String, uri: &str| {
         storage
             .resolve(uri)
-            .map(|loc| loc.url)
+            .map(|loc| (field.clone(), loc.canonical))
             .map_err(|source| IntakeError::Storage { field, source })
     };
+    // Resolved in request order (the first refusal names the first field at fault) ...
     let mut models = Vec::with_capacity(recipe.models.len());
-    let mut loras = Vec::with_capacity(recipe.models.len());
+    let mut loras = Vec::new();
     for (i, m) in recipe.models.iter().enumerate() {
         models.push(resolve(format!("models[{i}].uri"), &m.uri)?);
-        loras.push(
-            m.lora
-                .as_deref()
-                .map(|l| resolve(format!("models[{i}].lora"), l))
-                .transpose()?,
-        );
+        if let Some(l) = m.lora.as_deref() {
+            loras.push(resolve(format!("models[{i}].lora"), l)?);
+        }
     }
     let base = recipe
         .base_model
@@ -148,21 +141,24 @@ pub async fn accept(
         .map(|t| resolve("tokenizer_source".into(), t))
         .transpose()?;
     // A built tokenizer's models (its source, the tokens' sources).
-    let tokenizer_models = recipe
-        .output
-        .tokenizer
-        .as_mut()
-        .map(|t| {
-            t.uris_mut()
-                .map(|u| resolve("tokenizer".into(), u))
-                .collect::<Result<Vec<_>, _>>()
-        })
-        .transpose()?
-        .unwrap_or_default();
+    let mut tokenizer_models = Vec::new();
+    if let Some(mut t) = recipe.output.tokenizer.clone() {
+        for u in t.uris_mut() {
+            tokenizer_models.push(resolve("tokenizer".into(), u)?);
+        }
+    }
+    // ... and checked against the output, the base model first.
+    let inputs: Vec<(String, String)> = base
+        .into_iter()
+        .chain(models)
+        .chain(loras)
+        .chain(tokenizer)
+        .chain(tokenizer_models)
+        .collect();
     // An output is written, so it is a storage URL; `org/name` is not read as a hub id here.
-    let output_url = storage
+    let output_key = storage
         .resolve_storage(&recipe.output.uri)
-        .map(|loc| loc.url)
+        .map(|loc| loc.canonical)
         .map_err(|source| IntakeError::Storage {
             field: "output.uri".into(),
             source,
@@ -172,54 +168,23 @@ pub async fn accept(
             .check(&search.evaluator().url)
             .map_err(|e| RecipeError::invalid("evaluator.url", e.to_string()))?;
     }
-    // Checked on the raw URLs by validation, again on the resolved ones (symlinks, `..`).
-    let inputs = base
-        .iter()
-        .map(|b| ("base_model".to_string(), b.as_str()))
-        .chain(
-            models
-                .iter()
-                .enumerate()
-                .map(|(i, u)| (format!("models[{i}].uri"), u.as_str())),
-        )
-        .chain(
-            loras
-                .iter()
-                .enumerate()
-                .filter_map(|(i, l)| l.as_deref().map(|l| (format!("models[{i}].lora"), l))),
-        )
-        .chain(
-            tokenizer
-                .as_deref()
-                .map(|t| ("tokenizer_source".to_string(), t)),
-        )
-        .chain(
-            tokenizer_models
-                .iter()
-                .map(|t| ("tokenizer".to_string(), t.as_str())),
-        );
-    output::check_apart(&output_url, inputs)?;
-    crate::engine::output_rules::check(storage, &output_url, recipe.output.overwrite, data_dir)
-        .await
-        .map_err(IntakeError::Output)?;
-    if urls == Urls::Normalize {
-        for ((m, url), lora) in recipe.models.iter_mut().zip(models).zip(loras) {
-            m.uri = url;
-            m.lora = lora;
-        }
-        recipe.base_model = base;
-        recipe.output.tokenizer_source = tokenizer;
-        if let Some(t) = recipe.output.tokenizer.as_mut() {
-            for (u, resolved) in t.uris_mut().zip(tokenizer_models) {
-                *u = resolved;
-            }
-        }
-        recipe.output.uri = output_url.clone();
-    }
+    // Checked on the raw URLs by validation, again on the resolved ones (symlinks, spellings).
+    output::check_apart(
+        &output_key,
+        inputs.iter().map(|(f, u)| (f.clone(), u.as_str())),
+    )?;
+    crate::engine::output_rules::check(
+        storage,
+        &recipe.output.uri,
+        recipe.output.overwrite,
+        data_dir,
+    )
+    .await
+    .map_err(IntakeError::Output)?;
     let hash = job.hash();
     Ok(Accepted {
         submission,
-        output_url,
+        output_key,
         hash,
     })
 }

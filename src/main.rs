@@ -13,7 +13,7 @@ use clap::Parser;
 use indicatif::{ProgressBar, ProgressStyle};
 use ladle::config::{Cli, Command, LogFormat, MergeArgs, Settings, check_env, merge_s3};
 use ladle::engine::{Engine, RunControl};
-use ladle::intake::{self, Format, Urls};
+use ladle::intake::{self, Format};
 use ladle::service::{Mode, Service};
 use ladle::storage::Storage;
 use ladle::storage::hf_cache::{HfCache, HubRef};
@@ -262,7 +262,7 @@ async fn accept_request(
     {
         let mut seeded = req.clone();
         seeded.parameters.insert("seed".into(), seed.into());
-        match intake::accept(storage, allowed, Urls::Check, None, seeded).await {
+        match intake::accept(storage, allowed, None, seeded).await {
             Err(e) if e.field() == Some("parameters.seed") => {
                 eprintln!(
                     "note: ignoring --random-seed: method {} draws no random numbers",
@@ -272,7 +272,7 @@ async fn accept_request(
             other => return other.map_err(invalid),
         }
     }
-    intake::accept(storage, allowed, Urls::Check, None, req)
+    intake::accept(storage, allowed, None, req)
         .await
         .map_err(invalid)
 }

@@ -139,6 +139,30 @@ fn failed_with(run: &Output, code: &str) -> String {
     err
 }
 
+/// The manifest's inputs name the hub ids as written, with the commit of the snapshot read,
+/// and nothing in it names the cache's folders (paths the recipe did not write).
+fn check_inputs(soup: &Path, cache: &Path) {
+    let text = std::fs::read_to_string(soup.join("ladle-manifest.json")).unwrap();
+    assert!(!text.contains(&*cache.to_string_lossy()), "{text}");
+    assert!(!text.contains("models--"), "{text}");
+    let manifest: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let inputs: Vec<(&str, &str)> = manifest["inputs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| (i["uri"].as_str().unwrap(), i["commit"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        inputs,
+        [
+            ("org/base", BASE_MAIN),
+            ("org/ft", FT_MAIN),
+            ("org/ft@v2", FT_V2)
+        ],
+        "{text}"
+    );
+}
+
 /// The card's front matter: its `base_model` lists the hub ids, without revisions.
 fn check_card(soup: &Path, recipe_text: &str) {
     let card = std::fs::read_to_string(soup.join("README.md")).unwrap();
@@ -217,21 +241,7 @@ fn ladle_merge_resolves_hub_ids_from_the_cache() {
     let manifest = read_json(&soup.join("ladle-manifest.json"));
     assert_eq!(manifest["recipe"]["base_model"], "org/base");
     assert_eq!(manifest["recipe"]["models"][1]["uri"], "org/ft@v2");
-    let inputs: Vec<&str> = manifest["inputs"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|i| i["uri"].as_str().unwrap())
-        .collect();
-    for (i, (repo, commit)) in [("base", BASE_MAIN), ("ft", FT_MAIN), ("ft", FT_V2)]
-        .iter()
-        .enumerate()
-    {
-        assert!(
-            inputs[i].ends_with(&format!("/models--org--{repo}/snapshots/{commit}")),
-            "{inputs:?}"
-        );
-    }
+    check_inputs(&soup, &cache);
     // The donor's side files come through the snapshot's links.
     assert_eq!(read_json(&soup.join("config.json"))["seed"], 1);
     assert_eq!(
@@ -526,21 +536,14 @@ async fn the_service_resolves_hub_ids_from_a_configured_cache() {
         std::fs::read_to_string(soup.join("mergekit_config.yml")).unwrap(),
         text
     );
-    // The stored job names the snapshots checked at submission (their commits).
+    // The stored job names the hub ids as written (resolved when the job runs), never the
+    // cache's folders; the manifest has the commits read.
     let recipe = &done["recipe"];
     let recipe = recipe.get("recipe").unwrap_or(recipe);
-    let stored = recipe["models"][1]["uri"].as_str().unwrap();
-    assert!(
-        stored.ends_with(&format!("/models--org--ft/snapshots/{FT_V2}")),
-        "{recipe}"
-    );
-    assert!(
-        recipe["base_model"]
-            .as_str()
-            .unwrap()
-            .ends_with(&format!("/models--org--base/snapshots/{BASE_MAIN}")),
-        "{recipe}"
-    );
+    assert_eq!(recipe["models"][1]["uri"], "org/ft@v2", "{recipe}");
+    assert_eq!(recipe["base_model"], "org/base", "{recipe}");
+    assert!(!done.to_string().contains("models--"), "{done}");
+    check_inputs(&soup, &cache);
 
     // JSON naming hub ids, its tokenizer from one of them, with one of mergekit's templates.
     let body = serde_json::json!({
@@ -574,13 +577,12 @@ async fn the_service_resolves_hub_ids_from_a_configured_cache() {
     );
     let recipe = &done["recipe"];
     let recipe = recipe.get("recipe").unwrap_or(recipe);
-    assert!(
-        recipe["output"]["tokenizer_source"]
-            .as_str()
-            .unwrap()
-            .ends_with(&format!("/models--org--ft/snapshots/{FT_V2}")),
+    assert_eq!(
+        recipe["output"]["tokenizer_source"], "org/ft@v2",
         "{recipe}"
     );
+    assert!(!done.to_string().contains("models--"), "{done}");
+    check_inputs(&root.join("soups/json"), &cache);
 
     // Refused at submission: 4xx with the code, the field, the model and the revision.
     let refused = |text: String, code: &'static str, status: u16| {

@@ -492,18 +492,12 @@ async fn validated(
         None,
     )
     .unwrap();
-    ladle::intake::accept(
-        storage,
-        &Default::default(),
-        ladle::intake::Urls::Check,
-        None,
-        req,
-    )
-    .await
-    .unwrap()
-    .submission
-    .job
-    .recipe
+    ladle::intake::accept(storage, &Default::default(), None, req)
+        .await
+        .unwrap()
+        .submission
+        .job
+        .recipe
 }
 
 /// An attempt that lost its lease races its successor; twin attempts (a lost lease noticed

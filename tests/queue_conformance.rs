@@ -202,7 +202,8 @@ fn job(output: &str) -> NewJob {
         kind: JobKind::Merge,
         idempotency_key: None,
         request_hash: vec![7; 32],
-        output_url: format!("file:///soups/{output}"),
+        output_key: format!("file:///soups/{output}"),
+        output_uri: format!("file:///soups/{output}"),
         recipe: json!({ "method": "linear", "output": output }),
         priority: 0,
         max_attempts: 3,
@@ -291,7 +292,7 @@ async fn lifecycle(h: &Harness) {
     assert_eq!(queued.state, JobState::Queued);
     assert_eq!((queued.attempts, queued.max_attempts), (0, 3));
     assert_eq!(queued.recipe, new.recipe);
-    assert_eq!(queued.output_url, new.output_url);
+    assert_eq!(queued.output_key, new.output_key);
     assert!(queued.errors.is_empty() && queued.error.is_none());
     assert!(queued.lease_owner.is_none() && queued.finished_at.is_none());
     assert!(queued.run_after <= Utc::now() + TimeDelta::seconds(1));

@@ -29,7 +29,7 @@ use uuid::Uuid;
 
 use crate::engine::ProgressSnapshot;
 use crate::error::ErrorCode;
-use crate::intake::{self, Format, Urls};
+use crate::intake::{self, Format};
 use crate::queue::{CancelOutcome, Enqueued, Job, JobKind, JobQueue, JobState, ListFilter, NewJob};
 use crate::storage::Storage;
 pub use auth::ApiAuth;
@@ -146,7 +146,8 @@ pub struct JobView {
     pub result: Option<serde_json::Value>,
     pub error: Option<ErrorView>,
     pub idempotency_key: Option<String>,
-    /// The normalized recipe as stored (explicit models, resolved URLs).
+    /// The recipe as stored: explicit models (a trajectory expanded), every URL and hub id as
+    /// the request wrote it.
     pub recipe: serde_json::Value,
     /// The job's webhook settings, and in `GET` of the job its deliveries (absent when the
     /// job has no `notify`).
@@ -286,7 +287,6 @@ async fn submit(
     let accepted = intake::accept(
         &state.storage,
         &state.evaluator_hosts,
-        Urls::Normalize,
         state.data_dir.as_deref(),
         req,
     )
@@ -301,7 +301,8 @@ async fn submit(
             kind: JobKind::Merge,
             idempotency_key: sub.idempotency_key,
             request_hash: with_notify(accepted.hash, notify.as_ref()),
-            output_url: accepted.output_url,
+            output_key: accepted.output_key,
+            output_uri: sub.job.recipe.output.uri.clone(),
             recipe: recipe_json,
             priority: sub.priority,
             max_attempts: sub.max_attempts.unwrap_or(state.default_max_attempts),

@@ -11,18 +11,29 @@
 //!
 //! A difference is [`CheckpointError::Changed`] (`input_changed`, retryable), naming the file.
 
+use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt};
 
 use super::reader::{CheckpointError, CheckpointFile};
 
-/// The file of an input as the job names it: the input URL, plus the file name when the URL
-/// is a folder.
-pub fn file_name(input_url: &str, path: &object_store::path::Path) -> String {
-    match path.filename() {
-        Some(name) if !input_url.ends_with(&format!("/{name}")) => {
-            format!("{}/{name}", input_url.trim_end_matches('/'))
+/// The file at `path` of the input opened at `base` as the job names it: the input URL as
+/// written (`input_url`), plus the file's path under `base` when the input is a folder. A link
+/// inside the root on the way (a folder or the file itself) is never named by its target.
+pub fn file_name(input_url: &str, base: &Path, path: &Path) -> String {
+    let url = input_url.trim_end_matches('/');
+    match path.prefix_match(base) {
+        Some(rest) => {
+            let mut name = url.to_string();
+            for part in rest {
+                name.push('/');
+                name.push_str(part.as_ref());
+            }
+            name
         }
-        _ => input_url.to_string(),
+        None => match path.filename() {
+            Some(file) => format!("{url}/{file}"),
+            None => url.to_string(),
+        },
     }
 }
 
@@ -37,11 +48,10 @@ fn same_time(a: chrono::DateTime<chrono::Utc>, b: chrono::DateTime<chrono::Utc>)
 /// Check one input file against what was recorded at plan time.
 pub async fn check_unchanged(
     store: &dyn ObjectStore,
-    input_url: &str,
     file: &CheckpointFile,
 ) -> Result<(), CheckpointError> {
     let changed = |what: String| CheckpointError::Changed {
-        file: file_name(input_url, &file.path),
+        file: file.name.clone(),
         what,
     };
     if let Some(local) = &file.local {
@@ -93,15 +103,21 @@ mod tests {
 
     #[test]
     fn names_the_file_as_the_job_does() {
-        let p = object_store::path::Path::from("data/m/model-00001-of-00002.safetensors");
+        let folder = Path::from("data/real/m");
+        let p = Path::from("data/real/m/model-00001-of-00002.safetensors");
         assert_eq!(
-            file_name("file:///data/m", &p),
-            "file:///data/m/model-00001-of-00002.safetensors"
+            file_name("file:///data/link/m/", &folder, &p),
+            "file:///data/link/m/model-00001-of-00002.safetensors"
         );
-        let one = object_store::path::Path::from("data/x.safetensors");
+        // A file input reached through a link to another name: the name as written.
+        let one = Path::from("data/real/target.safetensors");
         assert_eq!(
-            file_name("file:///data/x.safetensors", &one),
-            "file:///data/x.safetensors"
+            file_name("file:///data/link/x.safetensors", &one, &one),
+            "file:///data/link/x.safetensors"
+        );
+        assert_eq!(
+            file_name("org/m@v2", &folder, &p),
+            "org/m@v2/model-00001-of-00002.safetensors"
         );
     }
 

@@ -86,15 +86,14 @@ impl CheckpointError {
         }
     }
 
-    /// File `file` of the checkpoint at `url` is malformed: `reason` (ladle's words) goes into
-    /// the message, `detail` (which may quote the file: tensor names, keys) to the log only.
+    /// File `file` (named as the job names it: [`crate::checkpoint::identity::file_name`]) is
+    /// malformed: `reason` (ladle's words) goes into the message, `detail` (which may quote
+    /// the file: tensor names, keys) to the log only.
     fn malformed(
-        url: &str,
-        file: &Path,
+        file: String,
         reason: impl std::fmt::Display,
         detail: &dyn std::fmt::Debug,
     ) -> Self {
-        let file = crate::checkpoint::identity::file_name(url, file);
         tracing::warn!(%file, %reason, ?detail, "malformed checkpoint file");
         CheckpointError::Malformed {
             file,
@@ -106,8 +105,11 @@ impl CheckpointError {
 /// One safetensors file of a checkpoint.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CheckpointFile {
-    /// Its path in the store.
+    /// Its path in the store (resolved: links followed).
     pub path: Path,
+    /// The file as the job names it, for messages and manifests: the input's URL as written,
+    /// plus the file's path under it ([`crate::checkpoint::identity::file_name`]).
+    pub name: String,
     /// Its size in bytes.
     pub size: u64,
     /// Its validated header.
@@ -196,9 +198,12 @@ pub async fn open_checkpoint(
     let not_found = || CheckpointError::NotFound {
         url: url.to_string(),
     };
+    let name = |p: &Path| crate::checkpoint::identity::file_name(url, path, p);
     let is_file = path.filename().is_some_and(|f| f.ends_with(".safetensors"));
     if is_file {
-        let file = open_file(store, path, url).await?.ok_or_else(not_found)?;
+        let file = open_file(store, path, name(path))
+            .await?
+            .ok_or_else(not_found)?;
         return assemble(url, vec![file], None, None);
     }
 
@@ -210,23 +215,23 @@ pub async fn open_checkpoint(
                     len: got.meta.size,
                     max: MAX_INDEX_LEN,
                 };
-                return Err(CheckpointError::malformed(url, &index_path, &e, &e));
+                return Err(CheckpointError::malformed(name(&index_path), &e, &e));
             }
             let bytes = got.bytes().await?;
             let index = parse_index(&bytes)
-                .map_err(|e| CheckpointError::malformed(url, &index_path, &e, &e))?;
+                .map_err(|e| CheckpointError::malformed(name(&index_path), &e, &e))?;
             let shard_names: BTreeSet<&str> =
                 index.weight_map.values().map(String::as_str).collect();
             let count = shard_names.len();
             let paths: Vec<Path> = shard_names.iter().map(|n| path.clone().join(*n)).collect();
             let index_path = &index_path;
+            let name = &name;
             let files: Vec<CheckpointFile> = futures::stream::iter(paths.into_iter().enumerate())
                 .map(|(i, p)| async move {
                     // The shard's name is the index's bytes: the message names the index.
-                    open_file(store, &p, url).await?.ok_or_else(|| {
+                    open_file(store, &p, name(&p)).await?.ok_or_else(|| {
                         CheckpointError::malformed(
-                            url,
-                            index_path,
+                            name(index_path),
                             format!(
                                 "names a shard that does not exist (shard {} of {count}, in name \
                                  order)",
@@ -248,12 +253,12 @@ pub async fn open_checkpoint(
                 url,
                 files,
                 Some(path.clone()),
-                Some((index_path, weight_map)),
+                Some((&name(index_path), weight_map)),
             )
         }
         Err(object_store::Error::NotFound { .. }) => {
             let single = path.clone().join(SINGLE_FILE_NAME);
-            let file = open_file(store, &single, url)
+            let file = open_file(store, &single, name(&single))
                 .await?
                 .ok_or_else(not_found)?;
             assemble(url, vec![file], Some(path.clone()), None)
@@ -305,7 +310,7 @@ fn assemble(
     url: &str,
     files: Vec<CheckpointFile>,
     folder: Option<Path>,
-    index: Option<(&Path, BTreeMap<&str, Path>)>,
+    index: Option<(&str, BTreeMap<&str, Path>)>,
 ) -> Result<Checkpoint, CheckpointError> {
     let mut tensors: BTreeMap<String, TensorLoc> = BTreeMap::new();
     for (i, f) in files.iter().enumerate() {
@@ -316,8 +321,7 @@ fn assemble(
                     Some(p) if *p == f.path => {}
                     Some(p) => {
                         return Err(CheckpointError::malformed(
-                            url,
-                            &f.path,
+                            f.name.clone(),
                             format!(
                                 "holds a tensor that {INDEX_FILE_NAME} places in another shard"
                             ),
@@ -326,8 +330,7 @@ fn assemble(
                     }
                     None => {
                         return Err(CheckpointError::malformed(
-                            url,
-                            &f.path,
+                            f.name.clone(),
                             format!("holds a tensor that {INDEX_FILE_NAME} does not list"),
                             &t.name,
                         ));
@@ -340,8 +343,7 @@ fn assemble(
                     .map(|g| g.path.to_string())
                     .unwrap_or_default();
                 return Err(CheckpointError::malformed(
-                    url,
-                    &f.path,
+                    f.name.clone(),
                     "holds a tensor that another shard also holds",
                     &(&t.name, other),
                 ));
@@ -362,8 +364,7 @@ fn assemble(
         for (name, shard) in map {
             if !tensors.contains_key(*name) {
                 return Err(CheckpointError::malformed(
-                    url,
-                    index_path,
+                    index_path.to_string(),
                     "lists a tensor in a shard whose header does not hold it",
                     &(name, shard),
                 ));
@@ -381,13 +382,13 @@ fn assemble(
 }
 
 /// `HEAD`, then bytes `0..8`, then bytes `8..8+N`, then validation. `Ok(None)` when the file
-/// does not exist.
+/// does not exist. `name`: the file as the job names it.
 async fn open_file(
     store: &dyn ObjectStore,
     path: &Path,
-    url: &str,
+    name: String,
 ) -> Result<Option<CheckpointFile>, CheckpointError> {
-    let malformed = |e: &HeaderError| CheckpointError::malformed(url, path, e, e);
+    let malformed = |e: &HeaderError| CheckpointError::malformed(name.clone(), e, e);
     let meta = match store.head(path).await {
         Ok(meta) => meta,
         Err(object_store::Error::NotFound { .. }) => return Ok(None),
@@ -400,7 +401,7 @@ async fn open_file(
     let first8 = store.get_range(path, 0..8).await.map_err(vanished)?;
     if first8.len() != 8 {
         let reason = "the store returned a short read of the header length";
-        return Err(CheckpointError::malformed(url, path, reason, &first8.len()));
+        return Err(CheckpointError::malformed(name, reason, &first8.len()));
     }
     let n = parse_header_len(&first8, size).map_err(|e| malformed(&e))?;
     let json = if n == 0 {
@@ -410,11 +411,12 @@ async fn open_file(
     };
     if json.len() as u64 != n {
         let reason = "the store returned a short read of the header";
-        return Err(CheckpointError::malformed(url, path, reason, &json.len()));
+        return Err(CheckpointError::malformed(name, reason, &json.len()));
     }
     let header = parse_header(&json, n, size).map_err(|e| malformed(&e))?;
     Ok(Some(CheckpointFile {
         path: path.clone(),
+        name,
         size,
         header,
         local: None,
@@ -727,7 +729,7 @@ mod tests {
         store.put(&p, f.into()).await.unwrap();
         let e = open_checkpoint(&store, &p, "u").await.unwrap_err();
         assert!(
-            matches!(&e, CheckpointError::Malformed { file, reason } if file == "u/bad.safetensors" && reason.contains("past the end")),
+            matches!(&e, CheckpointError::Malformed { file, reason } if file == "u" && reason.contains("past the end")),
             "{e:?}"
         );
         // Shorter than 8 bytes.

@@ -117,12 +117,7 @@ pub(super) async fn open_adapter(
         }
         Err(e) => return Err(e.into()),
     };
-    let file_loc = Location {
-        url: weights_file.clone(),
-        store: loc.store.clone(),
-        path: weights_path,
-        local: loc.local.clone(),
-    };
+    let file_loc = loc.child(ADAPTER_WEIGHTS_NAME);
     open_local_files(&file_loc, &mut file).await?;
     let adapter = Adapter::build(
         config,

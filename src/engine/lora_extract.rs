@@ -387,8 +387,8 @@ impl Engine {
         });
         let adapter = AdapterFiles::new(tensors, &config_json)?;
         let inputs = vec![
-            InputRecord::of(&base_loc.url, &base),
-            InputRecord::of(&ft_loc.url, &ft),
+            InputRecord::of(&base_loc, &base),
+            InputRecord::of(&ft_loc, &ft),
         ];
         job.publish(recipe, inputs, adapter, ctl).await
     }

@@ -386,7 +386,7 @@ impl Engine {
             }
         }
         let adapter = AdapterFiles::new(tensors, &new_config(&adapters, r_new)?)?;
-        let inputs = std::iter::once(InputRecord::of(&base.0.url, &base.1))
+        let inputs = std::iter::once(InputRecord::of(&base.0, &base.1))
             .chain(adapters.iter().map(InputRecord::of_adapter))
             .collect();
         job.publish(recipe, inputs, adapter, ctl).await

@@ -29,6 +29,9 @@ pub struct OutputFile {
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct InputFile {
+    /// The file's path as the job names it ([`crate::checkpoint::CheckpointFile::name`]),
+    /// without scheme and bucket: a `file://` URL's path without its leading `/`, an `s3://`
+    /// URL's key, a hub id and the file's path in the snapshot (`org/name@v2/config.json`).
     pub path: String,
     pub size: u64,
     /// The store's ETag when the merge was planned (S3: what reads were conditional on).
@@ -48,7 +51,7 @@ impl InputFile {
     /// What the merge was planned with: path, size and the identity the reads were checked against.
     pub(super) fn of(f: &crate::checkpoint::CheckpointFile) -> Self {
         InputFile {
-            path: f.path.to_string(),
+            path: store_path(&f.name),
             size: f.size,
             etag: f.etag.clone(),
             mtime: f
@@ -60,9 +63,24 @@ impl InputFile {
     }
 }
 
+/// A file's name as the job names it (a URL, or a hub id and a path) as an [`InputFile::path`].
+fn store_path(name: &str) -> String {
+    match url::Url::parse(name) {
+        Ok(url) if matches!(url.scheme(), "file" | "s3" | "s3a") => {
+            url.path().trim_start_matches('/').to_string()
+        }
+        _ => name.to_string(),
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct InputRecord {
+    /// The input as the recipe names it.
     pub uri: String,
+    /// For a Hugging Face hub id (`org/name[@revision]`), the commit of the cache snapshot read
+    /// (a branch or tag resolves when the job runs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub commit: Option<String>,
     pub tensors: usize,
     pub files: Vec<InputFile>,
     /// The LoRA adapter folded into this input: its URL, ranks and scalings.
@@ -71,10 +89,11 @@ pub struct InputRecord {
 }
 
 impl InputRecord {
-    /// A checkpoint read from `url` (with the adapter folded into it, if any).
-    pub(super) fn of(url: &str, ckpt: &Checkpoint) -> Self {
+    /// A checkpoint read from `loc` (with the adapter folded into it, if any).
+    pub(super) fn of(loc: &Location, ckpt: &Checkpoint) -> Self {
         InputRecord {
-            uri: url.to_string(),
+            uri: loc.url.clone(),
+            commit: crate::storage::hf_cache::commit_of(loc).map(str::to_string),
             tensors: ckpt.tensors.len(),
             files: ckpt.files.iter().map(InputFile::of).collect(),
             lora: ckpt.lora.as_deref().map(super::fold::describe),
@@ -85,6 +104,7 @@ impl InputRecord {
     pub(super) fn of_adapter(att: &Attached) -> Self {
         InputRecord {
             uri: att.url.clone(),
+            commit: None,
             tensors: att.file.tensors.len(),
             files: att.file.files.iter().map(InputFile::of).collect(),
             lora: Some(super::fold::describe(att)),
@@ -131,7 +151,7 @@ impl Manifest {
             inputs: plan
                 .inputs
                 .iter()
-                .map(|(loc, c)| InputRecord::of(&loc.url, c))
+                .map(|(loc, c)| InputRecord::of(loc, c))
                 .collect(),
             tensors: plan.ops.len(),
             files,

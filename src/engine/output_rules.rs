@@ -74,7 +74,7 @@ pub async fn check(
 
 /// The output must not be the data directory or lie inside it.
 fn check_not_data_dir(output: &Location, uri: &str, data_dir: &FsPath) -> Result<(), EngineError> {
-    let Some(out) = url::Url::parse(&output.url)
+    let Some(out) = url::Url::parse(&output.canonical)
         .ok()
         .filter(|u| u.scheme() == "file")
         .and_then(|u| u.to_file_path().ok())
@@ -108,7 +108,7 @@ async fn foreign_files(
         let next = match listing.try_next().await {
             Ok(n) => n,
             Err(object_store::Error::NotFound { .. }) => None,
-            Err(e) => match crate::storage::local::outside_entry(&e, &output.path) {
+            Err(e) => match crate::storage::local::outside_entry(&e, &output.url) {
                 // A link in the folder that leads out of the roots is not ladle's: named as
                 // the folder's entry, never by where it leads (the listing goes on).
                 Some(Some(entry)) => {

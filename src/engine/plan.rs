@@ -310,20 +310,20 @@ pub(super) async fn open_local_files(
     let Some(local) = loc.local.clone() else {
         return Ok(());
     };
-    let wanted: Vec<(usize, object_store::path::Path, u64)> = ckpt
+    let wanted: Vec<(usize, object_store::path::Path, String, u64)> = ckpt
         .files
         .iter()
         .enumerate()
-        .map(|(i, f)| (i, f.path.clone(), f.size))
+        .map(|(i, f)| (i, f.path.clone(), f.name.clone(), f.size))
         .collect();
     let opened = tokio::task::spawn_blocking(move || {
         wanted
             .into_iter()
-            .map(|(i, path, size)| {
-                let file = open_local_file(&local, &path)?;
+            .map(|(i, path, name, size)| {
+                let file = open_local_file(&local, &path, &name)?;
                 if file.size() != size {
                     return Err(EngineError::from(CheckpointError::Malformed {
-                        file: path.to_string(),
+                        file: name,
                         reason: format!(
                             "the file changed while it was opened: {size} bytes, then {}",
                             file.size()
@@ -343,16 +343,18 @@ pub(super) async fn open_local_files(
 }
 
 /// Opens one local input file for the job, through the confined store's root handle (a link
-/// leaving the root is `path_outside_roots`). Blocking.
+/// leaving the root is `path_outside_roots`); `name`: the file as the job names it, in
+/// messages. Blocking.
 fn open_local_file(
     local: &crate::storage::local::LocalStore,
     path: &object_store::path::Path,
+    name: &str,
 ) -> Result<LocalFile, EngineError> {
-    let context = format!("opening file:///{path}");
+    let context = format!("opening {name}");
     let file = local.open_file(path).map_err(EngineError::store(context))?;
-    LocalFile::from_file(file, std::path::PathBuf::from(format!("/{path}"))).map_err(|source| {
+    LocalFile::from_file(file, std::path::PathBuf::from(name)).map_err(|source| {
         EngineError::Storage(StorageError::Io {
-            path: format!("/{path}"),
+            path: name.to_string(),
             source,
         })
     })

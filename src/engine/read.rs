@@ -60,7 +60,7 @@ pub(super) async fn read_stored(
         let bytes = tokio::task::spawn_blocking(move || local.read(read))
             .await
             .map_err(|e| EngineError::Internal(format!("read task failed: {e}")))?
-            .map_err(|e| local_read_error(e, &file.path, name))?;
+            .map_err(|e| local_read_error(e, &file.name, name))?;
         crate::metrics::bytes_read(bytes.len() as u64);
         return Ok((t.dtype, bytes));
     }
@@ -75,15 +75,15 @@ pub(super) async fn read_stored(
         Ok(b) => b,
         Err(object_store::Error::Precondition { .. }) => {
             return Err(EngineError::from(CheckpointError::Changed {
-                file: crate::checkpoint::identity::file_name(url, &file.path),
+                file: file.name.clone(),
                 what: "its ETag is no longer the one the merge was planned with".into(),
             }));
         }
-        Err(e) => return Err(read_error(e, &file.path, name, &range)),
+        Err(e) => return Err(read_error(e, &file.name, name, &range)),
     };
     if bytes.len() as u64 != range.end - range.start {
         return Err(EngineError::from(CheckpointError::Malformed {
-            file: file.path.to_string(),
+            file: file.name.clone(),
             reason: format!(
                 "tensor {name}: expected {} bytes, the object returned {} (truncated?)",
                 range.end - range.start,
@@ -99,8 +99,7 @@ pub(super) async fn read_stored(
 pub(super) async fn check_inputs(inputs: &[(Location, Checkpoint)]) -> Result<(), EngineError> {
     for (loc, ckpt) in inputs {
         for file in &ckpt.files {
-            crate::checkpoint::identity::check_unchanged(loc.store.as_ref(), &loc.url, file)
-                .await?;
+            crate::checkpoint::identity::check_unchanged(loc.store.as_ref(), file).await?;
         }
     }
     Ok(())
@@ -108,11 +107,7 @@ pub(super) async fn check_inputs(inputs: &[(Location, Checkpoint)]) -> Result<()
 
 /// A local read that found the file shorter than planned is a malformed checkpoint; an I/O
 /// error is a storage failure.
-fn local_read_error(
-    e: LocalReadError,
-    file: &object_store::path::Path,
-    tensor: &str,
-) -> EngineError {
+fn local_read_error(e: LocalReadError, file: &str, tensor: &str) -> EngineError {
     match e {
         LocalReadError::Truncated { .. } => EngineError::from(CheckpointError::Malformed {
             file: file.to_string(),
@@ -128,7 +123,7 @@ fn local_read_error(
 /// retry); anything else is a storage failure (retryable).
 fn read_error(
     e: object_store::Error,
-    file: &object_store::path::Path,
+    file: &str,
     tensor: &str,
     range: &std::ops::Range<u64>,
 ) -> EngineError {

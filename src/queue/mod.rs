@@ -125,9 +125,12 @@ pub struct NewJob {
     pub idempotency_key: Option<String>,
     /// SHA-256 of the normalized recipe; detects an idempotency key reused with another body.
     pub request_hash: Vec<u8>,
-    /// Normalized output URL; at most one queued/running job per output URL. Analyses, which
-    /// write nothing, use the per-job `analysis:<id>`.
-    pub output_url: String,
+    /// The output folder's resolved URL (links followed, normalized: column `output_url`);
+    /// at most one queued/running job per key, however each recipe spells the folder.
+    /// Analyses, which write nothing, use the per-job `analysis:<id>`. Never shown.
+    pub output_key: String,
+    /// The output as the recipe writes it: what an [`QueueError::OutputInUse`] names.
+    pub output_uri: String,
     /// The normalized recipe, as JSON.
     pub recipe: serde_json::Value,
     /// Higher runs first.
@@ -148,7 +151,9 @@ pub struct Job {
     pub priority: i32,
     pub attempts: i32,
     pub max_attempts: i32,
-    pub output_url: String,
+    /// [`NewJob::output_key`] (column `output_url`); never shown.
+    #[serde(skip)]
+    pub output_key: String,
     pub recipe: serde_json::Value,
     pub run_after: DateTime<Utc>,
     pub lease_owner: Option<String>,
@@ -325,7 +330,7 @@ pub trait JobQueue: Send + Sync + 'static {
 
     /// Insert a job, idempotently on `idempotency_key` (same key + same hash → the existing job,
     /// `created = false`; same key + other hash → `IdempotencyKeyReused`). A live job already
-    /// writing `output_url` → `OutputInUse`. Wakes waiting workers.
+    /// writing to `output_key` → `OutputInUse`. Wakes waiting workers.
     async fn enqueue(&self, job: NewJob) -> QueueResult<Enqueued>;
 
     /// Claim the next runnable job (highest priority, then oldest `run_after`, then id) in one

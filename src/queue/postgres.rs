@@ -210,7 +210,7 @@ impl JobQueue for PostgresQueue {
                 .bind(job.id)
                 .bind(job.idempotency_key.as_deref())
                 .bind(&job.request_hash)
-                .bind(&job.output_url)
+                .bind(&job.output_key)
                 .bind(&job.recipe)
                 .bind(job.priority)
                 .bind(job.max_attempts)
@@ -241,7 +241,7 @@ impl JobQueue for PostgresQueue {
             };
             tx.rollback().await?;
             let Some(key) = job.idempotency_key.as_deref() else {
-                return Err(QueueError::OutputInUse(job.output_url));
+                return Err(QueueError::OutputInUse(job.output_uri));
             };
             // A replay of a live job may also collide on its output URL: the key decides first.
             match self.find_by_key(key).await? {
@@ -252,7 +252,7 @@ impl JobQueue for PostgresQueue {
                     });
                 }
                 Some(_) => return Err(QueueError::IdempotencyKeyReused(key.to_string())),
-                None if output_conflict => return Err(QueueError::OutputInUse(job.output_url)),
+                None if output_conflict => return Err(QueueError::OutputInUse(job.output_uri)),
                 // The conflicting row was pruned between the insert and the look-up: retry.
                 None => continue,
             }
@@ -730,7 +730,7 @@ fn job_from_row(row: &PgRow) -> QueueResult<Job> {
         priority: i32::from(row.try_get::<i16, _>("priority")?),
         attempts: row.try_get("attempts")?,
         max_attempts: row.try_get("max_attempts")?,
-        output_url: row.try_get("output_url")?,
+        output_key: row.try_get("output_url")?,
         recipe: row.try_get("recipe")?,
         run_after: row.try_get("run_after")?,
         lease_owner: row.try_get("lease_owner")?,

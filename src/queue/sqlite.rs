@@ -221,7 +221,7 @@ impl JobQueue for SqliteQueue {
                 .bind(id_text(job.id))
                 .bind(job.idempotency_key.as_deref())
                 .bind(&job.request_hash)
-                .bind(&job.output_url)
+                .bind(&job.output_key)
                 .bind(&recipe)
                 .bind(job.priority)
                 .bind(job.max_attempts)
@@ -244,7 +244,7 @@ impl JobQueue for SqliteQueue {
                 Err(e) => return Err(e.into()),
             };
             let Some(key) = job.idempotency_key.as_deref() else {
-                return Err(QueueError::OutputInUse(job.output_url));
+                return Err(QueueError::OutputInUse(job.output_uri));
             };
             // A replay of a live job also collides on its output URL: the key decides first.
             match self.find_by_key(key).await? {
@@ -255,7 +255,7 @@ impl JobQueue for SqliteQueue {
                     });
                 }
                 Some(_) => return Err(QueueError::IdempotencyKeyReused(key.to_string())),
-                None if output_conflict => return Err(QueueError::OutputInUse(job.output_url)),
+                None if output_conflict => return Err(QueueError::OutputInUse(job.output_uri)),
                 // The conflicting row was pruned between the insert and the look-up: retry.
                 None => continue,
             }
@@ -735,7 +735,7 @@ fn job_from_row(row: &SqliteRow) -> QueueResult<Job> {
         priority: row.try_get("priority")?,
         attempts: row.try_get("attempts")?,
         max_attempts: row.try_get("max_attempts")?,
-        output_url: row.try_get("output_url")?,
+        output_key: row.try_get("output_url")?,
         recipe: serde_json::from_str(&recipe).map_err(|e| corrupt("recipe", e))?,
         run_after: time("run_after", row.try_get("run_after")?)?,
         lease_owner: row.try_get("lease_owner")?,

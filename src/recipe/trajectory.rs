@@ -361,7 +361,8 @@ pub async fn expand(storage: &Storage, req: &mut MergeRequest) -> Result<(), Tra
     let Some(spec) = req.trajectory.clone() else {
         return Ok(());
     };
-    let loc = storage.resolve(&spec.uri)?;
+    // A storage URL: the checkpoints are named as URLs under it (a hub id names one model).
+    let loc = storage.resolve_storage(&spec.uri)?;
     // Messages name the folder as the request wrote it (never a resolved path); the store's
     // detail goes to the log.
     let written = spec.uri.trim_end_matches('/');

@@ -26,7 +26,7 @@
 //! mergekit treats a path that does not exist as a hub id. Anything else is an error naming
 //! the field.
 
-use std::path::Path;
+use std::path::{Component, Path, PathBuf};
 
 use serde_json::{Map, Value};
 
@@ -39,6 +39,27 @@ pub(super) fn invalid(field: impl Into<String>, message: impl Into<String>) -> R
     RecipeError::Invalid {
         field: field.into(),
         message: message.into(),
+    }
+}
+
+/// `path` with the part up to its last `..` resolved (links followed there, as the kernel
+/// does), the rest as written; `.` segments dropped. Unchanged when it has no `..` or that
+/// part does not resolve.
+fn without_parent_segments(path: &Path) -> PathBuf {
+    let parts: Vec<Component<'_>> = path.components().collect();
+    let Some(last) = parts
+        .iter()
+        .rposition(|c| matches!(c, Component::ParentDir))
+    else {
+        return parts.iter().collect();
+    };
+    let head: PathBuf = parts[..=last].iter().collect();
+    match head.canonicalize() {
+        Ok(mut resolved) => {
+            resolved.extend(&parts[last + 1..]);
+            resolved
+        }
+        Err(_) => path.to_path_buf(),
     }
 }
 
@@ -80,8 +101,9 @@ pub(super) fn model_ref(
     if hub_id && !full.exists() {
         return Ok(s.to_string());
     }
-    // `..` segments are refused by storage: resolve them (the path must exist anyway).
-    let full = full.canonicalize().unwrap_or(full);
+    // `..` segments are refused by storage: resolve them (the path must exist anyway); links
+    // after the last one stay as written, so the recipe and the manifest name them so.
+    let full = without_parent_segments(&full);
     let url = if full.is_dir() {
         url::Url::from_directory_path(&full)
     } else if full.is_file() {

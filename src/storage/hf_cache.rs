@@ -17,6 +17,8 @@
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
+use cap_std::fs::OpenOptionsExt;
+
 use super::StorageError;
 
 /// huggingface_hub's limit on a repository id (`validate_repo_id`).
@@ -67,6 +69,14 @@ impl<'a> HubRef<'a> {
     pub fn folder_name(&self) -> String {
         format!("models--{}", self.repo.replace('/', "--"))
     }
+}
+
+/// The commit of the cache snapshot a hub id's location reads (`None` for any other
+/// location): the last segment of its resolved folder, `…/snapshots/<commit>`.
+pub fn commit_of(loc: &super::Location) -> Option<&str> {
+    HubRef::parse(&loc.url)?;
+    let commit = loc.canonical.rsplit('/').next()?;
+    is_commit(commit).then_some(commit)
 }
 
 fn valid_part(s: &str) -> bool {
@@ -143,26 +153,37 @@ impl HfCache {
     /// The snapshot folder `written` (parsed as `hub`) names, canonical, after checking that
     /// it and every link in it lead to places inside the cache.
     pub fn snapshot(&self, written: &str, hub: &HubRef<'_>) -> Result<PathBuf, StorageError> {
-        let not_cached = |reason: String| StorageError::ModelNotCached {
-            model: written.to_string(),
-            reason,
+        // Messages name the model as written and never the cache's folder (a path the user
+        // did not write); the log has it.
+        let not_cached = |reason: String| {
+            tracing::info!(model = written, cache = %self.dir.display(), %reason, "model not cached");
+            StorageError::ModelNotCached {
+                model: written.to_string(),
+                reason,
+            }
+        };
+        let io = |source: std::io::Error| {
+            tracing::warn!(model = written, cache = %self.dir.display(), error = %source, "reading the Hugging Face cache failed");
+            StorageError::Io {
+                path: written.to_string(),
+                source: std::io::Error::new(source.kind(), source.kind().to_string()),
+            }
         };
         let repo = hub.repo;
         let rev = hub.revision();
         let repo_dir = self.canonical.join(hub.folder_name());
         if !repo_dir.is_dir() {
             return Err(not_cached(format!(
-                "{repo} is not in the Hugging Face cache {} (no {} folder); ladle never \
+                "{repo} is not in the Hugging Face cache (no {} folder); ladle never \
                  downloads: fetch it first (e.g. `hf download {repo} --revision {rev}`)",
-                self.dir.display(),
                 hub.folder_name()
             )));
         }
         let commit = if is_commit(rev) {
             rev.to_string()
         } else {
-            let ref_file = repo_dir.join("refs").join(rev);
-            match read_ref(&ref_file) {
+            let ref_file = Path::new(&hub.folder_name()).join("refs").join(rev);
+            match self.read_ref(&ref_file) {
                 Ok(Some(commit)) => commit,
                 Ok(None) => {
                     return Err(not_cached(format!(
@@ -172,34 +193,33 @@ impl HfCache {
                 }
                 Err(e) if is_missing(&e) => {
                     return Err(not_cached(format!(
-                        "revision {rev:?} of {repo} is not in the Hugging Face cache {} \
-                         (cached refs: {}); ladle never downloads: fetch it first (e.g. `hf \
-                         download {repo} --revision {rev}`)",
-                        self.dir.display(),
+                        "revision {rev:?} of {repo} is not in the Hugging Face cache (cached \
+                         refs: {}); ladle never downloads: fetch it first (e.g. `hf download \
+                         {repo} --revision {rev}`)",
                         cached_refs(&repo_dir.join("refs"))
                     )));
                 }
-                Err(source) => {
-                    return Err(StorageError::Io {
-                        path: ref_file.display().to_string(),
-                        source,
+                Err(e) if super::local::is_escape(&e) => {
+                    tracing::warn!(
+                        model = written,
+                        "refused: a cache ref is a link that leads outside the cache"
+                    );
+                    return Err(StorageError::OutsideRoots {
+                        path: written.to_string(),
                     });
                 }
+                Err(source) => return Err(io(source)),
             }
         };
         let snapshot = repo_dir.join("snapshots").join(&commit);
         if !snapshot.is_dir() {
             return Err(not_cached(format!(
                 "revision {rev:?} of {repo} (commit {commit}) has no snapshot in the Hugging \
-                 Face cache {}; ladle never downloads: fetch it first (e.g. `hf download \
-                 {repo} --revision {rev}`)",
-                self.dir.display()
+                 Face cache; ladle never downloads: fetch it first (e.g. `hf download {repo} \
+                 --revision {rev}`)"
             )));
         }
-        let real = std::fs::canonicalize(&snapshot).map_err(|source| StorageError::Io {
-            path: snapshot.display().to_string(),
-            source,
-        })?;
+        let real = std::fs::canonicalize(&snapshot).map_err(io)?;
         if !real.starts_with(&self.canonical) {
             tracing::warn!(
                 model = written,
@@ -213,15 +233,43 @@ impl HfCache {
         Ok(real)
     }
 
+    /// The commit hash the ref file `rel` (relative to the cache) holds (`None`: something
+    /// else); at most a few hundred bytes read. Opened from a handle of the cache folder, as
+    /// every other cache file: a ref that is a link leading out of the cache is refused (an
+    /// error [`super::local::is_escape`] recognises), never read.
+    fn read_ref(&self, rel: &Path) -> std::io::Result<Option<String>> {
+        let cache =
+            cap_std::fs::Dir::open_ambient_dir(&self.canonical, cap_std::ambient_authority())?;
+        let mut options = cap_std::fs::OpenOptions::new();
+        // Non-blocking, so that a FIFO planted as a ref cannot hang the lookup.
+        options
+            .read(true)
+            .custom_flags(rustix::fs::OFlags::NONBLOCK.bits() as i32);
+        let file = cache.open_with(rel, &options)?;
+        if !file.metadata()?.is_file() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                "not a regular file",
+            ));
+        }
+        let mut text = String::new();
+        file.into_std().take(256).read_to_string(&mut text)?;
+        let commit = text.trim();
+        Ok(is_commit(commit).then(|| commit.to_string()))
+    }
+
     /// Every symbolic link under `snapshot` must lead inside the cache (a dangling one is
     /// left to the checkpoint reader: a missing blob is a missing file).
     fn check_links(&self, written: &str, snapshot: &Path) -> Result<(), StorageError> {
         let mut stack = vec![(snapshot.to_path_buf(), 0usize)];
         let mut seen = 0usize;
         while let Some((dir, depth)) = stack.pop() {
-            let entries = std::fs::read_dir(&dir).map_err(|source| StorageError::Io {
-                path: dir.display().to_string(),
-                source,
+            let entries = std::fs::read_dir(&dir).map_err(|source| {
+                tracing::warn!(model = written, error = %source, "listing a cache snapshot failed");
+                StorageError::Io {
+                    path: written.to_string(),
+                    source: std::io::Error::new(source.kind(), source.kind().to_string()),
+                }
             })?;
             for entry in entries {
                 seen += 1;
@@ -257,17 +305,6 @@ impl HfCache {
         }
         Ok(())
     }
-}
-
-/// The commit hash a ref file holds (`None`: something else); at most a few hundred bytes read.
-fn read_ref(path: &Path) -> std::io::Result<Option<String>> {
-    let mut text = String::new();
-    std::fs::File::open(path)?
-        .take(256)
-        .read_to_string(&mut text)
-        .map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
-    let commit = text.trim();
-    Ok(is_commit(commit).then(|| commit.to_string()))
 }
 
 fn is_missing(e: &std::io::Error) -> bool {
@@ -372,6 +409,17 @@ mod tests {
         );
         let e = err("org/m@ffffffffffffffffffffffffffffffffffffffff");
         assert_eq!(e.code(), ErrorCode::ModelNotCached);
+        // A ref that is a link out of the cache is not read, even when it holds the commit of
+        // a cached (and clean) snapshot; nor is the cache's folder named in any refusal.
+        let elsewhere = tempfile::tempdir().unwrap();
+        std::fs::write(elsewhere.path().join("ref"), commit).unwrap();
+        std::os::unix::fs::symlink(elsewhere.path().join("ref"), repo.join("refs/evil")).unwrap();
+        let e = err("org/m@evil");
+        assert_eq!(e.code(), ErrorCode::PathOutsideRoots, "{e}");
+        assert!(e.to_string().contains("org/m@evil"), "{e}");
+        for e in [e, err("org/other"), err("org/m@v2")] {
+            assert!(!e.to_string().contains(&*cache.to_string_lossy()), "{e}");
+        }
         // A link out of the cache, anywhere in the snapshot.
         let outside = tempfile::tempdir().unwrap();
         std::fs::write(outside.path().join("secret"), b"s").unwrap();

@@ -41,9 +41,9 @@ fn prefix(path: &Path) -> Option<&Path> {
     (!path.as_ref().is_empty()).then_some(path)
 }
 
-/// A listing error of `listed` (a folder in `loc`'s store): the link out named by the entry's
+/// A listing error of `listed` (a folder's URL, as its location names it): the link out named by the entry's
 /// own name (never the resolved path), anything else as it is.
-fn listing_error(listed: &Path, e: object_store::Error) -> ListError {
+fn listing_error(listed: &str, e: object_store::Error) -> ListError {
     match crate::storage::local::outside_entry(&e, listed) {
         Some(entry) => ListError::Outside { entry },
         None => ListError::Store(e),
@@ -57,7 +57,7 @@ pub async fn subfolders(loc: &Location, max: usize) -> Result<Vec<Folder>, ListE
         .store
         .list_with_delimiter(prefix(&loc.path))
         .await
-        .map_err(|e| listing_error(&loc.path, e))?;
+        .map_err(|e| listing_error(&loc.url, e))?;
     if listing.common_prefixes.len() > max {
         return Err(ListError::TooMany { max });
     }
@@ -69,7 +69,7 @@ pub async fn subfolders(loc: &Location, max: usize) -> Result<Vec<Folder>, ListE
                 .list_with_delimiter(Some(&sub))
                 .await
                 // Named from the listed folder: `<subfolder>/<file>`.
-                .map_err(|e| listing_error(&loc.path, e))?;
+                .map_err(|e| listing_error(&loc.url, e))?;
             let has_checkpoint = inner.objects.iter().any(|o| {
                 matches!(o.location.filename(), Some(f) if f == SINGLE_FILE_NAME || f == INDEX_FILE_NAME)
             });

@@ -36,6 +36,8 @@
 //! like any other file (see the README's Security section).
 
 use listing::{Entry, classify, walk};
+pub use names::outside_entry;
+use names::{Shown, shown_url};
 use std::ffi::{OsStr, OsString};
 use std::io::{self, Read, Write};
 use std::os::unix::ffi::OsStrExt;
@@ -74,24 +76,6 @@ pub fn outside_roots(e: &object_store::Error) -> Option<&OutsideRoots> {
     }
 }
 
-/// For an [`OutsideRoots`] met while listing the folder `listed`: `Some(Some(entry))`, the
-/// entry that leads out, relative to `listed` and decoded (`sub/file`); `Some(None)`, the
-/// folder itself; `None` for any other error.
-pub fn outside_entry(e: &object_store::Error, listed: &Path) -> Option<Option<String>> {
-    let o = outside_roots(e)?;
-    let folder = format!("file:///{listed}");
-    let rest = o.path.strip_prefix(&folder).unwrap_or(&o.path);
-    let rest = rest.trim_matches('/');
-    if rest.is_empty() {
-        return Some(None);
-    }
-    let decoded: Vec<String> = rest
-        .split('/')
-        .map(|p| part_name(p).to_string_lossy().into_owned())
-        .collect();
-    Some(Some(decoded.join("/")))
-}
-
 /// One allowed root: its canonical path and, once opened, its handle.
 struct RootDir {
     path: PathBuf,
@@ -111,6 +95,9 @@ pub struct LocalStore {
     /// A held folder that [`LocalStore::pin_dir`] made: removed when the last clone goes,
     /// if it is empty then (see `made.rs`). Held only for that drop, never read.
     _made: Option<Arc<made::MadeDir>>,
+    /// How messages name the files of the location this store was resolved for
+    /// ([`LocalStore::shown_as`]); `None`: by their paths.
+    shown: Option<Arc<Shown>>,
 }
 
 impl std::fmt::Debug for LocalStore {
@@ -168,7 +155,7 @@ fn staging_name(name: &OsStr) -> OsString {
 }
 
 /// Whether cap-std refused because the path would leave the root.
-fn is_escape(e: &io::Error) -> bool {
+pub(crate) fn is_escape(e: &io::Error) -> bool {
     e.raw_os_error() == Some(rustix::io::Errno::XDEV.raw_os_error())
         || (e.kind() == io::ErrorKind::PermissionDenied && e.raw_os_error().is_none() && {
             let text = e.to_string();
@@ -181,8 +168,10 @@ struct Rel<'a> {
     root: &'a RootDir,
     /// Relative to the root; empty for the root itself.
     rel: PathBuf,
-    /// For messages: `file:///…` as the object path names it.
+    /// For messages: the file as the request wrote it ([`shown_url`]).
     url: String,
+    /// What the store names its files by, for the children of this path.
+    shown: Option<&'a Shown>,
 }
 
 impl Rel<'_> {
@@ -390,12 +379,32 @@ impl LocalStore {
         LocalStore {
             roots: Arc::new(roots),
             _made: None,
+            shown: None,
         }
+    }
+
+    /// The same store (same handles), whose messages name the files under `prefix` (the
+    /// object path a URL resolved to) by `url`, the URL as the request wrote it: what
+    /// [`super::Storage::resolve`] gives each location.
+    pub fn shown_as(&self, prefix: &Path, url: &str) -> LocalStore {
+        LocalStore {
+            roots: self.roots.clone(),
+            _made: self._made.clone(),
+            shown: Some(Arc::new(Shown {
+                prefix: prefix.clone(),
+                url: url.to_string(),
+            })),
+        }
+    }
+
+    /// `location` as messages name it.
+    pub fn shown(&self, location: &Path) -> String {
+        shown_url(self.shown.as_deref(), location)
     }
 
     fn locate(&self, location: &Path) -> Result<Rel<'_>, object_store::Error> {
         let parts: Vec<String> = location.parts().map(|p| p.as_ref().to_string()).collect();
-        let url = format!("file:///{}", location.as_ref());
+        let url = self.shown(location);
         for root in self.roots.iter() {
             if parts.len() >= root.parts.len() && parts.iter().zip(&root.parts).all(|(a, b)| a == b)
             {
@@ -403,7 +412,12 @@ impl LocalStore {
                     .iter()
                     .map(|p| part_name(p))
                     .collect();
-                return Ok(Rel { root, rel, url });
+                return Ok(Rel {
+                    root,
+                    rel,
+                    url,
+                    shown: self.shown.as_deref(),
+                });
             }
         }
         Err(object_store::Error::PermissionDenied {
@@ -438,6 +452,7 @@ impl LocalStore {
                 pinned: true,
             }]),
             _made: made.map(Arc::new),
+            shown: self.shown.clone(),
         })
     }
 
@@ -578,6 +593,7 @@ async fn blocking<T: Send + 'static>(
 
 mod listing;
 mod made;
+mod names;
 mod store;
 #[cfg(test)]
 mod tests;

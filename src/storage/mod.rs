@@ -13,6 +13,11 @@
 //! A model reference shaped as a Hugging Face hub id (`org/name`, `org/name@revision`: no
 //! scheme) is looked up in the configured local cache ([`hf_cache`]) and resolves to its
 //! snapshot folder, which then passes the same checks as any `file://` URL.
+//!
+//! A [`Location`] is reached by its resolved path but named by the URL as written
+//! ([`Location::url`]; its store's messages too, [`local::LocalStore::shown_as`]): a link inside
+//! a root, a root configured as a link, or a hub id's cache folder is never shown. The resolved
+//! URL ([`Location::canonical`]) only compares places (one live job per output folder).
 
 pub mod hf_cache;
 pub mod list;
@@ -88,8 +93,14 @@ impl StorageError {
 /// A resolved, allowed location.
 #[derive(Clone)]
 pub struct Location {
-    /// The normalized URL (no trailing slash), for messages, manifests and uniqueness.
+    /// The URL as the request wrote it (a trailing `/` dropped; a hub id as written), with the
+    /// names of children appended: what messages, manifests, events and stored recipes show.
+    /// A link inside a root on the way, or the resolved folder of a hub id, is never shown.
     pub url: String,
+    /// The same place resolved: links followed, the URL normalized (no trailing slash). Only
+    /// for comparing places (one active job per output, an output apart from its inputs, the
+    /// data directory); never shown to a user.
+    pub canonical: String,
     pub store: Arc<dyn ObjectStore>,
     /// The object path inside `store` (a file, or a folder prefix).
     pub path: Path,
@@ -112,6 +123,7 @@ impl Location {
     pub fn child(&self, name: &str) -> Location {
         Location {
             url: format!("{}/{}", self.url, name),
+            canonical: format!("{}/{}", self.canonical, name),
             store: self.store.clone(),
             path: self.path.clone().join(name),
             local: self.local.clone(),
@@ -138,6 +150,7 @@ impl Location {
                 })?;
         Ok(Location {
             url: self.url.clone(),
+            canonical: self.canonical.clone(),
             store: Arc::new(held.clone()),
             path: self.path.clone(),
             local: Some(held),
@@ -148,6 +161,7 @@ impl Location {
     pub fn with_path(&self, path: Path) -> Location {
         Location {
             url: self.url.clone(),
+            canonical: self.canonical.clone(),
             store: self.store.clone(),
             path,
             local: self.local.clone(),
@@ -347,14 +361,18 @@ impl Storage {
                 uri: uri.to_string(),
                 reason: e.to_string(),
             })?;
-        let url = Url::from_file_path(&canonical)
+        let canonical = Url::from_file_path(&canonical)
             .map(|u| u.to_string())
             .unwrap_or_else(|()| uri.to_string());
+        // Reached by the resolved path, named as written: the store's messages too.
+        let shown = uri.trim_end_matches('/').to_string();
+        let local = self.local.shown_as(&object_path, &shown);
         Ok(Location {
-            url: url.trim_end_matches('/').to_string(),
-            store: Arc::new(self.local.clone()),
+            url: shown,
+            canonical: canonical.trim_end_matches('/').to_string(),
+            store: Arc::new(local.clone()),
             path: object_path,
-            local: Some(self.local.clone()),
+            local: Some(local),
         })
     }
 
@@ -388,7 +406,8 @@ impl Storage {
         let store = self.s3_store(&bucket)?;
         let path = Path::from_iter(segments.iter().map(String::as_str));
         Ok(Location {
-            url: format!("s3://{bucket}/{}", segments.join("/"))
+            url: uri.trim_end_matches('/').to_string(),
+            canonical: format!("s3://{bucket}/{}", segments.join("/"))
                 .trim_end_matches('/')
                 .to_string(),
             store,
@@ -446,7 +465,7 @@ fn key_segments(url: &Url) -> Vec<String> {
 
 fn root_url(root: &Root) -> String {
     match root {
-        Root::File { canonical, .. } => format!("file://{}", canonical.display()),
+        Root::File { written, .. } => format!("file://{}", written.display()),
         Root::S3 { bucket, prefix } => format!("s3://{bucket}/{}", prefix.join("/")),
     }
 }

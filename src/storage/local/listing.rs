@@ -44,7 +44,8 @@ pub(super) fn classify(
         let child = Rel {
             root: r.root,
             rel: rel.join(name),
-            url: format!("file:///{}", join(base, name)),
+            url: shown_url(r.shown, &join(base, name)),
+            shown: r.shown,
         };
         let target = child.follow(&child.rel, |d, p| d.metadata(p));
         return match target {

@@ -42,7 +42,8 @@ class JobView:
         max_attempts (int):
         progress (ProgressSnapshot): The public shape of progress (`GET /v1/merges/{id}` → `progress`, and the data of a
             `progress` event).
-        recipe (Any): The normalized recipe as stored (explicit models, resolved URLs).
+        recipe (Any): The recipe as stored: explicit models (a trajectory expanded), every URL and hub id as
+            the request wrote it.
         state (JobState): Lifecycle state of a job. Stored as text with a CHECK constraint in both backends.
         error (ErrorView | None | Unset):
         finished_at (datetime.datetime | None | Unset):
