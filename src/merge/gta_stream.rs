@@ -735,14 +735,10 @@ mod tests {
         passes
     }
 
-    /// bf16 TIES and breadcrumbs over several chunks build their tie tables in the histogram
-    /// pass when the first chunk's guess holds the cut-offs (one pre-pass), and fall back to the
-    /// tie pass when it does not (a first chunk unlike the rest); the same bits either way.
-    #[test]
-    fn first_pass_tallies_or_falls_back() {
-        use Sparsification as S;
-        let p = Precision::BF16;
-        let ms = [
+    /// Two models with different weights, densities and gammas (the third, dense one of the
+    /// sparsification test is added there).
+    fn two_models() -> [ModelParams; 2] {
+        [
             ModelParams {
                 weight: 0.5,
                 density: 0.5,
@@ -755,7 +751,17 @@ mod tests {
                 gamma: 0.1,
                 epsilon: 0.1,
             },
-        ];
+        ]
+    }
+
+    /// bf16 TIES and breadcrumbs over several chunks build their tie tables in the histogram
+    /// pass when the first chunk's guess holds the cut-offs (one pre-pass), and fall back to the
+    /// tie pass when it does not (a first chunk unlike the rest); the same bits either way.
+    #[test]
+    fn first_pass_tallies_or_falls_back() {
+        use Sparsification as S;
+        let p = Precision::BF16;
+        let ms = two_models();
         let n = 12 * TIE_BLOCK + 77;
         let mut rng = Rng(0x9e37_79b9);
         let base = rng.tensor(n, p, None, false);
@@ -837,19 +843,10 @@ mod tests {
                             (17_000, 17_000),
                         ] {
                             seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1);
+                            let [m0, m1] = two_models();
                             let ms = [
-                                ModelParams {
-                                    weight: 0.5,
-                                    density: 0.5,
-                                    gamma: 0.01,
-                                    epsilon: 0.15,
-                                },
-                                ModelParams {
-                                    weight: 0.3,
-                                    density: 0.3,
-                                    gamma: 0.1,
-                                    epsilon: 0.1,
-                                },
+                                m0,
+                                m1,
                                 ModelParams {
                                     weight: 1.0,
                                     density: 1.0,
