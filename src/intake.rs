@@ -134,10 +134,12 @@ pub async fn accept(
         .as_deref()
         .map(|b| resolve("base_model".into(), b))
         .transpose()?;
+    // `tokenizer_source: base` names no model of its own.
     let tokenizer = recipe
         .output
         .tokenizer_source
         .as_deref()
+        .filter(|t| *t != crate::recipe::tokenizer::BASE)
         .map(|t| resolve("tokenizer_source".into(), t))
         .transpose()?;
     // A built tokenizer's models (its source, the tokens' sources).

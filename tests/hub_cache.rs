@@ -35,7 +35,7 @@ fn checkpoint(seed: u64) -> Vec<(&'static str, Vec<u8>)> {
             format!(r#"{{"model_type": "llama", "num_hidden_layers": 2, "torch_dtype": "bfloat16", "seed": {seed}}}"#)
                 .into_bytes(),
         ),
-        ("tokenizer.json", format!(r#"{{"v": {seed}}}"#).into_bytes()),
+        ("tokenizer.json", stand_in_tokenizer(seed, 32).into_bytes()),
     ]
 }
 
@@ -246,7 +246,7 @@ fn ladle_merge_resolves_hub_ids_from_the_cache() {
     assert_eq!(read_json(&soup.join("config.json"))["seed"], 1);
     assert_eq!(
         std::fs::read(soup.join("tokenizer.json")).unwrap(),
-        br#"{"v": 1}"#
+        stand_in_tokenizer(1, 32).as_bytes()
     );
     // mergekit_config.yml goes back in.
     ok(&ladle(
@@ -569,7 +569,7 @@ async fn the_service_resolves_hub_ids_from_a_configured_cache() {
     );
     assert_eq!(
         std::fs::read(root.join("soups/json/tokenizer.json")).unwrap(),
-        br#"{"v": 20}"#
+        stand_in_tokenizer(20, 32).as_bytes()
     );
     assert_eq!(
         std::fs::read_to_string(root.join("soups/json/chat_template.jinja")).unwrap(),

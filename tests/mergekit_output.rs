@@ -28,7 +28,7 @@ fn write_model(dir: &Path, seed: u64) {
         r#"{{"architectures": ["LlamaForCausalLM"], "model_type": "llama", "num_hidden_layers": 2, "torch_dtype": "bfloat16", "seed": {seed}}}"#
     );
     std::fs::write(dir.join("config.json"), config).unwrap();
-    std::fs::write(dir.join("tokenizer.json"), format!(r#"{{"v": {seed}}}"#)).unwrap();
+    std::fs::write(dir.join("tokenizer.json"), stand_in_tokenizer(seed, 32)).unwrap();
     std::fs::write(dir.join("tokenizer_config.json"), br#"{"a": 1}"#).unwrap();
     std::fs::write(dir.join("generation_config.json"), br#"{"g": 1}"#).unwrap();
     std::fs::write(dir.join("README.md"), format!("# model {seed}\n")).unwrap();
@@ -413,7 +413,9 @@ fn tokenizer_source_and_chat_template() {
     std::fs::write(d.join("base/chat_template.jinja"), "{{ base }}").unwrap();
     let tok = d.join("tok");
     std::fs::create_dir_all(&tok).unwrap();
-    std::fs::write(tok.join("tokenizer.json"), br#"{"v": 77}"#).unwrap();
+    // The models' vocabulary (nothing moves): its files as they are.
+    let tok_json = stand_in_tokenizer(77, 32);
+    std::fs::write(tok.join("tokenizer.json"), &tok_json).unwrap();
     std::fs::write(
         tok.join("tokenizer_config.json"),
         br#"{"chat_template": "{{ tok }}", "b": 2}"#,
@@ -450,7 +452,7 @@ fn tokenizer_source_and_chat_template() {
         assert_eq!(tensor_digests(&soup), tensor_digests(&plain), "{name}");
         assert_eq!(
             std::fs::read(soup.join("tokenizer.json")).unwrap(),
-            br#"{"v": 77}"#
+            tok_json.as_bytes()
         );
         assert_eq!(
             read_json(&soup.join("tokenizer_config.json")),
@@ -506,7 +508,7 @@ fn tokenizer_source_and_chat_template() {
     );
     assert_eq!(
         std::fs::read(d.join("own/tokenizer.json")).unwrap(),
-        br#"{"v": 77}"#
+        tok_json.as_bytes()
     );
     // The donor's tokenizer with another template: its own template files left out.
     ok(&run("donor-tpl", "chat_template: llama3\n", &[]));
@@ -521,6 +523,8 @@ fn tokenizer_source_and_chat_template() {
             .contains("<|start_header_id|>")
     );
     // Refused by name.
+    std::fs::create_dir_all(d.join("bad")).unwrap();
+    std::fs::write(d.join("bad/tokenizer.json"), br#"{"v": 78}"#).unwrap();
     for (name, extra, flags, want) in [
         ("r1", "chat_template: vicuna\n", &[][..], "chat_template"),
         (
@@ -529,13 +533,8 @@ fn tokenizer_source_and_chat_template() {
             &["--no-copy-tokenizer"],
             "chat_template",
         ),
-        // These stand-ins' tokenizer.json is no tokenizer: refused naming the file.
-        (
-            "r4",
-            "tokenizer_source: union\n",
-            &[],
-            "base/tokenizer.json",
-        ),
+        // A tokenizer.json that is no tokenizer: refused naming the file.
+        ("r4", "tokenizer_source: ./bad\n", &[], "bad/tokenizer.json"),
         (
             "r5",
             "tokenizer_source: ./missing\n",

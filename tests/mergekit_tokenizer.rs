@@ -1,141 +1,41 @@
 //! mergekit's tokenizer options with models whose tokenizers differ
-//! (`tests/data/mergekit_tokenizer/`, see its `make.sh`): `tokenizer_source: union`, a
+//! (`tests/data/mergekit_tokenizer/`, see its `make.sh`): `tokenizer_source: union`, `base`
+//! and a model (plain, which mergekit builds as a section naming only that source), a
 //! `tokenizer:` section (`tokens` with model, model-token and zero sources, `force`,
-//! `pad_to_multiple_of`) and `chat_template: auto`, run by `ladle merge` (chunks of 1024
-//! elements, which cut the embeddings mid-row) and by the service over HTTP, compared with what
+//! `pad_to_multiple_of`; only a `source`) and `chat_template: auto`, run by `ladle merge`
+//! (chunks of 1024 elements, which cut the embeddings mid-row) and by the service over HTTP
+//! (`union`, the plain `tokenizer_source: <model>`), compared with what
 //! mergekit 0.1.5 wrote: every tensor (the permuted embedding rows included) within the
 //! conformance pack's rules (bit-identical for task arithmetic, within 1 bf16 ulp for slerp),
 //! `config.json`'s `vocab_size`, the vocabulary (every token's id), the new tokens' settings and
 //! the chat template. Then the refusals: a tokenizer that cannot be read, a token source that
 //! is not one of the models, `tokenizer_source` with a section; nothing written. A JSON
-//! recipe's `tokenizer` (relative paths made absolute by `ladle merge`) and the
-//! `mergekit_config.yml` it gets, read back.
+//! recipe's `tokenizer` and `tokenizer_source: base` (relative paths made absolute by `ladle
+//! merge`) and the `mergekit_config.yml` they get, read back. A source-only build that moves
+//! no row: today's output byte for byte (a model with an adapter folded in too). Where the
+//! build cannot go: refusals by name, and a model without a tokenizer (the base's, as
+//! mergekit).
 
 mod common;
 
-use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-use common::compare::{bf16_ulp, dir_url, read_f32_tensors};
+use common::compare::dir_url;
+use common::mergekit_tokenizer::{compare, data_dir, template};
 use common::*;
 use ladle::service::Mode;
 use serde_json::Value;
 
-fn data_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/mergekit_tokenizer")
-}
-
 /// The recipes and the largest difference allowed, in bf16 ulps of the output.
-const RECIPES: [(&str, f64); 4] = [
+const RECIPES: [(&str, f64); 7] = [
     ("union", 0.0),
     ("section", 1.0),
     ("base-tokens", 0.0),
     ("model-source", 0.0),
+    ("plain-base", 0.0),
+    ("plain-model", 0.0),
+    ("section-source", 0.0),
 ];
-
-/// Tokens the stand-ins' base tokenizer has (ids 0..24): anything after is new.
-const BASE_TOKENS: u64 = 24;
-
-/// Token → id of a `tokenizer.json` (its model's vocabulary and its added tokens), and the
-/// added tokens' entries by id.
-fn vocabulary(dir: &Path) -> (BTreeMap<String, u64>, BTreeMap<u64, Value>) {
-    let doc = read_json(&dir.join("tokenizer.json"));
-    let mut ids: BTreeMap<String, u64> = doc["model"]["vocab"]
-        .as_object()
-        .unwrap()
-        .iter()
-        .map(|(t, i)| (t.clone(), i.as_u64().unwrap()))
-        .collect();
-    let mut added = BTreeMap::new();
-    for a in doc["added_tokens"].as_array().unwrap() {
-        let id = a["id"].as_u64().unwrap();
-        ids.insert(a["content"].as_str().unwrap().to_string(), id);
-        added.insert(id, a.clone());
-    }
-    (ids, added)
-}
-
-/// The chat template a tokenizer folder gives (transformers: `chat_template.jinja` first).
-fn template(dir: &Path) -> Option<String> {
-    std::fs::read_to_string(dir.join("chat_template.jinja"))
-        .ok()
-        .or_else(|| {
-            read_json(&dir.join("tokenizer_config.json"))["chat_template"]
-                .as_str()
-                .map(str::to_string)
-        })
-        .map(|t| t.trim().to_string())
-}
-
-/// Everything compared with mergekit's output of `recipe`; the failures.
-fn compare(recipe: &str, max_ulps: f64, ours: &Path) -> Vec<String> {
-    let theirs = data_dir().join("expected").join(recipe);
-    let mut failures = Vec::new();
-    let got = read_f32_tensors(&ours.join("model.safetensors"));
-    let want = read_f32_tensors(&theirs.join("model.safetensors"));
-    assert_eq!(
-        got.keys().collect::<Vec<_>>(),
-        want.keys().collect::<Vec<_>>(),
-        "{recipe}: tensor names"
-    );
-    let (mut total, mut differ, mut worst) = (0usize, 0usize, 0f64);
-    for (name, (shape, w, dt)) in &want {
-        let (gshape, g, gdt) = &got[name];
-        if shape != gshape || dt != gdt {
-            failures.push(format!(
-                "{recipe}: {name}: {gshape:?} {gdt}, mergekit's {shape:?} {dt}"
-            ));
-            continue;
-        }
-        total += w.len();
-        for (a, b) in g.iter().zip(w) {
-            if a.to_bits() != b.to_bits() {
-                differ += 1;
-                worst = worst.max((*a as f64 - *b as f64).abs() / bf16_ulp(*b));
-            }
-        }
-    }
-    eprintln!("{recipe:<12} | {differ} of {total} elements differ | max {worst:.2} ulps");
-    if worst > max_ulps {
-        failures.push(format!(
-            "{recipe}: {differ} elements differ, max {worst} ulps"
-        ));
-    }
-    let vocab_size = |d: &Path| read_json(&d.join("config.json"))["vocab_size"].clone();
-    if vocab_size(ours) != vocab_size(&theirs) {
-        failures.push(format!(
-            "{recipe}: config.json vocab_size {} vs mergekit's {}",
-            vocab_size(ours),
-            vocab_size(&theirs)
-        ));
-    }
-    let ((ids, added), (want_ids, want_added)) = (vocabulary(ours), vocabulary(&theirs));
-    if ids != want_ids {
-        failures.push(format!(
-            "{recipe}: vocabulary {ids:?}\n  vs mergekit's {want_ids:?}"
-        ));
-    }
-    // The new tokens' settings (transformers also marks the base's `<unk>` as an added token
-    // when it saves, which ladle, copying the base's entries, does not).
-    let new = |a: &BTreeMap<u64, Value>| -> Vec<Value> {
-        a.range(BASE_TOKENS..).map(|(_, v)| v.clone()).collect()
-    };
-    if new(&added) != new(&want_added) {
-        failures.push(format!(
-            "{recipe}: new tokens {:?}\n  vs mergekit's {:?}",
-            new(&added),
-            new(&want_added)
-        ));
-    }
-    if template(ours) != template(&theirs) {
-        failures.push(format!(
-            "{recipe}: chat template {:?} vs mergekit's {:?}",
-            template(ours),
-            template(&theirs)
-        ));
-    }
-    failures
-}
 
 #[test]
 fn tokenizer_options_match_mergekit() {
@@ -226,6 +126,21 @@ async fn union_over_http_and_refusals() {
     let recipe = recipe.get("recipe").unwrap_or(recipe);
     assert_eq!(recipe["output"]["tokenizer"]["source"], "union", "{done}");
     assert_eq!(recipe["output"]["chat_template"], "auto", "{done}");
+    // The plain `tokenizer_source: <model>`: built as mergekit builds it; the stored recipe
+    // keeps it as written.
+    let plain = std::fs::read_to_string(dir.join("recipes/plain-model.yml"))
+        .unwrap()
+        .replace("inputs/", &format!("{}/", inputs.display()));
+    let soup = tmp.path().join("plain");
+    let done = job(post(with_output(&plain, &soup)).await).await;
+    assert_eq!(done["state"], "succeeded", "{done}");
+    let failures = compare("plain-model", 0.0, &soup);
+    assert!(failures.is_empty(), "failures:\n{}", failures.join("\n"));
+    let recipe = &done["recipe"];
+    let recipe = recipe.get("recipe").unwrap_or(recipe);
+    let source = recipe["output"]["tokenizer_source"].as_str().unwrap_or("");
+    assert!(source.ends_with("/inputs/ft2/"), "{done}");
+    assert!(recipe["output"].get("tokenizer").is_none(), "{done}");
     // A tokenizer that is no JSON: the job fails naming the file, nothing is written.
     let bad = text.replace(
         &format!("{}/", inputs.display()),
@@ -400,5 +315,236 @@ fn json_tokenizer_section_and_its_mergekit_config() {
     assert_eq!(
         read_json(&tmp.path().join("soup/tokenizer.json")),
         read_json(&tmp.path().join("again/tokenizer.json"))
+    );
+}
+
+/// A copy of the stand-in `name` as `to`, without the files named in `skip`.
+fn copy_input(name: &str, to: &Path, skip: &[&str]) {
+    std::fs::create_dir_all(to).unwrap();
+    for f in std::fs::read_dir(data_dir().join("inputs").join(name)).unwrap() {
+        let f = f.unwrap().path();
+        let file = f.file_name().unwrap();
+        if !skip.iter().any(|s| file == *s) {
+            std::fs::copy(&f, to.join(file)).unwrap();
+        }
+    }
+}
+
+/// `ladle merge` of the YAML `text` as `name`.yml in `dir`, into `dir/name`.
+fn merge_yaml(dir: &Path, name: &str, text: &str) -> std::process::Output {
+    std::fs::write(dir.join(format!("{name}.yml")), text).unwrap();
+    ladle_in(dir, &["merge", &format!("{name}.yml"), name, "--quiet"])
+}
+
+fn ok(run: &std::process::Output) {
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+}
+
+/// The files of a soup folder but the recipe's own (card, recipe text, manifest).
+fn soup_files(dir: &Path) -> Vec<(String, Vec<u8>)> {
+    let mut files: Vec<(String, Vec<u8>)> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|f| f.unwrap().path())
+        .filter(|f| {
+            !matches!(
+                f.file_name().unwrap().to_str().unwrap(),
+                "README.md" | "mergekit_config.yml" | "ladle-manifest.json"
+            )
+        })
+        .map(|f| {
+            let name = f.file_name().unwrap().to_string_lossy().into_owned();
+            (name, std::fs::read(&f).unwrap())
+        })
+        .collect();
+    files.sort();
+    files
+}
+
+/// `tokenizer_source: base`, a model or a section naming only a source, where every model's
+/// tokenizer is the same and its embeddings have as many rows as tokens: the build moves
+/// nothing, so the soup is today's byte for byte (the donor's or that model's tokenizer files
+/// as they are, the plain merge), a model with an adapter folded in too; where rows would
+/// move, that model is refused by name.
+#[test]
+fn source_only_build_that_moves_nothing_is_a_copy() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    for m in ["base", "ft1", "ft2"] {
+        copy_input(m, &d.join(m), &[]);
+    }
+    // A model on the base's vocabulary with 24 rows: ft1 and ft2 built onto it.
+    let plain = std::fs::read_to_string(data_dir().join("recipes/plain-base.yml"))
+        .unwrap()
+        .replace("inputs/", "");
+    ok(&merge_yaml(d, "same", &plain));
+    // An adapter for it (q_proj of layer 0).
+    let adapter = d.join("adapter");
+    std::fs::create_dir_all(&adapter).unwrap();
+    std::fs::write(
+        adapter.join("adapter_config.json"),
+        r#"{"r": 2, "lora_alpha": 4, "target_modules": ["q_proj"], "peft_type": "LORA"}"#,
+    )
+    .unwrap();
+    let prefix = "base_model.model.model.layers.0.self_attn.q_proj";
+    let factors = [
+        bf16_tensor(&format!("{prefix}.lora_A.weight"), &[2, 48], 7),
+        bf16_tensor(&format!("{prefix}.lora_B.weight"), &[48, 2], 8),
+    ];
+    std::fs::write(
+        adapter.join("adapter_model.safetensors"),
+        safetensors_bytes(&factors),
+    )
+    .unwrap();
+    let recipe = |model: &str, extra: &str| {
+        format!(
+            "merge_method: task_arithmetic\nbase_model: base\nmodels:\n  - model: {model}\n    \
+             parameters:\n      weight: 0.5\ndtype: bfloat16\n{extra}"
+        )
+    };
+    let same_dir = d.join("same");
+    for (model, label) in [("same", "plain"), ("same+adapter", "lora")] {
+        ok(&merge_yaml(d, &format!("{label}-none"), &recipe(model, "")));
+        let today = soup_files(&d.join(format!("{label}-none")));
+        assert!(today.iter().any(|(n, _)| n == "tokenizer.json"), "{label}");
+        for (case, extra) in [
+            ("base", "tokenizer_source: base\n".to_string()),
+            ("section", "tokenizer:\n  source: base\n".to_string()),
+            (
+                "model",
+                format!("tokenizer_source: {}\n", same_dir.display()),
+            ),
+        ] {
+            let name = format!("{label}-{case}");
+            ok(&merge_yaml(d, &name, &recipe(model, &extra)));
+            let got = soup_files(&d.join(&name));
+            if case == "model" {
+                // That model's tokenizer files as they are, the same tensors and config.
+                for (file, bytes) in &got {
+                    let want = match file.as_str() {
+                        "model.safetensors" | "config.json" => today
+                            .iter()
+                            .find(|(n, _)| n == file)
+                            .map(|(_, b)| b.clone())
+                            .unwrap(),
+                        _ => std::fs::read(same_dir.join(file)).unwrap(),
+                    };
+                    assert!(*bytes == want, "{name}: {file}");
+                }
+            } else {
+                assert!(got == today, "{name}: not today's soup byte for byte");
+            }
+        }
+    }
+    // ft1's rows would move onto the base's vocabulary: its adapter is refused by name.
+    let out = merge_yaml(
+        d,
+        "moved",
+        &recipe("ft1+adapter", "tokenizer_source: base\n"),
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("[invalid_recipe]")
+            && err.contains("tokenizer_source:")
+            && err.contains("/ft1"),
+        "{err}"
+    );
+    assert!(!d.join("moved/model.safetensors").exists());
+}
+
+/// Where the plain option's build cannot go: a model with `tokenizer.model` and no
+/// `tokenizer.json` (`invalid_tokenizer`, naming the file), a base without any tokenizer
+/// (`invalid_recipe`, naming `tokenizer_source`; mergekit fails there too), both before
+/// anything is written; a model without any tokenizer has the base's vocabulary, as in
+/// mergekit (here the soup is mergekit's `plain-base`: ft2 has the base's ids).
+#[test]
+fn where_the_plain_build_cannot_go() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    for m in ["base", "ft1", "ft2"] {
+        copy_input(m, &d.join(m), &[]);
+    }
+    let tok = ["tokenizer.json", "tokenizer_config.json"];
+    copy_input("ft1", &d.join("ft1-spm"), &["tokenizer.json"]);
+    std::fs::write(d.join("ft1-spm/tokenizer.model"), b"\x0a\x05\x0a\x01a").unwrap();
+    copy_input("ft2", &d.join("ft2-bare"), &tok);
+    copy_input("base", &d.join("base-bare"), &tok);
+    let plain = std::fs::read_to_string(data_dir().join("recipes/plain-base.yml"))
+        .unwrap()
+        .replace("inputs/", "");
+    let out = merge_yaml(d, "spm", &plain.replace("model: ft1", "model: ft1-spm"));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("[invalid_tokenizer]") && err.contains("ft1-spm/tokenizer.json"),
+        "{err}"
+    );
+    assert!(!d.join("spm/model.safetensors").exists());
+    let out = merge_yaml(
+        d,
+        "no-base",
+        &plain.replace("base_model: base", "base_model: base-bare"),
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("[invalid_recipe]")
+            && err.contains("tokenizer_source: base")
+            && err.contains("holds no tokenizer"),
+        "{err}"
+    );
+    assert!(!d.join("no-base/model.safetensors").exists());
+    ok(&merge_yaml(
+        d,
+        "bare",
+        &plain.replace("model: ft2", "model: ft2-bare"),
+    ));
+    let failures = compare("plain-base", 0.0, &d.join("bare"));
+    assert!(failures.is_empty(), "failures:\n{}", failures.join("\n"));
+}
+
+/// `"tokenizer_source": "base"` in a JSON recipe: the keyword (not a path), built as
+/// mergekit's `plain-base`; kept as written in the stored recipe and `mergekit_config.yml`,
+/// which gives the same soup back.
+#[test]
+fn json_tokenizer_source_base() {
+    let tmp = tempfile::tempdir().unwrap();
+    for m in ["base", "ft1", "ft2"] {
+        copy_input(m, &tmp.path().join("inputs").join(m), &[]);
+    }
+    std::fs::write(
+        tmp.path().join("r.json"),
+        r#"{"method": "task_arithmetic", "base_model": "inputs/base",
+            "models": [{"uri": "inputs/ft1", "weight": 0.5}, {"uri": "inputs/ft2", "weight": 0.7}],
+            "input_dtype": "bfloat16", "parameters": {"compute_dtype": "bfloat16"},
+            "tokenizer_source": "base",
+            "output": {"uri": "file:///placeholder/", "dtype": "bfloat16"}}"#,
+    )
+    .unwrap();
+    ok(&ladle_in(
+        tmp.path(),
+        &["merge", "r.json", "soup", "--quiet"],
+    ));
+    let soup = tmp.path().join("soup");
+    let failures = compare("plain-base", 0.0, &soup);
+    assert!(failures.is_empty(), "failures:\n{}", failures.join("\n"));
+    let manifest = read_json(&soup.join("ladle-manifest.json"));
+    assert_eq!(
+        manifest["recipe"]["output"]["tokenizer_source"], "base",
+        "{manifest}"
+    );
+    let text = std::fs::read_to_string(soup.join("mergekit_config.yml")).unwrap();
+    assert!(text.contains("\ntokenizer_source: base\n"), "{text}");
+    ok(&ladle_in(
+        tmp.path(),
+        &["merge", "soup/mergekit_config.yml", "again", "--quiet"],
+    ));
+    assert_eq!(
+        tensor_digests(&soup),
+        tensor_digests(&tmp.path().join("again"))
     );
 }

@@ -1,6 +1,10 @@
-//! A tokenizer built for the soup (`output.tokenizer`: mergekit's `tokenizer_source: union` and
-//! `tokenizer` section) and every model's embedding rows permuted onto its vocabulary before
-//! the merge, as mergekit 0.1.5's `PermutedVocabulary` (`mergekit/tokenizer/embed.py`).
+//! A tokenizer built for the soup (mergekit's `tokenizer_source`, `base`, `union` or a model,
+//! and its `tokenizer` section: [`TokenizerBuild`]) and every model's embedding rows permuted
+//! onto its vocabulary before the merge, as mergekit 0.1.5's `PermutedVocabulary`
+//! (`mergekit/tokenizer/embed.py`). A build naming only a source (`base` or a model) that
+//! moves no row (every model has each token at its own id and as many rows as tokens; the
+//! base loses no token at its `vocab_size`) attaches nothing: the merge is the plain one and
+//! the source's tokenizer files are copied as they are.
 //!
 //! [`attach`] (at plan time, before the tensors are checked against each other) reads each
 //! model's `tokenizer.json` and `config.json` ([`super::vocab`]: union, stripping, the
@@ -19,8 +23,10 @@
 //!
 //! The permuted rows have the models' promoted dtype (after `input_dtype`'s cast on load), as
 //! mergekit's. Refused, naming the file or the field, before anything is written: a tokenizer
-//! that cannot be read (`invalid_tokenizer`), a model with an adapter folded in, a token
-//! source that is not one of the recipe's models or lacks the token.
+//! that cannot be read, or only a `tokenizer.model` (`invalid_tokenizer`), a model with an
+//! adapter folded in whose rows would move, a token source that is not one of the recipe's
+//! models or lacks the token. A model with no tokenizer files has the base's (mergekit's
+//! `build_tokenizer`: "Assuming same as" the base).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, OnceLock};
@@ -35,7 +41,7 @@ use crate::checkpoint::permuted::{DefaultRow, Permuted, RowModel, RowSource, Row
 use crate::checkpoint::{Checkpoint, TensorLoc};
 use crate::merge::DType;
 use crate::recipe::Recipe;
-use crate::recipe::tokenizer::{EmbedSource, TokenSpec, VocabSource};
+use crate::recipe::tokenizer::{EmbedSource, TokenSpec, TokenizerBuild, VocabSource};
 use crate::storage::{Location, Storage};
 
 pub const TOKENIZER_JSON: &str = "tokenizer.json";
@@ -140,7 +146,9 @@ async fn model_tokenizer(
                         file,
                         reason: format!(
                             "missing: building a tokenizer needs each model's tokenizer.json \
-                             (the folder has {other} only)"
+                             (the folder has {other} only; transformers' save_pretrained of \
+                             its fast tokenizer writes one; without tokenizer_source and a \
+                             tokenizer section the donor's files are copied)"
                         ),
                     }));
                 }
@@ -165,27 +173,35 @@ fn promote(a: DType, b: DType) -> DType {
 }
 
 /// Build the soup's tokenizer and attach every model's permutation (`inputs`: base first
-/// when the recipe has one). `None` when the recipe builds no tokenizer.
+/// when the recipe has one). `None` when the recipe builds no tokenizer, or when a
+/// source-only build ([`TokenizerBuild::source_only`]) would move no row.
 pub(super) async fn attach(
     storage: &Storage,
     recipe: &Recipe,
     inputs: &mut [(Location, Checkpoint)],
     chunk_elems: usize,
 ) -> Result<Option<Built>, EngineError> {
-    let Some(spec) = &recipe.output.tokenizer else {
+    let Some(build) = TokenizerBuild::of(&recipe.output) else {
         return Ok(None);
     };
-    if let Some(i) = inputs.iter().position(|(_, c)| c.lora.is_some()) {
-        return Err(EngineError::InvalidRecipe(format!(
-            "tokenizer: a model with a LoRA adapter folded in ({}) cannot have its embedding \
-             rows permuted onto a built tokenizer; fold it first",
+    let (spec, field) = (&build.spec, build.field);
+    // A model with an adapter folded in: refused where its rows would move (a source-only
+    // build that changes nothing needs no permutation, checked below).
+    let lora = inputs.iter().position(|(_, c)| c.lora.is_some()).map(|i| {
+        format!(
+            "{field}: a model with a LoRA adapter folded in ({}) cannot have its embedding \
+             rows permuted onto a built tokenizer; fold it first (passthrough of the model \
+             with its adapter), or leave {field} out to copy the donor's tokenizer",
             inputs[i].0.url
-        )));
+        )
+    });
+    if let Some(e) = lora.clone().filter(|_| !build.source_only()) {
+        return Err(EngineError::InvalidRecipe(e));
     }
     let (donor_loc, donor_ckpt) = &inputs[0];
     let donor = folder_of(donor_loc, donor_ckpt).ok_or_else(|| {
         EngineError::InvalidRecipe(format!(
-            "tokenizer: the base model {} is a single file, with no tokenizer to build on",
+            "{field}: the base model {} is a single file, with no tokenizer to build on",
             donor_loc.url
         ))
     })?;
@@ -229,7 +245,10 @@ pub(super) async fn attach(
                 (None, _) => {
                     return Err(invalid_tokenizer(TokenizerError {
                         file: format!("{}/{TOKENIZER_JSON}", loc.url.trim_end_matches('/')),
-                        reason: "missing: tokenizer.source names a model without one".into(),
+                        reason: format!(
+                            "missing: {} names a model without one",
+                            build.source_field()
+                        ),
                     }));
                 }
             }
@@ -265,6 +284,15 @@ pub(super) async fn attach(
         .map(|(v, (_, size))| vocab::permutation(&tokens, v, *size))
         .collect();
     let n_tokens = tokens.len() as u64;
+    // A source-only build that moves no row (each model has every token at its own id, as
+    // many rows as tokens, nothing stripped): the merge and the tokenizer stay as they are,
+    // and the source's files are copied (`side_files::tokenizer_source`).
+    if build.source_only() && removed.is_empty() && new.is_empty() && unmoved(&perms, inputs) {
+        return Ok(None);
+    }
+    if let Some(e) = lora {
+        return Err(EngineError::InvalidRecipe(e));
+    }
     let rows = match spec.pad_to_multiple_of {
         Some(m) if !n_tokens.is_multiple_of(m) => n_tokens.div_ceil(m) * m,
         _ => n_tokens,
@@ -435,6 +463,18 @@ pub(super) async fn attach(
         new,
         vocab_size: rows,
     }))
+}
+
+/// Whether every permutation is the identity over every model's embedding rows.
+fn unmoved(perms: &[Vec<Option<u64>>], inputs: &[(Location, Checkpoint)]) -> bool {
+    perms.iter().zip(inputs).all(|(p, (_, ckpt))| {
+        p.iter().enumerate().all(|(j, id)| *id == Some(j as u64))
+            && ckpt
+                .tensors
+                .iter()
+                .filter(|(n, t)| is_embedding(n, &t.shape))
+                .all(|(_, t)| t.shape[0] == p.len() as u64)
+    })
 }
 
 fn empty_vocab() -> Vocab {

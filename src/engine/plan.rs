@@ -138,10 +138,15 @@ impl Engine {
         let mut inputs = self.open_inputs(uris).await?;
         // Adapters folded into models: checked against them before anything is written.
         fold::attach_all(&self.storage, recipe, &mut inputs).await?;
+        // A source-only tokenizer build's source holds a tokenizer (its files are copied when
+        // the build changes nothing).
+        let tokenizer =
+            side_files::tokenizer_source(&self.storage, recipe, donor(&inputs).as_ref()).await?;
         // A tokenizer built for the soup: the embedding rows permuted onto it (read through the
         // checkpoints from now on), before the tensors are checked against each other.
         let built =
             permute::attach(&self.storage, recipe, &mut inputs, self.config.chunk_elems).await?;
+        let tokenizer = if built.is_some() { None } else { tokenizer };
         let mut parts = Vec::new();
         let (ops, num_hidden_layers) = if recipe.method.about().slices {
             slices::plan(recipe, &inputs)?
@@ -238,7 +243,6 @@ impl Engine {
             &BTreeMap::new(),
         )
         .map_err(|e| EngineError::Internal(format!("planning output shards: {e}")))?;
-        let tokenizer = side_files::tokenizer_source(&self.storage, recipe).await?;
         // `chat_template: auto`: the most common template among the inputs.
         let chat_template = side_files::chat_template(recipe, &inputs).await?;
         let side = side_files::SideInfo {

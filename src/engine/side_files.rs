@@ -6,9 +6,10 @@
 //!   `num_hidden_layers` the depth of a slice stack;
 //! - the donor's tokenizer and generation files ([`TOKENIZER_FILES`], the list mergekit's
 //!   `_copy_tokenizer` copies, plus the processor files its architectures carry along) byte for
-//!   byte, unless `output.copy_tokenizer` is false; with `tokenizer_source` those of that
-//!   model instead, always (mergekit writes the tokenizer a recipe names whatever
-//!   `--copy-tokenizer` says);
+//!   byte, unless `output.copy_tokenizer` is false; a built tokenizer's files
+//!   ([`super::permute`]), or, when a source-only build (`tokenizer_source: base` or a model)
+//!   leaves every model's rows where they are, that source's files as they are, always
+//!   (mergekit writes the tokenizer a recipe names whatever `--copy-tokenizer` says);
 //! - with `chat_template`, that template as `chat_template.jinja` (where transformers 5's
 //!   `save_pretrained`, which mergekit calls, writes it), the tokenizer's own template left
 //!   out (`chat_template.jinja`, `chat_template.json`, the `chat_template` key of
@@ -25,6 +26,7 @@ use super::output::{copy_side_files, put_small};
 use super::{EngineError, OutputFile, model_card};
 use crate::merge::DType;
 use crate::recipe::Recipe;
+use crate::recipe::tokenizer::{TokenizerBuild, VocabSource};
 use crate::storage::{Location, Storage};
 
 /// The donor's files copied byte for byte (mergekit's list, in its order, then the tag-along
@@ -57,7 +59,8 @@ pub(super) struct SideInfo {
     pub dtype: Option<DType>,
     /// The depth of a slice stack.
     pub num_hidden_layers: Option<u64>,
-    /// The folder the tokenizer files come from instead of the donor (`tokenizer_source`).
+    /// The folder the tokenizer files come from instead of the donor (a source-only build
+    /// that changes nothing: [`tokenizer_source`]).
     pub tokenizer: Option<Location>,
     /// The chat template written (`chat_template`, with `auto` resolved; `None`: the
     /// tokenizer keeps its own).
@@ -74,16 +77,32 @@ const TOKENIZER_MARKERS: [&str; 3] = ["tokenizer_config.json", "tokenizer.json",
 /// transformers 5's `save_pretrained`, writes a recipe's `chat_template` into).
 pub const CHAT_TEMPLATE_NAME: &str = "chat_template.jinja";
 
-/// The recipe's `tokenizer_source` resolved, checked to hold a tokenizer (before anything is
-/// merged).
+/// The folder whose tokenizer files are copied as they are when a source-only build changes
+/// nothing ([`TokenizerBuild::source_only`]: `tokenizer_source: base` or a model, or a section
+/// naming only that): the donor's for `base`, else that model's, resolved and checked to hold
+/// a tokenizer before anything is merged (mergekit fails on a source without one, the base
+/// included). `None` for every other recipe.
 pub(super) async fn tokenizer_source(
     storage: &Storage,
     recipe: &Recipe,
+    donor: Option<&Location>,
 ) -> Result<Option<Location>, EngineError> {
-    let Some(uri) = &recipe.output.tokenizer_source else {
+    let Some(build) = TokenizerBuild::of(&recipe.output).filter(TokenizerBuild::source_only) else {
         return Ok(None);
     };
-    let folder = storage.resolve(uri)?;
+    let field = build.source_field();
+    let (folder, named) = match &build.spec.source {
+        VocabSource::Model(uri) => (storage.resolve(uri)?, uri.clone()),
+        _ => match donor {
+            Some(d) => (d.clone(), format!("base (the base model, {})", d.url)),
+            None => {
+                return Err(EngineError::InvalidRecipe(format!(
+                    "{field}: base: the base model is a single file, with no tokenizer to \
+                     build on (mergekit fails too); leave {field} out to merge without one"
+                )));
+            }
+        },
+    };
     for name in TOKENIZER_MARKERS {
         match folder.store.head(&folder.path.clone().join(name)).await {
             Ok(_) => return Ok(Some(folder)),
@@ -94,7 +113,7 @@ pub(super) async fn tokenizer_source(
         }
     }
     Err(EngineError::InvalidRecipe(format!(
-        "tokenizer_source: {uri} holds no tokenizer (none of {})",
+        "{field}: {named} holds no tokenizer (none of {}; mergekit fails too)",
         TOKENIZER_MARKERS.join(", ")
     )))
 }

@@ -97,8 +97,11 @@ pub struct MergeRequest {
     /// tensors are copied unchanged.
     #[serde(default)]
     pub input_dtype: Option<String>,
-    /// The model (a URL, or a hub id) whose tokenizer files the soup gets instead of the
-    /// donor's: mergekit YAML's `tokenizer_source: <model>`. Written even with
+    /// The soup's tokenizer, built as mergekit builds it (mergekit YAML's `tokenizer_source`):
+    /// `base` (the base model's, without its tokens at or beyond its `vocab_size`), `union`
+    /// (the base's and every model's tokens), or a model (a URL, or a hub id: its tokenizer),
+    /// every model's embedding rows permuted onto that vocabulary. When they already sit on
+    /// it, the source's tokenizer files are copied as they are. Written even with
     /// `output.copy_tokenizer: false`, as mergekit writes the tokenizer a recipe names.
     #[serde(default)]
     pub tokenizer_source: Option<String>,
@@ -254,7 +257,11 @@ impl MergeRequest {
             .iter_mut()
             .flat_map(|m| std::iter::once(&mut m.uri).chain(m.lora.iter_mut()))
             .chain(self.base_model.iter_mut())
-            .chain(self.tokenizer_source.iter_mut())
+            .chain(
+                self.tokenizer_source
+                    .iter_mut()
+                    .filter(|s| !matches!(s.as_str(), "base" | "union")),
+            )
             .chain(self.tokenizer.iter_mut().flat_map(tokenizer_uris))
             .chain(self.trajectory.iter_mut().map(|t| &mut t.uri))
             .chain(self.slices.iter_mut().flat_map(|s| {

@@ -502,3 +502,68 @@ fn merged_slices_validate_per_slice() {
     let back: Recipe = serde_json::from_str(&json).unwrap();
     assert_eq!(back, s.recipe);
 }
+
+#[test]
+fn tokenizer_source_kept_as_written_and_built() {
+    use super::tokenizer::{TokenizerBuild, VocabSource};
+    let with = |extra: serde_json::Value| {
+        let mut v = serde_json::json!({"method": "linear",
+            "models": [{"uri": "file:///d/a"}, {"uri": "file:///d/b"}],
+            "output": {"uri": "file:///d/out/"}});
+        v.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        parse(v)
+    };
+    // `base`: the keyword, kept as written, built from the base's tokenizer.
+    let s = with(serde_json::json!({"tokenizer_source": "base"})).unwrap();
+    assert_eq!(s.recipe.output.tokenizer_source.as_deref(), Some("base"));
+    assert_eq!(s.recipe.output.tokenizer, None);
+    let b = TokenizerBuild::of(&s.recipe.output).unwrap();
+    assert_eq!(
+        (b.spec.source.clone(), b.field, b.source_only()),
+        (VocabSource::Base, "tokenizer_source", true)
+    );
+    // A model: kept as written, built from its tokenizer.
+    let s = with(serde_json::json!({"tokenizer_source": "file:///d/t/"})).unwrap();
+    let b = TokenizerBuild::of(&s.recipe.output).unwrap();
+    assert_eq!(b.spec.source, VocabSource::Model("file:///d/t/".into()));
+    assert_eq!(b.source_field(), "tokenizer_source");
+    // `union`: the section's `source: union`, as a YAML recipe reads it.
+    let s = with(serde_json::json!({"tokenizer_source": "union"})).unwrap();
+    assert_eq!(s.recipe.output.tokenizer_source, None);
+    let b = TokenizerBuild::of(&s.recipe.output).unwrap();
+    assert_eq!((b.spec.source, b.field), (VocabSource::Union, "tokenizer"));
+    assert!(!TokenizerBuild::of(&s.recipe.output).unwrap().source_only());
+    // A section naming only a source is that section (no longer turned into a copy).
+    let s = with(serde_json::json!({"tokenizer": {"source": "base"}})).unwrap();
+    let b = TokenizerBuild::of(&s.recipe.output).unwrap();
+    assert_eq!(
+        (b.field, b.source_field()),
+        ("tokenizer", "tokenizer.source")
+    );
+    assert!(b.source_only());
+    let s = with(serde_json::json!({"tokenizer": {"source": "base", "pad_to_multiple_of": 8}}))
+        .unwrap();
+    assert!(!TokenizerBuild::of(&s.recipe.output).unwrap().source_only());
+    // None: the donor's files.
+    let s = with(serde_json::json!({})).unwrap();
+    assert_eq!(TokenizerBuild::of(&s.recipe.output), None);
+    for (bad, want) in [
+        (
+            serde_json::json!({"tokenizer_source": " "}),
+            "tokenizer_source",
+        ),
+        (
+            serde_json::json!({"tokenizer_source": "base", "tokenizer": {"source": "base"}}),
+            "tokenizer",
+        ),
+        (
+            // The output is no tokenizer source (refused naming the output, as any input).
+            serde_json::json!({"tokenizer_source": "file:///d/out/"}),
+            "output.uri",
+        ),
+    ] {
+        assert_eq!(field(with(bad.clone()).unwrap_err()), want, "{bad}");
+    }
+}

@@ -1,7 +1,7 @@
-//! The tokenizer options of a recipe, as mergekit 0.1.5 reads them: `tokenizer_source` (whose
-//! tokenizer files the soup gets), the `tokenizer` section (a tokenizer built for the soup:
-//! [`TokenizerSpec`]) and `chat_template` (the template it gets instead of the tokenizer's
-//! own).
+//! The tokenizer options of a recipe, as mergekit 0.1.5 reads them: `tokenizer_source` and
+//! the `tokenizer` section (a tokenizer built for the soup: [`TokenizerSpec`], and what a
+//! recipe builds: [`TokenizerBuild`]) and `chat_template` (the template it gets instead of the
+//! tokenizer's own).
 //!
 //! `chat_template` is one of mergekit's built-in names (`alpaca`, `chatml`, `exaone`,
 //! `llama3`, `mistral`; ladle's own renderings of those formats, `assets/chat_templates/`, whose
@@ -11,9 +11,10 @@
 //! characters holding a `{` is a template; anything else is refused. `auto` is kept as
 //! [`AUTO`]: the engine picks the most common template among the inputs, as mergekit does.
 //!
-//! A built tokenizer ([`TokenizerSpec`]: mergekit's `tokenizer_source: union`, or its
-//! `tokenizer:` section with `source`, `tokens`, `pad_to_multiple_of`) is validated here for
-//! its shape only; the engine reads the models' tokenizers (`engine::vocab`).
+//! A built tokenizer ([`TokenizerSpec`]: mergekit's `tokenizer_source` (`base`, `union` or a
+//! model), or its `tokenizer:` section with `source`, `tokens`, `pad_to_multiple_of`) is
+//! validated here for its shape only; the engine reads the models' tokenizers
+//! (`engine::vocab`).
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -81,6 +82,66 @@ pub fn chat_template(written: &str) -> Result<String, RecipeError> {
         )));
     }
     Ok(written.to_string())
+}
+
+/// `tokenizer_source: base` (YAML and JSON), kept as written in the stored recipe: the base
+/// model's tokenizer, built ([`TokenizerBuild`]). Never a model's name.
+pub const BASE: &str = "base";
+/// `tokenizer_source: union`: the section's `source: union` with nothing else.
+pub const UNION: &str = "union";
+
+/// The tokenizer a recipe builds for the soup and the field that asks for it, as mergekit
+/// 0.1.5's planner reads them (`MergePlanner.__init__`, `mergekit/plan.py`): the `tokenizer`
+/// section, else a plain `tokenizer_source` (`base` or a model), which is mergekit's
+/// `BuildTokenizer` with that source and nothing else: its vocabulary (the base's stripped at
+/// its `vocab_size`, or the model's as it is) and every model's embedding rows permuted onto
+/// it, exactly as the section.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenizerBuild {
+    pub spec: TokenizerSpec,
+    /// `tokenizer_source` or `tokenizer`: the field refusals name.
+    pub field: &'static str,
+}
+
+impl TokenizerBuild {
+    /// What `output` builds (`None`: the donor's files, copied).
+    pub fn of(output: &super::Output) -> Option<TokenizerBuild> {
+        if let Some(spec) = &output.tokenizer {
+            return Some(TokenizerBuild {
+                spec: spec.clone(),
+                field: "tokenizer",
+            });
+        }
+        let source = match output.tokenizer_source.as_deref()? {
+            BASE => VocabSource::Base,
+            uri => VocabSource::Model(uri.to_string()),
+        };
+        Some(TokenizerBuild {
+            spec: TokenizerSpec {
+                source,
+                tokens: Vec::new(),
+                pad_to_multiple_of: None,
+            },
+            field: "tokenizer_source",
+        })
+    }
+
+    /// Only a source, `base` or a model (no `tokens`, no `pad_to_multiple_of`): when every
+    /// model's rows already sit on that vocabulary the build changes no tensor, and the
+    /// source's tokenizer files are copied as they are (`engine::permute::attach`).
+    pub fn source_only(&self) -> bool {
+        self.spec.tokens.is_empty()
+            && self.spec.pad_to_multiple_of.is_none()
+            && self.spec.source != VocabSource::Union
+    }
+
+    /// The field naming the source: `tokenizer_source` or `tokenizer.source`.
+    pub fn source_field(&self) -> &'static str {
+        match self.field {
+            "tokenizer" => "tokenizer.source",
+            f => f,
+        }
+    }
 }
 
 /// Which vocabulary a built tokenizer starts from (mergekit's `tokenizer.source`).

@@ -161,19 +161,22 @@ impl Recipe {
     }
 }
 
-/// `tokenizer_source` (a model, not empty, apart from the output), the `tokenizer` section (a
-/// tokenizer built for the soup; its shape, [`super::tokenizer::tokenizer_section`]) and
+/// `tokenizer_source` (`base`, `union`, or a model: not empty, apart from the output), the
+/// `tokenizer` section (its shape, [`super::tokenizer::tokenizer_section`]) and
 /// `chat_template` (its text, or `auto`), for the methods that write a model folder (not the
 /// LoRA ones: an adapter has no tokenizer).
 ///
-/// A section that only names `base` or a model (no `tokens`, no `pad_to_multiple_of`) is
-/// that `tokenizer_source`; mergekit refuses `tokenizer_source` and `tokenizer` together.
+/// Each is kept as written: `tokenizer_source` as `output.tokenizer_source` (`base`, or the
+/// model), except `union`, which is the section's `source: union` with nothing else (as
+/// mergekit plans it, and as a YAML recipe's is read); the section as `output.tokenizer`.
+/// Both build the soup's tokenizer ([`super::tokenizer::TokenizerBuild`]); mergekit refuses
+/// `tokenizer_source` and `tokenizer` together.
 fn tokenizer_options(
     req: &MergeRequest,
     method: Method,
     output: &mut super::Output,
 ) -> Result<(), RecipeError> {
-    use super::tokenizer::VocabSource;
+    use super::tokenizer::{BASE, TokenizerSpec, UNION, VocabSource};
     let adapter = matches!(method.name(), "lora" | "lora_extract");
     for (field, given) in [
         ("tokenizer_source", req.tokenizer_source.is_some()),
@@ -190,45 +193,41 @@ fn tokenizer_options(
             ));
         }
     }
-    let mut source = req.tokenizer_source.clone();
     if let Some(section) = &req.tokenizer {
-        if source.is_some() {
+        if req.tokenizer_source.is_some() {
             return Err(RecipeError::invalid(
                 "tokenizer",
                 "give tokenizer_source or a tokenizer section, not both (as mergekit)",
             ));
         }
-        let spec = super::tokenizer::tokenizer_section(section)?;
-        match &spec.source {
-            VocabSource::Base if spec.tokens.is_empty() && spec.pad_to_multiple_of.is_none() => {}
-            VocabSource::Model(m)
-                if spec.tokens.is_empty() && spec.pad_to_multiple_of.is_none() =>
-            {
-                source = Some(m.clone());
-            }
-            _ => {
-                let mut spec = spec;
-                let named: Vec<(String, &str)> = spec
-                    .uris_mut()
-                    .map(|u| ("tokenizer".to_string(), u.as_str()))
-                    .collect();
-                check_apart(&output.uri, named)?;
-                output.tokenizer = Some(spec);
-            }
-        }
+        let mut spec = super::tokenizer::tokenizer_section(section)?;
+        let named: Vec<(String, &str)> = spec
+            .uris_mut()
+            .map(|u| ("tokenizer".to_string(), u.as_str()))
+            .collect();
+        check_apart(&output.uri, named)?;
+        output.tokenizer = Some(spec);
     }
-    if let Some(source) = &source {
-        if source.trim().is_empty() {
+    match req.tokenizer_source.as_deref() {
+        None => {}
+        Some(UNION) => {
+            output.tokenizer = Some(TokenizerSpec {
+                source: VocabSource::Union,
+                tokens: Vec::new(),
+                pad_to_multiple_of: None,
+            })
+        }
+        Some(BASE) => output.tokenizer_source = Some(BASE.to_string()),
+        Some(source) if source.trim().is_empty() => {
             return Err(RecipeError::invalid(
                 "tokenizer_source",
-                "must not be empty (a model's URL or hub id)",
+                "must not be empty (`base`, `union`, or a model's URL or hub id)",
             ));
         }
-        check_apart(
-            &output.uri,
-            [("tokenizer_source".to_string(), source.as_str())],
-        )?;
-        output.tokenizer_source = Some(source.clone());
+        Some(source) => {
+            check_apart(&output.uri, [("tokenizer_source".to_string(), source)])?;
+            output.tokenizer_source = Some(source.to_string());
+        }
     }
     output.chat_template = req
         .chat_template

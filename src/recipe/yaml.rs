@@ -298,8 +298,13 @@ pub fn to_request(doc: &Value, base_dir: Option<&Path>) -> Result<Value, RecipeE
             "dtype" => dtype = Some(dtype_name(value, "dtype")?),
             "out_dtype" => out_dtype = Some(dtype_name(value, "out_dtype")?),
             "tokenizer_source" => match value.as_str() {
-                // The donor's files (the base model, else the first model): the default.
-                Some("base") => {}
+                // The base model's tokenizer, built (as mergekit plans it): kept as written.
+                Some(super::tokenizer::BASE) => {
+                    req.insert(
+                        "tokenizer_source".into(),
+                        Value::String(super::tokenizer::BASE.into()),
+                    );
+                }
                 // A tokenizer with every model's tokens, built for the soup: the section's
                 // `source: union` with nothing else (as mergekit plans it).
                 Some("union") => {
@@ -310,7 +315,7 @@ pub fn to_request(doc: &Value, base_dir: Option<&Path>) -> Result<Value, RecipeE
                     )?;
                 }
                 // A model (mergekit: a path or hub id; `model:<path>` spelled out too): its
-                // tokenizer files instead of the donor's.
+                // tokenizer, built.
                 Some(s) => {
                     let model = Value::String(s.strip_prefix("model:").unwrap_or(s).to_string());
                     req.insert(
@@ -414,6 +419,8 @@ mod tests {
         assert_eq!(v["parameters"]["compute_dtype"], "float32");
         assert_eq!(v["output"]["dtype"], "bfloat16");
         assert_eq!(v["models"][0]["parameters"]["density"][1], 0.7);
+        // `tokenizer_source: base` is kept (a build from the base's tokenizer), never a path.
+        assert_eq!(v["tokenizer_source"], "base");
         let e = |t: &str| match to_request(&parse(t).unwrap(), Some(dir.path())) {
             Err(RecipeError::Invalid { field, .. }) => field,
             other => panic!("{other:?}"),

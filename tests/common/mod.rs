@@ -391,9 +391,21 @@ pub async fn wait_job(
 }
 
 pub mod compare;
+pub mod mergekit_tokenizer;
 /// The real `ladle` binary as child processes, throw-away Postgres databases, a chaos proxy.
 pub mod procs;
 pub mod soup;
+
+/// A stand-in `tokenizer.json`: a WordLevel vocabulary of `rows` tokens (`t0`, `t1`, …, as
+/// many as the stand-ins' embedding rows, so a build naming only a source moves nothing and
+/// copies the files as they are), `"v": v` telling the files apart byte for byte.
+pub fn stand_in_tokenizer(v: u64, rows: usize) -> String {
+    let vocab: Vec<String> = (0..rows).map(|i| format!(r#""t{i}": {i}"#)).collect();
+    format!(
+        r#"{{"v": {v}, "model": {{"type": "WordLevel", "vocab": {{{}}}}}}}"#,
+        vocab.join(", ")
+    )
+}
 
 /// A local path as a `file://` URL.
 pub fn file_url(p: &Path) -> String {

@@ -59,9 +59,12 @@ class MergeRequest:
             {"source": <model> | {"kind": "zero"} | {"kind": "model_token", "model": …, "token" |
             "token_id": …}, "force": bool}}, "pad_to_multiple_of": n}`; `tokens` may be a list of
             `{"token": …, …}` entries to keep their order (the ids of new tokens follow it).
-        tokenizer_source (None | str | Unset): The model (a URL, or a hub id) whose tokenizer files the soup gets
-            instead of the
-            donor's: mergekit YAML's `tokenizer_source: <model>`. Written even with
+        tokenizer_source (None | str | Unset): The soup's tokenizer, built as mergekit builds it (mergekit YAML's
+            `tokenizer_source`):
+            `base` (the base model's, without its tokens at or beyond its `vocab_size`), `union`
+            (the base's and every model's tokens), or a model (a URL, or a hub id: its tokenizer),
+            every model's embedding rows permuted onto that vocabulary. When they already sit on
+            it, the source's tokenizer files are copied as they are. Written even with
             `output.copy_tokenizer: false`, as mergekit writes the tokenizer a recipe names.
         trajectory (None | TrajectorySpec | Unset):
     """
