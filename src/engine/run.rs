@@ -99,6 +99,8 @@ impl Engine {
         let result = async {
             sink.write(Bytes::from(shard.header.clone())).await?;
             let chunks = self.chunks_of(plan, shard)?;
+            let _ahead =
+                tensor_prepass::Ahead::start(plan.clone(), ahead_tensors(&chunks), ctl.clone());
             let per_chunk_max = chunks.iter().map(|c| c.bytes_in_flight).max().unwrap_or(1);
             let depth = (self.config.inflight_bytes / per_chunk_max.max(1)).clamp(1, 8) as usize;
             // Output buffers of streamed chunks are reused: those in flight here, plus those
@@ -134,6 +136,9 @@ impl Engine {
                 sink.write(bytes).await?;
                 crate::metrics::chunk_merged();
                 if chunk.last_of_tensor {
+                    if let Some(slot) = &chunk.stream {
+                        slot.written();
+                    }
                     ctl.progress.tensors_done.fetch_add(1, Ordering::Relaxed);
                 }
             }
@@ -223,6 +228,24 @@ impl Engine {
         }
         Ok(chunks)
     }
+}
+
+/// The streamed tensors of `chunks`, in order (their pre-passes can run ahead).
+fn ahead_tensors(chunks: &[Chunk]) -> Vec<tensor_prepass::AheadTensor> {
+    let mut tensors: Vec<tensor_prepass::AheadTensor> = Vec::new();
+    for c in chunks {
+        let Some(slot) = &c.stream else { continue };
+        if tensors.last().is_some_and(|t| Arc::ptr_eq(&t.slot, slot)) {
+            continue;
+        }
+        tensors.push(tensor_prepass::AheadTensor {
+            slot: slot.clone(),
+            op: c.op.clone(),
+            tensor: c.tensor.clone(),
+            shape: c.shape.clone(),
+        });
+    }
+    tensors
 }
 
 /// One unit of streaming work: a range of elements of one output tensor.
