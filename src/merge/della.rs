@@ -85,6 +85,7 @@ pub fn della(
 
 /// [`della`] on whole rows starting at element `first` of a tensor (a multiple of the row
 /// length); a shorter last row gets its own table.
+#[inline]
 pub fn della_at(delta: &mut [f32], first: u64, keep: &DellaKeep, rng: &KeyedRng) {
     let (len, thresholds) = match keep {
         DellaKeep::All => return,
@@ -98,6 +99,7 @@ pub fn della_at(delta: &mut [f32], first: u64, keep: &DellaKeep, rng: &KeyedRng)
     };
     let mut ranker = Ranker::default();
     let mut masks = vec![0u32; len];
+    let mut draws = vec![0u64; len];
     for (r, row) in delta.chunks_mut(len).enumerate() {
         let d = row.len();
         let short;
@@ -122,9 +124,17 @@ pub fn della_at(delta: &mut [f32], first: u64, keep: &DellaKeep, rng: &KeyedRng)
         // in place (only where an element is dropped) compiles to a branch that mispredicts
         // about every other element.
         let masks = &mut masks[..d];
+        // The draws in index order first (vectorized, with AVX-512 DQ where the CPU has it),
+        // then compared in rank order.
+        let draws = &mut draws[..d];
+        crate::merge::simd::run_wide(|| {
+            for (j, u) in draws.iter_mut().enumerate() {
+                *u = rng.bits(e0 + j as u64);
+            }
+        });
         for (&j, t) in ranker.order(row).iter().zip(table) {
             let j = j as usize;
-            masks[j] = u32::from(rng.bits(e0 + j as u64) < *t).wrapping_neg();
+            masks[j] = u32::from(draws[j] < *t).wrapping_neg();
         }
         for (x, m) in row.iter_mut().zip(masks.iter()) {
             *x = f32::from_bits(x.to_bits() & m);

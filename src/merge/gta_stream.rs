@@ -258,6 +258,7 @@ impl GtaStream {
 impl Shared {
     /// Sparsify `d` (elements `first..` of the tensor) as the whole-tensor kernel would;
     /// `seen` are the ties counted before `first` for the model's cut-offs.
+    #[inline]
     fn apply(&self, m: &Model, first: u64, d: &mut [f32], seen: &mut [u64; 2]) -> bool {
         let p = self.cfg.precision;
         let ms = &m.params;

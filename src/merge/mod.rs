@@ -46,6 +46,7 @@ pub mod ram;
 pub mod rng;
 pub mod sce;
 pub mod select;
+pub mod simd;
 pub mod slerp;
 pub mod sparsification;
 pub mod spherical;

@@ -34,6 +34,7 @@ pub fn histogram() -> Vec<u64> {
 }
 
 /// Pass 1: count the high 16 bits of every `key(x)`.
+#[inline]
 pub fn accumulate_high(counts: &mut [u64], xs: &[f32]) {
     for &x in xs {
         counts[(key(x) >> 16) as usize] += 1;

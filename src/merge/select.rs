@@ -61,6 +61,7 @@ impl Top {
     /// as calling `holds` element by element, but the running tie count matters only in a
     /// block where the `drop`-th tie falls: before it every tie is out, after it every tie is
     /// in, so other blocks are decided by one comparison per element (vectorizable).
+    #[inline]
     pub fn mask_block(&self, xs: &[f32], seen: &mut u64, out: &mut [u32]) {
         let out = &mut out[..xs.len()];
         let mask = |b: bool| u32::from(b).wrapping_neg();
