@@ -121,7 +121,10 @@ where
             let blen = out_block.len() / osz;
             let blocks = decode_span(inputs, start, blen, ins, width)?;
             let o = &mut outs[..blen];
-            crate::merge::simd::run(|| f(&mut state, start, &blocks, o));
+            crate::merge::simd::run(
+                #[inline(always)]
+                || f(&mut state, start, &blocks, o),
+            );
             encode_from_f32(out_dtype, o, out_block)?;
         }
         Ok(())
@@ -172,7 +175,10 @@ where
     while start < n {
         let len = span.min(n - start);
         let blocks = decode_span(inputs, start, len, &mut scratch, width)?;
-        crate::merge::simd::run(|| f(start, &blocks));
+        crate::merge::simd::run(
+            #[inline(always)]
+            || f(start, &blocks),
+        );
         start += len;
     }
     Ok(())
@@ -214,7 +220,10 @@ where
             let start = first + b * BLOCK_ELEMS;
             let blen = out_block.len() / k;
             let blocks = decode_span(inputs, start, blen, &mut scratch, width)?;
-            crate::merge::simd::run(|| f(&mut state, start, &blocks, out_block));
+            crate::merge::simd::run(
+                #[inline(always)]
+                || f(&mut state, start, &blocks, out_block),
+            );
         }
         Ok(())
     };
@@ -275,7 +284,10 @@ where
         // In bounds: `validate` checked every input holds exactly `n` elements.
         let blocks = decode_span(inputs, start, len, ins, BLOCK_ELEMS)?;
         let out_f32 = &mut outs[..len];
-        crate::merge::simd::run(|| f(&blocks, out_f32));
+        crate::merge::simd::run(
+            #[inline(always)]
+            || f(&blocks, out_f32),
+        );
         encode_from_f32(out_dtype, out_f32, out_block)?;
     }
     Ok(())

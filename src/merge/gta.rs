@@ -77,23 +77,29 @@ pub fn task_vector(base: &[f32], x: &[f32], p: Precision, out: &mut [f32]) {
         }
     }
     // One loop per precision, so each is compiled (and vectorized) without the dispatch.
-    crate::merge::simd::run(|| match p {
-        Precision::F32 => with(|v| v, base, x, out),
-        Precision::BF16 => with(bf16_round, base, x, out),
-        Precision::F16 => with(|v| Precision::F16.round(v), base, x, out),
-    })
+    crate::merge::simd::run(
+        #[inline(always)]
+        || match p {
+            Precision::F32 => with(|v| v, base, x, out),
+            Precision::BF16 => with(bf16_round, base, x, out),
+            Precision::F16 => with(|v| Precision::F16.round(v), base, x, out),
+        },
+    )
 }
 
 /// Elementwise combination of (already sparsified) task vectors with the base.
 /// `weights` are the rounded weights `r(w_i)`, one per delta.
 pub fn combine(base: &[f32], deltas: &[&[f32]], weights: &[f32], cfg: &Config, out: &mut [f32]) {
-    crate::merge::simd::run(|| match cfg.precision {
-        Precision::F32 => combine_with(|v| v, base, deltas, weights, cfg, out),
-        Precision::BF16 => combine_with(bf16_round, base, deltas, weights, cfg, out),
-        Precision::F16 => {
-            combine_with(|v| Precision::F16.round(v), base, deltas, weights, cfg, out)
-        }
-    })
+    crate::merge::simd::run(
+        #[inline(always)]
+        || match cfg.precision {
+            Precision::F32 => combine_with(|v| v, base, deltas, weights, cfg, out),
+            Precision::BF16 => combine_with(bf16_round, base, deltas, weights, cfg, out),
+            Precision::F16 => {
+                combine_with(|v| Precision::F16.round(v), base, deltas, weights, cfg, out)
+            }
+        },
+    )
 }
 
 /// Elements combined together (per model, then per element), so the inner loops run over
@@ -157,15 +163,21 @@ fn combine_with<R: Fn(f32) -> f32 + Copy>(
                 mixed[e] = r(s[e]);
             }
         }
+        // One step at a time across the tile (the same operations per element as one loop
+        // with the two conditions inside, but each loop vectorizes).
+        if cfg.normalize {
+            for e in 0..len {
+                mixed[e] = r(mixed[e] / div[e]);
+            }
+        }
+        if cfg.lambda != 1.0 {
+            for e in 0..len {
+                mixed[e] = r(mixed[e] * lambda);
+            }
+        }
+        let base = &base[e0..e0 + len];
         for e in 0..len {
-            let mut x = mixed[e];
-            if cfg.normalize {
-                x = r(x / div[e]);
-            }
-            if cfg.lambda != 1.0 {
-                x = r(x * lambda);
-            }
-            o_tile[e] = r(base[e0 + e] + x);
+            o_tile[e] = r(base[e] + mixed[e]);
         }
     }
 }
