@@ -165,19 +165,19 @@ fn combine_with<R: Fn(f32) -> f32 + Copy>(
         }
         // One step at a time across the tile (the same operations per element as one loop
         // with the two conditions inside, but each loop vectorizes).
+        let mixed = &mut mixed[..len];
         if cfg.normalize {
-            for e in 0..len {
-                mixed[e] = r(mixed[e] / div[e]);
+            for (x, d) in mixed.iter_mut().zip(&div) {
+                *x = r(*x / d);
             }
         }
         if cfg.lambda != 1.0 {
-            for e in 0..len {
-                mixed[e] = r(mixed[e] * lambda);
+            for x in mixed.iter_mut() {
+                *x = r(*x * lambda);
             }
         }
-        let base = &base[e0..e0 + len];
-        for e in 0..len {
-            o_tile[e] = r(base[e] + mixed[e]);
+        for ((o, b), x) in o_tile.iter_mut().zip(&base[e0..e0 + len]).zip(mixed.iter()) {
+            *o = r(b + x);
         }
     }
 }
