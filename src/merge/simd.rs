@@ -6,6 +6,11 @@
 //! and Rust never fuses a multiply and an add by itself: IEEE `+ − × ÷`, comparisons and bit
 //! operations give the same bits either way, so outputs do not depend on the CPU. [`run_wide`]
 //! does the same with AVX-512 for integer kernels.
+//!
+//! The closure only gets the wider vectors if it is inlined into that function: LLVM may instead
+//! compile a large closure as a function of its own, without the target features (a profile
+//! showed `gta::combine`'s closure running as SSE2 code that way). Callers with a large body
+//! mark the closure `#[inline(always)]`, as the span drivers in `blocks.rs` and `gta.rs` do.
 
 /// `f()`, compiled for AVX2 when the CPU supports it.
 #[inline(always)]
